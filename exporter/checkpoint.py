@@ -1,0 +1,219 @@
+"""Lazy, memory-mapped reader for Hugging Face safetensors checkpoints of Qwen2-MoE.
+
+Headers are parsed and validated up front (cheap: a few KB per shard); tensor data is read only
+when asked for, one tensor at a time, through ``safetensors.safe_open`` (mmap). The reader also
+exposes where each tensor's bytes live (file, offset) so the exporter can point ONNX external
+data straight at the checkpoint instead of copying it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from runtime.config import ModelConfig
+from runtime.errors import QmoeError
+
+if TYPE_CHECKING:
+    import torch
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+class CheckpointError(QmoeError, ValueError):
+    """A checkpoint that cannot be read; the message names the file and tensor."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: str  # safetensors dtype: BF16, F16, F32
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+
+def _read_header(path: Path) -> dict[str, TensorInfo]:
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (hlen,) = struct.unpack("<Q", raw)
+            if hlen > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header (length {hlen}, file {size} bytes)")
+            header_bytes = f.read(hlen)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(header_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not an object)")
+    base = 8 + hlen
+    out: dict[str, TensorInfo] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name}") from None
+        if dtype not in DTYPE_BYTES:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; supported: BF16, F16, F32")
+        n = 1
+        for s in shape:
+            n *= s
+        if end - start != n * DTYPE_BYTES[dtype] or start < 0:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {name} offsets do not match its shape")
+        if base + end > size:
+            raise CheckpointError(
+                f"{path}: truncated: tensor {name} ends at byte {base + end} but the file has {size} bytes"
+            )
+        out[name] = TensorInfo(name, path, dtype, shape, base + start, end - start)
+    return out
+
+
+class Checkpoint:
+    """A Qwen2-MoE checkpoint folder: config.json plus one or more safetensors shards."""
+
+    def __init__(self, directory: str | Path, config: ModelConfig | None = None) -> None:
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.dir}: no such checkpoint folder")
+        self.config = config or ModelConfig.from_file(self.dir / "config.json")
+        self.tensors: dict[str, TensorInfo] = {}
+        for shard, names in self._shards().items():
+            infos = _read_header(shard)
+            for name in names if names is not None else infos:
+                if name not in infos:
+                    raise CheckpointError(f"{shard}: tensor {name} listed in {INDEX_NAME} is missing from this shard")
+                self.tensors[name] = infos[name]
+        self._handles: dict[Path, object] = {}
+        self.fused_experts = any(n.endswith("mlp.experts.gate_up_proj") for n in self.tensors)
+        self.validate()
+
+    def _shards(self) -> dict[Path, list[str] | None]:
+        index = self.dir / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                raise CheckpointError(f"{index}: corrupt index (expected JSON with a 'weight_map' object)") from None
+            shards: dict[Path, list[str] | None] = {}
+            for name, fname in weight_map.items():
+                path = self.dir / fname
+                if not path.is_file():
+                    raise CheckpointError(f"{index}: shard {fname} (holding {name}) is missing")
+                names = shards.setdefault(path, [])
+                assert names is not None
+                names.append(name)
+            return shards
+        single = self.dir / SINGLE_NAME
+        if single.is_file():
+            return {single: None}
+        raise CheckpointError(f"{self.dir}: no {INDEX_NAME} or {SINGLE_NAME} (not a safetensors checkpoint)")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.dir}: tensor {name} not found in the checkpoint") from None
+
+    def tensor(self, name: str) -> "torch.Tensor":
+        """Loads one tensor (memory-mapped; only its own bytes are read)."""
+        from safetensors import safe_open
+
+        info = self.info(name)
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+        return handle.get_tensor(name)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    # --- the Qwen2-MoE layout -------------------------------------------------------------
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.expected_shapes_for(self.config, self.fused_experts)
+
+    @staticmethod
+    def expected_shapes_for(c: ModelConfig, fused: bool) -> dict[str, tuple[int, ...]]:
+        """Every tensor the config implies, with its shape (per-expert HF layout unless `fused`)."""
+        H, D, E = c.hidden_size, c.head_dim, c.num_experts
+        I, Is = c.moe_intermediate_size, c.shared_expert_intermediate_size
+        shapes: dict[str, tuple[int, ...]] = {
+            "model.embed_tokens.weight": (c.vocab_size, H),
+            "model.norm.weight": (H,),
+        }
+        if not c.tie_word_embeddings:
+            shapes["lm_head.weight"] = (c.vocab_size, H)
+        for L in range(c.num_hidden_layers):
+            p = f"model.layers.{L}."
+            shapes[p + "input_layernorm.weight"] = (H,)
+            shapes[p + "post_attention_layernorm.weight"] = (H,)
+            for proj, rows in (("q", c.num_attention_heads * D), ("k", c.num_key_value_heads * D),
+                               ("v", c.num_key_value_heads * D)):
+                shapes[f"{p}self_attn.{proj}_proj.weight"] = (rows, H)
+                if c.qkv_bias:
+                    shapes[f"{p}self_attn.{proj}_proj.bias"] = (rows,)
+            shapes[p + "self_attn.o_proj.weight"] = (H, c.num_attention_heads * D)
+            if c.is_sparse_layer(L):
+                shapes[p + "mlp.gate.weight"] = (E, H)
+                if fused:
+                    shapes[p + "mlp.experts.gate_up_proj"] = (E, 2 * I, H)
+                    shapes[p + "mlp.experts.down_proj"] = (E, H, I)
+                else:
+                    for e in range(E):
+                        shapes[f"{p}mlp.experts.{e}.gate_proj.weight"] = (I, H)
+                        shapes[f"{p}mlp.experts.{e}.up_proj.weight"] = (I, H)
+                        shapes[f"{p}mlp.experts.{e}.down_proj.weight"] = (H, I)
+                shapes[p + "mlp.shared_expert.gate_proj.weight"] = (Is, H)
+                shapes[p + "mlp.shared_expert.up_proj.weight"] = (Is, H)
+                shapes[p + "mlp.shared_expert.down_proj.weight"] = (H, Is)
+                shapes[p + "mlp.shared_expert_gate.weight"] = (1, H)
+            else:
+                shapes[p + "mlp.gate_proj.weight"] = (c.intermediate_size, H)
+                shapes[p + "mlp.up_proj.weight"] = (c.intermediate_size, H)
+                shapes[p + "mlp.down_proj.weight"] = (H, c.intermediate_size)
+        return shapes
+
+    def validate(self) -> None:
+        """Every expected tensor is present with the config's shape (extra tensors are ignored)."""
+        for name, shape in self.expected_shapes().items():
+            info = self.tensors.get(name)
+            if info is None:
+                raise CheckpointError(f"{self.dir}: tensor {name} not found in the checkpoint (required by config.json)")
+            if info.shape != shape:
+                raise CheckpointError(
+                    f"{info.file}: tensor {name} has shape {list(info.shape)}, config.json implies {list(shape)}"
+                )
+
+    def expert(self, layer: int, expert: int) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+        """(gate [I, H], up [I, H], down [H, I]) of one routed expert, in either on-disk layout."""
+        p = f"model.layers.{layer}.mlp.experts."
+        if self.fused_experts:
+            I = self.config.moe_intermediate_size
+            gate_up = self.tensor(p + "gate_up_proj")[expert]
+            return gate_up[:I], gate_up[I:], self.tensor(p + "down_proj")[expert]
+        q = f"{p}{expert}."
+        return (self.tensor(q + "gate_proj.weight"), self.tensor(q + "up_proj.weight"),
+                self.tensor(q + "down_proj.weight"))
+
+    def experts(self, layer: int) -> Iterator[tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]]:
+        for e in range(self.config.num_experts):
+            yield self.expert(layer, e)
