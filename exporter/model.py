@@ -35,7 +35,10 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), b)
+        # 2D so that it exports as one Gemm(transB=1) reading the weight as stored: no Transpose
+        # node, and the checkpoint's bytes can back the initializer unchanged.
+        y = F.linear(x.reshape(-1, x.shape[-1]), self.weight.to(x.dtype), b)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class RMSNorm(nn.Module):
@@ -168,5 +171,5 @@ class Qwen2MoeForExport(nn.Module):
         rows = torch.gather(x, 1, logits_indices.unsqueeze(-1).expand(B, N, x.shape[-1]))  # [B, N, H]
         h = self.model.norm(rows)
         head = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        logits = F.linear(h, head.to(h.dtype)).float()  # [B, N, V]
+        logits = F.linear(h.reshape(B * N, -1), head.to(h.dtype)).float().reshape(B, N, -1)  # [B, N, V]
         return (logits, *presents)

@@ -1,0 +1,239 @@
+"""Checkpoint folder -> artifact folder (model.onnx + external weights + qmoe.json + tokenizer).
+
+    [Checkpoint headers] -> [trace on the meta device] -> [name nodes by module path]
+        -> [stream weights: one piece at a time into model.onnx.data, or point at linked shards]
+        -> [model.onnx + manifest + tokenizer, written atomically]
+
+Peak memory is the traced graph plus one weight piece (<= one expert or 64 MB), whatever the
+checkpoint size; no initializer is ever inlined into the protobuf, so >2 GB models are fine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from runtime import manifest as mf
+from runtime.config import ModelConfig
+from runtime.errors import QmoeError
+
+from .atomic import atomic_dir
+from .checkpoint import Checkpoint
+
+TARGETS = ("onnxruntime", "tensorrt")
+DTYPES = ("float32", "float16", "bfloat16")
+DATA_FILE = "model.onnx.data"
+ALIGN = 4096  # page-aligned offsets let ONNX Runtime mmap external data
+IR_VERSION = 10  # onnx 1.23 writes IR 14 by default; ONNX Runtime reads up to IR 11
+OPSET = 18
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json",
+                   "special_tokens_map.json", "config.json")
+
+
+class ExportError(QmoeError, ValueError):
+    pass
+
+
+def dtypes_for(target: str, dtype: str) -> tuple[str, str]:
+    """(weight dtype, compute dtype). ONNX Runtime's CPU provider has no bf16 kernels: a bf16
+    artifact stores bf16 weights and computes in fp32 (Cast nodes ORT folds at load)."""
+    if target not in TARGETS:
+        raise ExportError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    if target == "onnxruntime" and dtype == "bfloat16":
+        return "bfloat16", "float32"
+    return dtype, dtype
+
+
+def export(
+    checkpoint_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    target: str = "onnxruntime",
+    dtype: str = "float32",
+    force: bool = False,
+    link_weights: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Exports a Qwen2-MoE checkpoint; returns the artifact folder. See module docstring."""
+    import torch
+
+    weight_dtype, compute_dtype = dtypes_for(target, dtype)
+    ckpt = Checkpoint(checkpoint_dir)
+    output_dir = Path(output_dir)
+    if output_dir.absolute() == ckpt.dir.absolute():
+        raise ExportError(f"{output_dir}: the artifact folder must differ from the checkpoint folder")
+    interleaved = target == "onnxruntime"
+    t0 = time.perf_counter()
+    model_ir = trace(ckpt.config, target, getattr(torch, weight_dtype), getattr(torch, compute_dtype), interleaved)
+    with atomic_dir(output_dir, force=force) as tmp:
+        write_weights(model_ir, ckpt, tmp, getattr(torch, weight_dtype), interleaved, link_weights, progress)
+        save_model(model_ir, tmp / "model.onnx")
+        for name in TOKENIZER_FILES:
+            if (ckpt.dir / name).is_file():
+                shutil.copy2(ckpt.dir / name, tmp / name)
+        mf.write(tmp, mf.Manifest.for_export(
+            config=ckpt.config, target=target, dtype=dtype, weight_dtype=weight_dtype, compute_dtype=compute_dtype,
+            opset=OPSET, source=str(ckpt.dir.absolute()), export_seconds=round(time.perf_counter() - t0, 2),
+            linked_weights=link_weights,
+        ))
+    ckpt.close()
+    return output_dir
+
+
+def example_inputs(c: ModelConfig, compute_dtype, B: int = 2, S: int = 5, C: int = 16, P: int = 64):
+    import torch
+
+    i32, i64 = torch.int32, torch.int64
+    with torch.device("meta"):
+        past = tuple(torch.zeros(B, c.num_key_value_heads, C, c.head_dim, dtype=compute_dtype)
+                     for _ in range(2 * c.num_hidden_layers))
+        return (torch.zeros(B, S, dtype=i64), torch.zeros(B, dtype=i32), torch.zeros(B, dtype=i32),
+                torch.zeros((), dtype=i32), torch.zeros(P, c.head_dim // 2, dtype=compute_dtype),
+                torch.zeros(P, c.head_dim // 2, dtype=compute_dtype), torch.zeros(B, 1, dtype=i64), *past)
+
+
+def trace(c: ModelConfig, target: str, weight_dtype, compute_dtype, interleaved: bool):
+    """The export model traced on the meta device: an onnx_ir Model whose initializers have no data."""
+    import torch
+    from torch.export import Dim
+
+    from . import translations
+    from .model import Qwen2MoeForExport
+
+    with torch.device("meta"):
+        model = Qwen2MoeForExport(c, weight_dtype, compute_dtype, interleaved_experts=interleaved)
+    io = mf.io_names(c.num_hidden_layers)
+    batch, seq, cap, pos, rows = Dim("batch"), Dim("sequence"), Dim("cache"), Dim("positions"), Dim("logit_rows")
+    dynamic = ({0: batch, 1: seq}, {0: batch}, {0: batch}, None, {0: pos}, {0: pos}, {0: batch, 1: rows},
+               tuple({0: batch, 2: cap} for _ in range(2 * c.num_hidden_layers)))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, example_inputs(c, compute_dtype), dynamo=True, optimize=False, input_names=io.inputs,
+            output_names=io.outputs, dynamic_shapes=dynamic, opset_version=OPSET,
+            custom_translation_table=translations.table(target), report=False, verbose=False,
+        )
+    model_ir = program.model
+    _name_nodes(model_ir)
+    return model_ir
+
+
+def _name_nodes(model_ir) -> None:
+    """onnxruntime-genai style names (/model/layers.0/self_attn/q_proj/Gemm): graphs are readable in
+    Netron and profiles. Drops the exporter's bulky per-node metadata (stack traces)."""
+    import ast
+
+    seen: dict[str, int] = {}
+    for node in model_ir.graph:
+        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+        parts = [p for p in ast.literal_eval(scopes) if p] if scopes else []
+        base = "/" + "/".join(parts + [node.op_type])
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        node.name = base if n == 0 else f"{base}_{n}"
+        node.metadata_props.clear()
+
+
+def write_weights(model_ir, ckpt: Checkpoint, folder: Path, weight_dtype, interleaved: bool, link: bool,
+                  progress: Callable[[int, int], None] | None) -> None:
+    """Points every parameter initializer at its bytes in `folder` (written here, or in a
+    hard-linked checkpoint shard when `link` and nothing needs converting)."""
+    import onnx_ir as ir
+    import torch
+
+    from .weights import direct_source, pieces
+
+    params = [v for name, v in model_ir.graph.initializers.items() if _is_param(ckpt, name)]
+    total = sum(v.const_value.nbytes for v in params)
+    done = 0
+    linked: dict[Path, str] = {}
+    with open(folder / DATA_FILE, "wb") as out:
+        for value in params:
+            name, shape = value.name, tuple(value.const_value.shape.numpy())
+            src = direct_source(ckpt, name) if link else None
+            if src is not None and _same_dtype(src.dtype, weight_dtype):
+                location = linked.get(src.file) or _link(src.file, folder, linked)
+                value.const_value = ir.ExternalTensor(location, src.offset, src.nbytes, _ir_dtype(weight_dtype),
+                                                      shape=ir.Shape(shape), name=name, base_dir=folder)
+            else:
+                pad = -out.tell() % ALIGN
+                out.write(b"\0" * pad)
+                offset = out.tell()
+                for piece in pieces(ckpt, name, interleaved):
+                    out.write(_raw_bytes(piece.to(weight_dtype).contiguous()))
+                length = out.tell() - offset
+                value.const_value = ir.ExternalTensor(DATA_FILE, offset, length, _ir_dtype(weight_dtype),
+                                                      shape=ir.Shape(shape), name=name, base_dir=folder)
+                expected = _numel(shape) * torch.tensor([], dtype=weight_dtype).element_size()
+                if length != expected:
+                    raise ExportError(f"internal error: {name} wrote {length} bytes, expected {expected}")
+            done += value.const_value.nbytes
+            if progress:
+                progress(done, total)
+    if not any(v.const_value.location == DATA_FILE for v in params if isinstance(v.const_value, ir.ExternalTensor)):
+        (folder / DATA_FILE).unlink()
+
+
+def _is_param(ckpt: Checkpoint, name: str) -> bool:
+    return name.startswith("model.") or name == "lm_head.weight"
+
+
+def _link(src: Path, folder: Path, linked: dict[Path, str]) -> str:
+    """Hard-links a shard into the artifact (ONNX Runtime only reads external data inside the
+    model's folder; symlinks out of it are rejected). Copies across filesystems."""
+    dest = folder / src.name
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
+    linked[src] = src.name
+    return src.name
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _same_dtype(st_dtype: str, torch_dtype) -> bool:
+    import torch
+
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[st_dtype] == torch_dtype
+
+
+def _ir_dtype(torch_dtype):
+    import onnx_ir as ir
+    import torch
+
+    return {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
+            torch.bfloat16: ir.DataType.BFLOAT16}[torch_dtype]
+
+
+def _raw_bytes(t) -> bytes | memoryview:
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return memoryview(t.numpy()).cast("B")
+
+
+def save_model(model_ir, path: Path) -> None:
+    """Serialises the graph; external tensors stay references (never inlined)."""
+    import onnx
+    import onnx_ir as ir
+
+    model_ir.ir_version = IR_VERSION
+    proto = ir.serde.serialize_model(model_ir)
+    for init in proto.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL and init.ByteSize() > 1 << 20:
+            raise ExportError(f"internal error: initializer {init.name} would be inlined into the protobuf")
+    onnx.save_model(proto, str(path))

@@ -1,0 +1,75 @@
+"""From checkpoint tensors to the export model's parameters, one bounded piece at a time.
+
+Parameter names (model.py) are checkpoint names where a tensor maps 1:1; three are repacked:
+    model.layers.{L}.mlp.experts.gate_up        [E, 2I, H]  per expert gate rows then up rows,
+                                                            or interleaved g0,u0,g1,u1 (ONNX
+                                                            Runtime's MoE with swiglu_fusion=1)
+    model.layers.{L}.mlp.experts.down           [E, H, I]
+    model.layers.{L}.mlp.shared_expert.gate_up  [2Is, H]    gate rows then up rows
+`pieces()` yields each parameter as consecutive row blocks in memory order, so the writer never
+holds more than one expert or ~64 MB of one tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import torch
+
+from .checkpoint import Checkpoint, TensorInfo
+
+PIECE_BYTES = 64 * 1024 * 1024
+
+_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)$")
+_SHARED = re.compile(r"(model\.layers\.\d+\.mlp\.shared_expert)\.gate_up$")
+
+
+def direct_source(ckpt: Checkpoint, name: str) -> TensorInfo | None:
+    """The checkpoint tensor that is this parameter byte for byte (dtype aside), if any."""
+    if _EXPERTS.match(name) or _SHARED.match(name):
+        return None
+    return ckpt.info(name)
+
+
+def _row_blocks(ckpt: Checkpoint, name: str) -> Iterator[torch.Tensor]:
+    from safetensors import safe_open
+
+    info = ckpt.info(name)
+    row_bytes = max(1, info.nbytes // max(1, info.shape[0]))
+    step = max(1, PIECE_BYTES // row_bytes)
+    if info.shape[0] <= step:
+        yield ckpt.tensor(name)
+        return
+    with safe_open(str(info.file), framework="pt") as f:
+        sl = f.get_slice(name)
+        for r in range(0, info.shape[0], step):
+            yield sl[r : r + step]
+
+
+def pieces(ckpt: Checkpoint, name: str, interleaved: bool) -> Iterator[torch.Tensor]:
+    """Parameter `name` as row blocks in memory order (dtype as stored in the checkpoint)."""
+    m = _EXPERTS.match(name)
+    if m:
+        layer, which = int(m.group(1)), m.group(2)
+        for gate, up, down in ckpt.experts(layer):
+            if which == "down":
+                yield down
+            elif interleaved:
+                yield torch.stack((gate, up), dim=1).reshape(-1, gate.shape[-1])  # g0,u0,g1,u1,...
+            else:
+                yield torch.cat((gate, up), dim=0)
+        return
+    m = _SHARED.match(name)
+    if m:
+        yield from _row_blocks(ckpt, m.group(1) + ".gate_proj.weight")
+        yield from _row_blocks(ckpt, m.group(1) + ".up_proj.weight")
+        return
+    yield from _row_blocks(ckpt, name)
+
+
+def load_into(model: torch.nn.Module, ckpt: Checkpoint, interleaved: bool) -> None:
+    """Fills a real (non-meta) export model; for tests and small checkpoints only."""
+    for name, p in model.named_parameters():
+        full = torch.cat([t.to(p.dtype) for t in pieces(ckpt, name, interleaved)], dim=0)
+        p.data.copy_(full.reshape(p.shape))

@@ -1,0 +1,105 @@
+"""The artifact manifest (`qmoe.json`): what the exporter made and how the runtime must feed it.
+
+Versioned: the runtime refuses a manifest whose major format version it does not know.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, ModelConfig
+from .errors import QmoeError
+
+FORMAT_VERSION = "1.0"
+NAME = "qmoe.json"
+EXPORTER_VERSION = "0.1.0"
+
+
+class ManifestError(QmoeError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class IONames:
+    inputs: list[str]
+    outputs: list[str]
+
+
+def io_names(num_layers: int) -> IONames:
+    inputs = ["input_ids", "query_seqlens", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache",
+              "logits_indices"]
+    outputs = ["logits"]
+    for L in range(num_layers):
+        inputs += [f"past_key_values.{L}.key", f"past_key_values.{L}.value"]
+        outputs += [f"present.{L}.key", f"present.{L}.value"]
+    return IONames(inputs, outputs)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: str
+    exporter_version: str
+    target: str  # onnxruntime | tensorrt
+    dtype: str  # what the user asked for
+    weight_dtype: str
+    compute_dtype: str  # dtype of hidden states, KV cache, cos/sin tables
+    opset: int
+    model_file: str
+    inputs: list[str]
+    outputs: list[str]
+    # KV cache: one buffer per layer and K/V, [batch, kv_heads, capacity, head_dim], shared by
+    # past_* and present_* (written in place by GroupQueryAttention).
+    kv_layout: str
+    hf_config: dict[str, Any]
+    rope: dict[str, Any]
+    source_checkpoint: str
+    export_seconds: float = 0.0
+    linked_weights: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_hf_dict(self.hf_config, source=NAME)
+
+    @classmethod
+    def for_export(cls, *, config: ModelConfig, target: str, dtype: str, weight_dtype: str, compute_dtype: str,
+                   opset: int, source: str, export_seconds: float, linked_weights: bool) -> "Manifest":
+        io = io_names(config.num_hidden_layers)
+        rs = config.rope_scaling
+        return cls(
+            format_version=FORMAT_VERSION, exporter_version=EXPORTER_VERSION, target=target, dtype=dtype,
+            weight_dtype=weight_dtype, compute_dtype=compute_dtype, opset=opset, model_file="model.onnx",
+            inputs=io.inputs, outputs=io.outputs, kv_layout="BNSH-shared-buffer",
+            hf_config=config.to_hf_dict(),
+            rope={"theta": config.rope_theta, "head_dim": config.head_dim,
+                  "max_position_embeddings": config.max_position_embeddings,
+                  "scaling": None if rs is None else asdict(rs)},
+            source_checkpoint=source, export_seconds=export_seconds, linked_weights=linked_weights,
+        )
+
+
+def write(folder: Path, m: Manifest) -> None:
+    (Path(folder) / NAME).write_text(json.dumps(asdict(m), indent=2) + "\n", encoding="utf-8")
+
+
+def read(folder: str | Path) -> Manifest:
+    path = Path(folder) / NAME
+    if not path.is_file():
+        raise ManifestError(f"{folder}: not a qmoe artifact (no {NAME}; create one with `qmoe export`)")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        major = str(d.get("format_version", "")).split(".")[0]
+        if major != FORMAT_VERSION.split(".")[0]:
+            raise ManifestError(f"{path}: format_version {d.get('format_version')!r} is not supported "
+                                f"(this qmoe reads {FORMAT_VERSION}); re-export the model")
+        known = set(Manifest.__dataclass_fields__)
+        m = Manifest(**{k: v for k, v in d.items() if k in known})
+        m.config  # validates hf_config
+        return m
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise ManifestError(f"{path}: corrupt manifest ({e})") from None
+    except ConfigError as e:
+        raise ManifestError(f"{path}: {e}") from None
