@@ -1,0 +1,214 @@
+// [Experts], decode path: few rows per group, so the layer is bound by reading the weights of the
+// experts that were hit. Every weight row of a hit expert is streamed from HBM exactly once with
+// 16-byte non-caching loads; a warp owns a few weight rows, each lane multiplies its 8-element
+// chunks with the (L1-resident) activation rows of up to kTokChunk tokens, and a warp shuffle sum
+// finishes each dot product. Work units (group, block of output columns) of all hit groups form one
+// list walked by persistent CTAs, so all SMs stream weights and empty experts cost nothing.
+//
+//   gate/up unit: 16 intermediate columns (a warp: 2 columns = 2 gate + 2 up rows), fused SwiGLU
+//   down unit:    32 hidden rows (a warp: 4 rows), scaled by the row's routing weight
+//
+// Groups with more than kTokChunk rows loop over token chunks (weights then come again from L2):
+// correct for any size, fast only for small ones.
+#include "common.cuh"
+#include "moe_internal.h"
+#include "schedule.cuh"
+
+namespace qmoe
+{
+namespace
+{
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / kWarp;
+constexpr int kTokChunk = 8;
+constexpr int kRowsPerWarp = 4;            // weight rows per warp
+constexpr int kGateUpColsPerWarp = 2;      // gate/up: 2 columns -> rows gate j, gate j+1, up j, up j+1
+constexpr int kGateUpColsPerCta = kGateUpColsPerWarp * kWarps;
+constexpr int kDownRowsPerCta = kRowsPerWarp * kWarps;
+
+template <bool kGateUp>
+__device__ __forceinline__ int units_of_group(MoeArgs const& a, int g)
+{
+    int const inter = g < a.E ? a.I : a.Is;
+    return kGateUp ? ceil_div(inter, kGateUpColsPerCta) : ceil_div(a.H, kDownRowsPerCta);
+}
+
+template <typename T, bool kGateUp>
+__global__ void __launch_bounds__(kThreads) grouped_gemv_kernel(MoeArgs a)
+{
+    __shared__ int s_prefix[kMaxGroups + 1];
+    int const warp = threadIdx.x / kWarp;
+    int const lane = threadIdx.x % kWarp;
+
+    int const total = build_work_prefix(
+        a, s_prefix, [&](int g) { return a.group_count[g] > 0 ? units_of_group<kGateUp>(a, g) : 0; });
+
+    T const* const x = static_cast<T const*>(a.x);
+    T* const act = static_cast<T*>(a.act);
+    T* const y = static_cast<T*>(a.y);
+
+    for (int unit = blockIdx.x; unit < total; unit += gridDim.x)
+    {
+        int const slot = find_slot(s_prefix, a.G, unit);
+        int const g = sched_group(slot, a.G, a.has_shared);
+        int const b = unit - s_prefix[slot];
+        bool const routed = g < a.E;
+        int const rows = a.group_count[g];
+        int const row0 = a.group_offset[g];
+        int const inter = routed ? a.I : a.Is;
+        int const K = kGateUp ? a.H : inter;
+        T* const act_g = act + (routed ? static_cast<int64_t>(row0) * a.I : static_cast<int64_t>(a.T) * a.k * a.I);
+
+        // This warp's weight rows. gate/up: r = 0,1 gate of columns c0, c0+1; r = 2,3 up of the same.
+        int const c0 = kGateUp ? b * kGateUpColsPerCta + warp * kGateUpColsPerWarp : b * kDownRowsPerCta + warp * kRowsPerWarp;
+        T const* w_row[kRowsPerWarp];
+        bool w_ok[kRowsPerWarp];
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r)
+        {
+            if (kGateUp)
+            {
+                T const* w = routed ? static_cast<T const*>(a.gate_up_w) + static_cast<int64_t>(g) * 2 * a.I * a.H
+                                    : static_cast<T const*>(a.shared_gate_up_w);
+                int const j = c0 + r % kGateUpColsPerWarp;
+                w_ok[r] = j < inter;
+                w_row[r] = w + static_cast<int64_t>((r / kGateUpColsPerWarp) * inter + j) * a.H;
+            }
+            else
+            {
+                T const* w = routed ? static_cast<T const*>(a.down_w) + static_cast<int64_t>(g) * a.H * a.I
+                                    : static_cast<T const*>(a.shared_down_w);
+                int const h = c0 + r;
+                w_ok[r] = h < a.H;
+                w_row[r] = w + static_cast<int64_t>(h) * inter;
+            }
+        }
+        if (!w_ok[0])
+        {
+            continue; // rows are filled in order: nothing for this warp (no block-level sync below)
+        }
+
+        for (int t0 = 0; t0 < rows; t0 += kTokChunk)
+        {
+            int const mc = min(kTokChunk, rows - t0);
+            T const* in_row[kTokChunk];
+#pragma unroll
+            for (int m = 0; m < kTokChunk; ++m)
+            {
+                in_row[m] = x;
+                if (m < mc)
+                {
+                    in_row[m] = kGateUp ? x + static_cast<int64_t>(a.row_token[row0 + t0 + m]) * a.H
+                                        : act_g + static_cast<int64_t>(t0 + m) * inter;
+                }
+            }
+
+            float acc[kRowsPerWarp][kTokChunk] = {};
+#pragma unroll 2
+            for (int k = lane * 8; k < K; k += kWarp * 8)
+            {
+                float wf[kRowsPerWarp][8];
+#pragma unroll
+                for (int r = 0; r < kRowsPerWarp; ++r)
+                {
+                    uint4 const v = w_ok[r] ? load_stream16(w_row[r] + k) : make_uint4(0, 0, 0, 0);
+                    unpack8<T>(v, wf[r]);
+                }
+#pragma unroll
+                for (int m = 0; m < kTokChunk; ++m)
+                {
+                    if (m < mc)
+                    {
+                        float xf[8];
+                        unpack8<T>(load_cached16(in_row[m] + k), xf);
+#pragma unroll
+                        for (int r = 0; r < kRowsPerWarp; ++r)
+                        {
+#pragma unroll
+                            for (int q = 0; q < 8; ++q)
+                            {
+                                acc[r][m] = fmaf(wf[r][q], xf[q], acc[r][m]);
+                            }
+                        }
+                    }
+                }
+            }
+
+#pragma unroll
+            for (int m = 0; m < kTokChunk; ++m)
+            {
+                if (m < mc)
+                {
+#pragma unroll
+                    for (int r = 0; r < kRowsPerWarp; ++r)
+                    {
+                        acc[r][m] = warp_sum(acc[r][m]);
+                    }
+                    if (lane == m)
+                    {
+                        if (kGateUp)
+                        {
+                            T* out = act_g + static_cast<int64_t>(t0 + m) * inter + c0;
+#pragma unroll
+                            for (int i = 0; i < kGateUpColsPerWarp; ++i)
+                            {
+                                if (w_ok[i])
+                                {
+                                    out[i] = from_float<T>(silu(acc[i][m]) * acc[kGateUpColsPerWarp + i][m]);
+                                }
+                            }
+                        }
+                        else
+                        {
+                            float const rw = a.row_weight[row0 + t0 + m];
+                            T* out = y + static_cast<int64_t>(row0 + t0 + m) * a.H + c0;
+#pragma unroll
+                            for (int r = 0; r < kRowsPerWarp; ++r)
+                            {
+                                if (w_ok[r])
+                                {
+                                    out[r] = from_float<T>(rw * acc[r][m]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+template <typename T, bool kGateUp>
+cudaError_t launch_gemv(MoeArgs const& a, cudaStream_t stream)
+{
+    auto kernel = grouped_gemv_kernel<T, kGateUp>;
+    int64_t const hit = std::min<int64_t>(a.E, static_cast<int64_t>(a.T) * a.k);
+    int64_t const per_routed = kGateUp ? ceil_div(a.I, kGateUpColsPerCta) : ceil_div(a.H, kDownRowsPerCta);
+    int64_t const per_shared = kGateUp ? ceil_div(a.Is, kGateUpColsPerCta) : ceil_div(a.H, kDownRowsPerCta);
+    int64_t const upper = hit * per_routed + (a.has_shared ? per_shared : 0);
+    int grid = 1;
+    cudaError_t const err = persistent_grid(kernel, kThreads, 0, upper, &grid);
+    if (err != cudaSuccess)
+    {
+        return err;
+    }
+    kernel<<<grid, kThreads, 0, stream>>>(a);
+    return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_decode_t(MoeArgs const& a, cudaStream_t stream)
+{
+    cudaError_t const err = launch_gemv<T, true>(a, stream);
+    return err != cudaSuccess ? err : launch_gemv<T, false>(a, stream);
+}
+
+} // namespace
+
+cudaError_t launch_experts_decode(MoeArgs const& a, int dtype, cudaStream_t stream)
+{
+    return dtype == QMOE_DTYPE_BF16 ? launch_decode_t<__nv_bfloat16>(a, stream) : launch_decode_t<__half>(a, stream);
+}
+
+} // namespace qmoe

@@ -1,0 +1,133 @@
+// Internal to libqmoe_kernels: the workspace layout and the argument block every MoE kernel gets.
+//
+// Groups: routed expert e is group e (0 <= e < E); the shared expert, when Is > 0, is group E and
+// holds every token. Permuted rows: routed rows [0, T*k) grouped by expert, then shared rows
+// [T*k, T*k + T) in token order. Per-group row counts and offsets live in the workspace (they are
+// only known on the device), so every grouped kernel derives its own work list from them and runs
+// persistent CTAs over it: groups without rows contribute no work.
+#pragma once
+
+#include "qmoe_kernels.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+namespace qmoe
+{
+
+constexpr int kMaxExperts = 256;
+constexpr int kMaxGroups = kMaxExperts + 1;
+constexpr int kMaxTopK = 32;
+constexpr int kMaxTokens = 1 << 24;
+constexpr int kMaxHidden = 16384; // the router stages 4 token rows of H in shared memory
+constexpr int kDefaultDecodeMaxTokens = 8;
+
+struct MoeArgs
+{
+    int T, H, E, k, I, Is;
+    int G;          // groups: E + has_shared
+    int has_shared; // Is > 0
+    int norm_topk_prob;
+
+    void const* x;         // [T, H]
+    void const* router_w;  // [E, H]
+    void const* gate_up_w; // [E, 2I, H]
+    void const* down_w;    // [E, H, I]
+    void const* shared_gate_up_w;
+    void const* shared_down_w;
+    void const* shared_gate_w; // [1, H]
+    void* out;                 // [T, H]
+
+    int32_t* topk_ids;     // [T*k]
+    float* topk_weights;   // [T*k]
+    float* shared_gate;    // [T]
+    int32_t* group_count;  // [G]
+    int32_t* group_offset; // [G+1] first permuted row of each group
+    int32_t* row_token;    // [R] token of each permuted row, R = T*k + has_shared*T
+    float* row_weight;     // [R] routing weight (shared rows: sigmoid gate)
+    int32_t* slot_row;     // [T*k] permuted row of (token t, choice j) at t*k + j
+    void* act;             // routed rows [T*k, I], then shared rows [T, Is]
+    void* y;               // [R, H] weighted expert outputs
+};
+
+struct WorkspaceLayout
+{
+    size_t topk_ids, topk_weights, shared_gate, group_count, group_offset, row_token, row_weight, slot_row, act, y;
+    size_t total;
+};
+
+inline size_t align_up(size_t v, size_t a)
+{
+    return (v + a - 1) / a * a;
+}
+
+inline WorkspaceLayout workspace_layout(int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is, size_t elem)
+{
+    constexpr size_t kAlign = 256;
+    int64_t const has_shared = Is > 0 ? 1 : 0;
+    int64_t const R = T * k + has_shared * T;
+    WorkspaceLayout l{};
+    size_t off = 0;
+    auto take = [&](size_t bytes) {
+        size_t const at = off;
+        off = align_up(off + bytes, kAlign);
+        return at;
+    };
+    l.topk_ids = take(sizeof(int32_t) * T * k);
+    l.topk_weights = take(sizeof(float) * T * k);
+    l.shared_gate = take(sizeof(float) * T);
+    l.group_count = take(sizeof(int32_t) * (E + 1));
+    l.group_offset = take(sizeof(int32_t) * (E + 2));
+    l.row_token = take(sizeof(int32_t) * R);
+    l.row_weight = take(sizeof(float) * R);
+    l.slot_row = take(sizeof(int32_t) * T * k);
+    l.act = take(elem * (T * k * I + has_shared * T * Is));
+    l.y = take(elem * R * H);
+    l.total = off;
+    return l;
+}
+
+// Schedule slot -> group: the shared expert (largest, when present) goes first so that it does not
+// form the tail of a persistent grid.
+__host__ __device__ inline int sched_group(int slot, int G, int has_shared)
+{
+    return has_shared ? (slot + G - 1) % G : slot;
+}
+
+// Grid for a persistent kernel: enough CTAs to fill every SM, never more than the work upper bound.
+template <typename Kernel>
+cudaError_t persistent_grid(Kernel kernel, int threads, size_t smem, int64_t upper, int* grid)
+{
+    int dev = 0;
+    int sms = 0;
+    int per_sm = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err == cudaSuccess)
+    {
+        err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    }
+    if (err == cudaSuccess)
+    {
+        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+    }
+    if (err != cudaSuccess)
+    {
+        return err;
+    }
+    int64_t const full = static_cast<int64_t>(std::max(sms, 1)) * std::max(per_sm, 1);
+    *grid = static_cast<int>(std::max<int64_t>(1, std::min(full, upper)));
+    return cudaSuccess;
+}
+
+// Launchers, one per stage; each dispatches on dtype (QMOE_DTYPE_FP16 / BF16) and returns the launch error.
+cudaError_t launch_router(MoeArgs const& a, int dtype, int32_t* ids, float* weights, float* shared_gate,
+    cudaStream_t stream);
+cudaError_t launch_permute(MoeArgs const& a, cudaStream_t stream);
+cudaError_t launch_experts_decode(MoeArgs const& a, int dtype, cudaStream_t stream);
+cudaError_t launch_experts_prefill(MoeArgs const& a, int dtype, cudaStream_t stream);
+cudaError_t launch_combine(MoeArgs const& a, int dtype, cudaStream_t stream);
+
+} // namespace qmoe

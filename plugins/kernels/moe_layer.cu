@@ -1,0 +1,263 @@
+// The routed-experts layer: parameter checks, workspace carving, stage order and [Combine].
+#include "common.cuh"
+#include "moe_internal.h"
+
+namespace qmoe
+{
+namespace
+{
+
+constexpr int kCombineThreads = 256;
+
+// out[t] = sum_j y[slot_row[t*k + j]] + y[T*k + t] (shared), fp32 in choice order: deterministic.
+template <typename T>
+__global__ void __launch_bounds__(kCombineThreads) combine_kernel(MoeArgs a)
+{
+    int const chunks = a.H / 8;
+    int64_t const total = static_cast<int64_t>(a.T) * chunks;
+    T const* const y = static_cast<T const*>(a.y);
+    T* const out = static_cast<T*>(a.out);
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(kCombineThreads) + threadIdx.x; i < total;
+         i += static_cast<int64_t>(gridDim.x) * kCombineThreads)
+    {
+        int const t = static_cast<int>(i / chunks);
+        int const h = static_cast<int>(i % chunks) * 8;
+        float acc[8] = {};
+        auto add_row = [&](int64_t row) {
+            float f[8];
+            unpack8<T>(load_cached16(y + row * a.H + h), f);
+#pragma unroll
+            for (int q = 0; q < 8; ++q)
+            {
+                acc[q] += f[q];
+            }
+        };
+        for (int j = 0; j < a.k; ++j)
+        {
+            add_row(a.slot_row[static_cast<int64_t>(t) * a.k + j]);
+        }
+        if (a.has_shared)
+        {
+            add_row(static_cast<int64_t>(a.T) * a.k + t);
+        }
+        *reinterpret_cast<uint4*>(out + static_cast<int64_t>(t) * a.H + h) = pack8<T>(acc);
+    }
+}
+
+template <typename T>
+cudaError_t launch_combine_t(MoeArgs const& a, cudaStream_t stream)
+{
+    int64_t const total = static_cast<int64_t>(a.T) * (a.H / 8);
+    int const grid = static_cast<int>(std::min<int64_t>((total + kCombineThreads - 1) / kCombineThreads, 65535));
+    combine_kernel<T><<<grid, kCombineThreads, 0, stream>>>(a);
+    return cudaGetLastError();
+}
+
+bool aligned(void const* p, uintptr_t a)
+{
+    return reinterpret_cast<uintptr_t>(p) % a == 0;
+}
+
+enum class Need
+{
+    kRoute,   // router inputs only
+    kForward, // everything, workspace included
+};
+
+int32_t check(qmoe_moe_params const* p, Need need)
+{
+    if (p == nullptr)
+    {
+        return QMOE_ERR_NULL_POINTER;
+    }
+    if (p->dtype != QMOE_DTYPE_FP16 && p->dtype != QMOE_DTYPE_BF16)
+    {
+        return QMOE_ERR_BAD_DTYPE;
+    }
+    bool const sizes_ok = p->num_tokens >= 0 && p->num_tokens <= kMaxTokens && p->hidden_size > 0
+        && p->hidden_size <= kMaxHidden && p->hidden_size % 8 == 0 && p->num_experts >= 1
+        && p->num_experts <= kMaxExperts && p->top_k >= 1 && p->top_k <= kMaxTopK && p->top_k <= p->num_experts
+        && p->moe_intermediate_size > 0 && p->moe_intermediate_size % 8 == 0 && p->shared_intermediate_size >= 0
+        && p->shared_intermediate_size % 8 == 0 && p->path >= QMOE_PATH_AUTO && p->path <= QMOE_PATH_PREFILL;
+    if (!sizes_ok)
+    {
+        return QMOE_ERR_BAD_SHAPE;
+    }
+    if (p->num_tokens == 0)
+    {
+        return QMOE_OK;
+    }
+    bool const shared = p->shared_intermediate_size > 0;
+    void const* route_inputs[] = {p->hidden, p->router_weight, shared ? p->shared_expert_gate_weight : p->hidden};
+    void const* expert_inputs[] = {p->gate_up_weight, p->down_weight, p->output,
+        shared ? p->shared_gate_up_weight : p->gate_up_weight, shared ? p->shared_down_weight : p->down_weight};
+    for (void const* t : route_inputs)
+    {
+        if (t == nullptr)
+        {
+            return QMOE_ERR_NULL_POINTER;
+        }
+        if (!aligned(t, 16))
+        {
+            return QMOE_ERR_MISALIGNED;
+        }
+    }
+    if (need == Need::kRoute)
+    {
+        return QMOE_OK;
+    }
+    for (void const* t : expert_inputs)
+    {
+        if (t == nullptr)
+        {
+            return QMOE_ERR_NULL_POINTER;
+        }
+        if (!aligned(t, 16))
+        {
+            return QMOE_ERR_MISALIGNED;
+        }
+    }
+    if (p->workspace == nullptr)
+    {
+        return QMOE_ERR_NULL_POINTER;
+    }
+    if (!aligned(p->workspace, 256))
+    {
+        return QMOE_ERR_MISALIGNED;
+    }
+    if (p->workspace_size < qmoe_moe_workspace_size(p))
+    {
+        return QMOE_ERR_WORKSPACE;
+    }
+    return QMOE_OK;
+}
+
+MoeArgs make_args(qmoe_moe_params const* p)
+{
+    MoeArgs a{};
+    a.T = p->num_tokens;
+    a.H = p->hidden_size;
+    a.E = p->num_experts;
+    a.k = p->top_k;
+    a.I = p->moe_intermediate_size;
+    a.Is = p->shared_intermediate_size;
+    a.has_shared = a.Is > 0 ? 1 : 0;
+    a.G = a.E + a.has_shared;
+    a.norm_topk_prob = p->norm_topk_prob != 0;
+    a.x = p->hidden;
+    a.router_w = p->router_weight;
+    a.gate_up_w = p->gate_up_weight;
+    a.down_w = p->down_weight;
+    a.shared_gate_up_w = p->shared_gate_up_weight;
+    a.shared_down_w = p->shared_down_weight;
+    a.shared_gate_w = p->shared_expert_gate_weight;
+    a.out = p->output;
+    if (p->workspace != nullptr)
+    {
+        WorkspaceLayout const l = workspace_layout(a.T, a.H, a.E, a.k, a.I, a.Is, 2);
+        char* const ws = static_cast<char*>(p->workspace);
+        a.topk_ids = reinterpret_cast<int32_t*>(ws + l.topk_ids);
+        a.topk_weights = reinterpret_cast<float*>(ws + l.topk_weights);
+        a.shared_gate = reinterpret_cast<float*>(ws + l.shared_gate);
+        a.group_count = reinterpret_cast<int32_t*>(ws + l.group_count);
+        a.group_offset = reinterpret_cast<int32_t*>(ws + l.group_offset);
+        a.row_token = reinterpret_cast<int32_t*>(ws + l.row_token);
+        a.row_weight = reinterpret_cast<float*>(ws + l.row_weight);
+        a.slot_row = reinterpret_cast<int32_t*>(ws + l.slot_row);
+        a.act = ws + l.act;
+        a.y = ws + l.y;
+    }
+    return a;
+}
+
+int32_t status_of(cudaError_t err)
+{
+    return err == cudaSuccess ? QMOE_OK : QMOE_ERR_CUDA;
+}
+
+} // namespace
+} // namespace qmoe
+
+using namespace qmoe;
+
+extern "C" size_t qmoe_moe_workspace_size(qmoe_moe_params const* p)
+{
+    if (p == nullptr || p->num_tokens < 0 || p->num_tokens > kMaxTokens || p->hidden_size <= 0
+        || p->num_experts < 1 || p->num_experts > kMaxExperts || p->top_k < 1 || p->top_k > kMaxTopK
+        || p->moe_intermediate_size <= 0 || p->shared_intermediate_size < 0)
+    {
+        return 0;
+    }
+    return workspace_layout(p->num_tokens, p->hidden_size, p->num_experts, p->top_k, p->moe_intermediate_size,
+        p->shared_intermediate_size, 2)
+        .total;
+}
+
+extern "C" int32_t qmoe_moe_check(qmoe_moe_params const* p)
+{
+    return check(p, Need::kForward);
+}
+
+extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t stream)
+{
+    int32_t const status = check(p, Need::kForward);
+    if (status != QMOE_OK || p->num_tokens == 0)
+    {
+        return status;
+    }
+    MoeArgs const a = make_args(p);
+    int const threshold = p->decode_max_tokens > 0 ? p->decode_max_tokens : kDefaultDecodeMaxTokens;
+    bool const decode = p->path == QMOE_PATH_DECODE || (p->path == QMOE_PATH_AUTO && a.T <= threshold);
+
+    cudaError_t err = launch_router(a, p->dtype, a.topk_ids, a.topk_weights, a.shared_gate, stream);
+    if (err == cudaSuccess)
+    {
+        err = launch_permute(a, stream);
+    }
+    if (err == cudaSuccess)
+    {
+        err = decode ? launch_experts_decode(a, p->dtype, stream) : launch_experts_prefill(a, p->dtype, stream);
+    }
+    if (err == cudaSuccess)
+    {
+        err = p->dtype == QMOE_DTYPE_BF16 ? launch_combine_t<__nv_bfloat16>(a, stream)
+                                          : launch_combine_t<__half>(a, stream);
+    }
+    return status_of(err);
+}
+
+extern "C" int32_t qmoe_moe_route(
+    qmoe_moe_params const* p, int32_t* topk_ids, float* topk_weights, float* shared_gate, cudaStream_t stream)
+{
+    int32_t const status = check(p, Need::kRoute);
+    if (status != QMOE_OK || p->num_tokens == 0)
+    {
+        return status;
+    }
+    if (topk_ids == nullptr || topk_weights == nullptr || (p->shared_intermediate_size > 0 && shared_gate == nullptr))
+    {
+        return QMOE_ERR_NULL_POINTER;
+    }
+    MoeArgs const a = make_args(p);
+    return status_of(launch_router(a, p->dtype, topk_ids, topk_weights, shared_gate, stream));
+}
+
+extern "C" char const* qmoe_status_string(int32_t status)
+{
+    switch (status)
+    {
+    case QMOE_OK: return "ok";
+    case QMOE_ERR_NULL_POINTER: return "a required pointer is NULL";
+    case QMOE_ERR_BAD_SHAPE: return "a size is out of range or not a multiple of 8";
+    case QMOE_ERR_BAD_DTYPE: return "dtype not supported";
+    case QMOE_ERR_MISALIGNED: return "a tensor is not 16-byte aligned (workspace: 256-byte)";
+    case QMOE_ERR_WORKSPACE: return "workspace smaller than qmoe_moe_workspace_size()";
+    case QMOE_ERR_CUDA: return "CUDA error";
+    default: return "unknown qmoe status";
+    }
+}
+
+extern "C" int32_t qmoe_kernels_abi_version(void)
+{
+    return QMOE_KERNELS_ABI_VERSION;
+}

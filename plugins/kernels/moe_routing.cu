@@ -1,0 +1,286 @@
+// [Router] and [Permute] stages of the routed-experts layer.
+#include "common.cuh"
+#include "moe_internal.h"
+
+#include <climits>
+#include <cmath>
+
+namespace qmoe
+{
+namespace
+{
+
+constexpr int kRouterThreads = 256;
+constexpr int kRouterWarps = kRouterThreads / kWarp;
+constexpr int kRouterTokens = 4; // token rows per CTA: each router weight row is read once per 4 tokens
+constexpr int kLogitsPerLane = kMaxExperts / kWarp;
+constexpr int kPermuteThreads = 1024;
+
+struct RouterOut
+{
+    int32_t* ids;      // [T, k]
+    float* weights;    // [T, k]
+    float* shared_gate; // [T] or nullptr
+};
+
+// One CTA: kRouterTokens tokens. Warps split the E (+1 shared gate) weight rows; each lane reads
+// 16-byte chunks of a row once and applies them to every token staged in shared memory. Then warp r
+// turns token r's logits into top-k probabilities.
+template <typename T>
+__global__ void __launch_bounds__(kRouterThreads) router_kernel(MoeArgs a, RouterOut o)
+{
+    extern __shared__ uint4 s_x[]; // [kRouterTokens][H/8]
+    __shared__ float s_logits[kRouterTokens][kMaxGroups];
+
+    int const chunks = a.H / 8;
+    int const t0 = blockIdx.x * kRouterTokens;
+    int const nt = min(kRouterTokens, a.T - t0);
+    int const warp = threadIdx.x / kWarp;
+    int const lane = threadIdx.x % kWarp;
+    T const* x = static_cast<T const*>(a.x);
+
+    for (int c = threadIdx.x; c < kRouterTokens * chunks; c += kRouterThreads)
+    {
+        int const r = c / chunks;
+        int const kc = c % chunks;
+        s_x[c] = r < nt ? load_cached16(x + (static_cast<int64_t>(t0 + r) * a.H + kc * 8)) : make_uint4(0, 0, 0, 0);
+    }
+    __syncthreads();
+
+    for (int e = warp; e < a.E + a.has_shared; e += kRouterWarps)
+    {
+        T const* w = e < a.E ? static_cast<T const*>(a.router_w) + static_cast<int64_t>(e) * a.H
+                             : static_cast<T const*>(a.shared_gate_w);
+        float acc[kRouterTokens] = {};
+        for (int kc = lane; kc < chunks; kc += kWarp)
+        {
+            float wf[8];
+            unpack8<T>(load_cached16(w + kc * 8), wf);
+#pragma unroll
+            for (int r = 0; r < kRouterTokens; ++r)
+            {
+                float xf[8];
+                unpack8<T>(s_x[r * chunks + kc], xf);
+#pragma unroll
+                for (int q = 0; q < 8; ++q)
+                {
+                    acc[r] = fmaf(wf[q], xf[q], acc[r]);
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < kRouterTokens; ++r)
+        {
+            float const v = warp_sum(acc[r]);
+            if (lane == 0)
+            {
+                s_logits[r][e] = round_to<T>(v);
+            }
+        }
+    }
+    __syncthreads();
+
+    if (warp >= nt)
+    {
+        return;
+    }
+    int const t = t0 + warp;
+    float const* logits = s_logits[warp];
+
+    // Softmax over the E routed logits, fp32. Lane l holds experts l, l+32, ...
+    float p[kLogitsPerLane];
+    float m = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kLogitsPerLane; ++j)
+    {
+        int const e = lane + kWarp * j;
+        p[j] = e < a.E ? logits[e] : -INFINITY;
+        m = fmaxf(m, p[j]);
+    }
+#pragma unroll
+    for (int o = kWarp / 2; o > 0; o >>= 1)
+    {
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    }
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kLogitsPerLane; ++j)
+    {
+        int const e = lane + kWarp * j;
+        p[j] = e < a.E ? expf(p[j] - m) : 0.0f;
+        s += p[j];
+    }
+    s = warp_sum(s);
+    float const inv = 1.0f / s;
+
+    // Top-k: k rounds of a warp arg-max; ties and NaNs resolve to the lowest unused expert id.
+    unsigned taken = 0;
+    float my_w = 0.0f;
+    int my_id = 0;
+    for (int j = 0; j < a.k; ++j)
+    {
+        float bv = -INFINITY;
+        int bi = INT_MAX;
+#pragma unroll
+        for (int q = 0; q < kLogitsPerLane; ++q)
+        {
+            int const e = lane + kWarp * q;
+            float const v = p[q] * inv;
+            float const vv = v == v ? v : -INFINITY; // NaN never wins over a number
+            if (e < a.E && !(taken >> q & 1u) && (vv > bv || (vv == bv && e < bi)))
+            {
+                bv = vv;
+                bi = e;
+            }
+        }
+#pragma unroll
+        for (int o = kWarp / 2; o > 0; o >>= 1)
+        {
+            float const ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            int const oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi))
+            {
+                bv = ov;
+                bi = oi;
+            }
+        }
+        if (bi % kWarp == lane)
+        {
+            taken |= 1u << (bi / kWarp);
+        }
+        if (lane == j)
+        {
+            my_w = bv;
+            my_id = bi;
+        }
+    }
+    if (a.norm_topk_prob)
+    {
+        float const sum = warp_sum(lane < a.k ? my_w : 0.0f);
+        my_w = my_w / sum;
+    }
+    if (lane < a.k)
+    {
+        o.ids[static_cast<int64_t>(t) * a.k + lane] = my_id;
+        o.weights[static_cast<int64_t>(t) * a.k + lane] = my_w;
+    }
+    if (lane == 0 && a.has_shared && o.shared_gate != nullptr)
+    {
+        o.shared_gate[t] = 1.0f / (1.0f + expf(-logits[a.E]));
+    }
+}
+
+// Exclusive prefix sum of v[0..n) into out[0..n] by one warp (n <= kMaxGroups).
+__device__ void warp_exclusive_scan(int const* v, int* out, int n, int lane)
+{
+    int carry = 0;
+    for (int base = 0; base < n; base += kWarp)
+    {
+        int const i = base + lane;
+        int x = i < n ? v[i] : 0;
+#pragma unroll
+        for (int o = 1; o < kWarp; o <<= 1)
+        {
+            int const y = __shfl_up_sync(0xffffffffu, x, o);
+            if (lane >= o)
+            {
+                x += y;
+            }
+        }
+        if (i < n)
+        {
+            out[i + 1] = carry + x;
+        }
+        carry += __shfl_sync(0xffffffffu, x, kWarp - 1);
+    }
+    if (lane == 0)
+    {
+        out[0] = 0;
+    }
+}
+
+// Single CTA: counts per group, offsets, and the permuted rows. Row order inside a group follows
+// shared-memory atomics (not deterministic), which does not change any result: every row is computed
+// independently and the combine sums each token's k rows in choice order.
+__global__ void __launch_bounds__(kPermuteThreads) permute_kernel(MoeArgs a)
+{
+    __shared__ int s_count[kMaxGroups];
+    __shared__ int s_offset[kMaxGroups + 1];
+    __shared__ int s_cursor[kMaxGroups];
+
+    int const slots = a.T * a.k;
+    for (int g = threadIdx.x; g < a.G; g += kPermuteThreads)
+    {
+        s_count[g] = (a.has_shared && g == a.E) ? a.T : 0;
+    }
+    __syncthreads();
+    for (int s = threadIdx.x; s < slots; s += kPermuteThreads)
+    {
+        int const e = min(max(a.topk_ids[s], 0), a.E - 1); // ids come from the router; clamp for memory safety
+        atomicAdd(&s_count[e], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x < kWarp)
+    {
+        warp_exclusive_scan(s_count, s_offset, a.G, threadIdx.x);
+    }
+    __syncthreads();
+    for (int g = threadIdx.x; g <= a.G; g += kPermuteThreads)
+    {
+        a.group_offset[g] = s_offset[g];
+        if (g < a.G)
+        {
+            a.group_count[g] = s_count[g];
+            s_cursor[g] = s_offset[g];
+        }
+    }
+    __syncthreads();
+    for (int s = threadIdx.x; s < slots; s += kPermuteThreads)
+    {
+        int const e = min(max(a.topk_ids[s], 0), a.E - 1);
+        int const row = atomicAdd(&s_cursor[e], 1);
+        a.row_token[row] = s / a.k;
+        a.row_weight[row] = a.topk_weights[s];
+        a.slot_row[s] = row;
+    }
+    if (a.has_shared)
+    {
+        for (int t = threadIdx.x; t < a.T; t += kPermuteThreads)
+        {
+            a.row_token[slots + t] = t;
+            a.row_weight[slots + t] = a.shared_gate[t];
+        }
+    }
+}
+
+template <typename T>
+cudaError_t launch_router_t(MoeArgs const& a, RouterOut o, cudaStream_t stream)
+{
+    size_t const smem = sizeof(T) * kRouterTokens * a.H;
+    cudaError_t err = cudaFuncSetAttribute(
+        router_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess)
+    {
+        return err;
+    }
+    router_kernel<T><<<ceil_div(a.T, kRouterTokens), kRouterThreads, smem, stream>>>(a, o);
+    return cudaGetLastError();
+}
+
+} // namespace
+
+cudaError_t launch_router(MoeArgs const& a, int dtype, int32_t* ids, float* weights, float* shared_gate,
+    cudaStream_t stream)
+{
+    RouterOut const o{ids, weights, shared_gate};
+    return dtype == QMOE_DTYPE_BF16 ? launch_router_t<__nv_bfloat16>(a, o, stream)
+                                    : launch_router_t<__half>(a, o, stream);
+}
+
+cudaError_t launch_permute(MoeArgs const& a, cudaStream_t stream)
+{
+    permute_kernel<<<1, kPermuteThreads, 0, stream>>>(a);
+    return cudaGetLastError();
+}
+
+} // namespace qmoe
