@@ -1,0 +1,197 @@
+"""runtime.sampling against transformers' logits processors, plus seeding and distribution checks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from runtime.errors import QmoeError
+from runtime.sampling import (
+    Sampler,
+    SamplingError,
+    SamplingParams,
+    find_stop,
+    stop_holdback,
+    token_probabilities,
+    warp_logits,
+)
+
+VOCAB = 1000
+
+
+def hf_chain(params: SamplingParams) -> LogitsProcessorList:
+    """transformers' processors in generate()'s order for these parameters."""
+    chain = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        chain.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.temperature not in (0.0, 1.0):
+        chain.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k:
+        chain.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        chain.append(TopPLogitsWarper(params.top_p))
+    return chain
+
+
+def hf_probs(logits: np.ndarray, seen: np.ndarray, params: SamplingParams) -> np.ndarray:
+    scores = hf_chain(params)(torch.from_numpy(seen[None].astype(np.int64)), torch.from_numpy(logits[None].copy()))
+    return torch.softmax(scores, dim=-1)[0].double().numpy()
+
+
+def random_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal(VOCAB) * rng.uniform(0.5, 4.0)).astype(np.float32)
+    seen = rng.integers(0, VOCAB, size=rng.integers(1, 60))
+    return logits, seen
+
+
+PARAM_SETS = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=1.3, top_k=50),
+    SamplingParams(temperature=1.0, top_p=0.9),
+    SamplingParams(temperature=0.8, top_k=40, top_p=0.75),
+    SamplingParams(temperature=1.0, repetition_penalty=1.3),
+    SamplingParams(temperature=0.6, top_k=100, top_p=0.95, repetition_penalty=1.15),
+    SamplingParams(temperature=1.0, top_p=0.3, repetition_penalty=0.8),  # < 1 encourages repeats
+    SamplingParams(temperature=2.0, top_k=1),
+]
+
+
+@pytest.mark.parametrize("params", PARAM_SETS, ids=lambda p: f"T{p.temperature}-k{p.top_k}-p{p.top_p}-r{p.repetition_penalty}")
+def test_distribution_matches_transformers(params: SamplingParams):
+    for seed in range(20):
+        logits, seen = random_case(seed)
+        ours = token_probabilities(logits, seen, params)
+        ref = hf_probs(logits, seen, params)
+        np.testing.assert_array_equal(ours > 0, ref > 0)  # the same kept token set
+        np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
+        assert ours.sum() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_filters_really_remove_tokens():
+    logits, seen = random_case(3)
+    kept = np.isfinite(warp_logits(logits, seen, SamplingParams(temperature=1.0, top_k=40, top_p=0.5)))
+    assert 1 <= kept.sum() < 40
+    assert np.isfinite(warp_logits(logits, seen, SamplingParams(temperature=1.0, top_k=40))).sum() == 40
+
+
+def test_top_k_keeps_ties_like_transformers():
+    logits = np.array([1.0, 3.0, 2.0, 3.0, 2.0, 0.5], dtype=np.float32)
+    params = SamplingParams(temperature=1.0, top_k=3)
+    np.testing.assert_allclose(token_probabilities(logits, np.array([], np.int64), params),
+                               hf_probs(logits, np.array([], np.int64), params), atol=1e-7)
+
+
+def test_greedy_is_first_argmax_after_repetition_penalty():
+    for seed in range(10):
+        logits, seen = random_case(seed)
+        params = SamplingParams(repetition_penalty=1.5)
+        scores = RepetitionPenaltyLogitsProcessor(1.5)(torch.from_numpy(seen[None]), torch.from_numpy(logits[None].copy()))
+        assert Sampler(params, 1).next(logits[None], [seen])[0] == int(torch.argmax(scores[0]))
+    tie = np.array([[0.0, 5.0, 1.0, 5.0]], dtype=np.float32)
+    assert Sampler(SamplingParams(), 1).next(tie, [np.array([], np.int64)])[0] == 1
+
+
+def test_repetition_penalty_uses_prompt_and_ignores_out_of_vocab_ids():
+    logits = np.array([2.0, -2.0, 1.0, 0.5], dtype=np.float32)
+    seen = np.array([0, 1, 1, 7])  # 7 is past the lm_head
+    params = SamplingParams(temperature=1.0, repetition_penalty=2.0)
+    np.testing.assert_allclose(warp_logits(logits, seen, params), [1.0, -4.0, 1.0, 0.5])
+    np.testing.assert_allclose(token_probabilities(logits, seen, params), hf_probs(logits, seen, params), atol=1e-7)
+
+
+def run(sampler: Sampler, logits: np.ndarray, steps: int) -> np.ndarray:
+    seen = [np.array([], np.int64) for _ in range(logits.shape[0])]
+    return np.stack([sampler.next(logits, seen) for _ in range(steps)], axis=1)  # [B, steps]
+
+
+def test_same_seed_same_tokens_independent_of_batch():
+    logits = np.stack([random_case(s)[0] for s in range(3)])
+    p = SamplingParams(temperature=1.0, top_p=0.95, seed=42)
+    alone = run(Sampler(p, 1), logits[:1], 40)[0]
+    assert np.array_equal(alone, run(Sampler(p, 1), logits[:1], 40)[0])
+    # Row 0 keeps its tokens when other requests (other seeds, greedy, unseeded) share the batch.
+    mixed = Sampler([p, SamplingParams(temperature=1.0, seed=7), SamplingParams()], 3)
+    assert np.array_equal(run(mixed, logits, 40)[0], alone)
+    other = run(Sampler(SamplingParams(temperature=1.0, top_p=0.95, seed=43), 1), logits[:1], 40)[0]
+    assert not np.array_equal(alone, other)
+
+
+def test_sampled_frequencies_follow_the_distribution():
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal(12).astype(np.float32) * 1.5
+    params = SamplingParams(temperature=0.7, top_k=9, top_p=0.9, seed=0)
+    expected = hf_probs(logits, np.array([], np.int64), params)
+    draws = 20000
+    sampler = Sampler(params, 1)
+    row = logits[None]
+    counts = np.bincount([int(sampler.next(row, [()])[0]) for _ in range(draws)], minlength=len(logits))
+    assert np.all(counts[expected == 0] == 0)
+    kept = expected > 0
+    chi2 = float(np.sum((counts[kept] - draws * expected[kept]) ** 2 / (draws * expected[kept])))
+    # With <= 8 degrees of freedom the 99.99% quantile is about 31; a wrong temperature or a
+    # missing filter shifts 20000 draws far beyond that.
+    assert chi2 < 40, (chi2, counts, draws * expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"temperature": math.nan}, "temperature must be a finite number"),
+        ({"temperature": math.inf}, "temperature must be a finite number"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"top_k": -1}, "top_k must be an integer >= 0"),
+        ({"top_k": 2.5}, "top_k must be an integer >= 0"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+        ({"seed": -3}, "seed must be an integer >= 0"),
+        ({"stop": [""]}, "stop entries must be non-empty strings"),
+        ({"stop_token_ids": [1, -2]}, "stop_token_ids entry must be an integer >= 0"),
+        ({"temperature": True}, "temperature must be a finite number"),
+    ],
+)
+def test_invalid_params_are_rejected(kwargs, match):
+    with pytest.raises(SamplingError, match=match) as e:
+        SamplingParams(**kwargs)
+    assert "\n" not in str(e.value) and isinstance(e.value, QmoeError) and isinstance(e.value, ValueError)
+
+
+def test_params_normalise_json_values():
+    p = SamplingParams(temperature=1, stop="###", stop_token_ids=[151645])
+    assert p.temperature == 1.0 and p.stop == ("###",) and p.stop_token_ids == (151645,)
+    assert hash(p) == hash(SamplingParams(temperature=1.0, stop=("###",), stop_token_ids=(151645,)))
+
+
+def test_sampler_rejects_bad_shapes_and_logits():
+    s = Sampler(SamplingParams(), 2)
+    with pytest.raises(SamplingError, match=r"shape \[2, vocab\]"):
+        s.next(np.zeros((3, 5), np.float32), [(), (), ()])
+    with pytest.raises(SamplingError, match="one id array per row"):
+        s.next(np.zeros((2, 5), np.float32), [()])
+    bad = np.zeros((2, 5), np.float32)
+    bad[1, 2] = np.nan
+    with pytest.raises(SamplingError, match="row 1"):
+        s.next(bad, [(), ()])
+    with pytest.raises(SamplingError, match="3 sampling parameter sets for a batch of 2"):
+        Sampler([SamplingParams()] * 3, 2)
+
+
+def test_stop_helpers():
+    assert find_stop("hello world###more", ("###", "world")) == 6
+    assert find_stop("hello", ("###",)) is None
+    assert stop_holdback("answer: ##", ("###",)) == 2
+    assert stop_holdback("answer: #x", ("###",)) == 0
+    assert stop_holdback("abc", ("cde", "bcz")) == 2
