@@ -111,8 +111,10 @@ def trace(c: ModelConfig, target: str, weight_dtype, compute_dtype, interleaved:
     batch, seq, cap, pos, rows = Dim("batch"), Dim("sequence"), Dim("cache"), Dim("positions"), Dim("logit_rows")
     dynamic = ({0: batch, 1: seq}, {0: batch}, {0: batch}, None, {0: pos}, {0: pos}, {0: batch, 1: rows},
                tuple({0: batch, 2: cap} for _ in range(2 * c.num_hidden_layers)))
+    import logging
     import warnings
 
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision notes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

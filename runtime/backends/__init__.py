@@ -1,0 +1,33 @@
+"""Backends run one forward step of an exported artifact; the engine owns everything else.
+
+Protocol (duck-typed, see OnnxRuntimeBackend):
+    new_cache(batch, capacity) -> cache          KV buffers, allocated once per request batch
+    bind_rope(cache, cos, sin)                   rotary tables for the request (YaRN or not)
+    step(cache, input_ids, query_seqlens, seqlens_k, logits_indices) -> logits [B, N, V] float32
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import QmoeError
+from ..manifest import Manifest
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+class BackendError(QmoeError, RuntimeError):
+    pass
+
+
+def open_backend(artifact: Path, manifest: Manifest, name: str = "auto", device: str = "auto"):
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    if name == "tensorrt" or (name == "auto" and manifest.target == "tensorrt"):
+        raise BackendError(
+            f"{artifact}: TensorRT engines are not supported by this build of qmoe yet; "
+            "export with --target onnxruntime"
+        )
+    from .onnxrt import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(artifact, manifest, device=device)

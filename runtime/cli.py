@@ -1,0 +1,186 @@
+"""`qmoe` command line. Each command parses options and calls the library; nothing heavy is
+imported at module level, so `qmoe --help` is instant and the runtime commands work without torch."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from typing import Any, Callable
+
+import click
+
+
+class _Group(click.Group):
+    """Turns expected errors into one line on stderr and exit code 1 (a traceback with --debug)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001  (the boundary for every user-facing error)
+            from .errors import QmoeError
+
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if not isinstance(e, (QmoeError, OSError)):
+                msg = f"{type(e).__name__}: {msg} (run with --debug for a traceback)"
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """qmoe: export, build and run Qwen2-MoE models with ONNX Runtime and TensorRT."""
+    ctx.obj = {"debug": debug}
+
+
+def sampling_options(f: Callable) -> Callable:
+    options = [
+        click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
+        click.option("--seed", type=int, default=None),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+def engine_options(f: Callable) -> Callable:
+    f = click.option("--rope-scaling", "rope_mode", type=click.Choice(["none", "static", "dynamic"]), default=None,
+                     help="YaRN mode; default: dynamic when the model has rope_scaling, else none.")(f)
+    f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(f)
+    f = click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
+                     show_default=True)(f)
+    return f
+
+
+def _sampling(kw: dict[str, Any]):
+    from .sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=kw.pop("temperature"), top_k=kw.pop("top_k"), top_p=kw.pop("top_p"),
+        repetition_penalty=kw.pop("repetition_penalty"), seed=kw.pop("seed"),
+        max_new_tokens=kw.pop("max_new_tokens"), stop=tuple(kw.pop("stop")),
+    )
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+def tiny(out_dir: str, seed: int, dtype: str, force: bool) -> None:
+    """Write the embedded default: a tiny random Qwen2-MoE checkpoint with the real Qwen2 tokenizer."""
+    from exporter.tiny import tiny_config, write_checkpoint
+
+    write_checkpoint(out_dir, tiny_config(), seed=seed, dtype=dtype, force=force)
+    click.echo(f"wrote {out_dir}")
+
+
+@main.command()
+@click.argument("checkpoint_dir", type=click.Path())
+@click.option("-o", "--output", "output_dir", required=True, type=click.Path(file_okay=False),
+              help="Artifact folder to create.")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--link-weights", is_flag=True,
+              help="Hard-link checkpoint shards into the artifact instead of copying tensors that need no change.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+def export(checkpoint_dir: str, output_dir: str, target: str, dtype: str, link_weights: bool, force: bool) -> None:
+    """Export a Hugging Face Qwen2-MoE checkpoint to an ONNX artifact."""
+    from tqdm import tqdm
+
+    try:
+        import exporter.export as ex
+    except ImportError as e:
+        raise click.ClickException(f"export needs the export extra ({e.name} missing): pip install 'qmoe[export]'")
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc="weights", disable=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        ex.export(checkpoint_dir, output_dir, target=target, dtype=dtype, force=force, link_weights=link_weights,
+                  progress=progress)
+    finally:
+        bar.close()
+    click.echo(f"wrote {output_dir}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--prompt", "-p", required=True, help="Prompt text.")
+@click.option("--chat/--raw", "as_chat", default=True, show_default=True,
+              help="Wrap the prompt in the chat template (default) or complete it as raw text.")
+@sampling_options
+@engine_options
+def run(artifact: str, prompt: str, as_chat: bool, backend: str, device: str, rope_mode: str | None,
+        **kw: Any) -> None:
+    """Generate a completion for one prompt, streamed to stdout."""
+    from .engine import load
+
+    sampling = _sampling(kw)
+    engine = load(artifact, backend=backend, device=device, rope_mode=rope_mode)
+    if as_chat:
+        deltas = engine.chat([{"role": "user", "content": prompt}], sampling, stream=True)
+    else:
+        deltas = engine.complete(prompt, sampling, stream=True)
+    for delta in deltas:
+        click.echo(delta, nl=False)
+    click.echo()
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--system", default=None, help="System prompt (default: the chat template's).")
+@sampling_options
+@engine_options
+def chat(artifact: str, system: str | None, backend: str, device: str, rope_mode: str | None, **kw: Any) -> None:
+    """Interactive chat: keeps history; /reset clears it; Ctrl-D exits."""
+    from .engine import load
+
+    sampling = _sampling(kw)
+    engine = load(artifact, backend=backend, device=device, rope_mode=rope_mode)
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    base = list(history)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            click.echo()
+            return
+        if not line.strip():
+            continue
+        if line.strip() == "/reset":
+            history = list(base)
+            click.echo("(history cleared)")
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for delta in engine.chat(history, sampling, stream=True):
+                click.echo(delta, nl=False)
+                reply.append(delta)
+        except Exception as e:  # noqa: BLE001  (keep the session alive on a bad turn)
+            history.pop()
+            click.echo(f"error: {str(e).splitlines()[0]}", err=True)
+            continue
+        click.echo()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+if __name__ == "__main__":
+    main()

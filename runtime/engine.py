@@ -1,0 +1,224 @@
+"""The embedded API: load an artifact, generate token ids, chat with streaming text.
+
+    engine = runtime.load("artifacts/tiny")
+    results = engine.generate([[9707, 11], [151644]], SamplingParams(max_new_tokens=16))
+    for delta in engine.chat([{"role": "user", "content": "hi"}], stream=True): print(delta, end="")
+
+Per request batch: [check context + choose rope tables] -> [allocate KV cache once, sized
+prompt + max_new_tokens] -> [prefill: all prompts right-padded in one step] -> [decode steps:
+finished rows go idle (query_seqlens 0) and cost no cache writes] -> [stop on eos ids, stop
+strings, max_new_tokens].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from . import manifest as mf
+from .backends import open_backend
+from .errors import QmoeError
+from .sampling import Sampler, SamplingParams, find_stop, stop_holdback
+from .tokenizer import Tokenizer
+from .yarn import RopeMode, check_context, default_rope_mode, plan_tables
+
+
+class RequestError(QmoeError, ValueError):
+    pass
+
+
+@dataclass
+class GenerationResult:
+    prompt_tokens: list[int]
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "stop" (eos id or stop string) | "length"
+    text: str | None = None  # set by the text-level APIs
+    logits: list[np.ndarray] | None = None  # per generated token, [V] float32, if asked for
+
+
+@dataclass
+class TokenEvent:
+    """One decode step for one row (streaming)."""
+
+    row: int
+    token: int
+    finished: bool
+    finish_reason: str | None
+
+
+class Engine:
+    def __init__(self, artifact: str | Path, backend: str = "auto", device: str = "auto",
+                 rope_mode: RopeMode | None = None) -> None:
+        self.artifact = Path(artifact)
+        self.manifest = mf.read(self.artifact)
+        self.config = self.manifest.config
+        self.backend = open_backend(self.artifact, self.manifest, backend, device)
+        self.tokenizer = Tokenizer.from_dir(self.artifact)
+        self.rope_mode: RopeMode = rope_mode or default_rope_mode(self.config)
+        check_context(self.config, self.rope_mode, 0, 0)  # validates the mode for this model
+
+    # --- token level ------------------------------------------------------------------------
+
+    def _params(self, sampling: SamplingParams | None) -> SamplingParams:
+        p = sampling or SamplingParams()
+        if not p.stop_token_ids:
+            p = replace(p, stop_token_ids=tuple(self.tokenizer.eos_token_ids))
+        return p
+
+    def stream_tokens(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | None = None,
+                      rope_mode: RopeMode | None = None, on_logits: Callable[[int, np.ndarray], None] | None = None,
+                      cancelled: set[int] | None = None) -> Iterator[TokenEvent]:
+        """Yields each generated token of each row as it is produced (rows are batched). Rows the
+        consumer adds to `cancelled` between tokens (a stop string, a gone client) go idle."""
+        p = self._params(sampling)
+        prompts = [list(map(int, x)) for x in prompts]
+        if not prompts or any(len(x) == 0 for x in prompts):
+            raise RequestError("every prompt needs at least one token")
+        V = self.config.vocab_size
+        if any(t < 0 or t >= V for x in prompts for t in x):
+            raise RequestError(f"prompt token ids must be in [0, {V})")
+        B = len(prompts)
+        lengths = np.array([len(x) for x in prompts], np.int32)
+        S = int(lengths.max())
+        plan = check_context(self.config, rope_mode or self.rope_mode, S, p.max_new_tokens)
+        capacity = S + p.max_new_tokens
+        cache = self.backend.new_cache(B, capacity)
+        cos, sin = plan_tables(self.config, plan)
+        self.backend.bind_rope(cache, cos, sin)
+        sampler = Sampler(p, B)
+
+        ids = np.zeros((B, S), np.int64)
+        for i, x in enumerate(prompts):
+            ids[i, : len(x)] = x
+        seen = [np.array(x, np.int64) for x in prompts]
+        logits = self.backend.step(cache, ids, lengths, lengths - 1, (lengths - 1)[:, None].astype(np.int64))
+        cache_len = lengths.copy()
+        active = np.ones(B, bool)
+        stop_ids = set(p.stop_token_ids)
+        for n in range(p.max_new_tokens):
+            nxt = sampler.next(logits[:, 0, :], seen)
+            for i in np.flatnonzero(active):
+                tok = int(nxt[i])
+                if on_logits is not None:
+                    on_logits(int(i), logits[i, 0].copy())
+                seen[i] = np.append(seen[i], tok)
+                reason = "stop" if tok in stop_ids else ("length" if n + 1 == p.max_new_tokens else None)
+                if reason:
+                    active[i] = False
+                yield TokenEvent(int(i), tok, reason is not None, reason)
+            if not active.any():
+                return
+            if cancelled:
+                active[[i for i in cancelled if 0 <= i < B]] = False
+            if not active.any():
+                return
+            step_len = active.astype(np.int32)  # idle rows: query_seqlens 0, cache untouched
+            cache_len = cache_len + step_len
+            logits = self.backend.step(cache, np.where(active, nxt, 0)[:, None], step_len, cache_len - 1,
+                                       np.zeros((B, 1), np.int64))
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | None = None,
+                 rope_mode: RopeMode | None = None, output_logits: bool = False) -> list[GenerationResult]:
+        """Generates for several token-id prompts of any lengths at once."""
+        results = [GenerationResult(list(map(int, x)), logits=[] if output_logits else None) for x in prompts]
+        on_logits = (lambda i, row: results[i].logits.append(row)) if output_logits else None  # type: ignore[union-attr]
+        p = self._params(sampling)
+        stops = _StopStrings(p.stop, self.tokenizer, len(results)) if p.stop else None
+        cancelled: set[int] = set()
+        for ev in self.stream_tokens(prompts, p, rope_mode, on_logits, cancelled):
+            r = results[ev.row]
+            r.tokens.append(ev.token)
+            if ev.finished:
+                r.finish_reason = ev.finish_reason or "length"
+            if stops and not ev.finished and stops.hit(ev.row, r.tokens):
+                r.finish_reason = "stop"
+                cancelled.add(ev.row)
+        for i, r in enumerate(results):
+            if r.finish_reason == "stop" and r.tokens and r.tokens[-1] in p.stop_token_ids:
+                r.text = self.tokenizer.decode(r.tokens[:-1])
+            else:
+                r.text = self.tokenizer.decode(r.tokens)
+            if stops:
+                r.text = stops.truncate(r.text)
+        return results
+
+    # --- text level -------------------------------------------------------------------------
+
+    def complete(self, prompt: str, sampling: SamplingParams | None = None, stream: bool = False,
+                 rope_mode: RopeMode | None = None):
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        return self._text(ids, sampling, stream, rope_mode)
+
+    def chat(self, messages: Sequence[dict], sampling: SamplingParams | None = None, stream: bool = False,
+             rope_mode: RopeMode | None = None):
+        """A reply to a ChatML conversation: the whole text, or an iterator of text deltas."""
+        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        return self._text(ids, sampling, stream, rope_mode)
+
+    def _text(self, ids: list[int], sampling, stream: bool, rope_mode):
+        p = self._params(sampling)
+        self._validate(ids, p, rope_mode)
+        gen = self.stream_text(ids, p, rope_mode)
+        if stream:
+            return gen
+        return "".join(d for d in gen)
+
+    def _validate(self, ids: list[int], p: SamplingParams, rope_mode) -> None:
+        # Errors before the first delta, so a streaming caller sees them at call time.
+        check_context(self.config, rope_mode or self.rope_mode, len(ids), p.max_new_tokens)
+
+    def stream_text(self, ids: list[int], sampling: SamplingParams | None = None, rope_mode=None,
+                    result: GenerationResult | None = None) -> Iterator[str]:
+        """Text deltas of one completion; never splits a UTF-8 character, never emits a stop
+        string (text that might start one is held back until it cannot)."""
+        p = self._params(sampling)
+        decoder = self.tokenizer.stream_decoder()
+        pending = ""
+        result = result if result is not None else GenerationResult(list(ids))
+        cancelled: set[int] = set()
+        for ev in self.stream_tokens([ids], p, rope_mode, cancelled=cancelled):
+            result.tokens.append(ev.token)
+            if ev.finished:
+                result.finish_reason = ev.finish_reason or "length"
+            if ev.token in p.stop_token_ids:
+                break
+            pending += decoder.push(ev.token)
+            cut = find_stop(pending, p.stop)
+            if cut is not None:
+                result.finish_reason = "stop"
+                if pending[:cut]:
+                    yield pending[:cut]
+                cancelled.add(0)
+                return
+            safe = len(pending) - stop_holdback(pending, p.stop)
+            if safe > 0:
+                yield pending[:safe]
+                pending = pending[safe:]
+        pending += decoder.flush()
+        cut = find_stop(pending, p.stop)
+        if cut is not None:
+            result.finish_reason = "stop"
+            pending = pending[:cut]
+        if pending:
+            yield pending
+
+
+class _StopStrings:
+    def __init__(self, stops: Sequence[str], tokenizer: Tokenizer, rows: int) -> None:
+        self.stops, self.tokenizer = list(stops), tokenizer
+
+    def hit(self, row: int, tokens: list[int]) -> bool:
+        return find_stop(self.tokenizer.decode(tokens), self.stops) is not None
+
+    def truncate(self, text: str) -> str:
+        cut = find_stop(text, self.stops)
+        return text if cut is None else text[:cut]
+
+
+def load(artifact: str | Path, backend: str = "auto", device: str = "auto", rope_mode: RopeMode | None = None) -> Engine:
+    return Engine(artifact, backend=backend, device=device, rope_mode=rope_mode)
