@@ -217,7 +217,7 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
 # --- the tokenizer --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality: comparing Rust backends means nothing
 class Tokenizer:
     backend: BackendTokenizer
     chat_template: str | None
@@ -237,6 +237,12 @@ class Tokenizer:
             raise TokenizerError(f"{config_path}: expected a JSON object")
         specials = _specials_from_config(config, config_path)
         backend = _load_backend(folder, specials)
+        for sp in specials:
+            if backend.token_to_id(sp.content) != sp.id:
+                raise TokenizerError(
+                    f"{config_path}: added token {sp.content!r} has id {sp.id} but the tokenizer gives "
+                    f"{backend.token_to_id(sp.content)}; the tokenizer files disagree"
+                )
         # Specials declared in tokenizer.json but not in tokenizer_config still count as special.
         special_ids = {s.id for s in specials} | {
             i for i, t in backend.get_added_tokens_decoder().items() if t.special

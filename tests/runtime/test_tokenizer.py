@@ -198,3 +198,12 @@ def test_stream_decoder_specials_and_truncated_tail(tok: Tokenizer):
     dec = tok.stream_decoder()
     assert [dec.push(i) for i in partial] == [""] * len(partial)
     assert dec.flush().endswith("\ufffd")  # the ids ended mid-character: flush says so
+
+
+def test_config_and_tokenizer_json_must_agree_on_special_ids(tokenizer_dir: Path, tmp_path: Path):
+    folder = copy_dir(tokenizer_dir, tmp_path / "disagree")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    cfg["added_tokens_decoder"]["151646"] = cfg["added_tokens_decoder"].pop("151645")
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    with pytest.raises(TokenizerError, match="'<\\|im_end\\|>' has id 151646 but the tokenizer gives 151645"):
+        Tokenizer.from_dir(folder)
