@@ -64,6 +64,9 @@ def export(
 
     weight_dtype, compute_dtype = dtypes_for(target, dtype)
     ckpt = Checkpoint(checkpoint_dir)
+    if target == "onnxruntime" and ckpt.config.head_dim % 16:
+        raise ExportError(f"{ckpt.config.source}: head_dim {ckpt.config.head_dim} is not a multiple of 16, which "
+                          "ONNX Runtime's GroupQueryAttention requires")
     output_dir = Path(output_dir)
     if output_dir.absolute() == ckpt.dir.absolute():
         raise ExportError(f"{output_dir}: the artifact folder must differ from the checkpoint folder")
@@ -136,7 +139,8 @@ def _name_nodes(model_ir) -> None:
     for node in model_ir.graph:
         scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
         parts = [p for p in ast.literal_eval(scopes) if p] if scopes else []
-        base = "/" + "/".join(parts + [node.op_type])
+        path = parts[-1].replace(".", "/") if parts else ""  # scopes are cumulative module paths
+        base = f"/{path}/{node.op_type}" if path else f"/{node.op_type}"
         n = seen.get(base, 0)
         seen[base] = n + 1
         node.name = base if n == 0 else f"{base}_{n}"

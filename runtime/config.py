@@ -11,8 +11,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import QmoeError
 
-class ConfigError(ValueError):
+
+class ConfigError(QmoeError, ValueError):
     """A config.json that qmoe cannot use; the message names the file and field."""
 
 

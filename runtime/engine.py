@@ -97,7 +97,7 @@ class Engine:
         logits = self.backend.step(cache, ids, lengths, lengths - 1, (lengths - 1)[:, None].astype(np.int64))
         cache_len = lengths.copy()
         active = np.ones(B, bool)
-        stop_ids = set(p.stop_token_ids)
+        stop_ids = set() if p.ignore_eos else set(p.stop_token_ids)
         for n in range(p.max_new_tokens):
             nxt = sampler.next(logits[:, 0, :], seen)
             for i in np.flatnonzero(active):
@@ -137,7 +137,7 @@ class Engine:
                 r.finish_reason = "stop"
                 cancelled.add(ev.row)
         for i, r in enumerate(results):
-            if r.finish_reason == "stop" and r.tokens and r.tokens[-1] in p.stop_token_ids:
+            if r.finish_reason == "stop" and r.tokens and r.tokens[-1] in p.stop_token_ids and not p.ignore_eos:
                 r.text = self.tokenizer.decode(r.tokens[:-1])
             else:
                 r.text = self.tokenizer.decode(r.tokens)
@@ -185,7 +185,7 @@ class Engine:
             result.tokens.append(ev.token)
             if ev.finished:
                 result.finish_reason = ev.finish_reason or "length"
-            if ev.token in p.stop_token_ids:
+            if ev.token in p.stop_token_ids and not p.ignore_eos:
                 break
             pending += decoder.push(ev.token)
             cut = find_stop(pending, p.stop)

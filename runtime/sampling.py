@@ -36,6 +36,7 @@ class SamplingParams:
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()  # empty: the engine fills in the generation config's eos ids
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks, parity tests)
 
     def __post_init__(self) -> None:
         # JSON requests give lists and a single stop string; store tuples so params stay hashable.
@@ -67,6 +68,8 @@ class SamplingParams:
                 raise SamplingError(f"stop entries must be non-empty strings, got {s!r}")
         for t in self.stop_token_ids:
             _integer("stop_token_ids entry", t, minimum=0)
+        if not isinstance(self.ignore_eos, bool):
+            raise SamplingError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:

@@ -1,0 +1,41 @@
+"""Reference computations shared by tests: transformers as the independent reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def hf_model(checkpoint: Path):
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+
+
+def hf_greedy(model, prompt: list[int], new_tokens: int, eos: tuple[int, ...] = ()) -> list[int]:
+    """Greedy decoding through transformers' own incremental path (its KV cache, one token per
+    forward). Not `generate`: in transformers 5.24 `generate` returned logits that differ from the
+    model's own forward on these random checkpoints (observed; both with and without cache)."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    ids = torch.tensor([prompt])
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(ids, cache=cache, use_cache=True).logits[0, -1]
+            tok = int(logits.argmax())
+            out.append(tok)
+            if tok in eos:
+                break
+            ids = torch.tensor([[tok]])
+    return out
+
+
+def rope_cache(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    freqs = np.arange(positions)[:, None] * inv[None]
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
