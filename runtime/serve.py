@@ -1,0 +1,486 @@
+"""OpenAI-compatible HTTP server for one artifact: /v1/models, /v1/chat/completions, /v1/completions.
+
+    request (event loop) -> [parse + validate -> Job] -> FIFO queue -> [worker thread: engine.stream_text]
+      -> text deltas via loop.call_soon_threadsafe -> the job's asyncio.Queue -> JSON body or SSE chunks
+
+One worker thread owns the engine and runs one generation at a time, fed by a FIFO queue. The
+engine is single-stream (not thread-safe, one KV cache per generation) and CPU/GPU-bound, so
+running requests side by side would only interleave them more slowly; the queue serves them in
+arrival order (fair), each output comes from exactly one generation (never mixed), and the event
+loop stays free to accept requests, stream deltas and notice clients that leave. A client that
+disconnects sets its job's cancel flag: the worker checks it between deltas and stops iterating
+the engine's generator (a queued job is dropped unstarted), so the next request starts at once.
+Continuous batching (requests joining and leaving shared decode steps) is future work.
+
+Everything a request can get wrong is checked before it is queued and answered with OpenAI's error
+shape, {"error": {"message", "type", "param", "code"}}, and a 4xx status. Unknown fields are
+ignored (as vLLM does); fields whose non-default values would change the output in ways this
+server cannot honour (n > 1, logprobs, tools, penalties...) are rejected rather than ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Mapping
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .engine import Engine, GenerationResult
+from .errors import QmoeError
+from .sampling import SamplingError, SamplingParams
+from .tokenizer import ChatMessageError, ChatTemplateError
+from .yarn import ContextLengthError, context_limit
+
+log = logging.getLogger("qmoe.serve")
+
+# Non-default values of these fields would change the output in a way we do not implement.
+UNSUPPORTED_FIELDS: Mapping[str, tuple[Any, ...]] = {
+    "n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",), "logprobs": (False,), "top_logprobs": (0,),
+    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],), "functions": ([],),
+    "tool_choice": ("none", "auto"), "response_format": ({"type": "text"},),
+}
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")  # top_k, repetition_penalty: vLLM's
+
+
+class APIError(QmoeError):
+    """A request the server answers with an OpenAI-style error body."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.param, self.code, self.type = status, param, code, type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _server_error(e: BaseException) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, QmoeError) and isinstance(e, ValueError):
+        return APIError(message)
+    return APIError(message, status=500, type="server_error")
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    kind: str  # "chat" | "completion"
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def _typed(body: Mapping[str, Any], name: str, types: tuple[type, ...], what: str) -> Any:
+    value = body.get(name)
+    if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+        raise APIError(f"{name} must be {what}, got {json.dumps(value)[:60]}", param=name)
+    return value
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(f"the request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise APIError(f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def chat_messages(value: Any) -> list[dict[str, Any]]:
+    """OpenAI messages -> the tokenizer's {role, content} strings (text parts joined; developer = system)."""
+    if not isinstance(value, list) or not value:
+        raise APIError("messages must be a non-empty list of {role, content} objects", param="messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise APIError(f"messages[{i}] must be an object with role and content", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text can reach this model
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise APIError(f"messages[{i}].content: only text parts are supported", param="messages")
+            content = "".join(p["text"] for p in content)
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        out.append({"role": role, "content": content})
+    return out
+
+
+class Service:
+    """The model behind the routes: validates requests against it and owns the worker."""
+
+    def __init__(self, engine: Engine, model_name: str, defaults: Mapping[str, Any] | None = None) -> None:
+        self.engine, self.model_name = engine, model_name
+        self.defaults = dict(defaults or {})
+        self.context_limit = context_limit(engine.config, engine.rope_mode)
+        self.worker = EngineWorker(engine)
+        self.created = int(time.time())
+
+    def parse(self, kind: str, body: Mapping[str, Any]) -> GenerationRequest:
+        model = _typed(body, "model", (str,), "a string")
+        if model is not None and model != self.model_name:
+            raise APIError(f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           status=404, param="model", code="model_not_found")
+        for name, neutral in UNSUPPORTED_FIELDS.items():
+            if body.get(name) is not None and body[name] not in neutral:
+                raise APIError(f"{name}={json.dumps(body[name])[:60]} is not supported by this server", param=name)
+        stream = bool(_typed(body, "stream", (bool,), "true or false"))
+        options = _typed(body, "stream_options", (dict,), "an object") or {}
+        include_usage = bool(_typed(options, "include_usage", (bool,), "true or false"))
+        ids = self._prompt_ids(kind, body)
+        return GenerationRequest(kind, ids, self._sampling(body, len(ids)), stream, include_usage)
+
+    def _prompt_ids(self, kind: str, body: Mapping[str, Any]) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if kind == "chat":
+            try:
+                return tokenizer.encode_chat(chat_messages(body.get("messages")), add_generation_prompt=True)
+            except (ChatMessageError, ChatTemplateError) as e:
+                raise APIError(str(e), param="messages") from None
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            ids = tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            vocab = self.engine.config.vocab_size
+            if any(not 0 <= t < vocab for t in prompt):
+                raise APIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+            ids = list(prompt)
+        else:
+            raise APIError("prompt must be a string or a list of token ids (one prompt per request)", param="prompt")
+        if not ids:
+            raise APIError("the prompt is empty", param="prompt")
+        return ids
+
+    def _sampling(self, body: Mapping[str, Any], prompt_len: int) -> SamplingParams:
+        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _typed(body, name, (int,), "an integer")
+        if max_tokens is None:  # OpenAI's default: whatever the context has left
+            max_tokens = max(self.context_limit - prompt_len, 1)
+        if max_tokens < 1:
+            raise APIError(f"{name} must be at least 1, got {max_tokens}", param=name)
+        if prompt_len + max_tokens > self.context_limit:
+            raise APIError(f"this model's context is {self.context_limit} tokens; the prompt has {prompt_len} and "
+                           f"{name} is {max_tokens}; shorten the prompt or lower {name}",
+                           param=name, code="context_length_exceeded")
+        chosen = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+        try:
+            return SamplingParams(**{**self.defaults, **chosen}, seed=body.get("seed"), max_new_tokens=max_tokens,
+                                  stop=body.get("stop") or ())
+        except SamplingError as e:  # the message starts with the field's name
+            param = str(e).split()[0]
+            raise APIError(str(e), param=name if param == "max_new_tokens" else param) from None
+
+
+# --- the worker -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # "stop" | "length"
+    completion_tokens: int
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue  # str deltas, then one Finished or one exception
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, item: str | Finished | BaseException) -> None:
+        """From the worker thread: hand one event to the request's event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled.set()
+
+    async def results(self) -> AsyncIterator[str | Finished]:
+        """The deltas, then Finished; raises the worker's error. Leaving early cancels the job."""
+        try:
+            while True:
+                item = await self.events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Finished):
+                    return
+        finally:
+            self.cancelled.set()
+
+
+class EngineWorker:
+    """The one thread that runs generations, in the order they were submitted."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="qmoe-engine-worker", daemon=True)
+        self._closed = False
+        self._current: Job | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise APIError("the server is shutting down", status=503, type="server_error")
+
+    def submit(self, prompt_ids: list[int], sampling: SamplingParams) -> Job:
+        self.check_open()
+        job = Job(prompt_ids, sampling, asyncio.get_running_loop(), asyncio.Queue())
+        self._jobs.put(job)
+        return job
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel the running and queued jobs and stop the thread."""
+        self._closed = True
+        if self._current is not None:
+            self._current.cancelled.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                job = self._jobs.get_nowait()
+                if job is not None:
+                    job.cancelled.set()
+                    job.emit(APIError("the server is shutting down", status=503, type="server_error"))
+        self._jobs.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if job.cancelled.is_set():  # its client left while it waited
+                continue
+            self._current = job
+            try:
+                job.emit(self._generate(job))
+            except Exception as e:  # noqa: BLE001  (reported to that request; the worker keeps serving)
+                if not isinstance(e, QmoeError):
+                    log.exception("generation failed")
+                job.emit(e)
+            finally:
+                self._current = None
+
+    def _generate(self, job: Job) -> Finished:
+        result = GenerationResult(list(job.prompt_ids))
+        deltas = self.engine.stream_text(job.prompt_ids, job.sampling, result=result)
+        try:
+            for delta in deltas:
+                if job.cancelled.is_set():
+                    break
+                job.emit(delta)
+        finally:
+            deltas.close()  # stops the engine's generator: no more decode steps for this job
+        return Finished(result.finish_reason, len(result.tokens))
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+def _choice(req: GenerationRequest, text: str | None, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
+    if req.kind == "completion":
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+    if not req.stream:
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish_reason}
+    delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+def _usage(req: GenerationRequest, done: Finished) -> dict[str, int]:
+    n = len(req.prompt_ids)
+    return {"prompt_tokens": n, "completion_tokens": done.completion_tokens, "total_tokens": n + done.completion_tokens}
+
+
+class _Envelope:
+    """id, object, created and model shared by every body or chunk of one response."""
+
+    def __init__(self, req: GenerationRequest, model: str) -> None:
+        prefix, obj = ("chatcmpl", "chat.completion") if req.kind == "chat" else ("cmpl", "text_completion")
+        if req.kind == "chat" and req.stream:
+            obj += ".chunk"
+        self.req, self.head = req, {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj,
+                                    "created": int(time.time()), "model": model}
+
+    def body(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
+        out = {**self.head, "choices": choices}
+        if not self.req.stream or self.req.include_usage:
+            out["usage"] = usage
+        return out
+
+    def sse(self, text: str | None, finish_reason: str | None = None, first: bool = False) -> str:
+        return _sse(self.body([_choice(self.req, text, finish_reason, first)]))
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _until_disconnected(request: Request, job: Job) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled.set()
+
+
+async def _whole(worker: EngineWorker, req: GenerationRequest, env: _Envelope, request: Request) -> Response:
+    job = worker.submit(req.prompt_ids, req.sampling)
+    watcher = asyncio.ensure_future(_until_disconnected(request, job))
+    text: list[str] = []
+    try:
+        async for item in job.results():
+            if isinstance(item, Finished):
+                return JSONResponse(env.body([_choice(req, "".join(text), item.finish_reason)], _usage(req, item)))
+            text.append(item)
+    finally:
+        watcher.cancel()
+    raise AssertionError("the worker ended a job without Finished")
+
+
+async def _chunks(worker: EngineWorker, req: GenerationRequest, env: _Envelope) -> AsyncIterator[str]:
+    # The job is queued only once the response streams, and whatever ends the stream early (a
+    # client that left cancels the response task; the generator is then closed) cancels it.
+    job = None
+    try:
+        job = worker.submit(req.prompt_ids, req.sampling)
+        if req.kind == "chat":
+            yield env.sse(None, first=True)  # the role comes first, as OpenAI sends it
+        async for item in job.results():
+            if isinstance(item, Finished):
+                yield env.sse(None, item.finish_reason)
+                if req.include_usage:
+                    yield _sse({**env.head, "choices": [], "usage": _usage(req, item)})
+            else:
+                yield env.sse(item)
+    except Exception as e:  # noqa: BLE001  (headers are sent: report in-band, as OpenAI does)
+        yield _sse(_server_error(e).body())
+    finally:
+        if job is not None:
+            job.cancelled.set()
+    yield "data: [DONE]\n\n"
+
+
+# --- the app --------------------------------------------------------------------------------
+
+
+def create_app(engine: Engine, model_name: str, defaults: Mapping[str, Any] | None = None) -> Starlette:
+    """The ASGI app; its lifespan starts and stops the engine's worker thread."""
+    service = Service(engine, model_name, defaults)
+
+    async def generate(request: Request, kind: str) -> Response:
+        body = parse_body(await request.body())
+        req = await run_in_threadpool(service.parse, kind, body)  # tokenizing can take a while
+        env = _Envelope(req, service.model_name)
+        service.worker.check_open()  # before a stream's headers go out
+        if req.stream:
+            return StreamingResponse(_chunks(service.worker, req, env), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        return await _whole(service.worker, req, env, request)
+
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, "chat")
+
+    async def completions(request: Request) -> Response:
+        return await generate(request, "completion")
+
+    def model_card() -> dict[str, Any]:
+        return {"id": service.model_name, "object": "model", "created": service.created, "owned_by": "qmoe",
+                "max_model_len": service.context_limit}
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def model(request: Request) -> Response:
+        if request.path_params["model"] != service.model_name:
+            raise APIError(f"the model {request.path_params['model']!r} does not exist", 404, "model",
+                           "model_not_found")
+        return JSONResponse(model_card())
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def api_error(request: Request, e: Exception) -> Response:
+        err = _server_error(e)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    async def http_error(request: Request, e: Exception) -> Response:
+        assert isinstance(e, HTTPException)
+        err = APIError(f"{request.method} {request.url.path}: {e.detail}", e.status_code,
+                       code="not_found" if e.status_code == 404 else None)
+        return JSONResponse(err.body(), status_code=err.status, headers=e.headers)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        service.worker.start()
+        try:
+            yield
+        finally:
+            service.worker.close()
+
+    routes = [
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", model, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={APIError: api_error, HTTPException: http_error, Exception: api_error})
+    app.state.service = service
+    return app
+
+
+def generation_defaults(artifact: str | Path) -> dict[str, Any]:
+    """Sampling values for fields a request leaves out: those generation_config.json sets (as vLLM
+    does), greedy if it says do_sample=false, else OpenAI's (temperature 1, top_p 1)."""
+    path = Path(artifact) / "generation_config.json"
+    try:
+        gen = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QmoeError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(gen, dict):
+        raise QmoeError(f"{path}: expected a JSON object")
+    if gen.get("do_sample") is False:
+        return {"temperature": 0.0}
+    defaults = {"temperature": 1.0, **{k: gen[k] for k in SAMPLING_FIELDS if gen.get(k) is not None}}
+    try:
+        SamplingParams(**defaults)
+    except SamplingError as e:
+        raise QmoeError(f"{path}: {e}") from None
+    return defaults
+
+
+def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
+          backend: str = "auto", device: str = "auto", rope_mode: Any = None, log_level: str = "info") -> None:
+    """Load the artifact and serve it until interrupted (Ctrl-C / SIGTERM)."""
+    import uvicorn
+
+    from .engine import load
+
+    engine = load(artifact, backend=backend, device=device, rope_mode=rope_mode)
+    defaults = generation_defaults(artifact)
+    name = served_model_name or Path(artifact).resolve().name
+    app = create_app(engine, name, defaults)
+    logging.getLogger("uvicorn.error").info("serving %s as %r, sampling defaults %s", artifact, name, defaults)
+    # A stream still running after the grace period is cancelled, which cancels its generation.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
