@@ -182,5 +182,22 @@ def chat(artifact: str, system: str | None, backend: str, device: str, rope_mode
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes the server).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--served-model-name", default=None, help="Model id clients send (default: the artifact folder name).")
+@engine_options
+def serve(artifact: str, host: str, port: int, served_model_name: str | None, backend: str, device: str,
+          rope_mode: str | None) -> None:
+    """Serve the OpenAI API (/v1/models, /v1/chat/completions, /v1/completions) over HTTP."""
+    try:
+        from .serve import serve as run_server
+    except ImportError as e:
+        raise click.ClickException(f"serve needs the serve extra ({e.name} missing): pip install 'qmoe[serve]'")
+    run_server(artifact, host=host, port=port, served_model_name=served_model_name, backend=backend, device=device,
+               rope_mode=rope_mode)
+
+
 if __name__ == "__main__":
     main()
