@@ -6,7 +6,7 @@ C++ creators against this file. Change a plugin's interface here and bump its ve
 
 The TensorRT ONNX parser resolves a node whose op_type is not a built-in by looking up a plugin
 creator of that name, version (attribute ``plugin_version``) and namespace (``plugin_namespace``);
-the other attributes become the creator's PluginFields, in this order.
+the other attributes become the creator's PluginFields (in any order: creators match them by name).
 """
 
 from __future__ import annotations

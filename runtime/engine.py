@@ -84,7 +84,9 @@ class Engine:
         lengths = np.array([len(x) for x in prompts], np.int32)
         S = int(lengths.max())
         plan = check_context(self.config, rope_mode or self.rope_mode, S, p.max_new_tokens)
-        capacity = S + p.max_new_tokens
+        # +1: idle rows of a decode step point one past their last token (the tensorrt graph's
+        # ScatterND writes there), which must stay inside the buffer.
+        capacity = S + p.max_new_tokens + 1
         cache = self.backend.new_cache(B, capacity)
         cos, sin = plan_tables(self.config, plan)
         self.backend.bind_rope(cache, cos, sin)
