@@ -89,6 +89,8 @@ class Engine:
         capacity = S + p.max_new_tokens + 1
         cache = self.backend.new_cache(B, capacity)
         cos, sin = plan_tables(self.config, plan)
+        if len(cos) < capacity:  # the spare row: never a real position, but GQA wants the rows
+            cos, sin = (np.pad(t, ((0, capacity - len(t)), (0, 0)), mode="edge") for t in (cos, sin))
         self.backend.bind_rope(cache, cos, sin)
         sampler = Sampler(p, B)
 
