@@ -199,5 +199,33 @@ def serve(artifact: str, host: str, port: int, served_model_name: str | None, ba
                rope_mode=rope_mode)
 
 
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("-o", "--output", "repo_dir", required=True, type=click.Path(file_okay=False),
+              help="Model repository to write into (created if missing; other models in it are kept).")
+@click.option("--name", default="qwen2_moe", show_default=True, help="Model name in the repository.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model instances: each is its own process with its own engine.")
+@click.option("--kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="Triton instance kind; gpu runs the engine on CUDA.")
+@click.option("--copy/--link", "copy", default=False, show_default=True,
+              help="Copy the artifact into the repository, or reference it by absolute path.")
+@click.option("--python-env", default=None, type=click.Path(file_okay=False),
+              help="Environment with qmoe that the backend stub activates (EXECUTION_ENV_PATH); "
+                   "default: the current virtualenv; 'none': the server's python3.")
+@click.option("--max-tokens", "default_max_tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="max_tokens of requests that set none.")
+@click.option("--force", is_flag=True, help="Replace the model if the repository has it.")
+def triton(artifact: str, repo_dir: str, name: str, instances: int, kind: str, copy: bool, python_env: str | None,
+           default_max_tokens: int, force: bool) -> None:
+    """Write a Triton model repository that serves ARTIFACT (python backend, streaming)."""
+    from .triton import ModelSpec, current_python_env, write_repository
+
+    env = None if python_env == "none" else (python_env or current_python_env())
+    spec = ModelSpec(name, instances, kind, copy, env, default_max_tokens)  # type: ignore[arg-type]
+    model_dir = write_repository(artifact, repo_dir, spec, force=force)
+    click.echo(f"wrote {model_dir}; start the server as {model_dir.parent / 'README.md'} says")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,154 @@
+"""Triton python-backend model that serves a qmoe artifact; `qmoe triton` copies this file verbatim
+to <repository>/<name>/1/model.py. Everything it needs to know comes from config.pbtxt.
+
+    execute(requests) -> [validate + tokenize each: a bad one gets its error response now]
+                      -> queue -> [worker thread: engine.stream_text] -> text_delta responses
+                      -> final response (finish_reason, token counts, COMPLETE_FINAL flag)
+
+The model is decoupled: execute() returns at once, so many requests are in flight while one worker
+thread per instance runs the engine (which is not thread-safe) one request at a time. Instances
+are separate stub processes, each with its own engine.
+
+The stub imports `runtime` (qmoe) from its own Python: the interpreter found as `python3` on PATH,
+or the environment named by the EXECUTION_ENV_PATH parameter (see runtime/triton/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]  # exists inside the stub only
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        try:
+            import runtime
+            from runtime.triton import protocol
+        except ImportError as e:
+            raise RuntimeError(
+                f"qmoe is not importable by the Python backend stub ({e}); sys.prefix is {sys.prefix}. Install "
+                "qmoe in that Python, or point the EXECUTION_ENV_PATH parameter (or the first python3 on the "
+                "server's PATH) at an environment that has it"
+            ) from None
+        check_numpy()
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        artifact = version_dir / params["artifact"]  # an absolute path replaces version_dir
+        device = "cpu"
+        if args["model_instance_kind"] == "GPU":
+            device = "cuda"
+            select_gpu(int(args["model_instance_device_id"]))
+        self.protocol = protocol
+        self.default_max_tokens = int(params.get("default_max_tokens", protocol.DEFAULT_MAX_TOKENS))
+        self.engine = runtime.load(artifact, device=device)
+        self.name = args["model_instance_name"]
+        self.jobs: queue.Queue = queue.Queue()
+        self.closing = threading.Event()
+        self.worker = threading.Thread(target=self.serve, name=f"{self.name}-generate", daemon=True)
+        self.worker.start()
+        pb_utils.Logger.log_info(f"{self.name}: serving {artifact} on {device}")
+
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                inputs = {}
+                for spec in self.protocol.INPUTS:
+                    tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
+                    if tensor is not None:
+                        inputs[spec.name] = tensor.as_numpy().reshape(-1).tolist()
+                job = self.protocol.parse_request(inputs, self.engine, self.default_max_tokens)
+            except Exception as e:  # noqa: BLE001  (a bad request must not take the model down)
+                send_error(sender, e)
+                continue
+            self.jobs.put((job, sender))
+        return None
+
+    def serve(self) -> None:
+        while True:
+            item = self.jobs.get()
+            if item is None:
+                return
+            job, sender = item
+            if self.closing.is_set():
+                send_error(sender, RuntimeError("the model is shutting down"), pb_utils.TritonError.UNAVAILABLE)
+                continue
+            try:
+                self.generate(job, sender)
+            except Exception as e:  # noqa: BLE001  (report it to this client, keep serving the others)
+                pb_utils.Logger.log_error(f"{self.name}: generation failed: {type(e).__name__}: {e}")
+                send_error(sender, e)
+
+    def generate(self, job, sender) -> None:
+        from runtime.engine import GenerationResult
+
+        result = GenerationResult(list(job.prompt_ids))
+        deltas = self.engine.stream_text(list(job.prompt_ids), job.sampling, result=result)
+        try:
+            for delta in deltas:
+                if sender.is_cancelled() or self.closing.is_set():
+                    sender.send(flags=FINAL)  # the client is gone: no more responses
+                    return
+                sender.send(pb_utils.InferenceResponse(output_tensors=[string("text_delta", delta)]))
+        finally:
+            deltas.close()  # stops the engine's decode loop on an early return
+        sender.send(pb_utils.InferenceResponse(output_tensors=[
+            string("text_delta", ""),
+            string("finish_reason", result.finish_reason),
+            int32("prompt_tokens", len(job.prompt_ids)),
+            int32("completion_tokens", len(result.tokens)),
+        ]), flags=FINAL)
+
+    def finalize(self) -> None:
+        self.closing.set()
+        self.jobs.put(None)
+        self.worker.join(timeout=30)
+
+
+def send_error(sender, error: Exception, code=None) -> None:
+    from runtime.errors import QmoeError
+
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if code is None:
+        is_client_error = isinstance(error, QmoeError) and isinstance(error, ValueError)
+        code = pb_utils.TritonError.INVALID_ARG if is_client_error else pb_utils.TritonError.INTERNAL
+        if not isinstance(error, QmoeError):
+            message = f"{type(error).__name__}: {message}"
+    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
+
+
+def string(name: str, text: str):
+    return pb_utils.Tensor(name, np.array([text.encode("utf-8")], dtype=np.object_))
+
+
+def int32(name: str, value: int):
+    return pb_utils.Tensor(name, np.array([value], dtype=np.int32))
+
+
+def check_numpy() -> None:
+    # The stub of Triton 2.51 (the one in nvidia-pytriton 0.7.0) was built for numpy 1.x: under numpy 2
+    # it loads fine, then misreads the first string input and dies, so refuse to load instead.
+    if int(np.__version__.split(".")[0]) >= 2 and os.environ.get("QMOE_TRITON_ALLOW_NUMPY2") != "1":
+        raise RuntimeError(
+            f"numpy {np.__version__} in {sys.prefix}: the Python backend stub of Triton 24.10 (2.51) and older misreads "
+            "input tensors under numpy 2; install numpy<2 there (pip install 'numpy<2'), or set QMOE_TRITON_ALLOW_NUMPY2=1 for a "
+            "stub built for numpy 2"
+        )
+
+
+def select_gpu(device_id: int) -> None:
+    # Each instance is its own process and the runtime always uses CUDA device 0, so narrow the
+    # visible devices to this instance's one before the runtime first touches CUDA.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in visible.split(",")] if visible else [str(i) for i in range(device_id + 1)]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids[device_id] if device_id < len(ids) else str(device_id)
