@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Builds the qmoe native libraries with CMake:
+#   build/plugins/lib/libqmoe_kernels.so       always (CUDA kernels, C ABI; the tests load it via ctypes)
+#   build/plugins/lib/libqmoe_trt_plugins.so   with --trt-include (TensorRT IPluginV3 plugins)
+# Without nvcc it prints why and exits 0 without building (callers check for the .so).
+#
+# usage: scripts/build_plugins.sh [--trt-include DIR] [--arch "80;90a"] [--build-dir DIR] [--werror]
+#   --trt-include DIR  TensorRT headers (NvInfer.h), e.g. /usr/include/x86_64-linux-gnu in NGC
+#                      TensorRT containers, or third_party/tensorrt-<ver>/include (compile check)
+#   --arch LIST        CUDA architectures, CMake syntax (default 80;90a: A100 and H100/H200)
+#   --build-dir DIR    default build/plugins
+#   --werror           warnings are errors
+# env: NVCC (compiler path), JOBS (parallel jobs, default: all cores)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+build="$root/build/plugins"
+arch="80;90a"
+trt=""
+werror=OFF
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --trt-include) trt=$(cd "$2" && pwd); shift 2 ;;
+        --arch) arch=$2; shift 2 ;;
+        --build-dir) build=$2; shift 2 ;;
+        --werror) werror=ON; shift ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        *) echo "build_plugins: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+nvcc=${NVCC:-$(command -v nvcc || true)}
+if [ -z "$nvcc" ] && [ -x /usr/local/cuda/bin/nvcc ]; then nvcc=/usr/local/cuda/bin/nvcc; fi
+if [ -z "$nvcc" ]; then
+    echo "build_plugins: nvcc not found (set NVCC or put the CUDA toolkit on PATH); skipped, nothing built"
+    exit 0
+fi
+command -v cmake >/dev/null || { echo "build_plugins: cmake >= 3.24 is required" >&2; exit 1; }
+if [ -n "$trt" ] && [ ! -f "$trt/NvInfer.h" ]; then
+    echo "build_plugins: $trt/NvInfer.h not found; --trt-include must be TensorRT's include directory" >&2
+    exit 1
+fi
+
+cmake -S "$root/plugins" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_COMPILER="$nvcc" \
+    -DQMOE_CUDA_ARCHITECTURES="$arch" -DQMOE_TRT_INCLUDE_DIR="$trt" -DQMOE_WERROR="$werror" >/dev/null
+cmake --build "$build" -j "${JOBS:-$(nproc)}"
+echo "build_plugins: built $(ls "$build"/lib/*.so | tr '\n' ' ')"

@@ -1,0 +1,234 @@
+"""ctypes bindings of ``libqmoe_kernels.so`` for the tests and ``scripts/bench_moe_gpu.py``.
+
+``plugins/`` is C++/CUDA, not a Python package: the library is built by ``scripts/build_plugins.sh``
+(CMake) and loaded here. The structs mirror ``plugins/kernels/qmoe_kernels.h`` field by field;
+``test_build.py`` checks their sizes against the C header.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+KERNELS_DIR = ROOT / "plugins" / "kernels"
+BUILD_DIR = ROOT / "build" / "plugins"
+LIB_PATH = BUILD_DIR / "lib" / "libqmoe_kernels.so"
+ABI_VERSION = 1
+
+OK = 0
+ERR_NULL_POINTER = 1
+ERR_BAD_SHAPE = 2
+ERR_BAD_DTYPE = 3
+ERR_MISALIGNED = 4
+ERR_WORKSPACE = 5
+ERR_CUDA = 6
+
+DTYPE_FP16 = 0
+DTYPE_BF16 = 1
+DTYPE_FP32 = 2
+
+PATH_AUTO = 0
+PATH_DECODE = 1
+PATH_PREFILL = 2
+
+
+class MoeParams(ctypes.Structure):
+    _fields_ = [
+        ("num_tokens", ctypes.c_int32),
+        ("hidden_size", ctypes.c_int32),
+        ("num_experts", ctypes.c_int32),
+        ("top_k", ctypes.c_int32),
+        ("norm_topk_prob", ctypes.c_int32),
+        ("moe_intermediate_size", ctypes.c_int32),
+        ("shared_intermediate_size", ctypes.c_int32),
+        ("dtype", ctypes.c_int32),
+        ("path", ctypes.c_int32),
+        ("decode_max_tokens", ctypes.c_int32),
+        ("hidden", ctypes.c_void_p),
+        ("router_weight", ctypes.c_void_p),
+        ("gate_up_weight", ctypes.c_void_p),
+        ("down_weight", ctypes.c_void_p),
+        ("shared_gate_up_weight", ctypes.c_void_p),
+        ("shared_down_weight", ctypes.c_void_p),
+        ("shared_expert_gate_weight", ctypes.c_void_p),
+        ("output", ctypes.c_void_p),
+        ("workspace", ctypes.c_void_p),
+        ("workspace_size", ctypes.c_size_t),
+    ]
+
+
+class RotaryParams(ctypes.Structure):
+    _fields_ = [
+        ("batch", ctypes.c_int32),
+        ("seq_len", ctypes.c_int32),
+        ("num_heads", ctypes.c_int32),
+        ("num_kv_heads", ctypes.c_int32),
+        ("head_dim", ctypes.c_int32),
+        ("num_positions", ctypes.c_int32),
+        ("dtype", ctypes.c_int32),
+        ("query", ctypes.c_void_p),
+        ("key", ctypes.c_void_p),
+        ("cos", ctypes.c_void_p),
+        ("sin", ctypes.c_void_p),
+        ("position_ids", ctypes.c_void_p),
+        ("query_out", ctypes.c_void_p),
+        ("key_out", ctypes.c_void_p),
+    ]
+
+
+class KernelError(RuntimeError):
+    """A qmoe_* function returned an error status."""
+
+
+def nvcc_available() -> bool:
+    return shutil.which("nvcc") is not None or Path("/usr/local/cuda/bin/nvcc").exists()
+
+
+def _stale(lib: Path) -> bool:
+    if not lib.exists():
+        return True
+    built = lib.stat().st_mtime
+    sources = [p for p in KERNELS_DIR.iterdir() if p.suffix in {".cu", ".cuh", ".h", ".txt", ".map"}]
+    return any(p.stat().st_mtime > built for p in sources)
+
+
+def build(*extra: str) -> Path:
+    """Builds libqmoe_kernels.so with scripts/build_plugins.sh when missing or older than its sources."""
+    if _stale(LIB_PATH) or extra:
+        proc = subprocess.run(
+            [str(ROOT / "scripts" / "build_plugins.sh"), *extra], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0 or not LIB_PATH.exists():
+            raise RuntimeError(f"scripts/build_plugins.sh failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return LIB_PATH
+
+
+class Kernels:
+    """The C functions of one loaded library, with argument types declared."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        P = ctypes.POINTER
+        lib.qmoe_moe_workspace_size.argtypes = [P(MoeParams)]
+        lib.qmoe_moe_workspace_size.restype = ctypes.c_size_t
+        lib.qmoe_moe_check.argtypes = [P(MoeParams)]
+        lib.qmoe_moe_check.restype = ctypes.c_int32
+        lib.qmoe_moe_forward.argtypes = [P(MoeParams), ctypes.c_void_p]
+        lib.qmoe_moe_forward.restype = ctypes.c_int32
+        lib.qmoe_moe_route.argtypes = [P(MoeParams), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.qmoe_moe_route.restype = ctypes.c_int32
+        lib.qmoe_rotary_forward.argtypes = [P(RotaryParams), ctypes.c_void_p]
+        lib.qmoe_rotary_forward.restype = ctypes.c_int32
+        lib.qmoe_status_string.argtypes = [ctypes.c_int32]
+        lib.qmoe_status_string.restype = ctypes.c_char_p
+        lib.qmoe_kernels_abi_version.argtypes = []
+        lib.qmoe_kernels_abi_version.restype = ctypes.c_int32
+        self.lib = lib
+        abi = lib.qmoe_kernels_abi_version()
+        if abi != ABI_VERSION:
+            raise RuntimeError(f"{path}: ABI version {abi}, tests expect {ABI_VERSION}; rebuild it")
+
+    def status_string(self, status: int) -> str:
+        return self.lib.qmoe_status_string(status).decode()
+
+    def _raise(self, what: str, status: int) -> None:
+        if status != OK:
+            raise KernelError(f"{what}: {self.status_string(status)} (status {status})")
+
+    # --- torch-facing helpers (torch imported lazily: the build tests run without it) ---------
+
+    def moe_params(self, x: Any, weights: dict[str, Any], top_k: int, norm_topk_prob: bool, **kw: Any) -> MoeParams:
+        """Params for hidden x [T, H] and the weights of one block (keys as in the contract)."""
+        gate_up = weights["gate_up_weight"]
+        shared = weights.get("shared_gate_up_weight")
+        p = MoeParams()
+        p.num_tokens = x.shape[0]
+        p.hidden_size = x.shape[1]
+        p.num_experts = gate_up.shape[0]
+        p.top_k = top_k
+        p.norm_topk_prob = int(norm_topk_prob)
+        p.moe_intermediate_size = gate_up.shape[1] // 2
+        p.shared_intermediate_size = 0 if shared is None else shared.shape[0] // 2
+        p.dtype = torch_dtype_code(x.dtype)
+        p.path = kw.get("path", PATH_AUTO)
+        p.decode_max_tokens = kw.get("decode_max_tokens", 0)
+        p.hidden = x.data_ptr()
+        for name in ("router_weight", "gate_up_weight", "down_weight", "shared_gate_up_weight",
+                     "shared_down_weight", "shared_expert_gate_weight"):
+            t = weights.get(name)
+            setattr(p, name, None if t is None else t.data_ptr())
+        return p
+
+    def moe_forward(self, x: Any, weights: dict[str, Any], top_k: int, norm_topk_prob: bool, **kw: Any) -> Any:
+        """output [T, H] on x's device and current stream; workspace from torch's allocator."""
+        import torch
+
+        p = self.moe_params(x, weights, top_k, norm_topk_prob, **kw)
+        out = torch.empty_like(x)
+        ws = kw.get("workspace")
+        need = self.lib.qmoe_moe_workspace_size(ctypes.byref(p))
+        if ws is None or ws.numel() < need:
+            ws = torch.empty(need, dtype=torch.uint8, device=x.device)
+        p.output = out.data_ptr()
+        p.workspace = ws.data_ptr()
+        p.workspace_size = ws.numel()
+        self._raise("qmoe_moe_forward", self.lib.qmoe_moe_forward(ctypes.byref(p), _stream(x)))
+        return out
+
+    def workspace_size(self, x: Any, weights: dict[str, Any], top_k: int) -> int:
+        return int(self.lib.qmoe_moe_workspace_size(ctypes.byref(self.moe_params(x, weights, top_k, False))))
+
+    def moe_route(self, x: Any, weights: dict[str, Any], top_k: int, norm_topk_prob: bool) -> tuple[Any, Any, Any]:
+        """(topk_ids int32 [T, k], topk_weights fp32 [T, k], shared_gate fp32 [T])."""
+        import torch
+
+        p = self.moe_params(x, weights, top_k, norm_topk_prob)
+        T = x.shape[0]
+        ids = torch.empty(T, top_k, dtype=torch.int32, device=x.device)
+        w = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
+        sg = torch.empty(T, dtype=torch.float32, device=x.device)
+        status = self.lib.qmoe_moe_route(ctypes.byref(p), ids.data_ptr(), w.data_ptr(), sg.data_ptr(), _stream(x))
+        self._raise("qmoe_moe_route", status)
+        return ids, w, sg
+
+    def rotary(self, q: Any, k: Any, cos: Any, sin: Any, position_ids: Any, num_heads: int, num_kv_heads: int,
+               head_dim: int, out: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
+        """Rotated (query, key); q [B, S, Hq*D], k [B, S, Hkv*D], cos/sin fp32 [P, D/2], ids int64 [B, S]."""
+        import torch
+
+        q_out, k_out = out if out is not None else (torch.empty_like(q), torch.empty_like(k))
+        p = RotaryParams(q.shape[0], q.shape[1], num_heads, num_kv_heads, head_dim, cos.shape[0],
+                         torch_dtype_code(q.dtype), q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                         position_ids.data_ptr(), q_out.data_ptr(), k_out.data_ptr())
+        self._raise("qmoe_rotary_forward", self.lib.qmoe_rotary_forward(ctypes.byref(p), _stream(q)))
+        return q_out, k_out
+
+
+def torch_dtype_code(dtype: Any) -> int:
+    import torch
+
+    codes = {torch.float16: DTYPE_FP16, torch.bfloat16: DTYPE_BF16, torch.float32: DTYPE_FP32}
+    if dtype not in codes:
+        raise ValueError(f"qmoe kernels take float16, bfloat16 or float32 tensors, got {dtype}")
+    return codes[dtype]
+
+
+def _stream(t: Any) -> int:
+    import torch
+
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+@lru_cache(maxsize=1)
+def load(build_if_needed: bool = True) -> Kernels:
+    """The kernels library, built first if missing or stale (and nvcc exists)."""
+    if build_if_needed and nvcc_available():
+        build()
+    if not LIB_PATH.exists():
+        raise FileNotFoundError(f"{LIB_PATH} not built: run scripts/build_plugins.sh (needs nvcc and cmake)")
+    return Kernels(LIB_PATH)

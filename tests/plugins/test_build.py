@@ -1,0 +1,183 @@
+"""Builds the native libraries and checks them without a GPU.
+
+- libqmoe_kernels.so (needs nvcc + cmake): compiles warning-free for sm_80 and sm_90a, exports exactly
+  the C ABI of qmoe_kernels.h, its structs match the ctypes mirrors, and the launchers validate
+  arguments (error codes) before touching the GPU.
+- libqmoe_trt_plugins.so, once per TensorRT header set in third_party/tensorrt-*/include (fetched
+  from NVIDIA's TensorRT OSS repository; see plugins/README.md): compiles against those headers,
+  exports only getCreators, and tests/plugins/trt_smoke.cpp drives its creators and plugins through
+  TensorRT's interfaces, checked here against runtime/contract.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from runtime import contract
+from tests.plugins import kernels as K
+
+ROOT = K.ROOT
+HEADER = K.KERNELS_DIR / "qmoe_kernels.h"
+TRT_INCLUDES = sorted(p for p in (ROOT / "third_party").glob("tensorrt-*/include") if (p / "NvInfer.h").exists())
+CUDA_INCLUDE = Path("/usr/local/cuda/include")
+
+needs_toolchain = pytest.mark.skipif(
+    not (K.nvcc_available() and shutil.which("cmake") and shutil.which("nm")),
+    reason="needs nvcc, cmake and nm",
+)
+pytestmark = [needs_toolchain, pytest.mark.slow]
+
+
+def _build(build_dir: Path, *args: str) -> Path:
+    proc = subprocess.run([str(ROOT / "scripts" / "build_plugins.sh"), "--werror", "--build-dir", str(build_dir), *args],
+                          capture_output=True, text=True, check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert "warning" not in log.lower(), log[-6000:]
+    return build_dir / "lib"
+
+
+def _exported(lib: Path) -> set[str]:
+    out = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True).stdout
+    # Global text/data symbols only (lower-case letters are local; nm -D lists none of those).
+    return {line.split()[-1] for line in out.splitlines() if len(line.split()) == 3 and line.split()[1].isupper()}
+
+
+@pytest.fixture(scope="module")
+def kernels_lib() -> Path:
+    return _build(ROOT / "build" / "plugins-test") / "libqmoe_kernels.so"
+
+
+@pytest.fixture(scope="module", params=TRT_INCLUDES, ids=lambda p: p.parent.name)
+def trt_build(request: pytest.FixtureRequest) -> tuple[Path, Path]:
+    include: Path = request.param
+    lib = _build(ROOT / "build" / f"plugins-test-{include.parent.name}", "--trt-include", str(include))
+    return lib / "libqmoe_trt_plugins.so", include
+
+
+def test_kernels_export_exactly_the_c_abi(kernels_lib: Path) -> None:
+    declared = set(re.findall(r"^\w[\w\s\*]*?\b(qmoe_\w+)\(", HEADER.read_text(), flags=re.M))
+    assert "qmoe_moe_forward" in declared and "qmoe_rotary_forward" in declared
+    assert _exported(kernels_lib) == declared
+
+
+def _c_layout(struct: str, fields: list[str]) -> list[int]:
+    """sizeof and offsetof of a qmoe_kernels.h struct, from the C compiler."""
+    src = "#include <stddef.h>\n#include <stdio.h>\n#include \"qmoe_kernels.h\"\nint main(void) {\n"
+    src += f'printf("%zu\\n", sizeof({struct}));\n'
+    src += "".join(f'printf("%zu\\n", offsetof({struct}, {f}));\n' for f in fields)
+    src += "return 0; }\n"
+    exe = ROOT / "build" / "plugins-test" / f"layout_{struct}"
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    c = exe.with_suffix(".c")
+    c.write_text(src)
+    subprocess.run(["gcc", "-std=c11", "-Wall", "-Werror", f"-I{K.KERNELS_DIR}", f"-I{CUDA_INCLUDE}", str(c), "-o",
+                    str(exe)], check=True, capture_output=True)
+    return [int(v) for v in subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()]
+
+
+@pytest.mark.skipif(not (shutil.which("gcc") and (CUDA_INCLUDE / "cuda_runtime_api.h").exists()),
+                    reason="needs gcc and the CUDA headers")
+@pytest.mark.parametrize("struct, mirror", [("qmoe_moe_params", K.MoeParams), ("qmoe_rotary_params", K.RotaryParams)])
+def test_ctypes_structs_match_the_header(struct: str, mirror: type[ctypes.Structure]) -> None:
+    names = [name for name, _ in mirror._fields_]
+    size, *offsets = _c_layout(struct, names)
+    assert size == ctypes.sizeof(mirror)
+    assert offsets == [getattr(mirror, n).offset for n in names]
+
+
+def _params(**kw: int) -> K.MoeParams:
+    p = K.MoeParams(num_tokens=5, hidden_size=64, num_experts=8, top_k=2, norm_topk_prob=0, moe_intermediate_size=32,
+                    shared_intermediate_size=48, dtype=K.DTYPE_BF16)
+    for ptr in ("hidden", "router_weight", "gate_up_weight", "down_weight", "shared_gate_up_weight",
+                "shared_down_weight", "shared_expert_gate_weight", "output"):
+        setattr(p, ptr, 0x10000)  # never dereferenced: every case below fails or returns before a launch
+    p.workspace = 0x20000
+    for k, v in kw.items():
+        setattr(p, k, v)
+    return p
+
+
+def test_launchers_validate_before_touching_the_gpu(kernels_lib: Path) -> None:
+    lib = K.Kernels(kernels_lib)
+    size = lib.lib.qmoe_moe_workspace_size
+    check = lib.lib.qmoe_moe_check
+
+    def status(**kw: int) -> int:
+        p = _params(**kw)
+        if "workspace_size" not in kw:
+            p.workspace_size = size(ctypes.byref(p))
+        return check(ctypes.byref(p))
+
+    assert status() == K.OK
+    assert status(hidden_size=60) == K.ERR_BAD_SHAPE  # not a multiple of 8
+    assert status(moe_intermediate_size=36) == K.ERR_BAD_SHAPE
+    assert status(top_k=9) == K.ERR_BAD_SHAPE  # > num_experts
+    assert status(num_experts=257, top_k=2) == K.ERR_BAD_SHAPE
+    assert status(dtype=K.DTYPE_FP32) == K.ERR_BAD_DTYPE
+    assert status(path=3) == K.ERR_BAD_SHAPE
+    assert status(gate_up_weight=0) == K.ERR_NULL_POINTER
+    assert status(down_weight=0x10008) == K.ERR_MISALIGNED
+    assert status(workspace=0x20080) == K.ERR_MISALIGNED  # workspace needs 256 bytes
+    assert status(workspace_size=100) == K.ERR_WORKSPACE
+    # No shared expert: its pointers are not needed.
+    assert status(shared_intermediate_size=0, shared_gate_up_weight=0, shared_down_weight=0,
+                  shared_expert_gate_weight=0) == K.OK
+    assert status(shared_expert_gate_weight=0) == K.ERR_NULL_POINTER
+    # Zero tokens: nothing to do, nothing launched (this machine may have no GPU at all).
+    p = _params(num_tokens=0, output=0)
+    assert lib.lib.qmoe_moe_forward(ctypes.byref(p), None) == K.OK
+    rp = K.RotaryParams(0, 4, 4, 2, 8, 16, K.DTYPE_FP16)
+    assert lib.lib.qmoe_rotary_forward(ctypes.byref(rp), None) == K.OK
+    rp = K.RotaryParams(1, 4, 2, 4, 8, 16, K.DTYPE_FP16)  # more kv heads than heads
+    assert lib.lib.qmoe_rotary_forward(ctypes.byref(rp), None) == K.ERR_BAD_SHAPE
+
+    # Workspace grows with the token count and covers the two large per-row buffers.
+    sizes = [size(ctypes.byref(_params(num_tokens=t))) for t in (1, 64, 4096)]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+    T, H, k, I, Is = 4096, 64, 2, 32, 48
+    assert sizes[-1] >= 2 * (T * k * I + T * Is) + 2 * (T * k + T) * H
+    assert lib.status_string(K.ERR_WORKSPACE).startswith("workspace")
+
+
+@pytest.mark.skipif(not TRT_INCLUDES, reason="no third_party/tensorrt-*/include (see plugins/README.md)")
+def test_trt_plugin_library_exports_only_get_creators(trt_build: tuple[Path, Path]) -> None:
+    lib, _ = trt_build
+    assert _exported(lib) == {"getCreators"}
+
+
+def _field_type_code(include: Path, name: str) -> int:
+    text = (include / "NvInferPluginBase.h").read_text()
+    m = re.search(rf"\b{name}\s*=\s*(\d+)", text)
+    assert m, f"{name} not in {include}"
+    return int(m.group(1))
+
+
+@pytest.mark.skipif(not TRT_INCLUDES, reason="no third_party/tensorrt-*/include (see plugins/README.md)")
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_trt_creators_follow_the_contract(trt_build: tuple[Path, Path]) -> None:
+    lib, include = trt_build
+    exe = lib.parent / "trt_smoke"
+    subprocess.run(["g++", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", "-isystem",
+                    str(include), "-isystem", str(CUDA_INCLUDE), str(Path(__file__).with_name("trt_smoke.cpp")),
+                    "-o", str(exe), "-ldl"], check=True, capture_output=True)
+    proc = subprocess.run([str(exe), str(lib)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    creators = {c["name"]: c for c in map(json.loads, proc.stdout.splitlines())}
+    assert set(creators) == {spec.name for spec in contract.PLUGINS}
+    int32 = _field_type_code(include, "kINT32")
+    for spec in contract.PLUGINS:
+        c = creators[spec.name]
+        assert c["version"] == spec.version
+        assert c["namespace"] == contract.PLUGIN_NAMESPACE
+        assert c["interface"] == "PLUGIN CREATOR_V3ONE"
+        assert c["fields"] == [f.name for f in spec.fields]
+        assert c["field_types"] == [int32] * len(spec.fields)
+    assert creators[contract.ROUTED_EXPERTS.name]["workspace"] > 0
