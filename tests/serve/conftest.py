@@ -1,0 +1,75 @@
+"""A live `qmoe serve` app on the tiny artifact: uvicorn in a background thread on a free port."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def serve_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint exported for ONNX Runtime (built once per session)."""
+    from exporter.export import export
+    from exporter.tiny import tiny_config, write_checkpoint
+
+    root = tmp_path_factory.mktemp("serve_tiny")
+    checkpoint = write_checkpoint(root / "ck", tiny_config())
+    return Path(export(checkpoint, root / "art"))
+
+
+@pytest.fixture(scope="session")
+def embedded(serve_artifact: Path):
+    """The reference: the same artifact run in-process through the embedded API."""
+    import runtime
+
+    return runtime.load(serve_artifact)
+
+
+@dataclass
+class LiveServer:
+    url: str
+    app: object
+    thread: threading.Thread
+
+
+MODEL = "tiny-moe"
+
+
+@pytest.fixture(scope="module")
+def server(serve_artifact: Path) -> Iterator[LiveServer]:
+    import uvicorn
+
+    import runtime
+    from runtime.serve import create_app, generation_defaults
+
+    app = create_app(runtime.load(serve_artifact), MODEL, generation_defaults(serve_artifact))
+    # Bind first and hand uvicorn the socket: the port is ours, no race with other processes.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    yield LiveServer(f"http://127.0.0.1:{port}", app, thread)
+    uv.should_exit = True
+    thread.join(15)
+    sock.close()
+    assert not thread.is_alive(), "uvicorn did not stop"
+    assert not any(t.name == "qmoe-engine-worker" for t in threading.enumerate()), "the engine worker outlived the server"
+
+
+@pytest.fixture
+def client(server: LiveServer):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)

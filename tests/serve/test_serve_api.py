@@ -1,0 +1,217 @@
+"""The OpenAI API of `qmoe serve`, driven by the official openai client against a live server.
+
+The reference for every output is the embedded runtime (a separate engine in this process) run on
+the same artifact: greedy text must match exactly, seeded sampling too.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from runtime.engine import GenerationResult
+from runtime.sampling import SamplingParams
+
+from .conftest import MODEL
+
+N = 12  # new tokens per request: small keeps the file fast on 2 cores
+HELLO = [{"role": "user", "content": "Hello! What is a mixture of experts?"}]
+
+
+def reference(embedded, ids: list[int], **sampling) -> GenerationResult:
+    result = GenerationResult(list(ids))
+    result.text = "".join(embedded.stream_text(ids, SamplingParams(**sampling), result=result))
+    return result
+
+
+def post(url: str, body: bytes | dict, method: str = "POST", timeout: float = 30) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data if method == "POST" else None, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_models_lists_the_served_name(client) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
+def test_chat_matches_embedded_greedy(client, embedded) -> None:
+    # No temperature given: the tiny artifact's generation_config says do_sample=false, so greedy.
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=N)
+    expected = embedded.chat(HELLO, SamplingParams(max_new_tokens=N))
+    assert expected and r.choices[0].message.content == expected
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == "length"
+    prompt = len(embedded.tokenizer.encode_chat(HELLO))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (prompt, N, prompt + N)
+    assert r.object == "chat.completion" and r.model == MODEL and r.id.startswith("chatcmpl-")
+
+
+def test_chat_stream_matches_embedded_greedy(client, embedded) -> None:
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=N, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len([d for d in content if d]) > 1, "the reply should arrive in several deltas"
+    assert "".join(content) == embedded.chat(HELLO, SamplingParams(max_new_tokens=N))
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == N
+    assert all(c.usage is None for c in chunks[:-1]) and len({c.id for c in chunks}) == 1
+    without_usage = list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, stream=True))
+    assert all(c.usage is None and c.choices for c in without_usage)
+
+
+def test_completions_match_embedded_greedy(client, embedded) -> None:
+    prompt = "The experts of a sparse model"
+    expected = embedded.complete(prompt, SamplingParams(max_new_tokens=N))
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=N, temperature=0)
+    assert r.choices[0].text == expected and r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(embedded.tokenizer.encode(prompt)) and r.usage.completion_tokens == N
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=N, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+    by_ids = client.completions.create(model=MODEL, prompt=embedded.tokenizer.encode(prompt), max_tokens=N)
+    assert by_ids.choices[0].text == expected
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_end_the_reply(client, embedded, stream: bool) -> None:
+    full = embedded.chat(HELLO, SamplingParams(max_new_tokens=N))
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    expected = full[: full.index(stop)]
+    kw = dict(model=MODEL, messages=HELLO, max_tokens=N, stop=["never-appears", stop])
+    if stream:
+        chunks = list(client.chat.completions.create(**kw, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        reason = chunks[-1].choices[0].finish_reason
+    else:
+        r = client.chat.completions.create(**kw)
+        text, reason = r.choices[0].message.content, r.choices[0].finish_reason
+    assert (text, reason) == (expected, "stop")
+
+
+def test_seeded_sampling_matches_embedded(client, embedded) -> None:
+    sampling = dict(temperature=0.9, top_p=0.95, seed=1234)
+    ids = embedded.tokenizer.encode_chat(HELLO)
+    expected = reference(embedded, ids, max_new_tokens=N, top_k=40, **sampling).text
+    assert expected != reference(embedded, ids, max_new_tokens=N).text, "pick a seed whose draw is not greedy"
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_completion_tokens=N, **sampling,
+                                       extra_body={"top_k": 40})  # vLLM's extension
+    assert r.choices[0].message.content == expected
+    assert r.usage.completion_tokens == N  # max_completion_tokens is honoured like max_tokens
+
+
+def test_sixteen_concurrent_streams_each_match_embedded(client, embedded) -> None:
+    words = "apple river stone cloud tiger piano rocket garden winter copper violet harbor meadow lantern falcon desert"
+    # (The random tiny model mostly answers the chat template's tail; these 16 prompts give 16 replies.)
+    conversations = [[{"role": "user", "content": f"{w} {w} {w}"}] for w in words.split()]
+    got: dict[int, tuple[str, set[str], str | None]] = {}
+    barrier = threading.Barrier(16)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        chunks = list(client.chat.completions.create(model=MODEL, messages=conversations[i], max_tokens=8,
+                                                     stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        got[i] = (text, {c.id for c in chunks}, chunks[-1].choices[0].finish_reason)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(got) == list(range(16))
+    expected = [embedded.chat(c, SamplingParams(max_new_tokens=8)) for c in conversations]
+    assert len(set(expected)) == 16, "the prompts should give distinct replies"
+    for i in range(16):
+        text, ids, reason = got[i]
+        assert text == expected[i], f"client {i}"
+        assert len(ids) == 1 and reason == "length"
+
+
+GOOD = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
+BAD_REQUESTS = [
+    ("invalid JSON", "/v1/chat/completions", b'{"model": ', 400, None, None),
+    ("not an object", "/v1/chat/completions", b"[1, 2]", 400, None, None),
+    ("unknown model", "/v1/chat/completions", {**GOOD, "model": "gpt-4o"}, 404, "model", "model_not_found"),
+    ("missing messages", "/v1/chat/completions", {"model": MODEL}, 400, "messages", None),
+    ("messages not a list", "/v1/chat/completions", {**GOOD, "messages": "hi"}, 400, "messages", None),
+    ("unknown role", "/v1/chat/completions", {**GOOD, "messages": [{"role": "bot", "content": "x"}]}, 400,
+     "messages", None),
+    ("max_tokens not an int", "/v1/chat/completions", {**GOOD, "max_tokens": "ten"}, 400, "max_tokens", None),
+    ("max_tokens zero", "/v1/chat/completions", {**GOOD, "max_tokens": 0}, 400, "max_tokens", None),
+    ("too many tokens", "/v1/chat/completions", {**GOOD, "max_tokens": 10**6}, 400, "max_tokens",
+     "context_length_exceeded"),
+    ("negative temperature", "/v1/chat/completions", {**GOOD, "temperature": -1}, 400, "temperature", None),
+    ("top_p over 1", "/v1/chat/completions", {**GOOD, "top_p": 2}, 400, "top_p", None),
+    ("seed not an int", "/v1/chat/completions", {**GOOD, "seed": "x"}, 400, "seed", None),
+    ("stop not strings", "/v1/chat/completions", {**GOOD, "stop": [1]}, 400, "stop", None),
+    ("stream not a bool", "/v1/chat/completions", {**GOOD, "stream": "yes"}, 400, "stream", None),
+    ("n > 1", "/v1/chat/completions", {**GOOD, "n": 2}, 400, "n", None),
+    ("missing prompt", "/v1/completions", {"model": MODEL}, 400, "prompt", None),
+    ("token id out of range", "/v1/completions", {"model": MODEL, "prompt": [10**7]}, 400, "prompt", None),
+    ("unknown path", "/v1/engines", {}, 404, None, "not_found"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param, code", [b[1:] for b in BAD_REQUESTS],
+                         ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_request_gets_an_openai_error_and_the_server_keeps_serving(server, path, body, status, param,
+                                                                       code) -> None:
+    got_status, got = post(server.url + path, body)
+    assert got_status == status
+    assert set(got) == {"error"} and set(got["error"]) == {"message", "type", "param", "code"}
+    assert got["error"]["message"] and "\n" not in got["error"]["message"]
+    assert (got["error"]["param"], got["error"]["code"]) == (param, code)
+    assert post(server.url + "/v1/chat/completions", GOOD)[0] == 200
+
+
+def test_openai_client_raises_on_errors(client) -> None:
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=MODEL, messages=HELLO, temperature=-0.5)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=HELLO)
+
+
+def test_wrong_method_gets_an_openai_error(server) -> None:
+    status, got = post(server.url + "/v1/chat/completions", b"", method="GET")
+    assert status == 405 and got["error"]["type"] == "invalid_request_error"
+
+
+def _bounded_followup(client, embedded, seconds: float) -> None:
+    t0 = time.monotonic()
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, timeout=seconds)
+    assert time.monotonic() - t0 < seconds
+    assert r.choices[0].message.content == embedded.chat(HELLO, SamplingParams(max_new_tokens=4))
+
+
+def test_client_leaving_a_stream_cancels_its_generation(client, embedded) -> None:
+    # 20000 tokens would keep the engine busy for a minute here; the follow-up must not wait for them.
+    stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=20000, stream=True)
+    for n, _ in enumerate(stream):
+        if n == 2:
+            break
+    stream.close()
+    _bounded_followup(client, embedded, 5.0)
+
+
+def test_client_leaving_a_whole_response_cancels_its_generation(server, client, embedded) -> None:
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 20000}
+    with pytest.raises((TimeoutError, socket.timeout, urllib.error.URLError)):
+        post(server.url + "/v1/chat/completions", body, timeout=0.5)
+    _bounded_followup(client, embedded, 5.0)

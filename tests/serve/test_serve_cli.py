@@ -1,0 +1,58 @@
+"""`qmoe serve` as a user runs it: a subprocess on a free port, stopped with Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+
+from runtime.sampling import SamplingParams
+
+QMOE = [sys.executable, "-m", "runtime.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_missing_artifact_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    r = subprocess.run([*QMOE, "serve", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "qmoe export" in r.stderr
+
+
+def test_serve_answers_then_stops_on_ctrl_c(serve_artifact: Path, embedded) -> None:
+    port = free_port()
+    proc = subprocess.Popen([*QMOE, "serve", str(serve_artifact), "--port", str(port), "--served-model-name", "moe"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                    assert json.loads(r.read()) == {"status": "ok"}
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "qmoe serve did not come up"
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+        assert [m.id for m in client.models.list().data] == ["moe"]
+        messages = [{"role": "user", "content": "hi"}]
+        reply = client.chat.completions.create(model="moe", messages=messages, max_tokens=6)
+        assert reply.choices[0].message.content == embedded.chat(messages, SamplingParams(max_new_tokens=6))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert f"127.0.0.1:{port}" in out and "Traceback" not in out
