@@ -98,7 +98,6 @@ class Checkpoint:
                 if name not in infos:
                     raise CheckpointError(f"{shard}: tensor {name} listed in {INDEX_NAME} is missing from this shard")
                 self.tensors[name] = infos[name]
-        self._handles: dict[Path, object] = {}
         self.fused_experts = any(n.endswith("mlp.experts.gate_up_proj") for n in self.tensors)
         self.validate()
 
@@ -134,17 +133,25 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir}: tensor {name} not found in the checkpoint") from None
 
     def tensor(self, name: str) -> "torch.Tensor":
-        """Loads one tensor (memory-mapped; only its own bytes are read)."""
+        """Loads one tensor. The shard is memory-mapped only for this call: mapped pages count
+        as resident memory while the map lives, so keeping maps open would grow RSS to the
+        checkpoint size during an export."""
         from safetensors import safe_open
 
         info = self.info(name)
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-        return handle.get_tensor(name)  # type: ignore[attr-defined]
+        with safe_open(str(info.file), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def rows(self, name: str, start: int, stop: int) -> "torch.Tensor":
+        """Rows [start, stop) of a tensor (first dimension), reading only those bytes."""
+        from safetensors import safe_open
+
+        info = self.info(name)
+        with safe_open(str(info.file), framework="pt") as f:
+            return f.get_slice(name)[start:stop]
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between calls; kept for symmetry with other readers."""
 
     # --- the Qwen2-MoE layout -------------------------------------------------------------
 

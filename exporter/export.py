@@ -138,8 +138,9 @@ def _name_nodes(model_ir) -> None:
     seen: dict[str, int] = {}
     for node in model_ir.graph:
         scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-        parts = [p for p in ast.literal_eval(scopes) if p] if scopes else []
-        path = parts[-1].replace(".", "/") if parts else ""  # scopes are cumulative module paths
+        # name_scopes: cumulative module paths, then the fx node's own name (dropped)
+        parts = [p for p in ast.literal_eval(scopes)[:-1] if p and not p.startswith("_")] if scopes else []
+        path = parts[-1].replace(".", "/") if parts else ""
         base = f"/{path}/{node.op_type}" if path else f"/{node.op_type}"
         n = seen.get(base, 0)
         seen[base] = n + 1

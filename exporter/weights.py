@@ -33,18 +33,11 @@ def direct_source(ckpt: Checkpoint, name: str) -> TensorInfo | None:
 
 
 def _row_blocks(ckpt: Checkpoint, name: str) -> Iterator[torch.Tensor]:
-    from safetensors import safe_open
-
     info = ckpt.info(name)
     row_bytes = max(1, info.nbytes // max(1, info.shape[0]))
     step = max(1, PIECE_BYTES // row_bytes)
-    if info.shape[0] <= step:
-        yield ckpt.tensor(name)
-        return
-    with safe_open(str(info.file), framework="pt") as f:
-        sl = f.get_slice(name)
-        for r in range(0, info.shape[0], step):
-            yield sl[r : r + step]
+    for r in range(0, info.shape[0], step):
+        yield ckpt.rows(name, r, r + step)
 
 
 def pieces(ckpt: Checkpoint, name: str, interleaved: bool) -> Iterator[torch.Tensor]:

@@ -1,0 +1,120 @@
+"""Export memory benchmark: peak RSS of `qmoe export` on a random >= 2 GB checkpoint.
+
+Prints, measured in this run: checkpoint bytes; qmoe export wall time and peak RSS (a child
+process each, so peaks do not mix) vs the time to read the checkpoint once; and the transformers
+route (load the model, then torch.onnx.export) on the same checkpoint. Finally loads the
+artifact (> 2 GB of external data) in ONNX Runtime and runs one step.
+
+    .venv/bin/python scripts/bench_export.py [--workdir DIR] [--keep]
+Target: peak RSS <= 1.5 GB whatever the checkpoint size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# ~2.2 GB fp32: real vocabulary, 4 layers, 32 experts of 1024x512, head_dim 128
+CONFIG = dict(hidden_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+              num_experts=32, num_experts_per_tok=4, moe_intermediate_size=512, shared_expert_intermediate_size=1024,
+              intermediate_size=2048)
+
+CHILD_QMOE = """
+import resource, sys, time, json
+from exporter.export import export
+t = time.perf_counter()
+export(sys.argv[1], sys.argv[2])
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+CHILD_HF = """
+import resource, sys, time, json, torch, transformers
+t = time.perf_counter()
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+loaded = time.perf_counter() - t
+status = "ok"
+try:
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    torch.onnx.export(model, (ids,), sys.argv[2] + "/hf.onnx", dynamo=True, external_data=True)
+except Exception as e:  # record why the transformers route fails, as the result
+    status = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+print(json.dumps({"seconds": time.perf_counter() - t, "load_seconds": loaded, "status": status,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def child(code: str, *args: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"child failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def read_once(folder: Path) -> float:
+    t = time.perf_counter()
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="qmoe-bench-export-"))
+    sys.path.insert(0, str(ROOT))
+    from exporter.tiny import tiny_config, write_checkpoint
+
+    ck, art = work / "ck", work / "art"
+    try:
+        if not (ck / "config.json").exists():
+            write_checkpoint(ck, tiny_config(**CONFIG), shard_bytes=512 << 20, tokenizer=True)
+        size = sum(f.stat().st_size for f in ck.glob("*.safetensors"))
+        read_s = read_once(ck)
+        shutil.rmtree(art, ignore_errors=True)
+        q = child(CHILD_QMOE, str(ck), str(art))
+        data = sum(f.stat().st_size for f in art.iterdir())
+        print(f"checkpoint: {size / 1e9:.2f} GB in {len(list(ck.glob('*.safetensors')))} shards; read once: {read_s:.1f} s")
+        print(f"qmoe export: {q['seconds']:.1f} s ({q['seconds'] / read_s:.1f}x one read), peak RSS "
+              f"{q['peak_rss'] / 1e9:.2f} GB = {q['peak_rss'] / size:.2f}x checkpoint; artifact {data / 1e9:.2f} GB")
+
+        import numpy as np
+
+        import runtime
+        from runtime.sampling import SamplingParams
+
+        t = time.perf_counter()
+        engine = runtime.load(art)
+        r = engine.generate([[9707, 11, 1879]], SamplingParams(max_new_tokens=2, ignore_eos=True), output_logits=True)[0]
+        assert np.isfinite(r.logits[0]).all()
+        print(f"ONNX Runtime loads the {data / 1e9:.2f} GB artifact and generates: {time.perf_counter() - t:.1f} s")
+        if not args.skip_transformers:
+            hf_dir = work / "hf"
+            hf_dir.mkdir(exist_ok=True)
+            h = child(CHILD_HF, str(ck), str(hf_dir))
+            print(f"transformers load + torch.onnx.export: {h['seconds']:.1f} s (load {h['load_seconds']:.1f} s), "
+                  f"peak RSS {h['peak_rss'] / 1e9:.2f} GB = {h['peak_rss'] / size:.2f}x checkpoint; export: {h['status']}")
+            print(f"ratio peak RSS qmoe / transformers route: {q['peak_rss'] / h['peak_rss']:.2f}")
+        ok = q["peak_rss"] <= 1.5e9
+        print(f"target peak RSS <= 1.5 GB: {'met' if ok else 'MISSED'}")
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

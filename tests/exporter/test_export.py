@@ -1,0 +1,127 @@
+"""`qmoe export` as users run it: dtypes, linked weights, and every bad input (one line, exit 1,
+nothing left behind)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+import runtime
+from exporter.export import export
+from runtime.sampling import SamplingParams
+
+QMOE = [sys.executable, "-m", "runtime.cli"]
+PROMPTS = [[9707, 11, 1879, 0, 220, 108386], [151644, 872, 198]]
+
+
+def qmoe(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    return subprocess.run([*QMOE, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def first_logits(art):
+    r = runtime.load(art).generate(PROMPTS, SamplingParams(max_new_tokens=1), output_logits=True)
+    return np.stack([x.logits[0] for x in r])
+
+
+def test_artifact_layout_and_manifest(tiny_artifact, tiny_checkpoint):
+    names = {p.name for p in tiny_artifact.iterdir()}
+    assert {"model.onnx", "model.onnx.data", "qmoe.json", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"} <= names
+    m = json.loads((tiny_artifact / "qmoe.json").read_text())
+    assert m["target"] == "onnxruntime" and m["format_version"] == "1.0" and m["kv_layout"] == "BNSH-shared-buffer"
+    assert m["source_checkpoint"] == str(tiny_checkpoint.absolute())
+    model = onnx.load(str(tiny_artifact / "model.onnx"), load_external_data=False)
+    assert model.ir_version == 10
+    big = [i for i in model.graph.initializer if np.prod(i.dims) > 1024]
+    assert big and all(i.data_location == onnx.TensorProto.EXTERNAL for i in big)
+    assert any(n.name == "/model/layers/0/self_attn/q_proj/Gemm" for n in model.graph.node)
+    assert os.path.getsize(tiny_artifact / "model.onnx") < 1 << 20
+
+
+def test_link_weights_shares_checkpoint_bytes(tiny_checkpoint, tiny_artifact, tmp_path):
+    art = export(tiny_checkpoint, tmp_path / "linked", link_weights=True)
+    shards = sorted(p.name for p in tiny_checkpoint.glob("*.safetensors"))
+    for name in shards:
+        assert os.path.samefile(art / name, tiny_checkpoint / name)  # hard links, no copy
+    # only the repacked experts were written
+    assert (art / "model.onnx.data").stat().st_size < (tiny_artifact / "model.onnx.data").stat().st_size / 10
+    assert np.array_equal(first_logits(art), first_logits(tiny_artifact))
+
+
+@pytest.mark.parametrize("dtype, atol", [("float16", 5e-2), ("bfloat16", 1e-1)])
+def test_reduced_precision_artifacts(tiny_checkpoint, tiny_artifact, tmp_path, dtype, atol):
+    """fp16 computes in fp16 (GQA, MoE, Gemm on CPU); bf16 stores bf16 weights and computes in fp32.
+    Tolerance vs the fp32 artifact: |delta| <= atol on logits of unit scale."""
+    art = export(tiny_checkpoint, tmp_path / dtype, dtype=dtype)
+    got, ref = first_logits(art), first_logits(tiny_artifact)
+    assert np.abs(got - ref).max() <= atol
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_cli_export_and_run(tiny_checkpoint, tmp_path):
+    out = tmp_path / "art"
+    r = qmoe("export", tiny_checkpoint, "-o", out)
+    assert r.returncode == 0, r.stderr
+    r = qmoe("run", out, "--prompt", "你好", "-n", "5", "--raw")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "unsupported", "exists", "target", "dtype", "unwritable",
+                                  "head_dim"])
+def test_cli_export_errors(case, tiny_checkpoint, tmp_path):
+    ck, out = tiny_checkpoint, tmp_path / "out"
+    extra = []
+    if case == "missing":
+        ck, msg = tmp_path / "nope", "no such checkpoint folder"
+    elif case in ("corrupt", "unsupported", "head_dim"):
+        ck = tmp_path / "ck"
+        shutil.copytree(tiny_checkpoint, ck)
+        cfg = json.loads((ck / "config.json").read_text())
+        if case == "corrupt":
+            shard = next(ck.glob("*.safetensors"))
+            shard.write_bytes(shard.read_bytes()[:1000])
+            msg = "truncated"
+        elif case == "unsupported":
+            cfg["model_type"] = "mixtral"
+            msg = "model_type is 'mixtral'; qmoe supports only 'qwen2_moe'"
+        else:
+            from exporter.tiny import tiny_config, write_checkpoint
+
+            shutil.rmtree(ck)
+            write_checkpoint(ck, tiny_config(num_attention_heads=8, num_key_value_heads=2), tokenizer=False)
+            cfg = json.loads((ck / "config.json").read_text())
+            msg = "head_dim 8 is not a multiple of 16"
+        (ck / "config.json").write_text(json.dumps(cfg))
+    elif case == "exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        msg = "already exists (use --force to replace it)"
+    elif case == "target":
+        extra, msg = ["--target", "openvino"], "Invalid value for '--target'"
+    elif case == "dtype":
+        extra, msg = ["--dtype", "int4"], "Invalid value for '--dtype'"
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        out, msg = ro / "sub" / "out", "cannot write there"
+        if os.geteuid() == 0:
+            pytest.skip("root can write anywhere")
+    r = qmoe("export", ck, "-o", out, *extra)
+    assert r.returncode != 0
+    assert msg in r.stderr, r.stderr
+    if case not in ("target", "dtype"):
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    if case == "exists":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    else:
+        assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".out")]  # no temp folder left
