@@ -30,7 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Generator, Mapping, cast
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -43,7 +43,7 @@ from .engine import Engine, GenerationResult
 from .errors import QmoeError
 from .sampling import SamplingError, SamplingParams
 from .tokenizer import ChatMessageError, ChatTemplateError
-from .yarn import ContextLengthError, context_limit
+from .yarn import context_limit
 
 log = logging.getLogger("qmoe.serve")
 
@@ -71,9 +71,8 @@ class APIError(QmoeError):
 def _server_error(e: BaseException) -> APIError:
     if isinstance(e, APIError):
         return e
+    # Requests are validated before they are queued: anything else is the server's fault.
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if isinstance(e, QmoeError) and isinstance(e, ValueError):
-        return APIError(message)
     return APIError(message, status=500, type="server_error")
 
 
@@ -210,14 +209,18 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def emit(self, item: str | Finished | BaseException) -> None:
-        """From the worker thread: hand one event to the request's event loop."""
+        """From any thread: hand one event to the request's event loop."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             self.cancelled.set()
 
+    def fail(self, error: BaseException) -> None:
+        self.cancelled.set()
+        self.emit(error)
+
     async def results(self) -> AsyncIterator[str | Finished]:
-        """The deltas, then Finished; raises the worker's error. Leaving early cancels the job."""
+        """The deltas, then Finished; raises the first error. Leaving early cancels the job."""
         try:
             while True:
                 item = await self.events.get()
@@ -230,6 +233,10 @@ class Job:
             self.cancelled.set()
 
 
+def _shutting_down() -> APIError:
+    return APIError("the server is shutting down", status=503, type="server_error")
+
+
 class EngineWorker:
     """The one thread that runs generations, in the order they were submitted."""
 
@@ -237,15 +244,18 @@ class EngineWorker:
         self.engine = engine
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="qmoe-engine-worker", daemon=True)
+        self._lock = threading.Lock()  # orders taking a job against shutting down
         self._closed = False
         self._current: Job | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._thread.start()
 
     def check_open(self) -> None:
         if self._closed:
-            raise APIError("the server is shutting down", status=503, type="server_error")
+            raise _shutting_down()
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams) -> Job:
         self.check_open()
@@ -253,38 +263,51 @@ class EngineWorker:
         self._jobs.put(job)
         return job
 
+    def shutdown(self) -> None:
+        """Refuse new jobs and end the running and queued ones with a 503, so their responses
+        finish now instead of holding the server's shutdown."""
+        with self._lock:
+            self._closed = True
+            ending = [self._current]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    ending.append(self._jobs.get_nowait())
+        for job in ending:
+            if job is not None:
+                job.fail(_shutting_down())
+
+    def shutdown_soon(self) -> None:
+        """shutdown() from a signal handler: run on the event loop, never inside the handler."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.shutdown)
+
     def close(self, timeout: float = 10.0) -> None:
-        """Cancel the running and queued jobs and stop the thread."""
-        self._closed = True
-        if self._current is not None:
-            self._current.cancelled.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                job = self._jobs.get_nowait()
-                if job is not None:
-                    job.cancelled.set()
-                    job.emit(APIError("the server is shutting down", status=503, type="server_error"))
+        self.shutdown()
         self._jobs.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            if job.cancelled.is_set():  # its client left while it waited
-                continue
-            self._current = job
+            with self._lock:
+                if self._closed:
+                    job.fail(_shutting_down())
+                    continue
+                if job.cancelled.is_set():  # its client left while it waited
+                    continue
+                self._current = job
             try:
                 job.emit(self._generate(job))
             except Exception as e:  # noqa: BLE001  (reported to that request; the worker keeps serving)
-                if not isinstance(e, QmoeError):
-                    log.exception("generation failed")
+                log.exception("generation failed")
                 job.emit(e)
             finally:
-                self._current = None
+                with self._lock:
+                    self._current = None
 
     def _generate(self, job: Job) -> Finished:
         result = GenerationResult(list(job.prompt_ids))
-        deltas = self.engine.stream_text(job.prompt_ids, job.sampling, result=result)
+        deltas = cast(Generator[str, None, None], self.engine.stream_text(job.prompt_ids, job.sampling, result=result))
         try:
             for delta in deltas:
                 if job.cancelled.is_set():
@@ -481,6 +504,17 @@ def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, serve
     defaults = generation_defaults(artifact)
     name = served_model_name or Path(artifact).resolve().name
     app = create_app(engine, name, defaults)
-    logging.getLogger("uvicorn.error").info("serving %s as %r, sampling defaults %s", artifact, name, defaults)
-    # A stream still running after the grace period is cancelled, which cancels its generation.
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    worker = app.state.service.worker
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            worker.shutdown_soon()  # running streams end now (503 in-band) instead of at the timeout
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
+    logging.getLogger("uvicorn.error").info("serving %s as %r; sampling defaults %s", artifact, name, defaults)
+    # Ctrl-C ends a graceful shutdown as with `uvicorn.run`; a failed bind exits, said in one line below.
+    with contextlib.suppress(KeyboardInterrupt, SystemExit):
+        server.run()
+    if not server.started:
+        raise QmoeError(f"could not serve on {host}:{port} (see the log above)")

@@ -65,7 +65,8 @@ def server(serve_artifact: Path) -> Iterator[LiveServer]:
     thread.join(15)
     sock.close()
     assert not thread.is_alive(), "uvicorn did not stop"
-    assert not any(t.name == "qmoe-engine-worker" for t in threading.enumerate()), "the engine worker outlived the server"
+    workers = [t for t in threading.enumerate() if t.name == "qmoe-engine-worker"]
+    assert not workers, "the engine worker outlived the server"
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 import openai
 import pytest
@@ -22,7 +23,7 @@ from runtime.sampling import SamplingParams
 from .conftest import MODEL
 
 N = 12  # new tokens per request: small keeps the file fast on 2 cores
-HELLO = [{"role": "user", "content": "Hello! What is a mixture of experts?"}]
+HELLO: Any = [{"role": "user", "content": "Hello! What is a mixture of experts?"}]
 
 
 def reference(embedded, ids: list[int], **sampling) -> GenerationResult:
@@ -144,8 +145,8 @@ def test_sixteen_concurrent_streams_each_match_embedded(client, embedded) -> Non
         assert len(ids) == 1 and reason == "length"
 
 
-GOOD = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
-BAD_REQUESTS = [
+GOOD: dict[str, Any] = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
+BAD_REQUESTS: list[tuple[str, str, Any, int, str | None, str | None]] = [
     ("invalid JSON", "/v1/chat/completions", b'{"model": ', 400, None, None),
     ("not an object", "/v1/chat/completions", b"[1, 2]", 400, None, None),
     ("unknown model", "/v1/chat/completions", {**GOOD, "model": "gpt-4o"}, 404, "model", "model_not_found"),

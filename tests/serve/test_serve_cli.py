@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import openai
 
@@ -30,7 +31,7 @@ def test_missing_artifact_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "qmoe export" in r.stderr
 
 
-def test_serve_answers_then_stops_on_ctrl_c(serve_artifact: Path, embedded) -> None:
+def test_serve_answers_then_ctrl_c_ends_streams_and_exits(serve_artifact: Path, embedded) -> None:
     port = free_port()
     proc = subprocess.Popen([*QMOE, "serve", str(serve_artifact), "--port", str(port), "--served-model-name", "moe"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -48,11 +49,20 @@ def test_serve_answers_then_stops_on_ctrl_c(serve_artifact: Path, embedded) -> N
                 time.sleep(0.1)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
         assert [m.id for m in client.models.list().data] == ["moe"]
-        messages = [{"role": "user", "content": "hi"}]
+        messages: Any = [{"role": "user", "content": "hi"}]
         reply = client.chat.completions.create(model="moe", messages=messages, max_tokens=6)
         assert reply.choices[0].message.content == embedded.chat(messages, SamplingParams(max_new_tokens=6))
+
+        # A stream that would run for a minute: Ctrl-C ends it at once, in-band, and the server exits.
+        body = json.dumps({"prompt": "hi", "max_tokens": 20000, "stream": True}).encode()
+        stream = urllib.request.urlopen(urllib.request.Request(f"{url}/v1/completions", data=body), timeout=30)
+        assert stream.readline().startswith(b"data: ")
+        t0 = time.monotonic()
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
+    rest = stream.read().decode()
+    assert time.monotonic() - t0 < 5
+    assert '"the server is shutting down"' in rest and rest.endswith("data: [DONE]\n\n")
     assert proc.returncode == 0, out
-    assert f"127.0.0.1:{port}" in out and "Traceback" not in out
+    assert f"127.0.0.1:{port}" in out and "Traceback" not in out and "ERROR" not in out
