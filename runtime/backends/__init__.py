@@ -24,10 +24,9 @@ def open_backend(artifact: Path, manifest: Manifest, name: str = "auto", device:
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
     if name == "tensorrt" or (name == "auto" and manifest.target == "tensorrt"):
-        raise BackendError(
-            f"{artifact}: TensorRT engines are not supported by this build of qmoe yet; "
-            "export with --target onnxruntime"
-        )
+        from ..trt.backend import TensorRTBackend
+
+        return TensorRTBackend(artifact, manifest, device=device)
     from .onnxrt import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(artifact, manifest, device=device)
