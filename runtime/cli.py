@@ -122,6 +122,56 @@ def export(checkpoint_dir: str, output_dir: str, target: str, dtype: str, link_w
 
 @main.command()
 @click.argument("artifact", type=click.Path())
+@click.option("--plugin-lib", type=click.Path(dir_okay=False), default=None,
+              help="libqmoe_trt_plugins.so (scripts/build_plugins.sh); default: $QMOE_TRT_PLUGIN_LIB.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-context", type=click.IntRange(min=2), default=None,
+              help="Longest prompt + new tokens; default: min(4096, the model's limit).")
+@click.option("--opt-batch", type=click.IntRange(min=1), default=None, help="Batch to tune for; default: --max-batch.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
+              help="Timing cache reused and updated across builds; default: ARTIFACT/timing.cache.")
+@click.option("--workspace-gb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="TensorRT workspace limit; default: TensorRT's.")
+@click.option("--weak-typing", is_flag=True,
+              help="TensorRT 10.x: let TensorRT pick precisions (FP16/BF16 flag) instead of the graph's types.")
+def build(artifact: str, plugin_lib: str | None, max_batch: int, max_context: int | None, opt_batch: int | None,
+          timing_cache: str | None, workspace_gb: float | None, weak_typing: bool) -> None:
+    """Build ARTIFACT/model.engine with TensorRT from an artifact exported with --target tensorrt."""
+    from .trt.build import BuildOptions, build as build_engine
+
+    options = BuildOptions(plugin_lib, max_batch, max_context, opt_batch, timing_cache, workspace_gb, weak_typing)
+    path = build_engine(artifact, options, progress=lambda msg: click.echo(msg, err=True))
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path())
+@click.option("--backends", default=None,
+              help="Comma-separated, from onnxruntime,tensorrt; default: every available one the artifacts are for.")
+@click.option("--reference", type=click.Path(file_okay=False), default=None,
+              help="Checkpoint folder: compare with transformers (needs torch, transformers).")
+@click.option("--prompts", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--atol", type=float, default=None,
+              help="Max |delta| of logits; default by dtype: float32 1e-3, float16 5e-2, bfloat16 0.25.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def check(artifacts: tuple[str, ...], backends: str | None, reference: str | None, prompts: int,
+          max_new_tokens: int, atol: float | None, device: str) -> None:
+    """Compare logits, top-1 and greedy tokens of ARTIFACTS across backends and with transformers."""
+    from .check import check as run_check
+
+    names = [b.strip() for b in backends.split(",") if b.strip()] if backends else None
+    report = run_check(artifacts, names, reference, prompts, max_new_tokens, atol, device,
+                       progress=lambda msg: click.echo(msg, err=True))
+    click.echo(report.table())
+    if not report.ok:
+        failed = ", ".join(f"{c.run} vs {c.baseline}" for c in report.comparisons if not c.ok)
+        click.echo(f"error: check failed: {failed}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
 @click.option("--prompt", "-p", required=True, help="Prompt text.")
 @click.option("--chat/--raw", "as_chat", default=True, show_default=True,
               help="Wrap the prompt in the chat template (default) or complete it as raw text.")

@@ -1,0 +1,271 @@
+"""`qmoe check`: the same prompts through each backend (and transformers, given the checkpoint);
+per-step logits, top-1 and greedy tokens compared against a baseline, with tolerances by dtype.
+
+    [prompts: fixed texts, tokenised] -> [each artifact on its backend: greedy, ignore_eos, logits
+        of every generated step] -> [baseline: transformers over prompt + that run's own tokens
+        (teacher forcing: every step has the same context), else the first run]
+        -> [compare] -> [table] -> [failed: exit 1]
+
+Between two runs (no reference) contexts stay equal only up to the first differing token, so
+steps after it are not compared. torch and transformers are imported only for --reference.
+Polygraphy's comparators run one inference per input dict; this check needs the runtime's own
+decode loop (KV cache across steps), which is what it verifies, so it drives the engine instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import manifest as mf
+from .errors import QmoeError
+
+PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Hello, world! 你好",
+    "Mixture-of-experts models route each token to a few experts, so",
+    "1, 1, 2, 3, 5, 8, 13,",
+    "Once upon a time, in a small village by the sea, there lived",
+    "Translate to German: The weather is nice today.",
+    "SELECT name FROM users WHERE",
+)
+BACKEND_OF_TARGET = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
+REFERENCE = "transformers"
+
+
+class CheckError(QmoeError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float  # on logits, max |Δ| over compared steps
+    min_top1: float  # fraction of compared steps whose argmax agrees
+    greedy: bool  # every row's greedy tokens identical
+
+    def describe(self) -> str:
+        greedy = ", greedy tokens identical" if self.greedy else ""
+        return f"max|Δ| <= {self.atol:g}, top-1 >= {self.min_top1:.0%}{greedy}"
+
+
+# fp32: both sides compute the same math in fp32; differences are summation order (~1e-6 on the
+# tiny model, ~1e-4 on 57B-sized logits). fp16/bf16: per-layer rounding compounds; near-ties in
+# the logits flip argmax, so greedy sequences may legitimately diverge and are reported, not required.
+TOLERANCES = {
+    "float32": Tolerance(atol=1e-3, min_top1=1.0, greedy=True),
+    "float16": Tolerance(atol=5e-2, min_top1=0.97, greedy=False),
+    "bfloat16": Tolerance(atol=2.5e-1, min_top1=0.93, greedy=False),
+}
+_PRECISION = ("float32", "float16", "bfloat16")  # increasing looseness
+
+
+def tolerance_for(*dtypes: str, atol: float | None = None) -> Tolerance:
+    """The looser tolerance of the dtypes compared; --atol replaces its logits bound only."""
+    dtype = max(dtypes, key=_PRECISION.index)
+    t = TOLERANCES[dtype]
+    return t if atol is None else Tolerance(atol, t.min_top1, t.greedy)
+
+
+@dataclass
+class Run:
+    label: str
+    dtype: str  # compute dtype
+    tokens: list[list[int]]  # per prompt, generated ids
+    logits: list[np.ndarray]  # per prompt, [steps, V] float32
+
+
+@dataclass(frozen=True)
+class Comparison:
+    run: str
+    baseline: str
+    steps: int  # compared steps, all rows
+    max_abs: float
+    top1: float
+    greedy_rows: int
+    rows: int
+    tolerance: Tolerance
+    failures: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def compare(run: Run, baseline: Run, tolerance: Tolerance, teacher_forced: bool) -> Comparison:
+    """`baseline` row logits were computed on the run's own tokens when `teacher_forced`; else
+    both generated freely and only steps up to the first differing token share a context."""
+    steps, max_abs, agree, greedy = 0, 0.0, 0, 0
+    for toks, lg, btoks, blg in zip(run.tokens, run.logits, baseline.tokens, baseline.logits):
+        if teacher_forced:
+            n = len(toks)
+            same = n == 0 or bool((blg[:n].argmax(-1) == np.asarray(toks)).all())
+        else:
+            prefix = next((i for i, (a, b) in enumerate(zip(toks, btoks)) if a != b), min(len(toks), len(btoks)))
+            n = min(prefix + 1, len(toks), len(btoks))
+            same = list(toks) == list(btoks)
+        if n:
+            a, b = np.asarray(lg[:n], np.float64), np.asarray(blg[:n], np.float64)
+            max_abs = max(max_abs, float(np.nanmax(np.abs(a - b))) if np.isfinite(a).all() else float("inf"))
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        steps += n
+        greedy += same
+    rows = len(run.tokens)
+    top1 = agree / steps if steps else 1.0
+    fails = []
+    if not max_abs <= tolerance.atol:
+        fails.append(f"max|Δ| {max_abs:.3g} > {tolerance.atol:g}")
+    if top1 < tolerance.min_top1:
+        fails.append(f"top-1 {top1:.1%} < {tolerance.min_top1:.0%}")
+    if tolerance.greedy and greedy < rows:
+        fails.append(f"greedy tokens differ in {rows - greedy}/{rows} rows")
+    return Comparison(run.label, baseline.label, steps, max_abs, top1, greedy, rows, tolerance, tuple(fails))
+
+
+@dataclass
+class Report:
+    prompt_lengths: list[int]
+    max_new_tokens: int
+    comparisons: list[Comparison] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.comparisons)
+
+    def table(self) -> str:
+        lo, hi = min(self.prompt_lengths), max(self.prompt_lengths)
+        head = [f"{len(self.prompt_lengths)} prompts ({lo}-{hi} tokens), {self.max_new_tokens} greedy steps each"]
+        head += [f"skipped {s}" for s in self.skipped]
+        cols = ("run", "baseline", "steps", "max|Δ logits|", "top-1", "greedy rows", "result")
+        rows = [cols] + [(c.run, c.baseline, str(c.steps), f"{c.max_abs:.3g}", f"{c.top1:.1%}",
+                          f"{c.greedy_rows}/{c.rows}", "ok" if c.ok else "FAIL: " + "; ".join(c.failures))
+                         for c in self.comparisons]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(cols) - 1)]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+        tol = sorted({c.tolerance.describe() for c in self.comparisons})
+        return "\n".join(head + lines + [f"tolerance: {t}" for t in tol])
+
+
+# --- running -----------------------------------------------------------------------------------
+
+def backend_available(name: str) -> str | None:
+    """None when `name` can run here, else why not (one line)."""
+    if name == "tensorrt":
+        from .trt import INSTALL_HINT, available
+
+        return None if available() else f"TensorRT or cuda-python is not installed ({INSTALL_HINT})"
+    return None
+
+
+def plan_runs(artifacts: Sequence[Path], backends: Sequence[str] | None) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(artifact, backend) pairs to run and the skipped ones with reasons. An artifact runs on the
+    backend of its export target; a backend named in `backends` must run, or it is an error."""
+    manifests = [(Path(a), mf.read(a)) for a in artifacts]
+    for b in backends or ():
+        if b not in BACKEND_OF_TARGET.values():
+            raise CheckError(f"unknown backend {b!r}; choose from: {', '.join(BACKEND_OF_TARGET.values())}")
+        if not any(BACKEND_OF_TARGET[m.target] == b for _, m in manifests):
+            raise CheckError(f"backend {b}: none of the artifacts was exported for it "
+                             f"(`qmoe export ... --target {b}`)")
+        reason = backend_available(b)
+        if reason:
+            raise CheckError(f"backend {b} is not available: {reason}")
+    runs, skipped = [], []
+    for path, m in manifests:
+        b = BACKEND_OF_TARGET[m.target]
+        if backends and b not in backends:
+            continue
+        reason = backend_available(b)
+        if reason:
+            skipped.append(f"{b} ({path.name}): {reason}")
+        else:
+            runs.append((path, b))
+    return runs, skipped
+
+
+def prompt_ids(tokenizer_dir: Path, n: int, vocab_size: int) -> list[list[int]]:
+    from .tokenizer import Tokenizer
+
+    if n < 1:
+        raise CheckError(f"--prompts must be >= 1, got {n}")
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    texts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(n)]
+    ids = [tok.encode(t) for t in texts]
+    if any(t >= vocab_size for x in ids for t in x):
+        raise CheckError(f"{tokenizer_dir}: tokenizer ids exceed the model's vocab_size {vocab_size}")
+    return ids
+
+
+def generate(artifact: Path, backend: str, prompts: list[list[int]], max_new_tokens: int, device: str) -> Run:
+    from .engine import load
+    from .sampling import SamplingParams
+
+    engine = load(artifact, backend=backend, device=device)
+    rope = "static" if engine.config.rope_scaling is not None else "none"  # what transformers does
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True),
+                              rope_mode=rope, output_logits=True)
+    return Run(f"{backend} ({artifact.name})", engine.manifest.compute_dtype, [r.tokens for r in results],
+               [np.stack(r.logits) if r.logits else np.zeros((0, engine.config.vocab_size), np.float32)
+                for r in results])
+
+
+def transformers_logits(checkpoint: Path) -> Callable[[list[int], list[int]], np.ndarray]:
+    """f(prompt, tokens) -> [len(tokens), V]: row t predicts tokens[t] from prompt + tokens[:t],
+    from one full-sequence forward of transformers' model in fp32 (no cache involved)."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise CheckError(f"--reference needs torch and transformers ({e.name} missing): "
+                         "pip install 'qmoe[export,test]'") from None
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+
+    def logits(prompt: list[int], tokens: list[int]) -> np.ndarray:
+        if not tokens:
+            return np.zeros((0, model.config.vocab_size), np.float32)
+        ids = torch.tensor([prompt + tokens[:-1]])
+        with torch.no_grad():
+            out = model(input_ids=ids).logits[0, len(prompt) - 1:]  # [T, V]
+        return out.float().numpy()
+
+    return logits
+
+
+def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None, reference: str | Path | None = None,
+          prompts: int = 4, max_new_tokens: int = 16, atol: float | None = None, device: str = "auto",
+          progress: Callable[[str], None] | None = None) -> Report:
+    say = progress or (lambda _m: None)
+    if not artifacts:
+        raise CheckError("give at least one artifact folder")
+    if max_new_tokens < 1:
+        raise CheckError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    plan, skipped = plan_runs([Path(a) for a in artifacts], backends)
+    if len(plan) + (reference is not None) < 2:
+        what = "; ".join(skipped) if skipped else "one run and no --reference"
+        raise CheckError(f"nothing to compare ({what}); give --reference CHECKPOINT_DIR or another artifact")
+    first = mf.read(plan[0][0]) if plan else mf.read(artifacts[0])
+    ids = prompt_ids(plan[0][0] if plan else Path(artifacts[0]), prompts, first.config.vocab_size)
+    runs = []
+    for path, b in plan:
+        say(f"running {b} on {path}")
+        runs.append(generate(path, b, ids, max_new_tokens, device))
+    report = Report([len(x) for x in ids], max_new_tokens, skipped=skipped)
+    if reference is not None:
+        say(f"running transformers on {reference}")
+        ref = transformers_logits(Path(reference))
+        for run in runs:
+            base = Run(REFERENCE, "float32", [list(t) for t in run.tokens],
+                       [ref(p, t) for p, t in zip(ids, run.tokens)])
+            if base.logits and base.logits[0].shape[-1] != run.logits[0].shape[-1]:
+                raise CheckError(f"{reference}: vocab size {base.logits[0].shape[-1]} differs from the artifact's "
+                                 f"{run.logits[0].shape[-1]}")
+            report.comparisons.append(compare(run, base, tolerance_for(run.dtype, atol=atol), teacher_forced=True))
+    else:
+        for run in runs[1:]:
+            report.comparisons.append(compare(run, runs[0], tolerance_for(run.dtype, runs[0].dtype, atol=atol),
+                                              teacher_forced=False))
+    return report
