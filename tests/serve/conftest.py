@@ -1,4 +1,5 @@
-"""A live `qmoe serve` app on the tiny artifact: uvicorn in a background thread on a free port."""
+"""A live `qmoe serve` app on the tiny artifact (tests/conftest.py's tiny_artifact): uvicorn in a
+background thread on a free port."""
 
 from __future__ import annotations
 
@@ -13,22 +14,11 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def serve_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint exported for ONNX Runtime (built once per session)."""
-    from exporter.export import export
-    from exporter.tiny import tiny_config, write_checkpoint
-
-    root = tmp_path_factory.mktemp("serve_tiny")
-    checkpoint = write_checkpoint(root / "ck", tiny_config())
-    return Path(export(checkpoint, root / "art"))
-
-
-@pytest.fixture(scope="session")
-def embedded(serve_artifact: Path):
+def embedded(tiny_artifact: Path):
     """The reference: the same artifact run in-process through the embedded API."""
     import runtime
 
-    return runtime.load(serve_artifact)
+    return runtime.load(tiny_artifact)
 
 
 @dataclass
@@ -42,13 +32,13 @@ MODEL = "tiny-moe"
 
 
 @pytest.fixture(scope="module")
-def server(serve_artifact: Path) -> Iterator[LiveServer]:
+def server(tiny_artifact: Path) -> Iterator[LiveServer]:
     import uvicorn
 
     import runtime
     from runtime.serve import create_app, generation_defaults
 
-    app = create_app(runtime.load(serve_artifact), MODEL, generation_defaults(serve_artifact))
+    app = create_app(runtime.load(tiny_artifact), MODEL, generation_defaults(tiny_artifact))
     # Bind first and hand uvicorn the socket: the port is ours, no race with other processes.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))

@@ -31,9 +31,9 @@ def test_missing_artifact_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "qmoe export" in r.stderr
 
 
-def test_serve_answers_then_ctrl_c_ends_streams_and_exits(serve_artifact: Path, embedded) -> None:
+def test_serve_answers_then_ctrl_c_ends_streams_and_exits(tiny_artifact: Path, embedded) -> None:
     port = free_port()
-    proc = subprocess.Popen([*QMOE, "serve", str(serve_artifact), "--port", str(port), "--served-model-name", "moe"],
+    proc = subprocess.Popen([*QMOE, "serve", str(tiny_artifact), "--port", str(port), "--served-model-name", "moe"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
