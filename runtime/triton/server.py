@@ -81,14 +81,16 @@ def server_env(server: WheelServer, python_bin: str | Path | None = None,
 
 
 def server_args(server: WheelServer, repo: str | Path, backends: str | Path, address: str = "127.0.0.1",
-                http_port: int = 8000, grpc_port: int = 8001, metrics: bool = False) -> list[str]:
+                http_port: int = 8000, grpc_port: int = 8001, metrics: bool = False,
+                shm_prefix: str | None = None) -> list[str]:
     """tritonserver's command line. The python backend's /dev/shm regions get a prefix unique to
     this start (as pytriton does), so leftovers can be traced to a server."""
+    shm_prefix = shm_prefix or f"qmoe{os.getpid()}-{secrets.token_hex(4)}"
     args = [
         str(server.binary),
         f"--model-repository={Path(repo).resolve()}",
         f"--backend-directory={Path(backends).resolve()}",
-        f"--backend-config=python,shm-region-prefix-name=qmoe{os.getpid()}-{secrets.token_hex(4)}",
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
         f"--http-address={address}", f"--http-port={http_port}",
         f"--grpc-address={address}", f"--grpc-port={grpc_port}",
         f"--allow-metrics={'true' if metrics else 'false'}",

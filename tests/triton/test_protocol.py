@@ -1,0 +1,81 @@
+"""The request contract (runtime/triton/protocol.py) against the engine's own tokenizer and limits."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from runtime.errors import QmoeError
+from runtime.sampling import SamplingParams
+from runtime.triton import protocol
+from runtime.triton.protocol import parse_request
+from runtime.yarn import context_limit
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+
+
+def request(**inputs):
+    return {name: [value if isinstance(value, bytes) else value.encode()] for name, value in inputs.items()}
+
+
+def test_prompt_is_tokenized_like_complete(embedded):
+    req = parse_request(request(prompt="Hello world", parameters=json.dumps(
+        {"max_tokens": 5, "temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 3, "stop": ["\n"],
+         "repetition_penalty": 1.1})), embedded)
+    assert list(req.prompt_ids) == embedded.tokenizer.encode("Hello world")
+    assert req.sampling == SamplingParams(max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=40, seed=3,
+                                          stop=("\n",), repetition_penalty=1.1)
+
+
+def test_messages_use_the_chat_template(embedded):
+    req = parse_request(request(messages=json.dumps(MESSAGES)), embedded)
+    assert list(req.prompt_ids) == embedded.tokenizer.encode_chat(MESSAGES, add_generation_prompt=True)
+
+
+def test_default_max_tokens_fits_the_context(embedded):
+    limit = context_limit(embedded.config, embedded.rope_mode)
+    assert parse_request(request(prompt="Hello"), embedded).sampling.max_new_tokens == protocol.DEFAULT_MAX_TOKENS
+    assert parse_request(request(prompt="Hello"), embedded, default_max_tokens=7).sampling.max_new_tokens == 7
+    near_full = "hello " * (limit - 3)  # "hello" tokens: one per word after the first
+    req = parse_request(request(prompt=near_full), embedded)
+    assert len(req.prompt_ids) + req.sampling.max_new_tokens == limit
+
+
+@pytest.mark.parametrize("inputs, message", [
+    (request(prompt="hi", parameters="{bad"), "input 'parameters' is not valid JSON"),
+    (request(prompt="hi", parameters="[1]"), "parameters must be a JSON object"),
+    (request(prompt="hi", parameters='{"foo": 1}'), "unknown parameter 'foo'"),
+    (request(prompt="hi", parameters='{"stop_token_ids": [1]}'), "unknown parameter 'stop_token_ids'"),
+    (request(prompt="hi", parameters='{"temperature": -1}'), "temperature must be >= 0"),
+    (request(prompt="hi", parameters='{"top_p": 0}'), "top_p must be in (0, 1]"),
+    (request(prompt="hi", parameters='{"top_k": 1.5}'), "top_k"),
+    (request(prompt="hi", parameters='{"seed": -2}'), "seed"),
+    (request(prompt="hi", parameters='{"stop": 5}'), "stop must be a string or a list of strings"),
+    (request(prompt="hi", parameters='{"max_tokens": 0}'), "max_tokens must be an integer >= 1"),
+    (request(prompt="hi", parameters='{"max_tokens": true}'), "max_tokens must be an integer >= 1"),
+    (request(prompt="hi", parameters='{"max_tokens": 40000}'), "over the limit"),
+    (request(prompt="hi " * 33000), "over the limit"),
+    (request(prompt=""), "the prompt is empty"),
+    (request(prompt=b"\xff"), "input 'prompt' is not valid UTF-8"),
+    (request(), "send exactly one of the inputs 'prompt'"),
+    (request(prompt="hi", messages=json.dumps(MESSAGES)), "send exactly one of the inputs 'prompt'"),
+    (request(messages="{}"), "messages must be a non-empty list"),
+    (request(messages='[{"role": "robot", "content": "x"}]'), "messages[0].role is 'robot'"),
+    (request(messages="nope"), "input 'messages' is not valid JSON"),
+    (request(prompt="hi", extra="x"), "unknown input 'extra'"),
+    ({"prompt": [b"a", b"b"]}, "input 'prompt' must hold exactly one string, got 2 elements"),
+])
+def test_bad_requests_name_the_problem(embedded, inputs, message):
+    with pytest.raises(QmoeError) as e:
+        parse_request(inputs, embedded)
+    assert isinstance(e.value, ValueError)  # the backend answers these as INVALID_ARG
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_parameters_are_sampling_fields():
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    assert set(protocol.PARAMETERS) - {"max_tokens"} <= fields
+    names = [t.name for t in protocol.INPUTS + protocol.OUTPUTS]
+    assert len(names) == len(set(names))
