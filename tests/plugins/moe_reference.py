@@ -37,11 +37,23 @@ E64_TOP8 = MoeShape(hidden=256, experts=64, top_k=8, inter=128, shared_inter=512
 ODD_SMALL = MoeShape(hidden=136, experts=8, top_k=2, inter=40, shared_inter=88)
 
 
+# Exact routing inputs: router/shared-gate weights on a 2^-9 grid below 0.5 and hidden states on a
+# 2^-3 grid below 8 have at most 8 significant bits (exact in bf16 and fp16), their products lie on a
+# 2^-12 grid, and any sum of up to 2^10 products stays below 2^24 grid steps: every fp32 dot product
+# is exact whatever the summation order, so the kernel and the reference round identical logits.
+_W_STEP, _W_MAX = 2.0**-9, 255 * 2.0**-9
+_X_STEP, _X_MAX = 2.0**-3, 63 * 2.0**-3
+
+
+def _quantize(t: torch.Tensor, step: float, max_abs: float) -> torch.Tensor:
+    return (t / step).round().clamp(-max_abs / step, max_abs / step) * step
+
+
 def make_weights(shape: MoeShape, dtype: torch.dtype, device: str, seed: int = 0,
-                 favoured: int | None = None) -> dict[str, torch.Tensor]:
+                 favoured: int | None = None, exact_router: bool = False) -> dict[str, torch.Tensor]:
     """Random weights with outputs of order 1. ``favoured``: only that many experts have a router row
     aligned with the hidden states' mean, so (with ``make_hidden(..., skew=True)``) most experts get
-    no tokens at all."""
+    no tokens at all. ``exact_router``: router and shared-gate weights on the exact grid above."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     H, E, I, Is = shape.hidden, shape.experts, shape.inter, shape.shared_inter
 
@@ -54,23 +66,30 @@ def make_weights(shape: MoeShape, dtype: torch.dtype, device: str, seed: int = 0
         bias = torch.zeros(E)
         bias[:favoured] = 4.0 + 0.5 * torch.arange(favoured, dtype=torch.float32)
         router = randn(E, H, scale=0.1 * H**-0.5) + bias[:, None] / H
+    shared_gate = randn(1, H, scale=H**-0.5)
+    if exact_router:
+        assert H <= 1024, "exact logits need H <= 2^10"
+        router, shared_gate = _quantize(router, _W_STEP, _W_MAX), _quantize(shared_gate, _W_STEP, _W_MAX)
     w = {
         "router_weight": router,
         "gate_up_weight": randn(E, 2 * I, H, scale=H**-0.5),
         "down_weight": randn(E, H, I, scale=I**-0.5),
         "shared_gate_up_weight": randn(2 * Is, H, scale=H**-0.5),
         "shared_down_weight": randn(H, Is, scale=Is**-0.5),
-        "shared_expert_gate_weight": randn(1, H, scale=H**-0.5),
+        "shared_expert_gate_weight": shared_gate,
     }
     return {k: v.to(dtype=dtype, device=device).contiguous() for k, v in w.items()}
 
 
 def make_hidden(tokens: int, hidden: int, dtype: torch.dtype, device: str, seed: int = 1,
-                skew: bool = False) -> torch.Tensor:
+                skew: bool = False, exact: bool = False) -> torch.Tensor:
+    """Standard normal hidden states (+1 with ``skew``); ``exact``: on the exact grid above."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(tokens, hidden, generator=g)
     if skew:
         x = x + 1.0  # a common component the favoured router rows pick up
+    if exact:
+        x = _quantize(x, _X_STEP, _X_MAX)
     return x.to(dtype=dtype, device=device).contiguous()
 
 

@@ -1,0 +1,222 @@
+"""libqmoe_kernels.so on a CUDA GPU against the torch references (moe_reference.py, checked against
+transformers on CPU by test_moe_reference.py). Builds the library with scripts/build_plugins.sh first.
+
+Tolerances. The kernels take bf16/fp16 inputs, accumulate in fp32 and round three times (SwiGLU
+activations, weighted expert outputs, final sum); the reference computes in float64 from the same
+inputs. Unit roundoff u: bf16 2^-8 = 3.9e-3, fp16 2^-11 = 4.9e-4. Allowed: relative RMS error
+2.5u (bf16 1e-2, fp16 1.2e-3) and max error 8u of the largest output (bf16 3e-2, fp16 4e-3).
+
+Routing is tested on inputs whose fp32 dot products are exact (moe_reference's exact grid), so the
+kernel and the reference round bit-identical logits and only exact ties (broken differently by
+torch.topk and the kernel) are left out; the experts are tested with the kernel's own routing.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tests.plugins import kernels as K  # noqa: E402
+from tests.plugins import moe_reference as ref  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+TOKENS = [1, 3, 64, 257, 4096]
+SHAPES = {"e64_top8": ref.E64_TOP8, "odd_small": ref.ODD_SMALL}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+PATHS = {"decode": K.PATH_DECODE, "prefill": K.PATH_PREFILL}
+
+
+@pytest.fixture(scope="module")
+def lib() -> K.Kernels:
+    return K.load()
+
+
+def _case(shape: ref.MoeShape, tokens: int, dtype: torch.dtype, skew: bool, shared: bool = True):
+    favoured = shape.top_k + 2 if skew else None
+    w = ref.make_weights(shape, dtype, "cuda", favoured=favoured)
+    if not shared:
+        w = {k: v for k, v in w.items() if not k.startswith("shared")}
+    x = ref.make_hidden(tokens, shape.hidden, dtype, "cuda", seed=tokens, skew=skew)
+    return w, x
+
+
+def _assert_close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    u = UNIT_ROUNDOFF[dtype]
+    diff = got.double() - expected
+    scale_rms = expected.pow(2).mean().sqrt().item()
+    scale_max = expected.abs().max().item()
+    assert scale_rms > 1e-2, f"{what}: reference output is ~0, the comparison would prove nothing"
+    rel_rms = diff.pow(2).mean().sqrt().item() / scale_rms
+    rel_max = diff.abs().max().item() / scale_max
+    assert torch.isfinite(got).all(), f"{what}: non-finite output"
+    assert rel_rms <= 2.5 * u and rel_max <= 8 * u, f"{what}: rel RMS {rel_rms:.2e}, rel max {rel_max:.2e} (u={u:.1e})"
+
+
+@pytest.mark.parametrize("skew", [False, True], ids=["uniform", "skewed"])
+@pytest.mark.parametrize("norm", [False, True], ids=["raw", "norm"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_routing(lib: K.Kernels, shape: ref.MoeShape, tokens: int, dtype: torch.dtype, norm: bool, skew: bool) -> None:
+    favoured = shape.top_k + 2 if skew else None
+    w = ref.make_weights(shape, dtype, "cuda", favoured=favoured, exact_router=True)
+    x = ref.make_hidden(tokens, shape.hidden, dtype, "cuda", seed=tokens, skew=skew, exact=True)
+    ids, weights, shared_gate = lib.moe_route(x, w, shape.top_k, norm)
+    r = ref.route(x, w, shape.top_k, norm)
+    clear = r.tie_gap > 0  # logits are identical in both: only exact ties at the k-th place are ambiguous
+    assert clear.float().mean().item() >= 0.9
+    assert (ids >= 0).all() and (ids < shape.experts).all()
+    assert all(len(set(row)) == shape.top_k for row in ids.tolist()), "an expert chosen twice"
+    if skew:
+        assert len(torch.unique(ids)) <= shape.top_k + 2, "skewed routing should hit only the favoured experts"
+
+    # Same expert sets; weights compared in expert-id order (order inside the top-k may differ on ties).
+    ours_ids, order = torch.sort(ids[clear].long(), dim=-1)
+    ref_ids, ref_order = torch.sort(r.ids[clear], dim=-1)
+    assert torch.equal(ours_ids, ref_ids)
+    ours_w = torch.gather(weights[clear], 1, order)
+    ref_w = torch.gather(r.weights[clear], 1, ref_order)
+    assert torch.allclose(ours_w, ref_w, rtol=1e-5, atol=1e-7)
+    if norm:
+        assert torch.allclose(weights.sum(-1), torch.ones_like(weights[:, 0]), atol=1e-5)
+    else:
+        assert (weights.sum(-1) < 1 + 1e-5).all()
+    assert (weights[:, :-1] >= weights[:, 1:]).all(), "top-k not in descending order"
+    assert torch.allclose(shared_gate, r.shared_gate, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("skew", [False, True], ids=["uniform", "skewed"])
+@pytest.mark.parametrize("norm", [False, True], ids=["raw", "norm"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_forward(lib: K.Kernels, shape: ref.MoeShape, tokens: int, dtype: torch.dtype, norm: bool, skew: bool,
+                 path: int) -> None:
+    w, x = _case(shape, tokens, dtype, skew)
+    out = lib.moe_forward(x, w, shape.top_k, norm, path=path)
+    # The forward pass runs the same router kernel: check the experts with exactly its routing.
+    ids, weights, shared_gate = lib.moe_route(x, w, shape.top_k, norm)
+    expected = ref.experts(x, w, ids, weights, shared_gate)
+    _assert_close(out, expected, dtype, f"T={tokens}")
+    again = lib.moe_forward(x, w, shape.top_k, norm, path=path)
+    assert torch.equal(out, again), "forward is not deterministic"
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 257])
+def test_paths_agree_and_auto(lib: K.Kernels, tokens: int) -> None:
+    shape, dtype = ref.E64_TOP8, torch.bfloat16
+    w, x = _case(shape, tokens, dtype, skew=False)
+    outs = {name: lib.moe_forward(x, w, shape.top_k, False, path=p) for name, p in PATHS.items()}
+    auto = lib.moe_forward(x, w, shape.top_k, False)
+    assert torch.equal(auto, outs["decode" if tokens <= 8 else "prefill"])
+    u = UNIT_ROUNDOFF[dtype]
+    diff = (outs["decode"].double() - outs["prefill"].double()).abs().max().item()
+    assert diff <= 8 * u * outs["prefill"].double().abs().max().item()
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("tokens", [3, 257])
+def test_without_shared_expert(lib: K.Kernels, tokens: int, path: int) -> None:
+    shape, dtype = ref.ODD_SMALL, torch.bfloat16
+    w, x = _case(shape, tokens, dtype, skew=False, shared=False)
+    out = lib.moe_forward(x, w, shape.top_k, True, path=path)
+    ids, weights, _ = lib.moe_route(x, w, shape.top_k, True)
+    _assert_close(out, ref.experts(x, w, ids, weights, None), dtype, "no shared expert")
+
+
+@pytest.mark.parametrize("tokens", [64, 257])
+@pytest.mark.parametrize("norm", [False, True], ids=["raw", "norm"])
+def test_forward_matches_transformers_block(lib: K.Kernels, tokens: int, norm: bool) -> None:
+    """End to end against transformers' module: in float32 on the same (bf16-valued) weights, we must
+    be no less accurate than transformers' own bf16 execution of the same block."""
+    pytest.importorskip("transformers")
+    shape, dtype = ref.E64_TOP8, torch.bfloat16
+    w = ref.make_weights(shape, dtype, "cuda", exact_router=True)
+    x = ref.make_hidden(tokens, shape.hidden, dtype, "cuda", seed=tokens, exact=True)
+    with torch.no_grad():
+        exact = ref.to_transformers_block(shape, {k: v.float() for k, v in w.items()}, norm)(x.float()[None])[0]
+        hf_bf16 = ref.to_transformers_block(shape, w, norm)(x[None])[0]
+    out = lib.moe_forward(x, w, shape.top_k, norm)
+    # transformers-fp32 routes on unrounded logits: leave out tokens whose k-th and (k+1)-th logits are
+    # within one bf16 ulp, where rounding may change the chosen set.
+    logits = torch.sort(x.double() @ w["router_weight"].double().T, dim=-1, descending=True).values
+    kth = logits[:, shape.top_k - 1]
+    ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(kth.abs().clamp_min(1e-6))))
+    clear = logits[:, shape.top_k - 1] - logits[:, shape.top_k] > ulp
+    assert clear.float().mean().item() >= 0.5
+
+    def rel_rms(got: torch.Tensor) -> float:
+        d = (got.double() - exact.double())[clear]
+        return d.pow(2).mean().sqrt().item() / exact.double()[clear].pow(2).mean().sqrt().item()
+
+    u = UNIT_ROUNDOFF[dtype]
+    ours, theirs = rel_rms(out), rel_rms(hf_bf16)
+    assert ours <= min(4 * u, 1.25 * theirs + 1e-3), f"ours {ours:.2e}, transformers bf16 {theirs:.2e}"
+
+
+def test_bad_arguments_raise(lib: K.Kernels) -> None:
+    shape = ref.ODD_SMALL
+    w, x = _case(shape, 4, torch.bfloat16, skew=False)
+    with pytest.raises(K.KernelError, match="dtype"):
+        lib.moe_forward(x.float(), w, shape.top_k, False)
+    misaligned = torch.empty(x.numel() + 1, dtype=x.dtype, device="cuda")[1:].view_as(x).copy_(x)
+    with pytest.raises(K.KernelError, match="aligned"):
+        lib.moe_forward(misaligned, w, shape.top_k, False)
+
+
+ROTARY_CASES = {
+    # Hq, Hkv, D: Qwen2-57B heads (16-byte vector path), an odd head size (scalar path for 16-bit types)
+    "qwen2_57b": (28, 4, 128),
+    "odd_head": (6, 2, 24),
+}
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("case", ROTARY_CASES.values(), ids=ROTARY_CASES.keys())
+@pytest.mark.parametrize("batch, seq", [(1, 1), (2, 37)])
+def test_rotary(lib: K.Kernels, case: tuple[int, int, int], dtype: torch.dtype, inplace: bool, batch: int,
+                seq: int) -> None:
+    from runtime.config import RopeScaling
+    from runtime.yarn import rope_tables, yarn_inv_freq_and_attention_factor
+
+    Hq, Hkv, D = case
+    P = 4096
+    # YaRN tables (attention factor != 1) from the runtime's numpy implementation.
+    inv_freq, factor = yarn_inv_freq_and_attention_factor(D, 1e6, RopeScaling(factor=2.0, original_max_position_embeddings=2048))
+    cos, sin = (torch.from_numpy(t).cuda() for t in rope_tables(inv_freq, factor, P))
+    g = torch.Generator().manual_seed(batch * 1000 + seq)
+    q = torch.randn(batch, seq, Hq * D, generator=g).to(dtype).cuda()
+    k = torch.randn(batch, seq, Hkv * D, generator=g).to(dtype).cuda()
+    pos = torch.randint(0, P, (batch, seq), generator=g).cuda()
+    expected_q = ref.rotary(q, cos, sin, pos, Hq, D)
+    expected_k = ref.rotary(k, cos, sin, pos, Hkv, D)
+    if inplace:
+        got_q, got_k = lib.rotary(q, k, cos, sin, pos, Hq, Hkv, D, out=(q, k))
+        assert got_q.data_ptr() == q.data_ptr()
+    else:
+        q0, k0 = q.clone(), k.clone()
+        got_q, got_k = lib.rotary(q, k, cos, sin, pos, Hq, Hkv, D)
+        assert torch.equal(q, q0) and torch.equal(k, k0), "inputs modified"
+    tol = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 1e-6}[dtype]
+    for got, exp in ((got_q, expected_q), (got_k, expected_k)):
+        assert ((got.double() - exp).abs() <= tol * exp.abs().clamp_min(1.0)).all()
+
+
+def test_rotary_misaligned_falls_back(lib: K.Kernels) -> None:
+    from runtime.yarn import default_inv_freq, rope_tables
+
+    Hq, Hkv, D, P = 4, 2, 128, 64
+    cos, sin = (torch.from_numpy(t).cuda() for t in rope_tables(default_inv_freq(D, 1e6), 1.0, P))
+    q = torch.randn(1 * 3 * Hq * D + 1, device="cuda", dtype=torch.float16)[1:].view(1, 3, Hq * D)
+    k = torch.randn(1, 3, Hkv * D, device="cuda", dtype=torch.float16)
+    pos = torch.tensor([[0, 5, 63]], device="cuda")
+    got_q, _ = lib.rotary(q, k, cos, sin, pos, Hq, Hkv, D)
+    assert torch.allclose(got_q.double(), ref.rotary(q, cos, sin, pos, Hq, D), atol=2e-3 * 4)
