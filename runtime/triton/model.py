@@ -21,6 +21,7 @@ import queue
 import sys
 import threading
 from pathlib import Path
+from typing import Generator, cast
 
 import numpy as np
 import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]  # exists inside the stub only
@@ -71,7 +72,7 @@ class TritonPythonModel:
             except Exception as e:  # noqa: BLE001  (a bad request must not take the model down)
                 send_error(sender, e)
                 continue
-            self.jobs.put((job, sender))
+            self.jobs.put((request.request_id(), job, sender))
         return None
 
     def serve(self) -> None:
@@ -79,25 +80,27 @@ class TritonPythonModel:
             item = self.jobs.get()
             if item is None:
                 return
-            job, sender = item
-            if self.closing.is_set():
-                send_error(sender, RuntimeError("the model is shutting down"), pb_utils.TritonError.UNAVAILABLE)
-                continue
+            request_id, job, sender = item
             try:
-                self.generate(job, sender)
+                self.generate(request_id, job, sender)
             except Exception as e:  # noqa: BLE001  (report it to this client, keep serving the others)
-                pb_utils.Logger.log_error(f"{self.name}: generation failed: {type(e).__name__}: {e}")
-                send_error(sender, e)
+                pb_utils.Logger.log_error(f"{self.name}: request {request_id!r} failed: {type(e).__name__}: {e}")
+                try:
+                    send_error(sender, e)
+                except Exception as e2:  # noqa: BLE001  (the request may be closed already; the worker must live)
+                    pb_utils.Logger.log_error(f"{self.name}: could not report it: {e2}")
 
-    def generate(self, job, sender) -> None:
+    def generate(self, request_id: str, job, sender) -> None:
         from runtime.engine import GenerationResult
 
         result = GenerationResult(list(job.prompt_ids))
-        deltas = self.engine.stream_text(list(job.prompt_ids), job.sampling, result=result)
+        if self.stopped(request_id, sender, result):  # cancelled while queued: skip the prefill too
+            return
+        deltas = cast(Generator[str, None, None], self.engine.stream_text(list(job.prompt_ids), job.sampling,
+                                                                         result=result))
         try:
             for delta in deltas:
-                if sender.is_cancelled() or self.closing.is_set():
-                    sender.send(flags=FINAL)  # the client is gone: no more responses
+                if self.stopped(request_id, sender, result):
                     return
                 sender.send(pb_utils.InferenceResponse(output_tensors=[string("text_delta", delta)]))
         finally:
@@ -108,6 +111,17 @@ class TritonPythonModel:
             int32("prompt_tokens", len(job.prompt_ids)),
             int32("completion_tokens", len(result.tokens)),
         ]), flags=FINAL)
+
+    def stopped(self, request_id: str, sender, result) -> bool:
+        """Ends the request early if its client cancelled it or the model is unloading."""
+        if sender.is_cancelled():
+            pb_utils.Logger.log_info(f"{self.name}: request {request_id!r} cancelled after {len(result.tokens)} tokens")
+            sender.send(flags=FINAL)  # the client is gone: close the request, nothing more to say
+            return True
+        if self.closing.is_set():
+            send_error(sender, RuntimeError("the model is shutting down"), pb_utils.TritonError.UNAVAILABLE)
+            return True
+        return False
 
     def finalize(self) -> None:
         self.closing.set()
