@@ -32,6 +32,8 @@ def import_tensorrt() -> ModuleType:
         import tensorrt
     except ImportError as e:
         raise TensorRTMissingError(f"TensorRT is not installed ({e}); {INSTALL_HINT}") from None
+    if not hasattr(tensorrt, "Builder"):  # e.g. only tensorrt-stubs' folder, imported as a namespace package
+        raise TensorRTMissingError(f"TensorRT is not installed (only its type stubs); {INSTALL_HINT}")
     return tensorrt
 
 
