@@ -154,9 +154,9 @@ def check_numpy() -> None:
     # it loads fine, then misreads the first string input and dies, so refuse to load instead.
     if int(np.__version__.split(".")[0]) >= 2 and os.environ.get("QMOE_TRITON_ALLOW_NUMPY2") != "1":
         raise RuntimeError(
-            f"numpy {np.__version__} in {sys.prefix}: the Python backend stub of Triton 24.10 (2.51) and older misreads "
-            "input tensors under numpy 2; install numpy<2 there (pip install 'numpy<2'), or set QMOE_TRITON_ALLOW_NUMPY2=1 for a "
-            "stub built for numpy 2"
+            f"numpy {np.__version__} in {sys.prefix}: the Python backend stub of Triton 24.10 (2.51) and older "
+            "misreads input tensors under numpy 2; install numpy<2 there (pip install 'numpy<2'), or set "
+            "QMOE_TRITON_ALLOW_NUMPY2=1 for a stub built for numpy 2"
         )
 
 

@@ -88,7 +88,7 @@ def model_config(spec: ModelSpec, artifact_param: str):
 
 
 def config_text(config) -> str:
-    from google.protobuf import text_format
+    from google.protobuf import text_format  # type: ignore[import-untyped]
 
     return text_format.MessageToString(config)
 
@@ -128,7 +128,7 @@ def write_repository(artifact: str | Path, repo_dir: str | Path, spec: ModelSpec
 
 def read_config(model_dir: str | Path):
     """Parses <model_dir>/config.pbtxt back into a ModelConfig (what tritonserver reads)."""
-    from google.protobuf import text_format
+    from google.protobuf import text_format  # type: ignore[import-untyped]
 
     path = Path(model_dir) / "config.pbtxt"
     return text_format.Parse(path.read_text(encoding="utf-8"), _model_config_pb2().ModelConfig())
@@ -154,7 +154,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _model_config_pb2():
     try:
-        from tritonclient.grpc import model_config_pb2
+        from tritonclient.grpc import model_config_pb2  # type: ignore[import-untyped]
     except ImportError as e:
         raise RepositoryError(
             f"writing a Triton repository needs the triton extra ({e.name} is missing): pip install 'qmoe[triton]'"

@@ -16,7 +16,7 @@ from runtime.triton.repository import MODEL_TEMPLATE  # noqa: E402
 
 
 def test_config_is_a_decoupled_python_model(tiny_artifact: Path, tmp_path: Path):
-    from tritonclient.grpc import model_config_pb2 as mc
+    from tritonclient.grpc import model_config_pb2 as mc  # type: ignore[import-untyped]
 
     model = write_repository(tiny_artifact, tmp_path / "repo", ModelSpec(instances=3))
     config = read_config(model)

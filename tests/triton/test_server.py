@@ -279,7 +279,8 @@ def test_cancelled_request_stops_generating(server: Server, stream: Stream, embe
 
 BAD_REQUESTS: list[tuple[dict[str, str | bytes], str]] = [
     ({"prompt": "hi", "parameters": "{bad json"}, "input 'parameters' is not valid JSON"),
-    ({"prompt": "hi", "parameters": '{"max_tokens": 4, "frequency_penalty": 1}'}, "unknown parameter 'frequency_penalty'"),
+    ({"prompt": "hi", "parameters": '{"max_tokens": 4, "frequency_penalty": 1}'},
+     "unknown parameter 'frequency_penalty'"),
     ({"prompt": "hi", "parameters": '{"temperature": -1}'}, "temperature must be >= 0"),
     ({"prompt": "hi " * 33000, "parameters": '{"max_tokens": 4}'}, "over the limit"),
     ({"prompt": "hi", "parameters": '{"max_tokens": 40000}'}, "over the limit"),
