@@ -81,6 +81,25 @@ def make_weights(shape: MoeShape, dtype: torch.dtype, device: str, seed: int = 0
     return {k: v.to(dtype=dtype, device=device).contiguous() for k, v in w.items()}
 
 
+def make_weights_on_device(shape: MoeShape, dtype: torch.dtype, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Like ``make_weights`` (uniform routing) but drawn on the device one expert at a time: for the
+    benchmark's 57B-sized layer, where host generation would take minutes and tens of GB."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    H, E, I, Is = shape.hidden, shape.experts, shape.inter, shape.shared_inter
+
+    def randn(*size: int, scale: float) -> torch.Tensor:
+        return (torch.randn(*size, generator=g, device=device) * scale).to(dtype)
+
+    return {
+        "router_weight": randn(E, H, scale=H**-0.5),
+        "gate_up_weight": torch.stack([randn(2 * I, H, scale=H**-0.5) for _ in range(E)]),
+        "down_weight": torch.stack([randn(H, I, scale=I**-0.5) for _ in range(E)]),
+        "shared_gate_up_weight": randn(2 * Is, H, scale=H**-0.5),
+        "shared_down_weight": randn(H, Is, scale=Is**-0.5),
+        "shared_expert_gate_weight": randn(1, H, scale=H**-0.5),
+    }
+
+
 def make_hidden(tokens: int, hidden: int, dtype: torch.dtype, device: str, seed: int = 1,
                 skew: bool = False, exact: bool = False) -> torch.Tensor:
     """Standard normal hidden states (+1 with ``skew``); ``exact``: on the exact grid above."""
@@ -148,7 +167,9 @@ def to_transformers_block(shape: MoeShape, w: dict[str, torch.Tensor], norm_topk
                          moe_intermediate_size=shape.inter, shared_expert_intermediate_size=shape.shared_inter,
                          norm_topk_prob=norm_topk_prob, hidden_act="silu")
     ref = w["router_weight"]
-    block = Qwen2MoeSparseMoeBlock(cfg).to(dtype=ref.dtype, device=ref.device).eval()
+    with torch.device(ref.device):  # built where it runs: no host copy of 57B-sized experts
+        block = Qwen2MoeSparseMoeBlock(cfg).to(dtype=ref.dtype).eval()
+    block.experts.config._experts_implementation = "eager"  # transformers' own loop (also its default)
     Is = shape.shared_inter
     with torch.no_grad():
         block.gate.weight.copy_(w["router_weight"])

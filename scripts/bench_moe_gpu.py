@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""One Qwen2-57B-A14B MoE layer (bf16) on one GPU: qmoe kernels vs transformers vs the roofline.
+
+    python scripts/bench_moe_gpu.py --out bench.json [--tokens 1 8 64 512 4096] [--iters 20]
+
+For each token count: our kernels (auto path, plus the forced decode and prefill paths up to 64
+tokens), transformers' Qwen2MoeSparseMoeBlock on the same weights (its eager expert loop, the
+default, and its grouped_mm experts when available), and the roofline:
+max(bytes of the experts hit + shared expert + router / measured device-to-device copy rate,
+FLOPs / 790 TFLOP/s). Times are CUDA-event means over --iters back-to-back calls after --warmup.
+Also records our output's error against transformers. Exits 2 without a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEAK_BF16_FLOPS = 790e12  # dense bf16 tensor-core rate used for the compute roofline (FACTS.md)
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="JSON results path")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096])
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    return ap.parse_args()
+
+
+def time_ms(fn, iters: int, warmup: int) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in bytes/s, read + write counted (1 GiB buffer)."""
+    import torch
+
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), iters=20, warmup=3)
+    return 2 * n / (ms * 1e-3)
+
+
+def roofline(tokens: int, hit: int, shape, bw: float) -> dict[str, float]:
+    H, I, Is, E, k = shape.hidden, shape.inter, shape.shared_inter, shape.experts, shape.top_k
+    weight_bytes = 2 * (hit * 3 * I * H + 3 * Is * H + E * H + H)
+    act_bytes = 2 * 2 * tokens * H
+    flops = 2 * tokens * (k * 3 * I * H + 3 * Is * H + (E + 1) * H)
+    mem_ms = (weight_bytes + act_bytes) / bw * 1e3
+    compute_ms = flops / PEAK_BF16_FLOPS * 1e3
+    expected_hit = E * (1 - (1 - k / E) ** tokens)
+    return {"hit_experts": hit, "expected_hit_uniform": round(expected_hit, 2), "bytes": weight_bytes + act_bytes,
+            "flops": flops, "mem_roofline_ms": mem_ms, "compute_roofline_ms": compute_ms,
+            "roofline_ms": max(mem_ms, compute_ms)}
+
+
+def main() -> int:
+    args = parse_args()
+    try:
+        import torch
+    except ImportError:
+        print("bench_moe_gpu: torch is not installed; nothing measured", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("bench_moe_gpu: no CUDA GPU visible; nothing measured", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(ROOT))
+    from tests.plugins import kernels as K
+    from tests.plugins import moe_reference as ref
+
+    lib = K.load()
+    shape = ref.QWEN2_57B
+    torch.manual_seed(0)
+    w = ref.make_weights_on_device(shape, torch.bfloat16, "cuda")
+    block = None
+    if not args.no_transformers:
+        try:
+            block = ref.to_transformers_block(shape, w, norm_topk_prob=False)
+        except ImportError as e:
+            print(f"bench_moe_gpu: transformers unavailable ({e}); its column stays empty", file=sys.stderr)
+    bw = copy_bandwidth()
+    device = torch.cuda.get_device_name()
+    print(f"{device}: device-to-device copy {bw / 1e12:.2f} TB/s (read + write)")
+    header = f"{'tokens':>6} {'ours ms':>8} {'hf ms':>8} {'hf gmm':>8} {'roof ms':>8} {'ours/roof':>9} {'hf/roof':>8} {'hf/ours':>8} {'relerr':>8}"
+    print(header)
+
+    rows = []
+    max_tokens = max(args.tokens)
+    ws = torch.empty(lib.workspace_size(torch.empty(max_tokens, shape.hidden, device="cuda", dtype=torch.bfloat16),
+                                        w, shape.top_k), dtype=torch.uint8, device="cuda")
+    for tokens in args.tokens:
+        x = ref.make_hidden(tokens, shape.hidden, torch.bfloat16, "cuda", seed=tokens)
+        ids, _, _ = lib.moe_route(x, w, shape.top_k, False)
+        row = {"tokens": tokens, **roofline(tokens, int(torch.unique(ids).numel()), shape, bw)}
+        ours = lib.moe_forward(x, w, shape.top_k, False, workspace=ws)
+        row["ours_ms"] = time_ms(lambda: lib.moe_forward(x, w, shape.top_k, False, workspace=ws), args.iters, args.warmup)
+        if tokens <= 64:
+            for name, path in (("decode", K.PATH_DECODE), ("prefill", K.PATH_PREFILL)):
+                row[f"ours_{name}_ms"] = time_ms(
+                    lambda: lib.moe_forward(x, w, shape.top_k, False, path=path, workspace=ws), args.iters, args.warmup)
+        row["hf_ms"] = row["hf_grouped_mm_ms"] = row["rel_rms_vs_hf"] = None
+        if block is not None:
+            with torch.no_grad():
+                block.experts.config._experts_implementation = "eager"
+                expected = block(x[None])[0]
+                row["hf_ms"] = time_ms(lambda: block(x[None]), max(3, args.iters // 4), 1)
+                try:  # transformers' torch._grouped_mm experts: a stronger, optional baseline
+                    block.experts.config._experts_implementation = "grouped_mm"
+                    row["hf_grouped_mm_ms"] = time_ms(lambda: block(x[None]), max(3, args.iters // 4), 1)
+                except Exception as e:  # noqa: BLE001 - older torch/transformers lack it
+                    print(f"bench_moe_gpu: transformers grouped_mm failed ({type(e).__name__}: {e})", file=sys.stderr)
+            d = ours.double() - expected.double()
+            row["rel_rms_vs_hf"] = d.pow(2).mean().sqrt().item() / expected.double().pow(2).mean().sqrt().item()
+        roof = row["roofline_ms"]
+        row["ours_over_roofline"] = row["ours_ms"] / roof
+        row["hf_over_roofline"] = None if row["hf_ms"] is None else row["hf_ms"] / roof
+        row["hf_over_ours"] = None if row["hf_ms"] is None else row["hf_ms"] / row["ours_ms"]
+        rows.append(row)
+
+        def f(v, spec):
+            return format(v, spec) if v is not None else "-".rjust(int(spec.split(".")[0]))
+
+        print(f"{tokens:>6} {row['ours_ms']:8.3f} {f(row['hf_ms'], '8.3f')} {f(row['hf_grouped_mm_ms'], '8.3f')} {roof:8.3f} {row['ours_over_roofline']:9.2f} "
+              f"{f(row['hf_over_roofline'], '8.2f')} {f(row['hf_over_ours'], '8.2f')} {f(row['rel_rms_vs_hf'], '8.1e')}")
+
+    result = {
+        "device": device, "torch": torch.__version__, "dtype": "bfloat16",
+        "shape": vars(shape), "copy_bandwidth_Bps": bw, "peak_bf16_flops": PEAK_BF16_FLOPS,
+        "iters": args.iters, "warmup": args.warmup, "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as tmp:
+        json.dump(result, tmp, indent=2)
+    os.replace(tmp.name, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
