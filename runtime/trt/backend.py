@@ -54,8 +54,12 @@ def engine_record(artifact: Path, m: mf.Manifest) -> dict[str, Any]:
         raise BackendError(f"{artifact}: exported for {m.target!r}; the TensorRT backend needs an artifact made "
                            "with `qmoe export ... --target tensorrt` and `qmoe build`")
     rec = m.extra.get(RECORD_KEY)
-    if not isinstance(rec, dict) or not (artifact / rec.get("engine_file", ENGINE_FILE)).is_file():
+    engine = artifact / (rec.get("engine_file", ENGINE_FILE) if isinstance(rec, dict) else ENGINE_FILE)
+    if not isinstance(rec, dict) or not engine.is_file():
         raise BackendError(f"{artifact}: no TensorRT engine; build one with `qmoe build {artifact} --plugin-lib PATH`")
+    if engine.stat().st_size != rec.get("engine_bytes", engine.stat().st_size) or engine.stat().st_size == 0:
+        raise BackendError(f"{engine}: not the engine qmoe.json records (an interrupted build?); rebuild it with "
+                           f"`qmoe build {artifact} --plugin-lib PATH`")
     return rec
 
 

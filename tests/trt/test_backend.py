@@ -205,3 +205,8 @@ def test_record_survives_a_rebuild_of_the_manifest(tiny_trt_artifact, tmp_path):
     write_manifest(art, with_record(mf.read(art), {**REC, "engine_file": "model.engine"}))
     assert tb.engine_record(art, mf.read(art))["compute_capability"] == "9.0"
     assert mf.read(art).extra[RECORD_KEY]["tensorrt_version"] == "10.13.0.35"
+    write_manifest(art, with_record(mf.read(art), {**REC, "engine_file": "model.engine", "engine_bytes": 4}))
+    tb.engine_record(art, mf.read(art))
+    (art / "model.engine").write_bytes(b"a newer plan")  # the manifest still describes the old one
+    with pytest.raises(BackendError, match="not the engine qmoe.json records"):
+        tb.engine_record(art, mf.read(art))
