@@ -119,14 +119,16 @@ def main() -> int:
                     lambda: lib.moe_forward(x, w, shape.top_k, False, path=path, workspace=ws), args.iters, args.warmup)
         row["hf_ms"] = row["hf_grouped_mm_ms"] = row["rel_rms_vs_hf"] = None
         if block is not None:
+            config = getattr(block.experts, "config", None)
             with torch.no_grad():
-                block.experts.config._experts_implementation = "eager"
-                expected = block(x[None])[0]
-                row["hf_ms"] = time_ms(lambda: block(x[None]), max(3, args.iters // 4), 1)
+                if config is not None:
+                    config._experts_implementation = "eager"
+                expected = ref.transformers_forward(block, x)
+                row["hf_ms"] = time_ms(lambda: ref.transformers_forward(block, x), max(3, args.iters // 4), 1)
                 try:  # transformers' torch._grouped_mm experts: a stronger, optional baseline
-                    block.experts.config._experts_implementation = "grouped_mm"
-                    row["hf_grouped_mm_ms"] = time_ms(lambda: block(x[None]), max(3, args.iters // 4), 1)
-                except Exception as e:  # noqa: BLE001 - older torch/transformers lack it
+                    config._experts_implementation = "grouped_mm"
+                    row["hf_grouped_mm_ms"] = time_ms(lambda: ref.transformers_forward(block, x), max(3, args.iters // 4), 1)
+                except Exception as e:  # noqa: BLE001 - older torch/transformers lack it (config None too)
                     print(f"bench_moe_gpu: transformers grouped_mm failed ({type(e).__name__}: {e})", file=sys.stderr)
             d = ours.double() - expected.double()
             row["rel_rms_vs_hf"] = d.pow(2).mean().sqrt().item() / expected.double().pow(2).mean().sqrt().item()

@@ -169,17 +169,34 @@ def to_transformers_block(shape: MoeShape, w: dict[str, torch.Tensor], norm_topk
     ref = w["router_weight"]
     with torch.device(ref.device):  # built where it runs: no host copy of 57B-sized experts
         block = Qwen2MoeSparseMoeBlock(cfg).to(dtype=ref.dtype).eval()
-    block.experts.config._experts_implementation = "eager"  # transformers' own loop (also its default)
+    config = getattr(block.experts, "config", None)
+    if config is not None:
+        config._experts_implementation = "eager"  # transformers' own loop (its default too)
     Is = shape.shared_inter
     with torch.no_grad():
         block.gate.weight.copy_(w["router_weight"])
-        block.experts.gate_up_proj.copy_(w["gate_up_weight"])
-        block.experts.down_proj.copy_(w["down_weight"])
+        if hasattr(block.experts, "gate_up_proj"):  # transformers 5: stacked experts
+            block.experts.gate_up_proj.copy_(w["gate_up_weight"])
+            block.experts.down_proj.copy_(w["down_weight"])
+        else:  # transformers 4: one Qwen2MoeMLP per expert
+            I = shape.inter
+            for e, mlp in enumerate(block.experts):
+                mlp.gate_proj.weight.copy_(w["gate_up_weight"][e, :I])
+                mlp.up_proj.weight.copy_(w["gate_up_weight"][e, I:])
+                mlp.down_proj.weight.copy_(w["down_weight"][e])
         block.shared_expert.gate_proj.weight.copy_(w["shared_gate_up_weight"][:Is])
         block.shared_expert.up_proj.weight.copy_(w["shared_gate_up_weight"][Is:])
         block.shared_expert.down_proj.weight.copy_(w["shared_down_weight"])
         block.shared_expert_gate.weight.copy_(w["shared_expert_gate_weight"])
     return block
+
+
+def transformers_forward(block, x: torch.Tensor) -> torch.Tensor:
+    """block(x) for x [T, H] -> [T, H] (transformers 4 also returned the router logits)."""
+    out = block(x[None])
+    if isinstance(out, tuple):
+        out = out[0]
+    return out[0]
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor, heads: int,

@@ -141,8 +141,9 @@ def test_forward_matches_transformers_block(lib: K.Kernels, tokens: int, norm: b
     w = ref.make_weights(shape, dtype, "cuda", exact_router=True)
     x = ref.make_hidden(tokens, shape.hidden, dtype, "cuda", seed=tokens, exact=True)
     with torch.no_grad():
-        exact = ref.to_transformers_block(shape, {k: v.float() for k, v in w.items()}, norm)(x.float()[None])[0]
-        hf_bf16 = ref.to_transformers_block(shape, w, norm)(x[None])[0]
+        fp32_block = ref.to_transformers_block(shape, {k: v.float() for k, v in w.items()}, norm)
+        exact = ref.transformers_forward(fp32_block, x.float())
+        hf_bf16 = ref.transformers_forward(ref.to_transformers_block(shape, w, norm), x)
     out = lib.moe_forward(x, w, shape.top_k, norm)
     # transformers-fp32 routes on unrounded logits: leave out tokens whose k-th and (k+1)-th logits are
     # within one bf16 ulp, where rounding may change the chosen set.

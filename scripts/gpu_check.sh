@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# One-shot GPU check of plugins/kernels: build, GPU tests, benchmark, compute-sanitizer.
+# Results (8 files, no sub-folders) go to $OUT (default build/gpu_check):
+#   env.txt          GPU, driver, nvcc, torch, transformers
+#   build.log        scripts/build_plugins.sh --werror
+#   pytest_gpu.log   pytest -m gpu tests/plugins/test_kernels_gpu.py   (+ pytest_gpu.xml, JUnit)
+#   bench.log        scripts/bench_moe_gpu.py (+ bench.json)
+#   sanitizer.log    compute-sanitizer memcheck + racecheck on a few test cases
+#   summary.txt      one line per stage with its exit code
+# Exit code: 0 if every stage passed, else 1. Needs: nvcc, cmake, a CUDA torch, pytest.
+# usage: OUT=/some/dir scripts/gpu_check.sh
+#   env: PYTHON (default python3), ARCH (default 90a), SANITIZE=0 skips compute-sanitizer.
+# Stage limits add up to 10 minutes (the device tool's per-command limit); typical total is 4-6.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+out=${OUT:-$root/build/gpu_check}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+summary="$out/summary.txt"
+: >"$summary"
+status=0
+
+stage() {  # stage NAME LOG TIMEOUT_S CMD...: runs CMD with output to LOG, records its exit code
+    local name=$1 log=$2 limit=$3
+    shift 3
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$log" 2>&1
+    local rc=$?
+    echo "$name: rc=$rc (${limit}s limit, took $((SECONDS - t0))s)" | tee -a "$summary"
+    [ "$rc" -eq 0 ] || status=1
+    return "$rc"
+}
+
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    nvcc --version | tail -2
+    "$py" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+    "$py" -c "import transformers; print('transformers', transformers.__version__)" || echo "transformers: missing"
+    "$py" -c "import pytest; print('pytest', pytest.__version__)" || echo "pytest: missing"
+} >"$out/env.txt" 2>&1
+
+# Hopper only by default: the A100 (sm_80) code is compile-checked on the CPU machine already.
+if ! stage build "$out/build.log" 150 scripts/build_plugins.sh --werror --arch "${ARCH:-90a}"; then
+    echo "build failed: see build.log" | tee -a "$summary"
+    exit 1
+fi
+
+stage gpu_tests "$out/pytest_gpu.log" 210 "$py" -m pytest -q -p no:cacheprovider -m gpu -rfE \
+    --junitxml="$out/pytest_gpu.xml" tests/plugins/test_kernels_gpu.py
+
+stage bench "$out/bench.log" 120 "$py" scripts/bench_moe_gpu.py --out "$out/bench.json"
+
+# Out-of-bounds accesses and shared-memory races in every kernel variant (BM 32/64/128, both paths,
+# both rotary code paths). No caching allocator, so each tensor is its own allocation for memcheck.
+t=tests/plugins/test_kernels_gpu.py
+cases=(
+    "$t::test_forward[e64_top8-64-fp16-raw-uniform-decode]"
+    "$t::test_forward[e64_top8-64-fp16-raw-uniform-prefill]"
+    "$t::test_forward[odd_small-257-bf16-norm-skewed-decode]"
+    "$t::test_forward[odd_small-257-bf16-norm-skewed-prefill]"
+    "$t::test_forward[odd_small-4096-bf16-raw-uniform-prefill]"
+    "$t::test_without_shared_expert[3-prefill]"
+    "$t::test_routing[odd_small-257-bf16-norm-uniform]"
+    "$t::test_rotary[2-37-odd_head-bf16-out]"
+    "$t::test_rotary[2-37-qwen2_57b-fp16-inplace]"
+)
+if [ "${SANITIZE:-1}" = 0 ]; then
+    echo "sanitizer: skipped (SANITIZE=0)" | tee -a "$summary"
+elif command -v compute-sanitizer >/dev/null; then
+    {
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 70 compute-sanitizer --tool memcheck --error-exitcode 9 \
+            "$py" -m pytest -q -p no:cacheprovider -m gpu "${cases[@]}"
+        rc_mem=$?
+        timeout 50 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 9 \
+            "$py" -m pytest -q -p no:cacheprovider -m gpu "${cases[1]}" "${cases[3]}" "${cases[4]}"
+        rc_race=$?
+        echo "memcheck rc=$rc_mem racecheck rc=$rc_race"
+        [ "$rc_mem" -eq 0 ] && [ "$rc_race" -eq 0 ]
+    } >"$out/sanitizer.log" 2>&1
+    rc=$?
+    echo "sanitizer: rc=$rc" | tee -a "$summary"
+    [ "$rc" -eq 0 ] || status=1
+else
+    echo "sanitizer: skipped (compute-sanitizer not on PATH)" | tee -a "$summary"
+fi
+
+tail -3 "$out/pytest_gpu.log" | tee -a "$summary"
+exit "$status"
