@@ -1,0 +1,62 @@
+"""The runtime commands as a user runs them (subprocess, real artifact)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+
+def qmoe(*args, stdin=None):
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *map(str, args)], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_help_is_fast_and_lists_commands():
+    t = time.perf_counter()
+    r = qmoe("--help")
+    assert r.returncode == 0 and time.perf_counter() - t < 5
+    for cmd in ("tiny", "export", "run", "chat", "serve", "triton"):
+        assert cmd in r.stdout
+
+
+def test_run_matches_the_embedded_api(tiny_artifact):
+    import runtime
+    from runtime.sampling import SamplingParams
+
+    r = qmoe("run", tiny_artifact, "--prompt", "你好", "-n", "12")
+    assert r.returncode == 0, r.stderr
+    engine = runtime.load(tiny_artifact)
+    expected = engine.chat([{"role": "user", "content": "你好"}], SamplingParams(max_new_tokens=12))
+    assert r.stdout == expected + "\n"
+
+
+def test_chat_keeps_history_resets_and_exits_on_eof(tiny_artifact):
+    import runtime
+    from runtime.sampling import SamplingParams
+
+    r = qmoe("chat", tiny_artifact, "-n", "6", stdin="hello\nagain\n/reset\nhello\n")
+    assert r.returncode == 0, r.stderr
+    engine = runtime.load(tiny_artifact)
+    p = SamplingParams(max_new_tokens=6)
+    first = engine.chat([{"role": "user", "content": "hello"}], p)
+    second = engine.chat([{"role": "user", "content": "hello"}, {"role": "assistant", "content": first},
+                          {"role": "user", "content": "again"}], p)
+    out = r.stdout
+    assert first in out and second in out and "(history cleared)" in out
+    assert out.count(first) >= 2  # after /reset the same first answer again
+
+
+def test_run_errors_are_one_line(tiny_artifact, tmp_path):
+    cases = [
+        (("run", tmp_path, "--prompt", "x"), "not a qmoe artifact"),
+        (("run", tiny_artifact, "--prompt", "x", "--top-p", "0"), "top_p must be in (0, 1]"),
+        (("run", tiny_artifact, "--prompt", "x", "-n", "40000"), "over the limit of 32768"),
+        (("run", tiny_artifact, "--prompt", "x", "--rope-scaling", "static"), "needs rope_scaling"),
+    ]
+    for args, msg in cases:
+        r = qmoe(*args)
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and msg in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1
