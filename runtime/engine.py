@@ -51,7 +51,10 @@ class TokenEvent:
 
 class Engine:
     def __init__(self, artifact: str | Path, backend: str = "auto", device: str = "auto",
-                 rope_mode: RopeMode | None = None) -> None:
+                 rope_mode: RopeMode | None = None, prefill_chunk: int = 2048) -> None:
+        if prefill_chunk < 1:
+            raise RequestError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.artifact = Path(artifact)
         self.manifest = mf.read(self.artifact)
         self.config = self.manifest.config
@@ -98,7 +101,7 @@ class Engine:
         for i, x in enumerate(prompts):
             ids[i, : len(x)] = x
         seen = [np.array(x, np.int64) for x in prompts]
-        logits = self.backend.step(cache, ids, lengths, lengths - 1, (lengths - 1)[:, None].astype(np.int64))
+        logits = self._prefill(cache, ids, lengths)
         cache_len = lengths.copy()
         active = np.ones(B, bool)
         stop_ids = set() if p.ignore_eos else set(p.stop_token_ids)
@@ -123,6 +126,25 @@ class Engine:
             cache_len = cache_len + step_len
             logits = self.backend.step(cache, np.where(active, nxt, 0)[:, None], step_len, cache_len - 1,
                                        np.zeros((B, 1), np.int64))
+
+    def _prefill(self, cache, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Prompts in chunks of `prefill_chunk` positions: attention scratch stays bounded
+        ([heads, chunk, context] rather than [heads, prompt, prompt] for a 32k prompt). Rows whose
+        prompt ended in an earlier chunk are idle (query_seqlens 0). Returns each row's last-token
+        logits [B, 1, V]."""
+        B, S = ids.shape
+        out: np.ndarray | None = None
+        for c0 in range(0, S, self.prefill_chunk):
+            c1 = min(S, c0 + self.prefill_chunk)
+            q = np.clip(lengths - c0, 0, c1 - c0).astype(np.int32)  # valid rows of this chunk
+            last = np.clip(lengths - 1 - c0, 0, c1 - c0 - 1)[:, None].astype(np.int64)
+            logits = self.backend.step(cache, ids[:, c0:c1], q, np.minimum(lengths, c1) - 1, last)
+            if out is None:
+                out = logits
+            here = (lengths - 1 >= c0) & (lengths - 1 < c1)
+            out[here] = logits[here]
+        assert out is not None
+        return out
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | None = None,
                  rope_mode: RopeMode | None = None, output_logits: bool = False) -> list[GenerationResult]:
@@ -224,5 +246,6 @@ class _StopStrings:
         return text if cut is None else text[:cut]
 
 
-def load(artifact: str | Path, backend: str = "auto", device: str = "auto", rope_mode: RopeMode | None = None) -> Engine:
-    return Engine(artifact, backend=backend, device=device, rope_mode=rope_mode)
+def load(artifact: str | Path, backend: str = "auto", device: str = "auto", rope_mode: RopeMode | None = None,
+         prefill_chunk: int = 2048) -> Engine:
+    return Engine(artifact, backend=backend, device=device, rope_mode=rope_mode, prefill_chunk=prefill_chunk)
