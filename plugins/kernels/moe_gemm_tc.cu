@@ -30,12 +30,22 @@ constexpr int kWarpsM = 2;
 constexpr int kWarpsN = 4;
 constexpr int kChunksK = kBK / 8; // 16-byte chunks per tile row
 
+// Dynamic shared memory: [tiles: max(pipeline, fp32 epilogue)][work prefix: kMaxGroups + 1 ints].
+// The tiles start at offset 0 of the block's shared memory (the kernel has no static shared
+// variables), which gives WMMA's loads and stores their 32-byte alignment.
 template <int BM>
-constexpr size_t tc_smem_bytes()
+__host__ __device__ constexpr size_t tc_tile_bytes()
 {
     size_t const pipe = size_t(kStages) * (BM + kBN) * kLds * 2;
     size_t const epi = size_t(BM) * kLdc * sizeof(float);
-    return pipe > epi ? pipe : epi;
+    size_t const bytes = pipe > epi ? pipe : epi;
+    return (bytes + 127) / 128 * 128;
+}
+
+template <int BM>
+__host__ __device__ constexpr size_t tc_smem_bytes()
+{
+    return tc_tile_bytes<BM>() + sizeof(int) * (kMaxGroups + 1);
 }
 
 // N columns of a group's output: intermediate columns for gate/up (each tile covers 64), H for down.
@@ -65,7 +75,7 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(MoeArgs a)
     T* const sA = reinterpret_cast<T*>(smem);     // [kStages][BM][kLds]
     T* const sB = sA + kStages * BM * kLds;        // [kStages][kBN][kLds]
     float* const sC = reinterpret_cast<float*>(smem); // [BM][kLdc], reused after the main loop
-    __shared__ int s_prefix[kMaxGroups + 1];
+    int* const s_prefix = reinterpret_cast<int*>(smem + tc_tile_bytes<BM>()); // [kMaxGroups + 1]
 
     int const total = build_work_prefix(
         a, s_prefix, [&](int g) { return ceil_div(a.group_count[g], BM) * group_n_tiles<kGateUp>(a, g); });

@@ -2,6 +2,9 @@
 #include "common.cuh"
 #include "moe_internal.h"
 
+#include <algorithm>
+#include <climits>
+
 namespace qmoe
 {
 namespace
@@ -86,6 +89,13 @@ int32_t check(qmoe_moe_params const* p, Need need)
     if (p->num_tokens == 0)
     {
         return QMOE_OK;
+    }
+    // Work items (tiles of 32 rows, columns in steps of 64) are counted in int32 on the device.
+    int64_t const rows = static_cast<int64_t>(p->num_tokens) * (p->top_k + 1);
+    int64_t const cols = std::max({p->moe_intermediate_size, p->shared_intermediate_size, p->hidden_size}) / 64 + 1;
+    if ((rows / 32 + 2 * p->num_experts + 2) * cols > INT32_MAX)
+    {
+        return QMOE_ERR_BAD_SHAPE;
     }
     bool const shared = p->shared_intermediate_size > 0;
     void const* route_inputs[] = {p->hidden, p->router_weight, shared ? p->shared_expert_gate_weight : p->hidden};
