@@ -147,7 +147,7 @@ class TensorRTBackend:
         self.runtime = trt.Runtime(self.logger)
         if self.runtime.get_plugin_registry().load_library(str(plugin)) is None:
             raise BackendError(f"{plugin}: TensorRT cannot load the plugin library (see the log above)")
-        self.engine = _deserialize(self.runtime, artifact / rec.get("engine_file", ENGINE_FILE))
+        self.engine, self._plan = _deserialize(self.runtime, artifact / rec.get("engine_file", ENGINE_FILE))
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise BackendError(f"{artifact}: TensorRT cannot create an execution context (GPU memory?)")
@@ -286,12 +286,14 @@ def _itemsize(dtype_name: str) -> int:
     return np.dtype(NUMPY[dtype_name]).itemsize
 
 
-def _deserialize(runtime: trt.Runtime, path: Path) -> trt.ICudaEngine:
+def _deserialize(runtime: trt.Runtime, path: Path) -> tuple[trt.ICudaEngine, mmap.mmap]:
     """From a read-only mmap: the engine file (as large as the weights) is paged in by the OS,
-    never copied into a Python bytes object."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        engine = runtime.deserialize_cuda_engine(mm)
+    never copied into a Python bytes object. The map stays open with the engine: TensorRT does
+    not promise to be done with the plan's memory once deserialised."""
+    with open(path, "rb") as f:
+        plan = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
         raise BackendError(f"{path}: TensorRT cannot deserialise the engine (see the log above); rebuild it with "
                            f"`qmoe build {path.parent}`")
-    return engine
+    return engine, plan
