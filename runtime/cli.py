@@ -128,6 +128,8 @@ def export(checkpoint_dir: str, output_dir: str, target: str, dtype: str, link_w
 @click.option("--max-context", type=click.IntRange(min=2), default=None,
               help="Longest prompt + new tokens; default: min(4096, the model's limit).")
 @click.option("--opt-batch", type=click.IntRange(min=1), default=None, help="Batch to tune for; default: --max-batch.")
+@click.option("--max-prefill", type=click.IntRange(min=1), default=None,
+              help="Longest prefill chunk (tokens per step); default: min(2048, --max-context), the runtime's chunk.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
               help="Timing cache reused and updated across builds; default: ARTIFACT/timing.cache.")
 @click.option("--workspace-gb", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -135,11 +137,12 @@ def export(checkpoint_dir: str, output_dir: str, target: str, dtype: str, link_w
 @click.option("--weak-typing", is_flag=True,
               help="TensorRT 10.x: let TensorRT pick precisions (FP16/BF16 flag) instead of the graph's types.")
 def build(artifact: str, plugin_lib: str | None, max_batch: int, max_context: int | None, opt_batch: int | None,
-          timing_cache: str | None, workspace_gb: float | None, weak_typing: bool) -> None:
+          max_prefill: int | None, timing_cache: str | None, workspace_gb: float | None, weak_typing: bool) -> None:
     """Build ARTIFACT/model.engine with TensorRT from an artifact exported with --target tensorrt."""
     from .trt.build import BuildOptions, build as build_engine
 
-    options = BuildOptions(plugin_lib, max_batch, max_context, opt_batch, timing_cache, workspace_gb, weak_typing)
+    options = BuildOptions(plugin_lib, max_batch, max_context, opt_batch, max_prefill, timing_cache, workspace_gb,
+                           weak_typing)
     path = build_engine(artifact, options, progress=lambda msg: click.echo(msg, err=True))
     click.echo(f"wrote {path}")
 

@@ -226,9 +226,12 @@ class TensorRTBackend:
         """One prefill chunk or decode step (see OnnxRuntimeBackend.step); logits [B, N, V] float32."""
         B, S = input_ids.shape
         N = logits_indices.shape[1]
-        if B != cache.batch or S > min(cache.capacity, self.max_chunk) or N > S:
+        if S > self.max_chunk:
+            raise BackendError(f"a prefill chunk of {S} tokens exceeds the engine's {self.max_chunk}; load with "
+                               f"prefill_chunk <= {self.max_chunk} or rebuild with a larger `qmoe build --max-prefill`")
+        if B != cache.batch or S > cache.capacity or N > S:
             raise BackendError(f"step of shape B={B} S={S} N={N} does not fit a cache of batch {cache.batch}, "
-                               f"capacity {cache.capacity} (engine chunk limit {self.max_chunk})")
+                               f"capacity {cache.capacity}")
         profile = choose_profile(S, N)
         if profile != self.profile:
             if not self.context.set_optimization_profile_async(profile, self.stream.handle):

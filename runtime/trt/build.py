@@ -37,6 +37,7 @@ DECODE, PREFILL = 0, 1
 PROFILE_NAMES = ("decode", "prefill")
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_CONTEXT = 4096
+DEFAULT_MAX_PREFILL = 2048  # = runtime.engine's default prefill_chunk
 DEFAULT_OPT_PREFILL = 512  # tokens per prompt the prefill kernels are tuned for
 PLUGIN_ENV = "QMOE_TRT_PLUGIN_LIB"
 TIMING_CACHE_FILE = "timing.cache"
@@ -50,13 +51,16 @@ class BuildError(TensorRTError, ValueError):
 # --- pure: profiles, typing, record ----------------------------------------------------------
 
 def profiles(config: ModelConfig, max_batch: int, max_context: int, opt_batch: int | None = None,
-             opt_context: int | None = None, opt_prefill: int | None = None) -> list[Profile]:
+             opt_context: int | None = None, max_prefill: int | None = None,
+             opt_prefill: int | None = None) -> list[Profile]:
     """Optimisation profiles [decode, prefill] over the graph's dynamic inputs.
 
     B batch, S new tokens per row, N logit rows, C cache capacity (runtime: prompt + new tokens
     + 1 spare row), P rope positions (the backend binds exactly C rows of the tables, so P = C).
     A request fits when B <= max_batch and prompt + new tokens <= max_context. Decode is S = N = 1;
-    prefill covers S, N up to max_context. 0-d inputs (total_sequence_length) need no profile."""
+    prefill covers S, N up to max_prefill: the engine feeds long prompts in chunks (its
+    prefill_chunk, 2048 by default), and the attention scratch TensorRT reserves grows with S x C.
+    0-d inputs (total_sequence_length) need no profile."""
     if max_batch < 1:
         raise BuildError(f"max batch must be >= 1, got {max_batch}")
     if not 2 <= max_context <= config.max_context:
@@ -67,9 +71,12 @@ def profiles(config: ModelConfig, max_batch: int, max_context: int, opt_batch: i
     oc = max(1, max_context // 2) if opt_context is None else opt_context
     if not 1 <= oc <= max_context:
         raise BuildError(f"opt context must be in [1, {max_context}], got {oc}")
-    os_ = min(DEFAULT_OPT_PREFILL, max_context) if opt_prefill is None else opt_prefill
-    if not 1 <= os_ <= max_context:
-        raise BuildError(f"opt prefill length must be in [1, {max_context}], got {os_}")
+    mp = min(DEFAULT_MAX_PREFILL, max_context) if max_prefill is None else max_prefill
+    if not 1 <= mp <= max_context:
+        raise BuildError(f"max prefill must be in [1, {max_context}] (the max context), got {mp}")
+    os_ = min(DEFAULT_OPT_PREFILL, mp) if opt_prefill is None else opt_prefill
+    if not 1 <= os_ <= mp:
+        raise BuildError(f"opt prefill length must be in [1, {mp}], got {os_}")
     hkv, d = config.num_key_value_heads, config.head_dim
     cap = (1, oc + 1, max_context + 1)
 
@@ -88,7 +95,7 @@ def profiles(config: ModelConfig, max_batch: int, max_context: int, opt_batch: i
             p[name] = kv
         return p
 
-    return [one((1, 1, 1), (1, 1, 1)), one((1, os_, max_context), (1, 1, max_context))]
+    return [one((1, 1, 1), (1, 1, 1)), one((1, os_, mp), (1, 1, mp))]
 
 
 def _shapes(*dims: Shape) -> tuple[Shape, Shape, Shape]:
@@ -127,7 +134,7 @@ def profiles_json(profs: list[Profile]) -> list[dict[str, Any]]:
 
 
 def record(*, trt_version: str, compute_capability: str, device_name: str, profs: list[Profile],
-           max_batch: int, max_context: int, typing: Typing, plugin_source: Path, plugin_sha256: str,
+           max_batch: int, max_context: int, max_prefill: int, typing: Typing, plugin_source: Path, plugin_sha256: str,
            engine_bytes: int, build_seconds: float, workspace_bytes: int | None) -> dict[str, Any]:
     """What `qmoe build` stores in the manifest's extra.tensorrt; the backend checks it at load."""
     return {
@@ -138,6 +145,7 @@ def record(*, trt_version: str, compute_capability: str, device_name: str, profs
         "device_name": device_name,
         "max_batch": max_batch,
         "max_context": max_context,
+        "max_prefill": max_prefill,
         "profiles": profiles_json(profs),
         "typing": "strong" if typing.strongly_typed else f"weak+{typing.precision_flag or 'fp32'}",
         "tf32": typing.allow_tf32,
@@ -187,6 +195,7 @@ class BuildOptions:
     max_batch: int = DEFAULT_MAX_BATCH
     max_context: int | None = None  # None: min(DEFAULT_MAX_CONTEXT, the model's limit)
     opt_batch: int | None = None
+    max_prefill: int | None = None  # None: min(DEFAULT_MAX_PREFILL, max context)
     timing_cache: str | Path | None = None  # None: ARTIFACT/timing.cache
     workspace_gb: float | None = None  # None: TensorRT's default (the device's memory)
     weak_typing: bool = False
@@ -200,7 +209,8 @@ def build(artifact: str | Path, options: BuildOptions = BuildOptions(), progress
     check_target(artifact, m)
     config = m.config
     max_context = options.max_context or min(DEFAULT_MAX_CONTEXT, config.max_context)
-    profs = profiles(config, options.max_batch, max_context, options.opt_batch)
+    max_prefill = options.max_prefill or min(DEFAULT_MAX_PREFILL, max_context)
+    profs = profiles(config, options.max_batch, max_context, options.opt_batch, max_prefill=max_prefill)
     import_tensorrt()
     import tensorrt as trt
 
@@ -239,14 +249,14 @@ def build(artifact: str | Path, options: BuildOptions = BuildOptions(), progress
         config_.progress_monitor = monitor
 
     say(f"building for {device_name} (sm {cc}), TensorRT {trt.__version__}: max batch {options.max_batch}, "
-        f"max context {max_context}")
+        f"max context {max_context}, prefill chunks up to {max_prefill}")
     engine_path = artifact / ENGINE_FILE
     with _staged(artifact, ENGINE_FILE) as tmp_engine, _staged(artifact, PLUGIN_FILE) as tmp_plugin:
         _build_to_file(builder, network, config_, tmp_engine)
         _save_timing_cache(config_, cache_path)
         shutil.copyfile(plugin_lib, tmp_plugin)
         rec = record(trt_version=trt.__version__, compute_capability=cc, device_name=device_name, profs=profs,
-                     max_batch=options.max_batch, max_context=max_context, typing=typing,
+                     max_batch=options.max_batch, max_context=max_context, max_prefill=max_prefill, typing=typing,
                      plugin_source=plugin_lib, plugin_sha256=plugin_sha, engine_bytes=tmp_engine.stat().st_size,
                      build_seconds=time.perf_counter() - t0, workspace_bytes=workspace)
         os.replace(tmp_plugin, artifact / PLUGIN_FILE)

@@ -195,6 +195,12 @@ def test_requests_past_the_engine_limits_are_refused(tiny_trt_artifact, monkeypa
         b.new_cache(5, 10)
     with pytest.raises(BackendError, match="exceeds the engine's max context 64; rebuild"):
         b.new_cache(1, 66)
+    b.max_chunk = 4
+    cache = b.new_cache(1, 10)
+    with pytest.raises(BackendError, match="prefill chunk of 5 tokens exceeds the engine's 4; load with "
+                                           "prefill_chunk <= 4"):
+        b.step(cache, np.ones((1, 5), np.int64), np.array([5], np.int32), np.array([4], np.int32),
+               np.array([[4]], np.int64))
 
 
 def test_record_survives_a_rebuild_of_the_manifest(tiny_trt_artifact, tmp_path):

@@ -46,19 +46,30 @@ def _fits(prof, shapes) -> bool:
     return all(all(lo <= s <= hi for lo, s, hi in zip(prof[n][0], shape, prof[n][2])) for n, shape in shapes.items())
 
 
+def test_max_prefill_bounds_the_prefill_profile(config):
+    _, prefill = profiles(config, max_batch=2, max_context=64, max_prefill=16)
+    assert prefill["input_ids"] == ((1, 1), (2, 16), (2, 16))
+    assert prefill["logits_indices"] == ((1, 1), (2, 1), (2, 16))
+    assert prefill["past_key_values.0.key"][2] == (2, 2, 65, 16)  # the cache still spans the context
+    with pytest.raises(BuildError, match="max prefill must be in \\[1, 64\\]"):
+        profiles(config, 2, 64, max_prefill=65)
+
+
 @pytest.mark.parametrize("batch,prompt,new", [(1, 1, 1), (3, 1, 63), (4, 63, 1), (2, 30, 30), (4, 17, 5)])
 def test_every_request_within_limits_fits_its_profile(config, batch, prompt, new):
-    """Shapes the engine binds for a request (runtime/engine.py: capacity = prompt + new + 1, one
-    logit row per sequence; rope tables cut to capacity rows by the TensorRT backend)."""
-    profs = profiles(config, max_batch=4, max_context=64, opt_batch=2)
+    """Shapes the engine binds for a request (runtime/engine.py: capacity = prompt + new + 1, the
+    prompt in chunks of prefill_chunk tokens, one logit row per sequence; rope tables cut to
+    capacity rows by the TensorRT backend)."""
+    chunk = 16
+    profs = profiles(config, max_batch=4, max_context=64, opt_batch=2, max_prefill=chunk)
     cap = prompt + new + 1
     kv = (batch, 2, cap, 16)
     common = {"query_seqlens": (batch,), "seqlens_k": (batch,), "cos_cache": (cap, 8), "sin_cache": (cap, 8),
               "logits_indices": (batch, 1), **{n: kv for n in mf.io_names(2).inputs[7:]}}
-    prefill = {**common, "input_ids": (batch, prompt)}
-    decode = {**common, "input_ids": (batch, 1)}
-    assert _fits(profs[choose_profile(prompt, 1)], prefill)
-    assert _fits(profs[choose_profile(1, 1)], decode)
+    for c0 in range(0, prompt, chunk):
+        width = min(prompt, c0 + chunk) - c0
+        assert _fits(profs[choose_profile(width, 1)], {**common, "input_ids": (batch, width)})
+    assert _fits(profs[choose_profile(1, 1)], {**common, "input_ids": (batch, 1)})
     assert choose_profile(1, 1) == DECODE and choose_profile(prompt + 1, 1) == PREFILL
     assert choose_profile(4, 4) == PREFILL and choose_profile(1, 2) == PREFILL
 
@@ -91,7 +102,7 @@ def test_record_round_trips_through_the_manifest(tiny_trt_artifact, config, tmp_
     lib.write_bytes(b"not really a library")
     profs = profiles(config, 2, 32)
     rec = record(trt_version="10.13.0.35", compute_capability="9.0", device_name="NVIDIA H100", profs=profs,
-                 max_batch=2, max_context=32, typing=typing_plan("10.13.0.35", "float32"), plugin_source=lib,
+                 max_batch=2, max_context=32, max_prefill=32, typing=typing_plan("10.13.0.35", "float32"), plugin_source=lib,
                  plugin_sha256=sha256(lib), engine_bytes=123, build_seconds=4.56, workspace_bytes=None)
     write_manifest(art, with_record(before, rec))
     after = mf.read(art)
@@ -100,6 +111,7 @@ def test_record_round_trips_through_the_manifest(tiny_trt_artifact, config, tmp_
     assert got["engine_file"] == ENGINE_FILE and got["typing"] == "strong" and got["tf32"] is False
     assert [p["name"] for p in got["profiles"]] == ["decode", "prefill"]
     assert got["profiles"][1]["shapes"]["input_ids"] == {"min": [1, 1], "opt": [2, 32], "max": [2, 32]}
+    assert got["max_prefill"] == 32
     import hashlib
 
     assert got["plugin_library"]["sha256"] == hashlib.sha256(b"not really a library").hexdigest()

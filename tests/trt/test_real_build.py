@@ -39,7 +39,7 @@ def test_build_records_the_engine(built: Path, plugin_lib: Path):
     assert (built / "model.engine").stat().st_size == rec["engine_bytes"] > 0
     assert rec["tensorrt_version"] == trt.__version__ and rec["compute_capability"] == current_device()[0]
     assert rec["plugin_library"]["sha256"] == sha256(plugin_lib) == sha256(built / rec["plugin_library"]["file"])
-    assert rec["max_batch"] == 4 and rec["max_context"] == 128 and len(rec["profiles"]) == 2
+    assert rec["max_batch"] == 4 and rec["max_context"] == rec["max_prefill"] == 128 and len(rec["profiles"]) == 2
     assert (built / "timing.cache").stat().st_size > 0
 
 
