@@ -59,6 +59,8 @@ class Engine:
         self.manifest = mf.read(self.artifact)
         self.config = self.manifest.config
         self.backend = open_backend(self.artifact, self.manifest, backend, device)
+        # a TensorRT engine's prefill profile bounds the chunk it accepts
+        self.prefill_chunk = min(self.prefill_chunk, getattr(self.backend, "max_chunk", self.prefill_chunk))
         self.tokenizer = Tokenizer.from_dir(self.artifact)
         self.rope_mode: RopeMode = rope_mode or default_rope_mode(self.config)
         check_context(self.config, self.rope_mode, 0, 0)  # validates the mode for this model

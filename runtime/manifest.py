@@ -51,7 +51,8 @@ class Manifest:
     inputs: list[str]
     outputs: list[str]
     # KV cache: one buffer per layer and K/V, [batch, kv_heads, capacity, head_dim], shared by
-    # past_* and present_* (written in place by GroupQueryAttention).
+    # past_* and present_* (written in place by GroupQueryAttention). The TensorRT backend swaps
+    # two such buffers unless the engine reports present aliased to past.
     kv_layout: str
     hf_config: dict[str, Any]
     rope: dict[str, Any]
