@@ -41,6 +41,7 @@ struct MoeArgs
     void const* shared_gate_w; // [1, H]
     void* out;                 // [T, H]
 
+    float* logits;         // [T, E + has_shared] router logits (rounded to the activation dtype), shared gate last
     int32_t* topk_ids;     // [T*k]
     float* topk_weights;   // [T*k]
     float* shared_gate;    // [T]
@@ -55,7 +56,7 @@ struct MoeArgs
 
 struct WorkspaceLayout
 {
-    size_t topk_ids, topk_weights, shared_gate, group_count, group_offset, row_token, row_weight, slot_row, act, y;
+    size_t logits, topk_ids, topk_weights, shared_gate, group_count, group_offset, row_token, row_weight, slot_row, act, y;
     size_t total;
 };
 
@@ -76,6 +77,7 @@ inline WorkspaceLayout workspace_layout(int64_t T, int64_t H, int64_t E, int64_t
         off = align_up(off + bytes, kAlign);
         return at;
     };
+    l.logits = take(sizeof(float) * T * (E + has_shared));
     l.topk_ids = take(sizeof(int32_t) * T * k);
     l.topk_weights = take(sizeof(float) * T * k);
     l.shared_gate = take(sizeof(float) * T);

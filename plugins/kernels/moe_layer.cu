@@ -63,9 +63,18 @@ bool aligned(void const* p, uintptr_t a)
 
 enum class Need
 {
-    kRoute,   // router inputs only
-    kForward, // everything, workspace included
+    kRoute,   // router inputs and the workspace
+    kForward, // everything
 };
+
+int32_t check_tensor(void const* t)
+{
+    if (t == nullptr)
+    {
+        return QMOE_ERR_NULL_POINTER;
+    }
+    return aligned(t, 16) ? QMOE_OK : QMOE_ERR_MISALIGNED;
+}
 
 int32_t check(qmoe_moe_params const* p, Need need)
 {
@@ -98,33 +107,29 @@ int32_t check(qmoe_moe_params const* p, Need need)
         return QMOE_ERR_BAD_SHAPE;
     }
     bool const shared = p->shared_intermediate_size > 0;
-    void const* route_inputs[] = {p->hidden, p->router_weight, shared ? p->shared_expert_gate_weight : p->hidden};
-    void const* expert_inputs[] = {p->gate_up_weight, p->down_weight, p->output,
-        shared ? p->shared_gate_up_weight : p->gate_up_weight, shared ? p->shared_down_weight : p->down_weight};
-    for (void const* t : route_inputs)
+    void const* tensors[8] = {p->hidden, p->router_weight};
+    int n = 2;
+    if (shared)
     {
-        if (t == nullptr)
+        tensors[n++] = p->shared_expert_gate_weight;
+    }
+    if (need == Need::kForward)
+    {
+        tensors[n++] = p->gate_up_weight;
+        tensors[n++] = p->down_weight;
+        tensors[n++] = p->output;
+        if (shared)
         {
-            return QMOE_ERR_NULL_POINTER;
-        }
-        if (!aligned(t, 16))
-        {
-            return QMOE_ERR_MISALIGNED;
+            tensors[n++] = p->shared_gate_up_weight;
+            tensors[n++] = p->shared_down_weight;
         }
     }
-    if (need == Need::kRoute)
+    for (int i = 0; i < n; ++i)
     {
-        return QMOE_OK;
-    }
-    for (void const* t : expert_inputs)
-    {
-        if (t == nullptr)
+        int32_t const status = check_tensor(tensors[i]);
+        if (status != QMOE_OK)
         {
-            return QMOE_ERR_NULL_POINTER;
-        }
-        if (!aligned(t, 16))
-        {
-            return QMOE_ERR_MISALIGNED;
+            return status;
         }
     }
     if (p->workspace == nullptr)
@@ -166,6 +171,7 @@ MoeArgs make_args(qmoe_moe_params const* p)
     {
         WorkspaceLayout const l = workspace_layout(a.T, a.H, a.E, a.k, a.I, a.Is, 2);
         char* const ws = static_cast<char*>(p->workspace);
+        a.logits = reinterpret_cast<float*>(ws + l.logits);
         a.topk_ids = reinterpret_cast<int32_t*>(ws + l.topk_ids);
         a.topk_weights = reinterpret_cast<float*>(ws + l.topk_weights);
         a.shared_gate = reinterpret_cast<float*>(ws + l.shared_gate);

@@ -12,30 +12,29 @@ namespace
 
 constexpr int kRouterThreads = 256;
 constexpr int kRouterWarps = kRouterThreads / kWarp;
-constexpr int kRouterTokens = 4; // token rows per CTA: each router weight row is read once per 4 tokens
+constexpr int kRouterTokens = 4; // token rows staged per CTA: each weight row is read once per 4 tokens
 constexpr int kLogitsPerLane = kMaxExperts / kWarp;
 constexpr int kPermuteThreads = 1024;
 
 struct RouterOut
 {
-    int32_t* ids;      // [T, k]
-    float* weights;    // [T, k]
+    int32_t* ids;       // [T, k]
+    float* weights;     // [T, k]
     float* shared_gate; // [T] or nullptr
 };
 
-// One CTA: kRouterTokens tokens. Warps split the E (+1 shared gate) weight rows; each lane reads
-// 16-byte chunks of a row once and applies them to every token staged in shared memory. Then warp r
-// turns token r's logits into top-k probabilities.
+// Logits of kRouterTokens tokens x kRouterWarps weight rows per CTA (grid: token blocks x row blocks,
+// rows = E routed + 1 shared gate), so even one token spreads the router matrix over many SMs. Each
+// lane reads 16-byte chunks of its warp's row once and applies them to every staged token.
 template <typename T>
-__global__ void __launch_bounds__(kRouterThreads) router_kernel(MoeArgs a, RouterOut o)
+__global__ void __launch_bounds__(kRouterThreads) router_logits_kernel(MoeArgs a)
 {
     extern __shared__ uint4 s_x[]; // [kRouterTokens][H/8]
-    __shared__ float s_logits[kRouterTokens][kMaxGroups];
-
     int const chunks = a.H / 8;
+    int const rows = a.E + a.has_shared;
     int const t0 = blockIdx.x * kRouterTokens;
     int const nt = min(kRouterTokens, a.T - t0);
-    int const warp = threadIdx.x / kWarp;
+    int const e = blockIdx.y * kRouterWarps + threadIdx.x / kWarp;
     int const lane = threadIdx.x % kWarp;
     T const* x = static_cast<T const*>(a.x);
 
@@ -46,48 +45,55 @@ __global__ void __launch_bounds__(kRouterThreads) router_kernel(MoeArgs a, Route
         s_x[c] = r < nt ? load_cached16(x + (static_cast<int64_t>(t0 + r) * a.H + kc * 8)) : make_uint4(0, 0, 0, 0);
     }
     __syncthreads();
-
-    for (int e = warp; e < a.E + a.has_shared; e += kRouterWarps)
-    {
-        T const* w = e < a.E ? static_cast<T const*>(a.router_w) + static_cast<int64_t>(e) * a.H
-                             : static_cast<T const*>(a.shared_gate_w);
-        float acc[kRouterTokens] = {};
-        for (int kc = lane; kc < chunks; kc += kWarp)
-        {
-            float wf[8];
-            unpack8<T>(load_cached16(w + kc * 8), wf);
-#pragma unroll
-            for (int r = 0; r < kRouterTokens; ++r)
-            {
-                float xf[8];
-                unpack8<T>(s_x[r * chunks + kc], xf);
-#pragma unroll
-                for (int q = 0; q < 8; ++q)
-                {
-                    acc[r] = fmaf(wf[q], xf[q], acc[r]);
-                }
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < kRouterTokens; ++r)
-        {
-            float const v = warp_sum(acc[r]);
-            if (lane == 0)
-            {
-                s_logits[r][e] = round_to<T>(v);
-            }
-        }
-    }
-    __syncthreads();
-
-    if (warp >= nt)
+    if (e >= rows)
     {
         return;
     }
-    int const t = t0 + warp;
-    float const* logits = s_logits[warp];
 
-    // Softmax over the E routed logits, fp32. Lane l holds experts l, l+32, ...
+    T const* w = e < a.E ? static_cast<T const*>(a.router_w) + static_cast<int64_t>(e) * a.H
+                         : static_cast<T const*>(a.shared_gate_w);
+    float acc[kRouterTokens] = {};
+#pragma unroll 4
+    for (int kc = lane; kc < chunks; kc += kWarp)
+    {
+        float wf[8];
+        unpack8<T>(load_cached16(w + kc * 8), wf);
+#pragma unroll
+        for (int r = 0; r < kRouterTokens; ++r)
+        {
+            float xf[8];
+            unpack8<T>(s_x[r * chunks + kc], xf);
+#pragma unroll
+            for (int q = 0; q < 8; ++q)
+            {
+                acc[r] = fmaf(wf[q], xf[q], acc[r]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < kRouterTokens; ++r)
+    {
+        float const v = warp_sum(acc[r]);
+        if (lane == 0 && r < nt)
+        {
+            a.logits[static_cast<int64_t>(t0 + r) * rows + e] = round_to<T>(v); // as a bf16/fp16 Linear returns it
+        }
+    }
+}
+
+// One warp per token: fp32 softmax over the E routed logits, top-k, optional renormalisation,
+// shared-expert gate.
+__global__ void __launch_bounds__(kRouterThreads) router_topk_kernel(MoeArgs a, RouterOut o)
+{
+    int const t = blockIdx.x * kRouterWarps + threadIdx.x / kWarp;
+    int const lane = threadIdx.x % kWarp;
+    if (t >= a.T)
+    {
+        return;
+    }
+    float const* logits = a.logits + static_cast<int64_t>(t) * (a.E + a.has_shared);
+
+    // Lane l holds experts l, l+32, ...
     float p[kLogitsPerLane];
     float m = -INFINITY;
 #pragma unroll
@@ -98,9 +104,9 @@ __global__ void __launch_bounds__(kRouterThreads) router_kernel(MoeArgs a, Route
         m = fmaxf(m, p[j]);
     }
 #pragma unroll
-    for (int o = kWarp / 2; o > 0; o >>= 1)
+    for (int off = kWarp / 2; off > 0; off >>= 1)
     {
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
     }
     float s = 0.0f;
 #pragma unroll
@@ -134,10 +140,10 @@ __global__ void __launch_bounds__(kRouterThreads) router_kernel(MoeArgs a, Route
             }
         }
 #pragma unroll
-        for (int o = kWarp / 2; o > 0; o >>= 1)
+        for (int off = kWarp / 2; off > 0; off >>= 1)
         {
-            float const ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            int const oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            float const ov = __shfl_xor_sync(0xffffffffu, bv, off);
+            int const oi = __shfl_xor_sync(0xffffffffu, bi, off);
             if (ov > bv || (ov == bv && oi < bi))
             {
                 bv = ov;
@@ -258,12 +264,14 @@ cudaError_t launch_router_t(MoeArgs const& a, RouterOut o, cudaStream_t stream)
 {
     size_t const smem = sizeof(T) * kRouterTokens * a.H;
     cudaError_t err = cudaFuncSetAttribute(
-        router_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+        router_logits_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess)
     {
         return err;
     }
-    router_kernel<T><<<ceil_div(a.T, kRouterTokens), kRouterThreads, smem, stream>>>(a, o);
+    dim3 const grid(ceil_div(a.T, kRouterTokens), ceil_div(a.E + a.has_shared, kRouterWarps));
+    router_logits_kernel<T><<<grid, kRouterThreads, smem, stream>>>(a);
+    router_topk_kernel<<<ceil_div(a.T, kRouterWarps), kRouterThreads, 0, stream>>>(a, o);
     return cudaGetLastError();
 }
 

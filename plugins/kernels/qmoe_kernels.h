@@ -97,7 +97,8 @@ int32_t qmoe_moe_forward(const qmoe_moe_params* p, cudaStream_t stream);
 
 /* Router only (for tests and debugging): writes topk_ids [T, k] int32 (expert ids, descending
  * probability), topk_weights [T, k] fp32 (after optional renormalisation) and, if Is > 0,
- * shared_gate [T] fp32 = sigmoid(shared_expert_gate . x). Needs no workspace. */
+ * shared_gate [T] fp32 = sigmoid(shared_expert_gate . x). Reads hidden, router_weight and
+ * shared_expert_gate_weight; uses the workspace like qmoe_moe_forward (same size query). */
 int32_t qmoe_moe_route(const qmoe_moe_params* p, int32_t* topk_ids, float* topk_weights, float* shared_gate,
     cudaStream_t stream);
 

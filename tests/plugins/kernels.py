@@ -188,6 +188,8 @@ class Kernels:
         import torch
 
         p = self.moe_params(x, weights, top_k, norm_topk_prob)
+        ws = torch.empty(self.lib.qmoe_moe_workspace_size(ctypes.byref(p)), dtype=torch.uint8, device=x.device)
+        p.workspace, p.workspace_size = ws.data_ptr(), ws.numel()
         T = x.shape[0]
         ids = torch.empty(T, top_k, dtype=torch.int32, device=x.device)
         w = torch.empty(T, top_k, dtype=torch.float32, device=x.device)

@@ -131,6 +131,9 @@ def test_launchers_validate_before_touching_the_gpu(kernels_lib: Path) -> None:
     assert status(shared_intermediate_size=0, shared_gate_up_weight=0, shared_down_weight=0,
                   shared_expert_gate_weight=0) == K.OK
     assert status(shared_expert_gate_weight=0) == K.ERR_NULL_POINTER
+    # The router alone needs the workspace too (its logits live there).
+    p = _params(workspace=0)
+    assert lib.lib.qmoe_moe_route(ctypes.byref(p), 0x30000, 0x30000, 0x30000, None) == K.ERR_NULL_POINTER
     # Zero tokens: nothing to do, nothing launched (this machine may have no GPU at all).
     p = _params(num_tokens=0, output=0)
     assert lib.lib.qmoe_moe_forward(ctypes.byref(p), None) == K.OK
