@@ -37,13 +37,20 @@ class ExportError(QmoeError, ValueError):
     pass
 
 
+DEFAULT_DTYPE = {"onnxruntime": "float32", "tensorrt": "float16"}
+
+
 def dtypes_for(target: str, dtype: str) -> tuple[str, str]:
     """(weight dtype, compute dtype). ONNX Runtime's CPU provider has no bf16 kernels: a bf16
-    artifact stores bf16 weights and computes in fp32 (Cast nodes ORT folds at load)."""
+    artifact stores bf16 weights and computes in fp32 (Cast nodes ORT folds at load). The
+    routed-experts plugin is bf16/fp16 only (contract), so the tensorrt target is too."""
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    if target == "tensorrt" and dtype == "float32":
+        raise ExportError("the tensorrt target runs the routed experts in float16 or bfloat16 (QmoeRoutedExperts "
+                          "plugin); use --dtype float16 or --dtype bfloat16")
     if target == "onnxruntime" and dtype == "bfloat16":
         return "bfloat16", "float32"
     return dtype, dtype
@@ -54,13 +61,16 @@ def export(
     output_dir: str | Path,
     *,
     target: str = "onnxruntime",
-    dtype: str = "float32",
+    dtype: str | None = None,
     force: bool = False,
     link_weights: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Exports a Qwen2-MoE checkpoint; returns the artifact folder. See module docstring."""
+    """Exports a Qwen2-MoE checkpoint; returns the artifact folder. See module docstring.
+    `dtype` None: float32 for onnxruntime, float16 for tensorrt."""
     import torch
+
+    dtype = dtype or DEFAULT_DTYPE.get(target, "float32")
 
     weight_dtype, compute_dtype = dtypes_for(target, dtype)
     ckpt = Checkpoint(checkpoint_dir)

@@ -60,7 +60,7 @@ def _plugin(spec: contract.PluginSpec) -> OpSchema:
              "int64": "tensor(int64)", "int32": "tensor(int32)"}
     constraints, inputs = [], []
     for t in spec.inputs:
-        name = "T" if t.dtypes == contract._FLOAT else "T_" + t.name
+        name = "T" if t.dtypes == spec.inputs[0].dtypes else "T_" + t.name
         if name != "T":
             constraints.append((name, [types[d] for d in t.dtypes], ""))
         inputs.append(_io(t.name, name))
@@ -71,7 +71,7 @@ def _plugin(spec: contract.PluginSpec) -> OpSchema:
     return OpSchema(
         spec.name, contract.PLUGIN_DOMAIN, 1,
         inputs=inputs, outputs=[_io(t.name) for t in spec.outputs],
-        type_constraints=[("T", _T, ""), *constraints], attributes=attrs,
+        type_constraints=[("T", [types[d] for d in spec.inputs[0].dtypes], ""), *constraints], attributes=attrs,
     )
 
 

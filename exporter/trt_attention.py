@@ -45,7 +45,8 @@ def trt_attention(query, key, value, past_key, past_value, seqlens_k, total_sequ
     positions = op.Add(op.Unsqueeze(start, _c(1)), op.Unsqueeze(steps, _c(0)))  # [B, S]
 
     q_rot, k_rot = getattr(trt, spec.name)(
-        query, key, cos_cache, sin_cache, positions, plugin_version=spec.version,
+        # the plugin reads fp32 tables (contract); the graph's tables are in the compute dtype
+        query, key, op.Cast(cos_cache, to=_F32), op.Cast(sin_cache, to=_F32), positions, plugin_version=spec.version,
         plugin_namespace=spec.namespace, num_heads=num_heads, num_kv_heads=kv_num_heads, head_dim=D, _outputs=2,
     )
 

@@ -94,11 +94,13 @@ def tiny(out_dir: str, seed: int, dtype: str, force: bool) -> None:
 @click.option("-o", "--output", "output_dir", required=True, type=click.Path(file_okay=False),
               help="Artifact folder to create.")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Default: float32 for onnxruntime, float16 for tensorrt.")
 @click.option("--link-weights", is_flag=True,
               help="Hard-link checkpoint shards into the artifact instead of copying tensors that need no change.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
-def export(checkpoint_dir: str, output_dir: str, target: str, dtype: str, link_weights: bool, force: bool) -> None:
+def export(checkpoint_dir: str, output_dir: str, target: str, dtype: str | None, link_weights: bool,
+           force: bool) -> None:
     """Export a Hugging Face Qwen2-MoE checkpoint to an ONNX artifact."""
     from tqdm import tqdm
 

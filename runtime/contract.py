@@ -48,6 +48,7 @@ class PluginSpec:
 
 
 _FLOAT = ("float16", "bfloat16", "float32")
+_HALF = ("float16", "bfloat16")  # the routed-experts kernels are tensor-core bf16/fp16 only
 
 ROUTED_EXPERTS = PluginSpec(
     name="QmoeRoutedExperts",
@@ -60,15 +61,15 @@ ROUTED_EXPERTS = PluginSpec(
         Field("shared_intermediate_size", "int32", "Is, intermediate size of the shared expert (0: none)"),
     ),
     inputs=(
-        Tensor("hidden", _FLOAT, "[T, H]", "normed hidden states, tokens flattened"),
-        Tensor("router_weight", _FLOAT, "[E, H]", "router (mlp.gate.weight); softmax runs in fp32"),
-        Tensor("gate_up_weight", _FLOAT, "[E, 2*I, H]", "rows 0..I-1 gate_proj, I..2I-1 up_proj"),
-        Tensor("down_weight", _FLOAT, "[E, H, I]", "down_proj"),
-        Tensor("shared_gate_up_weight", _FLOAT, "[2*Is, H]", "shared expert gate_proj then up_proj"),
-        Tensor("shared_down_weight", _FLOAT, "[H, Is]", "shared expert down_proj"),
-        Tensor("shared_expert_gate_weight", _FLOAT, "[1, H]", "sigmoid gate of the shared expert"),
+        Tensor("hidden", _HALF, "[T, H]", "normed hidden states, tokens flattened"),
+        Tensor("router_weight", _HALF, "[E, H]", "router (mlp.gate.weight); softmax runs in fp32"),
+        Tensor("gate_up_weight", _HALF, "[E, 2*I, H]", "rows 0..I-1 gate_proj, I..2I-1 up_proj"),
+        Tensor("down_weight", _HALF, "[E, H, I]", "down_proj"),
+        Tensor("shared_gate_up_weight", _HALF, "[2*Is, H]", "shared expert gate_proj then up_proj"),
+        Tensor("shared_down_weight", _HALF, "[H, Is]", "shared expert down_proj"),
+        Tensor("shared_expert_gate_weight", _HALF, "[1, H]", "sigmoid gate of the shared expert"),
     ),
-    outputs=(Tensor("output", _FLOAT, "[T, H]", "routed sum + sigmoid(gate) * shared expert"),),
+    outputs=(Tensor("output", _HALF, "[T, H]", "routed sum + sigmoid(gate) * shared expert"),),
 )
 
 ROTARY = PluginSpec(

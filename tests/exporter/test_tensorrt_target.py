@@ -20,7 +20,7 @@ from tests.helpers import hf_model, rope_cache
 
 @pytest.fixture(scope="module")
 def trt_artifact(tiny_checkpoint, tmp_path_factory):
-    return export(tiny_checkpoint, tmp_path_factory.mktemp("trt") / "art", target="tensorrt")
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("trt") / "art", target="tensorrt", dtype="float16")
 
 
 def _plugin_nodes(model):
@@ -99,18 +99,27 @@ class QmoeRoutedExperts(OpRun):
         return (out + shared / (1 + np.exp(-(x @ s_gate.T)))).astype(x.dtype),
 
 
+def test_float32_is_refused(tiny_checkpoint, tmp_path):
+    from exporter.export import ExportError
+
+    with pytest.raises(ExportError, match="use --dtype float16 or --dtype bfloat16"):
+        export(tiny_checkpoint, tmp_path / "x", target="tensorrt", dtype="float32")
+    assert not (tmp_path / "x").exists()
+
+
 def test_reference_evaluation_matches_transformers(trt_artifact, tiny_checkpoint):
-    """Prefill of a ragged batch of 2, then one decode step, through the tensorrt graph."""
+    """Prefill of a ragged batch of 2, then one decode step, through the fp16 tensorrt graph vs
+    transformers in fp32: logits |delta| <= 5e-2 (fp16 compute, unit-scale logits), same argmax."""
     sess = ReferenceEvaluator(str(trt_artifact / "model.onnx"), new_ops=[QmoeRotary, QmoeRoutedExperts])
     hf = hf_model(tiny_checkpoint)
     prompts = [[9707, 11, 1879, 0, 220], [151644, 872, 198]]
     B, S, C = 2, 5, 8
-    cos, sin = rope_cache(16, 1e6, 64)
+    cos, sin = (t.astype(np.float16) for t in rope_cache(16, 1e6, 64))
     lengths = np.array([5, 3], np.int32)
     ids = np.zeros((B, S), np.int64)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = p
-    past = {n: np.zeros((B, 2, C, 16), np.float32) for n in io_names(2).inputs[7:]}
+    past = {n: np.zeros((B, 2, C, 16), np.float16) for n in io_names(2).inputs[7:]}
     feeds = dict(input_ids=ids, query_seqlens=lengths, seqlens_k=lengths - 1, total_sequence_length=np.array(C, np.int32),
                  cos_cache=cos, sin_cache=sin, logits_indices=(lengths - 1)[:, None].astype(np.int64), **past)
     out = sess.run(None, feeds)
@@ -118,11 +127,11 @@ def test_reference_evaluation_matches_transformers(trt_artifact, tiny_checkpoint
     with torch.no_grad():
         for i, p in enumerate(prompts):
             ref = hf(torch.tensor([p])).logits[0, -1].numpy()
-            assert np.abs(out[0][i, 0] - ref).max() <= 1e-4
+            assert np.abs(out[0][i, 0] - ref).max() <= 5e-2 and out[0][i, 0].argmax() == ref.argmax()
     feeds.update(input_ids=nxt[:, None], query_seqlens=np.ones(B, np.int32), seqlens_k=lengths,
                  logits_indices=np.zeros((B, 1), np.int64), **dict(zip(io_names(2).inputs[7:], out[1:])))
     out2 = sess.run(None, feeds)
     with torch.no_grad():
         for i, p in enumerate(prompts):
             ref = hf(torch.tensor([p + [int(nxt[i])]])).logits[0, -1].numpy()
-            assert np.abs(out2[0][i, 0] - ref).max() <= 1e-4
+            assert np.abs(out2[0][i, 0] - ref).max() <= 5e-2 and out2[0][i, 0].argmax() == ref.argmax()
