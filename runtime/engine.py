@@ -154,14 +154,13 @@ class Engine:
         results = [GenerationResult(list(map(int, x)), logits=[] if output_logits else None) for x in prompts]
         on_logits = (lambda i, row: results[i].logits.append(row)) if output_logits else None  # type: ignore[union-attr]
         p = self._params(sampling)
-        stops = _StopStrings(p.stop, self.tokenizer, len(results)) if p.stop else None
         cancelled: set[int] = set()
         for ev in self.stream_tokens(prompts, p, rope_mode, on_logits, cancelled):
             r = results[ev.row]
             r.tokens.append(ev.token)
             if ev.finished:
                 r.finish_reason = ev.finish_reason or "length"
-            if stops and not ev.finished and stops.hit(ev.row, r.tokens):
+            if p.stop and not ev.finished and find_stop(self.tokenizer.decode(r.tokens), p.stop) is not None:
                 r.finish_reason = "stop"
                 cancelled.add(ev.row)
         for i, r in enumerate(results):
@@ -169,8 +168,9 @@ class Engine:
                 r.text = self.tokenizer.decode(r.tokens[:-1])
             else:
                 r.text = self.tokenizer.decode(r.tokens)
-            if stops:
-                r.text = stops.truncate(r.text)
+            cut = find_stop(r.text, p.stop)
+            if cut is not None:
+                r.text = r.text[:cut]
         return results
 
     # --- text level -------------------------------------------------------------------------
@@ -234,18 +234,6 @@ class Engine:
             pending = pending[:cut]
         if pending:
             yield pending
-
-
-class _StopStrings:
-    def __init__(self, stops: Sequence[str], tokenizer: Tokenizer, rows: int) -> None:
-        self.stops, self.tokenizer = list(stops), tokenizer
-
-    def hit(self, row: int, tokens: list[int]) -> bool:
-        return find_stop(self.tokenizer.decode(tokens), self.stops) is not None
-
-    def truncate(self, text: str) -> str:
-        cut = find_stop(text, self.stops)
-        return text if cut is None else text[:cut]
 
 
 def load(artifact: str | Path, backend: str = "auto", device: str = "auto", rope_mode: RopeMode | None = None,
