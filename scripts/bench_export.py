@@ -29,15 +29,17 @@ CONFIG = dict(hidden_size=1024, num_hidden_layers=4, num_attention_heads=8, num_
               intermediate_size=2048)
 
 CHILD_QMOE = """
-import resource, sys, time, json
+import sys, time, json
+from runtime.procinfo import peak_rss
 from exporter.export import export
 t = time.perf_counter()
 export(sys.argv[1], sys.argv[2])
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": peak_rss()}))
 """
 
 CHILD_HF = """
-import resource, sys, time, json, torch, transformers
+import sys, time, json, torch, transformers
+from runtime.procinfo import peak_rss
 t = time.perf_counter()
 model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
 loaded = time.perf_counter() - t
@@ -48,7 +50,7 @@ try:
 except Exception as e:  # record why the transformers route fails, as the result
     status = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
 print(json.dumps({"seconds": time.perf_counter() - t, "load_seconds": loaded, "status": status,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss": peak_rss()}))
 """
 
 
