@@ -242,16 +242,21 @@ def chat(artifact: str, system: str | None, backend: str, device: str, rope_mode
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes the server).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--served-model-name", default=None, help="Model id clients send (default: the artifact folder name).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests that share decode steps (continuous batching); 1 serves one at a time.")
+@click.option("--max-context", "capacity", type=click.IntRange(min=2), default=None,
+              help="Tokens per request (prompt + max_tokens) the KV cache holds "
+                   "[default: min(the model's context, 32768)].")
 @engine_options
-def serve(artifact: str, host: str, port: int, served_model_name: str | None, backend: str, device: str,
-          rope_mode: str | None) -> None:
+def serve(artifact: str, host: str, port: int, served_model_name: str | None, max_batch: int, capacity: int | None,
+          backend: str, device: str, rope_mode: str | None) -> None:
     """Serve the OpenAI API (/v1/models, /v1/chat/completions, /v1/completions) over HTTP."""
     try:
         from .serve import serve as run_server
     except ImportError as e:
         raise click.ClickException(f"serve needs the serve extra ({e.name} missing): pip install 'qmoe[serve]'")
     run_server(artifact, host=host, port=port, served_model_name=served_model_name, backend=backend, device=device,
-               rope_mode=rope_mode)
+               rope_mode=rope_mode, max_batch=max_batch, capacity=capacity)
 
 
 @main.command()

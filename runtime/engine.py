@@ -205,36 +205,64 @@ class Engine:
         """Text deltas of one completion; never splits a UTF-8 character, never emits a stop
         string (text that might start one is held back until it cannot)."""
         p = self._params(sampling)
-        decoder = self.tokenizer.stream_decoder()
-        pending = ""
-        result = result if result is not None else GenerationResult(list(ids))
+        text = TextStream(self.tokenizer, p, result if result is not None else GenerationResult(list(ids)))
         cancelled: set[int] = set()
         for ev in self.stream_tokens([ids], p, rope_mode, cancelled=cancelled):
-            result.tokens.append(ev.token)
-            if ev.finished:
-                result.finish_reason = ev.finish_reason or "length"
-            if ev.token in p.stop_token_ids and not p.ignore_eos:
-                break
-            pending += decoder.push(ev.token)
-            cut = find_stop(pending, p.stop)
-            if cut is not None:
-                result.finish_reason = "stop"
-                if pending[:cut]:
-                    yield pending[:cut]
+            delta = text.push(ev.token, ev.finish_reason if ev.finished else None)
+            if delta:
+                yield delta
+            if text.stopped:
                 cancelled.add(0)
                 return
-            safe = len(pending) - stop_holdback(pending, p.stop)
-            if safe > 0:
-                yield pending[:safe]
-                pending = pending[safe:]
-        pending += decoder.flush()
-        cut = find_stop(pending, p.stop)
-        if cut is not None:
-            result.finish_reason = "stop"
-            pending = pending[:cut]
-        if pending:
-            yield pending
+            if ev.finished:
+                break
+        tail = text.finish()
+        if tail:
+            yield tail
 
+
+class TextStream:
+    """One completion's generated ids -> text deltas (the continuous-batching scheduler uses it too).
+
+    Never splits a UTF-8 character (StreamDecoder); holds back text that might start a stop string
+    until it cannot; cuts at the first stop string (`stopped`: generate no more). An eos id (unless
+    ignore_eos) is counted in `result.tokens` but adds no text. Call `finish()` after the last token.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, result: GenerationResult) -> None:
+        self.params, self.result = params, result
+        self.stopped = False
+        self._decoder = tokenizer.stream_decoder()
+        self._pending = ""
+
+    def push(self, token: int, finish_reason: str | None = None) -> str:
+        """Records one token (finish_reason: the token ends the generation); returns the text now safe to emit."""
+        r, p = self.result, self.params
+        r.tokens.append(token)
+        if finish_reason:
+            r.finish_reason = finish_reason
+        if token in p.stop_token_ids and not p.ignore_eos:
+            return ""
+        self._pending += self._decoder.push(token)
+        cut = find_stop(self._pending, p.stop)
+        if cut is not None:
+            r.finish_reason, self.stopped = "stop", True
+            out, self._pending = self._pending[:cut], ""
+            return out
+        safe = len(self._pending) - stop_holdback(self._pending, p.stop)
+        out, self._pending = self._pending[:max(safe, 0)], self._pending[max(safe, 0):]
+        return out
+
+    def finish(self) -> str:
+        """The held-back tail (cut at a stop string that only the flushed text completes)."""
+        if self.stopped:
+            return ""
+        pending, self._pending = self._pending + self._decoder.flush(), ""
+        cut = find_stop(pending, self.params.stop)
+        if cut is not None:
+            self.result.finish_reason = "stop"
+            pending = pending[:cut]
+        return pending
 
 def load(artifact: str | Path, backend: str = "auto", device: str = "auto", rope_mode: RopeMode | None = None,
          prefill_chunk: int = 2048) -> Engine:

@@ -1,16 +1,21 @@
 """OpenAI-compatible HTTP server for one artifact: /v1/models, /v1/chat/completions, /v1/completions.
 
-    request (event loop) -> [parse + validate -> Job] -> FIFO queue -> [worker thread: engine.stream_text]
-      -> text deltas via loop.call_soon_threadsafe -> the job's asyncio.Queue -> JSON body or SSE chunks
+    request (event loop) -> [parse + validate -> Job] -> FIFO queue -> [worker thread: BatchScheduler
+      steps] -> text deltas via loop.call_soon_threadsafe -> the job's asyncio.Queue -> JSON body or SSE chunks
 
-One worker thread owns the engine and runs one generation at a time, fed by a FIFO queue. The
-engine is single-stream (not thread-safe, one KV cache per generation) and CPU/GPU-bound, so
-running requests side by side would only interleave them more slowly; the queue serves them in
-arrival order (fair), each output comes from exactly one generation (never mixed), and the event
-loop stays free to accept requests, stream deltas and notice clients that leave. A client that
-disconnects sets its job's cancel flag: the worker checks it between deltas and stops iterating
-the engine's generator (a queued job is dropped unstarted), so the next request starts at once.
-Continuous batching (requests joining and leaving shared decode steps) is future work.
+One worker thread owns the engine (not thread-safe) and a continuous-batching scheduler
+(runtime/batching.py): up to `max_batch` requests share each step over one preallocated KV cache,
+a new request joins (its prefill rides along with the others' decode tokens) as soon as a slot is
+free, and a finished one leaves at once. Between steps the worker moves newly queued jobs into the
+scheduler, in arrival order; while nothing runs it sleeps on the queue. Each output comes from its
+own slot and sampler, so it equals the request run alone. The event loop stays free to accept
+requests, stream deltas and notice clients that leave: a client that disconnects sets its job's
+cancel flag, and the scheduler frees its slot before the next step (a queued job is dropped
+unstarted). `max_batch=1` serves one request at a time, in arrival order.
+
+The KV cache holds `capacity` tokens per request (prompt + max_tokens), default
+min(the model's context for its rope mode, 32768): the server reports it as max_model_len and
+rejects longer requests with a 400 before queueing.
 
 Everything a request can get wrong is checked before it is queued and answered with OpenAI's error
 shape, {"error": {"message", "type", "param", "code"}}, and a 4xx status. Unknown fields are
@@ -30,7 +35,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Generator, Mapping, cast
+from typing import Any, AsyncIterator, Mapping
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -39,11 +44,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .batching import BatchScheduler
 from .engine import Engine, GenerationResult
 from .errors import QmoeError
 from .sampling import SamplingError, SamplingParams
 from .tokenizer import ChatMessageError, ChatTemplateError
-from .yarn import context_limit
 
 log = logging.getLogger("qmoe.serve")
 
@@ -127,11 +132,13 @@ def chat_messages(value: Any) -> list[dict[str, Any]]:
 class Service:
     """The model behind the routes: validates requests against it and owns the worker."""
 
-    def __init__(self, engine: Engine, model_name: str, defaults: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, engine: Engine, model_name: str, defaults: Mapping[str, Any] | None = None,
+                 max_batch: int = 8, capacity: int | None = None) -> None:
         self.engine, self.model_name = engine, model_name
         self.defaults = dict(defaults or {})
-        self.context_limit = context_limit(engine.config, engine.rope_mode)
-        self.worker = EngineWorker(engine)
+        self.worker = EngineWorker(engine, max_batch, capacity)
+        # what one request may hold: the model's context for the rope mode, capped by the KV cache
+        self.context_limit = self.worker.scheduler.capacity
         self.created = int(time.time())
 
     def parse(self, kind: str, body: Mapping[str, Any]) -> GenerationRequest:
@@ -179,7 +186,7 @@ class Service:
         if max_tokens < 1:
             raise APIError(f"{name} must be at least 1, got {max_tokens}", param=name)
         if prompt_len + max_tokens > self.context_limit:
-            raise APIError(f"this model's context is {self.context_limit} tokens; the prompt has {prompt_len} and "
+            raise APIError(f"this server's context is {self.context_limit} tokens; the prompt has {prompt_len} and "
                            f"{name} is {max_tokens}; shorten the prompt or lower {name}",
                            param=name, code="context_length_exceeded")
         chosen = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
@@ -200,7 +207,7 @@ class Finished:
     completion_tokens: int
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the worker keeps running jobs in a set
 class Job:
     prompt_ids: list[int]
     sampling: SamplingParams
@@ -238,15 +245,17 @@ def _shutting_down() -> APIError:
 
 
 class EngineWorker:
-    """The one thread that runs generations, in the order they were submitted."""
+    """The one thread that owns the engine: it feeds submitted jobs to a continuous-batching
+    scheduler in arrival order and runs its steps while there is work."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, max_batch: int = 8, capacity: int | None = None) -> None:
         self.engine = engine
+        self.scheduler = BatchScheduler(engine, max_slots=max_batch, capacity=capacity)
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="qmoe-engine-worker", daemon=True)
         self._lock = threading.Lock()  # orders taking a job against shutting down
         self._closed = False
-        self._current: Job | None = None
+        self._running: set[Job] = set()  # handed to the scheduler, not finished
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
@@ -268,7 +277,7 @@ class EngineWorker:
         finish now instead of holding the server's shutdown."""
         with self._lock:
             self._closed = True
-            ending = [self._current]
+            ending: list[Job | None] = list(self._running)
             with contextlib.suppress(queue.Empty):
                 while True:
                     ending.append(self._jobs.get_nowait())
@@ -288,34 +297,49 @@ class EngineWorker:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            with self._lock:
-                if self._closed:
-                    job.fail(_shutting_down())
-                    continue
-                if job.cancelled.is_set():  # its client left while it waited
-                    continue
-                self._current = job
+        while True:
+            # Between steps: take every job that arrived; wait for one only when there is no work.
             try:
-                job.emit(self._generate(job))
-            except Exception as e:  # noqa: BLE001  (reported to that request; the worker keeps serving)
-                log.exception("generation failed")
-                job.emit(e)
-            finally:
-                with self._lock:
-                    self._current = None
+                job = self._jobs.get(block=not self.scheduler.has_work())
+            except queue.Empty:
+                job = None
+            else:
+                if job is None:
+                    return
+                self._start(job)
+                continue
+            try:
+                self.scheduler.step()
+            except Exception:  # noqa: BLE001  (reported to its requests by on_error; the worker keeps serving)
+                log.exception("generation step failed")
 
-    def _generate(self, job: Job) -> Finished:
-        result = GenerationResult(list(job.prompt_ids))
-        deltas = cast(Generator[str, None, None], self.engine.stream_text(job.prompt_ids, job.sampling, result=result))
+    def _start(self, job: Job) -> None:
+        with self._lock:
+            if self._closed:
+                job.fail(_shutting_down())
+                return
+            if job.cancelled.is_set():  # its client left while it waited
+                return
+            self._running.add(job)
+
+        def finished(result: GenerationResult) -> None:
+            self._done(job)
+            job.emit(Finished(result.finish_reason, len(result.tokens)))
+
+        def failed(error: BaseException) -> None:
+            self._done(job)
+            job.emit(error)
+
         try:
-            for delta in deltas:
-                if job.cancelled.is_set():
-                    break
-                job.emit(delta)
-        finally:
-            deltas.close()  # stops the engine's generator: no more decode steps for this job
-        return Finished(result.finish_reason, len(result.tokens))
+            self.scheduler.submit(job.prompt_ids, job.sampling, on_delta=job.emit, on_finish=finished,
+                                  on_error=failed, cancelled=job.cancelled)
+        except Exception as e:  # noqa: BLE001  (requests are checked before queueing; report, keep serving)
+            log.exception("cannot schedule a request")
+            failed(e)
+
+    def _done(self, job: Job) -> None:
+        with self._lock:
+            self._running.discard(job)
 
 
 # --- responses ------------------------------------------------------------------------------
@@ -406,9 +430,12 @@ async def _chunks(worker: EngineWorker, req: GenerationRequest, env: _Envelope) 
 # --- the app --------------------------------------------------------------------------------
 
 
-def create_app(engine: Engine, model_name: str, defaults: Mapping[str, Any] | None = None) -> Starlette:
-    """The ASGI app; its lifespan starts and stops the engine's worker thread."""
-    service = Service(engine, model_name, defaults)
+def create_app(engine: Engine, model_name: str, defaults: Mapping[str, Any] | None = None, max_batch: int = 8,
+               capacity: int | None = None) -> Starlette:
+    """The ASGI app; its lifespan starts and stops the engine's worker thread. max_batch: requests
+    that share decode steps (1: one at a time); capacity: tokens per request (prompt + max_tokens;
+    default min(model context, runtime.batching.DEFAULT_CAPACITY))."""
+    service = Service(engine, model_name, defaults, max_batch, capacity)
 
     async def generate(request: Request, kind: str) -> Response:
         body = parse_body(await request.body())
@@ -494,7 +521,8 @@ def generation_defaults(artifact: str | Path) -> dict[str, Any]:
 
 
 def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
-          backend: str = "auto", device: str = "auto", rope_mode: Any = None, log_level: str = "info") -> None:
+          backend: str = "auto", device: str = "auto", rope_mode: Any = None, log_level: str = "info",
+          max_batch: int = 8, capacity: int | None = None) -> None:
     """Load the artifact and serve it until interrupted (Ctrl-C / SIGTERM)."""
     import uvicorn
 
@@ -503,7 +531,7 @@ def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, serve
     engine = load(artifact, backend=backend, device=device, rope_mode=rope_mode)
     defaults = generation_defaults(artifact)
     name = served_model_name or Path(artifact).resolve().name
-    app = create_app(engine, name, defaults)
+    app = create_app(engine, name, defaults, max_batch, capacity)
     worker = app.state.service.worker
 
     class Server(uvicorn.Server):

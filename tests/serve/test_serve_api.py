@@ -216,3 +216,27 @@ def test_client_leaving_a_whole_response_cancels_its_generation(server, client, 
     with pytest.raises((TimeoutError, socket.timeout, urllib.error.URLError)):
         post(server.url + "/v1/chat/completions", body, timeout=0.5)
     _bounded_followup(client, embedded, 5.0)
+
+
+def test_concurrent_streams_share_decode_steps(server, client, embedded) -> None:
+    scheduler = server.app.state.service.worker.scheduler
+    assert scheduler.max_slots == 8  # create_app's default
+    scheduler.max_batch = 0  # forget earlier tests
+    conversations = [[{"role": "user", "content": f"tell me about {w}"}]
+                     for w in "salt iron wool glass amber cedar linen basalt".split()]
+    got: dict[int, str] = {}
+    barrier = threading.Barrier(8)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        chunks = client.chat.completions.create(model=MODEL, messages=conversations[i], max_tokens=24, stream=True)
+        got[i] = "".join(c.choices[0].delta.content or "" for c in chunks)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert scheduler.max_batch > 1, "the streams should have shared steps"
+    assert [got.get(i) for i in range(8)] == [embedded.chat(c, SamplingParams(max_new_tokens=24))
+                                              for c in conversations]

@@ -1,0 +1,232 @@
+"""Continuous batching: requests join and leave shared steps over one preallocated KV cache.
+
+    submit -> [check context + plan] -> FIFO of waiting requests -> [admit into a free slot when its
+    RopePlan equals the running ones'] -> step: every slot adds its own rows to the cache
+    (a prefill chunk, 1 decode token, or 0 = idle) -> [sample per slot] -> [TextStream: deltas,
+    stop strings] -> finished / cancelled slots are free for the next request at once
+
+The cache is [max_slots, Hkv, capacity + 1, D] per layer, allocated once; a slot's positions
+restart at 0 when a new request takes it, so its stale rows are simply overwritten. The graph takes
+per-row chunks (`query_seqlens`), so one step can prefill a joining request while the others decode;
+logits are taken at each row's last valid position.
+
+Each request samples with its own `Sampler` (its own PCG64 stream), so a seeded or greedy request
+gives the tokens it gives alone through `Engine.stream_text`. All slots share one cos/sin table
+set, so requests with different rope plans (rope mode dynamic: short and long requests) never share
+steps: a request whose plan differs waits, and the requests queued behind it wait too (FIFO, so it
+cannot starve), until the running ones finish.
+
+Not thread-safe: one thread owns the scheduler (and the engine); others only set `cancelled`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .engine import Engine, GenerationResult, RequestError, TextStream
+from .sampling import Sampler, SamplingParams
+from .yarn import ContextLengthError, RopePlan, check_context, context_limit, plan_tables
+
+# Tokens per request (prompt + max_new_tokens) when the caller sets none, capped by the model's
+# context for its rope mode: Qwen2's pretrained window. ONNX Runtime's step time does not grow with
+# the capacity (attention reads each slot's own length), and cache pages are touched only once
+# written; a longer YaRN context is opt-in because 8 slots x 128k positions is tens of GB on the 57B.
+DEFAULT_CAPACITY = 32768
+
+
+@dataclass(eq=False)
+class Generation:
+    """One request in the scheduler. Callbacks run on the scheduler's thread: `on_delta` with each
+    text delta, then `on_finish` exactly once (finish_reason "stop" | "length", or "cancelled"
+    when `cancelled` was set first), or `on_error` if a step failed."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    plan: RopePlan
+    on_delta: Callable[[str], None] = lambda delta: None
+    on_finish: Callable[[GenerationResult], None] = lambda result: None
+    on_error: Callable[[BaseException], None] = lambda error: None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    result: GenerationResult = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.result = GenerationResult(list(self.prompt_ids))
+
+
+@dataclass(eq=False)
+class _Slot:
+    """A running generation's state: how much of it is in the cache, what it has produced."""
+
+    gen: Generation
+    sampler: Sampler
+    text: TextStream
+    seen: np.ndarray  # prompt + generated ids, for the repetition penalty
+    cached: int = 0  # rows of this slot's cache that hold the request's tokens
+    next_token: int = -1  # the sampled token the next step feeds (-1: still prefilling)
+
+
+class BatchScheduler:
+    def __init__(self, engine: Engine, max_slots: int = 8, capacity: int | None = None) -> None:
+        if max_slots < 1:
+            raise RequestError(f"max_slots must be >= 1, got {max_slots}")
+        limit = context_limit(engine.config, engine.rope_mode)
+        if capacity is not None and capacity < 2:
+            raise RequestError(f"capacity must be >= 2 tokens, got {capacity}")
+        self.engine = engine
+        self.max_slots = max_slots
+        if capacity is None:  # a TensorRT engine's profile bounds the cache (minus the spare row)
+            capacity = min(DEFAULT_CAPACITY, getattr(engine.backend, "max_capacity", DEFAULT_CAPACITY + 1) - 1)
+        self.capacity = min(limit, capacity)
+        # +1: the spare row an idle entry may point at (see Engine.stream_tokens)
+        self._cache = engine.backend.new_cache(max_slots, self.capacity + 1)
+        self._plan: RopePlan | None = None  # the tables bound to the cache
+        self._slots: list[_Slot | None] = [None] * max_slots
+        self._last = np.zeros(max_slots, np.int32)  # seqlens_k of each slot's latest step (idle rows keep it)
+        self._waiting: deque[Generation] = deque()
+        self.steps = 0
+        self.max_batch = 0  # most slots that ever shared one step (monitoring, tests)
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def check(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None) -> tuple[SamplingParams, RopePlan]:
+        """The request's parameters (eos ids filled in) and rope plan; raises before any compute
+        (RequestError, ContextLengthError) for a request this scheduler cannot run."""
+        p = self.engine._params(sampling)
+        V = self.engine.config.vocab_size
+        if not prompt_ids:
+            raise RequestError("every prompt needs at least one token")
+        if any(not 0 <= int(t) < V for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be in [0, {V})")
+        n, m = len(prompt_ids), p.max_new_tokens
+        plan = check_context(self.engine.config, self.engine.rope_mode, n, m)
+        if n + m > self.capacity:
+            raise ContextLengthError(
+                f"prompt has {n} tokens and max_new_tokens is {m} ({n + m} in total), over the server's "
+                f"per-request capacity of {self.capacity}; shorten the prompt or lower max_new_tokens")
+        return p, plan
+
+    def submit(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None, **callbacks) -> Generation:
+        """Queue a request (checked first); it starts at the first step with a free slot and a matching plan."""
+        p, plan = self.check(prompt_ids, sampling)
+        gen = Generation(list(map(int, prompt_ids)), p, plan, **callbacks)
+        self._waiting.append(gen)
+        return gen
+
+    def has_work(self) -> bool:
+        return bool(self._waiting) or any(s is not None for s in self._slots)
+
+    @property
+    def running(self) -> int:
+        return sum(s is not None for s in self._slots)
+
+    # --- steps -------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Drop cancelled requests, admit waiting ones, run one step for every running slot. A
+        failing step ends every running request with on_error, then raises."""
+        self._drop_cancelled()
+        self._admit()
+        if not self.running:
+            return
+        try:
+            logits, q = self._run_step()
+            self._sample(logits, q)
+        except Exception as e:
+            for b, slot in enumerate(self._slots):
+                if slot is not None:
+                    self._slots[b] = None
+                    slot.gen.on_error(e)
+            raise
+
+    def _drop_cancelled(self) -> None:
+        for b, slot in enumerate(self._slots):
+            if slot is not None and slot.gen.cancelled.is_set():
+                self._finish(b, "cancelled")
+        for gen in [g for g in self._waiting if g.cancelled.is_set()]:
+            self._waiting.remove(gen)
+            gen.result.finish_reason = "cancelled"
+            gen.on_finish(gen.result)
+
+    def _admit(self) -> None:
+        free = [b for b, s in enumerate(self._slots) if s is None]
+        while free and self._waiting:
+            gen = self._waiting[0]
+            if self.running and gen.plan != self._plan:
+                return  # it waits for the running requests to finish; so do those behind it (FIFO)
+            if gen.plan != self._plan:
+                self._bind(gen.plan)
+            self._waiting.popleft()
+            self._slots[free.pop(0)] = _Slot(gen, Sampler(gen.params, 1), TextStream(
+                self.engine.tokenizer, gen.params, gen.result), np.array(gen.prompt_ids, np.int64))
+
+    def _bind(self, plan: RopePlan) -> None:
+        cos, sin = plan_tables(self.engine.config, plan)
+        rows = self.capacity + 1
+        if len(cos) < rows:  # the spare row: never a real position, but GQA wants the rows
+            cos, sin = (np.pad(t, ((0, rows - len(t)), (0, 0)), mode="edge") for t in (cos, sin))
+        self.engine.backend.bind_rope(self._cache, cos, sin)
+        self._plan = plan
+
+    def _run_step(self) -> tuple[np.ndarray, np.ndarray]:
+        """One backend step: each slot's new rows, right-padded. Returns logits [B, 1, V] and Q [B]."""
+        B, chunk = self.max_slots, self.engine.prefill_chunk
+        q = np.zeros(B, np.int32)
+        rows: list[list[int]] = [[] for _ in range(B)]
+        for b, slot in enumerate(self._slots):
+            if slot is None:
+                continue
+            if slot.next_token < 0:  # prefill: the next chunk of the prompt
+                rows[b] = slot.gen.prompt_ids[slot.cached: slot.cached + chunk]
+            else:
+                rows[b] = [slot.next_token]
+            q[b] = len(rows[b])
+        ids = np.zeros((B, int(q.max())), np.int64)  # [B, max Q]
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = r
+        for b, slot in enumerate(self._slots):
+            if slot is not None:
+                slot.cached += int(q[b])
+                self._last[b] = slot.cached - 1  # idle rows keep their last value
+        logits = self.engine.backend.step(self._cache, ids, q, self._last.copy(),
+                                          np.maximum(q - 1, 0)[:, None].astype(np.int64))
+        self.steps += 1
+        self.max_batch = max(self.max_batch, int((q > 0).sum()))
+        return logits, q
+
+    def _sample(self, logits: np.ndarray, q: np.ndarray) -> None:
+        for b, slot in enumerate(self._slots):
+            if slot is None or q[b] == 0:
+                continue
+            gen = slot.gen
+            if slot.next_token < 0 and slot.cached < len(gen.prompt_ids):
+                continue  # more prompt chunks to go
+            tok = int(slot.sampler.next(logits[b: b + 1, 0, :], [slot.seen])[0])
+            slot.seen = np.append(slot.seen, tok)
+            p = gen.params
+            n = len(gen.result.tokens) + 1
+            reason = "stop" if (tok in p.stop_token_ids and not p.ignore_eos) else (
+                "length" if n == p.max_new_tokens else None)
+            delta = slot.text.push(tok, reason)
+            if delta:
+                gen.on_delta(delta)
+            if slot.text.stopped:
+                self._finish(b, gen.result.finish_reason)
+            elif reason:
+                tail = slot.text.finish()
+                if tail:
+                    gen.on_delta(tail)
+                self._finish(b, gen.result.finish_reason)
+            else:
+                slot.next_token = tok
+
+    def _finish(self, b: int, reason: str) -> None:
+        slot = self._slots[b]
+        assert slot is not None
+        self._slots[b] = None
+        slot.gen.result.finish_reason = reason
+        slot.gen.on_finish(slot.gen.result)
