@@ -3,7 +3,6 @@ imported at module level, so `qmoe --help` is instant and the runtime commands w
 
 from __future__ import annotations
 
-import functools
 import sys
 import traceback
 from typing import Any, Callable
