@@ -167,7 +167,7 @@ def write_weights(model_ir, ckpt: Checkpoint, folder: Path, weight_dtype, interl
 
     from .weights import direct_source, pieces
 
-    params = [v for name, v in model_ir.graph.initializers.items() if _is_param(ckpt, name)]
+    params = [v for name, v in model_ir.graph.initializers.items() if _is_param(name)]
     total = sum(v.const_value.nbytes for v in params)
     done = 0
     linked: dict[Path, str] = {}
@@ -198,7 +198,7 @@ def write_weights(model_ir, ckpt: Checkpoint, folder: Path, weight_dtype, interl
         (folder / DATA_FILE).unlink()
 
 
-def _is_param(ckpt: Checkpoint, name: str) -> bool:
+def _is_param(name: str) -> bool:
     return name.startswith("model.") or name == "lm_head.weight"
 
 
