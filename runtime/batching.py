@@ -16,6 +16,11 @@ set, so requests with different rope plans (rope mode dynamic: short and long re
 steps: a request whose plan differs waits, and the requests queued behind it wait too (FIFO, so it
 cannot starve), until the running ones finish.
 
+Prefix reuse: a finished request's slot keeps the K/V rows of its prompt and output. A new request
+goes to the free slot whose kept tokens share the longest prefix with its prompt and prefills only
+the rest (multi-turn chat re-sends the whole history each turn; only the new turn is computed).
+Kept rows are dropped when the rope tables change.
+
 Not thread-safe: one thread owns the scheduler (and the engine); others only set `cancelled`.
 """
 
@@ -24,7 +29,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -86,6 +91,10 @@ class BatchScheduler:
         self._cache = engine.backend.new_cache(max_slots, self.capacity + 1)
         self._plan: RopePlan | None = None  # the tables bound to the cache
         self._slots: list[_Slot | None] = [None] * max_slots
+        # Prefix cache: the tokens whose K/V a free slot still holds (rows [0, len)) from its last
+        # request; a new request that starts with them skips their prefill (valid for one plan).
+        self._kept: list[list[int]] = [[] for _ in range(max_slots)]
+        self.reused_tokens = 0  # prompt tokens served from kept K/V instead of prefill (monitoring, tests)
         self._last = np.zeros(max_slots, np.int32)  # seqlens_k of each slot's latest step (idle rows keep it)
         self._waiting: deque[Generation] = deque()
         self.steps = 0
@@ -161,8 +170,16 @@ class BatchScheduler:
             if gen.plan != self._plan:
                 self._bind(gen.plan)
             self._waiting.popleft()
-            self._slots[free.pop(0)] = _Slot(gen, Sampler(gen.params, 1), TextStream(
-                self.engine.tokenizer, gen.params, gen.result), np.array(gen.prompt_ids, np.int64))
+            # the free slot whose kept tokens share the longest prefix with this prompt; at least
+            # the prompt's last token is always run, for its logits
+            common = {b: _common_prefix(self._kept[b], gen.prompt_ids) for b in free}
+            b = max(free, key=lambda i: (common[i], -len(self._kept[i])))
+            free.remove(b)
+            reuse = min(common[b], len(gen.prompt_ids) - 1)
+            self.reused_tokens += reuse
+            self._kept[b] = []
+            self._slots[b] = _Slot(gen, Sampler(gen.params, 1), TextStream(
+                self.engine.tokenizer, gen.params, gen.result), np.array(gen.prompt_ids, np.int64), cached=reuse)
 
     def _bind(self, plan: RopePlan) -> None:
         cos, sin = plan_tables(self.engine.config, plan)
@@ -171,6 +188,7 @@ class BatchScheduler:
             cos, sin = (np.pad(t, ((0, rows - len(t)), (0, 0)), mode="edge") for t in (cos, sin))
         self.engine.backend.bind_rope(self._cache, cos, sin)
         self._plan = plan
+        self._kept = [[] for _ in range(self.max_slots)]  # K/V rotated with other tables
 
     def _run_step(self) -> tuple[np.ndarray, np.ndarray]:
         """One backend step: each slot's new rows, right-padded. Returns logits [B, 1, V] and Q [B]."""
@@ -228,5 +246,40 @@ class BatchScheduler:
         slot = self._slots[b]
         assert slot is not None
         self._slots[b] = None
+        # rows [0, cached) hold the K/V of exactly these tokens (the last sampled one is never fed)
+        self._kept[b] = (slot.gen.prompt_ids + slot.gen.result.tokens)[: slot.cached]
         slot.gen.result.finish_reason = reason
         slot.gen.on_finish(slot.gen.result)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def stream(scheduler: BatchScheduler, prompt_ids: Sequence[int], sampling: SamplingParams | None = None,
+           ) -> Iterator[str]:
+    """Runs one request to completion on a scheduler nobody else steps (e.g. `qmoe chat`), yielding
+    its text deltas; the request's checks raise before the first delta."""
+    deltas: deque[str] = deque()
+    errors: list[BaseException] = []
+    gen = scheduler.submit(prompt_ids, sampling, on_delta=deltas.append, on_error=errors.append)
+
+    def run() -> Iterator[str]:
+        try:
+            while scheduler.has_work():
+                scheduler.step()
+                while deltas:
+                    yield deltas.popleft()
+        finally:
+            gen.cancelled.set()  # a consumer that stops early frees the slot
+            if scheduler.has_work():
+                scheduler.step()
+        if errors:
+            raise errors[0]
+
+    return run()

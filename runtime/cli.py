@@ -203,11 +203,14 @@ def run(artifact: str, prompt: str, as_chat: bool, backend: str, device: str, ro
 @sampling_options
 @engine_options
 def chat(artifact: str, system: str | None, backend: str, device: str, rope_mode: str | None, **kw: Any) -> None:
-    """Interactive chat: keeps history; /reset clears it; Ctrl-D exits."""
+    """Interactive chat: keeps history; /reset clears it; Ctrl-D exits. Each turn reuses the K/V of
+    the conversation so far and prefills only the new turn."""
+    from .batching import BatchScheduler, stream
     from .engine import load
 
     sampling = _sampling(kw)
     engine = load(artifact, backend=backend, device=device, rope_mode=rope_mode)
+    scheduler = BatchScheduler(engine, max_slots=1)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     base = list(history)
     while True:
@@ -225,7 +228,7 @@ def chat(artifact: str, system: str | None, backend: str, device: str, rope_mode
         history.append({"role": "user", "content": line})
         reply = []
         try:
-            for delta in engine.chat(history, sampling, stream=True):
+            for delta in stream(scheduler, engine.tokenizer.encode_chat(history), sampling):
                 click.echo(delta, nl=False)
                 reply.append(delta)
         except Exception as e:  # noqa: BLE001  (keep the session alive on a bad turn)
