@@ -35,7 +35,7 @@ import numpy as np
 
 from .engine import Engine, GenerationResult, RequestError, TextStream
 from .sampling import Sampler, SamplingParams
-from .yarn import ContextLengthError, RopePlan, check_context, context_limit, plan_tables
+from .yarn import ContextLengthError, RopePlan, check_context, context_limit
 
 # Tokens per request (prompt + max_new_tokens) when the caller sets none, capped by the model's
 # context for its rope mode: Qwen2's pretrained window. ONNX Runtime's step time does not grow with
@@ -106,11 +106,7 @@ class BatchScheduler:
         """The request's parameters (eos ids filled in) and rope plan; raises before any compute
         (RequestError, ContextLengthError) for a request this scheduler cannot run."""
         p = self.engine._params(sampling)
-        V = self.engine.config.vocab_size
-        if not prompt_ids:
-            raise RequestError("every prompt needs at least one token")
-        if any(not 0 <= int(t) < V for t in prompt_ids):
-            raise RequestError(f"prompt token ids must be in [0, {V})")
+        self.engine.check_prompt(prompt_ids)
         n, m = len(prompt_ids), p.max_new_tokens
         plan = check_context(self.engine.config, self.engine.rope_mode, n, m)
         if n + m > self.capacity:
@@ -182,11 +178,7 @@ class BatchScheduler:
                 self.engine.tokenizer, gen.params, gen.result), np.array(gen.prompt_ids, np.int64), cached=reuse)
 
     def _bind(self, plan: RopePlan) -> None:
-        cos, sin = plan_tables(self.engine.config, plan)
-        rows = self.capacity + 1
-        if len(cos) < rows:  # the spare row: never a real position, but GQA wants the rows
-            cos, sin = (np.pad(t, ((0, rows - len(t)), (0, 0)), mode="edge") for t in (cos, sin))
-        self.engine.backend.bind_rope(self._cache, cos, sin)
+        self.engine.bind_rope(self._cache, plan, self.capacity + 1)
         self._plan = plan
         self._kept = [[] for _ in range(self.max_slots)]  # K/V rotated with other tables
 

@@ -23,7 +23,7 @@ from .backends import open_backend
 from .errors import QmoeError
 from .sampling import Sampler, SamplingParams, find_stop, stop_holdback
 from .tokenizer import Tokenizer
-from .yarn import RopeMode, check_context, default_rope_mode, plan_tables
+from .yarn import RopeMode, RopePlan, check_context, default_rope_mode, plan_tables
 
 
 class RequestError(QmoeError, ValueError):
@@ -73,6 +73,22 @@ class Engine:
             p = replace(p, stop_token_ids=tuple(self.tokenizer.eos_token_ids))
         return p
 
+    def check_prompt(self, ids: Sequence[int]) -> None:
+        """Raises RequestError for an empty prompt or a token id outside the vocabulary."""
+        if len(ids) == 0:
+            raise RequestError("every prompt needs at least one token")
+        V = self.config.vocab_size
+        if any(not 0 <= int(t) < V for t in ids):
+            raise RequestError(f"prompt token ids must be in [0, {V})")
+
+    def bind_rope(self, cache, plan: RopePlan, rows: int) -> None:
+        """Binds the plan's cos/sin tables to a cache of `rows` positions. Tables shorter than the
+        cache are padded: the spare row is never a real position, but GQA wants the rows."""
+        cos, sin = plan_tables(self.config, plan)
+        if len(cos) < rows:
+            cos, sin = (np.pad(t, ((0, rows - len(t)), (0, 0)), mode="edge") for t in (cos, sin))
+        self.backend.bind_rope(cache, cos, sin)
+
     def stream_tokens(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | None = None,
                       rope_mode: RopeMode | None = None, on_logits: Callable[[int, np.ndarray], None] | None = None,
                       cancelled: set[int] | None = None) -> Iterator[TokenEvent]:
@@ -80,11 +96,10 @@ class Engine:
         consumer adds to `cancelled` between tokens (a stop string, a gone client) go idle."""
         p = self._params(sampling)
         prompts = [list(map(int, x)) for x in prompts]
-        if not prompts or any(len(x) == 0 for x in prompts):
+        if not prompts:
             raise RequestError("every prompt needs at least one token")
-        V = self.config.vocab_size
-        if any(t < 0 or t >= V for x in prompts for t in x):
-            raise RequestError(f"prompt token ids must be in [0, {V})")
+        for x in prompts:
+            self.check_prompt(x)
         B = len(prompts)
         lengths = np.array([len(x) for x in prompts], np.int32)
         S = int(lengths.max())
@@ -93,10 +108,7 @@ class Engine:
         # ScatterND writes there), which must stay inside the buffer.
         capacity = S + p.max_new_tokens + 1
         cache = self.backend.new_cache(B, capacity)
-        cos, sin = plan_tables(self.config, plan)
-        if len(cos) < capacity:  # the spare row: never a real position, but GQA wants the rows
-            cos, sin = (np.pad(t, ((0, capacity - len(t)), (0, 0)), mode="edge") for t in (cos, sin))
-        self.backend.bind_rope(cache, cos, sin)
+        self.bind_rope(cache, plan, capacity)
         sampler = Sampler(p, B)
 
         ids = np.zeros((B, S), np.int64)
