@@ -166,23 +166,15 @@ class Engine:
         results = [GenerationResult(list(map(int, x)), logits=[] if output_logits else None) for x in prompts]
         on_logits = (lambda i, row: results[i].logits.append(row)) if output_logits else None  # type: ignore[union-attr]
         p = self._params(sampling)
+        streams = [TextStream(self.tokenizer, p, r) for r in results]
+        texts: list[list[str]] = [[] for _ in results]
         cancelled: set[int] = set()
         for ev in self.stream_tokens(prompts, p, rope_mode, on_logits, cancelled):
-            r = results[ev.row]
-            r.tokens.append(ev.token)
-            if ev.finished:
-                r.finish_reason = ev.finish_reason or "length"
-            if p.stop and not ev.finished and find_stop(self.tokenizer.decode(r.tokens), p.stop) is not None:
-                r.finish_reason = "stop"
-                cancelled.add(ev.row)
-        for i, r in enumerate(results):
-            if r.finish_reason == "stop" and r.tokens and r.tokens[-1] in p.stop_token_ids and not p.ignore_eos:
-                r.text = self.tokenizer.decode(r.tokens[:-1])
-            else:
-                r.text = self.tokenizer.decode(r.tokens)
-            cut = find_stop(r.text, p.stop)
-            if cut is not None:
-                r.text = r.text[:cut]
+            texts[ev.row].append(streams[ev.row].push(ev.token, ev.finish_reason))
+            if streams[ev.row].stopped and not ev.finished:
+                cancelled.add(ev.row)  # a stop string: this row generates no more
+        for r, stream, text in zip(results, streams, texts):
+            r.text = "".join(text) + stream.finish()
         return results
 
     # --- text level -------------------------------------------------------------------------
