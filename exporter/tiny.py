@@ -16,6 +16,7 @@ from runtime.config import ModelConfig
 
 from .atomic import atomic_dir
 from .checkpoint import INDEX_NAME, Checkpoint
+from .export import DTYPES
 
 # The embedded default: the real vocabulary and tokenizer and every architectural feature of
 # Qwen2-57B-A14B (GQA, qkv bias, routed + gated shared experts, norm_topk_prob=false), tiny dims.
@@ -52,9 +53,6 @@ GENERATION_CONFIG = {
     "pad_token_id": 151643,
     "do_sample": False,
 }
-
-DTYPES = ("float32", "float16", "bfloat16")
-
 
 def tiny_config(**overrides: Any) -> dict[str, Any]:
     return {**TINY_CONFIG, **overrides}
