@@ -49,6 +49,46 @@ def time_ms(fn, iters: int, warmup: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+def graph_time_ms(fn, iters: int, warmup: int) -> float | None:
+    """fn captured once in a CUDA graph, replays timed like time_ms (no host launch gaps)."""
+    import torch
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return time_ms(graph.replay, iters, warmup)
+    except Exception as e:  # noqa: BLE001 - report and carry on: the eager time still stands
+        print(f"bench_moe_gpu: CUDA graph capture failed ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+
+
+def kernel_breakdown_us(fn, reps: int = 5) -> dict[str, float]:
+    """Mean device time per call of each kernel fn launches (torch.profiler), in microseconds."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+        out: dict[str, float] = {}
+        for ev in prof.key_averages():
+            total = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+            if total and ev.count:
+                name = ev.key.split("(")[0].replace("void ", "").replace("qmoe::(anonymous namespace)::", "")
+                out[name[:60]] = out.get(name[:60], 0.0) + total / reps
+        return out
+    except Exception as e:  # noqa: BLE001
+        print(f"bench_moe_gpu: profiler failed ({type(e).__name__}: {e})", file=sys.stderr)
+        return {}
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy rate in bytes/s, read + write counted (1 GiB buffer)."""
     import torch
@@ -73,6 +113,18 @@ def roofline(tokens: int, hit: int, shape, bw: float) -> dict[str, float]:
             "roofline_ms": max(mem_ms, compute_ms)}
 
 
+def write_json(args: argparse.Namespace, device: str, torch_version: str, shape: dict, bw: float, rows: list) -> None:
+    result = {
+        "device": device, "torch": torch_version, "dtype": "bfloat16",
+        "shape": shape, "copy_bandwidth_Bps": bw, "peak_bf16_flops": PEAK_BF16_FLOPS,
+        "iters": args.iters, "warmup": args.warmup, "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as tmp:
+        json.dump(result, tmp, indent=2)
+    os.replace(tmp.name, args.out)
+
+
 def main() -> int:
     args = parse_args()
     try:
@@ -95,8 +147,8 @@ def main() -> int:
     if not args.no_transformers:
         try:
             block = ref.to_transformers_block(shape, w, norm_topk_prob=False)
-        except ImportError as e:
-            print(f"bench_moe_gpu: transformers unavailable ({e}); its column stays empty", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - missing or incompatible transformers: our columns still count
+            print(f"bench_moe_gpu: transformers baseline unavailable ({type(e).__name__}: {e})", file=sys.stderr)
     bw = copy_bandwidth()
     device = torch.cuda.get_device_name()
     print(f"{device}: device-to-device copy {bw / 1e12:.2f} TB/s (read + write)")
@@ -117,42 +169,46 @@ def main() -> int:
             for name, path in (("decode", K.PATH_DECODE), ("prefill", K.PATH_PREFILL)):
                 row[f"ours_{name}_ms"] = time_ms(
                     lambda: lib.moe_forward(x, w, shape.top_k, False, path=path, workspace=ws), args.iters, args.warmup)
+        row["ours_graph_ms"] = graph_time_ms(lambda: lib.moe_forward(x, w, shape.top_k, False, workspace=ws),
+                                             args.iters, args.warmup)
+        row["kernels_us"] = kernel_breakdown_us(lambda: lib.moe_forward(x, w, shape.top_k, False, workspace=ws))
+        row["tflops"] = row["flops"] / (row["ours_ms"] * 1e-3) / 1e12
         row["hf_ms"] = row["hf_grouped_mm_ms"] = row["rel_rms_vs_hf"] = None
-        if block is not None:
-            config = getattr(block.experts, "config", None)
-            with torch.no_grad():
-                if config is not None:
-                    config._experts_implementation = "eager"
-                expected = ref.transformers_forward(block, x)
-                row["hf_ms"] = time_ms(lambda: ref.transformers_forward(block, x), max(3, args.iters // 4), 1)
-                try:  # transformers' torch._grouped_mm experts: a stronger, optional baseline
-                    config._experts_implementation = "grouped_mm"
-                    row["hf_grouped_mm_ms"] = time_ms(lambda: ref.transformers_forward(block, x), max(3, args.iters // 4), 1)
-                except Exception as e:  # noqa: BLE001 - older torch/transformers lack it (config None too)
-                    print(f"bench_moe_gpu: transformers grouped_mm failed ({type(e).__name__}: {e})", file=sys.stderr)
-            d = ours.double() - expected.double()
-            row["rel_rms_vs_hf"] = d.pow(2).mean().sqrt().item() / expected.double().pow(2).mean().sqrt().item()
+        try:
+            if block is not None:
+                config = getattr(block.experts, "config", None)
+                with torch.no_grad():
+                    if config is not None:
+                        config._experts_implementation = "eager"
+                    expected = ref.transformers_forward(block, x)
+                    row["hf_ms"] = time_ms(lambda: ref.transformers_forward(block, x), max(3, args.iters // 4), 1)
+                    try:  # transformers' torch._grouped_mm experts: a stronger, optional baseline
+                        config._experts_implementation = "grouped_mm"
+                        row["hf_grouped_mm_ms"] = time_ms(lambda: ref.transformers_forward(block, x), max(3, args.iters // 4), 1)
+                    except Exception as e:  # noqa: BLE001 - older torch/transformers lack it (config None too)
+                        print(f"bench_moe_gpu: transformers grouped_mm failed ({type(e).__name__}: {e})", file=sys.stderr)
+                d = ours.double() - expected.double()
+                row["rel_rms_vs_hf"] = d.pow(2).mean().sqrt().item() / expected.double().pow(2).mean().sqrt().item()
+        except Exception as e:  # noqa: BLE001 - the baseline failing must not lose our numbers
+            print(f"bench_moe_gpu: transformers baseline failed at {tokens} tokens ({type(e).__name__}: {e})", file=sys.stderr)
         roof = row["roofline_ms"]
         row["ours_over_roofline"] = row["ours_ms"] / roof
         row["hf_over_roofline"] = None if row["hf_ms"] is None else row["hf_ms"] / roof
         row["hf_over_ours"] = None if row["hf_ms"] is None else row["hf_ms"] / row["ours_ms"]
         rows.append(row)
+        write_json(args, device, torch.__version__, vars(shape), bw, rows)  # after each row: a crash keeps the rest
 
         def f(v, spec):
             return format(v, spec) if v is not None else "-".rjust(int(spec.split(".")[0]))
 
         print(f"{tokens:>6} {row['ours_ms']:8.3f} {f(row['hf_ms'], '8.3f')} {f(row['hf_grouped_mm_ms'], '8.3f')} {roof:8.3f} {row['ours_over_roofline']:9.2f} "
-              f"{f(row['hf_over_roofline'], '8.2f')} {f(row['hf_over_ours'], '8.2f')} {f(row['rel_rms_vs_hf'], '8.1e')}")
+              f"{f(row['hf_over_roofline'], '8.2f')} {f(row['hf_over_ours'], '8.2f')} {f(row['rel_rms_vs_hf'], '8.1e')}"
+              f"  graph {f(row['ours_graph_ms'], '7.3f')} ms, {row['tflops']:.0f} TFLOP/s"
+              + "".join(f", {k}={v:.0f}us" for k, v in row.get("kernels_us", {}).items()))
+        for name in ("ours_decode_ms", "ours_prefill_ms"):
+            if name in row:
+                print(f"{'':>6} {name}: {row[name]:.3f} ms")
 
-    result = {
-        "device": device, "torch": torch.__version__, "dtype": "bfloat16",
-        "shape": vars(shape), "copy_bandwidth_Bps": bw, "peak_bf16_flops": PEAK_BF16_FLOPS,
-        "iters": args.iters, "warmup": args.warmup, "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as tmp:
-        json.dump(result, tmp, indent=2)
-    os.replace(tmp.name, args.out)
     print(f"wrote {args.out}")
     return 0
 
