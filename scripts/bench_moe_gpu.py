@@ -65,6 +65,21 @@ def graph_time_ms(fn, iters: int, warmup: int) -> float | None:
         return None
 
 
+def short_kernel_name(key: str) -> str:
+    """'void qmoe::(anonymous namespace)::combine_kernel<__half>(qmoe::MoeArgs)' -> 'combine_kernel<__half>'."""
+    name = key.replace("void ", "").replace("(anonymous namespace)::", "")
+    if "cutlass" in name:
+        return "cutlass_grouped_gemm"
+    depth, cut = 0, len(name)
+    for i, ch in enumerate(name):  # drop the argument list: the first '(' outside template brackets
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "(" and depth == 0:
+            cut = i
+            break
+    return name[:cut].replace("qmoe::", "").replace("__nv_bfloat16", "bf16")[:48]
+
+
 def kernel_breakdown_us(fn, reps: int = 5) -> dict[str, float]:
     """Mean device time per call of each kernel fn launches (torch.profiler), in microseconds."""
     import torch
@@ -81,8 +96,8 @@ def kernel_breakdown_us(fn, reps: int = 5) -> dict[str, float]:
         for ev in prof.key_averages():
             total = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
             if total and ev.count:
-                name = ev.key.split("(")[0].replace("void ", "").replace("qmoe::(anonymous namespace)::", "")
-                out[name[:60]] = out.get(name[:60], 0.0) + total / reps
+                name = short_kernel_name(ev.key)
+                out[name] = out.get(name, 0.0) + total / reps
         return out
     except Exception as e:  # noqa: BLE001
         print(f"bench_moe_gpu: profiler failed ({type(e).__name__}: {e})", file=sys.stderr)
@@ -165,10 +180,19 @@ def main() -> int:
         row = {"tokens": tokens, **roofline(tokens, int(torch.unique(ids).numel()), shape, bw)}
         ours = lib.moe_forward(x, w, shape.top_k, False, workspace=ws)
         row["ours_ms"] = time_ms(lambda: lib.moe_forward(x, w, shape.top_k, False, workspace=ws), args.iters, args.warmup)
-        if tokens <= 64:
-            for name, path in (("decode", K.PATH_DECODE), ("prefill", K.PATH_PREFILL)):
-                row[f"ours_{name}_ms"] = time_ms(
-                    lambda: lib.moe_forward(x, w, shape.top_k, False, path=path, workspace=ws), args.iters, args.warmup)
+        paths = [("decode", K.PATH_DECODE)] if tokens <= 64 else []
+        paths += [("prefill", K.PATH_PREFILL), ("wmma", K.PATH_PREFILL_WMMA)]
+        for name, path in paths:
+            row[f"ours_{name}_ms"] = time_ms(
+                lambda: lib.moe_forward(x, w, shape.top_k, False, path=path, workspace=ws), args.iters, args.warmup)
+        if tokens >= 512:  # routed experts alone (what vLLM's fused_experts computes): their TFLOP/s
+            routed = {k: v for k, v in w.items() if not k.startswith("shared")}
+            row["routed_only_ms"] = time_ms(lambda: lib.moe_forward(x, routed, shape.top_k, False, workspace=ws),
+                                            args.iters, args.warmup)
+            routed_flops = 2 * tokens * shape.top_k * 3 * shape.inter * shape.hidden
+            row["routed_only_tflops"] = routed_flops / (row["routed_only_ms"] * 1e-3) / 1e12
+            row["routed_only_kernels_us"] = kernel_breakdown_us(
+                lambda: lib.moe_forward(x, routed, shape.top_k, False, workspace=ws))
         row["ours_graph_ms"] = graph_time_ms(lambda: lib.moe_forward(x, w, shape.top_k, False, workspace=ws),
                                              args.iters, args.warmup)
         row["kernels_us"] = kernel_breakdown_us(lambda: lib.moe_forward(x, w, shape.top_k, False, workspace=ws))
@@ -205,9 +229,12 @@ def main() -> int:
               f"{f(row['hf_over_roofline'], '8.2f')} {f(row['hf_over_ours'], '8.2f')} {f(row['rel_rms_vs_hf'], '8.1e')}"
               f"  graph {f(row['ours_graph_ms'], '7.3f')} ms, {row['tflops']:.0f} TFLOP/s"
               + "".join(f", {k}={v:.0f}us" for k, v in row.get("kernels_us", {}).items()))
-        for name in ("ours_decode_ms", "ours_prefill_ms"):
+        for name in ("ours_decode_ms", "ours_prefill_ms", "ours_wmma_ms", "routed_only_ms"):
             if name in row:
                 print(f"{'':>6} {name}: {row[name]:.3f} ms")
+        if "routed_only_ms" in row:
+            print(f"{'':>6} routed experts only: {row['routed_only_tflops']:.0f} TFLOP/s"
+                  + "".join(f", {k}={v:.0f}us" for k, v in row["routed_only_kernels_us"].items()))
 
     print(f"wrote {args.out}")
     return 0

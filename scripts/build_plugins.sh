@@ -4,10 +4,13 @@
 #   build/plugins/lib/libqmoe_trt_plugins.so   with --trt-include (TensorRT IPluginV3 plugins)
 # Without nvcc it prints why and exits 0 without building (callers check for the .so).
 #
-# usage: scripts/build_plugins.sh [--trt-include DIR] [--arch "80;90a"] [--build-dir DIR] [--werror]
+# usage: scripts/build_plugins.sh [--trt-include DIR] [--arch "80;90a"] [--cutlass auto|off|DIR] [--build-dir DIR] [--werror]
 #   --trt-include DIR  TensorRT headers (NvInfer.h), e.g. /usr/include/x86_64-linux-gnu in NGC
 #                      TensorRT containers, or third_party/tensorrt-<ver>/include (compile check)
 #   --arch LIST        CUDA architectures, CMake syntax (default 80;90a: A100 and H100/H200)
+#   --cutlass X        Hopper wgmma grouped GEMMs from CUTLASS headers (needs 90a in --arch).
+#                      auto (default): third_party/cutlass/include if present (scripts/get_cutlass.sh
+#                      puts it there); off: portable WMMA prefill only; DIR: that include directory
 #   --build-dir DIR    default build/plugins
 #   --werror           warnings are errors
 # env: NVCC (compiler path), JOBS (parallel jobs, default: all cores)
@@ -17,13 +20,15 @@ build="$root/build/plugins"
 arch="80;90a"
 trt=""
 werror=OFF
+cutlass=auto
 while [ $# -gt 0 ]; do
     case "$1" in
         --trt-include) trt=$(cd "$2" && pwd); shift 2 ;;
         --arch) arch=$2; shift 2 ;;
         --build-dir) build=$2; shift 2 ;;
+        --cutlass) cutlass=$2; shift 2 ;;
         --werror) werror=ON; shift ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "build_plugins: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -40,7 +45,16 @@ if [ -n "$trt" ] && [ ! -f "$trt/NvInfer.h" ]; then
     exit 1
 fi
 
+cutlass_dir=""
+case "$cutlass" in
+    off) ;;
+    auto) if [ -f "$root/third_party/cutlass/include/cutlass/cutlass.h" ] && [[ ";$arch;" == *";90a;"* ]]; then
+              cutlass_dir="$root/third_party/cutlass/include"
+          fi ;;
+    *) cutlass_dir=$(cd "$cutlass" && pwd) ;;
+esac
+
 cmake -S "$root/plugins" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_COMPILER="$nvcc" \
-    -DQMOE_CUDA_ARCHITECTURES="$arch" -DQMOE_TRT_INCLUDE_DIR="$trt" -DQMOE_WERROR="$werror" >/dev/null
+    -DQMOE_CUDA_ARCHITECTURES="$arch" -DQMOE_TRT_INCLUDE_DIR="$trt" -DQMOE_CUTLASS_INCLUDE_DIR="$cutlass_dir" -DQMOE_WERROR="$werror" >/dev/null
 cmake --build "$build" -j "${JOBS:-$(nproc)}"
-echo "build_plugins: built $(ls "$build"/lib/*.so | tr '\n' ' ')"
+echo "build_plugins: built $(ls "$build"/lib/*.so | tr '\n' ' ')(CUTLASS: ${cutlass_dir:-none})"

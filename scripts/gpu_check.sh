@@ -51,15 +51,18 @@ stage gpu_tests "$out/pytest_gpu.log" 210 "$py" -m pytest -q -p no:cacheprovider
 
 stage bench "$out/bench.log" 120 "$py" scripts/bench_moe_gpu.py --out "$out/bench.json"
 
-# Out-of-bounds accesses and shared-memory races in every kernel variant (BM 32/64/128, both paths,
-# both rotary code paths). No caching allocator, so each tensor is its own allocation for memcheck.
+# Out-of-bounds accesses in every kernel variant (WMMA BM 32/64/128, decode, CUTLASS small/large
+# tiles, both rotary code paths); shared-memory races in the hand-written kernels. No caching allocator, so each tensor is its own allocation for memcheck.
 t=tests/plugins/test_kernels_gpu.py
 cases=(
     "$t::test_forward[e64_top8-64-fp16-raw-uniform-decode]"
-    "$t::test_forward[e64_top8-64-fp16-raw-uniform-prefill]"
+    "$t::test_forward[e64_top8-64-fp16-raw-uniform-wmma]"
     "$t::test_forward[odd_small-257-bf16-norm-skewed-decode]"
+    "$t::test_forward[odd_small-257-bf16-norm-skewed-wmma]"
+    "$t::test_forward[odd_small-4096-bf16-raw-uniform-wmma]"
     "$t::test_forward[odd_small-257-bf16-norm-skewed-prefill]"
-    "$t::test_forward[odd_small-4096-bf16-raw-uniform-prefill]"
+    "$t::test_forward[e64_top8-4096-fp16-raw-uniform-prefill]"
+    "$t::test_forward[e64_top8-3-bf16-raw-skewed-prefill]"
     "$t::test_without_shared_expert[3-prefill]"
     "$t::test_routing[odd_small-257-bf16-norm-uniform]"
     "$t::test_rotary[2-37-odd_head-bf16-out]"

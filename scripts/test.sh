@@ -4,5 +4,9 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bash "$root/scripts/setup.sh" export,serve,triton,test
+# CUTLASS headers for the compile check of the Hopper kernels (tests/plugins/test_build.py), where nvcc is.
+if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
+    bash "$root/scripts/get_cutlass.sh"
+fi
 cd "$root"
 exec "$root/.venv/bin/python" -m pytest "$@"

@@ -25,6 +25,16 @@ constexpr int kMaxTokens = 1 << 24;
 constexpr int kMaxHidden = 16384; // the router stages 4 token rows of H in shared memory
 constexpr int kDefaultDecodeMaxTokens = 8;
 
+// Hopper grouped GEMMs (moe_gemm_sm90.cu, CUTLASS) are compiled in when CMake found CUTLASS. They
+// keep gate and up side by side (act rows of 2*I) and need a small scratch area for their per-group
+// arrays and CUTLASS's own workspace.
+#ifdef QMOE_HAS_SM90_GEMM
+constexpr bool kHasSm90Gemm = true;
+#else
+constexpr bool kHasSm90Gemm = false;
+#endif
+constexpr size_t kSm90ScratchBytes = size_t(4) << 20;
+
 struct MoeArgs
 {
     int T, H, E, k, I, Is;
@@ -50,13 +60,14 @@ struct MoeArgs
     int32_t* row_token;    // [R] token of each permuted row, R = T*k + has_shared*T
     float* row_weight;     // [R] routing weight (shared rows: sigmoid gate)
     int32_t* slot_row;     // [T*k] permuted row of (token t, choice j) at t*k + j
-    void* act;             // routed rows [T*k, I], then shared rows [T, Is]
+    void* act;             // routed rows [T*k, I], then shared rows [T, Is] (sm90 path: [T*k, 2I], [T, 2Is])
     void* y;               // [R, H] weighted expert outputs
+    void* sm90_scratch;    // kSm90ScratchBytes when kHasSm90Gemm, else nullptr
 };
 
 struct WorkspaceLayout
 {
-    size_t logits, topk_ids, topk_weights, shared_gate, group_count, group_offset, row_token, row_weight, slot_row, act, y;
+    size_t logits, topk_ids, topk_weights, shared_gate, group_count, group_offset, row_token, row_weight, slot_row, act, y, sm90_scratch;
     size_t total;
 };
 
@@ -86,8 +97,9 @@ inline WorkspaceLayout workspace_layout(int64_t T, int64_t H, int64_t E, int64_t
     l.row_token = take(sizeof(int32_t) * R);
     l.row_weight = take(sizeof(float) * R);
     l.slot_row = take(sizeof(int32_t) * T * k);
-    l.act = take(elem * (T * k * I + has_shared * T * Is));
+    l.act = take(elem * (T * k * I + has_shared * T * Is) * (kHasSm90Gemm ? 2 : 1));
     l.y = take(elem * R * H);
+    l.sm90_scratch = take(kHasSm90Gemm ? kSm90ScratchBytes : 0);
     l.total = off;
     return l;
 }
@@ -131,5 +143,9 @@ cudaError_t launch_permute(MoeArgs const& a, cudaStream_t stream);
 cudaError_t launch_experts_decode(MoeArgs const& a, int dtype, cudaStream_t stream);
 cudaError_t launch_experts_prefill(MoeArgs const& a, int dtype, cudaStream_t stream);
 cudaError_t launch_combine(MoeArgs const& a, int dtype, cudaStream_t stream);
+#ifdef QMOE_HAS_SM90_GEMM
+bool sm90_gemm_supported(); // the current device runs sm_90a code
+cudaError_t launch_experts_sm90(MoeArgs const& a, int dtype, cudaStream_t stream);
+#endif
 
 } // namespace qmoe

@@ -90,7 +90,7 @@ int32_t check(qmoe_moe_params const* p, Need need)
         && p->hidden_size <= kMaxHidden && p->hidden_size % 8 == 0 && p->num_experts >= 1
         && p->num_experts <= kMaxExperts && p->top_k >= 1 && p->top_k <= kMaxTopK && p->top_k <= p->num_experts
         && p->moe_intermediate_size > 0 && p->moe_intermediate_size % 8 == 0 && p->shared_intermediate_size >= 0
-        && p->shared_intermediate_size % 8 == 0 && p->path >= QMOE_PATH_AUTO && p->path <= QMOE_PATH_PREFILL;
+        && p->shared_intermediate_size % 8 == 0 && p->path >= QMOE_PATH_AUTO && p->path <= QMOE_PATH_PREFILL_WMMA;
     if (!sizes_ok)
     {
         return QMOE_ERR_BAD_SHAPE;
@@ -182,8 +182,21 @@ MoeArgs make_args(qmoe_moe_params const* p)
         a.slot_row = reinterpret_cast<int32_t*>(ws + l.slot_row);
         a.act = ws + l.act;
         a.y = ws + l.y;
+        a.sm90_scratch = kHasSm90Gemm ? ws + l.sm90_scratch : nullptr;
     }
     return a;
+}
+
+// Prefill: CUTLASS wgmma grouped GEMMs on Hopper when built with them, else the portable WMMA path.
+cudaError_t launch_prefill(MoeArgs const& a, int path, int dtype, cudaStream_t stream)
+{
+#ifdef QMOE_HAS_SM90_GEMM
+    if (path != QMOE_PATH_PREFILL_WMMA && sm90_gemm_supported())
+    {
+        return launch_experts_sm90(a, dtype, stream);
+    }
+#endif
+    return launch_experts_prefill(a, dtype, stream);
 }
 
 int32_t status_of(cudaError_t err)
@@ -232,7 +245,7 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
     }
     if (err == cudaSuccess)
     {
-        err = decode ? launch_experts_decode(a, p->dtype, stream) : launch_experts_prefill(a, p->dtype, stream);
+        err = decode ? launch_experts_decode(a, p->dtype, stream) : launch_prefill(a, p->path, p->dtype, stream);
     }
     if (err == cudaSuccess)
     {

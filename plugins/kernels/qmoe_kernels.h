@@ -50,7 +50,8 @@ typedef enum qmoe_dtype {
 typedef enum qmoe_moe_path {
     QMOE_PATH_AUTO = 0,            /* decode if num_tokens <= decode_max_tokens, else prefill */
     QMOE_PATH_DECODE = 1,          /* force the bandwidth-bound path (any token count, slow if many) */
-    QMOE_PATH_PREFILL = 2          /* force the tensor-core path */
+    QMOE_PATH_PREFILL = 2,         /* force the tensor-core path (Hopper: CUTLASS wgmma when built in) */
+    QMOE_PATH_PREFILL_WMMA = 3     /* force the portable WMMA tensor-core path (tests, comparisons) */
 } qmoe_moe_path;
 
 /*

@@ -34,7 +34,8 @@ DTYPE_FP32 = 2
 
 PATH_AUTO = 0
 PATH_DECODE = 1
-PATH_PREFILL = 2
+PATH_PREFILL = 2  # Hopper: CUTLASS wgmma grouped GEMMs when built in, else WMMA
+PATH_PREFILL_WMMA = 3
 
 
 class MoeParams(ctypes.Structure):

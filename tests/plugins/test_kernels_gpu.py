@@ -29,7 +29,7 @@ TOKENS = [1, 3, 64, 257, 4096]
 SHAPES = {"e64_top8": ref.E64_TOP8, "odd_small": ref.ODD_SMALL}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-PATHS = {"decode": K.PATH_DECODE, "prefill": K.PATH_PREFILL}
+PATHS = {"decode": K.PATH_DECODE, "prefill": K.PATH_PREFILL, "wmma": K.PATH_PREFILL_WMMA}
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +221,23 @@ def test_rotary_misaligned_falls_back(lib: K.Kernels) -> None:
     pos = torch.tensor([[0, 5, 63]], device="cuda")
     got_q, _ = lib.rotary(q, k, cos, sin, pos, Hq, Hkv, D)
     assert torch.allclose(got_q.double(), ref.rotary(q, cos, sin, pos, Hq, D), atol=2e-3 * 4)
+
+
+def test_hopper_prefill_runs_the_cutlass_grouped_gemm(lib: K.Kernels) -> None:
+    """On an H100/H200 with CUTLASS built in, the prefill path is the wgmma grouped GEMM (not WMMA)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the CUTLASS path is Hopper (sm_90a) code")
+    if not (K.ROOT / "third_party" / "cutlass" / "include" / "cutlass" / "cutlass.h").exists():
+        pytest.skip("built without CUTLASS (scripts/get_cutlass.sh fetches its headers)")
+    from torch.profiler import ProfilerActivity, profile
+
+    shape, dtype = ref.E64_TOP8, torch.bfloat16
+    w, x = _case(shape, 257, dtype, skew=False)
+    names: dict[int, set[str]] = {}
+    for path in (K.PATH_PREFILL, K.PATH_PREFILL_WMMA):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            lib.moe_forward(x, w, shape.top_k, False, path=path)
+            torch.cuda.synchronize()
+        names[path] = {ev.key for ev in prof.key_averages()}
+    assert any("cutlass" in n for n in names[K.PATH_PREFILL]), sorted(names[K.PATH_PREFILL])
+    assert not any("cutlass" in n for n in names[K.PATH_PREFILL_WMMA]), sorted(names[K.PATH_PREFILL_WMMA])

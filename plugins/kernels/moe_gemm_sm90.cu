@@ -1,0 +1,345 @@
+// [Experts], prefill path on Hopper (sm_90a): CUTLASS 3 pointer-array grouped GEMMs (TMA loads,
+// warp-specialized wgmma, persistent group tile scheduler), bf16/fp16 in, fp32 accumulate.
+//
+//   gather   xg[r] = x[tok(r)] for the routed rows r < T*k (into the y region, which is free until
+//            the down GEMM writes it); the shared group reads x itself.
+//   GEMM 1   gu[r, 0:2N] = A_g[r] . W_gu[g]^T            N = I (routed) or Is (shared)
+//   SwiGLU   gu[r, 0:N] = w(r) * silu(gu[r, 0:N]) * gu[r, N:2N]     in place, row pitch stays 2N
+//   GEMM 2   y[r] = gu[r, 0:N] . W_down[g]^T              A pitch 2N
+//
+// The routing weight is folded into the activation (down_proj is linear), so [Combine] only sums.
+// Per-group problem shapes, pointers and strides are written on the device by setup_kernel from the
+// permutation's group counts: groups without rows are M = 0 problems and get no tiles. Host code
+// never reads a device value, so the whole layer stays asynchronous and CUDA-graph capturable.
+//
+// Built only when CMake finds CUTLASS (QMOE_CUTLASS_INCLUDE_DIR, from the nvidia-cutlass package);
+// moe_gemm_tc.cu (WMMA) is the prefill path everywhere else (A100, or no CUTLASS).
+#include "common.cuh"
+#include "moe_internal.h"
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/thread/linear_combination.h"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+
+#include <mutex>
+
+namespace qmoe
+{
+namespace
+{
+
+using namespace cute;
+using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>; // <M, N, K> per group
+
+// Tile configurations. Small: few rows per expert (memory-bound; 64-row tiles, two consumer warp
+// groups ping-pong on different tiles). Large: compute-bound prefill (128x256 cooperative tiles).
+struct SmallTiles
+{
+    using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+    using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+    using Tile = Shape<_64, _256, _64>;
+    using Cluster = Shape<_1, _1, _1>;
+};
+
+struct LargeTiles
+{
+    using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+    using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+    using Tile = Shape<_128, _256, _64>;
+    using Cluster = Shape<_1, _1, _1>;
+};
+
+template <typename T>
+struct CutlassType;
+template <>
+struct CutlassType<__nv_bfloat16>
+{
+    using type = cutlass::bfloat16_t;
+};
+template <>
+struct CutlassType<__half>
+{
+    using type = cutlass::half_t;
+};
+
+// D[M, N] (row-major) = A[M, K] (row-major) . B where B is the weight W[N, K] (row-major), i.e. B
+// column-major: every operand is K-contiguous or N-contiguous with one leading-dimension stride.
+template <typename T, typename Config>
+struct GroupedGemm
+{
+    using E = typename CutlassType<T>::type;
+    static constexpr int kAlign = 8; // 16 bytes
+    using LayoutA = cutlass::layout::RowMajor;
+    using LayoutB = cutlass::layout::ColumnMajor;
+    using LayoutD = cutlass::layout::RowMajor;
+
+    using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<cutlass::arch::Sm90,
+        cutlass::arch::OpClassTensorOp, typename Config::Tile, typename Config::Cluster,
+        cutlass::epilogue::collective::EpilogueTileAuto, float, float, E, LayoutD*, kAlign, E, LayoutD*, kAlign,
+        typename Config::Epilogue, cutlass::epilogue::fusion::LinearCombination<E, float>>::CollectiveOp;
+
+    using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<cutlass::arch::Sm90,
+        cutlass::arch::OpClassTensorOp, E, LayoutA*, kAlign, E, LayoutB*, kAlign, float, typename Config::Tile,
+        typename Config::Cluster,
+        cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+            sizeof(typename CollectiveEpilogue::SharedStorage))>,
+        typename Config::Kernel>::CollectiveOp;
+
+    using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+    using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+    using StrideA = typename Kernel::InternalStrideA;
+    using StrideB = typename Kernel::InternalStrideB;
+    using StrideD = typename Kernel::InternalStrideD;
+};
+
+// Per-GEMM device arrays (in the workspace), G entries each.
+template <typename T>
+struct GemmArrays
+{
+    using E = typename CutlassType<T>::type;
+    using Shape3 = typename ProblemShape::UnderlyingProblemShape;
+    using Stride = cute::Stride<int64_t, cute::Int<1>, cute::Int<0>>; // (leading dim, 1, batch 0)
+    Shape3* shapes;
+    E const** a;
+    E const** b;
+    E** d;
+    Stride* sa;
+    Stride* sb;
+    Stride* sd;
+};
+
+template <typename T>
+size_t gemm_arrays_bytes(int G)
+{
+    using A = GemmArrays<T>;
+    return align_up(G * sizeof(typename A::Shape3), 16) + 3 * align_up(G * sizeof(void*), 16)
+        + 3 * align_up(G * sizeof(typename A::Stride), 16);
+}
+
+template <typename T>
+GemmArrays<T> carve_gemm_arrays(char* base, int G)
+{
+    using A = GemmArrays<T>;
+    A arr{};
+    size_t off = 0;
+    auto take = [&](size_t bytes) {
+        char* const p = base + off;
+        off += align_up(bytes, 16);
+        return p;
+    };
+    arr.shapes = reinterpret_cast<typename A::Shape3*>(take(G * sizeof(typename A::Shape3)));
+    arr.a = reinterpret_cast<typename A::E const**>(take(G * sizeof(void*)));
+    arr.b = reinterpret_cast<typename A::E const**>(take(G * sizeof(void*)));
+    arr.d = reinterpret_cast<typename A::E**>(take(G * sizeof(void*)));
+    arr.sa = reinterpret_cast<typename A::Stride*>(take(G * sizeof(typename A::Stride)));
+    arr.sb = reinterpret_cast<typename A::Stride*>(take(G * sizeof(typename A::Stride)));
+    arr.sd = reinterpret_cast<typename A::Stride*>(take(G * sizeof(typename A::Stride)));
+    return arr;
+}
+
+__device__ __forceinline__ cute::Stride<int64_t, cute::Int<1>, cute::Int<0>> lead(int ld)
+{
+    return cute::make_stride(static_cast<int64_t>(ld), cute::Int<1>{}, cute::Int<0>{});
+}
+
+// One thread per group: problem shapes, operand pointers and strides of both GEMMs.
+template <typename T>
+__global__ void setup_kernel(MoeArgs a, T const* xg, GemmArrays<T> g1, GemmArrays<T> g2)
+{
+    using E = typename CutlassType<T>::type;
+    for (int g = blockIdx.x * blockDim.x + threadIdx.x; g < a.G; g += gridDim.x * blockDim.x)
+    {
+        bool const routed = g < a.E;
+        int const rows = a.group_count[g];
+        int64_t const row0 = a.group_offset[g];
+        int const n = routed ? a.I : a.Is;
+        T* const gu = static_cast<T*>(a.act)
+            + (routed ? row0 * 2 * a.I : static_cast<int64_t>(a.T) * a.k * 2 * a.I);
+        T const* const x_rows = routed ? xg + row0 * a.H : static_cast<T const*>(a.x);
+        T const* const w_gu = routed ? static_cast<T const*>(a.gate_up_w) + static_cast<int64_t>(g) * 2 * a.I * a.H
+                                     : static_cast<T const*>(a.shared_gate_up_w);
+        T const* const w_down = routed ? static_cast<T const*>(a.down_w) + static_cast<int64_t>(g) * a.H * a.I
+                                       : static_cast<T const*>(a.shared_down_w);
+        T* const y = static_cast<T*>(a.y) + row0 * a.H; // shared rows: row0 == T*k, see permute
+
+        g1.shapes[g] = cute::make_shape(rows, 2 * n, a.H);
+        g1.a[g] = reinterpret_cast<E const*>(x_rows);
+        g1.b[g] = reinterpret_cast<E const*>(w_gu);
+        g1.d[g] = reinterpret_cast<E*>(gu);
+        g1.sa[g] = lead(a.H);
+        g1.sb[g] = lead(a.H);
+        g1.sd[g] = lead(2 * n);
+
+        g2.shapes[g] = cute::make_shape(rows, a.H, n);
+        g2.a[g] = reinterpret_cast<E const*>(gu);
+        g2.b[g] = reinterpret_cast<E const*>(w_down);
+        g2.d[g] = reinterpret_cast<E*>(y);
+        g2.sa[g] = lead(2 * n);
+        g2.sb[g] = lead(n);
+        g2.sd[g] = lead(a.H);
+    }
+}
+
+// xg[r] = x[row_token[r]] for the routed rows, 16 bytes per thread step.
+template <typename T>
+__global__ void __launch_bounds__(256) gather_kernel(MoeArgs a, T* xg)
+{
+    int const chunks = a.H / 8;
+    int64_t const total = static_cast<int64_t>(a.T) * a.k * chunks;
+    T const* const x = static_cast<T const*>(a.x);
+    for (int64_t i = blockIdx.x * 256LL + threadIdx.x; i < total; i += static_cast<int64_t>(gridDim.x) * 256)
+    {
+        int64_t const r = i / chunks;
+        int const c = static_cast<int>(i % chunks) * 8;
+        *reinterpret_cast<uint4*>(xg + r * a.H + c)
+            = load_cached16(x + static_cast<int64_t>(a.row_token[r]) * a.H + c);
+    }
+}
+
+// gu[r, 0:N] = w(r) * silu(gu[r, 0:N]) * gu[r, N:2N] for every row (routed N = I, shared N = Is).
+// Each thread reads its gate and up chunks before writing the gate chunk: in place is safe.
+template <typename T>
+__global__ void __launch_bounds__(256) swiglu_kernel(MoeArgs a)
+{
+    int64_t const routed_chunks = static_cast<int64_t>(a.T) * a.k * (a.I / 8);
+    int64_t const total = routed_chunks + static_cast<int64_t>(a.has_shared) * a.T * (a.Is / 8);
+    T* const gu = static_cast<T*>(a.act);
+    T* const gu_shared = gu + static_cast<int64_t>(a.T) * a.k * 2 * a.I;
+    for (int64_t i = blockIdx.x * 256LL + threadIdx.x; i < total; i += static_cast<int64_t>(gridDim.x) * 256)
+    {
+        bool const routed = i < routed_chunks;
+        int64_t const j = routed ? i : i - routed_chunks;
+        int const n = routed ? a.I : a.Is;
+        int64_t const r = j / (n / 8);
+        int const c = static_cast<int>(j % (n / 8)) * 8;
+        T* const row = (routed ? gu : gu_shared) + r * 2 * n;
+        float const w = a.row_weight[routed ? r : static_cast<int64_t>(a.T) * a.k + r];
+        float g[8];
+        float u[8];
+        unpack8<T>(*reinterpret_cast<uint4 const*>(row + c), g);
+        unpack8<T>(*reinterpret_cast<uint4 const*>(row + n + c), u);
+#pragma unroll
+        for (int q = 0; q < 8; ++q)
+        {
+            g[q] = w * silu(g[q]) * u[q];
+        }
+        *reinterpret_cast<uint4*>(row + c) = pack8<T>(g);
+    }
+}
+
+int sm_count()
+{
+    static int count = [] {
+        int dev = 0;
+        int sms = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+        {
+            return 0;
+        }
+        return sms;
+    }();
+    return count;
+}
+
+template <typename T, typename Config>
+cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_bytes, cudaStream_t stream)
+{
+    using GG = GroupedGemm<T, Config>;
+    static_assert(std::is_same_v<typename GG::StrideA, typename GemmArrays<T>::Stride>, "stride type");
+    static_assert(std::is_same_v<typename GG::StrideB, typename GemmArrays<T>::Stride>, "stride type");
+    static_assert(std::is_same_v<typename GG::StrideD, typename GemmArrays<T>::Stride>, "stride type");
+    typename GG::Gemm gemm;
+    cutlass::KernelHardwareInfo hw;
+    hw.device_id = 0;
+    cudaGetDevice(&hw.device_id);
+    hw.sm_count = sm_count();
+    typename GG::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGrouped, {G, arr.shapes, nullptr},
+        {arr.a, arr.sa, arr.b, arr.sb}, {{}, const_cast<typename GG::E const**>(arr.d), arr.sd, arr.d, arr.sd}, hw};
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f; // C is never read
+    if (GG::Gemm::get_workspace_size(args) > ws_bytes)
+    {
+        return cudaErrorInvalidValue;
+    }
+    if (gemm.initialize(args, ws, stream) != cutlass::Status::kSuccess)
+    {
+        return cudaErrorInvalidValue;
+    }
+    if (gemm.run(stream) != cutlass::Status::kSuccess)
+    {
+        cudaError_t const err = cudaGetLastError();
+        return err != cudaSuccess ? err : cudaErrorLaunchFailure;
+    }
+    return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream)
+{
+    char* const base = static_cast<char*>(a.sm90_scratch);
+    size_t const arrays = gemm_arrays_bytes<T>(a.G);
+    GemmArrays<T> const g1 = carve_gemm_arrays<T>(base, a.G);
+    GemmArrays<T> const g2 = carve_gemm_arrays<T>(base + arrays, a.G);
+    void* const cutlass_ws = base + 2 * arrays;
+    size_t const cutlass_ws_bytes = kSm90ScratchBytes - 2 * arrays;
+    T* const xg = static_cast<T*>(a.y);
+
+    int64_t const gather_total = static_cast<int64_t>(a.T) * a.k * (a.H / 8);
+    gather_kernel<T><<<static_cast<int>(std::min<int64_t>((gather_total + 255) / 256, 8192)), 256, 0, stream>>>(a, xg);
+    setup_kernel<T><<<1, 256, 0, stream>>>(a, xg, g1, g2);
+    cudaError_t err = cudaGetLastError();
+    // Tile height from the mean rows per routed expert (the shared group has T rows).
+    bool const small = static_cast<int64_t>(a.T) * a.k / a.E < 96;
+    if (err == cudaSuccess)
+    {
+        err = small ? run_grouped<T, SmallTiles>(a.G, g1, cutlass_ws, cutlass_ws_bytes, stream)
+                    : run_grouped<T, LargeTiles>(a.G, g1, cutlass_ws, cutlass_ws_bytes, stream);
+    }
+    if (err == cudaSuccess)
+    {
+        int64_t const total = static_cast<int64_t>(a.T) * (static_cast<int64_t>(a.k) * a.I + a.has_shared * a.Is) / 8;
+        swiglu_kernel<T><<<static_cast<int>(std::min<int64_t>((total + 255) / 256, 8192)), 256, 0, stream>>>(a);
+        err = cudaGetLastError();
+    }
+    if (err == cudaSuccess)
+    {
+        err = small ? run_grouped<T, SmallTiles>(a.G, g2, cutlass_ws, cutlass_ws_bytes, stream)
+                    : run_grouped<T, LargeTiles>(a.G, g2, cutlass_ws, cutlass_ws_bytes, stream);
+    }
+    return err;
+}
+
+} // namespace
+
+bool sm90_gemm_supported()
+{
+    static bool const supported = [] {
+        int dev = 0;
+        int major = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess
+            || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+        {
+            return false;
+        }
+        return major == 9; // sm_90a code only runs on compute capability 9.0
+    }();
+    return supported;
+}
+
+size_t sm90_arrays_bytes(int G)
+{
+    return 2 * gemm_arrays_bytes<__nv_bfloat16>(G);
+}
+
+cudaError_t launch_experts_sm90(MoeArgs const& a, int dtype, cudaStream_t stream)
+{
+    return dtype == QMOE_DTYPE_BF16 ? launch_sm90_t<__nv_bfloat16>(a, stream) : launch_sm90_t<__half>(a, stream);
+}
+
+} // namespace qmoe
