@@ -3,7 +3,8 @@
 # Results (8 files, no sub-folders) go to $OUT (default build/gpu_check):
 #   env.txt          GPU, driver, nvcc, torch, transformers
 #   build.log        scripts/build_plugins.sh --werror
-#   pytest_gpu.log   pytest -m gpu tests/plugins/test_kernels_gpu.py   (+ pytest_gpu.xml, JUnit)
+#   pytest_gpu.log   pytest -m gpu tests/plugins/test_kernels_gpu.py
+#   variants.log     decode-path variant builds timed by the benchmark (VARIANTS, optional)
 #   bench.log        scripts/bench_moe_gpu.py (+ bench.json)
 #   sanitizer.log    compute-sanitizer memcheck + racecheck on a few test cases
 #   summary.txt      one line per stage with its exit code
@@ -47,7 +48,7 @@ if ! stage build "$out/build.log" 150 scripts/build_plugins.sh --werror --arch "
 fi
 
 stage gpu_tests "$out/pytest_gpu.log" 210 "$py" -m pytest -q -p no:cacheprovider -m gpu -rfE \
-    --junitxml="$out/pytest_gpu.xml" tests/plugins/test_kernels_gpu.py
+    tests/plugins/test_kernels_gpu.py
 
 stage bench "$out/bench.log" 120 "$py" scripts/bench_moe_gpu.py --out "$out/bench.json"
 
@@ -87,6 +88,19 @@ elif command -v compute-sanitizer >/dev/null; then
 else
     echo "sanitizer: skipped (compute-sanitizer not on PATH)" | tee -a "$summary"
 fi
+
+# Decode-path variants (VARIANTS="NAME:CUDAFLAGS;..."): built without CUTLASS, timed at decode sizes.
+IFS=';' read -ra variants <<<"${VARIANTS:-}"
+for v in "${variants[@]}"; do
+    name=${v%%:*}
+    flags=${v#*:}
+    {
+        CUDAFLAGS="$flags" scripts/build_plugins.sh --arch "${ARCH:-90a}" --cutlass off --build-dir "build/plugins-$name" >/dev/null &&
+            QMOE_KERNELS_LIB="build/plugins-$name/lib/libqmoe_kernels.so" timeout 60 "$py" scripts/bench_moe_gpu.py \
+                --no-transformers --tokens 1 8 --out "/tmp/bench-$name.json"
+    } >>"$out/variants.log" 2>&1
+    echo "variant $name ($flags): rc=$?" | tee -a "$summary"
+done
 
 tail -3 "$out/pytest_gpu.log" | tee -a "$summary"
 exit "$status"

@@ -21,7 +21,14 @@ namespace
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarp;
-constexpr int kTokChunk = 8;
+#ifndef QMOE_GEMV_UNROLL
+#define QMOE_GEMV_UNROLL 2 // K steps per loop trip: 16-byte weight loads in flight per lane = 4 * this
+#endif
+constexpr int kUnroll = QMOE_GEMV_UNROLL;
+#ifndef QMOE_GEMV_TOKENS
+#define QMOE_GEMV_TOKENS 8 // activation rows per pass over a group's weights
+#endif
+constexpr int kTokChunk = QMOE_GEMV_TOKENS;
 constexpr int kRowsPerWarp = 4;            // weight rows per warp
 constexpr int kGateUpColsPerWarp = 2;      // gate/up: 2 columns -> rows gate j, gate j+1, up j, up j+1
 constexpr int kGateUpColsPerCta = kGateUpColsPerWarp * kWarps;
@@ -105,7 +112,7 @@ __global__ void __launch_bounds__(kThreads) grouped_gemv_kernel(MoeArgs a)
             }
 
             float acc[kRowsPerWarp][kTokChunk] = {};
-#pragma unroll 2
+#pragma unroll(kUnroll)
             for (int k = lane * 8; k < K; k += kWarp * 8)
             {
                 float wf[kRowsPerWarp][8];

@@ -25,7 +25,7 @@ constexpr int kMaxTokens = 1 << 24;
 constexpr int kMaxHidden = 16384; // the router stages 4 token rows of H in shared memory
 constexpr int kDefaultDecodeMaxTokens = 8;
 
-// Hopper grouped GEMMs (moe_gemm_sm90.cu, CUTLASS) are compiled in when CMake found CUTLASS. They
+// Hopper grouped GEMMs (moe_gemm_sm90.cuh, CUTLASS) are compiled in when CMake found CUTLASS. They
 // keep gate and up side by side (act rows of 2*I) and need a small scratch area for their per-group
 // arrays and CUTLASS's own workspace.
 #ifdef QMOE_HAS_SM90_GEMM
@@ -145,7 +145,8 @@ cudaError_t launch_experts_prefill(MoeArgs const& a, int dtype, cudaStream_t str
 cudaError_t launch_combine(MoeArgs const& a, int dtype, cudaStream_t stream);
 #ifdef QMOE_HAS_SM90_GEMM
 bool sm90_gemm_supported(); // the current device runs sm_90a code
-cudaError_t launch_experts_sm90(MoeArgs const& a, int dtype, cudaStream_t stream);
+cudaError_t launch_experts_sm90_bf16(MoeArgs const& a, cudaStream_t stream);
+cudaError_t launch_experts_sm90_fp16(MoeArgs const& a, cudaStream_t stream);
 #endif
 
 } // namespace qmoe

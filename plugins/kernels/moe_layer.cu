@@ -193,7 +193,7 @@ cudaError_t launch_prefill(MoeArgs const& a, int path, int dtype, cudaStream_t s
 #ifdef QMOE_HAS_SM90_GEMM
     if (path != QMOE_PATH_PREFILL_WMMA && sm90_gemm_supported())
     {
-        return launch_experts_sm90(a, dtype, stream);
+        return dtype == QMOE_DTYPE_BF16 ? launch_experts_sm90_bf16(a, stream) : launch_experts_sm90_fp16(a, stream);
     }
 #endif
     return launch_experts_prefill(a, dtype, stream);

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import subprocess
 from functools import lru_cache
@@ -18,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 KERNELS_DIR = ROOT / "plugins" / "kernels"
 BUILD_DIR = ROOT / "build" / "plugins"
 LIB_PATH = BUILD_DIR / "lib" / "libqmoe_kernels.so"
+# QMOE_KERNELS_LIB: use this prebuilt library instead (benchmarking a variant build); never rebuilt.
+OVERRIDE_LIB = os.environ.get("QMOE_KERNELS_LIB")
 ABI_VERSION = 1
 
 OK = 0
@@ -230,6 +233,8 @@ def _stream(t: Any) -> int:
 @lru_cache(maxsize=1)
 def load(build_if_needed: bool = True) -> Kernels:
     """The kernels library, built first if missing or stale (and nvcc exists)."""
+    if OVERRIDE_LIB:
+        return Kernels(Path(OVERRIDE_LIB))
     if build_if_needed and nvcc_available():
         build()
     if not LIB_PATH.exists():

@@ -13,7 +13,10 @@
 // never reads a device value, so the whole layer stays asynchronous and CUDA-graph capturable.
 //
 // Built only when CMake finds CUTLASS (QMOE_CUTLASS_INCLUDE_DIR, from the nvidia-cutlass package);
-// moe_gemm_tc.cu (WMMA) is the prefill path everywhere else (A100, or no CUTLASS).
+// moe_gemm_tc.cu (WMMA) is the prefill path everywhere else (A100, or no CUTLASS). Included once
+// per dtype by moe_gemm_sm90_{bf16,fp16}.cu, so the two heavy instantiations compile in parallel.
+#pragma once
+
 #include "common.cuh"
 #include "moe_internal.h"
 
@@ -286,8 +289,10 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream)
     size_t const arrays = gemm_arrays_bytes<T>(a.G);
     GemmArrays<T> const g1 = carve_gemm_arrays<T>(base, a.G);
     GemmArrays<T> const g2 = carve_gemm_arrays<T>(base + arrays, a.G);
-    void* const cutlass_ws = base + 2 * arrays;
-    size_t const cutlass_ws_bytes = kSm90ScratchBytes - 2 * arrays;
+    // CUTLASS keeps TMA descriptors (CUtensorMap, 64-byte aligned) in its workspace.
+    size_t const ws_offset = align_up(2 * arrays, 256);
+    void* const cutlass_ws = base + ws_offset;
+    size_t const cutlass_ws_bytes = kSm90ScratchBytes - ws_offset;
     T* const xg = static_cast<T*>(a.y);
 
     int64_t const gather_total = static_cast<int64_t>(a.T) * a.k * (a.H / 8);
@@ -316,30 +321,4 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream)
 }
 
 } // namespace
-
-bool sm90_gemm_supported()
-{
-    static bool const supported = [] {
-        int dev = 0;
-        int major = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess
-            || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-        {
-            return false;
-        }
-        return major == 9; // sm_90a code only runs on compute capability 9.0
-    }();
-    return supported;
-}
-
-size_t sm90_arrays_bytes(int G)
-{
-    return 2 * gemm_arrays_bytes<__nv_bfloat16>(G);
-}
-
-cudaError_t launch_experts_sm90(MoeArgs const& a, int dtype, cudaStream_t stream)
-{
-    return dtype == QMOE_DTYPE_BF16 ? launch_sm90_t<__nv_bfloat16>(a, stream) : launch_sm90_t<__half>(a, stream);
-}
-
 } // namespace qmoe

@@ -1,0 +1,11 @@
+// Hopper grouped-GEMM prefill path, fp16 instantiation (see moe_gemm_sm90.cuh).
+#include "moe_gemm_sm90.cuh"
+
+namespace qmoe
+{
+cudaError_t launch_experts_sm90_fp16(MoeArgs const& a, cudaStream_t stream)
+{
+    return launch_sm90_t<__half>(a, stream);
+}
+
+} // namespace qmoe
