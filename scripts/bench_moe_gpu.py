@@ -27,7 +27,7 @@ PEAK_BF16_FLOPS = 790e12  # dense bf16 tensor-core rate used for the compute roo
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="JSON results path")
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 8, 64, 512, 4096])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")

@@ -9,7 +9,8 @@
 //
 // The routing weight is folded into the activation (down_proj is linear), so [Combine] only sums.
 // Per-group problem shapes, pointers and strides are written on the device by setup_kernel from the
-// permutation's group counts: groups without rows are M = 0 problems and get no tiles. Host code
+// permutation's group counts: groups without rows are M = 0 problems and get no tiles. The shared
+// expert is scheduled first, and for T <= 512 its down projection is split along K (see setup_kernel). Host code
 // never reads a device value, so the whole layer stays asynchronous and CUDA-graph capturable.
 //
 // Built only when CMake finds CUTLASS (QMOE_CUTLASS_INCLUDE_DIR, from the nvidia-cutlass package);
@@ -151,41 +152,62 @@ __device__ __forceinline__ cute::Stride<int64_t, cute::Int<1>, cute::Int<0>> lea
     return cute::make_stride(static_cast<int64_t>(ld), cute::Int<1>{}, cute::Int<0>{});
 }
 
-// One thread per group: problem shapes, operand pointers and strides of both GEMMs.
+// Problem shapes, operand pointers and strides of both GEMMs, one thread per entry. Entry order is
+// the tile scheduler's order, so the shared expert (the largest group) comes first and never forms
+// the tail. GEMM 1 entries: shared, then routed experts 0..E-1 (G entries). GEMM 2 entries: the
+// shared expert's down projection as S = a.shared_splits K-slices (slice s writes y rows
+// [T*k + s*T, T*k + (s+1)*T), summed by [Combine]), then the routed experts (G2 = G - 1 + S).
 template <typename T>
 __global__ void setup_kernel(MoeArgs a, T const* xg, GemmArrays<T> g1, GemmArrays<T> g2)
 {
     using E = typename CutlassType<T>::type;
-    for (int g = blockIdx.x * blockDim.x + threadIdx.x; g < a.G; g += gridDim.x * blockDim.x)
+    int const S = a.has_shared ? a.shared_splits : 0;
+    int const G2 = a.E + S;
+    int64_t const shared_row0 = static_cast<int64_t>(a.T) * a.k;
+    T* const gu_shared = static_cast<T*>(a.act) + shared_row0 * 2 * a.I;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < max(a.G, G2); i += gridDim.x * blockDim.x)
     {
-        bool const routed = g < a.E;
-        int const rows = a.group_count[g];
-        int64_t const row0 = a.group_offset[g];
-        int const n = routed ? a.I : a.Is;
-        T* const gu = static_cast<T*>(a.act)
-            + (routed ? row0 * 2 * a.I : static_cast<int64_t>(a.T) * a.k * 2 * a.I);
-        T const* const x_rows = routed ? xg + row0 * a.H : static_cast<T const*>(a.x);
-        T const* const w_gu = routed ? static_cast<T const*>(a.gate_up_w) + static_cast<int64_t>(g) * 2 * a.I * a.H
-                                     : static_cast<T const*>(a.shared_gate_up_w);
-        T const* const w_down = routed ? static_cast<T const*>(a.down_w) + static_cast<int64_t>(g) * a.H * a.I
-                                       : static_cast<T const*>(a.shared_down_w);
-        T* const y = static_cast<T*>(a.y) + row0 * a.H; // shared rows: row0 == T*k, see permute
-
-        g1.shapes[g] = cute::make_shape(rows, 2 * n, a.H);
-        g1.a[g] = reinterpret_cast<E const*>(x_rows);
-        g1.b[g] = reinterpret_cast<E const*>(w_gu);
-        g1.d[g] = reinterpret_cast<E*>(gu);
-        g1.sa[g] = lead(a.H);
-        g1.sb[g] = lead(a.H);
-        g1.sd[g] = lead(2 * n);
-
-        g2.shapes[g] = cute::make_shape(rows, a.H, n);
-        g2.a[g] = reinterpret_cast<E const*>(gu);
-        g2.b[g] = reinterpret_cast<E const*>(w_down);
-        g2.d[g] = reinterpret_cast<E*>(y);
-        g2.sa[g] = lead(2 * n);
-        g2.sb[g] = lead(n);
-        g2.sd[g] = lead(a.H);
+        if (i < a.G)
+        {
+            int const g = sched_group(i, a.G, a.has_shared);
+            bool const routed = g < a.E;
+            int64_t const row0 = a.group_offset[g];
+            int const n = routed ? a.I : a.Is;
+            g1.shapes[i] = cute::make_shape(a.group_count[g], 2 * n, a.H);
+            g1.a[i] = reinterpret_cast<E const*>(routed ? xg + row0 * a.H : static_cast<T const*>(a.x));
+            g1.b[i] = reinterpret_cast<E const*>(routed
+                    ? static_cast<T const*>(a.gate_up_w) + static_cast<int64_t>(g) * 2 * a.I * a.H
+                    : static_cast<T const*>(a.shared_gate_up_w));
+            g1.d[i] = reinterpret_cast<E*>(routed ? static_cast<T*>(a.act) + row0 * 2 * a.I : gu_shared);
+            g1.sa[i] = lead(a.H);
+            g1.sb[i] = lead(a.H);
+            g1.sd[i] = lead(2 * n);
+        }
+        if (i < G2)
+        {
+            if (i < S)
+            {
+                int const part = a.Is / S; // a multiple of 8 (sm90_shared_splits)
+                g2.shapes[i] = cute::make_shape(a.T, a.H, part);
+                g2.a[i] = reinterpret_cast<E const*>(gu_shared + static_cast<int64_t>(i) * part);
+                g2.b[i] = reinterpret_cast<E const*>(static_cast<T const*>(a.shared_down_w) + static_cast<int64_t>(i) * part);
+                g2.d[i] = reinterpret_cast<E*>(static_cast<T*>(a.y) + (shared_row0 + static_cast<int64_t>(i) * a.T) * a.H);
+                g2.sa[i] = lead(2 * a.Is);
+                g2.sb[i] = lead(a.Is);
+            }
+            else
+            {
+                int const e = i - S;
+                int64_t const row0 = a.group_offset[e];
+                g2.shapes[i] = cute::make_shape(a.group_count[e], a.H, a.I);
+                g2.a[i] = reinterpret_cast<E const*>(static_cast<T*>(a.act) + row0 * 2 * a.I);
+                g2.b[i] = reinterpret_cast<E const*>(static_cast<T const*>(a.down_w) + static_cast<int64_t>(e) * a.H * a.I);
+                g2.d[i] = reinterpret_cast<E*>(static_cast<T*>(a.y) + row0 * a.H);
+                g2.sa[i] = lead(2 * a.I);
+                g2.sb[i] = lead(a.I);
+            }
+            g2.sd[i] = lead(a.H);
+        }
     }
 }
 
@@ -286,9 +308,10 @@ template <typename T>
 cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream)
 {
     char* const base = static_cast<char*>(a.sm90_scratch);
-    size_t const arrays = gemm_arrays_bytes<T>(a.G);
+    int const G2 = a.E + (a.has_shared ? a.shared_splits : 0);
+    size_t const arrays = gemm_arrays_bytes<T>(kMaxGroups + kMaxSharedSplits);
     GemmArrays<T> const g1 = carve_gemm_arrays<T>(base, a.G);
-    GemmArrays<T> const g2 = carve_gemm_arrays<T>(base + arrays, a.G);
+    GemmArrays<T> const g2 = carve_gemm_arrays<T>(base + arrays, G2);
     // CUTLASS keeps TMA descriptors (CUtensorMap, 64-byte aligned) in its workspace.
     size_t const ws_offset = align_up(2 * arrays, 256);
     void* const cutlass_ws = base + ws_offset;
@@ -314,8 +337,8 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream)
     }
     if (err == cudaSuccess)
     {
-        err = small ? run_grouped<T, SmallTiles>(a.G, g2, cutlass_ws, cutlass_ws_bytes, stream)
-                    : run_grouped<T, LargeTiles>(a.G, g2, cutlass_ws, cutlass_ws_bytes, stream);
+        err = small ? run_grouped<T, SmallTiles>(G2, g2, cutlass_ws, cutlass_ws_bytes, stream)
+                    : run_grouped<T, LargeTiles>(G2, g2, cutlass_ws, cutlass_ws_bytes, stream);
     }
     return err;
 }

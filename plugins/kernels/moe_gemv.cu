@@ -22,11 +22,11 @@ namespace
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarp;
 #ifndef QMOE_GEMV_UNROLL
-#define QMOE_GEMV_UNROLL 2 // K steps per loop trip: 16-byte weight loads in flight per lane = 4 * this
+#define QMOE_GEMV_UNROLL 4 // K steps per loop trip: 16-byte weight loads in flight per lane = 4 * this
 #endif
 constexpr int kUnroll = QMOE_GEMV_UNROLL;
 #ifndef QMOE_GEMV_TOKENS
-#define QMOE_GEMV_TOKENS 8 // activation rows per pass over a group's weights
+#define QMOE_GEMV_TOKENS 4 // activation rows per pass over a group's weights
 #endif
 constexpr int kTokChunk = QMOE_GEMV_TOKENS;
 constexpr int kRowsPerWarp = 4;            // weight rows per warp

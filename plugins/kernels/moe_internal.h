@@ -22,8 +22,9 @@ constexpr int kMaxExperts = 256;
 constexpr int kMaxGroups = kMaxExperts + 1;
 constexpr int kMaxTopK = 32;
 constexpr int kMaxTokens = 1 << 24;
-constexpr int kMaxHidden = 16384; // the router stages 4 token rows of H in shared memory
+constexpr int kMaxHidden = 16384; // the router stages 4 token rows of H in shared memory (16 if H <= 5120)
 constexpr int kDefaultDecodeMaxTokens = 8;
+constexpr int kDefaultDecodeMaxTokensSm90 = 4;
 
 // Hopper grouped GEMMs (moe_gemm_sm90.cuh, CUTLASS) are compiled in when CMake found CUTLASS. They
 // keep gate and up side by side (act rows of 2*I) and need a small scratch area for their per-group
@@ -34,6 +35,30 @@ constexpr bool kHasSm90Gemm = true;
 constexpr bool kHasSm90Gemm = false;
 #endif
 constexpr size_t kSm90ScratchBytes = size_t(4) << 20;
+constexpr int kMaxSharedSplits = 8;
+
+// sm90 path: the shared expert's down projection (K = Is, e.g. 20480) splits along K into this many
+// parts when T is small, so that its few output tiles (ceil(H/256) per 64 rows) do not form the
+// long tail of the grouped GEMM; each part writes its own T rows of y and [Combine] adds them.
+inline int sm90_shared_splits(int64_t T, int64_t Is)
+{
+#ifdef QMOE_HAS_SM90_GEMM
+    if (Is > 0 && T <= 512)
+    {
+        for (int s = kMaxSharedSplits; s > 1; s /= 2)
+        {
+            if (Is % (8 * s) == 0) // every part a multiple of 8 columns (16-byte aligned)
+            {
+                return s;
+            }
+        }
+    }
+#else
+    (void) T;
+    (void) Is;
+#endif
+    return 1;
+}
 
 struct MoeArgs
 {
@@ -41,6 +66,7 @@ struct MoeArgs
     int G;          // groups: E + has_shared
     int has_shared; // Is > 0
     int norm_topk_prob;
+    int shared_splits; // y row blocks of the shared expert (1, or sm90_shared_splits on the sm90 path)
 
     void const* x;         // [T, H]
     void const* router_w;  // [E, H]
@@ -61,7 +87,7 @@ struct MoeArgs
     float* row_weight;     // [R] routing weight (shared rows: sigmoid gate)
     int32_t* slot_row;     // [T*k] permuted row of (token t, choice j) at t*k + j
     void* act;             // routed rows [T*k, I], then shared rows [T, Is] (sm90 path: [T*k, 2I], [T, 2Is])
-    void* y;               // [R, H] weighted expert outputs
+    void* y;               // [R, H] weighted expert outputs; shared rows: shared_splits blocks of T rows
     void* sm90_scratch;    // kSm90ScratchBytes when kHasSm90Gemm, else nullptr
 };
 
@@ -98,7 +124,7 @@ inline WorkspaceLayout workspace_layout(int64_t T, int64_t H, int64_t E, int64_t
     l.row_weight = take(sizeof(float) * R);
     l.slot_row = take(sizeof(int32_t) * T * k);
     l.act = take(elem * (T * k * I + has_shared * T * Is) * (kHasSm90Gemm ? 2 : 1));
-    l.y = take(elem * R * H);
+    l.y = take(elem * (R + has_shared * T * (sm90_shared_splits(T, Is) - 1)) * H);
     l.sm90_scratch = take(kHasSm90Gemm ? kSm90ScratchBytes : 0);
     l.total = off;
     return l;
