@@ -10,7 +10,8 @@
 #   summary.txt      one line per stage with its exit code
 # Exit code: 0 if every stage passed, else 1. Needs: nvcc, cmake, a CUDA torch, pytest.
 # usage: OUT=/some/dir scripts/gpu_check.sh
-#   env: PYTHON (default python3), ARCH (default 90a), SANITIZE=0 skips compute-sanitizer.
+#   env: PYTHON (default python3), ARCH (default 90a), SANITIZE=0 skips compute-sanitizer,
+#        LIB=path/libqmoe_kernels.so uses that build (no build stage), VARIANTS / VARIANT_TOKENS below.
 # Stage limits add up to 10 minutes (the device tool's per-command limit); typical total is 4-6.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -41,14 +42,26 @@ stage() {  # stage NAME LOG TIMEOUT_S CMD...: runs CMD with output to LOG, recor
     "$py" -c "import pytest; print('pytest', pytest.__version__)" || echo "pytest: missing"
 } >"$out/env.txt" 2>&1
 
+if [ -n "${LIB:-}" ]; then
+    # A library built elsewhere with the same nvcc (saves the ~70 s CUTLASS compile of a lease).
+    export QMOE_KERNELS_LIB=$LIB
+    echo "build: skipped, using $LIB" | tee -a "$summary"
 # Hopper only by default: the A100 (sm_80) code is compile-checked on the CPU machine already.
-if ! stage build "$out/build.log" 150 scripts/build_plugins.sh --werror --arch "${ARCH:-90a}"; then
+elif ! stage build "$out/build.log" 150 scripts/build_plugins.sh --werror --arch "${ARCH:-90a}"; then
     echo "build failed: see build.log" | tee -a "$summary"
     exit 1
 fi
 
-stage gpu_tests "$out/pytest_gpu.log" 210 "$py" -m pytest -q -p no:cacheprovider -m gpu -rfE \
-    tests/plugins/test_kernels_gpu.py
+# One process per test group: a sticky CUDA error in one group cannot fail the others.
+: >"$out/pytest_gpu.log"
+for group in "routing or rotary or bad_arguments" "decode" "wmma" "prefill" \
+    "not (routing or rotary or bad_arguments or decode or wmma or prefill)"; do
+    echo "=== -k '$group'" >>"$out/pytest_gpu.log"
+    stage "gpu_tests[$group]" "$out/pytest_gpu.part" 120 "$py" -m pytest -q -p no:cacheprovider -m gpu -rfE \
+        -k "$group" tests/plugins/test_kernels_gpu.py
+    cat "$out/pytest_gpu.part" >>"$out/pytest_gpu.log"
+done
+rm -f "$out/pytest_gpu.part"
 
 stage bench "$out/bench.log" 120 "$py" scripts/bench_moe_gpu.py --out "$out/bench.json"
 
@@ -66,6 +79,7 @@ cases=(
     "$t::test_forward[e64_top8-3-bf16-raw-skewed-prefill]"
     "$t::test_without_shared_expert[3-prefill]"
     "$t::test_routing[odd_small-257-bf16-norm-uniform]"
+    "$t::test_routing[e64_top8-3-fp16-raw-skewed]"
     "$t::test_rotary[2-37-odd_head-bf16-out]"
     "$t::test_rotary[2-37-qwen2_57b-fp16-inplace]"
 )
@@ -77,7 +91,7 @@ elif command -v compute-sanitizer >/dev/null; then
             "$py" -m pytest -q -p no:cacheprovider -m gpu "${cases[@]}"
         rc_mem=$?
         timeout 50 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 9 \
-            "$py" -m pytest -q -p no:cacheprovider -m gpu "${cases[1]}" "${cases[3]}" "${cases[4]}"
+            "$py" -m pytest -q -p no:cacheprovider -m gpu "${cases[3]}" "${cases[9]}" "${cases[10]}"
         rc_race=$?
         echo "memcheck rc=$rc_mem racecheck rc=$rc_race"
         [ "$rc_mem" -eq 0 ] && [ "$rc_race" -eq 0 ]
@@ -89,18 +103,25 @@ else
     echo "sanitizer: skipped (compute-sanitizer not on PATH)" | tee -a "$summary"
 fi
 
-# Decode-path variants (VARIANTS="NAME:CUDAFLAGS;..."): built without CUTLASS, timed at decode sizes.
+# Variants, timed by the benchmark at VARIANT_TOKENS (default "1 8"). VARIANTS="NAME:SPEC;...":
+# SPEC "@path/lib.so" is a library built elsewhere; else CUDAFLAGS for a build here without CUTLASS.
 IFS=';' read -ra variants <<<"${VARIANTS:-}"
 for v in "${variants[@]}"; do
     name=${v%%:*}
-    flags=${v#*:}
+    spec=${v#*:}
     {
-        CUDAFLAGS="$flags" scripts/build_plugins.sh --arch "${ARCH:-90a}" --cutlass off --build-dir "build/plugins-$name" >/dev/null &&
-            QMOE_KERNELS_LIB="build/plugins-$name/lib/libqmoe_kernels.so" timeout 60 "$py" scripts/bench_moe_gpu.py \
-                --no-transformers --tokens 1 8 --out "/tmp/bench-$name.json"
+        echo "=== variant $name ($spec)"
+        if [ "${spec:0:1}" = "@" ]; then
+            vlib=${spec:1}
+        else
+            vlib="build/plugins-$name/lib/libqmoe_kernels.so"
+            CUDAFLAGS="$spec" scripts/build_plugins.sh --arch "${ARCH:-90a}" --cutlass off --build-dir "build/plugins-$name" >/dev/null
+        fi &&
+            QMOE_KERNELS_LIB="$vlib" timeout 60 "$py" scripts/bench_moe_gpu.py \
+                --no-transformers --tokens ${VARIANT_TOKENS:-1 8} --out "/tmp/bench-$name.json"
     } >>"$out/variants.log" 2>&1
-    echo "variant $name ($flags): rc=$?" | tee -a "$summary"
+    echo "variant $name ($spec): rc=$?" | tee -a "$summary"
 done
 
-tail -3 "$out/pytest_gpu.log" | tee -a "$summary"
+grep -E "^=== |passed|failed|error" "$out/pytest_gpu.log" | tee -a "$summary"
 exit "$status"

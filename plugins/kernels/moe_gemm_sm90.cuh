@@ -42,12 +42,29 @@ using namespace cute;
 using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>; // <M, N, K> per group
 
 // Tile configurations. Small: few rows per expert (memory-bound; 64-row tiles, two consumer warp
-// groups ping-pong on different tiles). Large: compute-bound prefill (128x256 cooperative tiles).
+// groups ping-pong on different tiles). Large: compute-bound prefill (cooperative tiles). The
+// QMOE_SM90_* macros exist to benchmark other shapes (scripts/gpu_check.sh VARIANTS).
+#ifndef QMOE_SM90_SMALL_TILE_N
+#define QMOE_SM90_SMALL_TILE_N 256
+#endif
+#ifndef QMOE_SM90_LARGE_TILE_M
+#define QMOE_SM90_LARGE_TILE_M 128
+#endif
+#ifndef QMOE_SM90_LARGE_TILE_N
+#define QMOE_SM90_LARGE_TILE_N 256
+#endif
+#ifndef QMOE_SM90_LARGE_CLUSTER_M
+#define QMOE_SM90_LARGE_CLUSTER_M 1
+#endif
+#ifndef QMOE_SM90_LARGE_CLUSTER_N
+#define QMOE_SM90_LARGE_CLUSTER_N 1
+#endif
+
 struct SmallTiles
 {
     using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
     using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
-    using Tile = Shape<_64, _256, _64>;
+    using Tile = Shape<_64, Int<QMOE_SM90_SMALL_TILE_N>, _64>;
     using Cluster = Shape<_1, _1, _1>;
 };
 
@@ -55,8 +72,8 @@ struct LargeTiles
 {
     using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
     using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
-    using Tile = Shape<_128, _256, _64>;
-    using Cluster = Shape<_1, _1, _1>;
+    using Tile = Shape<Int<QMOE_SM90_LARGE_TILE_M>, Int<QMOE_SM90_LARGE_TILE_N>, _64>;
+    using Cluster = Shape<Int<QMOE_SM90_LARGE_CLUSTER_M>, Int<QMOE_SM90_LARGE_CLUSTER_N>, _1>;
 };
 
 template <typename T>

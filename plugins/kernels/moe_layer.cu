@@ -305,6 +305,11 @@ extern "C" char const* qmoe_status_string(int32_t status)
     }
 }
 
+extern "C" int32_t qmoe_kernels_features(void)
+{
+    return kHasSm90Gemm ? QMOE_FEATURE_SM90_GEMM : 0;
+}
+
 extern "C" int32_t qmoe_kernels_abi_version(void)
 {
     return QMOE_KERNELS_ABI_VERSION;

@@ -134,6 +134,12 @@ int32_t qmoe_rotary_forward(const qmoe_rotary_params* p, cudaStream_t stream);
 /* Human-readable name of a qmoe_status value (static string). */
 const char* qmoe_status_string(int32_t status);
 
+/* Bits of qmoe_kernels_features(). */
+#define QMOE_FEATURE_SM90_GEMM 1   /* CUTLASS wgmma grouped GEMMs built in (used on compute capability 9.0) */
+
+/* QMOE_FEATURE_* bits of what this library was built with. */
+int32_t qmoe_kernels_features(void);
+
 /* QMOE_KERNELS_ABI_VERSION of the built library, to detect a stale .so. */
 int32_t qmoe_kernels_abi_version(void);
 

@@ -40,6 +40,8 @@ PATH_DECODE = 1
 PATH_PREFILL = 2  # Hopper: CUTLASS wgmma grouped GEMMs when built in, else WMMA
 PATH_PREFILL_WMMA = 3
 
+FEATURE_SM90_GEMM = 1
+
 
 class MoeParams(ctypes.Structure):
     _fields_ = [
@@ -130,12 +132,18 @@ class Kernels:
         lib.qmoe_rotary_forward.restype = ctypes.c_int32
         lib.qmoe_status_string.argtypes = [ctypes.c_int32]
         lib.qmoe_status_string.restype = ctypes.c_char_p
+        lib.qmoe_kernels_features.argtypes = []
+        lib.qmoe_kernels_features.restype = ctypes.c_int32
         lib.qmoe_kernels_abi_version.argtypes = []
         lib.qmoe_kernels_abi_version.restype = ctypes.c_int32
         self.lib = lib
         abi = lib.qmoe_kernels_abi_version()
         if abi != ABI_VERSION:
             raise RuntimeError(f"{path}: ABI version {abi}, tests expect {ABI_VERSION}; rebuild it")
+
+    def features(self) -> int:
+        """QMOE_FEATURE_* bits the library was built with."""
+        return int(self.lib.qmoe_kernels_features())
 
     def status_string(self, status: int) -> str:
         return self.lib.qmoe_status_string(status).decode()

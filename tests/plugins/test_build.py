@@ -106,6 +106,12 @@ def _params(**kw: int) -> K.MoeParams:
     return p
 
 
+def test_kernels_report_the_cutlass_path(kernels_lib: Path) -> None:
+    """scripts/build_plugins.sh --cutlass auto builds the Hopper GEMMs exactly when the headers are there."""
+    have_headers = (ROOT / "third_party" / "cutlass" / "include" / "cutlass" / "cutlass.h").exists()
+    assert bool(K.Kernels(kernels_lib).features() & K.FEATURE_SM90_GEMM) == have_headers
+
+
 def test_launchers_validate_before_touching_the_gpu(kernels_lib: Path) -> None:
     lib = K.Kernels(kernels_lib)
     size = lib.lib.qmoe_moe_workspace_size
