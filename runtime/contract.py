@@ -108,17 +108,18 @@ def header() -> str:
     ]
     for spec in PLUGINS:
         p = spec.name
-        lines += ["", f"namespace {p}", "{", f'constexpr char const* kName = "{p}";',
-                  f'constexpr char const* kVersion = "{spec.version}";']
-        lines.append(f"constexpr int kNumFields = {len(spec.fields)};")
-        lines.append("constexpr char const* kFieldNames[] = {" + ", ".join(f'"{f.name}"' for f in spec.fields) + "};")
+        c = "    static constexpr"
+        lines += ["", f"struct {p}", "{", f'{c} char const* kName = "{p}";',
+                  f'{c} char const* kVersion = "{spec.version}";']
+        lines.append(f"{c} int kNumFields = {len(spec.fields)};")
+        lines.append(f"{c} char const* kFieldNames[] = {{" + ", ".join(f'"{f.name}"' for f in spec.fields) + "};")
         for i, t in enumerate(spec.inputs):
-            lines.append(f"constexpr int kInput_{t.name} = {i}; // {t.shape} {t.doc}")
-        lines.append(f"constexpr int kNumInputs = {len(spec.inputs)};")
+            lines.append(f"{c} int kInput_{t.name} = {i}; // {t.shape} {t.doc}")
+        lines.append(f"{c} int kNumInputs = {len(spec.inputs)};")
         for i, t in enumerate(spec.outputs):
-            lines.append(f"constexpr int kOutput_{t.name} = {i}; // {t.shape} {t.doc}")
-        lines.append(f"constexpr int kNumOutputs = {len(spec.outputs)};")
-        lines.append(f"}} // namespace {p}")
+            lines.append(f"{c} int kOutput_{t.name} = {i}; // {t.shape} {t.doc}")
+        lines.append(f"{c} int kNumOutputs = {len(spec.outputs)};")
+        lines.append("};")
     lines += ["} // namespace qmoe::contract", ""]
     return "\n".join(lines)
 

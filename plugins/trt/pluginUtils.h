@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#include <new>
 
 namespace qmoe::trt
 {
@@ -147,6 +148,148 @@ public:
 private:
     std::array<nvinfer1::PluginField, N> mFields;
     nvinfer1::PluginFieldCollection mCollection;
+};
+
+// The IPluginV3 part every qmoe plugin shares: capability interfaces, clone, identity (name, version,
+// namespace) from its contract struct (qmoeContract.h) and the int32 fields kept for serialisation.
+// Shape checks at configure time and on every shape change go to Derived::shapesValid. Derived (CRTP)
+// adds the other build and runtime methods and `static bool validFields(Fields const&)`.
+template <typename Derived, typename Contract>
+class ContractPlugin : public nvinfer1::IPluginV3,
+                       public nvinfer1::IPluginV3OneCore,
+                       public nvinfer1::IPluginV3OneBuild,
+                       public nvinfer1::IPluginV3OneRuntime
+{
+public:
+    using Fields = IntFields<Contract::kNumFields>;
+
+    explicit ContractPlugin(Fields const& fields)
+        : mFields(fields)
+    {
+    }
+
+    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override
+    {
+        switch (type)
+        {
+        case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
+        case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
+        case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
+        }
+        return nullptr;
+    }
+
+    nvinfer1::IPluginV3* clone() noexcept override
+    {
+        return new (std::nothrow) Derived(static_cast<Derived const&>(*this));
+    }
+
+    char const* getPluginName() const noexcept override
+    {
+        return Contract::kName;
+    }
+
+    char const* getPluginVersion() const noexcept override
+    {
+        return Contract::kVersion;
+    }
+
+    char const* getPluginNamespace() const noexcept override
+    {
+        return contract::kPluginNamespace;
+    }
+
+    int32_t getNbOutputs() const noexcept override
+    {
+        return Contract::kNumOutputs;
+    }
+
+    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept override
+    {
+        return checkShapes(nbInputs, nbOutputs, [&](int32_t i) { return in[i].desc.dims; });
+    }
+
+    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
+        nvinfer1::PluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept override
+    {
+        return checkShapes(nbInputs, nbOutputs, [&](int32_t i) { return in[i].dims; });
+    }
+
+    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept override
+    {
+        return clone();
+    }
+
+    nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override
+    {
+        return mFields.collection();
+    }
+
+protected:
+    Fields mFields;
+
+private:
+    template <typename DimsOf>
+    int32_t checkShapes(int32_t nbInputs, int32_t nbOutputs, DimsOf dimsOf) const
+    {
+        if (nbInputs != Contract::kNumInputs || nbOutputs != Contract::kNumOutputs)
+        {
+            return -1;
+        }
+        nvinfer1::Dims dims[Contract::kNumInputs];
+        for (int32_t i = 0; i < nbInputs; ++i)
+        {
+            dims[i] = dimsOf(i);
+        }
+        return static_cast<Derived const*>(this)->shapesValid(dims, nbInputs) ? 0 : -1;
+    }
+};
+
+// The IPluginCreatorV3One of Plugin: its fields are read by the contract's names and checked by
+// Plugin::validFields; anything off gives nullptr and one line on stderr.
+template <typename Plugin, typename Contract>
+class ContractCreator final : public nvinfer1::IPluginCreatorV3One
+{
+public:
+    ContractCreator()
+        : mFieldNames(Contract::kFieldNames)
+    {
+    }
+
+    nvinfer1::IPluginV3* createPlugin(char const* /*name*/, nvinfer1::PluginFieldCollection const* fc,
+        nvinfer1::TensorRTPhase /*phase*/) noexcept override
+    {
+        typename Plugin::Fields fields(Contract::kFieldNames);
+        if (!fields.read(fc, Contract::kName) || !Plugin::validFields(fields))
+        {
+            return nullptr;
+        }
+        return new (std::nothrow) Plugin(fields);
+    }
+
+    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override
+    {
+        return mFieldNames.collection();
+    }
+
+    char const* getPluginName() const noexcept override
+    {
+        return Contract::kName;
+    }
+
+    char const* getPluginVersion() const noexcept override
+    {
+        return Contract::kVersion;
+    }
+
+    char const* getPluginNamespace() const noexcept override
+    {
+        return contract::kPluginNamespace;
+    }
+
+private:
+    FieldNames<Contract::kNumFields> mFieldNames;
 };
 
 // qmoe_dtype of a TensorRT type, -1 if the kernels do not take it.

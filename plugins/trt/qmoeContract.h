@@ -5,38 +5,38 @@ namespace qmoe::contract
 {
 constexpr char const* kPluginNamespace = "qmoe";
 
-namespace QmoeRoutedExperts
+struct QmoeRoutedExperts
 {
-constexpr char const* kName = "QmoeRoutedExperts";
-constexpr char const* kVersion = "1";
-constexpr int kNumFields = 5;
-constexpr char const* kFieldNames[] = {"num_experts", "top_k", "norm_topk_prob", "moe_intermediate_size", "shared_intermediate_size"};
-constexpr int kInput_hidden = 0; // [T, H] normed hidden states, tokens flattened
-constexpr int kInput_router_weight = 1; // [E, H] router (mlp.gate.weight); softmax runs in fp32
-constexpr int kInput_gate_up_weight = 2; // [E, 2*I, H] rows 0..I-1 gate_proj, I..2I-1 up_proj
-constexpr int kInput_down_weight = 3; // [E, H, I] down_proj
-constexpr int kInput_shared_gate_up_weight = 4; // [2*Is, H] shared expert gate_proj then up_proj
-constexpr int kInput_shared_down_weight = 5; // [H, Is] shared expert down_proj
-constexpr int kInput_shared_expert_gate_weight = 6; // [1, H] sigmoid gate of the shared expert
-constexpr int kNumInputs = 7;
-constexpr int kOutput_output = 0; // [T, H] routed sum + sigmoid(gate) * shared expert
-constexpr int kNumOutputs = 1;
-} // namespace QmoeRoutedExperts
+    static constexpr char const* kName = "QmoeRoutedExperts";
+    static constexpr char const* kVersion = "1";
+    static constexpr int kNumFields = 5;
+    static constexpr char const* kFieldNames[] = {"num_experts", "top_k", "norm_topk_prob", "moe_intermediate_size", "shared_intermediate_size"};
+    static constexpr int kInput_hidden = 0; // [T, H] normed hidden states, tokens flattened
+    static constexpr int kInput_router_weight = 1; // [E, H] router (mlp.gate.weight); softmax runs in fp32
+    static constexpr int kInput_gate_up_weight = 2; // [E, 2*I, H] rows 0..I-1 gate_proj, I..2I-1 up_proj
+    static constexpr int kInput_down_weight = 3; // [E, H, I] down_proj
+    static constexpr int kInput_shared_gate_up_weight = 4; // [2*Is, H] shared expert gate_proj then up_proj
+    static constexpr int kInput_shared_down_weight = 5; // [H, Is] shared expert down_proj
+    static constexpr int kInput_shared_expert_gate_weight = 6; // [1, H] sigmoid gate of the shared expert
+    static constexpr int kNumInputs = 7;
+    static constexpr int kOutput_output = 0; // [T, H] routed sum + sigmoid(gate) * shared expert
+    static constexpr int kNumOutputs = 1;
+};
 
-namespace QmoeRotary
+struct QmoeRotary
 {
-constexpr char const* kName = "QmoeRotary";
-constexpr char const* kVersion = "1";
-constexpr int kNumFields = 3;
-constexpr char const* kFieldNames[] = {"num_heads", "num_kv_heads", "head_dim"};
-constexpr int kInput_query = 0; // [B, S, Hq*D] projected queries
-constexpr int kInput_key = 1; // [B, S, Hkv*D] projected keys
-constexpr int kInput_cos = 2; // [P, D/2] cos table (YaRN attention factor included)
-constexpr int kInput_sin = 3; // [P, D/2] sin table
-constexpr int kInput_position_ids = 4; // [B, S] absolute position of each token
-constexpr int kNumInputs = 5;
-constexpr int kOutput_query_out = 0; // [B, S, Hq*D] rotated queries
-constexpr int kOutput_key_out = 1; // [B, S, Hkv*D] rotated keys
-constexpr int kNumOutputs = 2;
-} // namespace QmoeRotary
+    static constexpr char const* kName = "QmoeRotary";
+    static constexpr char const* kVersion = "1";
+    static constexpr int kNumFields = 3;
+    static constexpr char const* kFieldNames[] = {"num_heads", "num_kv_heads", "head_dim"};
+    static constexpr int kInput_query = 0; // [B, S, Hq*D] projected queries
+    static constexpr int kInput_key = 1; // [B, S, Hkv*D] projected keys
+    static constexpr int kInput_cos = 2; // [P, D/2] cos table (YaRN attention factor included)
+    static constexpr int kInput_sin = 3; // [P, D/2] sin table
+    static constexpr int kInput_position_ids = 4; // [B, S] absolute position of each token
+    static constexpr int kNumInputs = 5;
+    static constexpr int kOutput_query_out = 0; // [B, S, Hq*D] rotated queries
+    static constexpr int kOutput_key_out = 1; // [B, S, Hkv*D] rotated keys
+    static constexpr int kNumOutputs = 2;
+};
 } // namespace qmoe::contract

@@ -26,11 +26,6 @@ char const* const kName = rotary_contract::kName;
 
 } // namespace
 
-RotaryPlugin::RotaryPlugin(Fields const& fields)
-    : mFields(fields)
-{
-}
-
 bool RotaryPlugin::validFields(Fields const& f)
 {
     bool const ok = f[kNumHeads] >= 1 && f[kNumKvHeads] >= 1 && f[kNumKvHeads] <= f[kNumHeads]
@@ -40,37 +35,6 @@ bool RotaryPlugin::validFields(Fields const& f)
         logPluginError(kName, "fields out of range: need num_heads a multiple of num_kv_heads >= 1, head_dim even");
     }
     return ok;
-}
-
-nvinfer1::IPluginCapability* RotaryPlugin::getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept
-{
-    switch (type)
-    {
-    case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
-    case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
-    case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
-    }
-    return nullptr;
-}
-
-nvinfer1::IPluginV3* RotaryPlugin::clone() noexcept
-{
-    return new (std::nothrow) RotaryPlugin(*this);
-}
-
-char const* RotaryPlugin::getPluginName() const noexcept
-{
-    return rotary_contract::kName;
-}
-
-char const* RotaryPlugin::getPluginVersion() const noexcept
-{
-    return rotary_contract::kVersion;
-}
-
-char const* RotaryPlugin::getPluginNamespace() const noexcept
-{
-    return contract::kPluginNamespace;
 }
 
 bool RotaryPlugin::shapesValid(Dims const* d, int32_t nbInputs) const
@@ -95,21 +59,6 @@ bool RotaryPlugin::shapesValid(Dims const* d, int32_t nbInputs) const
             "(query [B, S, Hq*D], key [B, S, Hkv*D], cos/sin [P, D/2] with P >= 1, position_ids [B, S])");
     }
     return ok;
-}
-
-int32_t RotaryPlugin::configurePlugin(
-    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
-{
-    if (nbInputs != rotary_contract::kNumInputs || nbOutputs != rotary_contract::kNumOutputs)
-    {
-        return -1;
-    }
-    Dims dims[rotary_contract::kNumInputs];
-    for (int32_t i = 0; i < nbInputs; ++i)
-    {
-        dims[i] = in[i].desc.dims;
-    }
-    return shapesValid(dims, nbInputs) ? 0 : -1;
 }
 
 int32_t RotaryPlugin::getOutputDataTypes(
@@ -157,30 +106,10 @@ bool RotaryPlugin::supportsFormatCombination(
     }
 }
 
-int32_t RotaryPlugin::getNbOutputs() const noexcept
-{
-    return rotary_contract::kNumOutputs;
-}
-
 size_t RotaryPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
     DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept
 {
     return 0;
-}
-
-int32_t RotaryPlugin::onShapeChange(
-    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out, int32_t nbOutputs) noexcept
-{
-    if (nbInputs != rotary_contract::kNumInputs || nbOutputs != rotary_contract::kNumOutputs)
-    {
-        return -1;
-    }
-    Dims dims[rotary_contract::kNumInputs];
-    for (int32_t i = 0; i < nbInputs; ++i)
-    {
-        dims[i] = in[i].dims;
-    }
-    return shapesValid(dims, nbInputs) ? 0 : -1;
 }
 
 int32_t RotaryPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
@@ -208,52 +137,6 @@ int32_t RotaryPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDes
         logPluginError(kName, "enqueue failed:", qmoe_status_string(status));
     }
     return status;
-}
-
-nvinfer1::IPluginV3* RotaryPlugin::attachToContext(nvinfer1::IPluginResourceContext* context) noexcept
-{
-    return clone();
-}
-
-nvinfer1::PluginFieldCollection const* RotaryPlugin::getFieldsToSerialize() noexcept
-{
-    return mFields.collection();
-}
-
-RotaryCreator::RotaryCreator()
-    : mFieldNames(rotary_contract::kFieldNames)
-{
-}
-
-nvinfer1::IPluginV3* RotaryCreator::createPlugin(
-    char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept
-{
-    RotaryPlugin::Fields fields(rotary_contract::kFieldNames);
-    if (!fields.read(fc, kName) || !RotaryPlugin::validFields(fields))
-    {
-        return nullptr;
-    }
-    return new (std::nothrow) RotaryPlugin(fields);
-}
-
-nvinfer1::PluginFieldCollection const* RotaryCreator::getFieldNames() noexcept
-{
-    return mFieldNames.collection();
-}
-
-char const* RotaryCreator::getPluginName() const noexcept
-{
-    return rotary_contract::kName;
-}
-
-char const* RotaryCreator::getPluginVersion() const noexcept
-{
-    return rotary_contract::kVersion;
-}
-
-char const* RotaryCreator::getPluginNamespace() const noexcept
-{
-    return contract::kPluginNamespace;
 }
 
 } // namespace qmoe::trt

@@ -30,11 +30,6 @@ char const* const kName = moe_contract::kName;
 
 } // namespace
 
-RoutedExpertsPlugin::RoutedExpertsPlugin(Fields const& fields)
-    : mFields(fields)
-{
-}
-
 bool RoutedExpertsPlugin::validFields(Fields const& f)
 {
     int32_t const e = f[kNumExperts];
@@ -48,37 +43,6 @@ bool RoutedExpertsPlugin::validFields(Fields const& f)
             "{0, 1}, moe_intermediate_size > 0 and shared_intermediate_size >= 0, both multiples of 8");
     }
     return ok;
-}
-
-nvinfer1::IPluginCapability* RoutedExpertsPlugin::getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept
-{
-    switch (type)
-    {
-    case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
-    case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
-    case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
-    }
-    return nullptr;
-}
-
-nvinfer1::IPluginV3* RoutedExpertsPlugin::clone() noexcept
-{
-    return new (std::nothrow) RoutedExpertsPlugin(*this);
-}
-
-char const* RoutedExpertsPlugin::getPluginName() const noexcept
-{
-    return moe_contract::kName;
-}
-
-char const* RoutedExpertsPlugin::getPluginVersion() const noexcept
-{
-    return moe_contract::kVersion;
-}
-
-char const* RoutedExpertsPlugin::getPluginNamespace() const noexcept
-{
-    return contract::kPluginNamespace;
 }
 
 bool RoutedExpertsPlugin::shapesValid(Dims const* d, int32_t nbInputs) const
@@ -108,21 +72,6 @@ bool RoutedExpertsPlugin::shapesValid(Dims const* d, int32_t nbInputs) const
             "H a multiple of 8)");
     }
     return ok;
-}
-
-int32_t RoutedExpertsPlugin::configurePlugin(
-    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
-{
-    if (nbInputs != moe_contract::kNumInputs || nbOutputs != moe_contract::kNumOutputs)
-    {
-        return -1;
-    }
-    Dims dims[moe_contract::kNumInputs];
-    for (int32_t i = 0; i < nbInputs; ++i)
-    {
-        dims[i] = in[i].desc.dims;
-    }
-    return shapesValid(dims, nbInputs) ? 0 : -1;
 }
 
 int32_t RoutedExpertsPlugin::getOutputDataTypes(
@@ -163,11 +112,6 @@ bool RoutedExpertsPlugin::supportsFormatCombination(
     return d.type == inOut[moe_contract::kInput_hidden].desc.type; // every tensor shares the activation dtype
 }
 
-int32_t RoutedExpertsPlugin::getNbOutputs() const noexcept
-{
-    return moe_contract::kNumOutputs;
-}
-
 size_t RoutedExpertsPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
     DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept
 {
@@ -185,21 +129,6 @@ size_t RoutedExpertsPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inpu
     p.shared_intermediate_size = mFields[kSharedInter];
     size_t const bytes = qmoe_moe_workspace_size(&p);
     return bytes == 0 ? 0 : bytes + kWorkspaceAlign;
-}
-
-int32_t RoutedExpertsPlugin::onShapeChange(
-    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out, int32_t nbOutputs) noexcept
-{
-    if (nbInputs != moe_contract::kNumInputs || nbOutputs != moe_contract::kNumOutputs)
-    {
-        return -1;
-    }
-    Dims dims[moe_contract::kNumInputs];
-    for (int32_t i = 0; i < nbInputs; ++i)
-    {
-        dims[i] = in[i].dims;
-    }
-    return shapesValid(dims, nbInputs) ? 0 : -1;
 }
 
 int32_t RoutedExpertsPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
@@ -242,52 +171,6 @@ int32_t RoutedExpertsPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
         logPluginError(kName, "enqueue failed:", qmoe_status_string(status));
     }
     return status;
-}
-
-nvinfer1::IPluginV3* RoutedExpertsPlugin::attachToContext(nvinfer1::IPluginResourceContext* context) noexcept
-{
-    return clone();
-}
-
-nvinfer1::PluginFieldCollection const* RoutedExpertsPlugin::getFieldsToSerialize() noexcept
-{
-    return mFields.collection();
-}
-
-RoutedExpertsCreator::RoutedExpertsCreator()
-    : mFieldNames(moe_contract::kFieldNames)
-{
-}
-
-nvinfer1::IPluginV3* RoutedExpertsCreator::createPlugin(
-    char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept
-{
-    RoutedExpertsPlugin::Fields fields(moe_contract::kFieldNames);
-    if (!fields.read(fc, kName) || !RoutedExpertsPlugin::validFields(fields))
-    {
-        return nullptr;
-    }
-    return new (std::nothrow) RoutedExpertsPlugin(fields);
-}
-
-nvinfer1::PluginFieldCollection const* RoutedExpertsCreator::getFieldNames() noexcept
-{
-    return mFieldNames.collection();
-}
-
-char const* RoutedExpertsCreator::getPluginName() const noexcept
-{
-    return moe_contract::kName;
-}
-
-char const* RoutedExpertsCreator::getPluginVersion() const noexcept
-{
-    return moe_contract::kVersion;
-}
-
-char const* RoutedExpertsCreator::getPluginNamespace() const noexcept
-{
-    return contract::kPluginNamespace;
 }
 
 } // namespace qmoe::trt

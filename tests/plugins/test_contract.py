@@ -12,8 +12,8 @@ from runtime import contract
 
 TRT_DIR = Path(__file__).resolve().parents[2] / "plugins" / "trt"
 SOURCES = {
-    contract.ROUTED_EXPERTS.name: (TRT_DIR / "routedExpertsPlugin.cpp", "moe_contract"),
-    contract.ROTARY.name: (TRT_DIR / "rotaryPlugin.cpp", "rotary_contract"),
+    contract.ROUTED_EXPERTS.name: (TRT_DIR / "routedExpertsPlugin.cpp", "moe_contract", "RoutedExperts"),
+    contract.ROTARY.name: (TRT_DIR / "rotaryPlugin.cpp", "rotary_contract", "Rotary"),
 }
 
 
@@ -28,18 +28,17 @@ def test_every_plugin_has_a_source() -> None:
 
 @pytest.mark.parametrize("spec", contract.PLUGINS, ids=lambda s: s.name)
 def test_plugin_source_uses_contract(spec: contract.PluginSpec) -> None:
-    path, alias = SOURCES[spec.name]
+    path, alias, cls = SOURCES[spec.name]
     cpp = path.read_text()
     header = (TRT_DIR / path.name.replace(".cpp", ".h")).read_text()
     ns = f"qmoe::contract::{spec.name}"
-    assert f"namespace {alias} = {ns};" in header
-
-    # Every field is looked up by name in the contract's list (a rename fails to compile), and the
-    # creator's getFieldNames and the plugin's serialised fields are built from kFieldNames.
+    assert f"using {alias} = {ns};" in header
+    # Identity, fields, clone and the creator come from the shared templates, bound to this contract.
+    assert f"class {cls}Plugin final : public ContractPlugin<{cls}Plugin, {alias}>" in header
+    assert f"using {cls}Creator = ContractCreator<{cls}Plugin, {alias}>;" in header
+    # Every field is looked up by name in the contract's list (a rename fails to compile).
     looked_up = re.findall(rf'fieldIndex\({alias}::kFieldNames, "(\w+)"\)', cpp)
     assert sorted(looked_up) == sorted(f.name for f in spec.fields)
-    assert f"mFieldNames({alias}::kFieldNames)" in cpp
-    assert f"Fields fields({alias}::kFieldNames)" in cpp
     # IntFields reads and writes kINT32 only.
     assert {f.type for f in spec.fields} == {"int32"}
 
@@ -54,9 +53,18 @@ def test_plugin_source_uses_contract(spec: contract.PluginSpec) -> None:
 
     # Name, version and namespace come from the header, not from string literals.
     for literal in (spec.name, contract.PLUGIN_NAMESPACE):
-        assert f'"{literal}"' not in cpp
-    assert f"return {alias}::kName;" in cpp and f"return {alias}::kVersion;" in cpp
-    assert "return contract::kPluginNamespace;" in cpp
+        assert f'"{literal}"' not in cpp and f'"{literal}"' not in header
+
+
+def test_shared_plugin_templates_take_everything_from_the_contract() -> None:
+    utils = (TRT_DIR / "pluginUtils.h").read_text()
+    # The creator's getFieldNames and the plugin's serialised fields are built from kFieldNames.
+    assert "mFieldNames(Contract::kFieldNames)" in utils
+    assert "typename Plugin::Fields fields(Contract::kFieldNames);" in utils
+    assert "using Fields = IntFields<Contract::kNumFields>;" in utils
+    assert utils.count("return Contract::kName;") == 2 and utils.count("return Contract::kVersion;") == 2
+    assert utils.count("return contract::kPluginNamespace;") == 2
+    assert '"' + contract.PLUGIN_NAMESPACE + '"' not in utils
 
 
 def test_no_plugin_is_named_like_a_builtin_op() -> None:
