@@ -197,6 +197,9 @@ def main() -> int:
                                              args.iters, args.warmup)
         row["kernels_us"] = kernel_breakdown_us(lambda: lib.moe_forward(x, w, shape.top_k, False, workspace=ws))
         row["tflops"] = row["flops"] / (row["ours_ms"] * 1e-3) / 1e12
+        # The shared expert as separate torch (cuBLAS) ops: what vLLM adds to its routed experts.
+        with torch.no_grad():
+            row["shared_torch_ms"] = time_ms(lambda: ref.shared_expert_eager(x, w), args.iters, args.warmup)
         row["hf_ms"] = row["hf_grouped_mm_ms"] = row["rel_rms_vs_hf"] = None
         try:
             if block is not None:
@@ -229,7 +232,7 @@ def main() -> int:
               f"{f(row['hf_over_roofline'], '8.2f')} {f(row['hf_over_ours'], '8.2f')} {f(row['rel_rms_vs_hf'], '8.1e')}"
               f"  graph {f(row['ours_graph_ms'], '7.3f')} ms, {row['tflops']:.0f} TFLOP/s"
               + "".join(f", {k}={v:.0f}us" for k, v in row.get("kernels_us", {}).items()))
-        for name in ("ours_decode_ms", "ours_prefill_ms", "ours_wmma_ms", "routed_only_ms"):
+        for name in ("ours_decode_ms", "ours_prefill_ms", "ours_wmma_ms", "routed_only_ms", "shared_torch_ms"):
             if name in row:
                 print(f"{'':>6} {name}: {row[name]:.3f} ms")
         if "routed_only_ms" in row:

@@ -158,6 +158,14 @@ def experts(x: torch.Tensor, w: dict[str, torch.Tensor], ids: torch.Tensor, weig
     return out
 
 
+def shared_expert_eager(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The gated shared expert as separate torch ops in x's dtype (cuBLAS on a GPU): what vLLM runs
+    beside its fused routed-experts kernel for Qwen2-MoE, so the benchmark can time that pair."""
+    silu = torch.nn.functional.silu
+    gate, up = (x @ w["shared_gate_up_weight"].T).chunk(2, dim=-1)
+    return torch.sigmoid(x @ w["shared_expert_gate_weight"].T) * ((silu(gate) * up) @ w["shared_down_weight"].T)
+
+
 def to_transformers_block(shape: MoeShape, w: dict[str, torch.Tensor], norm_topk_prob: bool):
     """transformers' Qwen2MoeSparseMoeBlock holding these weights (same dtype and device)."""
     from transformers import Qwen2MoeConfig

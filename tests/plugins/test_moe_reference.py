@@ -53,3 +53,14 @@ def test_reference_rotary_matches_transformers() -> None:
                                   full_cos, full_sin)
     assert torch.allclose(ref.rotary(q, cos, sin, pos, Hq, D).float(), hq.transpose(1, 2).reshape(B, S, -1), atol=1e-5)
     assert torch.allclose(ref.rotary(k, cos, sin, pos, Hkv, D).float(), hk.transpose(1, 2).reshape(B, S, -1), atol=1e-5)
+
+
+def test_shared_expert_eager_is_the_gated_shared_expert() -> None:
+    shape = ref.ODD_SMALL
+    w = ref.make_weights(shape, torch.float32, "cpu")
+    x = ref.make_hidden(5, shape.hidden, torch.float32, "cpu")
+    r = ref.route(x, w, shape.top_k, False)
+    expected = ref.experts(x, w, r.ids, torch.zeros_like(r.weights), r.shared_gate)  # routed part weighted 0
+    got = ref.shared_expert_eager(x, w).double()
+    assert expected.abs().max() > 1e-2
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
