@@ -275,18 +275,16 @@ __global__ void __launch_bounds__(256) swiglu_kernel(MoeArgs a)
     }
 }
 
+// Of the current device, asked on every call (cheap): one process may drive GPUs of different sizes.
 int sm_count()
 {
-    static int count = [] {
-        int dev = 0;
-        int sms = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-        {
-            return 0;
-        }
-        return sms;
-    }();
-    return count;
+    int dev = 0;
+    int sms = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    {
+        return 0;
+    }
+    return sms;
 }
 
 template <typename T, typename Config>
@@ -301,6 +299,10 @@ cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_byt
     hw.device_id = 0;
     cudaGetDevice(&hw.device_id);
     hw.sm_count = sm_count();
+    if (hw.sm_count <= 0)
+    {
+        return cudaErrorInvalidDevice;
+    }
     typename GG::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGrouped, {G, arr.shapes, nullptr},
         {arr.a, arr.sa, arr.b, arr.sb}, {{}, const_cast<typename GG::E const**>(arr.d), arr.sd, arr.d, arr.sd}, hw};
     args.epilogue.thread.alpha = 1.0f;

@@ -3,19 +3,20 @@
 
 namespace qmoe
 {
+// The current device runs sm_90a code (compute capability 9.0). Asked on every call: one process
+// may drive an H100 and an A100.
 bool sm90_gemm_supported()
 {
-    static bool const supported = [] {
-        int dev = 0;
-        int major = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess
-            || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-        {
-            return false;
-        }
-        return major == 9; // sm_90a code only runs on compute capability 9.0
-    }();
-    return supported;
+    int dev = 0;
+    int major = 0;
+    int minor = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess
+        || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess
+        || cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+    {
+        return false;
+    }
+    return major == 9 && minor == 0;
 }
 
 cudaError_t launch_experts_sm90_bf16(MoeArgs const& a, cudaStream_t stream)
