@@ -178,24 +178,23 @@ def main() -> int:
         x = ref.make_hidden(tokens, shape.hidden, torch.bfloat16, "cuda", seed=tokens)
         ids, _, _ = lib.moe_route(x, w, shape.top_k, False)
         row = {"tokens": tokens, **roofline(tokens, int(torch.unique(ids).numel()), shape, bw)}
-        ours = lib.moe_forward(x, w, shape.top_k, False, workspace=ws)
-        row["ours_ms"] = time_ms(lambda: lib.moe_forward(x, w, shape.top_k, False, workspace=ws), args.iters, args.warmup)
+        def forward(weights=w, path=K.PATH_AUTO, x=x):
+            return lib.moe_forward(x, weights, shape.top_k, False, path=path, workspace=ws)
+
+        ours = forward()
+        row["ours_ms"] = time_ms(forward, args.iters, args.warmup)
         paths = [("decode", K.PATH_DECODE)] if tokens <= 64 else []
         paths += [("prefill", K.PATH_PREFILL), ("wmma", K.PATH_PREFILL_WMMA)]
         for name, path in paths:
-            row[f"ours_{name}_ms"] = time_ms(
-                lambda: lib.moe_forward(x, w, shape.top_k, False, path=path, workspace=ws), args.iters, args.warmup)
+            row[f"ours_{name}_ms"] = time_ms(lambda: forward(path=path), args.iters, args.warmup)
         if tokens >= 512:  # routed experts alone (what vLLM's fused_experts computes): their TFLOP/s
             routed = {k: v for k, v in w.items() if not k.startswith("shared")}
-            row["routed_only_ms"] = time_ms(lambda: lib.moe_forward(x, routed, shape.top_k, False, workspace=ws),
-                                            args.iters, args.warmup)
+            row["routed_only_ms"] = time_ms(lambda: forward(routed), args.iters, args.warmup)
             routed_flops = 2 * tokens * shape.top_k * 3 * shape.inter * shape.hidden
             row["routed_only_tflops"] = routed_flops / (row["routed_only_ms"] * 1e-3) / 1e12
-            row["routed_only_kernels_us"] = kernel_breakdown_us(
-                lambda: lib.moe_forward(x, routed, shape.top_k, False, workspace=ws))
-        row["ours_graph_ms"] = graph_time_ms(lambda: lib.moe_forward(x, w, shape.top_k, False, workspace=ws),
-                                             args.iters, args.warmup)
-        row["kernels_us"] = kernel_breakdown_us(lambda: lib.moe_forward(x, w, shape.top_k, False, workspace=ws))
+            row["routed_only_kernels_us"] = kernel_breakdown_us(lambda: forward(routed))
+        row["ours_graph_ms"] = graph_time_ms(forward, args.iters, args.warmup)
+        row["kernels_us"] = kernel_breakdown_us(forward)
         row["tflops"] = row["flops"] / (row["ours_ms"] * 1e-3) / 1e12
         # The shared expert as separate torch (cuBLAS) ops: what vLLM adds to its routed experts.
         with torch.no_grad():

@@ -31,7 +31,6 @@
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 
-#include <mutex>
 
 namespace qmoe
 {
@@ -275,18 +274,6 @@ __global__ void __launch_bounds__(256) swiglu_kernel(MoeArgs a)
     }
 }
 
-// Of the current device, asked on every call (cheap): one process may drive GPUs of different sizes.
-int sm_count()
-{
-    int dev = 0;
-    int sms = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    {
-        return 0;
-    }
-    return sms;
-}
-
 template <typename T, typename Config>
 cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_bytes, cudaStream_t stream)
 {
@@ -296,12 +283,10 @@ cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_byt
     static_assert(std::is_same_v<typename GG::StrideD, typename GemmArrays<T>::Stride>, "stride type");
     typename GG::Gemm gemm;
     cutlass::KernelHardwareInfo hw;
-    hw.device_id = 0;
-    cudaGetDevice(&hw.device_id);
-    hw.sm_count = sm_count();
-    if (hw.sm_count <= 0)
+    cudaError_t const err = current_device_sms(&hw.device_id, &hw.sm_count);
+    if (err != cudaSuccess)
     {
-        return cudaErrorInvalidDevice;
+        return err;
     }
     typename GG::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGrouped, {G, arr.shapes, nullptr},
         {arr.a, arr.sa, arr.b, arr.sb}, {{}, const_cast<typename GG::E const**>(arr.d), arr.sd, arr.d, arr.sd}, hw};
@@ -343,10 +328,13 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream)
     cudaError_t err = cudaGetLastError();
     // Tile height from the mean rows per routed expert (the shared group has T rows).
     bool const small = static_cast<int64_t>(a.T) * a.k / a.E < 96;
+    auto const grouped = [&](int groups, GemmArrays<T> const& arr) {
+        return small ? run_grouped<T, SmallTiles>(groups, arr, cutlass_ws, cutlass_ws_bytes, stream)
+                     : run_grouped<T, LargeTiles>(groups, arr, cutlass_ws, cutlass_ws_bytes, stream);
+    };
     if (err == cudaSuccess)
     {
-        err = small ? run_grouped<T, SmallTiles>(a.G, g1, cutlass_ws, cutlass_ws_bytes, stream)
-                    : run_grouped<T, LargeTiles>(a.G, g1, cutlass_ws, cutlass_ws_bytes, stream);
+        err = grouped(a.G, g1);
     }
     if (err == cudaSuccess)
     {
@@ -356,8 +344,7 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream)
     }
     if (err == cudaSuccess)
     {
-        err = small ? run_grouped<T, SmallTiles>(G2, g2, cutlass_ws, cutlass_ws_bytes, stream)
-                    : run_grouped<T, LargeTiles>(G2, g2, cutlass_ws, cutlass_ws_bytes, stream);
+        err = grouped(G2, g2);
     }
     return err;
 }

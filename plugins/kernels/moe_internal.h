@@ -137,6 +137,14 @@ __host__ __device__ inline int sched_group(int slot, int G, int has_shared)
     return has_shared ? (slot + G - 1) % G : slot;
 }
 
+// The current device and its SM count, asked on every call (cheap): one process may drive GPUs of
+// different kinds.
+inline cudaError_t current_device_sms(int* dev, int* sms)
+{
+    cudaError_t const err = cudaGetDevice(dev);
+    return err != cudaSuccess ? err : cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, *dev);
+}
+
 // Grid for a persistent kernel: enough CTAs to fill every SM, never more than the work upper bound.
 template <typename Kernel>
 cudaError_t persistent_grid(Kernel kernel, int threads, size_t smem, int64_t upper, int* grid)
@@ -144,11 +152,7 @@ cudaError_t persistent_grid(Kernel kernel, int threads, size_t smem, int64_t upp
     int dev = 0;
     int sms = 0;
     int per_sm = 0;
-    cudaError_t err = cudaGetDevice(&dev);
-    if (err == cudaSuccess)
-    {
-        err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    }
+    cudaError_t err = current_device_sms(&dev, &sms);
     if (err == cudaSuccess)
     {
         err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
