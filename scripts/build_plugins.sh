@@ -4,7 +4,8 @@
 #   build/plugins/lib/libqmoe_trt_plugins.so   with --trt-include (TensorRT IPluginV3 plugins)
 # Without nvcc it prints why and exits 0 without building (callers check for the .so).
 #
-# usage: scripts/build_plugins.sh [--trt-include DIR] [--arch "80;90a"] [--cutlass auto|off|DIR] [--build-dir DIR] [--werror]
+# usage: scripts/build_plugins.sh [--trt-include DIR] [--arch "80;90a"] [--cutlass auto|off|DIR] [--build-dir DIR]
+#                                [--cuda-flags FLAGS] [--werror]
 #   --trt-include DIR  TensorRT headers (NvInfer.h), e.g. /usr/include/x86_64-linux-gnu in NGC
 #                      TensorRT containers, or third_party/tensorrt-<ver>/include (compile check)
 #   --arch LIST        CUDA architectures, CMake syntax (default 80;90a: A100 and H100/H200)
@@ -12,6 +13,8 @@
 #                      auto (default): third_party/cutlass/include if present (scripts/get_cutlass.sh
 #                      puts it there); off: portable WMMA prefill only; DIR: that include directory
 #   --build-dir DIR    default build/plugins
+#   --cuda-flags FLAGS extra nvcc flags, e.g. "-DQMOE_PDL=1 -DQMOE_ROUTER_TC=1" (the experimental
+#                      switches of plugins/kernels/moe_internal.h); default: $CUDAFLAGS
 #   --werror           warnings are errors
 # env: NVCC (compiler path), JOBS (parallel jobs, default: all cores)
 set -euo pipefail
@@ -21,14 +24,16 @@ arch="80;90a"
 trt=""
 werror=OFF
 cutlass=auto
+cuda_flags=${CUDAFLAGS:-}
 while [ $# -gt 0 ]; do
     case "$1" in
         --trt-include) trt=$(cd "$2" && pwd); shift 2 ;;
         --arch) arch=$2; shift 2 ;;
         --build-dir) build=$2; shift 2 ;;
         --cutlass) cutlass=$2; shift 2 ;;
+        --cuda-flags) cuda_flags=$2; shift 2 ;;
         --werror) werror=ON; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "build_plugins: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -55,6 +60,7 @@ case "$cutlass" in
 esac
 
 cmake -S "$root/plugins" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_COMPILER="$nvcc" \
-    -DQMOE_CUDA_ARCHITECTURES="$arch" -DQMOE_TRT_INCLUDE_DIR="$trt" -DQMOE_CUTLASS_INCLUDE_DIR="$cutlass_dir" -DQMOE_WERROR="$werror" >/dev/null
+    -DQMOE_CUDA_ARCHITECTURES="$arch" -DQMOE_TRT_INCLUDE_DIR="$trt" -DQMOE_CUTLASS_INCLUDE_DIR="$cutlass_dir" -DQMOE_WERROR="$werror" \
+    -DCMAKE_CUDA_FLAGS="$cuda_flags" >/dev/null
 cmake --build "$build" -j "${JOBS:-$(nproc)}"
 echo "build_plugins: built $(ls "$build"/lib/*.so | tr '\n' ' ')(CUTLASS: ${cutlass_dir:-none})"

@@ -127,6 +127,39 @@ __device__ __forceinline__ float silu(float g)
     return g / (1.0f + __expf(-g));
 }
 
+// Programmatic dependent launch (Hopper+). A kernel launched with the PDL attribute may start while
+// the kernel before it in the stream is still running; pdl_wait() blocks until that kernel has
+// completed and its writes are visible. Every qmoe kernel calls pdl_wait() before it touches memory
+// written by an earlier kernel, and pdl_trigger() only after its own pdl_wait(): the code a kernel
+// runs before its wait therefore overlaps with its direct predecessor only, never with an older one.
+// Both are no-ops when the kernel was launched without the attribute, and before sm_90.
+__device__ __forceinline__ void pdl_wait()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_trigger()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Both of the above, in order: for kernels whose every access depends on the previous kernel.
+__device__ __forceinline__ void pdl_enter()
+{
+    pdl_wait();
+    pdl_trigger();
+}
+
+// Asks L2 to fetch the 128-byte line holding p (no register result, no fault on a valid address).
+__device__ __forceinline__ void prefetch_l2(void const* p)
+{
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
+
 __host__ __device__ __forceinline__ int ceil_div(int a, int b)
 {
     return (a + b - 1) / b;

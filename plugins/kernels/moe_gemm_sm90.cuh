@@ -181,6 +181,7 @@ __global__ void setup_kernel(MoeArgs a, T const* xg, GemmArrays<T> g1, GemmArray
     int const G2 = a.E + S;
     int64_t const shared_row0 = static_cast<int64_t>(a.T) * a.k;
     T* const gu_shared = static_cast<T*>(a.act) + shared_row0 * 2 * a.I;
+    pdl_enter();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < max(a.G, G2); i += gridDim.x * blockDim.x)
     {
         if (i < a.G)
@@ -234,6 +235,7 @@ __global__ void __launch_bounds__(256) gather_kernel(MoeArgs a, T* xg)
     int const chunks = a.H / 8;
     int64_t const total = static_cast<int64_t>(a.T) * a.k * chunks;
     T const* const x = static_cast<T const*>(a.x);
+    pdl_enter();
     for (int64_t i = blockIdx.x * 256LL + threadIdx.x; i < total; i += static_cast<int64_t>(gridDim.x) * 256)
     {
         int64_t const r = i / chunks;
@@ -252,6 +254,7 @@ __global__ void __launch_bounds__(256) swiglu_kernel(MoeArgs a)
     int64_t const total = routed_chunks + static_cast<int64_t>(a.has_shared) * a.T * (a.Is / 8);
     T* const gu = static_cast<T*>(a.act);
     T* const gu_shared = gu + static_cast<int64_t>(a.T) * a.k * 2 * a.I;
+    pdl_enter();
     for (int64_t i = blockIdx.x * 256LL + threadIdx.x; i < total; i += static_cast<int64_t>(gridDim.x) * 256)
     {
         bool const routed = i < routed_chunks;
@@ -323,9 +326,15 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream)
     T* const xg = static_cast<T*>(a.y);
 
     int64_t const gather_total = static_cast<int64_t>(a.T) * a.k * (a.H / 8);
-    gather_kernel<T><<<static_cast<int>(std::min<int64_t>((gather_total + 255) / 256, 8192)), 256, 0, stream>>>(a, xg);
-    setup_kernel<T><<<1, 256, 0, stream>>>(a, xg, g1, g2);
-    cudaError_t err = cudaGetLastError();
+    // Our kernels may start early (pdl_wait, common.cuh); the CUTLASS GEMMs wait for full completion
+    // of the kernel before them (no PDL attribute: their kernels have no griddepcontrol.wait).
+    bool const pdl = a.pdl != 0;
+    dim3 const gather_grid(static_cast<unsigned>(std::min<int64_t>((gather_total + 255) / 256, 8192)));
+    cudaError_t err = launch_kernel(gather_kernel<T>, gather_grid, dim3(256), 0, stream, pdl, a, xg);
+    if (err == cudaSuccess)
+    {
+        err = launch_kernel(setup_kernel<T>, dim3(1), dim3(256), 0, stream, pdl, a, xg, g1, g2);
+    }
     // Tile height from the mean rows per routed expert (the shared group has T rows).
     bool const small = static_cast<int64_t>(a.T) * a.k / a.E < 96;
     auto const grouped = [&](int groups, GemmArrays<T> const& arr) {
@@ -339,8 +348,8 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream)
     if (err == cudaSuccess)
     {
         int64_t const total = static_cast<int64_t>(a.T) * (static_cast<int64_t>(a.k) * a.I + a.has_shared * a.Is) / 8;
-        swiglu_kernel<T><<<static_cast<int>(std::min<int64_t>((total + 255) / 256, 8192)), 256, 0, stream>>>(a);
-        err = cudaGetLastError();
+        dim3 const grid(static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 8192)));
+        err = launch_kernel(swiglu_kernel<T>, grid, dim3(256), 0, stream, pdl, a);
     }
     if (err == cudaSuccess)
     {

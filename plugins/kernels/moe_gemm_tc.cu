@@ -76,6 +76,7 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(MoeArgs a)
     T* const sB = sA + kStages * BM * kLds;        // [kStages][kBN][kLds]
     float* const sC = reinterpret_cast<float*>(smem); // [BM][kLdc], reused after the main loop
     int* const s_prefix = reinterpret_cast<int*>(smem + tc_tile_bytes<BM>()); // [kMaxGroups + 1]
+    pdl_enter();
 
     int const total = build_work_prefix(
         a, s_prefix, [&](int g) { return ceil_div(a.group_count[g], BM) * group_n_tiles<kGateUp>(a, g); });
@@ -318,8 +319,7 @@ cudaError_t launch_gemm(MoeArgs const& a, cudaStream_t stream)
     {
         return err;
     }
-    kernel<<<grid, kThreads, smem, stream>>>(a);
-    return cudaGetLastError();
+    return launch_kernel(kernel, dim3(grid), dim3(kThreads), smem, stream, a.pdl != 0, a);
 }
 
 template <typename T, int BM>

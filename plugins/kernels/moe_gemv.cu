@@ -41,148 +41,209 @@ __device__ __forceinline__ int units_of_group(MoeArgs const& a, int g)
     return kGateUp ? ceil_div(inter, kGateUpColsPerCta) : ceil_div(a.H, kDownRowsPerCta);
 }
 
+// Weight row r (0..kRowsPerWarp) of this warp in unit b of group g, and whether it exists.
+// gate/up: r = 0,1 gate of columns c0, c0+1; r = 2,3 up of the same. down: hidden rows c0 + r.
+template <typename T, bool kGateUp>
+__device__ __forceinline__ T const* weight_row(MoeArgs const& a, int g, int c0, int r, bool* ok)
+{
+    bool const routed = g < a.E;
+    int const inter = routed ? a.I : a.Is;
+    if (kGateUp)
+    {
+        T const* w = routed ? static_cast<T const*>(a.gate_up_w) + static_cast<int64_t>(g) * 2 * a.I * a.H
+                            : static_cast<T const*>(a.shared_gate_up_w);
+        int const j = c0 + r % kGateUpColsPerWarp;
+        *ok = j < inter;
+        return w + static_cast<int64_t>((r / kGateUpColsPerWarp) * inter + j) * a.H;
+    }
+    T const* w = routed ? static_cast<T const*>(a.down_w) + static_cast<int64_t>(g) * a.H * a.I
+                        : static_cast<T const*>(a.shared_down_w);
+    int const h = c0 + r;
+    *ok = h < a.H;
+    return w + static_cast<int64_t>(h) * inter;
+}
+
+template <bool kGateUp>
+__device__ __forceinline__ int unit_first_col(int b, int warp)
+{
+    return kGateUp ? b * kGateUpColsPerCta + warp * kGateUpColsPerWarp : b * kDownRowsPerCta + warp * kRowsPerWarp;
+}
+
+// One work unit (group g, column block b; rows permuted rows from row0) for this warp.
+template <typename T, bool kGateUp>
+__device__ __forceinline__ void gemv_unit(MoeArgs const& a, int g, int b, int rows, int row0, int warp, int lane)
+{
+    T const* const x = static_cast<T const*>(a.x);
+    T* const act = static_cast<T*>(a.act);
+    T* const y = static_cast<T*>(a.y);
+    bool const routed = g < a.E;
+    int const inter = routed ? a.I : a.Is;
+    int const K = kGateUp ? a.H : inter;
+    T* const act_g = act + (routed ? static_cast<int64_t>(row0) * a.I : static_cast<int64_t>(a.T) * a.k * a.I);
+
+    int const c0 = unit_first_col<kGateUp>(b, warp);
+    T const* w_row[kRowsPerWarp];
+    bool w_ok[kRowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r)
+    {
+        w_row[r] = weight_row<T, kGateUp>(a, g, c0, r, &w_ok[r]);
+    }
+    if (!w_ok[0])
+    {
+        return; // rows are filled in order: nothing for this warp (no block-level sync in a unit)
+    }
+
+    for (int t0 = 0; t0 < rows; t0 += kTokChunk)
+    {
+        int const mc = min(kTokChunk, rows - t0);
+        T const* in_row[kTokChunk];
+#pragma unroll
+        for (int m = 0; m < kTokChunk; ++m)
+        {
+            in_row[m] = x;
+            if (m < mc)
+            {
+                // Shared rows are the tokens in order (no read of the permutation: see the kernel).
+                int const token = routed ? a.row_token[row0 + t0 + m] : t0 + m;
+                in_row[m] = kGateUp ? x + static_cast<int64_t>(token) * a.H
+                                    : act_g + static_cast<int64_t>(t0 + m) * inter;
+            }
+        }
+
+        float acc[kRowsPerWarp][kTokChunk] = {};
+#pragma unroll(kUnroll)
+        for (int k = lane * 8; k < K; k += kWarp * 8)
+        {
+            float wf[kRowsPerWarp][8];
+#pragma unroll
+            for (int r = 0; r < kRowsPerWarp; ++r)
+            {
+                uint4 const v = w_ok[r] ? load_stream16(w_row[r] + k) : make_uint4(0, 0, 0, 0);
+                unpack8<T>(v, wf[r]);
+            }
+#pragma unroll
+            for (int m = 0; m < kTokChunk; ++m)
+            {
+                if (m < mc)
+                {
+                    float xf[8];
+                    unpack8<T>(load_cached16(in_row[m] + k), xf);
+#pragma unroll
+                    for (int r = 0; r < kRowsPerWarp; ++r)
+                    {
+#pragma unroll
+                        for (int q = 0; q < 8; ++q)
+                        {
+                            acc[r][m] = fmaf(wf[r][q], xf[q], acc[r][m]);
+                        }
+                    }
+                }
+            }
+        }
+
+#pragma unroll
+        for (int m = 0; m < kTokChunk; ++m)
+        {
+            if (m < mc)
+            {
+#pragma unroll
+                for (int r = 0; r < kRowsPerWarp; ++r)
+                {
+                    acc[r][m] = warp_sum(acc[r][m]);
+                }
+                if (lane == m)
+                {
+                    if (kGateUp)
+                    {
+                        T* out = act_g + static_cast<int64_t>(t0 + m) * inter + c0;
+#pragma unroll
+                        for (int i = 0; i < kGateUpColsPerWarp; ++i)
+                        {
+                            if (w_ok[i])
+                            {
+                                out[i] = from_float<T>(silu(acc[i][m]) * acc[kGateUpColsPerWarp + i][m]);
+                            }
+                        }
+                    }
+                    else
+                    {
+                        float const rw = a.row_weight[row0 + t0 + m];
+                        T* out = y + static_cast<int64_t>(row0 + t0 + m) * a.H + c0;
+#pragma unroll
+                        for (int r = 0; r < kRowsPerWarp; ++r)
+                        {
+                            if (w_ok[r])
+                            {
+                                out[r] = from_float<T>(rw * acc[r][m]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// Persistent CTAs walk units blockIdx.x, +gridDim.x, ... of the list (shared expert first).
+// Programmatic dependent launch (pdl_wait, common.cuh):
+//   gate/up: the shared expert's units read only x and the weights, so they run before the wait and
+//            overlap the router and the permutation; the routed units follow the wait.
+//   down:    the work list (from the permutation, which completed before the gate/up kernel passed
+//            its own wait) is built and each warp's first weight rows are prefetched into L2 before
+//            the wait; the activations are read after it.
 template <typename T, bool kGateUp>
 __global__ void __launch_bounds__(kThreads) grouped_gemv_kernel(MoeArgs a)
 {
     __shared__ int s_prefix[kMaxGroups + 1];
     int const warp = threadIdx.x / kWarp;
     int const lane = threadIdx.x % kWarp;
+    auto const units = [&](int g) { return a.group_count[g] > 0 ? units_of_group<kGateUp>(a, g) : 0; };
 
-    int const total = build_work_prefix(
-        a, s_prefix, [&](int g) { return a.group_count[g] > 0 ? units_of_group<kGateUp>(a, g) : 0; });
+    int unit = blockIdx.x;
+    int total = 0;
+    if (kGateUp)
+    {
+        if (a.has_shared) // schedule slot 0: group E, T rows from permuted row T*k (fixed by the layout)
+        {
+            for (int const shared_units = units_of_group<true>(a, a.E); unit < shared_units; unit += gridDim.x)
+            {
+                gemv_unit<T, true>(a, a.E, unit, a.T, a.T * a.k, warp, lane);
+            }
+        }
+        pdl_wait();
+        pdl_trigger();
+        total = build_work_prefix(a, s_prefix, units);
+    }
+    else
+    {
+        total = build_work_prefix(a, s_prefix, units);
+        if (unit < total)
+        {
+            int const slot = find_slot(s_prefix, a.G, unit);
+            int const g = sched_group(slot, a.G, a.has_shared);
+            int const c0 = unit_first_col<false>(unit - s_prefix[slot], warp);
+            int const K = g < a.E ? a.I : a.Is;
+#pragma unroll
+            for (int r = 0; r < kRowsPerWarp; ++r)
+            {
+                bool ok = false;
+                T const* const w = weight_row<T, false>(a, g, c0, r, &ok);
+                for (int k = lane * 64; ok && k < K; k += kWarp * 64) // 128-byte lines
+                {
+                    prefetch_l2(w + k);
+                }
+            }
+        }
+        pdl_wait();
+        pdl_trigger();
+    }
 
-    T const* const x = static_cast<T const*>(a.x);
-    T* const act = static_cast<T*>(a.act);
-    T* const y = static_cast<T*>(a.y);
-
-    for (int unit = blockIdx.x; unit < total; unit += gridDim.x)
+    for (; unit < total; unit += gridDim.x)
     {
         int const slot = find_slot(s_prefix, a.G, unit);
         int const g = sched_group(slot, a.G, a.has_shared);
-        int const b = unit - s_prefix[slot];
-        bool const routed = g < a.E;
-        int const rows = a.group_count[g];
-        int const row0 = a.group_offset[g];
-        int const inter = routed ? a.I : a.Is;
-        int const K = kGateUp ? a.H : inter;
-        T* const act_g = act + (routed ? static_cast<int64_t>(row0) * a.I : static_cast<int64_t>(a.T) * a.k * a.I);
-
-        // This warp's weight rows. gate/up: r = 0,1 gate of columns c0, c0+1; r = 2,3 up of the same.
-        int const c0 = kGateUp ? b * kGateUpColsPerCta + warp * kGateUpColsPerWarp : b * kDownRowsPerCta + warp * kRowsPerWarp;
-        T const* w_row[kRowsPerWarp];
-        bool w_ok[kRowsPerWarp];
-#pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r)
-        {
-            if (kGateUp)
-            {
-                T const* w = routed ? static_cast<T const*>(a.gate_up_w) + static_cast<int64_t>(g) * 2 * a.I * a.H
-                                    : static_cast<T const*>(a.shared_gate_up_w);
-                int const j = c0 + r % kGateUpColsPerWarp;
-                w_ok[r] = j < inter;
-                w_row[r] = w + static_cast<int64_t>((r / kGateUpColsPerWarp) * inter + j) * a.H;
-            }
-            else
-            {
-                T const* w = routed ? static_cast<T const*>(a.down_w) + static_cast<int64_t>(g) * a.H * a.I
-                                    : static_cast<T const*>(a.shared_down_w);
-                int const h = c0 + r;
-                w_ok[r] = h < a.H;
-                w_row[r] = w + static_cast<int64_t>(h) * inter;
-            }
-        }
-        if (!w_ok[0])
-        {
-            continue; // rows are filled in order: nothing for this warp (no block-level sync below)
-        }
-
-        for (int t0 = 0; t0 < rows; t0 += kTokChunk)
-        {
-            int const mc = min(kTokChunk, rows - t0);
-            T const* in_row[kTokChunk];
-#pragma unroll
-            for (int m = 0; m < kTokChunk; ++m)
-            {
-                in_row[m] = x;
-                if (m < mc)
-                {
-                    in_row[m] = kGateUp ? x + static_cast<int64_t>(a.row_token[row0 + t0 + m]) * a.H
-                                        : act_g + static_cast<int64_t>(t0 + m) * inter;
-                }
-            }
-
-            float acc[kRowsPerWarp][kTokChunk] = {};
-#pragma unroll(kUnroll)
-            for (int k = lane * 8; k < K; k += kWarp * 8)
-            {
-                float wf[kRowsPerWarp][8];
-#pragma unroll
-                for (int r = 0; r < kRowsPerWarp; ++r)
-                {
-                    uint4 const v = w_ok[r] ? load_stream16(w_row[r] + k) : make_uint4(0, 0, 0, 0);
-                    unpack8<T>(v, wf[r]);
-                }
-#pragma unroll
-                for (int m = 0; m < kTokChunk; ++m)
-                {
-                    if (m < mc)
-                    {
-                        float xf[8];
-                        unpack8<T>(load_cached16(in_row[m] + k), xf);
-#pragma unroll
-                        for (int r = 0; r < kRowsPerWarp; ++r)
-                        {
-#pragma unroll
-                            for (int q = 0; q < 8; ++q)
-                            {
-                                acc[r][m] = fmaf(wf[r][q], xf[q], acc[r][m]);
-                            }
-                        }
-                    }
-                }
-            }
-
-#pragma unroll
-            for (int m = 0; m < kTokChunk; ++m)
-            {
-                if (m < mc)
-                {
-#pragma unroll
-                    for (int r = 0; r < kRowsPerWarp; ++r)
-                    {
-                        acc[r][m] = warp_sum(acc[r][m]);
-                    }
-                    if (lane == m)
-                    {
-                        if (kGateUp)
-                        {
-                            T* out = act_g + static_cast<int64_t>(t0 + m) * inter + c0;
-#pragma unroll
-                            for (int i = 0; i < kGateUpColsPerWarp; ++i)
-                            {
-                                if (w_ok[i])
-                                {
-                                    out[i] = from_float<T>(silu(acc[i][m]) * acc[kGateUpColsPerWarp + i][m]);
-                                }
-                            }
-                        }
-                        else
-                        {
-                            float const rw = a.row_weight[row0 + t0 + m];
-                            T* out = y + static_cast<int64_t>(row0 + t0 + m) * a.H + c0;
-#pragma unroll
-                            for (int r = 0; r < kRowsPerWarp; ++r)
-                            {
-                                if (w_ok[r])
-                                {
-                                    out[r] = from_float<T>(rw * acc[r][m]);
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        gemv_unit<T, kGateUp>(a, g, unit - s_prefix[slot], a.group_count[g], a.group_offset[g], warp, lane);
     }
 }
 
@@ -200,8 +261,7 @@ cudaError_t launch_gemv(MoeArgs const& a, cudaStream_t stream)
     {
         return err;
     }
-    kernel<<<grid, kThreads, 0, stream>>>(a);
-    return cudaGetLastError();
+    return launch_kernel(kernel, dim3(grid), dim3(kThreads), 0, stream, a.pdl != 0, a);
 }
 
 template <typename T>

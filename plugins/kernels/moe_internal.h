@@ -34,6 +34,33 @@ constexpr bool kHasSm90Gemm = true;
 #else
 constexpr bool kHasSm90Gemm = false;
 #endif
+// Programmatic dependent launch between the layer's kernels (common.cuh: pdl_wait/pdl_trigger).
+// Off by default until measured on a GPU: build with -DQMOE_PDL=1 (scripts/gpu_check.sh variants).
+#ifndef QMOE_PDL
+#define QMOE_PDL 0
+#endif
+constexpr bool kPdlBuild = QMOE_PDL != 0;
+
+// Router logits on tensor cores (split-K WMMA, moe_routing.cu) instead of CUDA cores. Off by
+// default until measured on a GPU: build with -DQMOE_ROUTER_TC=1.
+#ifndef QMOE_ROUTER_TC
+#define QMOE_ROUTER_TC 0
+#endif
+constexpr bool kRouterTensorCores = QMOE_ROUTER_TC != 0;
+constexpr int kMaxRouterSplits = 16;
+constexpr int64_t kRouterSplitRows = 4096; // split-K partial rows kept: splits * T <= max(T, this)
+
+// Most K splits of the tensor-core router for T tokens (the workspace holds that many partial rows;
+// 1 on the CUDA-core router).
+inline int router_split_cap(int64_t T)
+{
+    if (!kRouterTensorCores || T <= 0)
+    {
+        return 1;
+    }
+    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxRouterSplits, kRouterSplitRows / T)));
+}
+
 constexpr size_t kSm90ScratchBytes = size_t(4) << 20;
 constexpr int kMaxSharedSplits = 8;
 
@@ -67,6 +94,8 @@ struct MoeArgs
     int has_shared; // Is > 0
     int norm_topk_prob;
     int shared_splits; // y row blocks of the shared expert (1, or sm90_shared_splits on the sm90 path)
+    int router_splits; // K-split partial sums in logits (<= router_split_cap(T)); the top-k kernel adds them
+    int pdl;           // launch with programmatic dependent launch (kPdlBuild and a Hopper+ device)
 
     void const* x;         // [T, H]
     void const* router_w;  // [E, H]
@@ -77,7 +106,7 @@ struct MoeArgs
     void const* shared_gate_w; // [1, H]
     void* out;                 // [T, H]
 
-    float* logits;         // [T, E + has_shared] router logits (rounded to the activation dtype), shared gate last
+    float* logits;         // [router_splits, T, E + has_shared] fp32 partial router logits, shared gate last
     int32_t* topk_ids;     // [T*k]
     float* topk_weights;   // [T*k]
     float* shared_gate;    // [T]
@@ -114,7 +143,7 @@ inline WorkspaceLayout workspace_layout(int64_t T, int64_t H, int64_t E, int64_t
         off = align_up(off + bytes, kAlign);
         return at;
     };
-    l.logits = take(sizeof(float) * T * (E + has_shared));
+    l.logits = take(sizeof(float) * T * router_split_cap(T) * (E + has_shared));
     l.topk_ids = take(sizeof(int32_t) * T * k);
     l.topk_weights = take(sizeof(float) * T * k);
     l.shared_gate = take(sizeof(float) * T);
@@ -143,6 +172,39 @@ inline cudaError_t current_device_sms(int* dev, int* sms)
 {
     cudaError_t const err = cudaGetDevice(dev);
     return err != cudaSuccess ? err : cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, *dev);
+}
+
+// Whether this call may use programmatic dependent launch: built with it, and the current device is
+// sm_90 or newer (the attribute does nothing useful before Hopper).
+inline bool pdl_enabled()
+{
+    if (!kPdlBuild)
+    {
+        return false;
+    }
+    int dev = 0;
+    int major = 0;
+    return cudaGetDevice(&dev) == cudaSuccess
+        && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when pdl is true. Every
+// kernel launched this way must call pdl_wait() before it reads what an earlier kernel wrote.
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+    bool pdl, Args const&... args)
+{
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
 // Grid for a persistent kernel: enough CTAs to fill every SM, never more than the work upper bound.

@@ -20,6 +20,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(MoeArgs a)
     int64_t const total = static_cast<int64_t>(a.T) * chunks;
     T const* const y = static_cast<T const*>(a.y);
     T* const out = static_cast<T*>(a.out);
+    pdl_enter();
     for (int64_t i = blockIdx.x * static_cast<int64_t>(kCombineThreads) + threadIdx.x; i < total;
          i += static_cast<int64_t>(gridDim.x) * kCombineThreads)
     {
@@ -52,8 +53,7 @@ cudaError_t launch_combine_t(MoeArgs const& a, cudaStream_t stream)
 {
     int64_t const total = static_cast<int64_t>(a.T) * (a.H / 8);
     int const grid = static_cast<int>(std::min<int64_t>((total + kCombineThreads - 1) / kCombineThreads, 65535));
-    combine_kernel<T><<<grid, kCombineThreads, 0, stream>>>(a);
-    return cudaGetLastError();
+    return launch_kernel(combine_kernel<T>, dim3(grid), dim3(kCombineThreads), 0, stream, a.pdl != 0, a);
 }
 
 bool aligned(void const* p, uintptr_t a)
@@ -160,6 +160,8 @@ MoeArgs make_args(qmoe_moe_params const* p)
     a.G = a.E + a.has_shared;
     a.norm_topk_prob = p->norm_topk_prob != 0;
     a.shared_splits = 1;
+    a.router_splits = 1;
+    a.pdl = pdl_enabled() ? 1 : 0;
     a.x = p->hidden;
     a.router_w = p->router_weight;
     a.gate_up_w = p->gate_up_weight;
@@ -307,7 +309,8 @@ extern "C" char const* qmoe_status_string(int32_t status)
 
 extern "C" int32_t qmoe_kernels_features(void)
 {
-    return kHasSm90Gemm ? QMOE_FEATURE_SM90_GEMM : 0;
+    return (kHasSm90Gemm ? QMOE_FEATURE_SM90_GEMM : 0) | (kPdlBuild ? QMOE_FEATURE_PDL : 0)
+        | (kRouterTensorCores ? QMOE_FEATURE_ROUTER_TC : 0);
 }
 
 extern "C" int32_t qmoe_kernels_abi_version(void)

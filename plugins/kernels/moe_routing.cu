@@ -2,6 +2,9 @@
 #include "common.cuh"
 #include "moe_internal.h"
 
+#include <mma.h>
+
+#include <algorithm>
 #include <climits>
 #include <cmath>
 
@@ -39,6 +42,7 @@ __global__ void __launch_bounds__(kRouterThreads) router_logits_kernel(MoeArgs a
     int const e0 = (blockIdx.y * kRouterWarps + threadIdx.x / kWarp) * kRows;
     int const lane = threadIdx.x % kWarp;
     T const* x = static_cast<T const*>(a.x);
+    pdl_enter();
 
     for (int c = threadIdx.x; c < kTok * chunks; c += kRouterThreads)
     {
@@ -101,17 +105,147 @@ __global__ void __launch_bounds__(kRouterThreads) router_logits_kernel(MoeArgs a
     }
 }
 
-// One warp per token: fp32 softmax over the E routed logits, top-k, optional renormalisation,
-// shared-expert gate.
+// Tensor-core router (kRouterTensorCores): logits of 16*kMF tokens x 80 weight rows per CTA on
+// WMMA 16x16x16 tiles with fp32 accumulation, one 16-row fragment per warp, K streamed through a
+// two-stage cp.async pipeline in 64-element steps. grid.z splits K: split s writes its fp32 partial
+// sums to logits[s] and [TopK] adds the router_splits parts in order (deterministic), then rounds.
+constexpr int kTcWarps = 5;
+constexpr int kTcThreads = kTcWarps * kWarp;
+constexpr int kTcRows = 16 * kTcWarps; // weight rows per CTA: 64 routed experts + the shared gate fit one
+constexpr int kTcK = 64;               // K elements per pipeline stage
+constexpr int kTcLd = kTcK + 8;        // shared-memory row pitch (144 bytes: rows start on different banks)
+
+template <typename T, int kMF>
+__global__ void __launch_bounds__(kTcThreads) router_logits_tc_kernel(MoeArgs a)
+{
+    using namespace nvcuda;
+    constexpr int kTok = 16 * kMF;
+    __shared__ __align__(128) T s_a[2][kTok][kTcLd];
+    __shared__ __align__(128) T s_b[2][kTcRows][kTcLd];
+    __shared__ __align__(128) float s_c[kTcWarps][kTok][16];
+
+    int const rows = a.E + a.has_shared;
+    int const t0 = blockIdx.x * kTok;
+    int const r0 = blockIdx.y * kTcRows;
+    int const chunks = ceil_div(a.H, kTcK);
+    int const c_begin = static_cast<int>(static_cast<int64_t>(chunks) * blockIdx.z / gridDim.z);
+    int const c_end = static_cast<int>(static_cast<int64_t>(chunks) * (blockIdx.z + 1) / gridDim.z);
+    int const warp = threadIdx.x / kWarp;
+    int const lane = threadIdx.x % kWarp;
+    T const* const x = static_cast<T const*>(a.x);
+    T const* const router_w = static_cast<T const*>(a.router_w);
+    T const* const shared_gate_w = static_cast<T const*>(a.shared_gate_w);
+    pdl_enter();
+
+    // Stage K chunk c into buffer buf: token rows into s_a, weight rows into s_b, zeros past T, past
+    // the last weight row and past H (H % 8 == 0: a 16-byte vector is wholly in or out).
+    auto stage = [&](int buf, int c) {
+        constexpr int kVec = kTcK / 8;
+        int const k0 = c * kTcK;
+        for (int v = threadIdx.x; v < (kTok + kTcRows) * kVec; v += kTcThreads)
+        {
+            int const row = v / kVec;
+            int const kk = (v % kVec) * 8;
+            bool const k_ok = k0 + kk < a.H;
+            if (row < kTok)
+            {
+                int const t = t0 + row;
+                bool const ok = k_ok && t < a.T;
+                cp_async16(&s_a[buf][row][kk], ok ? x + static_cast<int64_t>(t) * a.H + k0 + kk : x, ok);
+            }
+            else
+            {
+                int const r = r0 + row - kTok;
+                bool const ok = k_ok && r < rows;
+                T const* const w = r < a.E ? router_w + static_cast<int64_t>(r) * a.H : shared_gate_w;
+                cp_async16(&s_b[buf][row - kTok][kk], ok ? w + k0 + kk : x, ok);
+            }
+        }
+        cp_async_commit();
+    };
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kMF];
+#pragma unroll
+    for (int m = 0; m < kMF; ++m)
+    {
+        wmma::fill_fragment(acc[m], 0.0f);
+    }
+    if (c_begin < c_end)
+    {
+        stage(0, c_begin);
+    }
+    for (int c = c_begin; c < c_end; ++c)
+    {
+        int const buf = (c - c_begin) & 1;
+        if (c + 1 < c_end)
+        {
+            stage(buf ^ 1, c + 1); // that buffer was released by the barrier that ended the last trip
+            cp_async_wait<1>();
+        }
+        else
+        {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < kTcK; kk += 16)
+        {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b; // b(k, n) = W[n][k]
+            wmma::load_matrix_sync(b, &s_b[buf][warp * 16][kk], kTcLd);
+#pragma unroll
+            for (int m = 0; m < kMF; ++m)
+            {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+                wmma::load_matrix_sync(af, &s_a[buf][m * 16][kk], kTcLd);
+                wmma::mma_sync(acc[m], af, b, acc[m]);
+            }
+        }
+        __syncthreads();
+    }
+
+    // Each warp writes its 16 weight rows x kTok tokens (fragment layout is opaque: via shared memory).
+#pragma unroll
+    for (int m = 0; m < kMF; ++m)
+    {
+        wmma::store_matrix_sync(&s_c[warp][m * 16][0], acc[m], 16, wmma::mem_row_major);
+    }
+    __syncwarp();
+    float* const part = a.logits + static_cast<int64_t>(blockIdx.z) * a.T * rows;
+    for (int i = lane; i < kTok * 16; i += kWarp)
+    {
+        int const t = t0 + i / 16;
+        int const r = r0 + warp * 16 + i % 16;
+        if (t < a.T && r < rows)
+        {
+            part[static_cast<int64_t>(t) * rows + r] = s_c[warp][i / 16][i % 16];
+        }
+    }
+}
+
+// One warp per token: the logit of each row is the sum of the router_splits partials rounded to T
+// (as a bf16/fp16 nn.Linear returns it), then fp32 softmax over the E routed logits, top-k,
+// optional renormalisation, shared-expert gate.
+template <typename T>
 __global__ void __launch_bounds__(kRouterThreads) router_topk_kernel(MoeArgs a, RouterOut o)
 {
     int const t = blockIdx.x * kRouterWarps + threadIdx.x / kWarp;
     int const lane = threadIdx.x % kWarp;
+    pdl_enter();
     if (t >= a.T)
     {
         return;
     }
-    float const* logits = a.logits + static_cast<int64_t>(t) * (a.E + a.has_shared);
+    int64_t const rows = a.E + a.has_shared;
+    int64_t const split_pitch = static_cast<int64_t>(a.T) * rows;
+    float const* const row_logits = a.logits + static_cast<int64_t>(t) * rows;
+    auto logit = [&](int e) {
+        float v = 0.0f;
+        for (int s = 0; s < a.router_splits; ++s)
+        {
+            v += row_logits[s * split_pitch + e];
+        }
+        return round_to<T>(v);
+    };
 
     // Lane l holds experts l, l+32, ...
     float p[kLogitsPerLane];
@@ -120,7 +254,7 @@ __global__ void __launch_bounds__(kRouterThreads) router_topk_kernel(MoeArgs a, 
     for (int j = 0; j < kLogitsPerLane; ++j)
     {
         int const e = lane + kWarp * j;
-        p[j] = e < a.E ? logits[e] : -INFINITY;
+        p[j] = e < a.E ? logit(e) : -INFINITY;
         m = fmaxf(m, p[j]);
     }
 #pragma unroll
@@ -192,7 +326,7 @@ __global__ void __launch_bounds__(kRouterThreads) router_topk_kernel(MoeArgs a, 
     }
     if (lane == 0 && a.has_shared && o.shared_gate != nullptr)
     {
-        o.shared_gate[t] = 1.0f / (1.0f + expf(-logits[a.E]));
+        o.shared_gate[t] = 1.0f / (1.0f + expf(-logit(a.E)));
     }
 }
 
@@ -235,6 +369,7 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_kernel(MoeArgs a)
     __shared__ int s_cursor[kMaxGroups];
 
     int const slots = a.T * a.k;
+    pdl_enter();
     for (int g = threadIdx.x; g < a.G; g += kPermuteThreads)
     {
         s_count[g] = (a.has_shared && g == a.E) ? a.T : 0;
@@ -290,22 +425,51 @@ cudaError_t launch_logits(MoeArgs const& a, cudaStream_t stream)
         return err;
     }
     dim3 const grid(ceil_div(a.T, kTok), ceil_div(a.E + a.has_shared, kRouterWarps * kRows));
-    router_logits_kernel<T, kTok, kRows><<<grid, kRouterThreads, smem, stream>>>(a);
-    return cudaGetLastError();
+    return launch_kernel(router_logits_kernel<T, kTok, kRows>, grid, dim3(kRouterThreads), smem, stream, a.pdl != 0, a);
 }
 
-template <typename T>
-cudaError_t launch_router_t(MoeArgs const& a, RouterOut o, cudaStream_t stream)
+// Tensor-core router: K splits so that about two CTAs per SM work (few tokens), within the partial
+// rows the workspace holds (router_split_cap) and one 64-element K chunk per split at least.
+template <typename T, int kMF>
+cudaError_t launch_logits_tc(MoeArgs& a, cudaStream_t stream)
 {
-    // 16 staged tokens need 16 * H * 2 bytes of shared memory: up to H = 5120 (160 KB).
-    bool const many = a.T >= 64 && a.H <= 5120;
-    cudaError_t const err = many ? launch_logits<T, 16, 2>(a, stream) : launch_logits<T, kRouterTokens, 1>(a, stream);
+    int dev = 0;
+    int sms = 0;
+    cudaError_t const err = current_device_sms(&dev, &sms);
     if (err != cudaSuccess)
     {
         return err;
     }
-    router_topk_kernel<<<ceil_div(a.T, kRouterWarps), kRouterThreads, 0, stream>>>(a, o);
-    return cudaGetLastError();
+    dim3 grid(ceil_div(a.T, 16 * kMF), ceil_div(a.E + a.has_shared, kTcRows), 1);
+    int64_t const ctas = static_cast<int64_t>(grid.x) * grid.y;
+    int64_t const want = (2 * static_cast<int64_t>(sms) + ctas - 1) / ctas;
+    a.router_splits = static_cast<int>(
+        std::max<int64_t>(1, std::min<int64_t>({want, router_split_cap(a.T), ceil_div(a.H, kTcK)})));
+    grid.z = a.router_splits;
+    return launch_kernel(router_logits_tc_kernel<T, kMF>, grid, dim3(kTcThreads), 0, stream, a.pdl != 0, a);
+}
+
+template <typename T>
+cudaError_t launch_router_t(MoeArgs a, RouterOut o, cudaStream_t stream)
+{
+    a.router_splits = 1;
+    cudaError_t err = cudaSuccess;
+    if (kRouterTensorCores)
+    {
+        err = a.T <= 16 ? launch_logits_tc<T, 1>(a, stream) : launch_logits_tc<T, 2>(a, stream);
+    }
+    else
+    {
+        // 16 staged tokens need 16 * H * 2 bytes of shared memory: up to H = 5120 (160 KB).
+        bool const many = a.T >= 64 && a.H <= 5120;
+        err = many ? launch_logits<T, 16, 2>(a, stream) : launch_logits<T, kRouterTokens, 1>(a, stream);
+    }
+    if (err != cudaSuccess)
+    {
+        return err;
+    }
+    return launch_kernel(router_topk_kernel<T>, dim3(ceil_div(a.T, kRouterWarps)), dim3(kRouterThreads), 0, stream,
+        a.pdl != 0, a, o);
 }
 
 } // namespace
@@ -320,8 +484,7 @@ cudaError_t launch_router(MoeArgs const& a, int dtype, int32_t* ids, float* weig
 
 cudaError_t launch_permute(MoeArgs const& a, cudaStream_t stream)
 {
-    permute_kernel<<<1, kPermuteThreads, 0, stream>>>(a);
-    return cudaGetLastError();
+    return launch_kernel(permute_kernel, dim3(1), dim3(kPermuteThreads), 0, stream, a.pdl != 0, a);
 }
 
 } // namespace qmoe

@@ -41,6 +41,8 @@ PATH_PREFILL = 2  # Hopper: CUTLASS wgmma grouped GEMMs when built in, else WMMA
 PATH_PREFILL_WMMA = 3
 
 FEATURE_SM90_GEMM = 1
+FEATURE_PDL = 2
+FEATURE_ROUTER_TC = 4
 
 
 class MoeParams(ctypes.Structure):
