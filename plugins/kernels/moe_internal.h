@@ -61,6 +61,16 @@ inline int router_split_cap(int64_t T)
     return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxRouterSplits, kRouterSplitRows / T)));
 }
 
+// [Permute] on up to this many CTAs (a count kernel and a place kernel) when there are more than
+// kPermuteSlotsPerCta routed slots; 1 keeps the single-CTA kernel for every size. Experimental
+// until measured on a GPU: build with -DQMOE_PERMUTE_CTAS=64.
+#ifndef QMOE_PERMUTE_CTAS
+#define QMOE_PERMUTE_CTAS 1
+#endif
+constexpr int kMaxPermuteCtas = QMOE_PERMUTE_CTAS;
+static_assert(kMaxPermuteCtas >= 1 && kMaxPermuteCtas <= 1024, "QMOE_PERMUTE_CTAS out of range");
+constexpr int kPermuteSlotsPerCta = 1024;
+
 constexpr size_t kSm90ScratchBytes = size_t(4) << 20;
 constexpr int kMaxSharedSplits = 8;
 
@@ -115,6 +125,7 @@ struct MoeArgs
     int32_t* row_token;    // [R] token of each permuted row, R = T*k + has_shared*T
     float* row_weight;     // [R] routing weight (shared rows: sigmoid gate)
     int32_t* slot_row;     // [T*k] permuted row of (token t, choice j) at t*k + j
+    int32_t* cta_count;    // [kMaxPermuteCtas, E] routed rows per expert counted by each permute CTA
     void* act;             // routed rows [T*k, I], then shared rows [T, Is] (sm90 path: [T*k, 2I], [T, 2Is])
     void* y;               // [R, H] weighted expert outputs; shared rows: shared_splits blocks of T rows
     void* sm90_scratch;    // kSm90ScratchBytes when kHasSm90Gemm, else nullptr
@@ -122,7 +133,8 @@ struct MoeArgs
 
 struct WorkspaceLayout
 {
-    size_t logits, topk_ids, topk_weights, shared_gate, group_count, group_offset, row_token, row_weight, slot_row, act, y, sm90_scratch;
+    size_t logits, topk_ids, topk_weights, shared_gate, group_count, group_offset, row_token, row_weight, slot_row,
+        cta_count, act, y, sm90_scratch;
     size_t total;
 };
 
@@ -152,6 +164,7 @@ inline WorkspaceLayout workspace_layout(int64_t T, int64_t H, int64_t E, int64_t
     l.row_token = take(sizeof(int32_t) * R);
     l.row_weight = take(sizeof(float) * R);
     l.slot_row = take(sizeof(int32_t) * T * k);
+    l.cta_count = take(kMaxPermuteCtas > 1 ? sizeof(int32_t) * kMaxPermuteCtas * E : 0);
     l.act = take(elem * (T * k * I + has_shared * T * Is) * (kHasSm90Gemm ? 2 : 1));
     l.y = take(elem * (R + has_shared * T * (sm90_shared_splits(T, Is) - 1)) * H);
     l.sm90_scratch = take(kHasSm90Gemm ? kSm90ScratchBytes : 0);

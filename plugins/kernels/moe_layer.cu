@@ -183,6 +183,7 @@ MoeArgs make_args(qmoe_moe_params const* p)
         a.row_token = reinterpret_cast<int32_t*>(ws + l.row_token);
         a.row_weight = reinterpret_cast<float*>(ws + l.row_weight);
         a.slot_row = reinterpret_cast<int32_t*>(ws + l.slot_row);
+        a.cta_count = reinterpret_cast<int32_t*>(ws + l.cta_count);
         a.act = ws + l.act;
         a.y = ws + l.y;
         a.sm90_scratch = kHasSm90Gemm ? ws + l.sm90_scratch : nullptr;
@@ -310,7 +311,7 @@ extern "C" char const* qmoe_status_string(int32_t status)
 extern "C" int32_t qmoe_kernels_features(void)
 {
     return (kHasSm90Gemm ? QMOE_FEATURE_SM90_GEMM : 0) | (kPdlBuild ? QMOE_FEATURE_PDL : 0)
-        | (kRouterTensorCores ? QMOE_FEATURE_ROUTER_TC : 0);
+        | (kRouterTensorCores ? QMOE_FEATURE_ROUTER_TC : 0) | (kMaxPermuteCtas > 1 ? QMOE_FEATURE_PERMUTE_MULTI : 0);
 }
 
 extern "C" int32_t qmoe_kernels_abi_version(void)

@@ -414,6 +414,105 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_kernel(MoeArgs a)
     }
 }
 
+// Several CTAs (QMOE_PERMUTE_CTAS > 1, many slots): CTA b owns the contiguous slot range
+// [slots*b/n, slots*(b+1)/n). permute_count_kernel writes each CTA's routed rows per expert;
+// permute_place_kernel (same grid) adds them up in every CTA -- group sizes, offsets, and the rows of
+// earlier CTAs in each group -- and places its own slots after those. CTA 0 writes the group arrays.
+__device__ __forceinline__ int permute_begin(int slots, int b, int n)
+{
+    return static_cast<int>(static_cast<int64_t>(slots) * b / n);
+}
+
+__global__ void __launch_bounds__(kPermuteThreads) permute_count_kernel(MoeArgs a)
+{
+    __shared__ int s_count[kMaxExperts];
+    int const slots = a.T * a.k;
+    int const end = permute_begin(slots, blockIdx.x + 1, gridDim.x);
+    pdl_enter();
+    for (int e = threadIdx.x; e < a.E; e += kPermuteThreads)
+    {
+        s_count[e] = 0;
+    }
+    __syncthreads();
+    for (int s = permute_begin(slots, blockIdx.x, gridDim.x) + threadIdx.x; s < end; s += kPermuteThreads)
+    {
+        atomicAdd(&s_count[min(max(a.topk_ids[s], 0), a.E - 1)], 1);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < a.E; e += kPermuteThreads)
+    {
+        a.cta_count[static_cast<int64_t>(blockIdx.x) * a.E + e] = s_count[e];
+    }
+}
+
+__global__ void __launch_bounds__(kPermuteThreads) permute_place_kernel(MoeArgs a)
+{
+    __shared__ int s_count[kMaxGroups];
+    __shared__ int s_offset[kMaxGroups + 1];
+    __shared__ int s_cursor[kMaxGroups];
+    int const slots = a.T * a.k;
+    int const end = permute_begin(slots, blockIdx.x + 1, gridDim.x);
+    pdl_enter();
+    for (int g = threadIdx.x; g < a.G; g += kPermuteThreads)
+    {
+        int total = 0;
+        int before = 0; // rows of group g owned by CTAs < blockIdx.x
+        if (a.has_shared && g == a.E)
+        {
+            total = a.T;
+        }
+        else
+        {
+            for (int b = 0; b < static_cast<int>(gridDim.x); ++b)
+            {
+                int const c = a.cta_count[static_cast<int64_t>(b) * a.E + g];
+                total += c;
+                before += b < static_cast<int>(blockIdx.x) ? c : 0;
+            }
+        }
+        s_count[g] = total;
+        s_cursor[g] = before;
+    }
+    __syncthreads();
+    if (threadIdx.x < kWarp)
+    {
+        warp_exclusive_scan(s_count, s_offset, a.G, threadIdx.x);
+    }
+    __syncthreads();
+    for (int g = threadIdx.x; g <= a.G; g += kPermuteThreads)
+    {
+        if (blockIdx.x == 0)
+        {
+            a.group_offset[g] = s_offset[g];
+        }
+        if (g < a.G)
+        {
+            if (blockIdx.x == 0)
+            {
+                a.group_count[g] = s_count[g];
+            }
+            s_cursor[g] += s_offset[g];
+        }
+    }
+    __syncthreads();
+    for (int s = permute_begin(slots, blockIdx.x, gridDim.x) + threadIdx.x; s < end; s += kPermuteThreads)
+    {
+        int const e = min(max(a.topk_ids[s], 0), a.E - 1);
+        int const row = atomicAdd(&s_cursor[e], 1);
+        a.row_token[row] = s / a.k;
+        a.row_weight[row] = a.topk_weights[s];
+        a.slot_row[s] = row;
+    }
+    if (a.has_shared)
+    {
+        for (int t = blockIdx.x * kPermuteThreads + threadIdx.x; t < a.T; t += gridDim.x * kPermuteThreads)
+        {
+            a.row_token[slots + t] = t;
+            a.row_weight[slots + t] = a.shared_gate[t];
+        }
+    }
+}
+
 template <typename T, int kTok, int kRows>
 cudaError_t launch_logits(MoeArgs const& a, cudaStream_t stream)
 {
@@ -484,7 +583,16 @@ cudaError_t launch_router(MoeArgs const& a, int dtype, int32_t* ids, float* weig
 
 cudaError_t launch_permute(MoeArgs const& a, cudaStream_t stream)
 {
-    return launch_kernel(permute_kernel, dim3(1), dim3(kPermuteThreads), 0, stream, a.pdl != 0, a);
+    int64_t const slots = static_cast<int64_t>(a.T) * a.k;
+    int64_t const ctas = std::min<int64_t>(kMaxPermuteCtas, (slots + kPermuteSlotsPerCta - 1) / kPermuteSlotsPerCta);
+    if (ctas <= 1)
+    {
+        return launch_kernel(permute_kernel, dim3(1), dim3(kPermuteThreads), 0, stream, a.pdl != 0, a);
+    }
+    dim3 const grid(static_cast<unsigned>(ctas));
+    cudaError_t const err = launch_kernel(permute_count_kernel, grid, dim3(kPermuteThreads), 0, stream, a.pdl != 0, a);
+    return err != cudaSuccess ? err
+                              : launch_kernel(permute_place_kernel, grid, dim3(kPermuteThreads), 0, stream, a.pdl != 0, a);
 }
 
 } // namespace qmoe

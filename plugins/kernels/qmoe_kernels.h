@@ -138,6 +138,7 @@ const char* qmoe_status_string(int32_t status);
 #define QMOE_FEATURE_SM90_GEMM 1   /* CUTLASS wgmma grouped GEMMs built in (used on compute capability 9.0) */
 #define QMOE_FEATURE_PDL 2         /* kernels launched with programmatic dependent launch (on 9.0+) */
 #define QMOE_FEATURE_ROUTER_TC 4   /* router logits on tensor cores (split-K WMMA) */
+#define QMOE_FEATURE_PERMUTE_MULTI 8 /* token permutation on several CTAs for large batches */
 
 /* QMOE_FEATURE_* bits of what this library was built with. */
 int32_t qmoe_kernels_features(void);

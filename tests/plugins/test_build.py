@@ -112,30 +112,30 @@ def test_kernels_report_the_cutlass_path(kernels_lib: Path) -> None:
     assert bool(K.Kernels(kernels_lib).features() & K.FEATURE_SM90_GEMM) == have_headers
 
 
-EXPERIMENTAL_FLAGS = "-DQMOE_PDL=1 -DQMOE_ROUTER_TC=1"
+EXPERIMENTAL_FLAGS = "-DQMOE_PDL=1 -DQMOE_ROUTER_TC=1 -DQMOE_PERMUTE_CTAS=64"
 
 
 def test_experimental_switches_build_and_size_the_workspace(kernels_lib: Path) -> None:
-    """-DQMOE_PDL=1 -DQMOE_ROUTER_TC=1 (not yet the default: see plugins/README.md) compile warning-free,
-    report themselves, and the split-K router's partial logits are in the workspace size."""
+    """The experimental switches (not yet the default: see plugins/README.md) compile warning-free, report
+    themselves, and the workspace holds the split-K router's partial logits and the permute CTAs' counts."""
     # Same CUTLASS setting as the default build (it sizes the workspace too); sm_90a only.
     lib = K.Kernels(_build(ROOT / "build" / "plugins-test-experimental", "--arch", "90a", "--cuda-flags",
                            EXPERIMENTAL_FLAGS) / "libqmoe_kernels.so")
     default = K.Kernels(kernels_lib)
-    both = K.FEATURE_PDL | K.FEATURE_ROUTER_TC
-    assert lib.features() & both == both
-    assert default.features() & both == 0
+    switches = K.FEATURE_PDL | K.FEATURE_ROUTER_TC | K.FEATURE_PERMUTE_MULTI
+    assert lib.features() & switches == switches
+    assert default.features() & switches == 0
 
     def size(kernels: K.Kernels, tokens: int) -> int:
         return kernels.lib.qmoe_moe_workspace_size(ctypes.byref(_params(num_tokens=tokens)))
 
-    # Up to 16 K-splits of fp32 logits per token while splits * tokens <= 4096 (each workspace array
-    # starts on 256 bytes, hence the slack); none left at 4096.
-    rows = 8 + 1
+    # Up to 16 K-splits of fp32 logits per token while splits * tokens <= 4096, none left at 4096;
+    # 64 x E int32 counts. Each workspace array starts on 256 bytes, hence the slack.
+    rows, counts = 8 + 1, 4 * 64 * 8
     for tokens in (1, 64):
         extra = size(lib, tokens) - size(default, tokens)
-        assert abs(extra - 4 * rows * tokens * 15) < 256
-    assert size(lib, 4096) == size(default, 4096)
+        assert abs(extra - 4 * rows * tokens * 15 - counts) < 2 * 256
+    assert abs(size(lib, 4096) - size(default, 4096) - counts) < 256
 
 
 def test_launchers_validate_before_touching_the_gpu(kernels_lib: Path) -> None:
