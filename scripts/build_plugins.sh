@@ -13,8 +13,8 @@
 #                      auto (default): third_party/cutlass/include if present (scripts/get_cutlass.sh
 #                      puts it there); off: portable WMMA prefill only; DIR: that include directory
 #   --build-dir DIR    default build/plugins
-#   --cuda-flags FLAGS extra nvcc flags, e.g. "-DQMOE_PDL=1 -DQMOE_ROUTER_TC=1" (the experimental
-#                      switches of plugins/kernels/moe_internal.h); default: $CUDAFLAGS
+#   --cuda-flags FLAGS extra nvcc flags, e.g. "-DQMOE_SM90_SMALL_TILE_N=128" (the tile and GEMV
+#                      knobs of plugins/kernels); default: $CUDAFLAGS
 #   --werror           warnings are errors
 # env: NVCC (compiler path), JOBS (parallel jobs, default: all cores)
 set -euo pipefail

@@ -34,42 +34,33 @@ constexpr bool kHasSm90Gemm = true;
 #else
 constexpr bool kHasSm90Gemm = false;
 #endif
-// Programmatic dependent launch between the layer's kernels (common.cuh: pdl_wait/pdl_trigger).
-// Off by default until measured on a GPU: build with -DQMOE_PDL=1 (scripts/gpu_check.sh variants).
-#ifndef QMOE_PDL
-#define QMOE_PDL 0
-#endif
-constexpr bool kPdlBuild = QMOE_PDL != 0;
+// Experimental schedule switches, read once per process from the environment (TensorRT-LLM does the
+// same with TRTLLM_ENABLE_PDL). They choose kernels, never the workspace size: an engine built under
+// one setting runs under any other.
+//   QMOE_PDL=1           programmatic dependent launch between the layer's kernels (sm_90+; pdl_wait)
+//   QMOE_ROUTER_TC=1     router logits on tensor cores (split-K WMMA) instead of CUDA cores
+//   QMOE_PERMUTE_CTAS=n  the permutation on up to n CTAs (count + place kernels) above
+//                        kPermuteSlotsPerCta routed slots; 1 = one CTA for every size
+// Defaults off / off / 1: the schedule measured on the H100 (plugins/results/NOTES.md) until the
+// switches are measured too.
+struct Tuning
+{
+    bool pdl;
+    bool router_tc;
+    int permute_ctas;
+};
+Tuning const& tuning();
 
-// Router logits on tensor cores (split-K WMMA, moe_routing.cu) instead of CUDA cores. Off by
-// default until measured on a GPU: build with -DQMOE_ROUTER_TC=1.
-#ifndef QMOE_ROUTER_TC
-#define QMOE_ROUTER_TC 0
-#endif
-constexpr bool kRouterTensorCores = QMOE_ROUTER_TC != 0;
 constexpr int kMaxRouterSplits = 16;
 constexpr int64_t kRouterSplitRows = 4096; // split-K partial rows kept: splits * T <= max(T, this)
+constexpr int kMaxPermuteCtas = 128;
+constexpr int kPermuteSlotsPerCta = 1024;
 
-// Most K splits of the tensor-core router for T tokens (the workspace holds that many partial rows;
-// 1 on the CUDA-core router).
+// Most K splits of the tensor-core router for T tokens (the workspace holds that many partial rows).
 inline int router_split_cap(int64_t T)
 {
-    if (!kRouterTensorCores || T <= 0)
-    {
-        return 1;
-    }
-    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxRouterSplits, kRouterSplitRows / T)));
+    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxRouterSplits, kRouterSplitRows / std::max<int64_t>(T, 1))));
 }
-
-// [Permute] on up to this many CTAs (a count kernel and a place kernel) when there are more than
-// kPermuteSlotsPerCta routed slots; 1 keeps the single-CTA kernel for every size. Experimental
-// until measured on a GPU: build with -DQMOE_PERMUTE_CTAS=64.
-#ifndef QMOE_PERMUTE_CTAS
-#define QMOE_PERMUTE_CTAS 1
-#endif
-constexpr int kMaxPermuteCtas = QMOE_PERMUTE_CTAS;
-static_assert(kMaxPermuteCtas >= 1 && kMaxPermuteCtas <= 1024, "QMOE_PERMUTE_CTAS out of range");
-constexpr int kPermuteSlotsPerCta = 1024;
 
 constexpr size_t kSm90ScratchBytes = size_t(4) << 20;
 constexpr int kMaxSharedSplits = 8;
@@ -105,7 +96,7 @@ struct MoeArgs
     int norm_topk_prob;
     int shared_splits; // y row blocks of the shared expert (1, or sm90_shared_splits on the sm90 path)
     int router_splits; // K-split partial sums in logits (<= router_split_cap(T)); the top-k kernel adds them
-    int pdl;           // launch with programmatic dependent launch (kPdlBuild and a Hopper+ device)
+    int pdl;           // launch with programmatic dependent launch (QMOE_PDL=1 and a Hopper+ device)
 
     void const* x;         // [T, H]
     void const* router_w;  // [E, H]
@@ -164,7 +155,7 @@ inline WorkspaceLayout workspace_layout(int64_t T, int64_t H, int64_t E, int64_t
     l.row_token = take(sizeof(int32_t) * R);
     l.row_weight = take(sizeof(float) * R);
     l.slot_row = take(sizeof(int32_t) * T * k);
-    l.cta_count = take(kMaxPermuteCtas > 1 ? sizeof(int32_t) * kMaxPermuteCtas * E : 0);
+    l.cta_count = take(sizeof(int32_t) * kMaxPermuteCtas * E);
     l.act = take(elem * (T * k * I + has_shared * T * Is) * (kHasSm90Gemm ? 2 : 1));
     l.y = take(elem * (R + has_shared * T * (sm90_shared_splits(T, Is) - 1)) * H);
     l.sm90_scratch = take(kHasSm90Gemm ? kSm90ScratchBytes : 0);
@@ -187,11 +178,11 @@ inline cudaError_t current_device_sms(int* dev, int* sms)
     return err != cudaSuccess ? err : cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, *dev);
 }
 
-// Whether this call may use programmatic dependent launch: built with it, and the current device is
+// Whether this call may use programmatic dependent launch: QMOE_PDL=1, and the current device is
 // sm_90 or newer (the attribute does nothing useful before Hopper).
 inline bool pdl_enabled()
 {
-    if (!kPdlBuild)
+    if (!tuning().pdl)
     {
         return false;
     }

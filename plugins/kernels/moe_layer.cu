@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 
 namespace qmoe
 {
@@ -213,12 +215,38 @@ cudaError_t launch_prefill(MoeArgs const& a, bool sm90, int dtype, cudaStream_t 
     return launch_experts_prefill(a, dtype, stream);
 }
 
+bool env_flag(char const* name)
+{
+    char const* const v = std::getenv(name);
+    return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+}
+
+int env_int(char const* name, int fallback, int lo, int hi)
+{
+    char const* const v = std::getenv(name);
+    if (v == nullptr || *v == '\0')
+    {
+        return fallback;
+    }
+    char* end = nullptr;
+    long const n = std::strtol(v, &end, 10);
+    return *end != '\0' ? fallback : static_cast<int>(std::min<long>(hi, std::max<long>(lo, n)));
+}
+
 int32_t status_of(cudaError_t err)
 {
     return err == cudaSuccess ? QMOE_OK : QMOE_ERR_CUDA;
 }
 
 } // namespace
+
+Tuning const& tuning()
+{
+    static Tuning const t{env_flag("QMOE_PDL"), env_flag("QMOE_ROUTER_TC"),
+        env_int("QMOE_PERMUTE_CTAS", 1, 1, kMaxPermuteCtas)};
+    return t;
+}
+
 } // namespace qmoe
 
 using namespace qmoe;
@@ -310,8 +338,9 @@ extern "C" char const* qmoe_status_string(int32_t status)
 
 extern "C" int32_t qmoe_kernels_features(void)
 {
-    return (kHasSm90Gemm ? QMOE_FEATURE_SM90_GEMM : 0) | (kPdlBuild ? QMOE_FEATURE_PDL : 0)
-        | (kRouterTensorCores ? QMOE_FEATURE_ROUTER_TC : 0) | (kMaxPermuteCtas > 1 ? QMOE_FEATURE_PERMUTE_MULTI : 0);
+    Tuning const& t = tuning();
+    return (kHasSm90Gemm ? QMOE_FEATURE_SM90_GEMM : 0) | (t.pdl ? QMOE_FEATURE_PDL : 0)
+        | (t.router_tc ? QMOE_FEATURE_ROUTER_TC : 0) | (t.permute_ctas > 1 ? QMOE_FEATURE_PERMUTE_MULTI : 0);
 }
 
 extern "C" int32_t qmoe_kernels_abi_version(void)

@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kRouterThreads) router_logits_kernel(MoeArgs a
     }
 }
 
-// Tensor-core router (kRouterTensorCores): logits of 16*kMF tokens x 80 weight rows per CTA on
+// Tensor-core router (QMOE_ROUTER_TC=1): logits of 16*kMF tokens x 80 weight rows per CTA on
 // WMMA 16x16x16 tiles with fp32 accumulation, one 16-row fragment per warp, K streamed through a
 // two-stage cp.async pipeline in 64-element steps. grid.z splits K: split s writes its fp32 partial
 // sums to logits[s] and [TopK] adds the router_splits parts in order (deterministic), then rounds.
@@ -553,7 +553,7 @@ cudaError_t launch_router_t(MoeArgs a, RouterOut o, cudaStream_t stream)
 {
     a.router_splits = 1;
     cudaError_t err = cudaSuccess;
-    if (kRouterTensorCores)
+    if (tuning().router_tc)
     {
         err = a.T <= 16 ? launch_logits_tc<T, 1>(a, stream) : launch_logits_tc<T, 2>(a, stream);
     }
@@ -584,7 +584,7 @@ cudaError_t launch_router(MoeArgs const& a, int dtype, int32_t* ids, float* weig
 cudaError_t launch_permute(MoeArgs const& a, cudaStream_t stream)
 {
     int64_t const slots = static_cast<int64_t>(a.T) * a.k;
-    int64_t const ctas = std::min<int64_t>(kMaxPermuteCtas, (slots + kPermuteSlotsPerCta - 1) / kPermuteSlotsPerCta);
+    int64_t const ctas = std::min<int64_t>(tuning().permute_ctas, (slots + kPermuteSlotsPerCta - 1) / kPermuteSlotsPerCta);
     if (ctas <= 1)
     {
         return launch_kernel(permute_kernel, dim3(1), dim3(kPermuteThreads), 0, stream, a.pdl != 0, a);

@@ -145,7 +145,7 @@ class Kernels:
             raise RuntimeError(f"{path}: ABI version {abi}, tests expect {ABI_VERSION}; rebuild it")
 
     def features(self) -> int:
-        """QMOE_FEATURE_* bits the library was built with."""
+        """QMOE_FEATURE_* bits: what the library was built with, and the QMOE_* switches in effect."""
         return int(self.lib.qmoe_kernels_features())
 
     def status_string(self, status: int) -> str:
