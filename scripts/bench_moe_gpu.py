@@ -22,6 +22,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PEAK_BF16_FLOPS = 790e12  # dense bf16 tensor-core rate used for the compute roofline (FACTS.md)
+# vLLM 0.26 fused_experts, routed experts only, CUDA graph, same GPU model, from FACTS.md (another
+# run: vLLM is not installed here). Adding this run's shared expert as torch ops gives the pair the
+# issue's target compares against.
+VLLM_ROUTED_MS = {1: (0.169, 0.169), 8: (0.760, 0.760), 64: (1.202, 1.202), 512: (1.37, 1.45), 4096: (3.99, 4.40)}
+FEATURES = {1: "sm90_gemm", 2: "pdl", 4: "router_tc", 8: "permute_multi"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -128,9 +133,10 @@ def roofline(tokens: int, hit: int, shape, bw: float) -> dict[str, float]:
             "roofline_ms": max(mem_ms, compute_ms)}
 
 
-def write_json(args: argparse.Namespace, device: str, torch_version: str, shape: dict, bw: float, rows: list) -> None:
+def write_json(args: argparse.Namespace, device: str, torch_version: str, shape: dict, bw: float, rows: list,
+               features: list[str]) -> None:
     result = {
-        "device": device, "torch": torch_version, "dtype": "bfloat16",
+        "device": device, "torch": torch_version, "dtype": "bfloat16", "kernel_features": features,
         "shape": shape, "copy_bandwidth_Bps": bw, "peak_bf16_flops": PEAK_BF16_FLOPS,
         "iters": args.iters, "warmup": args.warmup, "rows": rows,
     }
@@ -155,6 +161,8 @@ def main() -> int:
     from tests.plugins import moe_reference as ref
 
     lib = K.load()
+    features = [name for bit, name in FEATURES.items() if lib.features() & bit]
+    print(f"qmoe kernels: {K.OVERRIDE_LIB or K.LIB_PATH}, features: {', '.join(features) or 'none'}")
     shape = ref.QWEN2_57B
     torch.manual_seed(0)
     w = ref.make_weights_on_device(shape, torch.bfloat16, "cuda")
@@ -222,7 +230,11 @@ def main() -> int:
         row["hf_over_roofline"] = None if row["hf_ms"] is None else row["hf_ms"] / roof
         row["hf_over_ours"] = None if row["hf_ms"] is None else row["hf_ms"] / row["ours_ms"]
         rows.append(row)
-        write_json(args, device, torch.__version__, vars(shape), bw, rows)  # after each row: a crash keeps the rest
+        if tokens in VLLM_ROUTED_MS:
+            lo, hi = (v + row["shared_torch_ms"] for v in VLLM_ROUTED_MS[tokens])
+            row["vllm_pair_ms"] = [lo, hi]
+            row["ours_over_vllm_pair"] = [row["ours_ms"] / hi, row["ours_ms"] / lo]
+        write_json(args, device, torch.__version__, vars(shape), bw, rows, features)  # after each row: a crash keeps the rest
 
         def f(v, spec):
             return format(v, spec) if v is not None else "-".rjust(int(spec.split(".")[0]))
@@ -234,6 +246,10 @@ def main() -> int:
         for name in ("ours_decode_ms", "ours_prefill_ms", "ours_wmma_ms", "routed_only_ms", "shared_torch_ms"):
             if name in row:
                 print(f"{'':>6} {name}: {row[name]:.3f} ms")
+        if "vllm_pair_ms" in row:
+            lo, hi = row["vllm_pair_ms"]
+            print(f"{'':>6} vLLM routed (FACTS.md) + shared as torch ops (this run): {lo:.3f}-{hi:.3f} ms; "
+                  f"ours / that: {row['ours_over_vllm_pair'][0]:.3f}-{row['ours_over_vllm_pair'][1]:.3f}")
         if "routed_only_ms" in row:
             print(f"{'':>6} routed experts only: {row['routed_only_tflops']:.0f} TFLOP/s"
                   + "".join(f", {k}={v:.0f}us" for k, v in row["routed_only_kernels_us"].items()))

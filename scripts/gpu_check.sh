@@ -11,6 +11,7 @@
 # Exit code: 0 if every stage passed, else 1. Needs: nvcc, cmake, a CUDA torch, pytest.
 # usage: OUT=/some/dir scripts/gpu_check.sh
 #   env: PYTHON (default python3), ARCH (default 90a), SANITIZE=0 skips compute-sanitizer,
+#        QMOE_PDL / QMOE_ROUTER_TC / QMOE_PERMUTE_CTAS (exported: every stage runs under them),
 #        LIB=path/libqmoe_kernels.so uses that build (no build stage), VARIANTS / VARIANT_TOKENS below.
 # Stage limits add up to 10 minutes (the device tool's per-command limit); typical total is 4-6.
 set -uo pipefail
@@ -40,6 +41,7 @@ stage() {  # stage NAME LOG TIMEOUT_S CMD...: runs CMD with output to LOG, recor
     "$py" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
     "$py" -c "import transformers; print('transformers', transformers.__version__)" || echo "transformers: missing"
     "$py" -c "import pytest; print('pytest', pytest.__version__)" || echo "pytest: missing"
+    env | grep '^QMOE_' || echo "QMOE_* switches: none set"
 } >"$out/env.txt" 2>&1
 
 if [ -n "${LIB:-}" ]; then
@@ -90,8 +92,8 @@ elif command -v compute-sanitizer >/dev/null; then
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 70 compute-sanitizer --tool memcheck --error-exitcode 9 \
             "$py" -m pytest -q -p no:cacheprovider -m gpu "${cases[@]}"
         rc_mem=$?
-        timeout 50 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 9 \
-            "$py" -m pytest -q -p no:cacheprovider -m gpu "${cases[3]}" "${cases[9]}" "${cases[10]}"
+        timeout 80 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 9 \
+            "$py" -m pytest -q -p no:cacheprovider -m gpu "${cases[3]}" "${cases[4]}" "${cases[9]}" "${cases[10]}"
         rc_race=$?
         echo "memcheck rc=$rc_mem racecheck rc=$rc_race"
         [ "$rc_mem" -eq 0 ] && [ "$rc_race" -eq 0 ]
@@ -104,21 +106,27 @@ else
 fi
 
 # Variants, timed by the benchmark at VARIANT_TOKENS (default "1 8"). VARIANTS="NAME:SPEC;...":
-# SPEC "@path/lib.so" is a library built elsewhere; else CUDAFLAGS for a build here without CUTLASS.
+# SPEC "@path/lib.so" is a library built elsewhere; "env:K=V ..." runs the library under test with
+# those environment variables (the QMOE_* switches); else CUDAFLAGS for a build here without CUTLASS.
+# Each variant's JSON goes to VARIANT_JSON_DIR (default /tmp)/bench-NAME.json.
 IFS=';' read -ra variants <<<"${VARIANTS:-}"
 for v in "${variants[@]}"; do
     name=${v%%:*}
     spec=${v#*:}
     {
         echo "=== variant $name ($spec)"
+        venv=()
+        vlib=${QMOE_KERNELS_LIB:-build/plugins/lib/libqmoe_kernels.so}
         if [ "${spec:0:1}" = "@" ]; then
             vlib=${spec:1}
+        elif [ "${spec:0:4}" = "env:" ]; then
+            read -ra venv <<<"${spec:4}"
         else
             vlib="build/plugins-$name/lib/libqmoe_kernels.so"
             CUDAFLAGS="$spec" scripts/build_plugins.sh --arch "${ARCH:-90a}" --cutlass off --build-dir "build/plugins-$name" >/dev/null
         fi &&
-            QMOE_KERNELS_LIB="$vlib" timeout 60 "$py" scripts/bench_moe_gpu.py \
-                --no-transformers --tokens ${VARIANT_TOKENS:-1 8} --out "/tmp/bench-$name.json"
+            env "${venv[@]}" QMOE_KERNELS_LIB="$vlib" timeout 60 "$py" scripts/bench_moe_gpu.py \
+                --no-transformers --tokens ${VARIANT_TOKENS:-1 8} --out "${VARIANT_JSON_DIR:-/tmp}/bench-$name.json"
     } >>"$out/variants.log" 2>&1
     echo "variant $name ($spec): rc=$?" | tee -a "$summary"
 done

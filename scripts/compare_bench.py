@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Side-by-side table of scripts/bench_moe_gpu.py results (same GPU, same run), as Markdown.
+
+    python scripts/compare_bench.py default=a/bench.json exp=b/bench.json [pdl=c/bench.json ...]
+
+One row per token count: each run's whole-layer time (ms), its ratio to the first run, and its ratio
+to the memory/compute roofline. Runs missing a token count show "-". Exits 1 if a file is unreadable.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def load(spec: str) -> tuple[str, dict]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name:
+        raise ValueError(f"expected NAME=PATH, got {spec!r}")
+    data = json.loads(Path(path).read_text())
+    return name, {row["tokens"]: row for row in data["rows"]}
+
+
+def table(runs: list[tuple[str, dict]]) -> str:
+    names = [name for name, _ in runs]
+    tokens = sorted({t for _, rows in runs for t in rows})
+    head = ["tokens"] + [f"{n} ms" for n in names] + [f"{n}/{names[0]}" for n in names[1:]] + [f"{n}/roof" for n in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in tokens:
+        rows = [rows.get(t) for _, rows in runs]
+        ms = [r["ours_ms"] if r else None for r in rows]
+        cells = [str(t)] + [f"{v:.3f}" if v is not None else "-" for v in ms]
+        cells += [f"{v / ms[0]:.3f}" if v is not None and ms[0] else "-" for v in ms[1:]]
+        cells += [f"{r['ours_ms'] / r['roofline_ms']:.3f}" if r else "-" for r in rows]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    try:
+        runs = [load(spec) for spec in argv]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"compare_bench: {e}", file=sys.stderr)
+        return 1
+    print(table(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
