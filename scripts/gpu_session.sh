@@ -4,11 +4,12 @@
 # the CPU machine (same nvcc 13.0; saves the ~70 s CUTLASS compile of the lease).
 #
 #   here:    scripts/gpu_session.sh --prepare     -> build/carry/libqmoe_kernels.so (sm_90a + CUTLASS)
+#                                                    and build/carry/<tile variant>.so (TILE_VARIANTS)
 #   device:  OUT=$OUT scripts/gpu_session.sh      (device tool: carry ["build/carry"], timeout_s 600)
 #
 # On the device, scripts/gpu_check.sh twice with that library:
-#   default  GPU tests, benchmark (with transformers), compute-sanitizer; plus each switch alone,
-#            benchmark only (VARIANTS), at 1/8/64/512/4096 tokens
+#   default  GPU tests, benchmark (with transformers), compute-sanitizer; plus each switch alone and
+#            each tile variant, benchmark only (VARIANTS), at 1/8/64/512/4096 tokens
 #   exp      GPU tests, benchmark, compute-sanitizer under all three switches
 # then scripts/compare_bench.py. $OUT receives three files (the device tool returns at most 8):
 #   summary.txt  every stage's exit code; compare.md  the timing table; results.tgz  all logs + JSON.
@@ -19,6 +20,8 @@ cd "$root"
 carry=$root/build/carry
 lib=$carry/libqmoe_kernels.so
 switches=(QMOE_PDL=1 QMOE_ROUTER_TC=1 QMOE_PERMUTE_CTAS=64)
+# Hopper small-tile shapes (memory-bound 8-512 tokens): deeper K boxes read 256-byte weight-row segments.
+TILE_VARIANTS=("k128:-DQMOE_SM90_SMALL_TILE_K=128" "n128k128:-DQMOE_SM90_SMALL_TILE_N=128 -DQMOE_SM90_SMALL_TILE_K=128")
 
 if [ "${1:-}" = "--prepare" ]; then
     set -e
@@ -26,6 +29,10 @@ if [ "${1:-}" = "--prepare" ]; then
     scripts/build_plugins.sh --werror --arch 90a --build-dir "$root/build/carry-build"
     mkdir -p "$carry"
     cp "$root/build/carry-build/lib/libqmoe_kernels.so" "$lib"
+    for v in "${TILE_VARIANTS[@]}"; do
+        scripts/build_plugins.sh --werror --arch 90a --build-dir "$root/build/carry-build-${v%%:*}" --cuda-flags "${v#*:}"
+        cp "$root/build/carry-build-${v%%:*}/lib/libqmoe_kernels.so" "$carry/${v%%:*}.so"
+    done
     { git rev-parse HEAD; git status --short -- plugins/kernels; } >"$carry/SOURCE"
     echo "gpu_session: $lib ready (source: $(head -1 "$carry/SOURCE")); carry build/carry to the device"
     exit 0
@@ -40,6 +47,9 @@ cp "$carry/SOURCE" "$work/" 2>/dev/null
 variants=""
 for s in "${switches[@]}"; do
     variants+="${s%%=*}:env:$s;"
+done
+for v in "${TILE_VARIANTS[@]}"; do
+    [ -f "$carry/${v%%:*}.so" ] && variants+="${v%%:*}:@$carry/${v%%:*}.so;"
 done
 env -u QMOE_PDL -u QMOE_ROUTER_TC -u QMOE_PERMUTE_CTAS OUT="$work/default" LIB="$lib" VARIANTS="${variants%;}" \
     VARIANT_TOKENS="1 8 64 512 4096" VARIANT_JSON_DIR="$work/variants" scripts/gpu_check.sh
@@ -57,6 +67,9 @@ rc_exp=$?
 specs=(default="$work/default/bench.json" exp="$work/exp/bench.json")
 for s in "${switches[@]}"; do
     specs+=("${s%%=*}=$work/variants/bench-${s%%=*}.json")
+done
+for v in "${TILE_VARIANTS[@]}"; do
+    specs+=("${v%%:*}=$work/variants/bench-${v%%:*}.json")
 done
 existing=()
 for spec in "${specs[@]}"; do

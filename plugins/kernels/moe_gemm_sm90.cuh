@@ -46,6 +46,12 @@ using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>; // 
 #ifndef QMOE_SM90_SMALL_TILE_N
 #define QMOE_SM90_SMALL_TILE_N 256
 #endif
+#ifndef QMOE_SM90_SMALL_TILE_K
+#define QMOE_SM90_SMALL_TILE_K 64 // 128: each weight row segment of a TMA box is 256 bytes, not 128
+#endif
+#ifndef QMOE_SM90_LARGE_TILE_K
+#define QMOE_SM90_LARGE_TILE_K 64
+#endif
 #ifndef QMOE_SM90_LARGE_TILE_M
 #define QMOE_SM90_LARGE_TILE_M 128
 #endif
@@ -63,7 +69,7 @@ struct SmallTiles
 {
     using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
     using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
-    using Tile = Shape<_64, Int<QMOE_SM90_SMALL_TILE_N>, _64>;
+    using Tile = Shape<_64, Int<QMOE_SM90_SMALL_TILE_N>, Int<QMOE_SM90_SMALL_TILE_K>>;
     using Cluster = Shape<_1, _1, _1>;
 };
 
@@ -71,7 +77,7 @@ struct LargeTiles
 {
     using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
     using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
-    using Tile = Shape<Int<QMOE_SM90_LARGE_TILE_M>, Int<QMOE_SM90_LARGE_TILE_N>, _64>;
+    using Tile = Shape<Int<QMOE_SM90_LARGE_TILE_M>, Int<QMOE_SM90_LARGE_TILE_N>, Int<QMOE_SM90_LARGE_TILE_K>>;
     using Cluster = Shape<Int<QMOE_SM90_LARGE_CLUSTER_M>, Int<QMOE_SM90_LARGE_CLUSTER_N>, _1>;
 };
 
