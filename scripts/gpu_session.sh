@@ -1,29 +1,33 @@
 #!/usr/bin/env bash
-# A GPU lease in one device command: verifies and times the default kernel schedule and the
-# experimental QMOE_* switches (plugins/kernels/moe_internal.h) with one library built beforehand on
-# the CPU machine (same nvcc 13.0; saves the ~70 s CUTLASS compile of the lease).
+# A GPU lease in two device commands: verifies and times the default kernel schedule and the
+# experimental QMOE_* switches (plugins/kernels/moe_internal.h) with libraries built beforehand on
+# the CPU machine (same nvcc 13.0; saves the ~70 s CUTLASS compile per library on the lease).
 #
-#   here:    scripts/gpu_session.sh --prepare     -> build/carry/libqmoe_kernels.so (sm_90a + CUTLASS)
-#                                                    and build/carry/<tile variant>.so (TILE_VARIANTS)
-#   device:  OUT=$OUT scripts/gpu_session.sh      (device tool: carry ["build/carry"], timeout_s 600)
+#   here:    scripts/gpu_session.sh prepare        -> build/carry/libqmoe_kernels.so (sm_90a + CUTLASS)
+#                                                     and build/carry/<tile variant>.so (TILE_VARIANTS)
+#   device:  OUT=$OUT scripts/gpu_session.sh check  (device tool: carry ["build/carry"], timeout_s 600)
+#            OUT=$OUT scripts/gpu_session.sh tune   (same machine while warm; timeout_s 420)
 #
-# On the device, scripts/gpu_check.sh twice with that library:
-#   default  GPU tests, benchmark (with transformers), compute-sanitizer; plus each switch alone and
-#            each tile variant, benchmark only (VARIANTS), at 1/8/64/512/4096 tokens
-#   exp      GPU tests, benchmark, compute-sanitizer under all three switches
-# then scripts/compare_bench.py. $OUT receives three files (the device tool returns at most 8):
-#   summary.txt  every stage's exit code; compare.md  the timing table; results.tgz  all logs + JSON.
-# Exit code: 0 when both checks passed. Typical total 6-7 minutes.
+#   check  scripts/gpu_check.sh (GPU tests, benchmark with transformers, compute-sanitizer) on the
+#          default schedule, then again under all three switches. ~5-6 min.
+#   tune   benchmark only (no transformers) at 1/8/64/512/4096 tokens: the default schedule, each
+#          switch alone, all switches, each tile variant; then Nsight Compute (if present) on one call
+#          at 64 and 4096 tokens (scripts/profile_moe_gpu.py). ~3 min.
+# Each command leaves three files in $OUT (the device tool returns at most 8): summary.txt (every
+# stage's exit code), compare.md (scripts/compare_bench.py), results.tgz (all logs and JSON).
+# Exit code: 0 when every stage passed.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 carry=$root/build/carry
 lib=$carry/libqmoe_kernels.so
+py=${PYTHON:-python3}
 switches=(QMOE_PDL=1 QMOE_ROUTER_TC=1 QMOE_PERMUTE_CTAS=64)
 # Hopper small-tile shapes (memory-bound 8-512 tokens): deeper K boxes read 256-byte weight-row segments.
 TILE_VARIANTS=("k128:-DQMOE_SM90_SMALL_TILE_K=128" "n128k128:-DQMOE_SM90_SMALL_TILE_N=128 -DQMOE_SM90_SMALL_TILE_K=128")
+mode=${1:-}
 
-if [ "${1:-}" = "--prepare" ]; then
+if [ "$mode" = prepare ]; then
     set -e
     bash scripts/get_cutlass.sh
     scripts/build_plugins.sh --werror --arch 90a --build-dir "$root/build/carry-build"
@@ -34,48 +38,83 @@ if [ "${1:-}" = "--prepare" ]; then
         cp "$root/build/carry-build-${v%%:*}/lib/libqmoe_kernels.so" "$carry/${v%%:*}.so"
     done
     { git rev-parse HEAD; git status --short -- plugins/kernels; } >"$carry/SOURCE"
-    echo "gpu_session: $lib ready (source: $(head -1 "$carry/SOURCE")); carry build/carry to the device"
+    echo "gpu_session: $(ls "$carry"/*.so | tr '\n' ' ')ready (source $(head -1 "$carry/SOURCE")); carry build/carry"
     exit 0
 fi
-
-[ -f "$lib" ] || { echo "gpu_session: $lib missing: run scripts/gpu_session.sh --prepare here first" >&2; exit 2; }
+if [ "$mode" != check ] && [ "$mode" != tune ]; then
+    echo "usage: scripts/gpu_session.sh prepare|check|tune (see the header)" >&2
+    exit 2
+fi
+[ -f "$lib" ] || { echo "gpu_session: $lib missing: run scripts/gpu_session.sh prepare here first" >&2; exit 2; }
 out=${OUT:?gpu_session: set OUT, the folder that comes back}
 work=$(mktemp -d)
-mkdir -p "$out" "$work/variants"
+mkdir -p "$out"
 cp "$carry/SOURCE" "$work/" 2>/dev/null
+unset QMOE_PDL QMOE_ROUTER_TC QMOE_PERMUTE_CTAS
+status=0
+: >"$work/summary.txt"
+note() { echo "$*" | tee -a "$work/summary.txt"; }
+note "library source: $(head -1 "$work/SOURCE" 2>/dev/null)"
+specs=()
 
-variants=""
-for s in "${switches[@]}"; do
-    variants+="${s%%=*}:env:$s;"
-done
-for v in "${TILE_VARIANTS[@]}"; do
-    [ -f "$carry/${v%%:*}.so" ] && variants+="${v%%:*}:@$carry/${v%%:*}.so;"
-done
-env -u QMOE_PDL -u QMOE_ROUTER_TC -u QMOE_PERMUTE_CTAS OUT="$work/default" LIB="$lib" VARIANTS="${variants%;}" \
-    VARIANT_TOKENS="1 8 64 512 4096" VARIANT_JSON_DIR="$work/variants" scripts/gpu_check.sh
-rc_default=$?
-env "${switches[@]}" OUT="$work/exp" LIB="$lib" scripts/gpu_check.sh
-rc_exp=$?
+if [ "$mode" = check ]; then
+    OUT="$work/default" LIB="$lib" scripts/gpu_check.sh >/dev/null
+    rc=$?
+    note "== default schedule: rc=$rc"
+    cat "$work/default/summary.txt" >>"$work/summary.txt"
+    [ "$rc" -eq 0 ] || status=1
+    env "${switches[@]}" OUT="$work/exp" LIB="$lib" scripts/gpu_check.sh >/dev/null
+    rc=$?
+    note "== ${switches[*]}: rc=$rc"
+    cat "$work/exp/summary.txt" >>"$work/summary.txt"
+    [ "$rc" -eq 0 ] || status=1
+    specs=(default="$work/default/bench.json" all_switches="$work/exp/bench.json")
+else
+    bench() {  # bench NAME LIB [ENV...]: benchmark without transformers into $work/bench-NAME.{json,log}
+        local name=$1 vlib=$2
+        shift 2
+        env "$@" QMOE_KERNELS_LIB="$vlib" timeout 90 "$py" scripts/bench_moe_gpu.py --no-transformers \
+            --tokens 1 8 64 512 4096 --out "$work/bench-$name.json" >"$work/bench-$name.log" 2>&1
+        local rc=$?
+        note "bench $name: rc=$rc"
+        [ "$rc" -eq 0 ] || status=1
+        specs+=("$name=$work/bench-$name.json")
+    }
+    bench default "$lib"
+    for s in "${switches[@]}"; do
+        bench "${s%%=*}" "$lib" "$s"
+    done
+    bench all_switches "$lib" "${switches[@]}"
+    for v in "${TILE_VARIANTS[@]}"; do
+        [ -f "$carry/${v%%:*}.so" ] && bench "${v%%:*}" "$carry/${v%%:*}.so"
+    done
+    # Nsight Compute on one layer call (default schedule): why the grouped GEMMs stream below vLLM
+    # at 64 tokens (DRAM throughput, L2 hit rate), how busy the tensor pipes are at 4096 (routed only).
+    ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
+    if [ -n "$ncu" ]; then
+        for spec in "64:" "4096:--routed-only"; do
+            t=${spec%%:*}
+            # shellcheck disable=SC2086  # the flag is empty or one word
+            QMOE_KERNELS_LIB="$lib" timeout 120 "$ncu" --profile-from-start off --section SpeedOfLight \
+                --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section LaunchStats \
+                --section Occupancy "$py" scripts/profile_moe_gpu.py --tokens "$t" ${spec#*:} >"$work/ncu-$t.txt" 2>&1
+            note "ncu $t tokens: rc=$?"
+        done
+    else
+        note "ncu: not found"
+    fi
+fi
 
-{
-    echo "library source: $(head -1 "$work/SOURCE" 2>/dev/null)"
-    echo "== default (rc=$rc_default)"
-    cat "$work/default/summary.txt"
-    echo "== exp: ${switches[*]} (rc=$rc_exp)"
-    cat "$work/exp/summary.txt"
-} >"$out/summary.txt" 2>&1
-specs=(default="$work/default/bench.json" exp="$work/exp/bench.json")
-for s in "${switches[@]}"; do
-    specs+=("${s%%=*}=$work/variants/bench-${s%%=*}.json")
-done
-for v in "${TILE_VARIANTS[@]}"; do
-    specs+=("${v%%:*}=$work/variants/bench-${v%%:*}.json")
-done
 existing=()
 for spec in "${specs[@]}"; do
     [ -f "${spec#*=}" ] && existing+=("$spec")
 done
-"${PYTHON:-python3}" scripts/compare_bench.py "${existing[@]}" >"$out/compare.md" 2>&1
+if [ "${#existing[@]}" -gt 0 ]; then
+    "$py" scripts/compare_bench.py "${existing[@]}" >"$out/compare.md" 2>&1
+else
+    echo "no benchmark results" >"$out/compare.md"
+fi
+cp "$work/summary.txt" "$out/summary.txt"
 tar czf "$out/results.tgz" -C "$work" .
-cat "$out/summary.txt" "$out/compare.md"
-[ "$rc_default" -eq 0 ] && [ "$rc_exp" -eq 0 ]
+cat "$out/compare.md"
+exit "$status"

@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""One qmoe MoE-layer call at Qwen2-57B-A14B dims (bf16) inside a profiler capture range, for Nsight
+Compute: the layer runs --warm times first, then once between cudaProfilerStart/Stop.
+
+    ncu --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \\
+        python scripts/profile_moe_gpu.py --tokens 64
+
+Exits 2 without a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--warm", type=int, default=3, help="unprofiled calls first")
+    ap.add_argument("--routed-only", action="store_true", help="drop the shared expert")
+    args = ap.parse_args()
+    try:
+        import torch
+    except ImportError:
+        print("profile_moe_gpu: torch is not installed", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("profile_moe_gpu: no CUDA GPU visible", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(ROOT))
+    from tests.plugins import kernels as K
+    from tests.plugins import moe_reference as ref
+
+    lib = K.load()
+    shape = ref.QWEN2_57B
+    torch.manual_seed(0)
+    w = ref.make_weights_on_device(shape, torch.bfloat16, "cuda")
+    if args.routed_only:
+        w = {k: v for k, v in w.items() if not k.startswith("shared")}
+    x = ref.make_hidden(args.tokens, shape.hidden, torch.bfloat16, "cuda", seed=args.tokens)
+    ws = torch.empty(lib.workspace_size(x, w, shape.top_k), dtype=torch.uint8, device="cuda")
+    for _ in range(args.warm):
+        lib.moe_forward(x, w, shape.top_k, False, workspace=ws)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    lib.moe_forward(x, w, shape.top_k, False, workspace=ws)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    print(f"profiled one layer call: {args.tokens} tokens, features {lib.features()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
