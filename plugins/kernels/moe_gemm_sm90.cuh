@@ -234,6 +234,25 @@ __global__ void setup_kernel(MoeArgs a, T const* xg, GemmArrays<T> g1, GemmArray
     }
 }
 
+// QMOE_SHARED_STREAM: the one entry of the side stream's GEMM 1 (the shared expert's gate/up, the same
+// values as setup_kernel's entry 0). Needs nothing from the routing, so it runs beside it.
+template <typename T>
+__global__ void setup_shared_kernel(MoeArgs a, GemmArrays<T> gs)
+{
+    using E = typename CutlassType<T>::type;
+    pdl_enter();
+    if (blockIdx.x == 0 && threadIdx.x == 0)
+    {
+        gs.shapes[0] = cute::make_shape(a.T, 2 * a.Is, a.H);
+        gs.a[0] = reinterpret_cast<E const*>(a.x);
+        gs.b[0] = reinterpret_cast<E const*>(a.shared_gate_up_w);
+        gs.d[0] = reinterpret_cast<E*>(static_cast<T*>(a.act) + static_cast<int64_t>(a.T) * a.k * 2 * a.I);
+        gs.sa[0] = lead(a.H);
+        gs.sb[0] = lead(a.H);
+        gs.sd[0] = lead(2 * a.Is);
+    }
+}
+
 // xg[r] = x[row_token[r]] for the routed rows, 16 bytes per thread step.
 template <typename T>
 __global__ void __launch_bounds__(256) gather_kernel(MoeArgs a, T* xg)
@@ -283,8 +302,51 @@ __global__ void __launch_bounds__(256) swiglu_kernel(MoeArgs a)
     }
 }
 
+// The same arrays without their first entry (GEMM 1's shared expert, when the side stream has it).
+template <typename T>
+GemmArrays<T> without_first(GemmArrays<T> g)
+{
+    ++g.shapes;
+    ++g.a;
+    ++g.b;
+    ++g.d;
+    ++g.sa;
+    ++g.sb;
+    ++g.sd;
+    return g;
+}
+
+// Scratch (a.sm90_scratch, kSm90ScratchBytes): GEMM 1 and GEMM 2 arrays, the side stream's one-entry
+// arrays, then CUTLASS's workspace (TMA descriptors, 64-byte aligned) split in two halves: the main
+// stream's GEMMs and the side stream's, which run at the same time.
+template <typename T>
+struct Sm90Scratch
+{
+    GemmArrays<T> g1, g2, gs;
+    void* ws[2];
+    size_t ws_bytes;
+};
+
+template <typename T>
+Sm90Scratch<T> carve_scratch(MoeArgs const& a)
+{
+    char* const base = static_cast<char*>(a.sm90_scratch);
+    int const G2 = a.E + (a.has_shared ? a.shared_splits : 0);
+    size_t const arrays = gemm_arrays_bytes<T>(kMaxGroups + kMaxSharedSplits);
+    Sm90Scratch<T> s{};
+    s.g1 = carve_gemm_arrays<T>(base, a.G);
+    s.g2 = carve_gemm_arrays<T>(base + arrays, G2);
+    s.gs = carve_gemm_arrays<T>(base + 2 * arrays, 1);
+    size_t const ws_offset = align_up(2 * arrays + gemm_arrays_bytes<T>(1), 256);
+    s.ws_bytes = (kSm90ScratchBytes - ws_offset) / 2 / 256 * 256;
+    s.ws[0] = base + ws_offset;
+    s.ws[1] = base + ws_offset + s.ws_bytes;
+    return s;
+}
+
 template <typename T, typename Config>
-cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_bytes, cudaStream_t stream)
+cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_bytes, cudaStream_t stream,
+    int reserve_sms = 0)
 {
     using GG = GroupedGemm<T, Config>;
     static_assert(std::is_same_v<typename GG::StrideA, typename GemmArrays<T>::Stride>, "stride type");
@@ -297,6 +359,7 @@ cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_byt
     {
         return err;
     }
+    hw.sm_count = std::max(1, hw.sm_count - reserve_sms); // persistent CTAs: one per SM it may use
     typename GG::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGrouped, {G, arr.shapes, nullptr},
         {arr.a, arr.sa, arr.b, arr.sb}, {{}, const_cast<typename GG::E const**>(arr.d), arr.sd, arr.d, arr.sd}, hw};
     args.epilogue.thread.alpha = 1.0f;
@@ -317,39 +380,57 @@ cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_byt
     return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream)
+// Tile height from the mean rows per routed expert (the shared group has T rows).
+inline bool use_small_tiles(MoeArgs const& a)
 {
-    char* const base = static_cast<char*>(a.sm90_scratch);
+    return static_cast<int64_t>(a.T) * a.k / a.E < 96;
+}
+
+template <typename T>
+cudaError_t run_grouped_for(MoeArgs const& a, int groups, GemmArrays<T> const& arr, void* ws, size_t ws_bytes,
+    cudaStream_t stream, int reserve_sms = 0)
+{
+    return use_small_tiles(a) ? run_grouped<T, SmallTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms)
+                              : run_grouped<T, LargeTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms);
+}
+
+// QMOE_SHARED_STREAM: the shared expert's GEMM 1 on side.stream (which already waits for the layer's
+// inputs), on all SMs but side.reserve_sms, with its own half of CUTLASS's workspace.
+template <typename T>
+cudaError_t launch_shared_gemm1_t(MoeArgs const& a, SideLaunch const& side)
+{
+    Sm90Scratch<T> const s = carve_scratch<T>(a);
+    cudaError_t const err = launch_kernel(setup_shared_kernel<T>, dim3(1), dim3(32), 0, side.stream, false, a, s.gs);
+    return err != cudaSuccess ? err : run_grouped_for<T>(a, 1, s.gs, s.ws[1], s.ws_bytes, side.stream, side.reserve_sms);
+}
+
+template <typename T>
+cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream, SideLaunch const* side)
+{
+    Sm90Scratch<T> const s = carve_scratch<T>(a);
     int const G2 = a.E + (a.has_shared ? a.shared_splits : 0);
-    size_t const arrays = gemm_arrays_bytes<T>(kMaxGroups + kMaxSharedSplits);
-    GemmArrays<T> const g1 = carve_gemm_arrays<T>(base, a.G);
-    GemmArrays<T> const g2 = carve_gemm_arrays<T>(base + arrays, G2);
-    // CUTLASS keeps TMA descriptors (CUtensorMap, 64-byte aligned) in its workspace.
-    size_t const ws_offset = align_up(2 * arrays, 256);
-    void* const cutlass_ws = base + ws_offset;
-    size_t const cutlass_ws_bytes = kSm90ScratchBytes - ws_offset;
     T* const xg = static_cast<T*>(a.y);
 
-    int64_t const gather_total = static_cast<int64_t>(a.T) * a.k * (a.H / 8);
     // Our kernels may start early (pdl_wait, common.cuh); the CUTLASS GEMMs wait for full completion
     // of the kernel before them (no PDL attribute: their kernels have no griddepcontrol.wait).
     bool const pdl = a.pdl != 0;
+    int64_t const gather_total = static_cast<int64_t>(a.T) * a.k * (a.H / 8);
     dim3 const gather_grid(static_cast<unsigned>(std::min<int64_t>((gather_total + 255) / 256, 8192)));
     cudaError_t err = launch_kernel(gather_kernel<T>, gather_grid, dim3(256), 0, stream, pdl, a, xg);
     if (err == cudaSuccess)
     {
-        err = launch_kernel(setup_kernel<T>, dim3(1), dim3(256), 0, stream, pdl, a, xg, g1, g2);
+        err = launch_kernel(setup_kernel<T>, dim3(1), dim3(256), 0, stream, pdl, a, xg, s.g1, s.g2);
     }
-    // Tile height from the mean rows per routed expert (the shared group has T rows).
-    bool const small = static_cast<int64_t>(a.T) * a.k / a.E < 96;
-    auto const grouped = [&](int groups, GemmArrays<T> const& arr) {
-        return small ? run_grouped<T, SmallTiles>(groups, arr, cutlass_ws, cutlass_ws_bytes, stream)
-                     : run_grouped<T, LargeTiles>(groups, arr, cutlass_ws, cutlass_ws_bytes, stream);
-    };
     if (err == cudaSuccess)
     {
-        err = grouped(a.G, g1);
+        // With the side stream, entry 0 (the shared expert, first in schedule order) is its GEMM's.
+        bool const split = side != nullptr && a.has_shared;
+        err = split ? run_grouped_for<T>(a, a.E, without_first(s.g1), s.ws[0], s.ws_bytes, stream)
+                    : run_grouped_for<T>(a, a.G, s.g1, s.ws[0], s.ws_bytes, stream);
+        if (err == cudaSuccess && split)
+        {
+            err = cudaStreamWaitEvent(stream, side->join, 0);
+        }
     }
     if (err == cudaSuccess)
     {
@@ -359,7 +440,7 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream)
     }
     if (err == cudaSuccess)
     {
-        err = grouped(G2, g2);
+        err = run_grouped_for<T>(a, G2, s.g2, s.ws[0], s.ws_bytes, stream);
     }
     return err;
 }

@@ -3,9 +3,14 @@
 
 namespace qmoe
 {
-cudaError_t launch_experts_sm90_fp16(MoeArgs const& a, cudaStream_t stream)
+cudaError_t launch_experts_sm90_fp16(MoeArgs const& a, cudaStream_t stream, SideLaunch const* side)
 {
-    return launch_sm90_t<__half>(a, stream);
+    return launch_sm90_t<__half>(a, stream, side);
+}
+
+cudaError_t launch_shared_gemm1_sm90_fp16(MoeArgs const& a, SideLaunch const& side)
+{
+    return launch_shared_gemm1_t<__half>(a, side);
 }
 
 } // namespace qmoe

@@ -41,6 +41,8 @@ constexpr bool kHasSm90Gemm = false;
 //   QMOE_ROUTER_TC=1     router logits on tensor cores (split-K WMMA) instead of CUDA cores
 //   QMOE_PERMUTE_CTAS=n  the permutation on up to n CTAs (count + place kernels) above
 //                        kPermuteSlotsPerCta routed slots; 1 = one CTA for every size
+//   QMOE_SHARED_STREAM=n Hopper prefill path: the shared expert's GEMM 1 runs on a side stream on
+//                        all SMs but n, beside the router, permutation and gather (0 = off)
 // Defaults off / off / 1: the schedule measured on the H100 (plugins/results/NOTES.md) until the
 // switches are measured too.
 struct Tuning
@@ -48,8 +50,19 @@ struct Tuning
     bool pdl;
     bool router_tc;
     int permute_ctas;
+    int shared_stream_sms; // SMs left to the routing chain while the side stream's GEMM runs; 0 = off
 };
 Tuning const& tuning();
+constexpr int kMaxSharedStreamSms = 64;
+
+// QMOE_SHARED_STREAM: where the shared expert's GEMM 1 was launched, the event [Experts] waits on
+// before SwiGLU, and how many SMs that GEMM leaves free.
+struct SideLaunch
+{
+    cudaStream_t stream;
+    cudaEvent_t join;
+    int reserve_sms;
+};
 
 constexpr int kMaxRouterSplits = 16;
 constexpr int64_t kRouterSplitRows = 4096; // split-K partial rows kept: splits * T <= max(T, this)
@@ -241,8 +254,13 @@ cudaError_t launch_experts_prefill(MoeArgs const& a, int dtype, cudaStream_t str
 cudaError_t launch_combine(MoeArgs const& a, int dtype, cudaStream_t stream);
 #ifdef QMOE_HAS_SM90_GEMM
 bool sm90_gemm_supported(); // the current device runs sm_90a code
-cudaError_t launch_experts_sm90_bf16(MoeArgs const& a, cudaStream_t stream);
-cudaError_t launch_experts_sm90_fp16(MoeArgs const& a, cudaStream_t stream);
+// side == nullptr: both GEMMs for every group on stream. Else launch_shared_gemm1_sm90_* ran the
+// shared expert's GEMM 1 on side->stream already: GEMM 1 here covers the routed groups, and SwiGLU
+// waits for side->join.
+cudaError_t launch_experts_sm90_bf16(MoeArgs const& a, cudaStream_t stream, SideLaunch const* side);
+cudaError_t launch_experts_sm90_fp16(MoeArgs const& a, cudaStream_t stream, SideLaunch const* side);
+cudaError_t launch_shared_gemm1_sm90_bf16(MoeArgs const& a, SideLaunch const& side);
+cudaError_t launch_shared_gemm1_sm90_fp16(MoeArgs const& a, SideLaunch const& side);
 #endif
 
 } // namespace qmoe

@@ -6,6 +6,7 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 
 namespace qmoe
 {
@@ -204,15 +205,75 @@ bool use_sm90(int path)
 #endif
 }
 
-cudaError_t launch_prefill(MoeArgs const& a, bool sm90, int dtype, cudaStream_t stream)
+cudaError_t launch_prefill(MoeArgs const& a, bool sm90, int dtype, cudaStream_t stream, SideLaunch const* side)
 {
 #ifdef QMOE_HAS_SM90_GEMM
     if (sm90)
     {
-        return dtype == QMOE_DTYPE_BF16 ? launch_experts_sm90_bf16(a, stream) : launch_experts_sm90_fp16(a, stream);
+        return dtype == QMOE_DTYPE_BF16 ? launch_experts_sm90_bf16(a, stream, side)
+                                        : launch_experts_sm90_fp16(a, stream, side);
     }
+#else
+    (void) side;
 #endif
     return launch_experts_prefill(a, dtype, stream);
+}
+
+// QMOE_SHARED_STREAM: one side stream and its fork/join events per device, created on first use
+// outside a stream capture and kept for the process (like a cuBLAS handle). The mutex keeps one
+// layer's fork ... join sequence whole when several host threads enqueue layers on one device.
+constexpr int kMaxDevices = 64;
+
+struct SideStream
+{
+    std::mutex mutex;
+    cudaStream_t stream = nullptr;
+    cudaEvent_t fork = nullptr;
+    cudaEvent_t join = nullptr;
+    bool ready = false;
+    bool failed = false;
+};
+
+SideStream* side_stream(cudaStream_t main)
+{
+    static SideStream slots[kMaxDevices];
+    static std::mutex create;
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices)
+    {
+        return nullptr;
+    }
+    SideStream& s = slots[dev];
+    std::lock_guard<std::mutex> const lock(create);
+    if (!s.ready && !s.failed)
+    {
+        cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+        if (cudaStreamIsCapturing(main, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone)
+        {
+            return nullptr; // not created inside a capture: this layer runs on one stream
+        }
+        s.ready = cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking) == cudaSuccess
+            && cudaEventCreateWithFlags(&s.fork, cudaEventDisableTiming) == cudaSuccess
+            && cudaEventCreateWithFlags(&s.join, cudaEventDisableTiming) == cudaSuccess;
+        s.failed = !s.ready;
+        if (s.failed)
+        {
+            (void) cudaGetLastError(); // the one-stream schedule still works
+        }
+    }
+    return s.ready ? &s : nullptr;
+}
+
+cudaError_t launch_shared_gemm1(MoeArgs const& a, int dtype, SideLaunch const& side)
+{
+#ifdef QMOE_HAS_SM90_GEMM
+    return dtype == QMOE_DTYPE_BF16 ? launch_shared_gemm1_sm90_bf16(a, side) : launch_shared_gemm1_sm90_fp16(a, side);
+#else
+    (void) a;
+    (void) dtype;
+    (void) side;
+    return cudaErrorNotSupported;
+#endif
 }
 
 bool env_flag(char const* name)
@@ -243,7 +304,7 @@ int32_t status_of(cudaError_t err)
 Tuning const& tuning()
 {
     static Tuning const t{env_flag("QMOE_PDL"), env_flag("QMOE_ROUTER_TC"),
-        env_int("QMOE_PERMUTE_CTAS", 1, 1, kMaxPermuteCtas)};
+        env_int("QMOE_PERMUTE_CTAS", 1, 1, kMaxPermuteCtas), env_int("QMOE_SHARED_STREAM", 0, 0, kMaxSharedStreamSms)};
     return t;
 }
 
@@ -288,14 +349,43 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
         a.shared_splits = sm90_shared_splits(a.T, a.Is);
     }
 
-    cudaError_t err = launch_router(a, p->dtype, a.topk_ids, a.topk_weights, a.shared_gate, stream);
+    // QMOE_SHARED_STREAM: fork the shared expert's GEMM 1 (it needs no routing) onto the side stream
+    // before the router; [Experts] joins it before SwiGLU.
+    SideStream* const ss
+        = !decode && sm90 && a.has_shared && tuning().shared_stream_sms > 0 ? side_stream(stream) : nullptr;
+    std::unique_lock<std::mutex> side_lock;
+    SideLaunch side{};
+    cudaError_t err = cudaSuccess;
+    if (ss != nullptr)
+    {
+        side_lock = std::unique_lock<std::mutex>(ss->mutex);
+        side = SideLaunch{ss->stream, ss->join, tuning().shared_stream_sms};
+        err = cudaEventRecord(ss->fork, stream);
+        if (err == cudaSuccess)
+        {
+            err = cudaStreamWaitEvent(ss->stream, ss->fork, 0);
+        }
+        if (err == cudaSuccess)
+        {
+            err = launch_shared_gemm1(a, p->dtype, side);
+        }
+        if (err == cudaSuccess)
+        {
+            err = cudaEventRecord(ss->join, ss->stream);
+        }
+    }
+    if (err == cudaSuccess)
+    {
+        err = launch_router(a, p->dtype, a.topk_ids, a.topk_weights, a.shared_gate, stream);
+    }
     if (err == cudaSuccess)
     {
         err = launch_permute(a, stream);
     }
     if (err == cudaSuccess)
     {
-        err = decode ? launch_experts_decode(a, p->dtype, stream) : launch_prefill(a, sm90, p->dtype, stream);
+        err = decode ? launch_experts_decode(a, p->dtype, stream)
+                     : launch_prefill(a, sm90, p->dtype, stream, ss != nullptr ? &side : nullptr);
     }
     if (err == cudaSuccess)
     {
@@ -340,7 +430,8 @@ extern "C" int32_t qmoe_kernels_features(void)
 {
     Tuning const& t = tuning();
     return (kHasSm90Gemm ? QMOE_FEATURE_SM90_GEMM : 0) | (t.pdl ? QMOE_FEATURE_PDL : 0)
-        | (t.router_tc ? QMOE_FEATURE_ROUTER_TC : 0) | (t.permute_ctas > 1 ? QMOE_FEATURE_PERMUTE_MULTI : 0);
+        | (t.router_tc ? QMOE_FEATURE_ROUTER_TC : 0) | (t.permute_ctas > 1 ? QMOE_FEATURE_PERMUTE_MULTI : 0)
+        | (t.shared_stream_sms > 0 ? QMOE_FEATURE_SHARED_STREAM : 0);
 }
 
 extern "C" int32_t qmoe_kernels_abi_version(void)
