@@ -11,7 +11,7 @@
 # Exit code: 0 if every stage passed, else 1. Needs: nvcc, cmake, a CUDA torch, pytest.
 # usage: OUT=/some/dir scripts/gpu_check.sh
 #   env: PYTHON (default python3), ARCH (default 90a), SANITIZE=0 skips compute-sanitizer,
-#        QMOE_PDL / QMOE_ROUTER_TC / QMOE_PERMUTE_CTAS / QMOE_SHARED_STREAM (exported: every stage runs under them),
+#        the QMOE_* switches of plugins/README.md (exported: every stage runs under them),
 #        LIB=path/libqmoe_kernels.so uses that build (no build stage), VARIANTS / VARIANT_TOKENS below.
 # Stage limits add up to 10 minutes (the device tool's per-command limit); typical total is 4-6.
 set -uo pipefail

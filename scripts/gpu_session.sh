@@ -9,7 +9,7 @@
 #            OUT=$OUT scripts/gpu_session.sh tune   (same machine while warm; timeout_s 420)
 #
 #   check  scripts/gpu_check.sh (GPU tests, benchmark with transformers, compute-sanitizer) on the
-#          default schedule, then again under all four switches. ~5-6 min.
+#          default schedule, then again under all the switches. ~5-6 min.
 #   tune   benchmark only (no transformers) at 1/8/64/512/4096 tokens: the default schedule, each
 #          switch alone, all switches, each tile variant; then Nsight Compute (if present) on one call
 #          at 64 and 4096 tokens (scripts/profile_moe_gpu.py). ~3 min.
@@ -22,7 +22,7 @@ cd "$root"
 carry=$root/build/carry
 lib=$carry/libqmoe_kernels.so
 py=${PYTHON:-python3}
-switches=(QMOE_PDL=1 QMOE_ROUTER_TC=1 QMOE_PERMUTE_CTAS=64 QMOE_SHARED_STREAM=8)
+switches=(QMOE_PDL=1 QMOE_ROUTER_TC=1 QMOE_PERMUTE_CTAS=64 QMOE_SHARED_STREAM=8 QMOE_DECODE_SPLIT=1)
 # Hopper small-tile shapes (memory-bound 8-512 tokens): deeper K boxes read 256-byte weight-row segments.
 TILE_VARIANTS=("k128:-DQMOE_SM90_SMALL_TILE_K=128" "n128k128:-DQMOE_SM90_SMALL_TILE_N=128 -DQMOE_SM90_SMALL_TILE_K=128")
 mode=${1:-}
@@ -50,7 +50,7 @@ out=${OUT:?gpu_session: set OUT, the folder that comes back}
 work=$(mktemp -d)
 mkdir -p "$out"
 cp "$carry/SOURCE" "$work/" 2>/dev/null
-unset QMOE_PDL QMOE_ROUTER_TC QMOE_PERMUTE_CTAS QMOE_SHARED_STREAM
+unset QMOE_PDL QMOE_ROUTER_TC QMOE_PERMUTE_CTAS QMOE_SHARED_STREAM QMOE_DECODE_SPLIT
 status=0
 : >"$work/summary.txt"
 note() { echo "$*" | tee -a "$work/summary.txt"; }

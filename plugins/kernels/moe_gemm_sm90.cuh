@@ -210,7 +210,7 @@ __global__ void setup_kernel(MoeArgs a, T const* xg, GemmArrays<T> g1, GemmArray
         {
             if (i < S)
             {
-                int const part = a.Is / S; // a multiple of 8 (sm90_shared_splits)
+                int const part = a.Is / S; // a multiple of 8 (shared_splits_for)
                 g2.shapes[i] = cute::make_shape(a.T, a.H, part);
                 g2.a[i] = reinterpret_cast<E const*>(gu_shared + static_cast<int64_t>(i) * part);
                 g2.b[i] = reinterpret_cast<E const*>(static_cast<T const*>(a.shared_down_w) + static_cast<int64_t>(i) * part);

@@ -34,11 +34,34 @@ constexpr int kGateUpColsPerWarp = 2;      // gate/up: 2 columns -> rows gate j,
 constexpr int kGateUpColsPerCta = kGateUpColsPerWarp * kWarps;
 constexpr int kDownRowsPerCta = kRowsPerWarp * kWarps;
 
+// Down units of the shared group come in a.shared_splits K-slices (QMOE_DECODE_SPLIT; else 1).
 template <bool kGateUp>
 __device__ __forceinline__ int units_of_group(MoeArgs const& a, int g)
 {
     int const inter = g < a.E ? a.I : a.Is;
-    return kGateUp ? ceil_div(inter, kGateUpColsPerCta) : ceil_div(a.H, kDownRowsPerCta);
+    return kGateUp ? ceil_div(inter, kGateUpColsPerCta)
+                   : ceil_div(a.H, kDownRowsPerCta) * (g < a.E ? 1 : a.shared_splits);
+}
+
+// Work unit b of group g for this warp: its first gate/up column or hidden row c0, the K range
+// [k0, k0 + K) it reads, and (down, shared group) the y row block of its K-slice.
+struct Unit
+{
+    int c0, k0, K, slice;
+};
+
+template <bool kGateUp>
+__device__ __forceinline__ Unit unit_of(MoeArgs const& a, int g, int b, int warp)
+{
+    if (kGateUp)
+    {
+        return Unit{b * kGateUpColsPerCta + warp * kGateUpColsPerWarp, 0, a.H, 0};
+    }
+    bool const routed = g < a.E;
+    int const blocks = ceil_div(a.H, kDownRowsPerCta);
+    int const K = routed ? a.I : a.Is / a.shared_splits;
+    int const slice = routed ? 0 : b / blocks;
+    return Unit{(b % blocks) * kDownRowsPerCta + warp * kRowsPerWarp, slice * K, K, slice};
 }
 
 // Weight row r (0..kRowsPerWarp) of this warp in unit b of group g, and whether it exists.
@@ -63,12 +86,6 @@ __device__ __forceinline__ T const* weight_row(MoeArgs const& a, int g, int c0, 
     return w + static_cast<int64_t>(h) * inter;
 }
 
-template <bool kGateUp>
-__device__ __forceinline__ int unit_first_col(int b, int warp)
-{
-    return kGateUp ? b * kGateUpColsPerCta + warp * kGateUpColsPerWarp : b * kDownRowsPerCta + warp * kRowsPerWarp;
-}
-
 // One work unit (group g, column block b; rows permuted rows from row0) for this warp.
 template <typename T, bool kGateUp>
 __device__ __forceinline__ void gemv_unit(MoeArgs const& a, int g, int b, int rows, int row0, int warp, int lane)
@@ -78,16 +95,17 @@ __device__ __forceinline__ void gemv_unit(MoeArgs const& a, int g, int b, int ro
     T* const y = static_cast<T*>(a.y);
     bool const routed = g < a.E;
     int const inter = routed ? a.I : a.Is;
-    int const K = kGateUp ? a.H : inter;
     T* const act_g = act + (routed ? static_cast<int64_t>(row0) * a.I : static_cast<int64_t>(a.T) * a.k * a.I);
 
-    int const c0 = unit_first_col<kGateUp>(b, warp);
+    Unit const u = unit_of<kGateUp>(a, g, b, warp);
+    int const c0 = u.c0;
+    int const K = u.K;
     T const* w_row[kRowsPerWarp];
     bool w_ok[kRowsPerWarp];
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r)
     {
-        w_row[r] = weight_row<T, kGateUp>(a, g, c0, r, &w_ok[r]);
+        w_row[r] = weight_row<T, kGateUp>(a, g, c0, r, &w_ok[r]) + u.k0;
     }
     if (!w_ok[0])
     {
@@ -107,7 +125,7 @@ __device__ __forceinline__ void gemv_unit(MoeArgs const& a, int g, int b, int ro
                 // Shared rows are the tokens in order (no read of the permutation: see the kernel).
                 int const token = routed ? a.row_token[row0 + t0 + m] : t0 + m;
                 in_row[m] = kGateUp ? x + static_cast<int64_t>(token) * a.H
-                                    : act_g + static_cast<int64_t>(t0 + m) * inter;
+                                    : act_g + static_cast<int64_t>(t0 + m) * inter + u.k0;
             }
         }
 
@@ -169,7 +187,8 @@ __device__ __forceinline__ void gemv_unit(MoeArgs const& a, int g, int b, int ro
                     else
                     {
                         float const rw = a.row_weight[row0 + t0 + m];
-                        T* out = y + static_cast<int64_t>(row0 + t0 + m) * a.H + c0;
+                        // K-slice s of the shared group: y rows T*k + s*T + t (summed by [Combine]).
+                        T* out = y + (static_cast<int64_t>(row0) + static_cast<int64_t>(u.slice) * a.T + t0 + m) * a.H + c0;
 #pragma unroll
                         for (int r = 0; r < kRowsPerWarp; ++r)
                         {
@@ -222,14 +241,13 @@ __global__ void __launch_bounds__(kThreads) grouped_gemv_kernel(MoeArgs a)
         {
             int const slot = find_slot(s_prefix, a.G, unit);
             int const g = sched_group(slot, a.G, a.has_shared);
-            int const c0 = unit_first_col<false>(unit - s_prefix[slot], warp);
-            int const K = g < a.E ? a.I : a.Is;
+            Unit const u = unit_of<false>(a, g, unit - s_prefix[slot], warp);
 #pragma unroll
             for (int r = 0; r < kRowsPerWarp; ++r)
             {
                 bool ok = false;
-                T const* const w = weight_row<T, false>(a, g, c0, r, &ok);
-                for (int k = lane * 64; ok && k < K; k += kWarp * 64) // 128-byte lines
+                T const* const w = weight_row<T, false>(a, g, u.c0, r, &ok) + u.k0;
+                for (int k = lane * 64; ok && k < u.K; k += kWarp * 64) // 128-byte lines
                 {
                     prefetch_l2(w + k);
                 }
@@ -253,7 +271,7 @@ cudaError_t launch_gemv(MoeArgs const& a, cudaStream_t stream)
     auto kernel = grouped_gemv_kernel<T, kGateUp>;
     int64_t const hit = std::min<int64_t>(a.E, static_cast<int64_t>(a.T) * a.k);
     int64_t const per_routed = kGateUp ? ceil_div(a.I, kGateUpColsPerCta) : ceil_div(a.H, kDownRowsPerCta);
-    int64_t const per_shared = kGateUp ? ceil_div(a.Is, kGateUpColsPerCta) : ceil_div(a.H, kDownRowsPerCta);
+    int64_t const per_shared = kGateUp ? ceil_div(a.Is, kGateUpColsPerCta) : ceil_div(a.H, kDownRowsPerCta) * a.shared_splits;
     int64_t const upper = hit * per_routed + (a.has_shared ? per_shared : 0);
     int grid = 1;
     cudaError_t const err = persistent_grid(kernel, kThreads, 0, upper, &grid);

@@ -41,6 +41,8 @@ constexpr bool kHasSm90Gemm = false;
 //   QMOE_ROUTER_TC=1     router logits on tensor cores (split-K WMMA) instead of CUDA cores
 //   QMOE_PERMUTE_CTAS=n  the permutation on up to n CTAs (count + place kernels) above
 //                        kPermuteSlotsPerCta routed slots; 1 = one CTA for every size
+//   QMOE_DECODE_SPLIT=1  GEMV decode: the shared expert's down projection in shared_splits_for()
+//                        K-slices, so its work units are as long as a routed expert's
 //   QMOE_SHARED_STREAM=n Hopper prefill path: the shared expert's GEMM 1 runs on a side stream on
 //                        all SMs but n, beside the router, permutation and gather (0 = off)
 // Defaults off / off / 1: the schedule measured on the H100 (plugins/results/NOTES.md) until the
@@ -50,6 +52,7 @@ struct Tuning
     bool pdl;
     bool router_tc;
     int permute_ctas;
+    bool decode_split;
     int shared_stream_sms; // SMs left to the routing chain while the side stream's GEMM runs; 0 = off
 };
 Tuning const& tuning();
@@ -78,12 +81,13 @@ inline int router_split_cap(int64_t T)
 constexpr size_t kSm90ScratchBytes = size_t(4) << 20;
 constexpr int kMaxSharedSplits = 8;
 
-// sm90 path: the shared expert's down projection (K = Is, e.g. 20480) splits along K into this many
-// parts when T is small, so that its few output tiles (ceil(H/256) per 64 rows) do not form the
-// long tail of the grouped GEMM; each part writes its own T rows of y and [Combine] adds them.
-inline int sm90_shared_splits(int64_t T, int64_t Is)
+// The shared expert's down projection (K = Is, e.g. 20480) splits along K into this many parts when
+// T is small, so that its few long work items do not form the tail of a persistent grid: the sm90
+// path's grouped GEMM (ceil(H/256) output tiles per 64 rows), and with QMOE_DECODE_SPLIT=1 the GEMV
+// decode (its shared units would stream 8x the bytes of a routed one). Each part writes its own T
+// rows of y and [Combine] adds them. The workspace always has room for them.
+inline int shared_splits_for(int64_t T, int64_t Is)
 {
-#ifdef QMOE_HAS_SM90_GEMM
     if (Is > 0 && T <= 512)
     {
         for (int s = kMaxSharedSplits; s > 1; s /= 2)
@@ -94,10 +98,6 @@ inline int sm90_shared_splits(int64_t T, int64_t Is)
             }
         }
     }
-#else
-    (void) T;
-    (void) Is;
-#endif
     return 1;
 }
 
@@ -107,7 +107,7 @@ struct MoeArgs
     int G;          // groups: E + has_shared
     int has_shared; // Is > 0
     int norm_topk_prob;
-    int shared_splits; // y row blocks of the shared expert (1, or sm90_shared_splits on the sm90 path)
+    int shared_splits; // y row blocks of the shared expert: 1, or shared_splits_for(T, Is)
     int router_splits; // K-split partial sums in logits (<= router_split_cap(T)); the top-k kernel adds them
     int pdl;           // launch with programmatic dependent launch (QMOE_PDL=1 and a Hopper+ device)
 
@@ -170,7 +170,7 @@ inline WorkspaceLayout workspace_layout(int64_t T, int64_t H, int64_t E, int64_t
     l.slot_row = take(sizeof(int32_t) * T * k);
     l.cta_count = take(sizeof(int32_t) * kMaxPermuteCtas * E);
     l.act = take(elem * (T * k * I + has_shared * T * Is) * (kHasSm90Gemm ? 2 : 1));
-    l.y = take(elem * (R + has_shared * T * (sm90_shared_splits(T, Is) - 1)) * H);
+    l.y = take(elem * (R + has_shared * T * (shared_splits_for(T, Is) - 1)) * H);
     l.sm90_scratch = take(kHasSm90Gemm ? kSm90ScratchBytes : 0);
     l.total = off;
     return l;

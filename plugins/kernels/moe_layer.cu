@@ -304,7 +304,8 @@ int32_t status_of(cudaError_t err)
 Tuning const& tuning()
 {
     static Tuning const t{env_flag("QMOE_PDL"), env_flag("QMOE_ROUTER_TC"),
-        env_int("QMOE_PERMUTE_CTAS", 1, 1, kMaxPermuteCtas), env_int("QMOE_SHARED_STREAM", 0, 0, kMaxSharedStreamSms)};
+        env_int("QMOE_PERMUTE_CTAS", 1, 1, kMaxPermuteCtas), env_flag("QMOE_DECODE_SPLIT"),
+        env_int("QMOE_SHARED_STREAM", 0, 0, kMaxSharedStreamSms)};
     return t;
 }
 
@@ -344,9 +345,9 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
     int const threshold = p->decode_max_tokens > 0 ? p->decode_max_tokens
                                                    : (sm90 ? kDefaultDecodeMaxTokensSm90 : kDefaultDecodeMaxTokens);
     bool const decode = p->path == QMOE_PATH_DECODE || (p->path == QMOE_PATH_AUTO && a.T <= threshold);
-    if (!decode && sm90)
+    if ((!decode && sm90) || (decode && tuning().decode_split))
     {
-        a.shared_splits = sm90_shared_splits(a.T, a.Is);
+        a.shared_splits = shared_splits_for(a.T, a.Is);
     }
 
     // QMOE_SHARED_STREAM: fork the shared expert's GEMM 1 (it needs no routing) onto the side stream
@@ -431,7 +432,7 @@ extern "C" int32_t qmoe_kernels_features(void)
     Tuning const& t = tuning();
     return (kHasSm90Gemm ? QMOE_FEATURE_SM90_GEMM : 0) | (t.pdl ? QMOE_FEATURE_PDL : 0)
         | (t.router_tc ? QMOE_FEATURE_ROUTER_TC : 0) | (t.permute_ctas > 1 ? QMOE_FEATURE_PERMUTE_MULTI : 0)
-        | (t.shared_stream_sms > 0 ? QMOE_FEATURE_SHARED_STREAM : 0);
+        | (t.shared_stream_sms > 0 ? QMOE_FEATURE_SHARED_STREAM : 0) | (t.decode_split ? QMOE_FEATURE_DECODE_SPLIT : 0);
 }
 
 extern "C" int32_t qmoe_kernels_abi_version(void)

@@ -115,8 +115,10 @@ def test_kernels_report_the_cutlass_path(kernels_lib: Path) -> None:
     assert bool(K.Kernels(kernels_lib).features() & K.FEATURE_SM90_GEMM) == have_headers
 
 
-EXPERIMENTAL = {"QMOE_PDL": "1", "QMOE_ROUTER_TC": "1", "QMOE_PERMUTE_CTAS": "64", "QMOE_SHARED_STREAM": "8"}
-SWITCH_BITS = K.FEATURE_PDL | K.FEATURE_ROUTER_TC | K.FEATURE_PERMUTE_MULTI | K.FEATURE_SHARED_STREAM
+EXPERIMENTAL = {"QMOE_PDL": "1", "QMOE_ROUTER_TC": "1", "QMOE_PERMUTE_CTAS": "64", "QMOE_SHARED_STREAM": "8",
+                "QMOE_DECODE_SPLIT": "1"}
+SWITCH_BITS = (K.FEATURE_PDL | K.FEATURE_ROUTER_TC | K.FEATURE_PERMUTE_MULTI | K.FEATURE_SHARED_STREAM
+               | K.FEATURE_DECODE_SPLIT)
 
 
 def _probe(lib: Path, env: dict[str, str]) -> tuple[int, list[int]]:
@@ -136,7 +138,7 @@ def _probe(lib: Path, env: dict[str, str]) -> tuple[int, list[int]]:
 
 
 def test_experimental_switches_follow_the_environment_not_the_workspace(kernels_lib: Path) -> None:
-    """QMOE_PDL / QMOE_ROUTER_TC / QMOE_PERMUTE_CTAS / QMOE_SHARED_STREAM (off by default: see plugins/README.md) are read
+    """The QMOE_* switches (off by default: see plugins/README.md) are read
     from the environment and never change the workspace size, so a TensorRT engine built under one
     setting (getWorkspaceSize) runs under another (enqueue)."""
     off_features, off_sizes = _probe(kernels_lib, {})
@@ -146,7 +148,7 @@ def test_experimental_switches_follow_the_environment_not_the_workspace(kernels_
     assert on_sizes == off_sizes
     # "0", junk and a single CTA all mean off.
     junk_features, _ = _probe(kernels_lib, {"QMOE_PDL": "0", "QMOE_ROUTER_TC": "", "QMOE_PERMUTE_CTAS": "lots",
-                                            "QMOE_SHARED_STREAM": "0"})
+                                            "QMOE_SHARED_STREAM": "0", "QMOE_DECODE_SPLIT": "0"})
     assert junk_features & SWITCH_BITS == 0
     assert _probe(kernels_lib, {"QMOE_PERMUTE_CTAS": "1"})[0] & K.FEATURE_PERMUTE_MULTI == 0
 
