@@ -127,12 +127,19 @@ __device__ __forceinline__ float silu(float g)
     return g / (1.0f + __expf(-g));
 }
 
-// Programmatic dependent launch (Hopper+). A kernel launched with the PDL attribute may start while
-// the kernel before it in the stream is still running; pdl_wait() blocks until that kernel has
-// completed and its writes are visible. Every qmoe kernel calls pdl_wait() before it touches memory
-// written by an earlier kernel, and pdl_trigger() only after its own pdl_wait(): the code a kernel
-// runs before its wait therefore overlaps with its direct predecessor only, never with an older one.
-// Both are no-ops when the kernel was launched without the attribute, and before sm_90.
+// Programmatic dependent launch (Hopper+). A kernel launched with the PDL attribute may start once
+// every CTA of the kernel before it in the stream has called pdl_trigger() (or exited);
+// pdl_wait() then blocks until that kernel has completed and its writes are visible. Rules:
+//   - every kernel calls pdl_wait() before it touches memory that an earlier kernel (of this layer,
+//     or the one that produced the layer's inputs) writes or reads; a kernel completes only after its
+//     wait, so completion of the direct predecessor implies completion of everything before it;
+//   - the layer's first kernel (the router) triggers only after its wait, so that the layer's
+//     inputs are complete before any of our kernels can start;
+//   - most kernels trigger right after their wait (pdl_enter); the top-k and permutation kernels
+//     trigger first (pdl_trigger_first), because the only code that runs before a wait downstream
+//     of them (the decode gate/up kernel's shared-expert units) reads x and weights and writes rows
+//     of act that none of the routing kernels touch.
+// All are no-ops when the kernel was launched without the attribute, and before sm_90.
 __device__ __forceinline__ void pdl_wait()
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -147,11 +154,18 @@ __device__ __forceinline__ void pdl_trigger()
 #endif
 }
 
-// Both of the above, in order: for kernels whose every access depends on the previous kernel.
+// Wait, then let the next kernel launch: for kernels whose every access depends on earlier ones.
 __device__ __forceinline__ void pdl_enter()
 {
     pdl_wait();
     pdl_trigger();
+}
+
+// Let the next kernel launch, then wait (see the rules above for where this is allowed).
+__device__ __forceinline__ void pdl_trigger_first()
+{
+    pdl_trigger();
+    pdl_wait();
 }
 
 // Asks L2 to fetch the 128-byte line holding p (no register result, no fault on a valid address).

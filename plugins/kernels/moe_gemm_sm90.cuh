@@ -387,11 +387,11 @@ inline bool use_small_tiles(MoeArgs const& a)
 }
 
 template <typename T>
-cudaError_t run_grouped_for(MoeArgs const& a, int groups, GemmArrays<T> const& arr, void* ws, size_t ws_bytes,
+cudaError_t run_grouped_for(bool small, int groups, GemmArrays<T> const& arr, void* ws, size_t ws_bytes,
     cudaStream_t stream, int reserve_sms = 0)
 {
-    return use_small_tiles(a) ? run_grouped<T, SmallTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms)
-                              : run_grouped<T, LargeTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms);
+    return small ? run_grouped<T, SmallTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms)
+                 : run_grouped<T, LargeTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms);
 }
 
 // QMOE_SHARED_STREAM: the shared expert's GEMM 1 on side.stream (which already waits for the layer's
@@ -401,7 +401,10 @@ cudaError_t launch_shared_gemm1_t(MoeArgs const& a, SideLaunch const& side)
 {
     Sm90Scratch<T> const s = carve_scratch<T>(a);
     cudaError_t const err = launch_kernel(setup_shared_kernel<T>, dim3(1), dim3(32), 0, side.stream, false, a, s.gs);
-    return err != cudaSuccess ? err : run_grouped_for<T>(a, 1, s.gs, s.ws[1], s.ws_bytes, side.stream, side.reserve_sms);
+    // Its one group has T rows: 128-row cooperative tiles once they fill (the routed groups' rule is
+    // rows per expert).
+    return err != cudaSuccess ? err
+                              : run_grouped_for<T>(a.T < 96, 1, s.gs, s.ws[1], s.ws_bytes, side.stream, side.reserve_sms);
 }
 
 template <typename T>
@@ -425,8 +428,8 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream, SideLaunch cons
     {
         // With the side stream, entry 0 (the shared expert, first in schedule order) is its GEMM's.
         bool const split = side != nullptr && a.has_shared;
-        err = split ? run_grouped_for<T>(a, a.E, without_first(s.g1), s.ws[0], s.ws_bytes, stream)
-                    : run_grouped_for<T>(a, a.G, s.g1, s.ws[0], s.ws_bytes, stream);
+        err = split ? run_grouped_for<T>(use_small_tiles(a), a.E, without_first(s.g1), s.ws[0], s.ws_bytes, stream)
+                    : run_grouped_for<T>(use_small_tiles(a), a.G, s.g1, s.ws[0], s.ws_bytes, stream);
         if (err == cudaSuccess && split)
         {
             err = cudaStreamWaitEvent(stream, side->join, 0);
@@ -440,7 +443,7 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream, SideLaunch cons
     }
     if (err == cudaSuccess)
     {
-        err = run_grouped_for<T>(a, G2, s.g2, s.ws[0], s.ws_bytes, stream);
+        err = run_grouped_for<T>(use_small_tiles(a), G2, s.g2, s.ws[0], s.ws_bytes, stream);
     }
     return err;
 }

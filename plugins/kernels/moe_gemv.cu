@@ -206,8 +206,9 @@ __device__ __forceinline__ void gemv_unit(MoeArgs const& a, int g, int b, int ro
 
 // Persistent CTAs walk units blockIdx.x, +gridDim.x, ... of the list (shared expert first).
 // Programmatic dependent launch (pdl_wait, common.cuh):
-//   gate/up: the shared expert's units read only x and the weights, so they run before the wait and
-//            overlap the router and the permutation; the routed units follow the wait.
+//   gate/up: the shared expert's units read only x and the weights, so they run before the wait,
+//            beside the router, top-k and permutation (those trigger early: common.cuh); the
+//            routed units follow the wait.
 //   down:    the work list (from the permutation, which completed before the gate/up kernel passed
 //            its own wait) is built and each warp's first weight rows are prefetched into L2 before
 //            the wait; the activations are read after it.

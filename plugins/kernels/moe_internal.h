@@ -68,14 +68,21 @@ struct SideLaunch
 };
 
 constexpr int kMaxRouterSplits = 16;
-constexpr int64_t kRouterSplitRows = 4096; // split-K partial rows kept: splits * T <= max(T, this)
+constexpr int64_t kRouterSplitRows = 4096;
 constexpr int kMaxPermuteCtas = 128;
 constexpr int kPermuteSlotsPerCta = 1024;
 
-// Most K splits of the tensor-core router for T tokens (the workspace holds that many partial rows).
+// Rows of fp32 partial router logits the workspace holds for T tokens: 16 splits up to 256 tokens,
+// then 4096 rows, then T. Non-decreasing in T (see workspace_layout).
+inline int64_t router_partial_rows(int64_t T)
+{
+    return std::max<int64_t>(T, std::min<int64_t>(kMaxRouterSplits * T, kRouterSplitRows));
+}
+
+// Most K splits of the tensor-core router for T tokens: splits * T <= router_partial_rows(T).
 inline int router_split_cap(int64_t T)
 {
-    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxRouterSplits, kRouterSplitRows / std::max<int64_t>(T, 1))));
+    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxRouterSplits, router_partial_rows(T) / std::max<int64_t>(T, 1))));
 }
 
 constexpr size_t kSm90ScratchBytes = size_t(4) << 20;
@@ -147,6 +154,10 @@ inline size_t align_up(size_t v, size_t a)
     return (v + a - 1) / a * a;
 }
 
+// Every term is non-decreasing in T (the rest fixed), so the size for a TensorRT profile's largest T
+// covers every smaller T at run time (routedExpertsPlugin sizes once, enqueue recomputes for the
+// actual T): the split-K logits reserve router_partial_rows(T), the shared expert's extra y row
+// blocks min(T, 512) rows each although they are used only up to 512 tokens.
 inline WorkspaceLayout workspace_layout(int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is, size_t elem)
 {
     constexpr size_t kAlign = 256;
@@ -159,7 +170,7 @@ inline WorkspaceLayout workspace_layout(int64_t T, int64_t H, int64_t E, int64_t
         off = align_up(off + bytes, kAlign);
         return at;
     };
-    l.logits = take(sizeof(float) * T * router_split_cap(T) * (E + has_shared));
+    l.logits = take(sizeof(float) * router_partial_rows(T) * (E + has_shared));
     l.topk_ids = take(sizeof(int32_t) * T * k);
     l.topk_weights = take(sizeof(float) * T * k);
     l.shared_gate = take(sizeof(float) * T);
@@ -170,7 +181,7 @@ inline WorkspaceLayout workspace_layout(int64_t T, int64_t H, int64_t E, int64_t
     l.slot_row = take(sizeof(int32_t) * T * k);
     l.cta_count = take(sizeof(int32_t) * kMaxPermuteCtas * E);
     l.act = take(elem * (T * k * I + has_shared * T * Is) * (kHasSm90Gemm ? 2 : 1));
-    l.y = take(elem * (R + has_shared * T * (shared_splits_for(T, Is) - 1)) * H);
+    l.y = take(elem * (R + has_shared * std::min<int64_t>(T, 512) * (shared_splits_for(1, Is) - 1)) * H);
     l.sm90_scratch = take(kHasSm90Gemm ? kSm90ScratchBytes : 0);
     l.total = off;
     return l;
@@ -191,19 +202,10 @@ inline cudaError_t current_device_sms(int* dev, int* sms)
     return err != cudaSuccess ? err : cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, *dev);
 }
 
-// Whether this call may use programmatic dependent launch: QMOE_PDL=1, and the current device is
-// sm_90 or newer (the attribute does nothing useful before Hopper).
-inline bool pdl_enabled()
-{
-    if (!tuning().pdl)
-    {
-        return false;
-    }
-    int dev = 0;
-    int major = 0;
-    return cudaGetDevice(&dev) == cudaSuccess
-        && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
-}
+// Whether this call may use programmatic dependent launch (moe_layer.cu): QMOE_PDL=1, a device of
+// compute capability 9.0+, and kernels compiled for it (a later GPU runs this library's compute_80
+// PTX, where pdl_wait() is empty).
+bool pdl_enabled();
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when pdl is true. Every
 // kernel launched this way must call pdl_wait() before it reads what an earlier kernel wrote.

@@ -6,7 +6,11 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <atomic>
+#include <map>
+#include <memory>
 #include <mutex>
+#include <utility>
 
 namespace qmoe
 {
@@ -58,6 +62,8 @@ cudaError_t launch_combine_t(MoeArgs const& a, cudaStream_t stream)
     int const grid = static_cast<int>(std::min<int64_t>((total + kCombineThreads - 1) / kCombineThreads, 65535));
     return launch_kernel(combine_kernel<T>, dim3(grid), dim3(kCombineThreads), 0, stream, a.pdl != 0, a);
 }
+
+constexpr int kMaxDevices = 64;
 
 bool aligned(void const* p, uintptr_t a)
 {
@@ -219,49 +225,50 @@ cudaError_t launch_prefill(MoeArgs const& a, bool sm90, int dtype, cudaStream_t 
     return launch_experts_prefill(a, dtype, stream);
 }
 
-// QMOE_SHARED_STREAM: one side stream and its fork/join events per device, created on first use
-// outside a stream capture and kept for the process (like a cuBLAS handle). The mutex keeps one
-// layer's fork ... join sequence whole when several host threads enqueue layers on one device.
-constexpr int kMaxDevices = 64;
-
+// QMOE_SHARED_STREAM: one side stream and its fork/join events per (device, main stream), created
+// on the first layer enqueued on that stream outside a stream capture and kept for the process (like
+// a cuBLAS handle). Per main stream: a capture of one stream never pulls in another stream's side
+// work, and layers enqueued concurrently on different streams do not wait on each other. The mutex
+// keeps one layer's fork ... join whole when several host threads share a main stream.
 struct SideStream
 {
     std::mutex mutex;
     cudaStream_t stream = nullptr;
     cudaEvent_t fork = nullptr;
     cudaEvent_t join = nullptr;
-    bool ready = false;
-    bool failed = false;
 };
 
 SideStream* side_stream(cudaStream_t main)
 {
-    static SideStream slots[kMaxDevices];
     static std::mutex create;
+    static std::map<std::pair<int, cudaStream_t>, std::unique_ptr<SideStream>> streams;
     int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices)
+    if (cudaGetDevice(&dev) != cudaSuccess)
     {
         return nullptr;
     }
-    SideStream& s = slots[dev];
     std::lock_guard<std::mutex> const lock(create);
-    if (!s.ready && !s.failed)
+    auto const key = std::make_pair(dev, main);
+    auto const it = streams.find(key);
+    if (it != streams.end())
     {
-        cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-        if (cudaStreamIsCapturing(main, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone)
-        {
-            return nullptr; // not created inside a capture: this layer runs on one stream
-        }
-        s.ready = cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking) == cudaSuccess
-            && cudaEventCreateWithFlags(&s.fork, cudaEventDisableTiming) == cudaSuccess
-            && cudaEventCreateWithFlags(&s.join, cudaEventDisableTiming) == cudaSuccess;
-        s.failed = !s.ready;
-        if (s.failed)
-        {
-            (void) cudaGetLastError(); // the one-stream schedule still works
-        }
+        return it->second.get(); // nullptr: creating it failed before
     }
-    return s.ready ? &s : nullptr;
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(main, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone)
+    {
+        return nullptr; // not created inside a capture: this layer runs on one stream
+    }
+    auto s = std::make_unique<SideStream>();
+    bool const ok = cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking) == cudaSuccess
+        && cudaEventCreateWithFlags(&s->fork, cudaEventDisableTiming) == cudaSuccess
+        && cudaEventCreateWithFlags(&s->join, cudaEventDisableTiming) == cudaSuccess;
+    if (!ok)
+    {
+        (void) cudaGetLastError(); // the one-stream schedule still works
+        s.reset();
+    }
+    return (streams[key] = std::move(s)).get();
 }
 
 cudaError_t launch_shared_gemm1(MoeArgs const& a, int dtype, SideLaunch const& side)
@@ -300,6 +307,32 @@ int32_t status_of(cudaError_t err)
 }
 
 } // namespace
+
+bool pdl_enabled()
+{
+    if (!tuning().pdl)
+    {
+        return false;
+    }
+    static std::atomic<int> known[kMaxDevices] = {}; // 0: not asked yet, 1: yes, 2: no
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices)
+    {
+        return false;
+    }
+    int v = known[dev].load(std::memory_order_relaxed);
+    if (v == 0)
+    {
+        int major = 0;
+        cudaFuncAttributes attr{};
+        bool const ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess
+            && major >= 9 && cudaFuncGetAttributes(&attr, combine_kernel<__nv_bfloat16>) == cudaSuccess
+            && attr.ptxVersion >= 90;
+        v = ok ? 1 : 2;
+        known[dev].store(v, std::memory_order_relaxed);
+    }
+    return v == 1;
+}
 
 Tuning const& tuning()
 {
@@ -351,11 +384,14 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
     }
 
     // QMOE_SHARED_STREAM: fork the shared expert's GEMM 1 (it needs no routing) onto the side stream
-    // before the router; [Experts] joins it before SwiGLU.
+    // before the router; [Experts] joins it before SwiGLU. Once forked, the join is recorded and
+    // waited on whatever fails, so a capture never ends with an unjoined branch and no side work
+    // outlives the call unordered.
     SideStream* const ss
         = !decode && sm90 && a.has_shared && tuning().shared_stream_sms > 0 ? side_stream(stream) : nullptr;
     std::unique_lock<std::mutex> side_lock;
     SideLaunch side{};
+    bool forked = false;
     cudaError_t err = cudaSuccess;
     if (ss != nullptr)
     {
@@ -365,14 +401,16 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
         if (err == cudaSuccess)
         {
             err = cudaStreamWaitEvent(ss->stream, ss->fork, 0);
+            forked = err == cudaSuccess;
         }
         if (err == cudaSuccess)
         {
             err = launch_shared_gemm1(a, p->dtype, side);
         }
-        if (err == cudaSuccess)
+        if (forked)
         {
-            err = cudaEventRecord(ss->join, ss->stream);
+            cudaError_t const joined = cudaEventRecord(ss->join, ss->stream);
+            err = err != cudaSuccess ? err : joined;
         }
     }
     if (err == cudaSuccess)
@@ -386,12 +424,17 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
     if (err == cudaSuccess)
     {
         err = decode ? launch_experts_decode(a, p->dtype, stream)
-                     : launch_prefill(a, sm90, p->dtype, stream, ss != nullptr ? &side : nullptr);
+                     : launch_prefill(a, sm90, p->dtype, stream, forked ? &side : nullptr);
     }
     if (err == cudaSuccess)
     {
         err = p->dtype == QMOE_DTYPE_BF16 ? launch_combine_t<__nv_bfloat16>(a, stream)
                                           : launch_combine_t<__half>(a, stream);
+    }
+    if (forked) // already waited on before SwiGLU when all went well; this covers the error paths
+    {
+        cudaError_t const waited = cudaStreamWaitEvent(stream, ss->join, 0);
+        err = err != cudaSuccess ? err : waited;
     }
     return status_of(err);
 }

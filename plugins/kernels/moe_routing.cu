@@ -230,7 +230,7 @@ __global__ void __launch_bounds__(kRouterThreads) router_topk_kernel(MoeArgs a, 
 {
     int const t = blockIdx.x * kRouterWarps + threadIdx.x / kWarp;
     int const lane = threadIdx.x % kWarp;
-    pdl_enter();
+    pdl_trigger_first();
     if (t >= a.T)
     {
         return;
@@ -369,7 +369,7 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_kernel(MoeArgs a)
     __shared__ int s_cursor[kMaxGroups];
 
     int const slots = a.T * a.k;
-    pdl_enter();
+    pdl_trigger_first();
     for (int g = threadIdx.x; g < a.G; g += kPermuteThreads)
     {
         s_count[g] = (a.has_shared && g == a.E) ? a.T : 0;
@@ -428,7 +428,7 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_count_kernel(MoeArgs 
     __shared__ int s_count[kMaxExperts];
     int const slots = a.T * a.k;
     int const end = permute_begin(slots, blockIdx.x + 1, gridDim.x);
-    pdl_enter();
+    pdl_trigger_first();
     for (int e = threadIdx.x; e < a.E; e += kPermuteThreads)
     {
         s_count[e] = 0;
@@ -452,7 +452,7 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_place_kernel(MoeArgs 
     __shared__ int s_cursor[kMaxGroups];
     int const slots = a.T * a.k;
     int const end = permute_begin(slots, blockIdx.x + 1, gridDim.x);
-    pdl_enter();
+    pdl_trigger_first();
     for (int g = threadIdx.x; g < a.G; g += kPermuteThreads)
     {
         int total = 0;

@@ -86,7 +86,9 @@ typedef struct qmoe_moe_params {
 } qmoe_moe_params;
 
 /* Bytes of workspace qmoe_moe_forward needs for p's sizes (pointers are not read). Grows linearly
- * with T: about T * (k + 1) * (2*H + 2*I) * sizeof(dtype) bytes plus small index arrays.
+ * with T: about T * (k + 1) * (2*H + 2*I) * sizeof(dtype) bytes plus small index arrays, and never
+ * decreases as num_tokens grows (other fields fixed): the size for the largest T covers every
+ * smaller one. Independent of the QMOE_* environment switches.
  * Returns 0 when the sizes are invalid (see qmoe_moe_check). */
 size_t qmoe_moe_workspace_size(const qmoe_moe_params* p);
 

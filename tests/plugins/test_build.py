@@ -191,6 +191,15 @@ def test_launchers_validate_before_touching_the_gpu(kernels_lib: Path) -> None:
     rp = K.RotaryParams(1, 4, 2, 4, 8, 16, K.DTYPE_FP16)  # more kv heads than heads
     assert lib.lib.qmoe_rotary_forward(ctypes.byref(rp), None) == K.ERR_BAD_SHAPE
 
+    # Never smaller for more tokens (a TensorRT engine sizes it once for its profile's largest T and
+    # runs every smaller T in it): every T up to 1100, then around the 4096-row router reserve.
+    for shape in ({}, {"hidden_size": 3584, "num_experts": 64, "top_k": 8, "moe_intermediate_size": 2560,
+                       "shared_intermediate_size": 20480}, {"shared_intermediate_size": 0}):
+        tokens = [*range(1, 1101), *range(3990, 4200), 8192]
+        seq = [size(ctypes.byref(_params(num_tokens=t, **shape))) for t in tokens]
+        drops = [(tokens[i], tokens[i + 1]) for i in range(len(seq) - 1) if seq[i + 1] < seq[i]]
+        assert not drops, f"{shape}: workspace shrinks at {drops[:5]}"
+
     # Workspace grows with the token count and covers the two large per-row buffers.
     sizes = [size(ctypes.byref(_params(num_tokens=t))) for t in (1, 64, 4096)]
     assert sizes == sorted(sizes) and len(set(sizes)) == 3
