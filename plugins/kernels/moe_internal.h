@@ -93,9 +93,11 @@ constexpr int kMaxSharedSplits = 8;
 // path's grouped GEMM (ceil(H/256) output tiles per 64 rows), and with QMOE_DECODE_SPLIT=1 the GEMV
 // decode (its shared units would stream 8x the bytes of a routed one). Each part writes its own T
 // rows of y and [Combine] adds them. The workspace always has room for them.
+constexpr int64_t kSharedSplitMaxTokens = 512;
+
 inline int shared_splits_for(int64_t T, int64_t Is)
 {
-    if (Is > 0 && T <= 512)
+    if (Is > 0 && T <= kSharedSplitMaxTokens)
     {
         for (int s = kMaxSharedSplits; s > 1; s /= 2)
         {
@@ -157,7 +159,7 @@ inline size_t align_up(size_t v, size_t a)
 // Every term is non-decreasing in T (the rest fixed), so the size for a TensorRT profile's largest T
 // covers every smaller T at run time (routedExpertsPlugin sizes once, enqueue recomputes for the
 // actual T): the split-K logits reserve router_partial_rows(T), the shared expert's extra y row
-// blocks min(T, 512) rows each although they are used only up to 512 tokens.
+// blocks min(T, kSharedSplitMaxTokens) rows each although they are used only up to that many tokens.
 inline WorkspaceLayout workspace_layout(int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is, size_t elem)
 {
     constexpr size_t kAlign = 256;
@@ -181,7 +183,7 @@ inline WorkspaceLayout workspace_layout(int64_t T, int64_t H, int64_t E, int64_t
     l.slot_row = take(sizeof(int32_t) * T * k);
     l.cta_count = take(sizeof(int32_t) * kMaxPermuteCtas * E);
     l.act = take(elem * (T * k * I + has_shared * T * Is) * (kHasSm90Gemm ? 2 : 1));
-    l.y = take(elem * (R + has_shared * std::min<int64_t>(T, 512) * (shared_splits_for(1, Is) - 1)) * H);
+    l.y = take(elem * (R + has_shared * std::min(T, kSharedSplitMaxTokens) * (shared_splits_for(1, Is) - 1)) * H);
     l.sm90_scratch = take(kHasSm90Gemm ? kSm90ScratchBytes : 0);
     l.total = off;
     return l;
@@ -248,8 +250,9 @@ cudaError_t persistent_grid(Kernel kernel, int threads, size_t smem, int64_t upp
 }
 
 // Launchers, one per stage; each dispatches on dtype (QMOE_DTYPE_FP16 / BF16) and returns the launch error.
+// last: the top-k kernel ends the sequence (qmoe_moe_route), so it triggers only after its wait.
 cudaError_t launch_router(MoeArgs const& a, int dtype, int32_t* ids, float* weights, float* shared_gate,
-    cudaStream_t stream);
+    bool last, cudaStream_t stream);
 cudaError_t launch_permute(MoeArgs const& a, cudaStream_t stream);
 cudaError_t launch_experts_decode(MoeArgs const& a, int dtype, cudaStream_t stream);
 cudaError_t launch_experts_prefill(MoeArgs const& a, int dtype, cudaStream_t stream);

@@ -266,9 +266,21 @@ SideStream* side_stream(cudaStream_t main)
     if (!ok)
     {
         (void) cudaGetLastError(); // the one-stream schedule still works
+        if (s->join != nullptr)
+        {
+            (void) cudaEventDestroy(s->join);
+        }
+        if (s->fork != nullptr)
+        {
+            (void) cudaEventDestroy(s->fork);
+        }
+        if (s->stream != nullptr)
+        {
+            (void) cudaStreamDestroy(s->stream);
+        }
         s.reset();
     }
-    return (streams[key] = std::move(s)).get();
+    return (streams[key] = std::move(s)).get(); // kept for the process: one entry per stream ever used
 }
 
 cudaError_t launch_shared_gemm1(MoeArgs const& a, int dtype, SideLaunch const& side)
@@ -328,6 +340,10 @@ bool pdl_enabled()
         bool const ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess
             && major >= 9 && cudaFuncGetAttributes(&attr, combine_kernel<__nv_bfloat16>) == cudaSuccess
             && attr.ptxVersion >= 90;
+        if (!ok)
+        {
+            (void) cudaGetLastError(); // a failed query must not surface as a later launch's error
+        }
         v = ok ? 1 : 2;
         known[dev].store(v, std::memory_order_relaxed);
     }
@@ -392,6 +408,7 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
     std::unique_lock<std::mutex> side_lock;
     SideLaunch side{};
     bool forked = false;
+    bool joined = false;
     cudaError_t err = cudaSuccess;
     if (ss != nullptr)
     {
@@ -409,13 +426,14 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
         }
         if (forked)
         {
-            cudaError_t const joined = cudaEventRecord(ss->join, ss->stream);
-            err = err != cudaSuccess ? err : joined;
+            cudaError_t const recorded = cudaEventRecord(ss->join, ss->stream);
+            joined = recorded == cudaSuccess;
+            err = err != cudaSuccess ? err : recorded;
         }
     }
     if (err == cudaSuccess)
     {
-        err = launch_router(a, p->dtype, a.topk_ids, a.topk_weights, a.shared_gate, stream);
+        err = launch_router(a, p->dtype, a.topk_ids, a.topk_weights, a.shared_gate, false, stream);
     }
     if (err == cudaSuccess)
     {
@@ -431,10 +449,19 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
         err = p->dtype == QMOE_DTYPE_BF16 ? launch_combine_t<__nv_bfloat16>(a, stream)
                                           : launch_combine_t<__half>(a, stream);
     }
-    if (forked) // already waited on before SwiGLU when all went well; this covers the error paths
+    // On success [Experts] waited on the join before SwiGLU. On an error path: join here, or, if the
+    // join could not even be recorded, wait for the side stream from the host (outside a capture).
+    if (forked && err != cudaSuccess)
     {
-        cudaError_t const waited = cudaStreamWaitEvent(stream, ss->join, 0);
-        err = err != cudaSuccess ? err : waited;
+        cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+        if (joined)
+        {
+            (void) cudaStreamWaitEvent(stream, ss->join, 0);
+        }
+        else if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture == cudaStreamCaptureStatusNone)
+        {
+            (void) cudaStreamSynchronize(ss->stream);
+        }
     }
     return status_of(err);
 }
@@ -452,7 +479,7 @@ extern "C" int32_t qmoe_moe_route(
         return QMOE_ERR_NULL_POINTER;
     }
     MoeArgs const a = make_args(p);
-    return status_of(launch_router(a, p->dtype, topk_ids, topk_weights, shared_gate, stream));
+    return status_of(launch_router(a, p->dtype, topk_ids, topk_weights, shared_gate, true, stream));
 }
 
 extern "C" char const* qmoe_status_string(int32_t status)

@@ -24,6 +24,7 @@ struct RouterOut
     int32_t* ids;       // [T, k]
     float* weights;     // [T, k]
     float* shared_gate; // [T] or nullptr
+    int trigger_first;  // the permutation follows (pdl_trigger_first); 0: the caller's kernels do (pdl_enter)
 };
 
 // Logits of kTok tokens x (kRouterWarps * kRows) weight rows per CTA (grid: token blocks x row
@@ -230,7 +231,14 @@ __global__ void __launch_bounds__(kRouterThreads) router_topk_kernel(MoeArgs a, 
 {
     int const t = blockIdx.x * kRouterWarps + threadIdx.x / kWarp;
     int const lane = threadIdx.x % kWarp;
-    pdl_trigger_first();
+    if (o.trigger_first)
+    {
+        pdl_trigger_first();
+    }
+    else
+    {
+        pdl_enter();
+    }
     if (t >= a.T)
     {
         return;
@@ -574,9 +582,9 @@ cudaError_t launch_router_t(MoeArgs a, RouterOut o, cudaStream_t stream)
 } // namespace
 
 cudaError_t launch_router(MoeArgs const& a, int dtype, int32_t* ids, float* weights, float* shared_gate,
-    cudaStream_t stream)
+    bool last, cudaStream_t stream)
 {
-    RouterOut const o{ids, weights, shared_gate};
+    RouterOut const o{ids, weights, shared_gate, last ? 0 : 1};
     return dtype == QMOE_DTYPE_BF16 ? launch_router_t<__nv_bfloat16>(a, o, stream)
                                     : launch_router_t<__half>(a, o, stream);
 }
