@@ -34,10 +34,12 @@ constexpr bool kHasSm90Gemm = true;
 #else
 constexpr bool kHasSm90Gemm = false;
 #endif
+
 // Experimental schedule switches, read once per process from the environment (TensorRT-LLM does the
 // same with TRTLLM_ENABLE_PDL). They choose kernels, never the workspace size: an engine built under
 // one setting runs under any other.
-//   QMOE_PDL=1           programmatic dependent launch between the layer's kernels (sm_90+; pdl_wait)
+//   QMOE_PDL=1           programmatic dependent launch between the layer's kernels (pdl_enabled();
+//                        rules in common.cuh)
 //   QMOE_ROUTER_TC=1     router logits on tensor cores (split-K WMMA) instead of CUDA cores
 //   QMOE_PERMUTE_CTAS=n  the permutation on up to n CTAs (count + place kernels) above
 //                        kPermuteSlotsPerCta routed slots; 1 = one CTA for every size
@@ -45,8 +47,8 @@ constexpr bool kHasSm90Gemm = false;
 //                        K-slices, so its work units are as long as a routed expert's
 //   QMOE_SHARED_STREAM=n Hopper prefill path: the shared expert's GEMM 1 runs on a side stream on
 //                        all SMs but n, beside the router, permutation and gather (0 = off)
-// Defaults off / off / 1: the schedule measured on the H100 (plugins/results/NOTES.md) until the
-// switches are measured too.
+// Defaults: all off (the schedule measured on the H100, plugins/results/NOTES.md) until the
+// switches are measured too (scripts/gpu_session.sh).
 struct Tuning
 {
     bool pdl;
