@@ -146,16 +146,18 @@ def write_json(args: argparse.Namespace, device: str, torch_version: str, shape:
     os.replace(tmp.name, args.out)
 
 
-def main() -> int:
-    args = parse_args()
+def load_layer(prog: str):
+    """(torch, the ctypes kernels module, the reference module, the loaded library, Qwen2-57B-A14B
+    layer weights in bf16 on the GPU, seed 0), or None after saying on stderr why not (no torch, no
+    GPU). Shared with scripts/profile_moe_gpu.py."""
     try:
         import torch
     except ImportError:
-        print("bench_moe_gpu: torch is not installed; nothing measured", file=sys.stderr)
-        return 2
+        print(f"{prog}: torch is not installed; nothing measured", file=sys.stderr)
+        return None
     if not torch.cuda.is_available():
-        print("bench_moe_gpu: no CUDA GPU visible; nothing measured", file=sys.stderr)
-        return 2
+        print(f"{prog}: no CUDA GPU visible; nothing measured", file=sys.stderr)
+        return None
     sys.path.insert(0, str(ROOT))
     from tests.plugins import kernels as K
     from tests.plugins import moe_reference as ref
@@ -163,9 +165,18 @@ def main() -> int:
     lib = K.load()
     features = [name for bit, name in FEATURES.items() if lib.features() & bit]
     print(f"qmoe kernels: {K.OVERRIDE_LIB or K.LIB_PATH}, features: {', '.join(features) or 'none'}")
-    shape = ref.QWEN2_57B
     torch.manual_seed(0)
-    w = ref.make_weights_on_device(shape, torch.bfloat16, "cuda")
+    w = ref.make_weights_on_device(ref.QWEN2_57B, torch.bfloat16, "cuda")
+    return torch, K, ref, lib, w, features
+
+
+def main() -> int:
+    args = parse_args()
+    loaded = load_layer("bench_moe_gpu")
+    if loaded is None:
+        return 2
+    torch, K, ref, lib, w, features = loaded
+    shape = ref.QWEN2_57B
     block = None
     if not args.no_transformers:
         try:

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_moe_gpu import load_layer  # this folder is on sys.path when the script runs
 
 
 def main() -> int:
@@ -23,22 +22,11 @@ def main() -> int:
     ap.add_argument("--warm", type=int, default=3, help="unprofiled calls first")
     ap.add_argument("--routed-only", action="store_true", help="drop the shared expert")
     args = ap.parse_args()
-    try:
-        import torch
-    except ImportError:
-        print("profile_moe_gpu: torch is not installed", file=sys.stderr)
+    loaded = load_layer("profile_moe_gpu")
+    if loaded is None:
         return 2
-    if not torch.cuda.is_available():
-        print("profile_moe_gpu: no CUDA GPU visible", file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(ROOT))
-    from tests.plugins import kernels as K
-    from tests.plugins import moe_reference as ref
-
-    lib = K.load()
+    torch, _, ref, lib, w, _ = loaded
     shape = ref.QWEN2_57B
-    torch.manual_seed(0)
-    w = ref.make_weights_on_device(shape, torch.bfloat16, "cuda")
     if args.routed_only:
         w = {k: v for k, v in w.items() if not k.startswith("shared")}
     x = ref.make_hidden(args.tokens, shape.hidden, torch.bfloat16, "cuda", seed=args.tokens)

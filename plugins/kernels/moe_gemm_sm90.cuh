@@ -174,6 +174,27 @@ __device__ __forceinline__ cute::Stride<int64_t, cute::Int<1>, cute::Int<0>> lea
     return cute::make_stride(static_cast<int64_t>(ld), cute::Int<1>{}, cute::Int<0>{});
 }
 
+// GEMM 1 entry i: group g's gate/up, rows [row0, row0 + rows) of the permutation. Routed groups read
+// their gathered rows of xg; the shared group (rows T from T*k) reads x itself. Output: act rows
+// from row0, pitch 2N.
+template <typename T>
+__device__ void set_gemm1_entry(MoeArgs const& a, T const* xg, GemmArrays<T> const& g1, int i, int g, int rows,
+    int64_t row0)
+{
+    using E = typename CutlassType<T>::type;
+    bool const routed = g < a.E;
+    int const n = routed ? a.I : a.Is;
+    g1.shapes[i] = cute::make_shape(rows, 2 * n, a.H);
+    g1.a[i] = reinterpret_cast<E const*>(routed ? xg + row0 * a.H : static_cast<T const*>(a.x));
+    g1.b[i] = reinterpret_cast<E const*>(routed
+            ? static_cast<T const*>(a.gate_up_w) + static_cast<int64_t>(g) * 2 * a.I * a.H
+            : static_cast<T const*>(a.shared_gate_up_w));
+    g1.d[i] = reinterpret_cast<E*>(static_cast<T*>(a.act) + row0 * 2 * a.I); // shared: row0 = T*k
+    g1.sa[i] = lead(a.H);
+    g1.sb[i] = lead(a.H);
+    g1.sd[i] = lead(2 * n);
+}
+
 // Problem shapes, operand pointers and strides of both GEMMs, one thread per entry. Entry order is
 // the tile scheduler's order, so the shared expert (the largest group) comes first and never forms
 // the tail. GEMM 1 entries: shared, then routed experts 0..E-1 (G entries). GEMM 2 entries: the
@@ -193,18 +214,7 @@ __global__ void setup_kernel(MoeArgs a, T const* xg, GemmArrays<T> g1, GemmArray
         if (i < a.G)
         {
             int const g = sched_group(i, a.G, a.has_shared);
-            bool const routed = g < a.E;
-            int64_t const row0 = a.group_offset[g];
-            int const n = routed ? a.I : a.Is;
-            g1.shapes[i] = cute::make_shape(a.group_count[g], 2 * n, a.H);
-            g1.a[i] = reinterpret_cast<E const*>(routed ? xg + row0 * a.H : static_cast<T const*>(a.x));
-            g1.b[i] = reinterpret_cast<E const*>(routed
-                    ? static_cast<T const*>(a.gate_up_w) + static_cast<int64_t>(g) * 2 * a.I * a.H
-                    : static_cast<T const*>(a.shared_gate_up_w));
-            g1.d[i] = reinterpret_cast<E*>(routed ? static_cast<T*>(a.act) + row0 * 2 * a.I : gu_shared);
-            g1.sa[i] = lead(a.H);
-            g1.sb[i] = lead(a.H);
-            g1.sd[i] = lead(2 * n);
+            set_gemm1_entry(a, xg, g1, i, g, a.group_count[g], a.group_offset[g]);
         }
         if (i < G2)
         {
@@ -234,22 +244,15 @@ __global__ void setup_kernel(MoeArgs a, T const* xg, GemmArrays<T> g1, GemmArray
     }
 }
 
-// QMOE_SHARED_STREAM: the one entry of the side stream's GEMM 1 (the shared expert's gate/up, the same
-// values as setup_kernel's entry 0). Needs nothing from the routing, so it runs beside it.
+// QMOE_SHARED_STREAM: the one entry of the side stream's GEMM 1 (the shared expert's gate/up, as
+// setup_kernel's entry 0), from sizes alone: it needs nothing from the routing, so it runs beside it.
 template <typename T>
 __global__ void setup_shared_kernel(MoeArgs a, GemmArrays<T> gs)
 {
-    using E = typename CutlassType<T>::type;
     pdl_enter();
     if (blockIdx.x == 0 && threadIdx.x == 0)
     {
-        gs.shapes[0] = cute::make_shape(a.T, 2 * a.Is, a.H);
-        gs.a[0] = reinterpret_cast<E const*>(a.x);
-        gs.b[0] = reinterpret_cast<E const*>(a.shared_gate_up_w);
-        gs.d[0] = reinterpret_cast<E*>(static_cast<T*>(a.act) + static_cast<int64_t>(a.T) * a.k * 2 * a.I);
-        gs.sa[0] = lead(a.H);
-        gs.sb[0] = lead(a.H);
-        gs.sd[0] = lead(2 * a.Is);
+        set_gemm1_entry<T>(a, nullptr, gs, 0, a.E, a.T, static_cast<int64_t>(a.T) * a.k);
     }
 }
 
@@ -417,6 +420,7 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream, SideLaunch cons
     // Our kernels may start early (pdl_wait, common.cuh); the CUTLASS GEMMs wait for full completion
     // of the kernel before them (no PDL attribute: their kernels have no griddepcontrol.wait).
     bool const pdl = a.pdl != 0;
+    bool const small = use_small_tiles(a);
     int64_t const gather_total = static_cast<int64_t>(a.T) * a.k * (a.H / 8);
     dim3 const gather_grid(static_cast<unsigned>(std::min<int64_t>((gather_total + 255) / 256, 8192)));
     cudaError_t err = launch_kernel(gather_kernel<T>, gather_grid, dim3(256), 0, stream, pdl, a, xg);
@@ -428,8 +432,8 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream, SideLaunch cons
     {
         // With the side stream, entry 0 (the shared expert, first in schedule order) is its GEMM's.
         bool const split = side != nullptr && a.has_shared;
-        err = split ? run_grouped_for<T>(use_small_tiles(a), a.E, without_first(s.g1), s.ws[0], s.ws_bytes, stream)
-                    : run_grouped_for<T>(use_small_tiles(a), a.G, s.g1, s.ws[0], s.ws_bytes, stream);
+        err = split ? run_grouped_for<T>(small, a.E, without_first(s.g1), s.ws[0], s.ws_bytes, stream)
+                    : run_grouped_for<T>(small, a.G, s.g1, s.ws[0], s.ws_bytes, stream);
         if (err == cudaSuccess && split)
         {
             err = cudaStreamWaitEvent(stream, side->join, 0);
@@ -443,7 +447,7 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream, SideLaunch cons
     }
     if (err == cudaSuccess)
     {
-        err = run_grouped_for<T>(use_small_tiles(a), G2, s.g2, s.ws[0], s.ws_bytes, stream);
+        err = run_grouped_for<T>(small, G2, s.g2, s.ws[0], s.ws_bytes, stream);
     }
     return err;
 }

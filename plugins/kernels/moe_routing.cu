@@ -367,9 +367,56 @@ __device__ void warp_exclusive_scan(int const* v, int* out, int n, int lane)
     }
 }
 
-// Single CTA: counts per group, offsets, and the permuted rows. Row order inside a group follows
-// shared-memory atomics (not deterministic), which does not change any result: every row is computed
-// independently and the combine sums each token's k rows in choice order.
+// The common end of both permutations, once s_count holds every group's rows (all CTAs) and s_cursor
+// the rows of each group owned by earlier CTAs: offsets (a scan), the group arrays (CTA 0), this
+// CTA's slots [begin, end) placed after the cursors, and the shared rows (grid-stride over CTAs).
+// Row order inside a group follows shared-memory atomics (not deterministic), which does not change
+// any result: every row is computed independently and the combine sums each token's k rows in
+// choice order.
+__device__ void place_slots(MoeArgs const& a, int const* s_count, int* s_offset, int* s_cursor, int begin, int end)
+{
+    __syncthreads();
+    if (threadIdx.x < kWarp)
+    {
+        warp_exclusive_scan(s_count, s_offset, a.G, threadIdx.x);
+    }
+    __syncthreads();
+    for (int g = threadIdx.x; g <= a.G; g += kPermuteThreads)
+    {
+        if (blockIdx.x == 0)
+        {
+            a.group_offset[g] = s_offset[g];
+        }
+        if (g < a.G)
+        {
+            if (blockIdx.x == 0)
+            {
+                a.group_count[g] = s_count[g];
+            }
+            s_cursor[g] += s_offset[g];
+        }
+    }
+    __syncthreads();
+    for (int s = begin + threadIdx.x; s < end; s += kPermuteThreads)
+    {
+        int const e = min(max(a.topk_ids[s], 0), a.E - 1); // ids come from the router; clamp for memory safety
+        int const row = atomicAdd(&s_cursor[e], 1);
+        a.row_token[row] = s / a.k;
+        a.row_weight[row] = a.topk_weights[s];
+        a.slot_row[s] = row;
+    }
+    if (a.has_shared)
+    {
+        int const slots = a.T * a.k;
+        for (int t = blockIdx.x * kPermuteThreads + threadIdx.x; t < a.T; t += gridDim.x * kPermuteThreads)
+        {
+            a.row_token[slots + t] = t;
+            a.row_weight[slots + t] = a.shared_gate[t];
+        }
+    }
+}
+
+// Single CTA: counts per group, then place_slots for every slot.
 __global__ void __launch_bounds__(kPermuteThreads) permute_kernel(MoeArgs a)
 {
     __shared__ int s_count[kMaxGroups];
@@ -381,51 +428,20 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_kernel(MoeArgs a)
     for (int g = threadIdx.x; g < a.G; g += kPermuteThreads)
     {
         s_count[g] = (a.has_shared && g == a.E) ? a.T : 0;
+        s_cursor[g] = 0;
     }
     __syncthreads();
     for (int s = threadIdx.x; s < slots; s += kPermuteThreads)
     {
-        int const e = min(max(a.topk_ids[s], 0), a.E - 1); // ids come from the router; clamp for memory safety
-        atomicAdd(&s_count[e], 1);
+        atomicAdd(&s_count[min(max(a.topk_ids[s], 0), a.E - 1)], 1);
     }
-    __syncthreads();
-    if (threadIdx.x < kWarp)
-    {
-        warp_exclusive_scan(s_count, s_offset, a.G, threadIdx.x);
-    }
-    __syncthreads();
-    for (int g = threadIdx.x; g <= a.G; g += kPermuteThreads)
-    {
-        a.group_offset[g] = s_offset[g];
-        if (g < a.G)
-        {
-            a.group_count[g] = s_count[g];
-            s_cursor[g] = s_offset[g];
-        }
-    }
-    __syncthreads();
-    for (int s = threadIdx.x; s < slots; s += kPermuteThreads)
-    {
-        int const e = min(max(a.topk_ids[s], 0), a.E - 1);
-        int const row = atomicAdd(&s_cursor[e], 1);
-        a.row_token[row] = s / a.k;
-        a.row_weight[row] = a.topk_weights[s];
-        a.slot_row[s] = row;
-    }
-    if (a.has_shared)
-    {
-        for (int t = threadIdx.x; t < a.T; t += kPermuteThreads)
-        {
-            a.row_token[slots + t] = t;
-            a.row_weight[slots + t] = a.shared_gate[t];
-        }
-    }
+    place_slots(a, s_count, s_offset, s_cursor, 0, slots);
 }
 
 // Several CTAs (QMOE_PERMUTE_CTAS > 1, many slots): CTA b owns the contiguous slot range
 // [slots*b/n, slots*(b+1)/n). permute_count_kernel writes each CTA's routed rows per expert;
-// permute_place_kernel (same grid) adds them up in every CTA -- group sizes, offsets, and the rows of
-// earlier CTAs in each group -- and places its own slots after those. CTA 0 writes the group arrays.
+// permute_place_kernel (same grid) adds them up in every CTA -- group sizes and the rows of earlier
+// CTAs in each group -- and place_slots does the rest.
 __device__ __forceinline__ int permute_begin(int slots, int b, int n)
 {
     return static_cast<int>(static_cast<int64_t>(slots) * b / n);
@@ -459,7 +475,6 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_place_kernel(MoeArgs 
     __shared__ int s_offset[kMaxGroups + 1];
     __shared__ int s_cursor[kMaxGroups];
     int const slots = a.T * a.k;
-    int const end = permute_begin(slots, blockIdx.x + 1, gridDim.x);
     pdl_trigger_first();
     for (int g = threadIdx.x; g < a.G; g += kPermuteThreads)
     {
@@ -481,44 +496,8 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_place_kernel(MoeArgs 
         s_count[g] = total;
         s_cursor[g] = before;
     }
-    __syncthreads();
-    if (threadIdx.x < kWarp)
-    {
-        warp_exclusive_scan(s_count, s_offset, a.G, threadIdx.x);
-    }
-    __syncthreads();
-    for (int g = threadIdx.x; g <= a.G; g += kPermuteThreads)
-    {
-        if (blockIdx.x == 0)
-        {
-            a.group_offset[g] = s_offset[g];
-        }
-        if (g < a.G)
-        {
-            if (blockIdx.x == 0)
-            {
-                a.group_count[g] = s_count[g];
-            }
-            s_cursor[g] += s_offset[g];
-        }
-    }
-    __syncthreads();
-    for (int s = permute_begin(slots, blockIdx.x, gridDim.x) + threadIdx.x; s < end; s += kPermuteThreads)
-    {
-        int const e = min(max(a.topk_ids[s], 0), a.E - 1);
-        int const row = atomicAdd(&s_cursor[e], 1);
-        a.row_token[row] = s / a.k;
-        a.row_weight[row] = a.topk_weights[s];
-        a.slot_row[s] = row;
-    }
-    if (a.has_shared)
-    {
-        for (int t = blockIdx.x * kPermuteThreads + threadIdx.x; t < a.T; t += gridDim.x * kPermuteThreads)
-        {
-            a.row_token[slots + t] = t;
-            a.row_weight[slots + t] = a.shared_gate[t];
-        }
-    }
+    place_slots(a, s_count, s_offset, s_cursor, permute_begin(slots, blockIdx.x, gridDim.x),
+        permute_begin(slots, blockIdx.x + 1, gridDim.x));
 }
 
 template <typename T, int kTok, int kRows>
