@@ -22,7 +22,7 @@ cd "$root"
 carry=$root/build/carry
 lib=$carry/libqmoe_kernels.so
 py=${PYTHON:-python3}
-switches=(QMOE_PDL=1 QMOE_ROUTER_TC=1 QMOE_PERMUTE_CTAS=64 QMOE_SHARED_STREAM=8 QMOE_DECODE_SPLIT=1)
+switches=(QMOE_PDL=1 QMOE_ROUTER_TC=1 QMOE_PERMUTE_CTAS=64 QMOE_SHARED_STREAM=8 QMOE_DECODE_SPLIT=1 QMOE_DECODE_MMA=64)
 # Hopper small-tile shapes (memory-bound 8-512 tokens): deeper K boxes read 256-byte weight-row segments.
 TILE_VARIANTS=("k128:-DQMOE_SM90_SMALL_TILE_K=128" "n128k128:-DQMOE_SM90_SMALL_TILE_N=128 -DQMOE_SM90_SMALL_TILE_K=128")
 mode=${1:-}
@@ -50,7 +50,7 @@ out=${OUT:?gpu_session: set OUT, the folder that comes back}
 work=$(mktemp -d)
 mkdir -p "$out"
 cp "$carry/SOURCE" "$work/" 2>/dev/null
-unset QMOE_PDL QMOE_ROUTER_TC QMOE_PERMUTE_CTAS QMOE_SHARED_STREAM QMOE_DECODE_SPLIT
+unset QMOE_PDL QMOE_ROUTER_TC QMOE_PERMUTE_CTAS QMOE_SHARED_STREAM QMOE_DECODE_SPLIT QMOE_DECODE_MMA
 status=0
 : >"$work/summary.txt"
 note() { echo "$*" | tee -a "$work/summary.txt"; }

@@ -47,6 +47,9 @@ constexpr bool kHasSm90Gemm = false;
 //                        K-slices, so its work units are as long as a routed expert's
 //   QMOE_SHARED_STREAM=n Hopper prefill path: the shared expert's GEMM 1 runs on a side stream on
 //                        all SMs but n, beside the router, permutation and gather (0 = off)
+//   QMOE_DECODE_MMA=n    decode path with tensor-core inner products (moe_gemv.cu, MMA), taken by
+//                        AUTO up to n tokens (unless the call sets decode_max_tokens); its shared
+//                        expert's down projection in shared_splits_for() K-slices (0 = off)
 // Defaults: all off (the schedule measured on the H100, plugins/results/NOTES.md) until the
 // switches are measured too (scripts/gpu_session.sh).
 struct Tuning
@@ -56,9 +59,11 @@ struct Tuning
     int permute_ctas;
     bool decode_split;
     int shared_stream_sms; // SMs left to the routing chain while the side stream's GEMM runs; 0 = off
+    int decode_mma_tokens; // AUTO's decode threshold with the MMA decode path; 0 = off (FMA decode)
 };
 Tuning const& tuning();
 constexpr int kMaxSharedStreamSms = 64;
+constexpr int kMaxDecodeMmaTokens = 512;
 
 // QMOE_SHARED_STREAM: where the shared expert's GEMM 1 was launched, the event [Experts] waits on
 // before SwiGLU, and how many SMs that GEMM leaves free.
@@ -92,8 +97,8 @@ constexpr int kMaxSharedSplits = 8;
 
 // The shared expert's down projection (K = Is, e.g. 20480) splits along K into this many parts when
 // T is small, so that its few long work items do not form the tail of a persistent grid: the sm90
-// path's grouped GEMM (ceil(H/256) output tiles per 64 rows), and with QMOE_DECODE_SPLIT=1 the GEMV
-// decode (its shared units would stream 8x the bytes of a routed one). Each part writes its own T
+// path's grouped GEMM (ceil(H/256) output tiles per 64 rows), and with QMOE_DECODE_SPLIT=1 or
+// QMOE_DECODE_MMA the GEMV decode (its shared units would stream 8x the bytes of a routed one). Each part writes its own T
 // rows of y and [Combine] adds them. The workspace always has room for them.
 constexpr int64_t kSharedSplitMaxTokens = 512;
 
@@ -256,7 +261,8 @@ cudaError_t persistent_grid(Kernel kernel, int threads, size_t smem, int64_t upp
 cudaError_t launch_router(MoeArgs const& a, int dtype, int32_t* ids, float* weights, float* shared_gate,
     bool last, cudaStream_t stream);
 cudaError_t launch_permute(MoeArgs const& a, cudaStream_t stream);
-cudaError_t launch_experts_decode(MoeArgs const& a, int dtype, cudaStream_t stream);
+// mma: tensor-core inner products (QMOE_DECODE_MMA; compute capability 8.0+), else CUDA-core FMA.
+cudaError_t launch_experts_decode(MoeArgs const& a, int dtype, bool mma, cudaStream_t stream);
 cudaError_t launch_experts_prefill(MoeArgs const& a, int dtype, cudaStream_t stream);
 cudaError_t launch_combine(MoeArgs const& a, int dtype, cudaStream_t stream);
 #ifdef QMOE_HAS_SM90_GEMM

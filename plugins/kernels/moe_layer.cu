@@ -200,6 +200,21 @@ MoeArgs make_args(qmoe_moe_params const* p)
     return a;
 }
 
+// Compute capability major of the current device; 0 if it cannot be asked (the query's error is
+// cleared so that it does not surface as a later launch's).
+int device_major()
+{
+    int dev = 0;
+    int major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess
+        || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    {
+        (void) cudaGetLastError();
+        return 0;
+    }
+    return major;
+}
+
 // Prefill: CUTLASS wgmma grouped GEMMs on Hopper when built with them, else the portable WMMA path.
 bool use_sm90(int path)
 {
@@ -354,7 +369,7 @@ Tuning const& tuning()
 {
     static Tuning const t{env_flag("QMOE_PDL"), env_flag("QMOE_ROUTER_TC"),
         env_int("QMOE_PERMUTE_CTAS", 1, 1, kMaxPermuteCtas), env_flag("QMOE_DECODE_SPLIT"),
-        env_int("QMOE_SHARED_STREAM", 0, 0, kMaxSharedStreamSms)};
+        env_int("QMOE_SHARED_STREAM", 0, 0, kMaxSharedStreamSms), env_int("QMOE_DECODE_MMA", 0, 0, kMaxDecodeMmaTokens)};
     return t;
 }
 
@@ -391,10 +406,13 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
     bool const sm90 = use_sm90(p->path);
     // Decode (GEMV) up to a few tokens; above, the grouped GEMMs. Hopper's wgmma path already beats
     // the GEMV at 8 tokens (H100, 57B dims: 1.01 vs 1.11 ms), the portable WMMA path does not.
+    // QMOE_DECODE_MMA=n: the tensor-core decode path, taken up to n tokens.
+    bool const mma = tuning().decode_mma_tokens > 0 && device_major() >= 8;
     int const threshold = p->decode_max_tokens > 0 ? p->decode_max_tokens
+        : mma                                      ? tuning().decode_mma_tokens
                                                    : (sm90 ? kDefaultDecodeMaxTokensSm90 : kDefaultDecodeMaxTokens);
     bool const decode = p->path == QMOE_PATH_DECODE || (p->path == QMOE_PATH_AUTO && a.T <= threshold);
-    if ((!decode && sm90) || (decode && tuning().decode_split))
+    if ((!decode && sm90) || (decode && (tuning().decode_split || mma)))
     {
         a.shared_splits = shared_splits_for(a.T, a.Is);
     }
@@ -441,7 +459,7 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
     }
     if (err == cudaSuccess)
     {
-        err = decode ? launch_experts_decode(a, p->dtype, stream)
+        err = decode ? launch_experts_decode(a, p->dtype, mma, stream)
                      : launch_prefill(a, sm90, p->dtype, stream, forked ? &side : nullptr);
     }
     if (err == cudaSuccess)
@@ -502,7 +520,8 @@ extern "C" int32_t qmoe_kernels_features(void)
     Tuning const& t = tuning();
     return (kHasSm90Gemm ? QMOE_FEATURE_SM90_GEMM : 0) | (t.pdl ? QMOE_FEATURE_PDL : 0)
         | (t.router_tc ? QMOE_FEATURE_ROUTER_TC : 0) | (t.permute_ctas > 1 ? QMOE_FEATURE_PERMUTE_MULTI : 0)
-        | (t.shared_stream_sms > 0 ? QMOE_FEATURE_SHARED_STREAM : 0) | (t.decode_split ? QMOE_FEATURE_DECODE_SPLIT : 0);
+        | (t.shared_stream_sms > 0 ? QMOE_FEATURE_SHARED_STREAM : 0) | (t.decode_split ? QMOE_FEATURE_DECODE_SPLIT : 0)
+        | (t.decode_mma_tokens > 0 ? QMOE_FEATURE_DECODE_MMA : 0);
 }
 
 extern "C" int32_t qmoe_kernels_abi_version(void)

@@ -46,6 +46,7 @@ FEATURE_ROUTER_TC = 4
 FEATURE_PERMUTE_MULTI = 8
 FEATURE_SHARED_STREAM = 16
 FEATURE_DECODE_SPLIT = 32
+FEATURE_DECODE_MMA = 64
 
 
 class MoeParams(ctypes.Structure):
@@ -123,6 +124,7 @@ class Kernels:
     """The C functions of one loaded library, with argument types declared."""
 
     def __init__(self, path: Path) -> None:
+        self.path = Path(path)
         lib = ctypes.CDLL(str(path))
         P = ctypes.POINTER
         lib.qmoe_moe_workspace_size.argtypes = [P(MoeParams)]

@@ -116,9 +116,9 @@ def test_kernels_report_the_cutlass_path(kernels_lib: Path) -> None:
 
 
 EXPERIMENTAL = {"QMOE_PDL": "1", "QMOE_ROUTER_TC": "1", "QMOE_PERMUTE_CTAS": "64", "QMOE_SHARED_STREAM": "8",
-                "QMOE_DECODE_SPLIT": "1"}
+                "QMOE_DECODE_SPLIT": "1", "QMOE_DECODE_MMA": "64"}
 SWITCH_BITS = (K.FEATURE_PDL | K.FEATURE_ROUTER_TC | K.FEATURE_PERMUTE_MULTI | K.FEATURE_SHARED_STREAM
-               | K.FEATURE_DECODE_SPLIT)
+               | K.FEATURE_DECODE_SPLIT | K.FEATURE_DECODE_MMA)
 
 
 def _probe(lib: Path, env: dict[str, str]) -> tuple[int, list[int]]:
@@ -148,7 +148,8 @@ def test_experimental_switches_follow_the_environment_not_the_workspace(kernels_
     assert on_sizes == off_sizes
     # "0", junk and a single CTA all mean off.
     junk_features, _ = _probe(kernels_lib, {"QMOE_PDL": "0", "QMOE_ROUTER_TC": "", "QMOE_PERMUTE_CTAS": "lots",
-                                            "QMOE_SHARED_STREAM": "0", "QMOE_DECODE_SPLIT": "0"})
+                                            "QMOE_SHARED_STREAM": "0", "QMOE_DECODE_SPLIT": "0",
+                                            "QMOE_DECODE_MMA": "none"})
     assert junk_features & SWITCH_BITS == 0
     assert _probe(kernels_lib, {"QMOE_PERMUTE_CTAS": "1"})[0] & K.FEATURE_PERMUTE_MULTI == 0
 

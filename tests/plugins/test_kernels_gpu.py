@@ -13,6 +13,11 @@ torch.topk and the kernel) are left out; the experts are tested with the kernel'
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -29,6 +34,7 @@ TOKENS = [1, 3, 64, 257, 4096]
 SHAPES = {"e64_top8": ref.E64_TOP8, "odd_small": ref.ODD_SMALL}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+ROOT = Path(__file__).resolve().parents[2]
 PATHS = {"decode": K.PATH_DECODE, "prefill": K.PATH_PREFILL, "wmma": K.PATH_PREFILL_WMMA}
 
 
@@ -109,13 +115,20 @@ def test_forward(lib: K.Kernels, shape: ref.MoeShape, tokens: int, dtype: torch.
     assert torch.equal(out, again), "forward is not deterministic"
 
 
+def _auto_decode_max_tokens(lib: K.Kernels) -> int:
+    """Where AUTO switches from the decode path to the prefill path (for these token counts)."""
+    if lib.features() & K.FEATURE_DECODE_MMA:  # QMOE_DECODE_MMA=n: decode up to n tokens
+        return min(512, int(os.environ["QMOE_DECODE_MMA"]))
+    return 8  # 4 on Hopper: the same for 1, 64 and 257 tokens
+
+
 @pytest.mark.parametrize("tokens", [1, 64, 257])
 def test_paths_agree_and_auto(lib: K.Kernels, tokens: int) -> None:
     shape, dtype = ref.E64_TOP8, torch.bfloat16
     w, x = _case(shape, tokens, dtype, skew=False)
     outs = {name: lib.moe_forward(x, w, shape.top_k, False, path=p) for name, p in PATHS.items()}
     auto = lib.moe_forward(x, w, shape.top_k, False)
-    assert torch.equal(auto, outs["decode" if tokens <= 8 else "prefill"])
+    assert torch.equal(auto, outs["decode" if tokens <= _auto_decode_max_tokens(lib) else "prefill"])
     u = UNIT_ROUNDOFF[dtype]
     diff = (outs["decode"].double() - outs["prefill"].double()).abs().max().item()
     assert diff <= 8 * u * outs["prefill"].double().abs().max().item()
@@ -160,6 +173,53 @@ def test_forward_matches_transformers_block(lib: K.Kernels, tokens: int, norm: b
     u = UNIT_ROUNDOFF[dtype]
     ours, theirs = rel_rms(out), rel_rms(hf_bf16)
     assert ours <= min(4 * u, 1.25 * theirs + 1e-3), f"ours {ours:.2e}, transformers bf16 {theirs:.2e}"
+
+
+# Token counts for the tensor-core decode: n-tile passes of 1, 2, 4 and 8 tiles with partial tiles,
+# groups over 64 rows (several passes, forced decode path) and AUTO's threshold at 64.
+MMA_TOKENS = [1, 3, 8, 13, 24, 33, 64, 65, 257]
+# Shapes: the test shapes (ODD_SMALL's H = 136 and I = 40 end in partial K steps) and one whose shared
+# expert's down projection splits into 8 K-slices of 96.
+MMA_SHAPES = {**SHAPES, "split8": ref.MoeShape(hidden=192, experts=16, top_k=4, inter=64, shared_inter=768)}
+
+
+def mma_decode_cases() -> None:
+    """Run in a process with QMOE_DECODE_MMA=64 (switches are read once per process): the decode
+    path on tensor cores against the reference, forced and through AUTO (decode up to 64 tokens,
+    prefill above), both dtypes, uniform/skewed routing, with and without renormalisation."""
+    lib = K.load(build_if_needed=False)
+    assert lib.features() & K.FEATURE_DECODE_MMA, "QMOE_DECODE_MMA is not in effect"
+    for shape in MMA_SHAPES.values():
+        for tokens in MMA_TOKENS:
+            for dtype in DTYPES.values():
+                for skew, norm in ((False, False), (False, True), (True, False), (True, True)):
+                    w, x = _case(shape, tokens, dtype, skew)
+                    ids, weights, shared_gate = lib.moe_route(x, w, shape.top_k, norm)
+                    expected = ref.experts(x, w, ids, weights, shared_gate)
+                    forced = lib.moe_forward(x, w, shape.top_k, norm, path=K.PATH_DECODE)
+                    what = f"mma decode {shape} T={tokens} {dtype} skew={skew}"
+                    _assert_close(forced, expected, dtype, what)
+                    assert torch.equal(forced, lib.moe_forward(x, w, shape.top_k, norm, path=K.PATH_DECODE)), what
+                    auto = lib.moe_forward(x, w, shape.top_k, norm)
+                    if tokens <= 64:
+                        assert torch.equal(auto, forced), f"{what}: AUTO did not take the decode path"
+                    else:
+                        prefill = lib.moe_forward(x, w, shape.top_k, norm, path=K.PATH_PREFILL)
+                        assert torch.equal(auto, prefill), f"{what}: AUTO did not take the prefill path"
+    print("mma decode: ok")
+
+
+def test_decode_mma_switch(lib: K.Kernels) -> None:
+    """QMOE_DECODE_MMA=64 (plugins/README.md, experimental switches) in a fresh process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QMOE_") or k == "QMOE_KERNELS_LIB"}
+    env["QMOE_DECODE_MMA"] = "64"
+    if "QMOE_KERNELS_LIB" not in env:
+        env["QMOE_KERNELS_LIB"] = str(lib.path)
+    code = "from tests.plugins.test_kernels_gpu import mma_decode_cases; mma_decode_cases()"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          check=False, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "mma decode: ok" in proc.stdout
 
 
 def test_bad_arguments_raise(lib: K.Kernels) -> None:
