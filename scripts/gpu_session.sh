@@ -12,7 +12,7 @@
 #          default schedule, then again under all the switches. ~5-6 min.
 #   tune   benchmark only (no transformers) at 1/8/64/512/4096 tokens: the default schedule, each
 #          switch alone, all switches, each tile variant; then Nsight Compute (if present) on one call
-#          at 64 and 4096 tokens (scripts/profile_moe_gpu.py). ~3 min.
+#          at 64 and 4096 tokens, and at 64 with QMOE_DECODE_MMA=64 (scripts/profile_moe_gpu.py). ~3.5 min.
 # Each command leaves three files in $OUT (the device tool returns at most 8): summary.txt (every
 # stage's exit code), compare.md (scripts/compare_bench.py), results.tgz (all logs and JSON).
 # Exit code: 0 when every stage passed.
@@ -92,13 +92,15 @@ else
     # at 64 tokens (DRAM throughput, L2 hit rate), how busy the tensor pipes are at 4096 (routed only).
     ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
     if [ -n "$ncu" ]; then
-        for spec in "64:" "4096:--routed-only"; do
-            t=${spec%%:*}
-            # shellcheck disable=SC2086  # the flag is empty or one word
-            QMOE_KERNELS_LIB="$lib" timeout 120 "$ncu" --profile-from-start off --section SpeedOfLight \
+        # NAME:TOKENS:FLAG:ENV (the third also on the tensor-core decode path: L1 hit rate of its
+        # activation loads, spills, DRAM throughput)
+        for spec in "64:64::" "4096:4096:--routed-only:" "64mma:64::QMOE_DECODE_MMA=64"; do
+            IFS=: read -r name t flag envs <<<"$spec"
+            # shellcheck disable=SC2086  # the flag and env are empty or one word
+            env $envs QMOE_KERNELS_LIB="$lib" timeout 120 "$ncu" --profile-from-start off --section SpeedOfLight \
                 --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section LaunchStats \
-                --section Occupancy "$py" scripts/profile_moe_gpu.py --tokens "$t" ${spec#*:} >"$work/ncu-$t.txt" 2>&1
-            note "ncu $t tokens: rc=$?"
+                --section Occupancy "$py" scripts/profile_moe_gpu.py --tokens "$t" $flag >"$work/ncu-$name.txt" 2>&1
+            note "ncu $name: rc=$?"
         done
     else
         note "ncu: not found"
