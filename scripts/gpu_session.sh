@@ -12,7 +12,7 @@
 #          default schedule, then again under all the switches. ~5-6 min.
 #   tune   benchmark only (no transformers) at 1/8/64/512/4096 tokens: the default schedule, each
 #          switch alone, all switches, each tile variant; then Nsight Compute (if present) on one call
-#          at 64 and 4096 tokens, and at 64 with QMOE_DECODE_MMA=64 (scripts/profile_moe_gpu.py). ~3.5 min.
+#          at 64, 512 and 4096 tokens, and at 64 with QMOE_DECODE_MMA=64 (scripts/profile_moe_gpu.py). ~4 min.
 # Each command leaves three files in $OUT (the device tool returns at most 8): summary.txt (every
 # stage's exit code), compare.md (scripts/compare_bench.py), results.tgz (all logs and JSON).
 # Exit code: 0 when every stage passed.
@@ -94,7 +94,7 @@ else
     if [ -n "$ncu" ]; then
         # NAME:TOKENS:FLAG:ENV (the third also on the tensor-core decode path: L1 hit rate of its
         # activation loads, spills, DRAM throughput)
-        for spec in "64:64::" "4096:4096:--routed-only:" "64mma:64::QMOE_DECODE_MMA=64"; do
+        for spec in "64:64::" "512:512::" "4096:4096:--routed-only:" "64mma:64::QMOE_DECODE_MMA=64"; do
             IFS=: read -r name t flag envs <<<"$spec"
             # shellcheck disable=SC2086  # the flag and env are empty or one word
             env $envs QMOE_KERNELS_LIB="$lib" timeout 120 "$ncu" --profile-from-start off --section SpeedOfLight \
