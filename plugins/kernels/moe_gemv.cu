@@ -48,12 +48,15 @@ struct Shape
     static constexpr int kRowsPerCta = kRows * kWarps;
 };
 
-// MMA path: activation rows per pass (8 per n-tile of the m16n8k16 product) and 16-byte weight
-// loads of each of a lane's two rows in flight (K steps of 32 per loop trip).
+// MMA path: activation rows per pass (8 per n-tile of the m16n8k16 product) and K steps of 32
+// columns per loop trip (mma_pass).
 constexpr int kMmaTokens = 64;
 constexpr int kMmaNTiles = kMmaTokens / 8;
 constexpr int kMmaSteps = 2;
-constexpr int kMmaMinCtasPerSm = 2; // 128 registers: 16 warps per SM keep ~64 KB of weights in flight
+constexpr int kMmaMinCtasPerSm = 2; // 128 registers: 16 warps per SM keep 32-64 KB of weights in flight
+// PDL: weight bytes of its first unit each down warp asks L2 for before waiting (a routed unit of
+// the CUDA-core kernel at the 57B dims: 4 rows x 2560 x 2 bytes).
+constexpr int kPrefetchBytesPerWarp = 20 * 1024;
 
 // Down units of the shared group come in a.shared_splits K-slices (QMOE_DECODE_SPLIT, MMA; else 1).
 template <bool kGateUp, bool kMma>
@@ -447,8 +450,8 @@ __device__ __forceinline__ void run_unit(MoeArgs const& a, int g, int b, int row
 //            beside the router, top-k and permutation (those trigger early: common.cuh); the
 //            routed units follow the wait.
 //   down:    the work list (from the permutation, which completed before the gate/up kernel passed
-//            its own wait) is built and each warp's first weight rows are prefetched into L2 before
-//            the wait; the activations are read after it.
+//            its own wait) is built and the start of each warp's first weight rows is prefetched
+//            into L2 before the wait; the activations are read after it.
 template <typename T, bool kGateUp, bool kMma>
 __device__ __forceinline__ void grouped_units(MoeArgs const& a)
 {
@@ -480,12 +483,16 @@ __device__ __forceinline__ void grouped_units(MoeArgs const& a)
             int const slot = find_slot(s_prefix, a.G, unit);
             int const g = sched_group(slot, a.G, a.has_shared);
             Unit const u = unit_of<false, kMma>(a, g, unit - s_prefix[slot], warp);
+            // The first columns of each row, at most kPrefetchBytesPerWarp per warp: every CTA of the
+            // grid does this, and the sum must fit in L2 (H100: 50 MB; 2 CTAs x 132 SMs x 8 warps
+            // x 20 KB = 42 MB), or the first lines are evicted before they are used.
+            int const cols = min(u.K, kPrefetchBytesPerWarp / static_cast<int>(sizeof(T)) / Shape<kMma>::kRows);
 #pragma unroll
             for (int r = 0; r < Shape<kMma>::kRows; ++r)
             {
                 bool ok = false;
                 T const* const w = weight_row<T, false, kMma>(a, g, u.c0, r, &ok) + u.k0;
-                for (int k = lane * 64; ok && k < u.K; k += kWarp * 64) // 128-byte lines
+                for (int k = lane * 64; ok && k < cols; k += kWarp * 64) // 128-byte lines
                 {
                     prefetch_l2(w + k);
                 }
