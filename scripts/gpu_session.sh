@@ -24,8 +24,16 @@ lib=$carry/libqmoe_kernels.so
 py=${PYTHON:-python3}
 switches=(QMOE_PDL=1 QMOE_ROUTER_TC=1 QMOE_PERMUTE_CTAS=64 QMOE_SHARED_STREAM=8 QMOE_DECODE_SPLIT=1 QMOE_DECODE_MMA=64)
 # Hopper small-tile shapes (memory-bound 8-512 tokens): deeper K boxes read 256-byte weight-row segments.
-TILE_VARIANTS=("k128:-DQMOE_SM90_SMALL_TILE_K=128" "n128k128:-DQMOE_SM90_SMALL_TILE_N=128 -DQMOE_SM90_SMALL_TILE_K=128")
+# large64: 128-row tiles from 48 mean rows per expert (512 tokens: 64) instead of 96.
+TILE_VARIANTS=("k128:-DQMOE_SM90_SMALL_TILE_K=128" "n128k128:-DQMOE_SM90_SMALL_TILE_N=128 -DQMOE_SM90_SMALL_TILE_K=128"
+    "large64:-DQMOE_SM90_SMALL_MAX_ROWS=48")
 mode=${1:-}
+# What the carried libraries are built from (no git needed on the device): kernel sources, build
+# files and the variants' flags. check/tune refuse libraries built from other sources.
+source_id() {
+    { cat plugins/kernels/* plugins/CMakeLists.txt scripts/build_plugins.sh; printf '%s\n' "${TILE_VARIANTS[@]}"; } \
+        | sha256sum | cut -c1-16
+}
 
 if [ "$mode" = prepare ]; then
     set -e
@@ -37,7 +45,7 @@ if [ "$mode" = prepare ]; then
         scripts/build_plugins.sh --werror --arch 90a --build-dir "$root/build/carry-build-${v%%:*}" --cuda-flags "${v#*:}"
         cp "$root/build/carry-build-${v%%:*}/lib/libqmoe_kernels.so" "$carry/${v%%:*}.so"
     done
-    { git rev-parse HEAD; git status --short -- plugins/kernels; } >"$carry/SOURCE"
+    { git rev-parse HEAD; echo "sources $(source_id)"; git status --short -- plugins/kernels; } >"$carry/SOURCE"
     echo "gpu_session: $(ls "$carry"/*.so | tr '\n' ' ')ready (source $(head -1 "$carry/SOURCE")); carry build/carry"
     exit 0
 fi
@@ -46,6 +54,10 @@ if [ "$mode" != check ] && [ "$mode" != tune ]; then
     exit 2
 fi
 [ -f "$lib" ] || { echo "gpu_session: $lib missing: run scripts/gpu_session.sh prepare here first" >&2; exit 2; }
+if ! grep -qx "sources $(source_id)" "$carry/SOURCE" 2>/dev/null; then
+    echo "gpu_session: build/carry was built from other kernel sources: run scripts/gpu_session.sh prepare here first" >&2
+    exit 2
+fi
 out=${OUT:?gpu_session: set OUT, the folder that comes back}
 work=$(mktemp -d)
 mkdir -p "$out"

@@ -383,10 +383,16 @@ cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_byt
     return cudaGetLastError();
 }
 
-// Tile height from the mean rows per routed expert (the shared group has T rows).
+// Tile height from the mean rows per routed expert (the shared group has T rows). At 512 tokens of
+// the 57B model (64 rows on average) half the experts need two 64-row tiles, each streaming the
+// expert's weights; QMOE_SM90_SMALL_MAX_ROWS=48 tests 128-row tiles there (one read per expert,
+// twice the padded math).
+#ifndef QMOE_SM90_SMALL_MAX_ROWS
+#define QMOE_SM90_SMALL_MAX_ROWS 96
+#endif
 inline bool use_small_tiles(MoeArgs const& a)
 {
-    return static_cast<int64_t>(a.T) * a.k / a.E < 96;
+    return static_cast<int64_t>(a.T) * a.k / a.E < QMOE_SM90_SMALL_MAX_ROWS;
 }
 
 template <typename T>
