@@ -26,7 +26,6 @@ PEAK_BF16_FLOPS = 790e12  # dense bf16 tensor-core rate used for the compute roo
 # run: vLLM is not installed here). Adding this run's shared expert as torch ops gives the pair the
 # issue's target compares against.
 VLLM_ROUTED_MS = {1: (0.169, 0.169), 8: (0.760, 0.760), 64: (1.202, 1.202), 512: (1.37, 1.45), 4096: (3.99, 4.40)}
-FEATURES = {1: "sm90_gemm", 2: "pdl", 4: "router_tc", 8: "permute_multi"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -163,7 +162,7 @@ def load_layer(prog: str):
     from tests.plugins import moe_reference as ref
 
     lib = K.load()
-    features = [name for bit, name in FEATURES.items() if lib.features() & bit]
+    features = [name for bit, name in K.FEATURE_NAMES.items() if lib.features() & bit]
     print(f"qmoe kernels: {K.OVERRIDE_LIB or K.LIB_PATH}, features: {', '.join(features) or 'none'}")
     torch.manual_seed(0)
     w = ref.make_weights_on_device(ref.QWEN2_57B, torch.bfloat16, "cuda")

@@ -4,7 +4,11 @@
     python scripts/compare_bench.py default=a/bench.json exp=b/bench.json [pdl=c/bench.json ...]
 
 One row per token count: each run's whole-layer time (ms), its ratio to the first run, and its ratio
-to the memory/compute roofline. Runs missing a token count show "-". Exits 1 if a file is unreadable.
+to the memory/compute roofline. Runs missing a token count show "-". Then issue #5's targets per run:
+whole layer <= 1.05x the roofline (1-512 tokens), faster than vLLM's routed experts (FACTS.md) plus
+this run's shared expert as torch ops (1-512 tokens; "yes" only below the pair's lower bound,
+"tie?" inside its range), routed experts alone >= 600 TFLOP/s at 4096 tokens.
+Exits 1 if a file is unreadable.
 """
 
 from __future__ import annotations
@@ -37,6 +41,38 @@ def table(runs: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+ROOFLINE_TARGET = 1.05
+TFLOPS_TARGET = 600.0
+TARGET_TOKENS = range(1, 513)
+
+
+def verdicts(row: dict) -> list[str]:
+    """This run's standing on the targets at row["tokens"], one short cell each."""
+    t = row["tokens"]
+    out = []
+    if t in TARGET_TOKENS:
+        r = row["ours_ms"] / row["roofline_ms"]
+        out.append(f"roof {r:.2f} {'ok' if r <= ROOFLINE_TARGET else 'no'}")
+        if "vllm_pair_ms" in row:
+            lo, hi = row["vllm_pair_ms"]
+            ours = row["ours_ms"]
+            out.append(f"vLLM pair {lo:.3f}-{hi:.3f}: " + ("yes" if ours < lo else "tie?" if ours <= hi else "no"))
+    if t == 4096 and "routed_only_tflops" in row:
+        v = row["routed_only_tflops"]
+        out.append(f"routed {v:.0f} TFLOP/s {'ok' if v >= TFLOPS_TARGET else 'no'}")
+    return out
+
+
+def targets(runs: list[tuple[str, dict]]) -> str:
+    tokens = sorted({t for _, rows in runs for t in rows})
+    head = ["tokens"] + [name for name, _ in runs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in tokens:
+        cells = [str(t)] + ["; ".join(verdicts(rows[t])) or "-" if t in rows else "-" for _, rows in runs]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
@@ -47,6 +83,10 @@ def main(argv: list[str]) -> int:
         print(f"compare_bench: {e}", file=sys.stderr)
         return 1
     print(table(runs))
+    print()
+    print("Targets (issue #5):")
+    print()
+    print(targets(runs))
     return 0
 
 

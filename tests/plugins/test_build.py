@@ -109,6 +109,13 @@ def _params(**kw: int) -> K.MoeParams:
     return p
 
 
+def test_feature_bits_match_the_header() -> None:
+    """kernels.py's FEATURE_* constants and names (benchmarks print them) are the header's QMOE_FEATURE_* bits."""
+    defined = {int(v): n.lower() for n, v in re.findall(r"#define QMOE_FEATURE_(\w+) (\d+)", HEADER.read_text())}
+    assert defined == K.FEATURE_NAMES
+    assert all(getattr(K, f"FEATURE_{name.upper()}") == bit for bit, name in defined.items())
+
+
 def test_kernels_report_the_cutlass_path(kernels_lib: Path) -> None:
     """scripts/build_plugins.sh --cutlass auto builds the Hopper GEMMs exactly when the headers are there."""
     have_headers = (ROOT / "third_party" / "cutlass" / "include" / "cutlass" / "cutlass.h").exists()
