@@ -135,6 +135,36 @@ def test_paths_agree_and_auto(lib: K.Kernels, tokens: int) -> None:
 
 
 @pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("tokens", [1, 64, 257])
+def test_cuda_graph_replay_matches_eager(lib: K.Kernels, tokens: int, path: int) -> None:
+    """The layer captured once in a CUDA graph (as the runtime and TensorRT may run it), replayed on new
+    inputs: bit-identical to eager calls on the same inputs. Catches host state baked into the capture
+    (arguments computed from the first input, host copies) and, under the QMOE_* switches, a side
+    stream or programmatic launches that do not survive capture."""
+    shape, dtype = ref.E64_TOP8, torch.bfloat16
+    w, x = _case(shape, tokens, dtype, skew=True)
+    static_x = x.clone()
+    ws = torch.empty(lib.workspace_size(x, w, shape.top_k), dtype=torch.uint8, device="cuda")
+    # Warm up off the default stream (as torch.cuda.graph expects) and capture on the same stream, so
+    # that QMOE_SHARED_STREAM's side stream for it exists before the capture and is captured too.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        lib.moe_forward(static_x, w, shape.top_k, True, path=path, workspace=ws)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        out = lib.moe_forward(static_x, w, shape.top_k, True, path=path, workspace=ws)
+    for seed in (101, 102):
+        fresh = ref.make_hidden(tokens, shape.hidden, dtype, "cuda", seed=seed, skew=seed % 2 == 0)
+        static_x.copy_(fresh)
+        graph.replay()
+        expected = lib.moe_forward(fresh, w, shape.top_k, True, path=path)
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected), f"T={tokens}: graph replay differs from eager (seed {seed})"
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
 @pytest.mark.parametrize("tokens", [3, 257])
 def test_without_shared_expert(lib: K.Kernels, tokens: int, path: int) -> None:
     shape, dtype = ref.ODD_SMALL, torch.bfloat16
