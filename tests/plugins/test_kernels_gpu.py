@@ -164,6 +164,28 @@ def test_cuda_graph_replay_matches_eager(lib: K.Kernels, tokens: int, path: int)
         assert torch.equal(out, expected), f"T={tokens}: graph replay differs from eager (seed {seed})"
 
 
+@pytest.mark.parametrize("tokens", [3, 257])
+def test_concurrent_streams_match_sequential(lib: K.Kernels, tokens: int) -> None:
+    """Two streams run the layer at the same time, each with its own workspace (the contract): the same
+    outputs as one after the other. Under QMOE_SHARED_STREAM each main stream has its own side stream."""
+    shape, dtype = ref.E64_TOP8, torch.bfloat16
+    w, _ = _case(shape, tokens, dtype, skew=False)
+    xs = [ref.make_hidden(tokens, shape.hidden, dtype, "cuda", seed=200 + i) for i in range(2)]
+    expected = [lib.moe_forward(x, w, shape.top_k, False) for x in xs]
+    streams = [torch.cuda.Stream() for _ in xs]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    outs: list[list[torch.Tensor]] = [[], []]
+    for _ in range(4):
+        for i, (stream, x) in enumerate(zip(streams, xs)):
+            with torch.cuda.stream(stream):
+                outs[i].append(lib.moe_forward(x, w, shape.top_k, False))
+    torch.cuda.synchronize()
+    for i in range(2):
+        for got in outs[i]:
+            assert torch.equal(got, expected[i]), f"stream {i}: differs from the sequential result"
+
+
 @pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
 @pytest.mark.parametrize("tokens", [3, 257])
 def test_without_shared_expert(lib: K.Kernels, tokens: int, path: int) -> None:
