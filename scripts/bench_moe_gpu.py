@@ -58,10 +58,15 @@ def graph_time_ms(fn, iters: int, warmup: int) -> float | None:
     import torch
 
     try:
-        fn()
+        # Warm up and capture on one stream: the library makes QMOE_SHARED_STREAM's side stream for a
+        # main stream on its first use outside a capture, so the fork/join is captured too.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):
             fn()
         return time_ms(graph.replay, iters, warmup)
     except Exception as e:  # noqa: BLE001 - report and carry on: the eager time still stands

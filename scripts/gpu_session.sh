@@ -31,8 +31,8 @@ mode=${1:-}
 # What the carried libraries are built from (no git needed on the device): kernel sources, build
 # files and the variants' flags. check/tune refuse libraries built from other sources.
 source_id() {
-    { cat plugins/kernels/* plugins/CMakeLists.txt scripts/build_plugins.sh; printf '%s\n' "${TILE_VARIANTS[@]}"; } \
-        | sha256sum | cut -c1-16
+    { LC_ALL=C cat plugins/kernels/* plugins/CMakeLists.txt scripts/build_plugins.sh; printf '%s\n' "${TILE_VARIANTS[@]}"; } \
+        | sha256sum | cut -c1-16  # LC_ALL=C: the glob's order must not depend on the locale
 }
 
 if [ "$mode" = prepare ]; then
@@ -68,6 +68,23 @@ status=0
 note() { echo "$*" | tee -a "$work/summary.txt"; }
 note "library source: $(head -1 "$work/SOURCE" 2>/dev/null)"
 specs=()
+# Copies what exists so far to $OUT (summary.txt, compare.md, results.tgz). Called after every stage:
+# if the device tool's time limit kills this script, the last copy still comes back.
+publish() {
+    local existing=() spec
+    for spec in "${specs[@]}"; do
+        [ -f "${spec#*=}" ] && existing+=("$spec")
+    done
+    if [ "${#existing[@]}" -gt 0 ]; then
+        "$py" scripts/compare_bench.py "${existing[@]}" >"$out/compare.md" 2>&1
+    else
+        echo "no benchmark results" >"$out/compare.md"
+    fi
+    cp "$work/summary.txt" "$out/summary.txt"
+    tar czf "$out/results.tgz" -C "$work" .
+}
+# tune: Nsight Compute runs only start while this many seconds of the call's 420 remain unused.
+budget_s=${GPU_SESSION_BUDGET_S:-400}
 
 if [ "$mode" = check ]; then
     OUT="$work/default" LIB="$lib" scripts/gpu_check.sh >/dev/null
@@ -75,6 +92,8 @@ if [ "$mode" = check ]; then
     note "== default schedule: rc=$rc"
     cat "$work/default/summary.txt" >>"$work/summary.txt"
     [ "$rc" -eq 0 ] || status=1
+    specs=(default="$work/default/bench.json")
+    publish
     env "${switches[@]}" OUT="$work/exp" LIB="$lib" scripts/gpu_check.sh >/dev/null
     rc=$?
     note "== ${switches[*]}: rc=$rc"
@@ -91,6 +110,7 @@ else
         note "bench $name: rc=$rc"
         [ "$rc" -eq 0 ] || status=1
         specs+=("$name=$work/bench-$name.json")
+        publish
     }
     bench default "$lib"
     for s in "${switches[@]}"; do
@@ -108,27 +128,24 @@ else
         # activation loads, spills, DRAM throughput)
         for spec in "64:64::" "512:512::" "4096:4096:--routed-only:" "64mma:64::QMOE_DECODE_MMA=64"; do
             IFS=: read -r name t flag envs <<<"$spec"
+            left=$((budget_s - SECONDS))
+            if [ "$left" -lt 45 ]; then
+                note "ncu $name: skipped (${SECONDS}s used of ${budget_s})"
+                continue
+            fi
             # shellcheck disable=SC2086  # the flag and env are empty or one word
-            env $envs QMOE_KERNELS_LIB="$lib" timeout 120 "$ncu" --profile-from-start off --section SpeedOfLight \
-                --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section LaunchStats \
-                --section Occupancy "$py" scripts/profile_moe_gpu.py --tokens "$t" $flag >"$work/ncu-$name.txt" 2>&1
+            env $envs QMOE_KERNELS_LIB="$lib" timeout $((left < 120 ? left : 120)) "$ncu" --profile-from-start off \
+                --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+                --section LaunchStats --section Occupancy "$py" scripts/profile_moe_gpu.py --tokens "$t" $flag \
+                >"$work/ncu-$name.txt" 2>&1
             note "ncu $name: rc=$?"
+            publish
         done
     else
         note "ncu: not found"
     fi
 fi
 
-existing=()
-for spec in "${specs[@]}"; do
-    [ -f "${spec#*=}" ] && existing+=("$spec")
-done
-if [ "${#existing[@]}" -gt 0 ]; then
-    "$py" scripts/compare_bench.py "${existing[@]}" >"$out/compare.md" 2>&1
-else
-    echo "no benchmark results" >"$out/compare.md"
-fi
-cp "$work/summary.txt" "$out/summary.txt"
-tar czf "$out/results.tgz" -C "$work" .
+publish
 cat "$out/compare.md"
 exit "$status"
