@@ -122,6 +122,37 @@ __device__ __forceinline__ float warp_sum(float v)
     return v;
 }
 
+// Exclusive prefix sum of v[0..n) into out[0..n] (out[0] = 0, out[i + 1] = v[0] + ... + v[i]) by one
+// warp (all 32 lanes call it). In place with v == out + 1 is allowed: each lane reads v[i] before it
+// writes out[i + 1], the same element.
+__device__ inline void warp_exclusive_scan(int const* v, int* out, int n, int lane)
+{
+    int carry = 0;
+    for (int base = 0; base < n; base += kWarp)
+    {
+        int const i = base + lane;
+        int x = i < n ? v[i] : 0;
+#pragma unroll
+        for (int o = 1; o < kWarp; o <<= 1)
+        {
+            int const y = __shfl_up_sync(0xffffffffu, x, o);
+            if (lane >= o)
+            {
+                x += y;
+            }
+        }
+        if (i < n)
+        {
+            out[i + 1] = carry + x;
+        }
+        carry += __shfl_sync(0xffffffffu, x, kWarp - 1);
+    }
+    if (lane == 0)
+    {
+        out[0] = 0;
+    }
+}
+
 __device__ __forceinline__ float silu(float g)
 {
     return g / (1.0f + __expf(-g));

@@ -338,32 +338,18 @@ __global__ void __launch_bounds__(kRouterThreads) router_topk_kernel(MoeArgs a, 
     }
 }
 
-// Exclusive prefix sum of v[0..n) into out[0..n] by one warp (n <= kMaxGroups).
-__device__ void warp_exclusive_scan(int const* v, int* out, int n, int lane)
+// Expert of routed slot s (ids come from the router; clamped for memory safety).
+__device__ __forceinline__ int slot_expert(MoeArgs const& a, int s)
 {
-    int carry = 0;
-    for (int base = 0; base < n; base += kWarp)
+    return min(max(a.topk_ids[s], 0), a.E - 1);
+}
+
+// s_count[e] += routed slots in [begin, end) that chose expert e (this CTA's threads).
+__device__ __forceinline__ void count_slots(MoeArgs const& a, int* s_count, int begin, int end)
+{
+    for (int s = begin + threadIdx.x; s < end; s += kPermuteThreads)
     {
-        int const i = base + lane;
-        int x = i < n ? v[i] : 0;
-#pragma unroll
-        for (int o = 1; o < kWarp; o <<= 1)
-        {
-            int const y = __shfl_up_sync(0xffffffffu, x, o);
-            if (lane >= o)
-            {
-                x += y;
-            }
-        }
-        if (i < n)
-        {
-            out[i + 1] = carry + x;
-        }
-        carry += __shfl_sync(0xffffffffu, x, kWarp - 1);
-    }
-    if (lane == 0)
-    {
-        out[0] = 0;
+        atomicAdd(&s_count[slot_expert(a, s)], 1);
     }
 }
 
@@ -399,8 +385,7 @@ __device__ void place_slots(MoeArgs const& a, int const* s_count, int* s_offset,
     __syncthreads();
     for (int s = begin + threadIdx.x; s < end; s += kPermuteThreads)
     {
-        int const e = min(max(a.topk_ids[s], 0), a.E - 1); // ids come from the router; clamp for memory safety
-        int const row = atomicAdd(&s_cursor[e], 1);
+        int const row = atomicAdd(&s_cursor[slot_expert(a, s)], 1);
         a.row_token[row] = s / a.k;
         a.row_weight[row] = a.topk_weights[s];
         a.slot_row[s] = row;
@@ -431,10 +416,7 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_kernel(MoeArgs a)
         s_cursor[g] = 0;
     }
     __syncthreads();
-    for (int s = threadIdx.x; s < slots; s += kPermuteThreads)
-    {
-        atomicAdd(&s_count[min(max(a.topk_ids[s], 0), a.E - 1)], 1);
-    }
+    count_slots(a, s_count, 0, slots);
     place_slots(a, s_count, s_offset, s_cursor, 0, slots);
 }
 
@@ -458,10 +440,7 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_count_kernel(MoeArgs 
         s_count[e] = 0;
     }
     __syncthreads();
-    for (int s = permute_begin(slots, blockIdx.x, gridDim.x) + threadIdx.x; s < end; s += kPermuteThreads)
-    {
-        atomicAdd(&s_count[min(max(a.topk_ids[s], 0), a.E - 1)], 1);
-    }
+    count_slots(a, s_count, permute_begin(slots, blockIdx.x, gridDim.x), end);
     __syncthreads();
     for (int e = threadIdx.x; e < a.E; e += kPermuteThreads)
     {

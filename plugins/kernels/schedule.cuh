@@ -1,6 +1,6 @@
 // Work lists of the grouped expert kernels. Row counts per group are only known on the device, so
 // each persistent CTA builds the prefix of work items per schedule slot in shared memory (G <= 257
-// values, one warp scan) and maps a work-item index to its slot by binary search.
+// values, one warp_exclusive_scan) and maps a work-item index to its slot by binary search.
 #pragma once
 
 #include "common.cuh"
@@ -21,31 +21,7 @@ __device__ int build_work_prefix(MoeArgs const& a, int* prefix, ItemsOfGroup ite
     __syncthreads();
     if (threadIdx.x < kWarp)
     {
-        int const lane = threadIdx.x;
-        int carry = 0;
-        for (int base = 0; base < a.G; base += kWarp)
-        {
-            int const i = base + lane;
-            int x = i < a.G ? prefix[i + 1] : 0;
-#pragma unroll
-            for (int o = 1; o < kWarp; o <<= 1)
-            {
-                int const y = __shfl_up_sync(0xffffffffu, x, o);
-                if (lane >= o)
-                {
-                    x += y;
-                }
-            }
-            if (i < a.G)
-            {
-                prefix[i + 1] = carry + x;
-            }
-            carry += __shfl_sync(0xffffffffu, x, kWarp - 1);
-        }
-        if (lane == 0)
-        {
-            prefix[0] = 0;
-        }
+        warp_exclusive_scan(prefix + 1, prefix, a.G, threadIdx.x); // in place
     }
     __syncthreads();
     return prefix[a.G];
