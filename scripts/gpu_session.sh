@@ -11,8 +11,10 @@
 #   check  scripts/gpu_check.sh (GPU tests, benchmark with transformers, compute-sanitizer) on the
 #          default schedule, then again under all the switches. ~5-6 min.
 #   tune   benchmark only (no transformers) at 1/8/64/512/4096 tokens: the default schedule, each
-#          switch alone, all switches, each tile variant; then Nsight Compute (if present) on one call
-#          at 64, 512 and 4096 tokens, and at 64 with QMOE_DECODE_MMA=64 (scripts/profile_moe_gpu.py). ~4 min.
+#          switch alone, all switches, each tile variant, large64 with QMOE_SHARED_INTERLEAVE=32; then
+#          Nsight Compute (if present) on one call at 64, 512 and 4096 tokens, at 64 with
+#          QMOE_DECODE_MMA=64 and at 512 with QMOE_SHARED_INTERLEAVE=32 (scripts/profile_moe_gpu.py;
+#          each only while the time budget allows). ~4-5 min.
 # Each command leaves three files in $OUT (the device tool returns at most 8): summary.txt (every
 # stage's exit code), compare.md (scripts/compare_bench.py), results.tgz (all logs and JSON).
 # Exit code: 0 when every stage passed.
@@ -22,7 +24,8 @@ cd "$root"
 carry=$root/build/carry
 lib=$carry/libqmoe_kernels.so
 py=${PYTHON:-python3}
-switches=(QMOE_PDL=1 QMOE_ROUTER_TC=1 QMOE_PERMUTE_CTAS=64 QMOE_SHARED_STREAM=8 QMOE_DECODE_SPLIT=1 QMOE_DECODE_MMA=64)
+switches=(QMOE_PDL=1 QMOE_ROUTER_TC=1 QMOE_PERMUTE_CTAS=64 QMOE_SHARED_STREAM=8 QMOE_DECODE_SPLIT=1 QMOE_DECODE_MMA=64
+    QMOE_SHARED_INTERLEAVE=32)
 # Hopper small-tile shapes (memory-bound 8-512 tokens): deeper K boxes read 256-byte weight-row segments.
 # large64: 128-row tiles from 48 mean rows per expert (512 tokens: 64) instead of 96.
 TILE_VARIANTS=("k128:-DQMOE_SM90_SMALL_TILE_K=128" "n128k128:-DQMOE_SM90_SMALL_TILE_N=128 -DQMOE_SM90_SMALL_TILE_K=128"
@@ -62,7 +65,7 @@ out=${OUT:?gpu_session: set OUT, the folder that comes back}
 work=$(mktemp -d)
 mkdir -p "$out"
 cp "$carry/SOURCE" "$work/" 2>/dev/null
-unset QMOE_PDL QMOE_ROUTER_TC QMOE_PERMUTE_CTAS QMOE_SHARED_STREAM QMOE_DECODE_SPLIT QMOE_DECODE_MMA
+unset QMOE_PDL QMOE_ROUTER_TC QMOE_PERMUTE_CTAS QMOE_SHARED_STREAM QMOE_DECODE_SPLIT QMOE_DECODE_MMA QMOE_SHARED_INTERLEAVE
 status=0
 : >"$work/summary.txt"
 note() { echo "$*" | tee -a "$work/summary.txt"; }
@@ -120,13 +123,16 @@ else
     for v in "${TILE_VARIANTS[@]}"; do
         [ -f "$carry/${v%%:*}.so" ] && bench "${v%%:*}" "$carry/${v%%:*}.so"
     done
+    # Both answers to the 512-token gap together: 128-row tiles from 48 rows and the spread shared expert.
+    [ -f "$carry/large64.so" ] && bench large64_interleave "$carry/large64.so" QMOE_SHARED_INTERLEAVE=32
     # Nsight Compute on one layer call (default schedule): why the grouped GEMMs stream below vLLM
     # at 64 tokens (DRAM throughput, L2 hit rate), how busy the tensor pipes are at 4096 (routed only).
     ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
     if [ -n "$ncu" ]; then
         # NAME:TOKENS:FLAG:ENV (the third also on the tensor-core decode path: L1 hit rate of its
         # activation loads, spills, DRAM throughput)
-        for spec in "64:64::" "512:512::" "4096:4096:--routed-only:" "64mma:64::QMOE_DECODE_MMA=64"; do
+        for spec in "64:64::" "512:512::" "4096:4096:--routed-only:" "64mma:64::QMOE_DECODE_MMA=64" \
+            "512il:512::QMOE_SHARED_INTERLEAVE=32"; do
             IFS=: read -r name t flag envs <<<"$spec"
             left=$((budget_s - SECONDS))
             if [ "$left" -lt 45 ]; then

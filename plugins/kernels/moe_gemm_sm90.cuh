@@ -10,8 +10,9 @@
 // The routing weight is folded into the activation (down_proj is linear), so [Combine] only sums.
 // Per-group problem shapes, pointers and strides are written on the device by setup_kernel from the
 // permutation's group counts: groups without rows are M = 0 problems and get no tiles. The shared
-// expert is scheduled first, and for T <= 512 its down projection is split along K (see setup_kernel). Host code
-// never reads a device value, so the whole layer stays asynchronous and CUDA-graph capturable.
+// expert is scheduled first (or, with QMOE_SHARED_INTERLEAVE, in pieces spread among the routed
+// experts), and for T <= 512 its down projection is split along K (see setup_kernel). Host code never
+// reads a device value, so the whole layer stays asynchronous and CUDA-graph capturable.
 //
 // Built only when CMake finds CUTLASS (QMOE_CUTLASS_INCLUDE_DIR, from the nvidia-cutlass package);
 // moe_gemm_tc.cu (WMMA) is the prefill path everywhere else (A100, or no CUTLASS). Included once
@@ -174,63 +175,69 @@ __device__ __forceinline__ cute::Stride<int64_t, cute::Int<1>, cute::Int<0>> lea
     return cute::make_stride(static_cast<int64_t>(ld), cute::Int<1>{}, cute::Int<0>{});
 }
 
-// GEMM 1 entry i: group g's gate/up, rows [row0, row0 + rows) of the permutation. Routed groups read
-// their gathered rows of xg; the shared group (rows T from T*k) reads x itself. Output: act rows
-// from row0, pitch 2N.
+// GEMM 1 entry i. Routed expert e < a.E: its gate/up over its gathered rows of xg (from its
+// permuted row offset). Shared expert (e == a.E): columns [piece * w, (piece + 1) * w) of its 2*Is,
+// w = 2*Is / parts, over x itself; its act rows start at T*k. Output pitch 2N (N = I or Is).
 template <typename T>
-__device__ void set_gemm1_entry(MoeArgs const& a, T const* xg, GemmArrays<T> const& g1, int i, int g, int rows,
-    int64_t row0)
+__device__ void set_gemm1_entry(MoeArgs const& a, T const* xg, GemmArrays<T> const& g1, int i, int e, int piece,
+    int parts)
 {
     using E = typename CutlassType<T>::type;
-    bool const routed = g < a.E;
-    int const n = routed ? a.I : a.Is;
-    g1.shapes[i] = cute::make_shape(rows, 2 * n, a.H);
+    bool const routed = e < a.E;
+    int const pitch = routed ? 2 * a.I : 2 * a.Is;
+    int const w = pitch / parts; // a multiple of 8 (shared_gemm1_parts)
+    int64_t const row0 = routed ? a.group_offset[e] : static_cast<int64_t>(a.T) * a.k;
+    T const* const b = routed ? static_cast<T const*>(a.gate_up_w) + static_cast<int64_t>(e) * 2 * a.I * a.H
+                              : static_cast<T const*>(a.shared_gate_up_w);
+    g1.shapes[i] = cute::make_shape(routed ? a.group_count[e] : a.T, w, a.H);
     g1.a[i] = reinterpret_cast<E const*>(routed ? xg + row0 * a.H : static_cast<T const*>(a.x));
-    g1.b[i] = reinterpret_cast<E const*>(routed
-            ? static_cast<T const*>(a.gate_up_w) + static_cast<int64_t>(g) * 2 * a.I * a.H
-            : static_cast<T const*>(a.shared_gate_up_w));
-    g1.d[i] = reinterpret_cast<E*>(static_cast<T*>(a.act) + row0 * 2 * a.I); // shared: row0 = T*k
+    g1.b[i] = reinterpret_cast<E const*>(b + static_cast<int64_t>(piece) * w * a.H);
+    g1.d[i] = reinterpret_cast<E*>(static_cast<T*>(a.act) + row0 * 2 * a.I + static_cast<int64_t>(piece) * w);
     g1.sa[i] = lead(a.H);
     g1.sb[i] = lead(a.H);
-    g1.sd[i] = lead(2 * n);
+    g1.sd[i] = lead(pitch);
 }
 
-// Problem shapes, operand pointers and strides of both GEMMs, one thread per entry. Entry order is
-// the tile scheduler's order, so the shared expert (the largest group) comes first and never forms
-// the tail. GEMM 1 entries: shared, then routed experts 0..E-1 (G entries). GEMM 2 entries: the
-// shared expert's down projection as S = a.shared_splits K-slices (slice s writes y rows
-// [T*k + s*T, T*k + (s+1)*T), summed by [Combine]), then the routed experts (G2 = G - 1 + S).
+// Problem shapes, operand pointers and strides of both GEMMs, one thread per entry, in the tile
+// scheduler's order (sched_entry): the shared expert's pieces first, or spread among the routed
+// experts with QMOE_SHARED_INTERLEAVE. GEMM 1: the routed experts and parts1 column slices of the
+// shared expert (a.shared_parts, or 0 when the side stream runs it). GEMM 2: the routed experts and
+// the shared expert's down projection as S = a.shared_splits K-slices (slice s writes y rows
+// [T*k + s*T, T*k + (s+1)*T), summed by [Combine]).
 template <typename T>
-__global__ void setup_kernel(MoeArgs a, T const* xg, GemmArrays<T> g1, GemmArrays<T> g2)
+__global__ void setup_kernel(MoeArgs a, T const* xg, int parts1, GemmArrays<T> g1, GemmArrays<T> g2)
 {
     using E = typename CutlassType<T>::type;
     int const S = a.has_shared ? a.shared_splits : 0;
+    int const G1 = a.E + parts1;
     int const G2 = a.E + S;
+    bool const spread = a.interleave != 0;
     int64_t const shared_row0 = static_cast<int64_t>(a.T) * a.k;
     T* const gu_shared = static_cast<T*>(a.act) + shared_row0 * 2 * a.I;
     pdl_enter();
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < max(a.G, G2); i += gridDim.x * blockDim.x)
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < max(G1, G2); i += gridDim.x * blockDim.x)
     {
-        if (i < a.G)
+        if (i < G1)
         {
-            int const g = sched_group(i, a.G, a.has_shared);
-            set_gemm1_entry(a, xg, g1, i, g, a.group_count[g], a.group_offset[g]);
+            int const s = sched_entry(i, a.E, parts1, spread);
+            set_gemm1_entry(a, xg, g1, i, s >= 0 ? a.E : -1 - s, s >= 0 ? s : 0, s >= 0 ? parts1 : 1);
         }
         if (i < G2)
         {
-            if (i < S)
+            int const s = sched_entry(i, a.E, S, spread);
+            if (s >= 0)
             {
                 int const part = a.Is / S; // a multiple of 8 (shared_splits_for)
                 g2.shapes[i] = cute::make_shape(a.T, a.H, part);
-                g2.a[i] = reinterpret_cast<E const*>(gu_shared + static_cast<int64_t>(i) * part);
-                g2.b[i] = reinterpret_cast<E const*>(static_cast<T const*>(a.shared_down_w) + static_cast<int64_t>(i) * part);
-                g2.d[i] = reinterpret_cast<E*>(static_cast<T*>(a.y) + (shared_row0 + static_cast<int64_t>(i) * a.T) * a.H);
+                g2.a[i] = reinterpret_cast<E const*>(gu_shared + static_cast<int64_t>(s) * part);
+                g2.b[i] = reinterpret_cast<E const*>(static_cast<T const*>(a.shared_down_w) + static_cast<int64_t>(s) * part);
+                g2.d[i] = reinterpret_cast<E*>(static_cast<T*>(a.y) + (shared_row0 + static_cast<int64_t>(s) * a.T) * a.H);
                 g2.sa[i] = lead(2 * a.Is);
                 g2.sb[i] = lead(a.Is);
             }
             else
             {
-                int const e = i - S;
+                int const e = -1 - s;
                 int64_t const row0 = a.group_offset[e];
                 g2.shapes[i] = cute::make_shape(a.group_count[e], a.H, a.I);
                 g2.a[i] = reinterpret_cast<E const*>(static_cast<T*>(a.act) + row0 * 2 * a.I);
@@ -244,15 +251,15 @@ __global__ void setup_kernel(MoeArgs a, T const* xg, GemmArrays<T> g1, GemmArray
     }
 }
 
-// QMOE_SHARED_STREAM: the one entry of the side stream's GEMM 1 (the shared expert's gate/up, as
-// setup_kernel's entry 0), from sizes alone: it needs nothing from the routing, so it runs beside it.
+// QMOE_SHARED_STREAM: the one entry of the side stream's GEMM 1 (the shared expert's gate/up, whole),
+// from sizes alone: it needs nothing from the routing, so it runs beside it.
 template <typename T>
 __global__ void setup_shared_kernel(MoeArgs a, GemmArrays<T> gs)
 {
     pdl_enter();
     if (blockIdx.x == 0 && threadIdx.x == 0)
     {
-        set_gemm1_entry<T>(a, nullptr, gs, 0, a.E, a.T, static_cast<int64_t>(a.T) * a.k);
+        set_gemm1_entry<T>(a, nullptr, gs, 0, a.E, 0, 1);
     }
 }
 
@@ -305,20 +312,6 @@ __global__ void __launch_bounds__(256) swiglu_kernel(MoeArgs a)
     }
 }
 
-// The same arrays without their first entry (GEMM 1's shared expert, when the side stream has it).
-template <typename T>
-GemmArrays<T> without_first(GemmArrays<T> g)
-{
-    ++g.shapes;
-    ++g.a;
-    ++g.b;
-    ++g.d;
-    ++g.sa;
-    ++g.sb;
-    ++g.sd;
-    return g;
-}
-
 // Scratch (a.sm90_scratch, kSm90ScratchBytes): GEMM 1 and GEMM 2 arrays, the side stream's one-entry
 // arrays, then CUTLASS's workspace (TMA descriptors, 64-byte aligned) split in two halves: the main
 // stream's GEMMs and the side stream's, which run at the same time.
@@ -334,11 +327,11 @@ template <typename T>
 Sm90Scratch<T> carve_scratch(MoeArgs const& a)
 {
     char* const base = static_cast<char*>(a.sm90_scratch);
-    int const G2 = a.E + (a.has_shared ? a.shared_splits : 0);
-    size_t const arrays = gemm_arrays_bytes<T>(kMaxGroups + kMaxSharedSplits);
+    constexpr int kMaxEntries = kMaxExperts + std::max(kMaxSharedParts, kMaxSharedSplits);
+    size_t const arrays = gemm_arrays_bytes<T>(kMaxEntries);
     Sm90Scratch<T> s{};
-    s.g1 = carve_gemm_arrays<T>(base, a.G);
-    s.g2 = carve_gemm_arrays<T>(base + arrays, G2);
+    s.g1 = carve_gemm_arrays<T>(base, kMaxEntries);
+    s.g2 = carve_gemm_arrays<T>(base + arrays, kMaxEntries);
     s.gs = carve_gemm_arrays<T>(base + 2 * arrays, 1);
     size_t const ws_offset = align_up(2 * arrays + gemm_arrays_bytes<T>(1), 256);
     s.ws_bytes = (kSm90ScratchBytes - ws_offset) / 2 / 256 * 256;
@@ -421,6 +414,8 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream, SideLaunch cons
 {
     Sm90Scratch<T> const s = carve_scratch<T>(a);
     int const G2 = a.E + (a.has_shared ? a.shared_splits : 0);
+    // GEMM 1's shared pieces: none when the side stream runs the shared expert's GEMM 1.
+    int const parts1 = side != nullptr || !a.has_shared ? 0 : a.shared_parts;
     T* const xg = static_cast<T*>(a.y);
 
     // Our kernels may start early (pdl_wait, common.cuh); the CUTLASS GEMMs wait for full completion
@@ -432,15 +427,12 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream, SideLaunch cons
     cudaError_t err = launch_kernel(gather_kernel<T>, gather_grid, dim3(256), 0, stream, pdl, a, xg);
     if (err == cudaSuccess)
     {
-        err = launch_kernel(setup_kernel<T>, dim3(1), dim3(256), 0, stream, pdl, a, xg, s.g1, s.g2);
+        err = launch_kernel(setup_kernel<T>, dim3(1), dim3(256), 0, stream, pdl, a, xg, parts1, s.g1, s.g2);
     }
     if (err == cudaSuccess)
     {
-        // With the side stream, entry 0 (the shared expert, first in schedule order) is its GEMM's.
-        bool const split = side != nullptr && a.has_shared;
-        err = split ? run_grouped_for<T>(small, a.E, without_first(s.g1), s.ws[0], s.ws_bytes, stream)
-                    : run_grouped_for<T>(small, a.G, s.g1, s.ws[0], s.ws_bytes, stream);
-        if (err == cudaSuccess && split)
+        err = run_grouped_for<T>(small, a.E + parts1, s.g1, s.ws[0], s.ws_bytes, stream);
+        if (err == cudaSuccess && side != nullptr)
         {
             err = cudaStreamWaitEvent(stream, side->join, 0);
         }

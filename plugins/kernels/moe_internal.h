@@ -50,6 +50,9 @@ constexpr bool kHasSm90Gemm = false;
 //   QMOE_DECODE_MMA=n    decode path with tensor-core inner products (moe_gemv.cu, MMA), taken by
 //                        AUTO up to n tokens (unless the call sets decode_max_tokens); its shared
 //                        expert's down projection in shared_splits_for() K-slices (0 = off)
+//   QMOE_SHARED_INTERLEAVE=n Hopper prefill path: the shared expert's work spread evenly among the
+//                        routed experts' in both grouped GEMMs (sched_entry), GEMM 1's in up to n
+//                        column slices (shared_gemm1_parts), instead of first and whole (0 = off)
 // Defaults: all off (the schedule measured on the H100, plugins/results/NOTES.md) until the
 // switches are measured too (scripts/gpu_session.sh).
 struct Tuning
@@ -60,10 +63,12 @@ struct Tuning
     bool decode_split;
     int shared_stream_sms; // SMs left to the routing chain while the side stream's GEMM runs; 0 = off
     int decode_mma_tokens; // AUTO's decode threshold with the MMA decode path; 0 = off (FMA decode)
+    int shared_interleave; // most GEMM 1 column slices of the spread shared expert; 0 = off (shared first)
 };
 Tuning const& tuning();
 constexpr int kMaxSharedStreamSms = 64;
 constexpr int kMaxDecodeMmaTokens = 512;
+constexpr int kMaxSharedParts = 64; // QMOE_SHARED_INTERLEAVE's most GEMM 1 slices
 
 // QMOE_SHARED_STREAM: where the shared expert's GEMM 1 was launched, the event [Experts] waits on
 // before SwiGLU, and how many SMs that GEMM leaves free.
@@ -117,6 +122,40 @@ inline int shared_splits_for(int64_t T, int64_t Is)
     return 1;
 }
 
+// QMOE_SHARED_INTERLEAVE=n: the shared expert's GEMM 1 (T rows x 2*Is columns) in this many column
+// slices, at most n (a power of two): whole 256-column output tiles per slice where possible, else
+// multiples of 8 columns (16-byte aligned operands). 57B: 2*Is = 40960 -> 32 slices of 1280.
+inline int shared_gemm1_parts(int64_t Is, int n)
+{
+    int const most = std::min(n, kMaxSharedParts);
+    int tiles = 1; // slices of whole 256-column tiles
+    int cols = 1;  // slices of a multiple of 8 columns
+    for (int p = 2; Is > 0 && p <= most; p *= 2)
+    {
+        tiles = (2 * Is) % (256 * p) == 0 ? p : tiles;
+        cols = (2 * Is) % (8 * p) == 0 ? p : cols;
+    }
+    return tiles > 1 ? tiles : cols;
+}
+
+// Entry i (0 <= i < routed + parts) of a Hopper grouped GEMM whose shared expert is in `parts` pieces:
+// returns the piece (>= 0) or -1 - e for routed expert e. The scheduler hands out tiles in entry
+// order. Not spread: the pieces first (the largest work first, so it never forms the tail). Spread
+// (QMOE_SHARED_INTERLEAVE): piece j at entry floor(j * n / parts), n = routed + parts, evenly among
+// the routed experts (one piece: first either way), so that compute-bound shared tiles (a weight
+// tile reused by T/64 row tiles) run beside memory-bound routed tiles instead of before them.
+__host__ __device__ inline int sched_entry(int i, int routed, int parts, bool spread)
+{
+    if (!spread)
+    {
+        return i < parts ? i : -1 - (i - parts);
+    }
+    int64_t const n = static_cast<int64_t>(routed) + parts;
+    int const before = static_cast<int>((static_cast<int64_t>(i) * parts + n - 1) / n); // pieces in [0, i)
+    int const upto = static_cast<int>((static_cast<int64_t>(i + 1) * parts + n - 1) / n);
+    return upto > before ? before : -1 - (i - before);
+}
+
 struct MoeArgs
 {
     int T, H, E, k, I, Is;
@@ -124,6 +163,8 @@ struct MoeArgs
     int has_shared; // Is > 0
     int norm_topk_prob;
     int shared_splits; // y row blocks of the shared expert: 1, or shared_splits_for(T, Is)
+    int shared_parts;  // Hopper GEMM 1 column slices of the shared expert: 1, or shared_gemm1_parts()
+    int interleave;    // Hopper grouped GEMMs: shared pieces spread among the routed experts (sched_entry)
     int router_splits; // K-split partial sums in logits (<= router_split_cap(T)); the top-k kernel adds them
     int pdl;           // launch with programmatic dependent launch (QMOE_PDL=1 and a Hopper+ device)
 

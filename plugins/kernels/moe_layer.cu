@@ -169,6 +169,8 @@ MoeArgs make_args(qmoe_moe_params const* p)
     a.G = a.E + a.has_shared;
     a.norm_topk_prob = p->norm_topk_prob != 0;
     a.shared_splits = 1;
+    a.shared_parts = 1;
+    a.interleave = 0;
     a.router_splits = 1;
     a.pdl = pdl_enabled() ? 1 : 0;
     a.x = p->hidden;
@@ -369,7 +371,8 @@ Tuning const& tuning()
 {
     static Tuning const t{env_flag("QMOE_PDL"), env_flag("QMOE_ROUTER_TC"),
         env_int("QMOE_PERMUTE_CTAS", 1, 1, kMaxPermuteCtas), env_flag("QMOE_DECODE_SPLIT"),
-        env_int("QMOE_SHARED_STREAM", 0, 0, kMaxSharedStreamSms), env_int("QMOE_DECODE_MMA", 0, 0, kMaxDecodeMmaTokens)};
+        env_int("QMOE_SHARED_STREAM", 0, 0, kMaxSharedStreamSms), env_int("QMOE_DECODE_MMA", 0, 0, kMaxDecodeMmaTokens),
+        env_int("QMOE_SHARED_INTERLEAVE", 0, 0, kMaxSharedParts)};
     return t;
 }
 
@@ -415,6 +418,11 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
     if ((!decode && sm90) || (decode && (tuning().decode_split || mma)))
     {
         a.shared_splits = shared_splits_for(a.T, a.Is);
+    }
+    if (!decode && sm90 && tuning().shared_interleave > 0)
+    {
+        a.shared_parts = shared_gemm1_parts(a.Is, tuning().shared_interleave);
+        a.interleave = 1;
     }
 
     // QMOE_SHARED_STREAM: fork the shared expert's GEMM 1 (it needs no routing) onto the side stream
@@ -521,7 +529,8 @@ extern "C" int32_t qmoe_kernels_features(void)
     return (kHasSm90Gemm ? QMOE_FEATURE_SM90_GEMM : 0) | (t.pdl ? QMOE_FEATURE_PDL : 0)
         | (t.router_tc ? QMOE_FEATURE_ROUTER_TC : 0) | (t.permute_ctas > 1 ? QMOE_FEATURE_PERMUTE_MULTI : 0)
         | (t.shared_stream_sms > 0 ? QMOE_FEATURE_SHARED_STREAM : 0) | (t.decode_split ? QMOE_FEATURE_DECODE_SPLIT : 0)
-        | (t.decode_mma_tokens > 0 ? QMOE_FEATURE_DECODE_MMA : 0);
+        | (t.decode_mma_tokens > 0 ? QMOE_FEATURE_DECODE_MMA : 0)
+        | (t.shared_interleave > 0 ? QMOE_FEATURE_SHARED_INTERLEAVE : 0);
 }
 
 extern "C" int32_t qmoe_kernels_abi_version(void)

@@ -123,9 +123,9 @@ def test_kernels_report_the_cutlass_path(kernels_lib: Path) -> None:
 
 
 EXPERIMENTAL = {"QMOE_PDL": "1", "QMOE_ROUTER_TC": "1", "QMOE_PERMUTE_CTAS": "64", "QMOE_SHARED_STREAM": "8",
-                "QMOE_DECODE_SPLIT": "1", "QMOE_DECODE_MMA": "64"}
+                "QMOE_DECODE_SPLIT": "1", "QMOE_DECODE_MMA": "64", "QMOE_SHARED_INTERLEAVE": "32"}
 SWITCH_BITS = (K.FEATURE_PDL | K.FEATURE_ROUTER_TC | K.FEATURE_PERMUTE_MULTI | K.FEATURE_SHARED_STREAM
-               | K.FEATURE_DECODE_SPLIT | K.FEATURE_DECODE_MMA)
+               | K.FEATURE_DECODE_SPLIT | K.FEATURE_DECODE_MMA | K.FEATURE_SHARED_INTERLEAVE)
 
 
 def _probe(lib: Path, env: dict[str, str]) -> tuple[int, list[int]]:
@@ -156,9 +156,72 @@ def test_experimental_switches_follow_the_environment_not_the_workspace(kernels_
     # "0", junk and a single CTA all mean off.
     junk_features, _ = _probe(kernels_lib, {"QMOE_PDL": "0", "QMOE_ROUTER_TC": "", "QMOE_PERMUTE_CTAS": "lots",
                                             "QMOE_SHARED_STREAM": "0", "QMOE_DECODE_SPLIT": "0",
-                                            "QMOE_DECODE_MMA": "none"})
+                                            "QMOE_DECODE_MMA": "none", "QMOE_SHARED_INTERLEAVE": "x"})
     assert junk_features & SWITCH_BITS == 0
     assert _probe(kernels_lib, {"QMOE_PERMUTE_CTAS": "1"})[0] & K.FEATURE_PERMUTE_MULTI == 0
+
+
+SCHED_PROGRAM = r"""
+#include "moe_internal.h"
+#include <cstdio>
+int main() {
+    int const experts[] = {1, 2, 7, 8, 64, 256};
+    int const parts[] = {1, 2, 5, 8, 32, 64};
+    for (int E : experts) for (int P : parts) for (int spread = 0; spread < 2; ++spread) {
+        std::printf("%d %d %d", E, P, spread);
+        for (int i = 0; i < E + P; ++i) std::printf(" %d", qmoe::sched_entry(i, E, P, spread != 0));
+        std::printf("\n");
+    }
+    long const inter[] = {0, 8, 40, 88, 128, 512, 768, 2560, 20480, 65536};
+    int const most[] = {0, 1, 2, 3, 32, 64, 1000};
+    for (long Is : inter) for (int n : most) std::printf("parts %ld %d %d\n", Is, n, qmoe::shared_gemm1_parts(Is, n));
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(not (shutil.which("g++") and (CUDA_INCLUDE / "cuda_runtime.h").exists()),
+                    reason="needs g++ and the CUDA headers")
+def test_grouped_gemm_schedule_orders() -> None:
+    """moe_internal.h's sched_entry (the Hopper grouped GEMMs' entry order) and shared_gemm1_parts
+    (QMOE_SHARED_INTERLEAVE's column slices), compiled from the header and run on the host."""
+    exe = ROOT / "build" / "plugins-test" / "sched_entry"
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    src = exe.with_suffix(".cpp")
+    src.write_text(SCHED_PROGRAM)
+    subprocess.run(["g++", "-std=c++17", "-Wall", "-Werror", f"-I{K.KERNELS_DIR}", f"-I{CUDA_INCLUDE}", str(src),
+                    "-o", str(exe)], check=True, capture_output=True)
+    lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
+    orders = [list(map(int, line.split())) for line in lines if not line.startswith("parts")]
+    assert len(orders) == 6 * 6 * 2
+    for experts, parts, spread, *entries in orders:
+        case = f"E={experts} parts={parts} spread={spread}: {entries}"
+        pieces = [(i, v) for i, v in enumerate(entries) if v >= 0]
+        routed = [-1 - v for v in entries if v < 0]
+        assert routed == list(range(experts)), case  # every routed expert once, in expert order
+        assert [v for _, v in pieces] == list(range(parts)), case  # every piece once, in order
+        positions = [i for i, _ in pieces]
+        n = experts + parts
+        if not spread:
+            assert positions == list(range(parts)), case  # the shared expert first
+        else:
+            assert positions == [j * n // parts for j in range(parts)], case  # piece j at floor(j n / parts)
+            assert positions[0] == 0, case  # one piece (the long unsplit work) still goes first
+            gaps = {b - a for a, b in zip(positions, positions[1:], strict=False)}
+            assert not gaps or max(gaps) - min(gaps) <= 1, case  # evenly spread
+    got = {(int(is_), int(n)): int(p) for _, is_, n, p in (line.split() for line in lines if line.startswith("parts"))}
+    for (inter, most), p in got.items():
+        cap = min(most, 64)
+        assert 1 <= p <= max(cap, 1) and p & (p - 1) == 0, (inter, most, p)
+        if p > 1:
+            assert (2 * inter) % (8 * p) == 0, (inter, most, p)  # 16-byte aligned slices
+    assert got[(20480, 32)] == 32  # Qwen2-57B: 32 slices of 1280 columns (5 whole 256-column tiles)
+    assert got[(20480, 1000)] == 32  # 64 slices would split tiles: whole tiles win
+    assert got[(65536, 1000)] == 64  # capped at kMaxSharedParts
+    assert got[(512, 32)] == 4  # E64_TOP8's shared expert: whole tiles (4 x 256) before finer slices
+    assert got[(88, 32)] == 2 and got[(40, 32)] == 2  # no whole tiles: multiples of 8 columns (88, 40)
+    assert got[(768, 32)] == 2  # 1536 = 6 tiles: 2 slices of 3
+    assert got[(20480, 3)] == 2 and got[(20480, 0)] == 1 and got[(20480, 1)] == 1 and got[(0, 32)] == 1
 
 
 def test_launchers_validate_before_touching_the_gpu(kernels_lib: Path) -> None:

@@ -258,21 +258,60 @@ def mma_decode_cases() -> None:
                     else:
                         prefill = lib.moe_forward(x, w, shape.top_k, norm, path=K.PATH_PREFILL)
                         assert torch.equal(auto, prefill), f"{what}: AUTO did not take the prefill path"
-    print("mma decode: ok")
 
 
-def test_decode_mma_switch(lib: K.Kernels) -> None:
-    """QMOE_DECODE_MMA=64 (plugins/README.md, experimental switches) in a fresh process, beside the
-    other QMOE_* switches of this process (scripts/gpu_session.sh's second pass sets them all)."""
+def _run_with_switch(lib: K.Kernels, name: str, value: str, cases: str) -> None:
+    """Runs cases() of this module in a fresh process with the switch name=value (switches are read
+    once per process), beside the other QMOE_* switches of this process (scripts/gpu_session.sh's
+    second pass sets them all)."""
     env = dict(os.environ)
-    env["QMOE_DECODE_MMA"] = "64"
+    env[name] = value
     if "QMOE_KERNELS_LIB" not in env:
         env["QMOE_KERNELS_LIB"] = str(lib.path)
-    code = "from tests.plugins.test_kernels_gpu import mma_decode_cases; mma_decode_cases()"
+    code = f"from tests.plugins.test_kernels_gpu import {cases}; {cases}(); print('cases: ok')"
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                           check=False, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "mma decode: ok" in proc.stdout
+    assert "cases: ok" in proc.stdout
+
+
+def test_decode_mma_switch(lib: K.Kernels) -> None:
+    """QMOE_DECODE_MMA=64 (plugins/README.md, experimental switches)."""
+    _run_with_switch(lib, "QMOE_DECODE_MMA", "64", "mma_decode_cases")
+
+
+# QMOE_SHARED_INTERLEAVE: shapes whose shared GEMM 1 splits into whole 256-column tiles (E64_TOP8:
+# 4 x 256; split8: 2 x 768) or into slices of 8-column multiples (ODD_SMALL: 2 x 88), token counts
+# with (<= 512) and without the K-sliced shared down projection, small and large tiles.
+INTERLEAVE_TOKENS = [1, 3, 64, 257, 513, 4096]
+
+
+def interleave_prefill_cases() -> None:
+    """Run in a process with QMOE_SHARED_INTERLEAVE=32 (switches are read once per process): the
+    Hopper grouped GEMMs with the shared expert's pieces spread among the routed experts, against the
+    reference, both dtypes, uniform/skewed routing (skewed: most routed groups empty, so most entries
+    between the pieces are M = 0 problems), with and without renormalisation."""
+    lib = K.load(build_if_needed=False)
+    assert lib.features() & K.FEATURE_SHARED_INTERLEAVE, "QMOE_SHARED_INTERLEAVE is not in effect"
+    for shape in MMA_SHAPES.values():
+        for tokens in INTERLEAVE_TOKENS:
+            for dtype in DTYPES.values():
+                for skew, norm in ((False, False), (False, True), (True, False), (True, True)):
+                    w, x = _case(shape, tokens, dtype, skew)
+                    ids, weights, shared_gate = lib.moe_route(x, w, shape.top_k, norm)
+                    expected = ref.experts(x, w, ids, weights, shared_gate)
+                    out = lib.moe_forward(x, w, shape.top_k, norm, path=K.PATH_PREFILL)
+                    what = f"interleaved prefill {shape} T={tokens} {dtype} skew={skew}"
+                    _assert_close(out, expected, dtype, what)
+                    assert torch.equal(out, lib.moe_forward(x, w, shape.top_k, norm, path=K.PATH_PREFILL)), what
+
+
+def test_shared_interleave_switch(lib: K.Kernels) -> None:
+    """QMOE_SHARED_INTERLEAVE=32 (plugins/README.md, experimental switches). With QMOE_SHARED_STREAM
+    too, GEMM 1 has no shared pieces and only GEMM 2's K-slices are spread."""
+    if torch.cuda.get_device_capability() != (9, 0) or not lib.features() & K.FEATURE_SM90_GEMM:
+        pytest.skip("the switch orders the Hopper (sm_90a, CUTLASS) grouped GEMMs only")
+    _run_with_switch(lib, "QMOE_SHARED_INTERLEAVE", "32", "interleave_prefill_cases")
 
 
 def test_bad_arguments_raise(lib: K.Kernels) -> None:
