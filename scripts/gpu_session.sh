@@ -28,8 +28,9 @@ switches=(QMOE_PDL=1 QMOE_ROUTER_TC=1 QMOE_PERMUTE_CTAS=64 QMOE_SHARED_STREAM=8 
     QMOE_SHARED_INTERLEAVE=32)
 # Hopper small-tile shapes (memory-bound 8-512 tokens): deeper K boxes read 256-byte weight-row segments.
 # large64: 128-row tiles from 48 mean rows per expert (512 tokens: 64) instead of 96.
+# pp128: the compute-bound (4096-token) tiles as 128x128 ping-pong instead of 128x256 cooperative.
 TILE_VARIANTS=("k128:-DQMOE_SM90_SMALL_TILE_K=128" "n128k128:-DQMOE_SM90_SMALL_TILE_N=128 -DQMOE_SM90_SMALL_TILE_K=128"
-    "large64:-DQMOE_SM90_SMALL_MAX_ROWS=48")
+    "large64:-DQMOE_SM90_SMALL_MAX_ROWS=48" "pp128:-DQMOE_SM90_LARGE_PINGPONG=1 -DQMOE_SM90_LARGE_TILE_N=128")
 mode=${1:-}
 # What the carried libraries are built from (no git needed on the device): kernel sources, build
 # files and the variants' flags. check/tune refuse libraries built from other sources.

@@ -74,10 +74,21 @@ struct SmallTiles
     using Cluster = Shape<_1, _1, _1>;
 };
 
+// QMOE_SM90_LARGE_PINGPONG=1: the large tiles ping-pong too (each consumer warp group owns a whole
+// tile and its epilogue overlaps the other's math), e.g. with QMOE_SM90_LARGE_TILE_N=128.
+#ifndef QMOE_SM90_LARGE_PINGPONG
+#define QMOE_SM90_LARGE_PINGPONG 0
+#endif
+
 struct LargeTiles
 {
+#if QMOE_SM90_LARGE_PINGPONG
+    using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+    using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+#else
     using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
     using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+#endif
     using Tile = Shape<Int<QMOE_SM90_LARGE_TILE_M>, Int<QMOE_SM90_LARGE_TILE_N>, Int<QMOE_SM90_LARGE_TILE_K>>;
     using Cluster = Shape<Int<QMOE_SM90_LARGE_CLUSTER_M>, Int<QMOE_SM90_LARGE_CLUSTER_N>, _1>;
 };

@@ -123,8 +123,9 @@ inline int shared_splits_for(int64_t T, int64_t Is)
 }
 
 // QMOE_SHARED_INTERLEAVE=n: the shared expert's GEMM 1 (T rows x 2*Is columns) in this many column
-// slices, at most n (a power of two): whole 256-column output tiles per slice where possible, else
-// multiples of 8 columns (16-byte aligned operands). 57B: 2*Is = 40960 -> 32 slices of 1280.
+// slices, at most n (a power of two): whole 256-column output tiles per slice where possible (256: a
+// multiple of every tile width moe_gemm_sm90.cuh is built with, 128 or 256), else multiples of 8
+// columns (16-byte aligned operands). 57B: 2*Is = 40960 -> 32 slices of 1280.
 inline int shared_gemm1_parts(int64_t Is, int n)
 {
     int const most = std::min(n, kMaxSharedParts);

@@ -260,12 +260,11 @@ def mma_decode_cases() -> None:
                         assert torch.equal(auto, prefill), f"{what}: AUTO did not take the prefill path"
 
 
-def _run_with_switch(lib: K.Kernels, name: str, value: str, cases: str) -> None:
-    """Runs cases() of this module in a fresh process with the switch name=value (switches are read
-    once per process), beside the other QMOE_* switches of this process (scripts/gpu_session.sh's
-    second pass sets them all)."""
-    env = dict(os.environ)
-    env[name] = value
+def _run_with_switch(lib: K.Kernels, switches: dict[str, str], cases: str) -> None:
+    """Runs cases() of this module in a fresh process with these QMOE_* switches (they are read once
+    per process), beside the other switches of this process (scripts/gpu_session.sh's second pass
+    sets them all)."""
+    env = {**os.environ, **switches}
     if "QMOE_KERNELS_LIB" not in env:
         env["QMOE_KERNELS_LIB"] = str(lib.path)
     code = f"from tests.plugins.test_kernels_gpu import {cases}; {cases}(); print('cases: ok')"
@@ -277,13 +276,32 @@ def _run_with_switch(lib: K.Kernels, name: str, value: str, cases: str) -> None:
 
 def test_decode_mma_switch(lib: K.Kernels) -> None:
     """QMOE_DECODE_MMA=64 (plugins/README.md, experimental switches)."""
-    _run_with_switch(lib, "QMOE_DECODE_MMA", "64", "mma_decode_cases")
+    _run_with_switch(lib, {"QMOE_DECODE_MMA": "64"}, "mma_decode_cases")
 
 
-# QMOE_SHARED_INTERLEAVE: shapes whose shared GEMM 1 splits into whole 256-column tiles (E64_TOP8:
-# 4 x 256; split8: 2 x 768) or into slices of 8-column multiples (ODD_SMALL: 2 x 88), token counts
-# with (<= 512) and without the K-sliced shared down projection, small and large tiles.
+# QMOE_SHARED_INTERLEAVE=32: shapes whose shared GEMM 1 splits into whole 256-column tiles (slices32:
+# 32 x 256, as many pieces as the 57B model's; E64_TOP8: 4 x 256; split8: 2 x 768) or into slices of
+# 8-column multiples (ODD_SMALL: 2 x 88); token counts with (<= 512) and without the K-sliced shared
+# down projection, small and large tiles.
+INTERLEAVE_SHAPES = {**MMA_SHAPES, "slices32": ref.MoeShape(hidden=256, experts=64, top_k=8, inter=128,
+                                                            shared_inter=4096)}
 INTERLEAVE_TOKENS = [1, 3, 64, 257, 513, 4096]
+
+
+def _interleave_cases(shapes: dict[str, ref.MoeShape], tokens_list: list[int]) -> None:
+    lib = K.load(build_if_needed=False)
+    assert lib.features() & K.FEATURE_SHARED_INTERLEAVE, "QMOE_SHARED_INTERLEAVE is not in effect"
+    for shape in shapes.values():
+        for tokens in tokens_list:
+            for dtype in DTYPES.values():
+                for skew, norm in ((False, False), (False, True), (True, False), (True, True)):
+                    w, x = _case(shape, tokens, dtype, skew)
+                    ids, weights, shared_gate = lib.moe_route(x, w, shape.top_k, norm)
+                    expected = ref.experts(x, w, ids, weights, shared_gate)
+                    out = lib.moe_forward(x, w, shape.top_k, norm, path=K.PATH_PREFILL)
+                    what = f"spread shared expert {shape} T={tokens} {dtype} skew={skew}"
+                    _assert_close(out, expected, dtype, what)
+                    assert torch.equal(out, lib.moe_forward(x, w, shape.top_k, norm, path=K.PATH_PREFILL)), what
 
 
 def interleave_prefill_cases() -> None:
@@ -291,27 +309,25 @@ def interleave_prefill_cases() -> None:
     Hopper grouped GEMMs with the shared expert's pieces spread among the routed experts, against the
     reference, both dtypes, uniform/skewed routing (skewed: most routed groups empty, so most entries
     between the pieces are M = 0 problems), with and without renormalisation."""
-    lib = K.load(build_if_needed=False)
-    assert lib.features() & K.FEATURE_SHARED_INTERLEAVE, "QMOE_SHARED_INTERLEAVE is not in effect"
-    for shape in MMA_SHAPES.values():
-        for tokens in INTERLEAVE_TOKENS:
-            for dtype in DTYPES.values():
-                for skew, norm in ((False, False), (False, True), (True, False), (True, True)):
-                    w, x = _case(shape, tokens, dtype, skew)
-                    ids, weights, shared_gate = lib.moe_route(x, w, shape.top_k, norm)
-                    expected = ref.experts(x, w, ids, weights, shared_gate)
-                    out = lib.moe_forward(x, w, shape.top_k, norm, path=K.PATH_PREFILL)
-                    what = f"interleaved prefill {shape} T={tokens} {dtype} skew={skew}"
-                    _assert_close(out, expected, dtype, what)
-                    assert torch.equal(out, lib.moe_forward(x, w, shape.top_k, norm, path=K.PATH_PREFILL)), what
+    _interleave_cases(INTERLEAVE_SHAPES, INTERLEAVE_TOKENS)
+
+
+def interleave_stream_cases() -> None:
+    """The same with QMOE_SHARED_STREAM=8 too: the side stream runs the whole shared GEMM 1, the main
+    stream's GEMM 1 has only the routed experts, and GEMM 2's K-slices are spread."""
+    assert K.load(build_if_needed=False).features() & K.FEATURE_SHARED_STREAM, "QMOE_SHARED_STREAM is not in effect"
+    shapes = {name: INTERLEAVE_SHAPES[name] for name in ("slices32", "odd_small")}
+    _interleave_cases(shapes, [3, 257, 4096])
 
 
 def test_shared_interleave_switch(lib: K.Kernels) -> None:
-    """QMOE_SHARED_INTERLEAVE=32 (plugins/README.md, experimental switches). With QMOE_SHARED_STREAM
-    too, GEMM 1 has no shared pieces and only GEMM 2's K-slices are spread."""
+    """QMOE_SHARED_INTERLEAVE=32 (plugins/README.md, experimental switches), alone and with
+    QMOE_SHARED_STREAM=8. Not checked here: that the pieces really are spread (only the host test of
+    sched_entry sees the order; the output is the same either way)."""
     if torch.cuda.get_device_capability() != (9, 0) or not lib.features() & K.FEATURE_SM90_GEMM:
         pytest.skip("the switch orders the Hopper (sm_90a, CUTLASS) grouped GEMMs only")
-    _run_with_switch(lib, "QMOE_SHARED_INTERLEAVE", "32", "interleave_prefill_cases")
+    _run_with_switch(lib, {"QMOE_SHARED_INTERLEAVE": "32"}, "interleave_prefill_cases")
+    _run_with_switch(lib, {"QMOE_SHARED_INTERLEAVE": "32", "QMOE_SHARED_STREAM": "8"}, "interleave_stream_cases")
 
 
 def test_bad_arguments_raise(lib: K.Kernels) -> None:
