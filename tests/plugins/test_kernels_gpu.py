@@ -235,29 +235,39 @@ MMA_TOKENS = [1, 3, 8, 13, 24, 33, 64, 65, 257]
 MMA_SHAPES = {**SHAPES, "split8": ref.MoeShape(hidden=192, experts=16, top_k=4, inter=64, shared_inter=768)}
 
 
-def mma_decode_cases() -> None:
-    """Run in a process with QMOE_DECODE_MMA=64 (switches are read once per process): the decode
-    path on tensor cores against the reference, forced and through AUTO (decode up to 64 tokens,
-    prefill above), both dtypes, uniform/skewed routing, with and without renormalisation."""
+def _checked_cases(shapes: dict[str, ref.MoeShape], tokens_list: list[int], path: int, label: str):
+    """For every shape, token count, dtype, uniform/skewed routing (skewed: most routed groups empty)
+    and with/without renormalisation: the layer on `path` against the reference (with the kernel's
+    own routing) and run twice (deterministic). Yields (lib, shape, tokens, norm, w, x, out, what)
+    for further checks."""
     lib = K.load(build_if_needed=False)
-    assert lib.features() & K.FEATURE_DECODE_MMA, "QMOE_DECODE_MMA is not in effect"
-    for shape in MMA_SHAPES.values():
-        for tokens in MMA_TOKENS:
+    for shape in shapes.values():
+        for tokens in tokens_list:
             for dtype in DTYPES.values():
                 for skew, norm in ((False, False), (False, True), (True, False), (True, True)):
                     w, x = _case(shape, tokens, dtype, skew)
                     ids, weights, shared_gate = lib.moe_route(x, w, shape.top_k, norm)
                     expected = ref.experts(x, w, ids, weights, shared_gate)
-                    forced = lib.moe_forward(x, w, shape.top_k, norm, path=K.PATH_DECODE)
-                    what = f"mma decode {shape} T={tokens} {dtype} skew={skew}"
-                    _assert_close(forced, expected, dtype, what)
-                    assert torch.equal(forced, lib.moe_forward(x, w, shape.top_k, norm, path=K.PATH_DECODE)), what
-                    auto = lib.moe_forward(x, w, shape.top_k, norm)
-                    if tokens <= 64:
-                        assert torch.equal(auto, forced), f"{what}: AUTO did not take the decode path"
-                    else:
-                        prefill = lib.moe_forward(x, w, shape.top_k, norm, path=K.PATH_PREFILL)
-                        assert torch.equal(auto, prefill), f"{what}: AUTO did not take the prefill path"
+                    out = lib.moe_forward(x, w, shape.top_k, norm, path=path)
+                    what = f"{label} {shape} T={tokens} {dtype} skew={skew} norm={norm}"
+                    _assert_close(out, expected, dtype, what)
+                    assert torch.equal(out, lib.moe_forward(x, w, shape.top_k, norm, path=path)), what
+                    yield lib, shape, tokens, norm, w, x, out, what
+
+
+def mma_decode_cases() -> None:
+    """Run in a process with QMOE_DECODE_MMA=64 (switches are read once per process): the decode
+    path on tensor cores against the reference, forced and through AUTO (decode up to 64 tokens,
+    prefill above)."""
+    assert K.load(build_if_needed=False).features() & K.FEATURE_DECODE_MMA, "QMOE_DECODE_MMA is not in effect"
+    for lib, shape, tokens, norm, w, x, forced, what in _checked_cases(MMA_SHAPES, MMA_TOKENS, K.PATH_DECODE,
+                                                                        "mma decode"):
+        auto = lib.moe_forward(x, w, shape.top_k, norm)
+        if tokens <= 64:
+            assert torch.equal(auto, forced), f"{what}: AUTO did not take the decode path"
+        else:
+            prefill = lib.moe_forward(x, w, shape.top_k, norm, path=K.PATH_PREFILL)
+            assert torch.equal(auto, prefill), f"{what}: AUTO did not take the prefill path"
 
 
 def _run_with_switch(lib: K.Kernels, switches: dict[str, str], cases: str) -> None:
@@ -289,26 +299,16 @@ INTERLEAVE_TOKENS = [1, 3, 64, 257, 513, 4096]
 
 
 def _interleave_cases(shapes: dict[str, ref.MoeShape], tokens_list: list[int]) -> None:
-    lib = K.load(build_if_needed=False)
-    assert lib.features() & K.FEATURE_SHARED_INTERLEAVE, "QMOE_SHARED_INTERLEAVE is not in effect"
-    for shape in shapes.values():
-        for tokens in tokens_list:
-            for dtype in DTYPES.values():
-                for skew, norm in ((False, False), (False, True), (True, False), (True, True)):
-                    w, x = _case(shape, tokens, dtype, skew)
-                    ids, weights, shared_gate = lib.moe_route(x, w, shape.top_k, norm)
-                    expected = ref.experts(x, w, ids, weights, shared_gate)
-                    out = lib.moe_forward(x, w, shape.top_k, norm, path=K.PATH_PREFILL)
-                    what = f"spread shared expert {shape} T={tokens} {dtype} skew={skew}"
-                    _assert_close(out, expected, dtype, what)
-                    assert torch.equal(out, lib.moe_forward(x, w, shape.top_k, norm, path=K.PATH_PREFILL)), what
+    features = K.load(build_if_needed=False).features()
+    assert features & K.FEATURE_SHARED_INTERLEAVE, "QMOE_SHARED_INTERLEAVE is not in effect"
+    for _ in _checked_cases(shapes, tokens_list, K.PATH_PREFILL, "spread shared expert"):
+        pass
 
 
 def interleave_prefill_cases() -> None:
     """Run in a process with QMOE_SHARED_INTERLEAVE=32 (switches are read once per process): the
     Hopper grouped GEMMs with the shared expert's pieces spread among the routed experts, against the
-    reference, both dtypes, uniform/skewed routing (skewed: most routed groups empty, so most entries
-    between the pieces are M = 0 problems), with and without renormalisation."""
+    reference (skewed routing: most entries between the pieces are M = 0 problems)."""
     _interleave_cases(INTERLEAVE_SHAPES, INTERLEAVE_TOKENS)
 
 
