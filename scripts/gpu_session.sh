@@ -6,15 +6,16 @@
 #   here:    scripts/gpu_session.sh prepare        -> build/carry/libqmoe_kernels.so (sm_90a + CUTLASS)
 #                                                     and build/carry/<tile variant>.so (TILE_VARIANTS)
 #   device:  OUT=$OUT scripts/gpu_session.sh check  (device tool: carry ["build/carry"], timeout_s 600)
-#            OUT=$OUT scripts/gpu_session.sh tune   (same machine while warm; timeout_s 420)
+#            OUT=$OUT scripts/gpu_session.sh tune   (same machine while warm; timeout_s 420, or what the
+#                                                     lease has left: then GPU_SESSION_BUDGET_S=timeout-20)
 #
 #   check  scripts/gpu_check.sh (GPU tests, benchmark with transformers, compute-sanitizer) on the
 #          default schedule, then again under all the switches. ~5-6 min.
 #   tune   benchmark only (no transformers) at 1/8/64/512/4096 tokens: the default schedule, each
 #          switch alone, all switches, each tile variant, large64 with QMOE_SHARED_INTERLEAVE=32; then
-#          Nsight Compute (if present) on one call at 64, 512 and 4096 tokens, at 64 with
-#          QMOE_DECODE_MMA=64 and at 512 with QMOE_SHARED_INTERLEAVE=32 (scripts/profile_moe_gpu.py;
-#          each only while the time budget allows). ~4-5 min.
+#          Nsight Compute (if present) on one call at 512 tokens, at 512 with QMOE_SHARED_INTERLEAVE=32,
+#          at 64 with QMOE_DECODE_MMA=64, at 4096 and at 64 (scripts/profile_moe_gpu.py; each only
+#          while GPU_SESSION_BUDGET_S allows). ~5-7 min.
 # Each command leaves three files in $OUT (the device tool returns at most 8): summary.txt (every
 # stage's exit code), compare.md (scripts/compare_bench.py), results.tgz (all logs and JSON).
 # Exit code: 0 when every stage passed.
@@ -132,8 +133,10 @@ else
     if [ -n "$ncu" ]; then
         # NAME:TOKENS:FLAG:ENV (the third also on the tensor-core decode path: L1 hit rate of its
         # activation loads, spills, DRAM throughput)
-        for spec in "64:64::" "512:512::" "4096:4096:--routed-only:" "64mma:64::QMOE_DECODE_MMA=64" \
-            "512il:512::QMOE_SHARED_INTERLEAVE=32"; do
+        # Most telling first (the budget may cut the list): 512 tokens without and with the spread
+        # shared expert (DRAM throughput, L2 throughput), the tensor-core decode at 64, then the rest.
+        for spec in "512:512::" "512il:512::QMOE_SHARED_INTERLEAVE=32" "64mma:64::QMOE_DECODE_MMA=64" \
+            "4096:4096:--routed-only:" "64:64::"; do
             IFS=: read -r name t flag envs <<<"$spec"
             left=$((budget_s - SECONDS))
             if [ "$left" -lt 45 ]; then
