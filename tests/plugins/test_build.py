@@ -194,8 +194,11 @@ def test_grouped_gemm_schedule_orders() -> None:
     lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
     orders = [list(map(int, line.split())) for line in lines if not line.startswith("parts")]
     assert len(orders) == 6 * 6 * 2
+    from tests.plugins.test_model_schedule import M as model  # scripts/model_schedule.py
+
     for experts, parts, spread, *entries in orders:
         case = f"E={experts} parts={parts} spread={spread}: {entries}"
+        assert model.entry_order(experts, parts, bool(spread)) == entries, case  # the model's copy
         pieces = [(i, v) for i, v in enumerate(entries) if v >= 0]
         routed = [-1 - v for v in entries if v < 0]
         assert routed == list(range(experts)), case  # every routed expert once, in expert order

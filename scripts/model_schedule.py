@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""A fluid model of the Hopper grouped GEMMs' tile schedule (plugins/kernels/moe_gemm_sm90.cuh), to
+reason about entry orders without a GPU and to calibrate against a lease's numbers.
+
+Model. CUTLASS's persistent group scheduler walks the tiles of all entries in entry order (inside an
+entry along M first) and hands tile i to slot i mod W (static striding; W = 132 CTAs x 2 ping-pong
+consumer warp groups). A tile needs f FLOPs at most C = peak / W per slot and b bytes from HBM;
+the running tiles share the HBM bandwidth max-min fairly. A weight tile (256 rows x K) is read from
+HBM by the first of an entry's row tiles and from L2 by the others (they run at about the same time
+in AlongM order). Activation traffic and the kernels around the GEMMs are left out.
+
+usage: scripts/model_schedule.py [--tokens 64 512 ...] [--parts 8 16 32] [--tflops 600] [--tbps 2.8]
+Prints the modelled GEMM 1 + GEMM 2 time per token count with the shared expert first (the default
+schedule) and spread with QMOE_SHARED_INTERLEAVE=parts. Run 4 measured 1.652 ms of grouped GEMMs at
+512 tokens (plugins/results/h100-run4/bench.log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+SLOTS = 2 * 132  # H100 SXM: 132 SMs, two ping-pong tiles each
+TILE_M, TILE_N = 64, 256  # the small (memory-bound range) tiles
+SHARED_SPLIT_MAX_TOKENS = 512  # GEMM 2's shared K-slices up to here (moe_internal.h)
+
+
+@dataclass(frozen=True)
+class Dims:
+    hidden: int = 3584
+    inter: int = 2560
+    shared_inter: int = 20480
+    experts: int = 64
+    top_k: int = 8
+    elem_bytes: int = 2
+
+
+def entry_order(routed: int, parts: int, spread: bool) -> list[int]:
+    """moe_internal.h's sched_entry for every entry: the shared piece (>= 0) or -1 - e."""
+    n = routed + parts
+    order = []
+    for i in range(n):
+        if not spread:
+            order.append(i if i < parts else -1 - (i - parts))
+            continue
+        before = (i * parts + n - 1) // n
+        upto = ((i + 1) * parts + n - 1) // n
+        order.append(before if upto > before else -1 - (i - before))
+    return order
+
+
+def _entry_tiles(rows: int, cols: int, k: int, elem: int) -> list[tuple[float, float]]:
+    """(FLOPs, HBM bytes) of each tile of a rows x cols x k problem, along M first."""
+    m_tiles = math.ceil(rows / TILE_M)
+    tiles = []
+    for n0 in range(0, cols, TILE_N):
+        width = min(TILE_N, cols - n0)
+        for m in range(m_tiles):
+            tiles.append((2.0 * TILE_M * width * k, float(width * k * elem) if m == 0 else 0.0))
+    return tiles
+
+
+def gemm_tiles(gemm: int, counts: list[int], tokens: int, parts: int, spread: bool,
+               d: Dims = Dims()) -> list[tuple[float, float]]:
+    """The tile list of GEMM 1 (gate/up; the shared expert in `parts` column slices) or GEMM 2 (down;
+    the shared expert in its K-slices) in the scheduler's order."""
+    if gemm == 1:
+        routed = [_entry_tiles(r, 2 * d.inter, d.hidden, d.elem_bytes) for r in counts]
+        width = 2 * d.shared_inter // parts
+        pieces = [_entry_tiles(tokens, width, d.hidden, d.elem_bytes) for _ in range(parts)]
+    else:
+        routed = [_entry_tiles(r, d.hidden, d.inter, d.elem_bytes) for r in counts]
+        parts = 8 if tokens <= SHARED_SPLIT_MAX_TOKENS else 1
+        pieces = [_entry_tiles(tokens, d.hidden, d.shared_inter // parts, d.elem_bytes) for _ in range(parts)]
+    tiles: list[tuple[float, float]] = []
+    for s in entry_order(len(routed), len(pieces), spread):
+        tiles += pieces[s] if s >= 0 else routed[-1 - s]
+    return tiles
+
+
+def simulate(tiles: list[tuple[float, float]], slots: int, flops_per_slot: float, bandwidth: float) -> float:
+    """Seconds until every tile is done (fluid model; see the module docstring)."""
+    queues = [tiles[w::slots] for w in range(slots)]
+    nxt = [0] * slots
+    work: dict[int, list[float]] = {}  # slot -> [remaining fraction, f, b]
+    for w in range(slots):
+        if queues[w]:
+            f, b = queues[w][0]
+            work[w] = [1.0, f, b]
+            nxt[w] = 1
+    t = 0.0
+    while work:
+        # Fraction per second each tile could reach on compute alone, and what its bytes would need.
+        cap = {w: flops_per_slot / v[1] if v[1] > 0 else math.inf for w, v in work.items()}
+        need = {w: v[2] * cap[w] for w, v in work.items()}
+        # Max-min fair shares of the bandwidth (water filling over the sorted demands).
+        left, n = bandwidth, len(work)
+        rate = {}
+        for i, (_, w) in enumerate(sorted((need[w], w) for w in work)):
+            share = min(need[w], left / (n - i))
+            left -= share
+            rate[w] = min(cap[w], share / work[w][2]) if work[w][2] > 0 else cap[w]
+        finish = [(v[0] / rate[w], w) for w, v in work.items()]
+        dt = heapq.nsmallest(1, finish)[0][0]
+        t += dt
+        for w in list(work):
+            work[w][0] -= rate[w] * dt
+            if work[w][0] <= 1e-9:
+                if nxt[w] < len(queues[w]):
+                    f, b = queues[w][nxt[w]]
+                    nxt[w] += 1
+                    work[w] = [1.0, f, b]
+                else:
+                    del work[w]
+    return t
+
+
+def routed_counts(tokens: int, d: Dims, seed: int) -> list[int]:
+    """Rows per routed expert for uniformly random top-k routing (the benchmark's random router)."""
+    rng = np.random.default_rng(seed)
+    counts = np.zeros(d.experts, dtype=int)
+    for _ in range(tokens):
+        counts[rng.choice(d.experts, d.top_k, replace=False)] += 1
+    return counts.tolist()
+
+
+def grouped_gemms_ms(tokens: int, parts: int, spread: bool, tflops: float, tbps: float, seed: int = 0,
+                     d: Dims = Dims()) -> float:
+    counts = routed_counts(tokens, d, seed)
+    per_slot = tflops * 1e12 / SLOTS
+    return 1e3 * sum(simulate(gemm_tiles(g, counts, tokens, parts, spread, d), SLOTS, per_slot, tbps * 1e12)
+                     for g in (1, 2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[64, 256, 512, 640])
+    ap.add_argument("--parts", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--tflops", type=float, default=600.0, help="bf16 rate of the 64x256 tiles, compute-bound")
+    ap.add_argument("--tbps", type=float, default=2.8, help="HBM rate the tiles stream at, memory-bound")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if any(t < 1 or t * Dims().top_k // Dims().experts >= 96 for t in args.tokens):
+        ap.error("--tokens: 1..767 (the 64-row tiles' range at 57B dims)")
+    if any(p < 1 or (2 * Dims().shared_inter) % (TILE_N * p) for p in args.parts):
+        ap.error("--parts: whole 256-column slices of the shared expert's 40960 columns (1, 2, 4, ..., 32)")
+    print(f"grouped GEMMs, ms (model: {args.tflops:g} TFLOP/s, {args.tbps:g} TB/s, {SLOTS} tile slots)")
+    print("tokens  shared first  " + "  ".join(f"spread {p:>2}" for p in args.parts))
+    for t in args.tokens:
+        first = grouped_gemms_ms(t, 1, False, args.tflops, args.tbps, args.seed)
+        spread = [grouped_gemms_ms(t, p, True, args.tflops, args.tbps, args.seed) for p in args.parts]
+        print(f"{t:>6}  {first:>12.3f}  " + "  ".join(f"{s:>9.3f}" for s in spread))
+
+
+if __name__ == "__main__":
+    main()
