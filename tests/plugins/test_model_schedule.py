@@ -1,6 +1,6 @@
 """scripts/model_schedule.py: the fluid model of the grouped GEMMs' tile schedule. Its limits are
 checked against closed forms (all compute-bound, all memory-bound), its tile lists against the GEMM
-sizes, and its calibration against run 4's measurement (1.652 ms of grouped GEMMs at 512 tokens)."""
+sizes, and its calibration against run 4's measurements."""
 
 from __future__ import annotations
 
@@ -64,11 +64,15 @@ def test_entry_order_is_the_headers() -> None:
     assert M.entry_order(4, 2, spread=False) == [0, 1, -1, -2, -3, -4]
 
 
-def test_calibrated_on_run4_at_512_tokens() -> None:
-    """Run 4 (H100, default schedule): 1.652 ms of grouped GEMMs at 512 tokens. The model, with the
-    rates the small tiles reach elsewhere (2.8 TB/s at 64 tokens), must be within 5% of it, or its
-    predictions for other orders mean nothing."""
-    assert M.grouped_gemms_ms(512, 1, False, 600.0, 2.8) == pytest.approx(1.652, rel=0.05)
+@pytest.mark.parametrize("tokens, shared, measured_ms", [(64, True, 1.411), (512, True, 1.652), (512, False, 1.348)],
+                         ids=["64", "512", "512-routed-only"])
+def test_calibrated_on_run4(tokens: int, shared: bool, measured_ms: float) -> None:
+    """Run 4 (H100, default schedule, plugins/results/h100-run4/bench.log): grouped GEMMs of the whole
+    layer at 64 and 512 tokens and of the routed experts alone at 512. The model with one pair of
+    rates (600 TFLOP/s, 2.8 TB/s) must be within 5% of each, or its predictions for other orders mean
+    nothing. (At 8 tokens it is 10% slow: 1.00 ms for 0.911 measured; the GEMMs streamed faster there.)"""
+    dims = M.Dims() if shared else M.Dims(shared_inter=0)
+    assert M.grouped_gemms_ms(tokens, 1, False, 600.0, 2.8, d=dims) == pytest.approx(measured_ms, rel=0.05)
 
 
 def test_cli_prints_the_table() -> None:
