@@ -10,9 +10,10 @@
 #                                                     lease has left: then GPU_SESSION_BUDGET_S=timeout-20)
 #
 #   check  scripts/gpu_check.sh (GPU tests, benchmark with transformers, compute-sanitizer) on the
-#          default schedule, then again under all the switches. ~5-6 min.
+#          default schedule, then again under all the switches. ~6-7 min.
 #   tune   benchmark only (no transformers) at 1/8/64/512/4096 tokens: the default schedule, each
-#          switch alone, all switches, each tile variant, large64 with QMOE_SHARED_INTERLEAVE=32; then
+#          switch alone, all switches, spread_set (the 512-token combination), each tile variant,
+#          large64 with QMOE_SHARED_INTERLEAVE=32 (14 benches, ~20 s each); then
 #          Nsight Compute (if present) on one call at 512 tokens, at 512 with QMOE_SHARED_INTERLEAVE=32,
 #          at 64 with QMOE_DECODE_MMA=64, at 4096 and at 64 (scripts/profile_moe_gpu.py; each only
 #          while GPU_SESSION_BUDGET_S allows). ~5-7 min.
@@ -30,8 +31,12 @@ switches=(QMOE_PDL=1 QMOE_ROUTER_TC=1 QMOE_PERMUTE_CTAS=64 QMOE_SHARED_STREAM=8 
 # Hopper small-tile shapes (memory-bound 8-512 tokens): deeper K boxes read 256-byte weight-row segments.
 # large64: 128-row tiles from 48 mean rows per expert (512 tokens: 64) instead of 96.
 # pp128: the compute-bound (4096-token) tiles as 128x128 ping-pong instead of 128x256 cooperative.
-TILE_VARIANTS=("k128:-DQMOE_SM90_SMALL_TILE_K=128" "n128k128:-DQMOE_SM90_SMALL_TILE_N=128 -DQMOE_SM90_SMALL_TILE_K=128"
-    "large64:-DQMOE_SM90_SMALL_MAX_ROWS=48" "pp128:-DQMOE_SM90_LARGE_PINGPONG=1 -DQMOE_SM90_LARGE_TILE_N=128")
+# (64x128 tiles were no faster at 64 tokens and slower at 512 in run 4: no N=128 small variant.)
+TILE_VARIANTS=("k128:-DQMOE_SM90_SMALL_TILE_K=128" "large64:-DQMOE_SM90_SMALL_MAX_ROWS=48"
+    "pp128:-DQMOE_SM90_LARGE_PINGPONG=1 -DQMOE_SM90_LARGE_TILE_N=128")
+# The 512-token prediction's combination (plugins/results/NOTES.md): all_switches has QMOE_SHARED_STREAM,
+# which takes the shared GEMM 1 off the spread, so this set leaves it out.
+spread_set=(QMOE_SHARED_INTERLEAVE=32 QMOE_ROUTER_TC=1 QMOE_PERMUTE_CTAS=64 QMOE_PDL=1)
 mode=${1:-}
 # What the carried libraries are built from (no git needed on the device): kernel sources, build
 # files and the variants' flags. check/tune refuse libraries built from other sources.
@@ -45,6 +50,7 @@ if [ "$mode" = prepare ]; then
     bash scripts/get_cutlass.sh
     scripts/build_plugins.sh --werror --arch 90a --build-dir "$root/build/carry-build"
     mkdir -p "$carry"
+    rm -f "$carry"/*.so "$carry/SOURCE"  # no library of an older variant list travels along
     cp "$root/build/carry-build/lib/libqmoe_kernels.so" "$lib"
     for v in "${TILE_VARIANTS[@]}"; do
         scripts/build_plugins.sh --werror --arch 90a --build-dir "$root/build/carry-build-${v%%:*}" --cuda-flags "${v#*:}"
@@ -122,19 +128,19 @@ else
         bench "${s%%=*}" "$lib" "$s"
     done
     bench all_switches "$lib" "${switches[@]}"
+    bench spread_set "$lib" "${spread_set[@]}"
     for v in "${TILE_VARIANTS[@]}"; do
         [ -f "$carry/${v%%:*}.so" ] && bench "${v%%:*}" "$carry/${v%%:*}.so"
     done
     # Both answers to the 512-token gap together: 128-row tiles from 48 rows and the spread shared expert.
     [ -f "$carry/large64.so" ] && bench large64_interleave "$carry/large64.so" QMOE_SHARED_INTERLEAVE=32
-    # Nsight Compute on one layer call (default schedule): why the grouped GEMMs stream below vLLM
-    # at 64 tokens (DRAM throughput, L2 hit rate), how busy the tensor pipes are at 4096 (routed only).
+    # Nsight Compute on one layer call each, as NAME:TOKENS:FLAG:ENV, the most telling first (the
+    # budget may cut the list): 512 tokens with the default schedule and with the spread shared
+    # expert (DRAM and L2 throughput: do the two limits overlap?), the tensor-core decode at 64 (L1
+    # hit rate of its activation loads, spills), the routed experts at 4096 (tensor pipes), and the
+    # default at 64 (why the grouped GEMMs stream below vLLM there).
     ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
     if [ -n "$ncu" ]; then
-        # NAME:TOKENS:FLAG:ENV (the third also on the tensor-core decode path: L1 hit rate of its
-        # activation loads, spills, DRAM throughput)
-        # Most telling first (the budget may cut the list): 512 tokens without and with the spread
-        # shared expert (DRAM throughput, L2 throughput), the tensor-core decode at 64, then the rest.
         for spec in "512:512::" "512il:512::QMOE_SHARED_INTERLEAVE=32" "64mma:64::QMOE_DECODE_MMA=64" \
             "4096:4096:--routed-only:" "64:64::"; do
             IFS=: read -r name t flag envs <<<"$spec"
