@@ -3,13 +3,22 @@
 reason about entry orders without a GPU and to calibrate against a lease's numbers.
 
 Model. CUTLASS's persistent group scheduler walks the tiles of all entries in entry order (inside an
-entry along M first) and hands tile i to slot i mod W (static striding; W = 132 CTAs x 2 ping-pong
-consumer warp groups). A tile needs f FLOPs at most C = peak / W per slot and b bytes from HBM;
-the running tiles share the HBM bandwidth max-min fairly. A weight tile (256 rows x K) is read from
-HBM by the first of an entry's row tiles and from L2 by the others (they run at about the same time
-in AlongM order). Activation traffic and the kernels around the GEMMs are left out.
+entry along M first) and hands tile i to slot i mod W (static striding). A tile needs f FLOPs at
+most C = peak / W per slot and b bytes from HBM; the running tiles share the HBM bandwidth max-min
+fairly. A weight tile (256 rows x K) is read from HBM by the first of an entry's row tiles and from
+L2 by the others (they run at about the same time in AlongM order). Activation traffic and the
+kernels around the GEMMs are left out.
+
+W = 264 (--slots): 132 CTAs x 2 ping-pong consumer warp groups as independent slots. That is a
+fitted simplification: the two warp groups take turns on the tensor cores and one in-order producer
+feeds both, so a compute-bound and a memory-bound tile on one SM do not fully run side by side.
+With --slots 132 the calibration points move by up to 5% (routed-only 512: 1.283 ms) and the
+512-token prediction barely (1.648 -> 1.48-1.50 ms). The routing is random (--seed): seeds 0-3
+give 1.63-1.68 ms shared first and 1.48-1.54 spread at 512 tokens. --tile-m 128 --slots 132 models
+the large64 variant (cooperative 128-row tiles).
 
 usage: scripts/model_schedule.py [--tokens 64 512 ...] [--parts 8 16 32] [--tflops 600] [--tbps 2.8]
+                                 [--slots 264] [--tile-m 64] [--seed 0]
 Prints the modelled GEMM 1 + GEMM 2 time per token count with the shared expert first (the default
 schedule) and spread with QMOE_SHARED_INTERLEAVE=parts. Calibration (tests/plugins/test_model_schedule.py):
 run 4 measured 1.411 / 1.652 ms of grouped GEMMs at 64 / 512 tokens and 1.348 ms for the routed
@@ -55,29 +64,29 @@ def entry_order(routed: int, parts: int, spread: bool) -> list[int]:
     return order
 
 
-def _entry_tiles(rows: int, cols: int, k: int, elem: int) -> list[tuple[float, float]]:
+def _entry_tiles(rows: int, cols: int, k: int, elem: int, tile_m: int) -> list[tuple[float, float]]:
     """(FLOPs, HBM bytes) of each tile of a rows x cols x k problem, along M first (none if empty)."""
-    m_tiles = math.ceil(rows / TILE_M) if k > 0 else 0
+    m_tiles = math.ceil(rows / tile_m) if k > 0 else 0
     tiles = []
     for n0 in range(0, cols, TILE_N):
         width = min(TILE_N, cols - n0)
         for m in range(m_tiles):
-            tiles.append((2.0 * TILE_M * width * k, float(width * k * elem) if m == 0 else 0.0))
+            tiles.append((2.0 * tile_m * width * k, float(width * k * elem) if m == 0 else 0.0))
     return tiles
 
 
-def gemm_tiles(gemm: int, counts: list[int], tokens: int, parts: int, spread: bool,
-               d: Dims = Dims()) -> list[tuple[float, float]]:
+def gemm_tiles(gemm: int, counts: list[int], tokens: int, parts: int, spread: bool, d: Dims = Dims(),
+               tile_m: int = TILE_M) -> list[tuple[float, float]]:
     """The tile list of GEMM 1 (gate/up; the shared expert in `parts` column slices) or GEMM 2 (down;
     the shared expert in its K-slices) in the scheduler's order."""
     if gemm == 1:
-        routed = [_entry_tiles(r, 2 * d.inter, d.hidden, d.elem_bytes) for r in counts]
+        routed = [_entry_tiles(r, 2 * d.inter, d.hidden, d.elem_bytes, tile_m) for r in counts]
         width = 2 * d.shared_inter // parts
-        pieces = [_entry_tiles(tokens, width, d.hidden, d.elem_bytes) for _ in range(parts)]
+        pieces = [_entry_tiles(tokens, width, d.hidden, d.elem_bytes, tile_m) for _ in range(parts)]
     else:
-        routed = [_entry_tiles(r, d.hidden, d.inter, d.elem_bytes) for r in counts]
+        routed = [_entry_tiles(r, d.hidden, d.inter, d.elem_bytes, tile_m) for r in counts]
         parts = 8 if tokens <= SHARED_SPLIT_MAX_TOKENS and d.shared_inter else 1
-        pieces = [_entry_tiles(tokens, d.hidden, d.shared_inter // parts, d.elem_bytes) for _ in range(parts)]
+        pieces = [_entry_tiles(tokens, d.hidden, d.shared_inter // parts, d.elem_bytes, tile_m) for _ in range(parts)]
     tiles: list[tuple[float, float]] = []
     for s in entry_order(len(routed), len(pieces), spread):
         tiles += pieces[s] if s >= 0 else routed[-1 - s]
@@ -131,10 +140,10 @@ def routed_counts(tokens: int, d: Dims, seed: int) -> list[int]:
 
 
 def grouped_gemms_ms(tokens: int, parts: int, spread: bool, tflops: float, tbps: float, seed: int = 0,
-                     d: Dims = Dims()) -> float:
+                     d: Dims = Dims(), slots: int = SLOTS, tile_m: int = TILE_M) -> float:
     counts = routed_counts(tokens, d, seed)
-    per_slot = tflops * 1e12 / SLOTS
-    return 1e3 * sum(simulate(gemm_tiles(g, counts, tokens, parts, spread, d), SLOTS, per_slot, tbps * 1e12)
+    per_slot = tflops * 1e12 / slots
+    return 1e3 * sum(simulate(gemm_tiles(g, counts, tokens, parts, spread, d, tile_m), slots, per_slot, tbps * 1e12)
                      for g in (1, 2))
 
 
@@ -144,17 +153,23 @@ def main() -> None:
     ap.add_argument("--parts", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--tflops", type=float, default=600.0, help="bf16 rate of the 64x256 tiles, compute-bound")
     ap.add_argument("--tbps", type=float, default=2.8, help="HBM rate the tiles stream at, memory-bound")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--slots", type=int, default=SLOTS, help="tiles in flight (CTAs x consumer warp groups)")
+    ap.add_argument("--tile-m", type=int, choices=(64, 128), default=TILE_M, help="rows per tile")
+    ap.add_argument("--seed", type=int, default=0, help="of the random routing")
     args = ap.parse_args()
     if any(t < 1 or t * Dims().top_k // Dims().experts >= 96 for t in args.tokens):
         ap.error("--tokens: 1..767 (the 64-row tiles' range at 57B dims)")
-    if any(p < 1 or (2 * Dims().shared_inter) % (TILE_N * p) for p in args.parts):
-        ap.error("--parts: whole 256-column slices of the shared expert's 40960 columns (1, 2, 4, ..., 32)")
-    print(f"grouped GEMMs, ms (model: {args.tflops:g} TFLOP/s, {args.tbps:g} TB/s, {SLOTS} tile slots)")
+    if any(p < 1 or p & (p - 1) or (2 * Dims().shared_inter) % (TILE_N * p) for p in args.parts):
+        ap.error("--parts: as QMOE_SHARED_INTERLEAVE slices the 57B shared expert: 1, 2, 4, 8, 16 or 32")
+    if args.slots < 1 or args.tflops <= 0 or args.tbps <= 0:
+        ap.error("--slots, --tflops and --tbps must be positive")
+    print(f"grouped GEMMs, ms (model: {args.tflops:g} TFLOP/s, {args.tbps:g} TB/s, {args.slots} tile slots of"
+          f" {args.tile_m} rows)")
     print("tokens  shared first  " + "  ".join(f"spread {p:>2}" for p in args.parts))
     for t in args.tokens:
-        first = grouped_gemms_ms(t, 1, False, args.tflops, args.tbps, args.seed)
-        spread = [grouped_gemms_ms(t, p, True, args.tflops, args.tbps, args.seed) for p in args.parts]
+        model = dict(tflops=args.tflops, tbps=args.tbps, seed=args.seed, slots=args.slots, tile_m=args.tile_m)
+        first = grouped_gemms_ms(t, 1, False, **model)
+        spread = [grouped_gemms_ms(t, p, True, **model) for p in args.parts]
         print(f"{t:>6}  {first:>12.3f}  " + "  ".join(f"{s:>9.3f}" for s in spread))
 
 

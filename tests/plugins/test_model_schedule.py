@@ -51,9 +51,14 @@ def test_tiles_cover_the_gemms() -> None:
     g2 = M.gemm_tiles(2, counts, 64, 1, spread=False)
     assert len(g2) == 64 * 14 + 8 * 14  # 14 column tiles of H; the shared expert in 8 K-slices
     assert sum(b for _, b in g2) == pytest.approx((64 * d.inter + d.shared_inter) * d.hidden * 2)
-    # Row tiles after the first of a weight tile read it from L2.
-    two = M.gemm_tiles(2, [65] + [0] * 63, 512, 1, spread=False)
-    assert sum(1 for _, b in two if b == 0) >= 14
+    # Row tiles after the first of a weight tile read it from L2: one expert of 65 rows, no shared one.
+    two = M.gemm_tiles(2, [65] + [0] * 63, 512, 1, spread=False, d=M.Dims(shared_inter=0))
+    assert len(two) == 2 * 14
+    assert sum(1 for _, b in two if b == 0) == 14
+    assert [b > 0 for _, b in two[:4]] == [True, False, True, False]  # along M first
+    # 128-row tiles (the large64 variant): one row tile, twice the math.
+    big = M.gemm_tiles(2, [65] + [0] * 63, 512, 1, spread=False, d=M.Dims(shared_inter=0), tile_m=128)
+    assert len(big) == 14 and big[0][0] == 2 * two[0][0]
 
 
 def test_entry_order_is_the_headers() -> None:
@@ -69,10 +74,10 @@ def test_entry_order_is_the_headers() -> None:
 def test_calibrated_on_run4(tokens: int, shared: bool, measured_ms: float) -> None:
     """Run 4 (H100, default schedule, plugins/results/h100-run4/bench.log): grouped GEMMs of the whole
     layer at 64 and 512 tokens and of the routed experts alone at 512. The model with one pair of
-    rates (600 TFLOP/s, 2.8 TB/s) must be within 5% of each, or its predictions for other orders mean
+    rates (600 TFLOP/s, 2.8 TB/s) must be within 3% of each, or its predictions for other orders mean
     nothing. (At 8 tokens it is 10% slow: 1.00 ms for 0.911 measured; the GEMMs streamed faster there.)"""
     dims = M.Dims() if shared else M.Dims(shared_inter=0)
-    assert M.grouped_gemms_ms(tokens, 1, False, 600.0, 2.8, d=dims) == pytest.approx(measured_ms, rel=0.05)
+    assert M.grouped_gemms_ms(tokens, 1, False, 600.0, 2.8, d=dims) == pytest.approx(measured_ms, rel=0.03)
 
 
 def test_cli_prints_the_table() -> None:
@@ -80,5 +85,7 @@ def test_cli_prints_the_table() -> None:
                           text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1].split()[0] == "64"
-    bad = subprocess.run([sys.executable, str(SCRIPT), "--parts", "3"], capture_output=True, text=True, check=False)
-    assert bad.returncode == 2 and "--parts" in bad.stderr
+    for parts in ("3", "5", "64"):  # not a slice count QMOE_SHARED_INTERLEAVE makes for the 57B model
+        bad = subprocess.run([sys.executable, str(SCRIPT), "--parts", parts], capture_output=True, text=True,
+                             check=False)
+        assert bad.returncode == 2 and "--parts" in bad.stderr, parts
