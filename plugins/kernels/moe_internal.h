@@ -253,6 +253,24 @@ inline cudaError_t current_device_sms(int* dev, int* sms)
     return err != cudaSuccess ? err : cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, *dev);
 }
 
+// Compute capability of the current device as 10 * major + minor (90: Hopper, sm_90a code runs); 0 if
+// it cannot be asked (the query's error is cleared so that it does not surface as a later launch's).
+// Asked on every call: one process may drive GPUs of different kinds.
+inline int device_capability()
+{
+    int dev = 0;
+    int major = 0;
+    int minor = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess
+        || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess
+        || cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+    {
+        (void) cudaGetLastError();
+        return 0;
+    }
+    return 10 * major + minor;
+}
+
 // Whether this call may use programmatic dependent launch (moe_layer.cu): QMOE_PDL=1, a device of
 // compute capability 9.0+, and kernels compiled for it (a later GPU runs this library's compute_80
 // PTX, where pdl_wait() is empty).
@@ -308,7 +326,6 @@ cudaError_t launch_experts_decode(MoeArgs const& a, int dtype, bool mma, cudaStr
 cudaError_t launch_experts_prefill(MoeArgs const& a, int dtype, cudaStream_t stream);
 cudaError_t launch_combine(MoeArgs const& a, int dtype, cudaStream_t stream);
 #ifdef QMOE_HAS_SM90_GEMM
-bool sm90_gemm_supported(); // the current device runs sm_90a code
 // side == nullptr: both GEMMs for every group on stream. Else launch_shared_gemm1_sm90_* ran the
 // shared expert's GEMM 1 on side->stream already: GEMM 1 here covers the routed groups, and SwiGLU
 // waits for side->join.

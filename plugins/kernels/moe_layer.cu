@@ -202,26 +202,11 @@ MoeArgs make_args(qmoe_moe_params const* p)
     return a;
 }
 
-// Compute capability major of the current device; 0 if it cannot be asked (the query's error is
-// cleared so that it does not surface as a later launch's).
-int device_major()
-{
-    int dev = 0;
-    int major = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess
-        || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-    {
-        (void) cudaGetLastError();
-        return 0;
-    }
-    return major;
-}
-
 // Prefill: CUTLASS wgmma grouped GEMMs on Hopper when built with them, else the portable WMMA path.
 bool use_sm90(int path)
 {
 #ifdef QMOE_HAS_SM90_GEMM
-    return path != QMOE_PATH_PREFILL_WMMA && sm90_gemm_supported();
+    return path != QMOE_PATH_PREFILL_WMMA && device_capability() == 90; // sm_90a code runs on 9.0 only
 #else
     (void) path;
     return false;
@@ -352,11 +337,9 @@ bool pdl_enabled()
     int v = known[dev].load(std::memory_order_relaxed);
     if (v == 0)
     {
-        int major = 0;
         cudaFuncAttributes attr{};
-        bool const ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess
-            && major >= 9 && cudaFuncGetAttributes(&attr, combine_kernel<__nv_bfloat16>) == cudaSuccess
-            && attr.ptxVersion >= 90;
+        bool const ok = device_capability() >= 90
+            && cudaFuncGetAttributes(&attr, combine_kernel<__nv_bfloat16>) == cudaSuccess && attr.ptxVersion >= 90;
         if (!ok)
         {
             (void) cudaGetLastError(); // a failed query must not surface as a later launch's error
@@ -410,7 +393,7 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
     // Decode (GEMV) up to a few tokens; above, the grouped GEMMs. Hopper's wgmma path already beats
     // the GEMV at 8 tokens (H100, 57B dims: 1.01 vs 1.11 ms), the portable WMMA path does not.
     // QMOE_DECODE_MMA=n: the tensor-core decode path, taken up to n tokens.
-    bool const mma = tuning().decode_mma_tokens > 0 && device_major() >= 8;
+    bool const mma = tuning().decode_mma_tokens > 0 && device_capability() >= 80;
     int const threshold = p->decode_max_tokens > 0 ? p->decode_max_tokens
         : mma                                      ? tuning().decode_mma_tokens
                                                    : (sm90 ? kDefaultDecodeMaxTokensSm90 : kDefaultDecodeMaxTokens);

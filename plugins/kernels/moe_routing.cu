@@ -353,39 +353,47 @@ __device__ __forceinline__ void count_slots(MoeArgs const& a, int* s_count, int 
     }
 }
 
-// The common end of both permutations, once s_count holds every group's rows (all CTAs) and s_cursor
+// A permutation CTA's per-group state in shared memory.
+struct PermuteGroups
+{
+    int count[kMaxGroups];      // rows of each group (all CTAs)
+    int offset[kMaxGroups + 1]; // first permuted row of each group
+    int cursor[kMaxGroups];     // rows of each group placed before this CTA's, then the next free row
+};
+
+// The common end of both permutations, once p.count holds every group's rows (all CTAs) and p.cursor
 // the rows of each group owned by earlier CTAs: offsets (a scan), the group arrays (CTA 0), this
 // CTA's slots [begin, end) placed after the cursors, and the shared rows (grid-stride over CTAs).
 // Row order inside a group follows shared-memory atomics (not deterministic), which does not change
 // any result: every row is computed independently and the combine sums each token's k rows in
 // choice order.
-__device__ void place_slots(MoeArgs const& a, int const* s_count, int* s_offset, int* s_cursor, int begin, int end)
+__device__ void place_slots(MoeArgs const& a, PermuteGroups& p, int begin, int end)
 {
     __syncthreads();
     if (threadIdx.x < kWarp)
     {
-        warp_exclusive_scan(s_count, s_offset, a.G, threadIdx.x);
+        warp_exclusive_scan(p.count, p.offset, a.G, threadIdx.x);
     }
     __syncthreads();
     for (int g = threadIdx.x; g <= a.G; g += kPermuteThreads)
     {
         if (blockIdx.x == 0)
         {
-            a.group_offset[g] = s_offset[g];
+            a.group_offset[g] = p.offset[g];
         }
         if (g < a.G)
         {
             if (blockIdx.x == 0)
             {
-                a.group_count[g] = s_count[g];
+                a.group_count[g] = p.count[g];
             }
-            s_cursor[g] += s_offset[g];
+            p.cursor[g] += p.offset[g];
         }
     }
     __syncthreads();
     for (int s = begin + threadIdx.x; s < end; s += kPermuteThreads)
     {
-        int const row = atomicAdd(&s_cursor[slot_expert(a, s)], 1);
+        int const row = atomicAdd(&p.cursor[slot_expert(a, s)], 1);
         a.row_token[row] = s / a.k;
         a.row_weight[row] = a.topk_weights[s];
         a.slot_row[s] = row;
@@ -404,20 +412,17 @@ __device__ void place_slots(MoeArgs const& a, int const* s_count, int* s_offset,
 // Single CTA: counts per group, then place_slots for every slot.
 __global__ void __launch_bounds__(kPermuteThreads) permute_kernel(MoeArgs a)
 {
-    __shared__ int s_count[kMaxGroups];
-    __shared__ int s_offset[kMaxGroups + 1];
-    __shared__ int s_cursor[kMaxGroups];
-
+    __shared__ PermuteGroups p;
     int const slots = a.T * a.k;
     pdl_trigger_first();
     for (int g = threadIdx.x; g < a.G; g += kPermuteThreads)
     {
-        s_count[g] = (a.has_shared && g == a.E) ? a.T : 0;
-        s_cursor[g] = 0;
+        p.count[g] = (a.has_shared && g == a.E) ? a.T : 0;
+        p.cursor[g] = 0;
     }
     __syncthreads();
-    count_slots(a, s_count, 0, slots);
-    place_slots(a, s_count, s_offset, s_cursor, 0, slots);
+    count_slots(a, p.count, 0, slots);
+    place_slots(a, p, 0, slots);
 }
 
 // Several CTAs (QMOE_PERMUTE_CTAS > 1, many slots): CTA b owns the contiguous slot range
@@ -450,9 +455,7 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_count_kernel(MoeArgs 
 
 __global__ void __launch_bounds__(kPermuteThreads) permute_place_kernel(MoeArgs a)
 {
-    __shared__ int s_count[kMaxGroups];
-    __shared__ int s_offset[kMaxGroups + 1];
-    __shared__ int s_cursor[kMaxGroups];
+    __shared__ PermuteGroups p;
     int const slots = a.T * a.k;
     pdl_trigger_first();
     for (int g = threadIdx.x; g < a.G; g += kPermuteThreads)
@@ -472,10 +475,10 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_place_kernel(MoeArgs 
                 before += b < static_cast<int>(blockIdx.x) ? c : 0;
             }
         }
-        s_count[g] = total;
-        s_cursor[g] = before;
+        p.count[g] = total;
+        p.cursor[g] = before;
     }
-    place_slots(a, s_count, s_offset, s_cursor, permute_begin(slots, blockIdx.x, gridDim.x),
+    place_slots(a, p, permute_begin(slots, blockIdx.x, gridDim.x),
         permute_begin(slots, blockIdx.x + 1, gridDim.x));
 }
 
