@@ -105,14 +105,21 @@ def test_routing(lib: K.Kernels, shape: ref.MoeShape, tokens: int, dtype: torch.
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_forward(lib: K.Kernels, shape: ref.MoeShape, tokens: int, dtype: torch.dtype, norm: bool, skew: bool,
                  path: int) -> None:
+    _check_forward(lib, shape, tokens, dtype, norm, skew, path, f"T={tokens}")
+
+
+def _check_forward(lib: K.Kernels, shape: ref.MoeShape, tokens: int, dtype: torch.dtype, norm: bool, skew: bool,
+                   path: int, what: str):
+    """The layer on `path` against the reference and run twice (deterministic); returns (w, x, out)."""
     w, x = _case(shape, tokens, dtype, skew)
     out = lib.moe_forward(x, w, shape.top_k, norm, path=path)
     # The forward pass runs the same router kernel: check the experts with exactly its routing.
     ids, weights, shared_gate = lib.moe_route(x, w, shape.top_k, norm)
     expected = ref.experts(x, w, ids, weights, shared_gate)
-    _assert_close(out, expected, dtype, f"T={tokens}")
+    _assert_close(out, expected, dtype, what)
     again = lib.moe_forward(x, w, shape.top_k, norm, path=path)
-    assert torch.equal(out, again), "forward is not deterministic"
+    assert torch.equal(out, again), f"{what}: forward is not deterministic"
+    return w, x, out
 
 
 def _auto_decode_max_tokens(lib: K.Kernels) -> int:
@@ -240,22 +247,16 @@ ALL_ROUTINGS = ((False, False), (False, True), (True, False), (True, True))  # (
 
 def _checked_cases(shapes: dict[str, ref.MoeShape], tokens_list: list[int], path: int, label: str,
                    routings: tuple[tuple[bool, bool], ...] = ALL_ROUTINGS):
-    """For every shape, token count, dtype and (skew, norm) routing (skewed: most routed groups
-    empty; norm: top-k renormalised): the layer on `path` against the reference (with the kernel's
-    own routing) and run twice (deterministic). Yields (lib, shape, tokens, norm, w, x, out, what)
+    """_check_forward for every shape, token count, dtype and (skew, norm) routing (skewed: most
+    routed groups empty; norm: top-k renormalised). Yields (lib, shape, tokens, norm, w, x, out, what)
     for further checks."""
     lib = K.load(build_if_needed=False)
     for shape in shapes.values():
         for tokens in tokens_list:
             for dtype in DTYPES.values():
                 for skew, norm in routings:
-                    w, x = _case(shape, tokens, dtype, skew)
-                    ids, weights, shared_gate = lib.moe_route(x, w, shape.top_k, norm)
-                    expected = ref.experts(x, w, ids, weights, shared_gate)
-                    out = lib.moe_forward(x, w, shape.top_k, norm, path=path)
                     what = f"{label} {shape} T={tokens} {dtype} skew={skew} norm={norm}"
-                    _assert_close(out, expected, dtype, what)
-                    assert torch.equal(out, lib.moe_forward(x, w, shape.top_k, norm, path=path)), what
+                    w, x, out = _check_forward(lib, shape, tokens, dtype, norm, skew, path, what)
                     yield lib, shape, tokens, norm, w, x, out, what
 
 
