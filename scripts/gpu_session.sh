@@ -73,7 +73,7 @@ out=${OUT:?gpu_session: set OUT, the folder that comes back}
 work=$(mktemp -d)
 mkdir -p "$out"
 cp "$carry/SOURCE" "$work/" 2>/dev/null
-unset QMOE_PDL QMOE_ROUTER_TC QMOE_PERMUTE_CTAS QMOE_SHARED_STREAM QMOE_DECODE_SPLIT QMOE_DECODE_MMA QMOE_SHARED_INTERLEAVE
+unset "${switches[@]%%=*}"  # the default schedule: none of the switches from the environment
 status=0
 : >"$work/summary.txt"
 note() { echo "$*" | tee -a "$work/summary.txt"; }

@@ -29,7 +29,6 @@ At 8 tokens it is 10% slow (1.00 for 0.911 ms).
 from __future__ import annotations
 
 import argparse
-import heapq
 import math
 from dataclasses import dataclass
 
@@ -115,8 +114,7 @@ def simulate(tiles: list[tuple[float, float]], slots: int, flops_per_slot: float
             share = min(need[w], left / (n - i))
             left -= share
             rate[w] = min(cap[w], share / work[w][2]) if work[w][2] > 0 else cap[w]
-        finish = [(v[0] / rate[w], w) for w, v in work.items()]
-        dt = heapq.nsmallest(1, finish)[0][0]
+        dt = min(v[0] / rate[w] for w, v in work.items())
         t += dt
         for w in list(work):
             work[w][0] -= rate[w] * dt
