@@ -12,8 +12,10 @@
 #   check  scripts/gpu_check.sh (GPU tests, benchmark with transformers, compute-sanitizer) on the
 #          default schedule, then again under all the switches. ~6-7 min.
 #   tune   benchmark only (no transformers) at 1/8/64/512/4096 tokens: the default schedule, each
-#          switch alone, all switches, spread_set (the 512-token combination), each tile variant,
-#          large64 with QMOE_SHARED_INTERLEAVE=32 (14 benches, ~20 s each); then
+#          switch alone, spread_set (the 512-token combination), each tile variant,
+#          QMOE_TILE_ROWS=48 with QMOE_SHARED_INTERLEAVE=32, and 64-row tiles everywhere
+#          (QMOE_TILE_ROWS=1048576: 4096 tokens) (15 benches, ~20 s each; all switches together are
+#          in check's second pass); then
 #          Nsight Compute (if present) on one call at 512 tokens, at 512 with QMOE_SHARED_INTERLEAVE=32,
 #          at 64 with QMOE_DECODE_MMA=64, at 4096 and at 64 (scripts/profile_moe_gpu.py; each only
 #          while GPU_SESSION_BUDGET_S allows). ~5-7 min.
@@ -26,14 +28,14 @@ cd "$root"
 carry=$root/build/carry
 lib=$carry/libqmoe_kernels.so
 py=${PYTHON:-python3}
+# QMOE_TILE_ROWS=48: 128-row tiles from 48 mean rows per routed expert (512 tokens: 64) instead of 96.
 switches=(QMOE_PDL=1 QMOE_ROUTER_TC=1 QMOE_PERMUTE_CTAS=64 QMOE_SHARED_STREAM=8 QMOE_DECODE_SPLIT=1 QMOE_DECODE_MMA=64
-    QMOE_SHARED_INTERLEAVE=32)
-# Hopper small-tile shapes (memory-bound 8-512 tokens): deeper K boxes read 256-byte weight-row segments.
-# large64: 128-row tiles from 48 mean rows per expert (512 tokens: 64) instead of 96.
-# pp128: the compute-bound (4096-token) tiles as 128x128 ping-pong instead of 128x256 cooperative.
-# (64x128 tiles were no faster at 64 tokens and slower at 512 in run 4: no N=128 small variant.)
-TILE_VARIANTS=("k128:-DQMOE_SM90_SMALL_TILE_K=128" "large64:-DQMOE_SM90_SMALL_MAX_ROWS=48"
-    "pp128:-DQMOE_SM90_LARGE_PINGPONG=1 -DQMOE_SM90_LARGE_TILE_N=128")
+    QMOE_SHARED_INTERLEAVE=32 QMOE_TILE_ROWS=48)
+# Hopper tile shapes (compile time). k128, the small tiles (memory-bound 8-512 tokens): deeper K boxes
+# read 256-byte weight-row segments. pp128: the compute-bound (4096-token) tiles as 128x128 ping-pong
+# instead of 128x256 cooperative. (64x128 tiles were no faster at 64 tokens and slower at 512 in
+# run 4: no N=128 small variant.)
+TILE_VARIANTS=("k128:-DQMOE_SM90_SMALL_TILE_K=128" "pp128:-DQMOE_SM90_LARGE_PINGPONG=1 -DQMOE_SM90_LARGE_TILE_N=128")
 # The 512-token prediction's combination (plugins/results/NOTES.md): all_switches has QMOE_SHARED_STREAM,
 # which takes the shared GEMM 1 off the spread, so this set leaves it out.
 spread_set=(QMOE_SHARED_INTERLEAVE=32 QMOE_ROUTER_TC=1 QMOE_PERMUTE_CTAS=64 QMOE_PDL=1)
@@ -127,13 +129,15 @@ else
     for s in "${switches[@]}"; do
         bench "${s%%=*}" "$lib" "$s"
     done
-    bench all_switches "$lib" "${switches[@]}"
     bench spread_set "$lib" "${spread_set[@]}"
     for v in "${TILE_VARIANTS[@]}"; do
         [ -f "$carry/${v%%:*}.so" ] && bench "${v%%:*}" "$carry/${v%%:*}.so"
     done
     # Both answers to the 512-token gap together: 128-row tiles from 48 rows and the spread shared expert.
-    [ -f "$carry/large64.so" ] && bench large64_interleave "$carry/large64.so" QMOE_SHARED_INTERLEAVE=32
+    bench tile48_interleave "$lib" QMOE_TILE_ROWS=48 QMOE_SHARED_INTERLEAVE=32
+    # 64-row ping-pong tiles at 4096 tokens: half the padded rows of 128-row tiles (~6% of the routed
+    # math instead of ~12%), twice the weight-tile loads into shared memory.
+    bench small_tiles "$lib" QMOE_TILE_ROWS=1048576
     # Nsight Compute on one layer call each, as NAME:TOKENS:FLAG:ENV, the most telling first (the
     # budget may cut the list): 512 tokens with the default schedule and with the spread shared
     # expert (DRAM and L2 throughput: do the two limits overlap?), the tensor-core decode at 64 (L1

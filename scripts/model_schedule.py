@@ -15,7 +15,7 @@ feeds both, so a compute-bound and a memory-bound tile on one SM do not fully ru
 With --slots 132 the calibration points move by up to 5% (routed-only 512: 1.283 ms) and the
 512-token prediction barely (1.648 -> 1.48-1.50 ms). The routing is random (--seed): seeds 0-3
 give 1.63-1.68 ms shared first and 1.48-1.54 spread at 512 tokens. --tile-m 128 --slots 132 models
-the large64 variant (cooperative 128-row tiles).
+QMOE_TILE_ROWS=48 (cooperative 128-row tiles from 48 mean rows per expert).
 
 usage: scripts/model_schedule.py [--tokens 64 512 ...] [--parts 8 16 32] [--tflops 600] [--tbps 2.8]
                                  [--slots 264] [--tile-m 64] [--seed 0]

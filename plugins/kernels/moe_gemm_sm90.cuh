@@ -387,16 +387,16 @@ cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_byt
     return cudaGetLastError();
 }
 
-// Tile height from the mean rows per routed expert (the shared group has T rows). At 512 tokens of
-// the 57B model (64 rows on average) half the experts need two 64-row tiles, each streaming the
-// expert's weights; QMOE_SM90_SMALL_MAX_ROWS=48 tests 128-row tiles there (one read per expert,
-// twice the padded math).
-#ifndef QMOE_SM90_SMALL_MAX_ROWS
-#define QMOE_SM90_SMALL_MAX_ROWS 96
-#endif
-inline bool use_small_tiles(MoeArgs const& a)
+// Tile height from the mean rows per group: 64-row ping-pong tiles below tuning().tile_rows
+// (QMOE_TILE_ROWS, default 96), 128-row cooperative tiles from there. For the routed experts that is
+// T*k/E (57B: 96 rows at 768 tokens), for the side stream's shared group T. A group pads its rows to
+// whole tiles: at 512 tokens of the 57B model (64 rows on average) half the experts need two 64-row
+// tiles, each streaming the expert's weights (QMOE_TILE_ROWS=48: one 128-row tile, twice the padded
+// math); at 4096 tokens (512 rows) 128-row tiles pad ~12% of the routed math, 64-row tiles ~6%
+// (QMOE_TILE_ROWS=1048576 tests them there).
+inline bool use_small_tiles(int64_t mean_rows)
 {
-    return static_cast<int64_t>(a.T) * a.k / a.E < QMOE_SM90_SMALL_MAX_ROWS;
+    return mean_rows < tuning().tile_rows;
 }
 
 template <typename T>
@@ -414,10 +414,9 @@ cudaError_t launch_shared_gemm1_t(MoeArgs const& a, SideLaunch const& side)
 {
     Sm90Scratch<T> const s = carve_scratch<T>(a);
     cudaError_t const err = launch_kernel(setup_shared_kernel<T>, dim3(1), dim3(32), 0, side.stream, false, a, s.gs);
-    // Its one group has T rows: 128-row cooperative tiles once they fill (the routed groups' rule is
-    // rows per expert).
+    // Its one group has T rows (the routed groups' rule is their mean rows).
     return err != cudaSuccess ? err
-                              : run_grouped_for<T>(a.T < 96, 1, s.gs, s.ws[1], s.ws_bytes, side.stream, side.reserve_sms);
+                              : run_grouped_for<T>(use_small_tiles(a.T), 1, s.gs, s.ws[1], s.ws_bytes, side.stream, side.reserve_sms);
 }
 
 template <typename T>
@@ -432,7 +431,7 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream, SideLaunch cons
     // Our kernels may start early (pdl_wait, common.cuh); the CUTLASS GEMMs wait for full completion
     // of the kernel before them (no PDL attribute: their kernels have no griddepcontrol.wait).
     bool const pdl = a.pdl != 0;
-    bool const small = use_small_tiles(a);
+    bool const small = use_small_tiles(static_cast<int64_t>(a.T) * a.k / a.E);
     int64_t const gather_total = static_cast<int64_t>(a.T) * a.k * (a.H / 8);
     dim3 const gather_grid(static_cast<unsigned>(std::min<int64_t>((gather_total + 255) / 256, 8192)));
     cudaError_t err = launch_kernel(gather_kernel<T>, gather_grid, dim3(256), 0, stream, pdl, a, xg);

@@ -64,11 +64,14 @@ struct Tuning
     int shared_stream_sms; // SMs left to the routing chain while the side stream's GEMM runs; 0 = off
     int decode_mma_tokens; // AUTO's decode threshold with the MMA decode path; 0 = off (FMA decode)
     int shared_interleave; // most GEMM 1 column slices of the spread shared expert; 0 = off (shared first)
+    int tile_rows;         // Hopper GEMMs: 64-row tiles for groups of fewer mean rows, 128-row tiles from here
 };
 Tuning const& tuning();
 constexpr int kMaxSharedStreamSms = 64;
 constexpr int kMaxDecodeMmaTokens = 512;
 constexpr int kMaxSharedParts = 64; // QMOE_SHARED_INTERLEAVE's most GEMM 1 slices
+constexpr int kDefaultTileRows = 96; // QMOE_TILE_ROWS when unset
+constexpr int kMaxTileRows = 1 << 20;
 
 // QMOE_SHARED_STREAM: where the shared expert's GEMM 1 was launched, the event [Experts] waits on
 // before SwiGLU, and how many SMs that GEMM leaves free.

@@ -355,7 +355,8 @@ Tuning const& tuning()
     static Tuning const t{env_flag("QMOE_PDL"), env_flag("QMOE_ROUTER_TC"),
         env_int("QMOE_PERMUTE_CTAS", 1, 1, kMaxPermuteCtas), env_flag("QMOE_DECODE_SPLIT"),
         env_int("QMOE_SHARED_STREAM", 0, 0, kMaxSharedStreamSms), env_int("QMOE_DECODE_MMA", 0, 0, kMaxDecodeMmaTokens),
-        env_int("QMOE_SHARED_INTERLEAVE", 0, 0, kMaxSharedParts)};
+        env_int("QMOE_SHARED_INTERLEAVE", 0, 0, kMaxSharedParts),
+        env_int("QMOE_TILE_ROWS", kDefaultTileRows, 1, kMaxTileRows)};
     return t;
 }
 
@@ -513,7 +514,8 @@ extern "C" int32_t qmoe_kernels_features(void)
         | (t.router_tc ? QMOE_FEATURE_ROUTER_TC : 0) | (t.permute_ctas > 1 ? QMOE_FEATURE_PERMUTE_MULTI : 0)
         | (t.shared_stream_sms > 0 ? QMOE_FEATURE_SHARED_STREAM : 0) | (t.decode_split ? QMOE_FEATURE_DECODE_SPLIT : 0)
         | (t.decode_mma_tokens > 0 ? QMOE_FEATURE_DECODE_MMA : 0)
-        | (t.shared_interleave > 0 ? QMOE_FEATURE_SHARED_INTERLEAVE : 0);
+        | (t.shared_interleave > 0 ? QMOE_FEATURE_SHARED_INTERLEAVE : 0)
+        | (t.tile_rows != kDefaultTileRows ? QMOE_FEATURE_TILE_ROWS : 0);
 }
 
 extern "C" int32_t qmoe_kernels_abi_version(void)

@@ -138,7 +138,8 @@ const char* qmoe_status_string(int32_t status);
 
 /* Bits of qmoe_kernels_features(). All but the first are experimental switches read once per
    process from the environment (QMOE_PDL=1, QMOE_ROUTER_TC=1, QMOE_PERMUTE_CTAS=n > 1,
-   QMOE_SHARED_STREAM=n > 0, QMOE_DECODE_SPLIT=1, QMOE_DECODE_MMA=n > 0, QMOE_SHARED_INTERLEAVE=n > 0);
+   QMOE_SHARED_STREAM=n > 0, QMOE_DECODE_SPLIT=1, QMOE_DECODE_MMA=n > 0, QMOE_SHARED_INTERLEAVE=n > 0,
+   QMOE_TILE_ROWS=n != 96);
    they never change qmoe_moe_workspace_size(). */
 #define QMOE_FEATURE_SM90_GEMM 1     /* CUTLASS wgmma grouped GEMMs built in (used on compute capability 9.0) */
 #define QMOE_FEATURE_PDL 2           /* programmatic dependent launch between the layer's kernels (9.0+) */
@@ -148,6 +149,7 @@ const char* qmoe_status_string(int32_t status);
 #define QMOE_FEATURE_DECODE_SPLIT 32  /* GEMV decode: shared expert's down projection split along K */
 #define QMOE_FEATURE_DECODE_MMA 64    /* decode path on tensor cores (mma.sync), AUTO up to n tokens (8.0+) */
 #define QMOE_FEATURE_SHARED_INTERLEAVE 128 /* Hopper: shared expert's GEMM tiles spread among the routed experts' */
+#define QMOE_FEATURE_TILE_ROWS 256    /* Hopper: QMOE_TILE_ROWS moves the 64-row / 128-row tile threshold from 96 */
 
 /* QMOE_FEATURE_* bits: what this library was built with and the switches in effect. */
 int32_t qmoe_kernels_features(void);

@@ -48,10 +48,11 @@ FEATURE_SHARED_STREAM = 16
 FEATURE_DECODE_SPLIT = 32
 FEATURE_DECODE_MMA = 64
 FEATURE_SHARED_INTERLEAVE = 128
+FEATURE_TILE_ROWS = 256
 FEATURE_NAMES = {FEATURE_SM90_GEMM: "sm90_gemm", FEATURE_PDL: "pdl", FEATURE_ROUTER_TC: "router_tc",
                  FEATURE_PERMUTE_MULTI: "permute_multi", FEATURE_SHARED_STREAM: "shared_stream",
                  FEATURE_DECODE_SPLIT: "decode_split", FEATURE_DECODE_MMA: "decode_mma",
-                 FEATURE_SHARED_INTERLEAVE: "shared_interleave"}
+                 FEATURE_SHARED_INTERLEAVE: "shared_interleave", FEATURE_TILE_ROWS: "tile_rows"}
 
 
 class MoeParams(ctypes.Structure):

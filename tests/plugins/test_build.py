@@ -123,9 +123,10 @@ def test_kernels_report_the_cutlass_path(kernels_lib: Path) -> None:
 
 
 EXPERIMENTAL = {"QMOE_PDL": "1", "QMOE_ROUTER_TC": "1", "QMOE_PERMUTE_CTAS": "64", "QMOE_SHARED_STREAM": "8",
-                "QMOE_DECODE_SPLIT": "1", "QMOE_DECODE_MMA": "64", "QMOE_SHARED_INTERLEAVE": "32"}
+                "QMOE_DECODE_SPLIT": "1", "QMOE_DECODE_MMA": "64", "QMOE_SHARED_INTERLEAVE": "32",
+                "QMOE_TILE_ROWS": "48"}
 SWITCH_BITS = (K.FEATURE_PDL | K.FEATURE_ROUTER_TC | K.FEATURE_PERMUTE_MULTI | K.FEATURE_SHARED_STREAM
-               | K.FEATURE_DECODE_SPLIT | K.FEATURE_DECODE_MMA | K.FEATURE_SHARED_INTERLEAVE)
+               | K.FEATURE_DECODE_SPLIT | K.FEATURE_DECODE_MMA | K.FEATURE_SHARED_INTERLEAVE | K.FEATURE_TILE_ROWS)
 
 
 def _probe(lib: Path, env: dict[str, str]) -> tuple[int, list[int]]:
@@ -156,9 +157,16 @@ def test_experimental_switches_follow_the_environment_not_the_workspace(kernels_
     # "0", junk and a single CTA all mean off.
     junk_features, _ = _probe(kernels_lib, {"QMOE_PDL": "0", "QMOE_ROUTER_TC": "", "QMOE_PERMUTE_CTAS": "lots",
                                             "QMOE_SHARED_STREAM": "0", "QMOE_DECODE_SPLIT": "0",
-                                            "QMOE_DECODE_MMA": "none", "QMOE_SHARED_INTERLEAVE": "x"})
+                                            "QMOE_DECODE_MMA": "none", "QMOE_SHARED_INTERLEAVE": "x",
+                                            "QMOE_TILE_ROWS": "96 rows"})
     assert junk_features & SWITCH_BITS == 0
     assert _probe(kernels_lib, {"QMOE_PERMUTE_CTAS": "1"})[0] & K.FEATURE_PERMUTE_MULTI == 0
+    # The tile threshold is a number of rows: its default (96) is off, anything else (clamped to
+    # 1..2^20) is on, and it changes the workspace no more than the others.
+    assert _probe(kernels_lib, {"QMOE_TILE_ROWS": "96"})[0] & K.FEATURE_TILE_ROWS == 0
+    for rows in ("0", "1", "99999999"):
+        features, sizes = _probe(kernels_lib, {"QMOE_TILE_ROWS": rows})
+        assert features & K.FEATURE_TILE_ROWS and sizes == off_sizes, rows
 
 
 SCHED_PROGRAM = r"""

@@ -56,7 +56,7 @@ def test_tiles_cover_the_gemms() -> None:
     assert len(two) == 2 * 14
     assert sum(1 for _, b in two if b == 0) == 14
     assert [b > 0 for _, b in two[:4]] == [True, False, True, False]  # along M first
-    # 128-row tiles (the large64 variant): one row tile, twice the math.
+    # 128-row tiles (QMOE_TILE_ROWS=48): one row tile, twice the math.
     big = M.gemm_tiles(2, [65] + [0] * 63, 512, 1, spread=False, d=M.Dims(shared_inter=0), tile_m=128)
     assert len(big) == 14 and big[0][0] == 2 * two[0][0]
 
