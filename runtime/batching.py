@@ -184,7 +184,13 @@ class BatchScheduler:
 
     def _run_step(self) -> tuple[np.ndarray, np.ndarray]:
         """One backend step: each slot's new rows, right-padded. Returns logits [B, 1, V] and Q [B]."""
-        B, chunk = self.max_slots, self.engine.prefill_chunk
+        B = self.max_slots
+        cache_rows = self.capacity + 1
+        # Every row of a step, idle or not, needs room for the step's padded chunk (S rows) after
+        # its past tokens (GroupQueryAttention checks past + S <= cache rows for each row): prefill
+        # chunks shrink while another request runs close to the capacity.
+        room = min((cache_rows - s.cached for s in self._slots if s is not None), default=cache_rows)
+        chunk = max(1, min(self.engine.prefill_chunk, room))
         q = np.zeros(B, np.int32)
         rows: list[list[int]] = [[] for _ in range(B)]
         for b, slot in enumerate(self._slots):
@@ -195,13 +201,21 @@ class BatchScheduler:
             else:
                 rows[b] = [slot.next_token]
             q[b] = len(rows[b])
-        ids = np.zeros((B, int(q.max())), np.int64)  # [B, max Q]
+        S = int(q.max())
+        ids = np.zeros((B, S), np.int64)  # [B, max Q]
         for b, r in enumerate(rows):
             ids[b, : len(r)] = r
         for b, slot in enumerate(self._slots):
             if slot is not None:
                 slot.cached += int(q[b])
-                self._last[b] = slot.cached - 1  # idle rows keep their last value
+                self._last[b] = slot.cached - 1
+            else:
+                # Idle: past = last + 1 rows stay untouched (its kept K/V); the padded chunk may
+                # write after them, so past moves down where S rows would not fit, and the kept
+                # tokens from there on are forgotten.
+                past = min(int(self._last[b]) + 1, cache_rows - S)
+                self._last[b] = past - 1
+                del self._kept[b][past:]
         logits = self.engine.backend.step(self._cache, ids, q, self._last.copy(),
                                           np.maximum(q - 1, 0)[:, None].astype(np.int64))
         self.steps += 1

@@ -190,3 +190,37 @@ def test_requests_over_the_capacity_are_rejected_before_queueing(engine) -> None
     assert not sched.has_work()
     sched.submit(_prompt(60, 60), SamplingParams(max_new_tokens=4))
     assert sched.has_work()
+
+
+def test_rows_near_the_capacity_share_steps_with_prefill_chunks(engine) -> None:
+    """Every row of a step, idle or running, must have room for the step's padded chunk: a slot that
+    ran up to the capacity (idle now, its K/V kept) or a request decoding near it shares steps with
+    another request's 16-token prefill chunks. All equal their solo runs."""
+    sched = BatchScheduler(engine, max_slots=2, capacity=64)
+    full = SamplingParams(max_new_tokens=62, ignore_eos=True)
+    # 1: fills its slot to the capacity alone, then 2 and 3 prefill while that slot is idle.
+    # 4: decodes up to the capacity while 5 arrives with a 40-token prompt (3 chunks) near its end.
+    arrivals = {0: [(_prompt(2, 70), full)], 70: [(_prompt(20, 71), SamplingParams(max_new_tokens=4)),
+                                                  (_prompt(33, 72), SamplingParams(max_new_tokens=3))],
+                80: [(_prompt(2, 73), full)], 135: [(_prompt(40, 74), SamplingParams(max_new_tokens=5))]}
+    tracked = run(sched, arrivals)
+    assert_same_as_solo(engine, tracked)
+    assert [len(t.gen.result.tokens) for t in tracked] == [62, 4, 3, 62, 5]
+    # 5 prefilled (in chunks cut to the room 4 had left) while 4 was still decoding
+    assert tracked[4].first_step is not None and tracked[4].first_step <= tracked[3].finished_step
+
+
+def test_kept_rows_of_an_idle_slot_survive_other_requests_chunks(engine) -> None:
+    """A slot that went idle near the capacity keeps the K/V rows the padded chunks of other
+    requests' steps cannot reach: a later request that re-sends its tokens reuses what is left
+    and still equals its solo run."""
+    sched = BatchScheduler(engine, max_slots=2, capacity=64)
+    first = _prompt(2, 80)
+    a = run(sched, {0: [(first, SamplingParams(max_new_tokens=60, ignore_eos=True))]})[0]
+    history = first + a.gen.result.tokens[:-1]  # the rows slot 0 holds
+    run(sched, {0: [(_prompt(30, 81), SamplingParams(max_new_tokens=2))]})
+    again = history + [5]
+    before = sched.reused_tokens
+    tracked = run(sched, {0: [(again, SamplingParams(max_new_tokens=2))]})
+    assert_same_as_solo(engine, tracked)
+    assert 0 < sched.reused_tokens - before <= len(history)
