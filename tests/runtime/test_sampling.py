@@ -195,3 +195,15 @@ def test_stop_helpers():
     assert stop_holdback("answer: ##", ("###",)) == 2
     assert stop_holdback("answer: #x", ("###",)) == 0
     assert stop_holdback("abc", ("cde", "bcz")) == 2
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-310, 5e-324])
+def test_tiny_temperatures_sample_the_best_tokens(temperature):
+    """logits / 1e-310 overflows float64: the distribution is still all mass on the maximum (split
+    evenly between tied maxima), never NaN or a fallback to the last vocabulary id."""
+    logits = np.array([1.5, 30.0, -2.0, 29.0, 30.0, -np.inf])
+    probs = token_probabilities(logits, np.array([], np.int64), SamplingParams(temperature=temperature))
+    assert np.isfinite(probs).all()
+    np.testing.assert_allclose(probs, [0, 0.5, 0, 0, 0.5, 0], atol=0)
+    rows = Sampler(SamplingParams(temperature=temperature, seed=3), 1)
+    assert rows.next(logits[None, :], [np.array([], np.int64)])[0] in (1, 4)
