@@ -44,6 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from . import request_json
 from .batching import BatchScheduler
 from .engine import Engine, GenerationResult
 from .errors import QmoeError
@@ -102,8 +103,8 @@ def _typed(body: Mapping[str, Any], name: str, types: tuple[type, ...], what: st
 
 def parse_body(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        body = request_json.loads(raw)
+    except request_json.RequestJSONError as e:
         raise APIError(f"the request body is not valid JSON ({e})") from None
     if not isinstance(body, dict):
         raise APIError(f"the request body must be a JSON object, got {type(body).__name__}")
@@ -192,7 +193,7 @@ class Service:
         chosen = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
         try:
             return SamplingParams(**{**self.defaults, **chosen}, seed=body.get("seed"), max_new_tokens=max_tokens,
-                                  stop=body.get("stop") or ())
+                                  stop=() if body.get("stop") is None else body["stop"])
         except SamplingError as e:  # the message starts with the field's name
             param = str(e).split()[0]
             raise APIError(str(e), param=name if param == "max_new_tokens" else param) from None
@@ -203,7 +204,7 @@ class Service:
 
 @dataclass(frozen=True)
 class Finished:
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "cancelled" (nobody reads that response any more)
     completion_tokens: int
 
 
@@ -318,7 +319,8 @@ class EngineWorker:
             if self._closed:
                 job.fail(_shutting_down())
                 return
-            if job.cancelled.is_set():  # its client left while it waited
+            if job.cancelled.is_set():  # its client left while it waited: end its response too
+                job.emit(Finished("cancelled", 0))
                 return
             self._running.add(job)
 

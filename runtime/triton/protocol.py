@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from .. import request_json
 from ..errors import QmoeError
 from ..sampling import SamplingParams
 from ..tokenizer import validate_messages
@@ -123,6 +124,6 @@ def _one_string(name: str, values: Sequence[Any]) -> str:
 
 def _json(name: str, text: str) -> Any:
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RequestError(f"input {name!r} is not valid JSON: {e.msg} (line {e.lineno} column {e.colno})") from None
+        return request_json.loads(text)
+    except request_json.RequestJSONError as e:
+        raise RequestError(f"input {name!r} is not valid JSON: {e}") from None

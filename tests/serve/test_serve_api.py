@@ -162,6 +162,15 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None, str | None]] = [
     ("top_p over 1", "/v1/chat/completions", {**GOOD, "top_p": 2}, 400, "top_p", None),
     ("seed not an int", "/v1/chat/completions", {**GOOD, "seed": "x"}, 400, "seed", None),
     ("stop not strings", "/v1/chat/completions", {**GOOD, "stop": [1]}, 400, "stop", None),
+    ("stop zero", "/v1/chat/completions", {**GOOD, "stop": 0}, 400, "stop", None),
+    ("stop false", "/v1/chat/completions", {**GOOD, "stop": False}, 400, "stop", None),
+    ("stop an empty object", "/v1/chat/completions", {**GOOD, "stop": {}}, 400, "stop", None),
+    ("lone surrogate in content", "/v1/chat/completions",
+     b'{"model": "tiny-moe", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, None, None),
+    ("lone surrogate in prompt", "/v1/completions", b'{"model": "tiny-moe", "prompt": "a\\udfffb"}', 400, None, None),
+    ("nested too deeply", "/v1/chat/completions", b"[" * 100000 + b"]" * 100000, 400, None, None),
+    ("integer of 5000 digits", "/v1/completions",
+     b'{"model": "tiny-moe", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", 400, None, None),
     ("stream not a bool", "/v1/chat/completions", {**GOOD, "stream": "yes"}, 400, "stream", None),
     ("n > 1", "/v1/chat/completions", {**GOOD, "n": 2}, 400, "n", None),
     ("missing prompt", "/v1/completions", {"model": MODEL}, 400, "prompt", None),
@@ -240,3 +249,21 @@ def test_concurrent_streams_share_decode_steps(server, client, embedded) -> None
     assert scheduler.max_batch > 1, "the streams should have shared steps"
     assert [got.get(i) for i in range(8)] == [embedded.chat(c, SamplingParams(max_new_tokens=24))
                                               for c in conversations]
+
+
+def test_a_request_whose_client_left_before_it_started_still_ends(embedded) -> None:
+    """A job cancelled while it waited for the worker (its client left during a long step) gets a
+    Finished event, so the handler waiting on it ends instead of hanging until shutdown."""
+    import asyncio
+
+    from runtime.serve import EngineWorker, Finished, Job
+
+    async def main() -> list:
+        worker = EngineWorker(embedded, max_batch=1)
+        job = Job([9707, 11], SamplingParams(max_new_tokens=2), asyncio.get_running_loop(), asyncio.Queue())
+        job.cancelled.set()
+        worker._start(job)  # what the worker thread does with the next queued job
+        assert not worker.scheduler.has_work()
+        return [item async for item in job.results()]
+
+    assert asyncio.run(asyncio.wait_for(main(), 10)) == [Finished("cancelled", 0)]

@@ -64,6 +64,10 @@ def test_default_max_tokens_fits_the_context(embedded):
     (request(messages="{}"), "messages must be a non-empty list"),
     (request(messages='[{"role": "robot", "content": "x"}]'), "messages[0].role is 'robot'"),
     (request(messages="nope"), "input 'messages' is not valid JSON"),
+    (request(messages='[{"role": "user", "content": "a\\ud800b"}]'), "lone surrogate (\\ud800)"),
+    (request(prompt="hi", parameters="[" * 100000 + "]" * 100000), "nested too deeply"),
+    (request(prompt="hi", parameters='{"seed": ' + "7" * 5000 + "}"), "input 'parameters' is not valid JSON"),
+    (request(prompt="hi", parameters='{"stop": 0}'), "stop must be a string or a list of strings"),
     (request(prompt="hi", extra="x"), "unknown input 'extra'"),
     ({"prompt": [b"a", b"b"]}, "input 'prompt' must hold exactly one string, got 2 elements"),
 ])
