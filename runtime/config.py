@@ -137,7 +137,9 @@ class ModelConfig:
             raise ConfigError(f"{source}: use_sliding_window is true; sliding-window attention is not supported")
 
         eos = d.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos_ids):
+            raise ConfigError(f"{source}: eos_token_id must be a token id or a list of token ids, got {eos!r}")
         hidden = r.int("hidden_size")
         heads = r.int("num_attention_heads")
         kv_heads = r.int("num_key_value_heads", default=heads)
@@ -162,8 +164,8 @@ class ModelConfig:
             norm_topk_prob=r.bool("norm_topk_prob", default=False),
             decoder_sparse_step=r.int("decoder_sparse_step", default=1),
             mlp_only_layers=tuple(sorted(set(mlp_only))),
-            rms_norm_eps=r.float("rms_norm_eps", default=1e-6),
-            rope_theta=r.float("rope_theta", default=10000.0),
+            rms_norm_eps=r.float("rms_norm_eps", default=1e-6, above=0.0),
+            rope_theta=r.float("rope_theta", default=10000.0, above=1.0),  # log(theta) divides in YaRN
             max_position_embeddings=r.int("max_position_embeddings"),
             tie_word_embeddings=r.bool("tie_word_embeddings", default=False),
             qkv_bias=r.bool("qkv_bias", default=True),
@@ -186,6 +188,9 @@ class ModelConfig:
         return cfg
 
 
+MAX_YARN_FACTOR = 1e4  # far past any trained model's (Qwen2: 2-4); keeps the context limit an integer
+
+
 def _rope_scaling(rs: Any, source: str) -> RopeScaling | None:
     if rs is None:
         return None
@@ -198,8 +203,8 @@ def _rope_scaling(rs: Any, source: str) -> RopeScaling | None:
         raise ConfigError(f"{source}: rope_scaling.type {kind!r} is not supported (supported: 'yarn')")
     r = _Reader(rs, source, prefix="rope_scaling.")
     factor = r.float("factor")
-    if factor < 1.0:
-        raise ConfigError(f"{source}: rope_scaling.factor must be >= 1, got {factor}")
+    if not 1.0 <= factor <= MAX_YARN_FACTOR:
+        raise ConfigError(f"{source}: rope_scaling.factor must be in [1, {MAX_YARN_FACTOR:g}], got {factor}")
 
     def opt(name: str) -> float | None:
         return None if rs.get(name) is None else r.float(name)
@@ -235,10 +240,12 @@ class _Reader:
             raise ConfigError(f"{self.source}: {self.prefix}{name} must be an integer >= {minimum}, got {v!r}")
         return v
 
-    def float(self, name: str, default: Any = None) -> float:
+    def float(self, name: str, default: Any = None, above: float | None = None) -> float:
         v = self._get(name, _REQUIRED if default is None else default)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ConfigError(f"{self.source}: {self.prefix}{name} must be a finite number, got {v!r}")
+        if above is not None and not v > above:
+            raise ConfigError(f"{self.source}: {self.prefix}{name} must be a number > {above:g}, got {v!r}")
         return float(v)
 
     def bool(self, name: str, default: bool) -> bool:

@@ -82,6 +82,27 @@ class Manifest:
         )
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+TARGETS = ("onnxruntime", "tensorrt")
+
+
+def _check_types(m: Manifest) -> None:
+    """Every field has its type (and the dtypes and target a known value); a TypeError names the first
+    that does not."""
+    kinds: dict[str, Any] = {"opset": int, "export_seconds": (int, float), "linked_weights": bool,
+                             "inputs": list, "outputs": list, "hf_config": dict, "rope": dict, "extra": dict}
+    for name in Manifest.__dataclass_fields__:
+        v, kind = getattr(m, name), kinds.get(name, str)
+        if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool):
+            raise TypeError(f"{name} is {v!r}")
+    for name in ("inputs", "outputs"):
+        if not all(isinstance(x, str) for x in getattr(m, name)):
+            raise TypeError(f"{name} must be a list of names")
+    for name, known in (("target", TARGETS), ("weight_dtype", DTYPES), ("compute_dtype", DTYPES)):
+        if getattr(m, name) not in known:
+            raise TypeError(f"{name} is {getattr(m, name)!r}, not one of {', '.join(known)}")
+
+
 def write(folder: Path, m: Manifest) -> None:
     (Path(folder) / NAME).write_text(json.dumps(asdict(m), indent=2) + "\n", encoding="utf-8")
 
@@ -92,13 +113,19 @@ def read(folder: str | Path) -> Manifest:
         raise ManifestError(f"{folder}: not a qmoe artifact (no {NAME}; create one with `qmoe export`)")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(d, dict):
+            raise ManifestError(f"{path}: corrupt manifest (a JSON object expected, got {type(d).__name__})")
         major = str(d.get("format_version", "")).split(".")[0]
         if major != FORMAT_VERSION.split(".")[0]:
             raise ManifestError(f"{path}: format_version {d.get('format_version')!r} is not supported "
                                 f"(this qmoe reads {FORMAT_VERSION}); re-export the model")
         known = set(Manifest.__dataclass_fields__)
         m = Manifest(**{k: v for k, v in d.items() if k in known})
-        m.config  # validates hf_config
+        _check_types(m)
+        io = io_names(m.config.num_hidden_layers)  # m.config validates hf_config
+        if (m.inputs, m.outputs) != (io.inputs, io.outputs):
+            raise ManifestError(f"{path}: inputs/outputs do not match the {m.config.num_hidden_layers} layers "
+                                "of hf_config; re-export the model")
         return m
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
         raise ManifestError(f"{path}: corrupt manifest ({e})") from None

@@ -52,6 +52,13 @@ def test_roundtrip_through_hf_dict():
     (dict(hidden_act="gelu"), "hidden_act is 'gelu'"),
     (dict(mlp_only_layers=[5]), "mlp_only_layers must be a list of layer indices in [0, 2)"),
     (dict(norm_topk_prob="yes"), "norm_topk_prob must be true or false"),
+    (dict(rope_theta=1.0), "rope_theta must be a number > 1, got 1.0"),
+    (dict(rope_theta=0), "rope_theta must be a number > 1, got 0"),
+    (dict(rms_norm_eps=-1), "rms_norm_eps must be a number > 0, got -1"),
+    (dict(rope_scaling={"type": "yarn", "factor": 1e308, "original_max_position_embeddings": 16}),
+     "rope_scaling.factor must be in [1, 10000], got 1e+308"),
+    (dict(eos_token_id="abc"), "eos_token_id must be a token id or a list of token ids, got 'abc'"),
+    (dict(eos_token_id=[None]), "eos_token_id must be a token id or a list of token ids, got [None]"),
 ])
 def test_invalid_configs_name_the_field(overrides, message):
     with pytest.raises(ConfigError) as e:
