@@ -16,17 +16,28 @@ class OutputExistsError(QmoeError, FileExistsError):
     pass
 
 
+def output_path(target: str | Path) -> Path:
+    """The absolute path atomic_dir writes: its parent resolved (`art/../art` or a symlinked parent
+    name the real folder, whose sibling the temp folder is), the last name kept (a symlink there
+    is replaced, not followed)."""
+    p = Path(target)
+    return p.resolve() if p.name in ("", "..") else p.absolute().parent.resolve() / p.name
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, *, force: bool = False) -> Iterator[Path]:
-    """Yields a temp folder next to `target`; on success it replaces `target`, on error it is removed."""
-    target = Path(target).absolute()
+    """Yields a temp folder next to `target`; on success it replaces `target`, on error it is
+    removed, and so are the parent folders it had to create."""
+    target = output_path(target)
     if target.exists() and not force:
         raise OutputExistsError(f"{target}: already exists (use --force to replace it)")
     parent = target.parent
+    created = [d for d in (parent, *parent.parents) if not d.exists()]
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name[:64]}.", suffix=".partial", dir=parent))
     except OSError as e:
+        _remove_empty(created)
         raise QmoeError(f"{parent}: cannot write there ({e.strerror})") from None
     try:
         yield tmp
@@ -41,4 +52,14 @@ def atomic_dir(target: str | Path, *, force: bool = False) -> Iterator[Path]:
             tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Removes the folders this call created (deepest first) while they are empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return

@@ -40,6 +40,10 @@ class TensorInfo:
     nbytes: int
 
 
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _read_header(path: Path) -> dict[str, TensorInfo]:
     try:
         size = path.stat().st_size
@@ -57,8 +61,8 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
         header = json.loads(header_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not an object)")
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not an object, or __metadata__ is not one)")
     base = 8 + hlen
     out: dict[str, TensorInfo] = {}
     for name, meta in header.items():
@@ -68,6 +72,9 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
             dtype, shape, (start, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors header entry for {name}") from None
+        if not all(_is_count(v) for v in (*shape, start, end)):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name} "
+                                  "(shape and data_offsets must be non-negative integers)")
         if dtype not in DTYPE_BYTES:
             raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; supported: BF16, F16, F32")
         n = 1
@@ -80,6 +87,11 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
                 f"{path}: truncated: tensor {name} ends at byte {base + end} but the file has {size} bytes"
             )
         out[name] = TensorInfo(name, path, dtype, shape, base + start, end - start)
+    end_of = 0
+    for t in sorted(out.values(), key=lambda t: (t.offset, t.nbytes)):
+        if t.offset < end_of:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {t.name} overlaps another tensor's bytes")
+        end_of = t.offset + t.nbytes
     return out
 
 
@@ -108,6 +120,8 @@ class Checkpoint:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
                 raise CheckpointError(f"{index}: corrupt index (expected JSON with a 'weight_map' object)") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
+                raise CheckpointError(f"{index}: corrupt index (weight_map must map tensor names to shard files)")
             shards: dict[Path, list[str] | None] = {}
             for name, fname in weight_map.items():
                 path = self.dir / fname

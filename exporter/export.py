@@ -20,7 +20,7 @@ from runtime import manifest as mf
 from runtime.config import ModelConfig
 from runtime.errors import QmoeError
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, output_path
 from .checkpoint import Checkpoint
 
 TARGETS = ("onnxruntime", "tensorrt")
@@ -31,6 +31,8 @@ IR_VERSION = 10  # onnx 1.23 writes IR 14 by default; ONNX Runtime reads up to I
 OPSET = 18
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json",
                    "special_tokens_map.json", "config.json")
+# Names in an artifact that a linked shard must not take.
+RESERVED_NAMES = frozenset({DATA_FILE, "model.onnx", mf.NAME, *TOKENIZER_FILES})
 
 
 class ExportError(QmoeError, ValueError):
@@ -78,8 +80,9 @@ def export(
         raise ExportError(f"{ckpt.config.source}: head_dim {ckpt.config.head_dim} is not a multiple of 16, which "
                           "ONNX Runtime's GroupQueryAttention requires")
     output_dir = Path(output_dir)
-    if output_dir.absolute() == ckpt.dir.absolute():
-        raise ExportError(f"{output_dir}: the artifact folder must differ from the checkpoint folder")
+    out, src = output_path(output_dir).resolve(), ckpt.dir.resolve()
+    if out == src or out in src.parents:  # replacing it would delete the checkpoint
+        raise ExportError(f"{output_dir}: the artifact folder must not be the checkpoint folder or contain it")
     interleaved = target == "onnxruntime"
     t0 = time.perf_counter()
     model_ir = trace(ckpt.config, target, getattr(torch, weight_dtype), getattr(torch, compute_dtype), interleaved)
@@ -204,14 +207,21 @@ def _is_param(name: str) -> bool:
 
 def _link(src: Path, folder: Path, linked: dict[Path, str]) -> str:
     """Hard-links a shard into the artifact (ONNX Runtime only reads external data inside the
-    model's folder; symlinks out of it are rejected). Copies across filesystems."""
-    dest = folder / src.name
+    model's folder; symlinks out of it are rejected). Copies across filesystems. Each shard gets a
+    name of its own: shards of one name in different subfolders must not meet at one link (a copy
+    onto an existing link would write into the first shard)."""
+    name, n = src.name, 1
+    while name in linked.values() or name in RESERVED_NAMES or (folder / name).exists():
+        n += 1
+        name = f"{src.stem}.{n}{src.suffix}"
+    dest = folder / name
     try:
         os.link(src, dest)
     except OSError:
-        shutil.copy2(src, dest)
-    linked[src] = src.name
-    return src.name
+        with open(src, "rb") as fin, open(dest, "xb") as fout:  # "x": never through an existing file
+            shutil.copyfileobj(fin, fout, 16 << 20)
+    linked[src] = name
+    return name
 
 
 def _numel(shape) -> int:

@@ -222,7 +222,8 @@ def transformers_logits(checkpoint: Path) -> Callable[[list[int], list[int]], np
     except ImportError as e:
         raise CheckError(f"--reference needs torch and transformers ({e.name} missing): "
                          "pip install 'qmoe[export,test]'") from None
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
+                                                              local_files_only=True).eval()
 
     def logits(prompt: list[int], tokens: list[int]) -> np.ndarray:
         if not tokens:
@@ -243,6 +244,10 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
         raise CheckError("give at least one artifact folder")
     if max_new_tokens < 1:
         raise CheckError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if reference is not None:  # before any run: a local checkpoint folder, never a hub id
+        from exporter.checkpoint import Checkpoint
+
+        Checkpoint(reference).close()  # one-line CheckpointError for a missing or broken folder
     plan, skipped = plan_runs([Path(a) for a in artifacts], backends)
     if len(plan) + (reference is not None) < 2:
         what = "; ".join(skipped) if skipped else "one run and no --reference"

@@ -3,17 +3,42 @@ imported at module level, so `qmoe --help` is instant and the runtime commands w
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import traceback
 from typing import Any, Callable
 
 import click
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM (timeout, kill, a container stop) unwinds like Ctrl-C: half-written output is removed."""
+    raise SystemExit(128 + signum)
+
+
 class _Group(click.Group):
-    """Turns expected errors into one line on stderr and exit code 1 (a traceback with --debug)."""
+    """Turns expected errors into one line on stderr and exit code 1 (a traceback with --debug);
+    usage errors (bad options) into one line and exit code 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)  # --help and friends: their exit code
+        except click.ClickException as e:
+            if isinstance(e, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # bare `qmoe`: the help
+                e.show()
+                sys.exit(e.exit_code)
+            hint = f" (see {e.ctx.command_path} --help)" if isinstance(e, click.UsageError) and e.ctx else ""
+            click.echo(f"error: {' '.join(e.format_message().split())}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
 
     def invoke(self, ctx: click.Context) -> Any:
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # `serve` sets its own
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
@@ -31,6 +56,9 @@ class _Group(click.Group):
                 msg = f"{type(e).__name__}: {msg} (run with --debug for a traceback)"
             click.echo(f"error: {msg}", err=True)
             sys.exit(1)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Group)
@@ -77,7 +105,7 @@ def _sampling(kw: dict[str, Any]):
 
 @main.command()
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 def tiny(out_dir: str, seed: int, dtype: str, force: bool) -> None:
@@ -206,11 +234,14 @@ def chat(artifact: str, system: str | None, backend: str, device: str, rope_mode
     """Interactive chat: keeps history; /reset clears it; Ctrl-D exits. Each turn reuses the K/V of
     the conversation so far and prefills only the new turn."""
     from .batching import BatchScheduler, stream
-    from .engine import load
+    from .engine import RequestError, load
 
     sampling = _sampling(kw)
     engine = load(artifact, backend=backend, device=device, rope_mode=rope_mode)
     scheduler = BatchScheduler(engine, max_slots=1)
+    if sampling.max_new_tokens >= scheduler.capacity:  # every turn would be refused: say so once, up front
+        raise RequestError(f"--max-new-tokens {sampling.max_new_tokens} leaves no room for a prompt in the "
+                         f"{scheduler.capacity}-token context; lower it")
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     base = list(history)
     while True:

@@ -99,7 +99,8 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     ids = ids[(ids >= 0) & (ids < logits.shape[-1])]
     out = logits.copy()
     picked = out[ids]
-    out[ids] = np.where(picked < 0, picked * penalty, picked / penalty)
+    with np.errstate(over="ignore"):  # a tiny penalty overflows to +inf: _softmax handles it
+        out[ids] = np.where(picked < 0, picked * penalty, picked / penalty)
     return out
 
 
@@ -142,7 +143,10 @@ def apply_top_p(logits: np.ndarray, top_p: float) -> np.ndarray:
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - np.max(x))
+    m = np.max(x)
+    # +inf scores (a repetition penalty of 1e-310 divides a logit past float64): they share all the
+    # mass, where exp(inf - inf) would give NaN.
+    e = np.isposinf(x).astype(np.float64) if np.isposinf(m) else np.exp(x - m)
     return e / e.sum()
 
 

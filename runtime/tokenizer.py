@@ -280,9 +280,10 @@ class Tokenizer:
         if self.chat_template is None:
             raise ChatTemplateError(f"{self.source}: tokenizer_config.json has no chat_template")
         template = compile_chat_template(self.chat_template)
+        checked = validate_messages(messages)
         try:
             return template.render(
-                messages=validate_messages(messages),
+                messages=checked,
                 tools=None,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
@@ -290,6 +291,8 @@ class Tokenizer:
             )
         except jinja2.exceptions.TemplateError as e:
             raise ChatTemplateError(f"chat template failed: {e}") from None
+        except Exception as e:  # noqa: BLE001  (a template's own bug: {{ 1/0 }}, {{ messages + 1 }})
+            raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
 
     def encode_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt))

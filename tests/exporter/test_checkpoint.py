@@ -152,3 +152,42 @@ def test_bf16_and_fp16_checkpoints(tmp_path):
         c = Checkpoint(write_checkpoint(tmp_path / dt, tiny_config(), dtype=dt, tokenizer=False))
         assert {i.dtype for i in c.tensors.values()} == {st}
         assert c.tensor("model.norm.weight").dtype == getattr(torch, dt)
+
+
+def _rewrite_header(path, edit):
+    """Replaces a shard's JSON header by edit(header), keeping the data bytes."""
+    data = path.read_bytes()
+    (hlen,) = struct.unpack("<Q", data[:8])
+    header = edit(json.loads(data[8:8 + hlen]))
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + hlen:])
+
+
+def _first(header):
+    return next(k for k in header if k != "__metadata__")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: {**h, _first(h): {**h[_first(h)], "data_offsets": ["0", "8"]}},
+     "shape and data_offsets must be non-negative integers"),
+    (lambda h: {**h, _first(h): {**h[_first(h)], "shape": [float(x) for x in h[_first(h)]["shape"]]}},
+     "shape and data_offsets must be non-negative integers"),
+    (lambda h: {**h, "__metadata__": [1]}, "__metadata__ is not one"),
+    (lambda h: {k: ({**v, "data_offsets": [v["data_offsets"][0] - 4, v["data_offsets"][1] - 4]}
+                    if k != "__metadata__" and v["data_offsets"][0] >= 4 else v) for k, v in h.items()},
+     "overlaps another tensor's bytes"),
+])
+def test_header_values_of_the_wrong_kind(copy, edit, message):
+    victim = shard_of(copy, "model.norm.weight")
+    _rewrite_header(victim, edit)
+    with pytest.raises(CheckpointError, match="corrupt safetensors header") as e:
+        Checkpoint(copy)
+    assert message in str(e.value) and str(victim) in str(e.value)
+
+
+@pytest.mark.parametrize("weight_map", [["a"], {"model.norm.weight": 5}, {"model.norm.weight": ""}])
+def test_index_weight_map_of_the_wrong_kind(copy, weight_map):
+    index = copy / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="corrupt index .weight_map must map tensor names to shard files"):
+        Checkpoint(copy)

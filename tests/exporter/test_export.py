@@ -113,13 +113,90 @@ def test_cli_export_errors(case, tiny_checkpoint, tmp_path):
         blocker.write_text("x")
         out, msg = blocker / "out", "cannot write there"
     r = qmoe("export", ck, "-o", out, *extra)
-    assert r.returncode != 0
+    assert r.returncode == (2 if case in ("target", "dtype") else 1)  # 2: a usage error, as click's
     assert msg in r.stderr, r.stderr
-    if case not in ("target", "dtype"):
-        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     if case == "exists":
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
     else:
         assert not out.exists()
     if out.parent.is_dir():
         assert not [p for p in out.parent.iterdir() if p.name.startswith(".out")]  # no temp folder left
+
+
+def _sha(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_link_weights_with_shards_of_one_name_in_subfolders(tiny_checkpoint, tiny_artifact, tmp_path):
+    """Shards a/model.safetensors, b/model.safetensors, ... each get a link of their own: the source
+    checkpoint is never written (a second link of one name used to copy over the first shard)."""
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint, ck)
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    moved = {}
+    for i, name in enumerate(sorted(set(index["weight_map"].values()))):
+        (ck / f"s{i}").mkdir()
+        (ck / name).rename(ck / f"s{i}" / "model.safetensors")
+        moved[name] = f"s{i}/model.safetensors"
+    assert len(moved) >= 2
+    index["weight_map"] = {k: moved[v] for k, v in index["weight_map"].items()}
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    before = {p: _sha(p) for p in ck.glob("s*/model.safetensors")}
+    art = export(ck, tmp_path / "linked", link_weights=True)
+    assert {p: _sha(p) for p in ck.glob("s*/model.safetensors")} == before
+    assert np.array_equal(first_logits(art), first_logits(tiny_artifact))
+
+
+def test_output_that_is_the_checkpoint_by_another_path_is_refused(tiny_checkpoint, tmp_path):
+    """--force must not replace the checkpoint (or a folder holding it) reached through `..` or a
+    symlink; the checkpoint stays as it was."""
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint, ck)
+    (tmp_path / "here").symlink_to(tmp_path)
+    before = sorted(p.name for p in ck.iterdir())
+    for out in (tmp_path / "here" / "ck", ck / ".." / "ck", ck / "sub" / ".." / "..", tmp_path):
+        r = qmoe("export", ck, "-o", out, "--force")
+        assert r.returncode == 1 and "must not be the checkpoint folder or contain it" in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1
+    assert sorted(p.name for p in ck.iterdir()) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_force_through_dotdot_replaces_the_artifact_cleanly(tiny_checkpoint, tmp_path):
+    art = export(tiny_checkpoint, tmp_path / "art")
+    (art / "stale.txt").write_text("old")
+    export(tiny_checkpoint, tmp_path / "art" / ".." / "art", force=True)
+    assert (tmp_path / "art" / "qmoe.json").is_file() and not (tmp_path / "art" / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_failed_output_removes_the_folders_it_created(tmp_path):
+    from exporter.atomic import atomic_dir
+
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "kept" / "a" / "b" / "out") as tmp:
+            (tmp / "x").write_text("half")
+            raise RuntimeError("export failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
+def test_sigterm_during_export_leaves_nothing(tiny_checkpoint, tmp_path):
+    """SIGTERM (timeout, kill, a container stop) cleans up like Ctrl-C."""
+    import signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    p = subprocess.Popen([*QMOE, "export", str(tiny_checkpoint), "-o", str(tmp_path / "out")], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.*.partial")):
+        assert p.poll() is None and time.monotonic() < deadline, "export ended before its temp folder appeared"
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert list(tmp_path.iterdir()) == [], err

@@ -133,3 +133,14 @@ def test_check_named_backend_without_artifact_or_install(tiny_artifact):
 def test_check_needs_two_things_to_compare(tiny_artifact):
     result = CliRunner().invoke(main, ["check", str(tiny_artifact)])
     assert result.exit_code == 1 and "nothing to compare" in result.stderr
+
+
+def test_check_reference_must_be_a_local_checkpoint_folder(tiny_artifact, tmp_path):
+    """Refused before any run, in one line, and never looked up on a model hub."""
+    for ref, msg in [("no_such_org/no_such_model", "no such checkpoint folder"),
+                     (str(tmp_path / "nope"), "no such checkpoint folder"),
+                     (str(tiny_artifact), "")]:
+        result = CliRunner().invoke(main, ["check", str(tiny_artifact), "--reference", ref, "-n", "1"])
+        assert result.exit_code == 1 and result.stderr.startswith("error: ") and msg in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1
+        assert "running onnxruntime" not in result.output and "huggingface" not in result.stderr

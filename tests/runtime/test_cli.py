@@ -55,8 +55,22 @@ def test_run_errors_are_one_line(tiny_artifact, tmp_path):
         (("run", tiny_artifact, "--prompt", "x", "--top-p", "0"), "top_p must be in (0, 1]"),
         (("run", tiny_artifact, "--prompt", "x", "-n", "40000"), "over the limit of 32768"),
         (("run", tiny_artifact, "--prompt", "x", "--rope-scaling", "static"), "needs rope_scaling"),
+        (("chat", tiny_artifact, "-n", "40000"), "leaves no room for a prompt in the 32768-token context"),
     ]
     for args, msg in cases:
         r = qmoe(*args)
         assert r.returncode == 1 and r.stderr.startswith("error: ") and msg in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1
+
+
+def test_usage_errors_are_one_line_and_bare_qmoe_shows_help(tiny_artifact):
+    for args, msg in [(("run", tiny_artifact, "-p", "x", "--rope-scaling", "foo"), "Invalid value for '--rope-scaling'"),
+                      (("run", tiny_artifact, "-n", "abc"), "Invalid value for '--max-new-tokens'"),
+                      (("export",), "Missing argument 'CHECKPOINT_DIR'"),
+                      (("nosuch",), "No such command 'nosuch'")]:
+        r = qmoe(*args)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and msg in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1 and "--help)" in r.stderr
+    r = qmoe()
+    assert "Usage:" in r.stdout + r.stderr and "export" in r.stdout + r.stderr
+    assert qmoe("--help").returncode == 0

@@ -207,3 +207,14 @@ def test_tiny_temperatures_sample_the_best_tokens(temperature):
     np.testing.assert_allclose(probs, [0, 0.5, 0, 0, 0.5, 0], atol=0)
     rows = Sampler(SamplingParams(temperature=temperature, seed=3), 1)
     assert rows.next(logits[None, :], [np.array([], np.int64)])[0] in (1, 4)
+
+
+def test_a_tiny_repetition_penalty_samples_the_penalised_tokens_it_blew_up():
+    """penalty 1e-310 divides positive logits of seen tokens past float64 (+inf): those share the
+    mass (transformers would give NaN); never the last vocabulary id."""
+    logits = np.array([[2.0, -1.0, 3.0, 0.5, 1.0]])
+    seen = [np.array([0, 3], np.int64)]
+    params = SamplingParams(temperature=1.0, repetition_penalty=1e-310, top_k=3, seed=1)
+    probs = token_probabilities(logits[0], seen[0], params)
+    np.testing.assert_allclose(probs, [0.5, 0, 0, 0.5, 0], atol=0)
+    assert Sampler(params, 1).next(logits, seen)[0] in (0, 3)

@@ -128,6 +128,16 @@ def test_template_helpers_behave_like_transformers(tokenizer_dir: Path, tmp_path
         ours.apply_chat_template(msgs + msgs[:1])
 
 
+def test_a_template_that_fails_in_python_is_a_chat_template_error(tokenizer_dir: Path, tmp_path: Path):
+    folder = copy_dir(tokenizer_dir, tmp_path / "broken")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    for template, message in [("{{ 1/0 }}", "ZeroDivisionError"), ("{{ messages + 1 }}", "TypeError")]:
+        cfg["chat_template"] = template
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+        with pytest.raises(ChatTemplateError, match=f"chat template failed: {message}"):
+            Tokenizer.from_dir(folder).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
 def test_eos_ids_prefer_generation_config(tokenizer_dir: Path, tmp_path: Path, tok: Tokenizer):
     assert tok.eos_token_ids == (151645,)
     folder = copy_dir(tokenizer_dir, tmp_path / "gen")
