@@ -11,6 +11,7 @@ never sees half of it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -108,6 +109,7 @@ def write_repository(artifact: str | Path, repo_dir: str | Path, spec: ModelSpec
         raise RepositoryError(f"the repository {repo} is inside the artifact {artifact}; choose another folder")
     config = model_config(spec, COPIED_ARTIFACT if spec.copy else str(artifact))
 
+    created_repo = not repo.exists()
     repo.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{repo.name}.{spec.name}.", dir=repo.parent))
     try:
@@ -116,11 +118,18 @@ def write_repository(artifact: str | Path, repo_dir: str | Path, spec: ModelSpec
         version.mkdir()
         shutil.copyfile(MODEL_TEMPLATE, version / "model.py")
         if spec.copy:
-            shutil.copytree(artifact, version / COPIED_ARTIFACT)
+            try:
+                shutil.copytree(artifact, version / COPIED_ARTIFACT)
+            except shutil.Error as e:  # a list of (src, dst, reason): the first says enough
+                src, _, reason = e.args[0][0]
+                raise RepositoryError(f"cannot copy {src} into the repository ({reason})") from None
         (staging / "config.pbtxt").write_text(config_text(config), encoding="utf-8")
         _replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created_repo:
+            with contextlib.suppress(OSError):
+                repo.rmdir()  # only if still empty
         raise
     _write_atomic(repo / "README.md", readme_text(repo, spec.name, artifact, spec.copy, spec.python_env))
     return target

@@ -100,3 +100,20 @@ def test_cli_writes_a_repository_and_reports_errors_in_one_line(tiny_artifact: P
     not_artifact = runner.invoke(main, ["triton", str(tmp_path), "-o", str(tmp_path / "r2")])
     assert not_artifact.exit_code == 1 and "qmoe.json" in not_artifact.output
     assert not (tmp_path / "r2").exists()
+
+
+def test_a_failed_copy_is_one_line_and_leaves_no_repository(tiny_artifact: Path, tmp_path: Path, monkeypatch):
+    """A disk that fills while --copy copies the artifact (shutil.copytree raises one shutil.Error
+    listing every file): one line naming the first file, and the folder it created is removed."""
+    import shutil
+
+    def full_disk(src, dst, *args, **kwargs):
+        raise shutil.Error([(str(Path(src) / "model.onnx.data"), str(Path(dst) / "model.onnx.data"),
+                             "[Errno 28] No space left on device")] * 20)
+
+    monkeypatch.setattr(shutil, "copytree", full_disk)
+    with pytest.raises(RepositoryError) as e:
+        write_repository(tiny_artifact, tmp_path / "repo", ModelSpec(copy=True))
+    assert str(e.value) == (f"cannot copy {tiny_artifact.resolve() / 'model.onnx.data'} into the repository "
+                            "([Errno 28] No space left on device)")
+    assert list(tmp_path.iterdir()) == []
