@@ -78,6 +78,8 @@ class Engine:
         if len(ids) == 0:
             raise RequestError("every prompt needs at least one token")
         V = self.config.vocab_size
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+            raise RequestError("prompt token ids must be integers")
         if any(not 0 <= int(t) < V for t in ids):
             raise RequestError(f"prompt token ids must be in [0, {V})")
 
@@ -95,11 +97,11 @@ class Engine:
         """Yields each generated token of each row as it is produced (rows are batched). Rows the
         consumer adds to `cancelled` between tokens (a stop string, a gone client) go idle."""
         p = self._params(sampling)
-        prompts = [list(map(int, x)) for x in prompts]
         if not prompts:
             raise RequestError("every prompt needs at least one token")
         for x in prompts:
             self.check_prompt(x)
+        prompts = [list(map(int, x)) for x in prompts]
         B = len(prompts)
         lengths = np.array([len(x) for x in prompts], np.int32)
         S = int(lengths.max())
@@ -163,6 +165,8 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | None = None,
                  rope_mode: RopeMode | None = None, output_logits: bool = False) -> list[GenerationResult]:
         """Generates for several token-id prompts of any lengths at once."""
+        for x in prompts:
+            self.check_prompt(x)
         results = [GenerationResult(list(map(int, x)), logits=[] if output_logits else None) for x in prompts]
         on_logits = (lambda i, row: results[i].logits.append(row)) if output_logits else None  # type: ignore[union-attr]
         p = self._params(sampling)

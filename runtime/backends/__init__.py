@@ -14,6 +14,7 @@ from ..errors import QmoeError
 from ..manifest import Manifest
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class BackendError(QmoeError, RuntimeError):
@@ -23,6 +24,8 @@ class BackendError(QmoeError, RuntimeError):
 def open_backend(artifact: Path, manifest: Manifest, name: str = "auto", device: str = "auto"):
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    if device not in DEVICES:
+        raise BackendError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
     if name == "tensorrt" or (name == "auto" and manifest.target == "tensorrt"):
         from ..trt.backend import TensorRTBackend
 

@@ -51,8 +51,30 @@ class OnnxRuntimeBackend:
         self.ort = ort
         self.manifest = manifest
         self.config = manifest.config
+        if manifest.compute_dtype not in _NP:
+            raise BackendError(f"{artifact}: compute dtype {manifest.compute_dtype} is not one ONNX Runtime artifacts use")
         self.dtype = _NP[manifest.compute_dtype]
+        self._check_graph(artifact)
         self.kv_names = [(i, o) for i, o in zip(manifest.inputs[7:], manifest.outputs[1:])]
+
+    def _check_graph(self, artifact: Path) -> None:
+        """The graph's inputs are the ones qmoe.json names, with its KV heads, head size and dtype (a
+        manifest edited or copied from another export would otherwise fail inside a step)."""
+        c, got = self.config, {i.name: i for i in self.session.get_inputs()}
+        onnx_type = {np.float32: "tensor(float)", np.float16: "tensor(float16)"}[self.dtype]
+        expected = {"cos_cache": ([None, c.head_dim // 2], onnx_type)}
+        for L in range(c.num_hidden_layers):
+            for kv in ("key", "value"):
+                expected[f"past_key_values.{L}.{kv}"] = ([None, c.num_key_value_heads, None, c.head_dim], onnx_type)
+        for name in self.manifest.inputs:
+            if name not in got:
+                raise BackendError(f"{artifact}: the graph has no input {name!r}, which qmoe.json lists; re-export")
+        for name, (dims, type_) in expected.items():
+            shape = list(got[name].shape)
+            if got[name].type != type_ or len(shape) != len(dims) or any(
+                    d is not None and s != d for s, d in zip(shape, dims)):
+                raise BackendError(f"{artifact}: graph input {name} is {got[name].type} {shape}, but qmoe.json "
+                                   f"describes {type_} {['*' if d is None else d for d in dims]}; re-export")
 
     def new_cache(self, batch: int, capacity: int) -> OrtCache:
         c = self.config

@@ -182,6 +182,14 @@ def test_failed_output_removes_the_folders_it_created(tmp_path):
             (tmp / "x").write_text("half")
             raise RuntimeError("export failed")
     assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
+    import errno
+
+    from runtime.errors import QmoeError
+
+    with pytest.raises(QmoeError, match=r"kept/new: no space left on the device \(writing out\)"):
+        with atomic_dir(tmp_path / "kept" / "new" / "out"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert not any((tmp_path / "kept").iterdir())
 
 
 def test_sigterm_during_export_leaves_nothing(tiny_checkpoint, tmp_path):

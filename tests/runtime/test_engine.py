@@ -146,6 +146,31 @@ def test_bad_inputs(engine):
         engine.chat([{"role": "robot", "content": "hi"}])
     with pytest.raises(RopeModeError, match="unknown rope mode"):
         engine.generate([[1]], rope_mode="sometimes")
+    with pytest.raises(RequestError, match="prompt token ids must be integers"):
+        engine.generate([[1.7, 2.2]])
+    with pytest.raises(RequestError, match="prompt token ids must be integers"):
+        engine.generate([[True, 5]])
+
+
+def test_unknown_device_and_a_manifest_that_does_not_match_the_graph(tiny_artifact, tmp_path):
+    import json
+    import os
+
+    from runtime.backends import BackendError
+
+    with pytest.raises(BackendError, match="unknown device 'foo'; choose one of: auto, cpu, cuda"):
+        runtime.load(tiny_artifact, device="foo")
+    art = tmp_path / "art"
+    art.mkdir()
+    for f in tiny_artifact.iterdir():
+        os.link(f, art / f.name)
+    (art / "qmoe.json").unlink()
+    m = json.loads((tiny_artifact / "qmoe.json").read_text())
+    m["hf_config"]["num_key_value_heads"] = m["hf_config"]["num_attention_heads"]
+    (art / "qmoe.json").write_text(json.dumps(m))
+    with pytest.raises(BackendError, match="graph input past_key_values.0.key is tensor.float. .'batch', 2, "
+                                           "'cache', 16., but qmoe.json describes"):
+        runtime.load(art)
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 7])
