@@ -339,35 +339,27 @@ def test_shared_interleave_switch(lib: K.Kernels) -> None:
 
 # QMOE_TILE_ROWS: 1 gives every Hopper grouped GEMM 128-row cooperative tiles (also a 3-token layer,
 # whose groups have 0-3 rows), 1048576 gives every one 64-row ping-pong tiles (also 4096 tokens).
-TILE_ROWS_TOKENS = [3, 64, 257, 4096]
+TILE_ROWS_SHAPES = {name: INTERLEAVE_SHAPES[name] for name in ("e64_top8", "odd_small", "slices32")}
+TILE_ROWS_TOKENS = [3, 257, 4096]
 
 
 def tile_rows_cases() -> None:
     """Run in a process with QMOE_TILE_ROWS set (switches are read once per process): the Hopper
     grouped GEMMs with the other tile height than the default gives these token counts."""
     assert K.load(build_if_needed=False).features() & K.FEATURE_TILE_ROWS, "QMOE_TILE_ROWS is not in effect"
-    for _ in _checked_cases(INTERLEAVE_SHAPES, TILE_ROWS_TOKENS, K.PATH_PREFILL, "tile rows",
+    for _ in _checked_cases(TILE_ROWS_SHAPES, TILE_ROWS_TOKENS, K.PATH_PREFILL, "tile rows",
                             routings=((False, False), (True, True))):
         pass
 
 
-def tile_rows_stream_cases() -> None:
-    """The same with QMOE_SHARED_STREAM=8 too: the side stream's one group (T rows) follows the threshold."""
-    assert K.load(build_if_needed=False).features() & K.FEATURE_SHARED_STREAM, "QMOE_SHARED_STREAM is not in effect"
-    shapes = {name: INTERLEAVE_SHAPES[name] for name in ("slices32", "odd_small")}
-    for _ in _checked_cases(shapes, [3, 4096], K.PATH_PREFILL, "tile rows, side stream",
-                            routings=((False, False),)):
-        pass
-
-
 def test_tile_rows_switch(lib: K.Kernels) -> None:
-    """QMOE_TILE_ROWS (plugins/README.md, experimental switches): all 128-row tiles, all 64-row
-    tiles, and 128-row tiles for the side stream's shared GEMM 1 at 3 tokens."""
+    """QMOE_TILE_ROWS (plugins/README.md, experimental switches): all 128-row tiles, with
+    QMOE_SHARED_STREAM=8 so that the side stream's one group (T rows, 3 at the least) follows the
+    threshold too; then all 64-row tiles (the shared expert in the main stream's GEMMs)."""
     if torch.cuda.get_device_capability() != (9, 0) or not lib.features() & K.FEATURE_SM90_GEMM:
         pytest.skip("the switch picks the Hopper (sm_90a, CUTLASS) grouped GEMMs' tiles only")
-    _run_with_switch(lib, {"QMOE_TILE_ROWS": "1"}, "tile_rows_cases")
-    _run_with_switch(lib, {"QMOE_TILE_ROWS": "1048576"}, "tile_rows_cases")
-    _run_with_switch(lib, {"QMOE_TILE_ROWS": "1", "QMOE_SHARED_STREAM": "8"}, "tile_rows_stream_cases")
+    _run_with_switch(lib, {"QMOE_TILE_ROWS": "1", "QMOE_SHARED_STREAM": "8"}, "tile_rows_cases")
+    _run_with_switch(lib, {"QMOE_TILE_ROWS": "1048576", "QMOE_SHARED_STREAM": "0"}, "tile_rows_cases")
 
 
 def test_bad_arguments_raise(lib: K.Kernels) -> None:
