@@ -15,7 +15,7 @@
 #          switch alone, spread_set (the 512-token combination), each tile variant,
 #          QMOE_TILE_ROWS=48 with QMOE_SHARED_INTERLEAVE=32, and 64-row tiles everywhere
 #          (QMOE_TILE_ROWS=1048576: 4096 tokens) (15 benches, ~20 s each; all switches together are
-#          in check's second pass); then
+#          in check's second pass; default and the two tile-height runs also at 1024 and 2048); then
 #          Nsight Compute (if present) on one call at 512 tokens, at 512 with QMOE_SHARED_INTERLEAVE=32,
 #          at 64 with QMOE_DECODE_MMA=64, at 4096 and at 64 (scripts/profile_moe_gpu.py; each only
 #          while GPU_SESSION_BUDGET_S allows). ~5-7 min.
@@ -114,11 +114,14 @@ if [ "$mode" = check ]; then
     [ "$rc" -eq 0 ] || status=1
     specs=(default="$work/default/bench.json" all_switches="$work/exp/bench.json")
 else
+    # The tile-height runs add 1024 and 2048 tokens, where 128-row tiles pad 25-50% of the routed rows.
+    wide=(default QMOE_TILE_ROWS small_tiles)
     bench() {  # bench NAME LIB [ENV...]: benchmark without transformers into $work/bench-NAME.{json,log}
-        local name=$1 vlib=$2
+        local name=$1 vlib=$2 tokens=(1 8 64 512 4096)
         shift 2
+        [[ " ${wide[*]} " == *" $name "* ]] && tokens=(1 8 64 512 1024 2048 4096)
         env "$@" QMOE_KERNELS_LIB="$vlib" timeout 90 "$py" scripts/bench_moe_gpu.py --no-transformers \
-            --tokens 1 8 64 512 4096 --out "$work/bench-$name.json" >"$work/bench-$name.log" 2>&1
+            --tokens "${tokens[@]}" --out "$work/bench-$name.json" >"$work/bench-$name.log" 2>&1
         local rc=$?
         note "bench $name: rc=$rc"
         [ "$rc" -eq 0 ] || status=1
