@@ -10,8 +10,15 @@ restart at 0 when a new request takes it, so its stale rows are simply overwritt
 per-row chunks (`query_seqlens`), so one step can prefill a joining request while the others decode;
 logits are taken at each row's last valid position.
 
-Each request samples with its own `Sampler` (its own PCG64 stream), so a seeded or greedy request
-gives the tokens it gives alone through `Engine.stream_text`. All slots share one cos/sin table
+Each request samples with its own `Sampler` (its own PCG64 stream), so it draws the random numbers
+it draws alone through `Engine.stream_text`; its logits equal the solo run's up to floating-point
+batch variance, not bit for bit: ONNX Runtime's CPU MoE kernel sums in an order that depends on
+the other tokens of the call (idle slots' padding rows too), and reused or room-cut prefill
+computes K/V in other chunks (~1e-6 in the tiny model's logits). So a greedy request gives the same
+tokens unless two logits tie that closely, and a seeded one unless a draw lands that close to a
+step of its cumulative distribution (then it takes the neighbouring token and goes on from there);
+the tests compare token for token for their cases. vLLM and TensorRT-LLM are not batch-invariant
+by default either. All slots share one cos/sin table
 set, so requests with different rope plans (rope mode dynamic: short and long requests) never share
 steps: a request whose plan differs waits, and the requests queued behind it wait too (FIFO, so it
 cannot starve), until the running ones finish.

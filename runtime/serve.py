@@ -8,7 +8,8 @@ One worker thread owns the engine (not thread-safe) and a continuous-batching sc
 a new request joins (its prefill rides along with the others' decode tokens) as soon as a slot is
 free, and a finished one leaves at once. Between steps the worker moves newly queued jobs into the
 scheduler, in arrival order; while nothing runs it sleeps on the queue. Each output comes from its
-own slot and sampler, so it equals the request run alone. The event loop stays free to accept
+own slot and sampler, so it equals the request run alone up to floating-point batch variance (see
+runtime/batching.py). The event loop stays free to accept
 requests, stream deltas and notice clients that leave: a client that disconnects sets its job's
 cancel flag, and the scheduler frees its slot before the next step (a queued job is dropped
 unstarted). `max_batch=1` serves one request at a time, in arrival order.
