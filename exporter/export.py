@@ -10,6 +10,7 @@ checkpoint size; no initializer is ever inlined into the protobuf, so >2 GB mode
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -76,6 +77,11 @@ def export(
 
     weight_dtype, compute_dtype = dtypes_for(target, dtype)
     ckpt = Checkpoint(checkpoint_dir)
+    if ckpt.config.tie_word_embeddings and "lm_head.weight" in ckpt.tensors:
+        # As transformers does: a head stored beside tied embeddings is used (it unties them when the
+        # two differ; when equal the result is the same), so the artifact is untied.
+        ckpt.close()
+        ckpt = Checkpoint(checkpoint_dir, dataclasses.replace(ckpt.config, tie_word_embeddings=False))
     if target == "onnxruntime" and ckpt.config.head_dim % 16:
         raise ExportError(f"{ckpt.config.source}: head_dim {ckpt.config.head_dim} is not a multiple of 16, which "
                           "ONNX Runtime's GroupQueryAttention requires")
@@ -248,6 +254,8 @@ def _ir_dtype(torch_dtype):
 def _raw_bytes(t) -> bytes | memoryview:
     import torch
 
+    if t.numel() == 0:  # e.g. a shared expert of intermediate size 0: memoryview cannot cast those
+        return b""
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     return memoryview(t.numpy()).cast("B")

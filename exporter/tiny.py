@@ -72,7 +72,7 @@ def _random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: Any) -> 
     else:
         # Unit-scale activations everywhere, so logits and router scores are well separated
         # (greedy parity tests need no near-ties) and nothing overflows in fp16.
-        std, mean = 1.0 / math.sqrt(shape[-1]), 0.0
+        std, mean = 1.0 / math.sqrt(max(shape[-1], 1)), 0.0  # a 0-wide shared expert has empty weights
     return (torch.randn(shape, generator=g) * std + mean).to(dtype)
 
 

@@ -86,7 +86,6 @@ class ModelConfig:
         """The transformers ``config.json`` this config was read from (normalised)."""
         d = asdict(self)
         d.pop("source")
-        d.pop("qkv_bias")
         d["mlp_only_layers"] = list(self.mlp_only_layers)
         d["eos_token_id"] = list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0]
         if self.rope_scaling is not None:
@@ -146,6 +145,18 @@ class ModelConfig:
         experts = r.int("num_experts", minimum=0)
         top_k = r.int("num_experts_per_tok")
         layers = r.int("num_hidden_layers")
+        # transformers >= 5 writes the rope settings as one `rope_parameters` object (rope_theta,
+        # rope_type and YaRN's fields); older configs have rope_theta and rope_scaling at the top.
+        rope_key = "rope_parameters" if d.get("rope_parameters") is not None else "rope_scaling"
+        if rope_key == "rope_parameters":
+            if not isinstance(d["rope_parameters"], dict):
+                raise ConfigError(f"{source}: rope_parameters must be an object")
+            rope, scaling = _Reader(d["rope_parameters"], source, prefix="rope_parameters."), d["rope_parameters"]
+        else:
+            rope, scaling = r, d.get("rope_scaling")
+        if d.get("head_dim") is not None and d["head_dim"] != hidden // max(heads, 1):
+            raise ConfigError(f"{source}: head_dim {d['head_dim']!r} differs from hidden_size / num_attention_heads "
+                              f"({hidden // max(heads, 1)}); qmoe supports only the derived head size")
         mlp_only = d.get("mlp_only_layers") or []
         if not isinstance(mlp_only, list) or not all(isinstance(i, int) and 0 <= i < layers for i in mlp_only):
             raise ConfigError(f"{source}: mlp_only_layers must be a list of layer indices in [0, {layers})")
@@ -165,11 +176,11 @@ class ModelConfig:
             decoder_sparse_step=r.int("decoder_sparse_step", default=1),
             mlp_only_layers=tuple(sorted(set(mlp_only))),
             rms_norm_eps=r.float("rms_norm_eps", default=1e-6, above=0.0),
-            rope_theta=r.float("rope_theta", default=10000.0, above=1.0),  # log(theta) divides in YaRN
+            rope_theta=rope.float("rope_theta", default=10000.0, above=1.0),  # log(theta) divides in YaRN
             max_position_embeddings=r.int("max_position_embeddings"),
             tie_word_embeddings=r.bool("tie_word_embeddings", default=False),
             qkv_bias=r.bool("qkv_bias", default=True),
-            rope_scaling=_rope_scaling(d.get("rope_scaling"), source),
+            rope_scaling=_rope_scaling(scaling, source, rope_key),
             torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=eos_ids,
@@ -191,20 +202,21 @@ class ModelConfig:
 MAX_YARN_FACTOR = 1e4  # far past any trained model's (Qwen2: 2-4); keeps the context limit an integer
 
 
-def _rope_scaling(rs: Any, source: str) -> RopeScaling | None:
+def _rope_scaling(rs: Any, source: str, key: str = "rope_scaling") -> RopeScaling | None:
+    """`rope_scaling` (or transformers 5's `rope_parameters`, `key`) -> YaRN settings or None."""
     if rs is None:
         return None
     if not isinstance(rs, dict):
-        raise ConfigError(f"{source}: rope_scaling must be an object or null")
+        raise ConfigError(f"{source}: {key} must be an object or null")
     kind = rs.get("rope_type", rs.get("type"))
-    if kind == "default":
+    if kind == "default" or (kind is None and key == "rope_parameters"):  # plain RoPE
         return None
     if kind != "yarn":
-        raise ConfigError(f"{source}: rope_scaling.type {kind!r} is not supported (supported: 'yarn')")
-    r = _Reader(rs, source, prefix="rope_scaling.")
+        raise ConfigError(f"{source}: {key}.type {kind!r} is not supported (supported: 'yarn')")
+    r = _Reader(rs, source, prefix=f"{key}.")
     factor = r.float("factor")
     if not 1.0 <= factor <= MAX_YARN_FACTOR:
-        raise ConfigError(f"{source}: rope_scaling.factor must be in [1, {MAX_YARN_FACTOR:g}], got {factor}")
+        raise ConfigError(f"{source}: {key}.factor must be in [1, {MAX_YARN_FACTOR:g}], got {factor}")
 
     def opt(name: str) -> float | None:
         return None if rs.get(name) is None else r.float(name)

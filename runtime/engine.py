@@ -86,7 +86,7 @@ class Engine:
     def bind_rope(self, cache, plan: RopePlan, rows: int) -> None:
         """Binds the plan's cos/sin tables to a cache of `rows` positions. Tables shorter than the
         cache are padded: the spare row is never a real position, but GQA wants the rows."""
-        cos, sin = plan_tables(self.config, plan)
+        cos, sin = plan_tables(self.config, plan, rows)
         if len(cos) < rows:
             cos, sin = (np.pad(t, ((0, rows - len(t)), (0, 0)), mode="edge") for t in (cos, sin))
         self.backend.bind_rope(cache, cos, sin)

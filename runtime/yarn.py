@@ -203,12 +203,15 @@ def plan_inv_freq(config: ModelConfig, plan: RopePlan) -> tuple[np.ndarray, floa
     return yarn_inv_freq_and_attention_factor(config.head_dim, config.rope_theta, config.rope_scaling)
 
 
-def plan_tables(config: ModelConfig, plan: RopePlan) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [plan.max_positions, head_dim/2] float32 of a plan; read-only and cached."""
+def plan_tables(config: ModelConfig, plan: RopePlan, positions: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [P, head_dim/2] float32 of a plan, P = plan.max_positions or at most `positions`
+    (a cache's rows: a model whose YaRN context is huge must not build tables for all of it);
+    read-only and cached. Row p is the same whatever P is."""
     if plan.scaled and config.rope_scaling is None:
         raise RopeModeError(f"a scaled rope plan needs rope_scaling in {config.source or 'config.json'}")
     rs = config.rope_scaling if plan.scaled else None
-    return _cached_tables(config.head_dim, config.rope_theta, rs, plan.max_positions)
+    n = plan.max_positions if positions is None else min(plan.max_positions, positions)
+    return _cached_tables(config.head_dim, config.rope_theta, rs, n)
 
 
 @lru_cache(maxsize=8)

@@ -87,3 +87,62 @@ def test_batch_equals_single(variant):
     batched = engine.generate(PROMPTS, p)
     for prompt, r in zip(PROMPTS, batched):
         assert engine.generate([prompt], p)[0].tokens == r.tokens
+
+
+@pytest.mark.parametrize("overrides, rope_mode, prompt_len", [
+    # no shared expert (intermediate size 0: empty weights), rope_theta 1e6
+    (dict(shared_expert_intermediate_size=0, rope_theta=1e6), None, 11),
+    # YaRN x4 over a 16-position window, a prompt past it
+    (dict(max_position_embeddings=64, rope_scaling={"type": "yarn", "factor": 4.0,
+                                                    "original_max_position_embeddings": 16}), "static", 25),
+])
+def test_a_checkpoint_saved_by_transformers_5_matches(tmp_path, overrides, rope_mode, prompt_len):
+    """transformers >= 5 saves the rope settings as `rope_parameters` (no top-level rope_theta or
+    rope_scaling): read them, or the model silently runs with theta 10000 and no YaRN. Prefill
+    logits <= 1e-4 as above."""
+    import json
+    import shutil
+
+    ck = write_checkpoint(tmp_path / "ck", tiny_config(**overrides), seed=3)
+    hf = hf_model(ck)
+    hf.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert "rope_parameters" in saved and "rope_theta" not in saved
+    for f in ck.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "merges", "generation")):
+            shutil.copy(f, tmp_path / "saved" / f.name)
+    art = export(tmp_path / "saved", tmp_path / "art")
+    engine = runtime.load(art, rope_mode=rope_mode)
+    assert engine.config.rope_theta == overrides.get("rope_theta", tiny_config()["rope_theta"])
+    prompt = list(range(100, 100 + prompt_len))
+    got = engine.generate([prompt], SamplingParams(max_new_tokens=1), output_logits=True)[0].logits[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0, -1].numpy()
+    assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_a_head_stored_beside_tied_embeddings_is_used_like_transformers(tmp_path):
+    """tie_word_embeddings true, yet the checkpoint holds a different lm_head.weight: transformers
+    then does not tie (it warns) and projects with the stored head; so does the artifact."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    ck = write_checkpoint(tmp_path / "ck", tiny_config(tie_word_embeddings=True), seed=3)
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    shard = ck / index["weight_map"]["model.norm.weight"]
+    tensors = load_file(shard)
+    embed_shape = tiny_config()["vocab_size"], tiny_config()["hidden_size"]
+    tensors["lm_head.weight"] = torch.randn(embed_shape, generator=torch.Generator().manual_seed(0)) / 8
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index["weight_map"]["lm_head.weight"] = shard.name
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    hf = hf_model(ck)
+    assert hf.lm_head.weight.data_ptr() != hf.model.embed_tokens.weight.data_ptr()
+    engine = runtime.load(export(ck, tmp_path / "art"))
+    assert not engine.config.tie_word_embeddings
+    for prompt in PROMPTS:
+        got = engine.generate([prompt], SamplingParams(max_new_tokens=1), output_logits=True)[0].logits[0]
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0, -1].numpy()
+        assert np.abs(got - ref).max() <= 1e-4

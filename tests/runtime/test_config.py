@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from runtime.config import ConfigError, ModelConfig
+from runtime.config import ConfigError, ModelConfig, RopeScaling
 
 REAL = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "data" / "qwen2-57b-a14b-instruct.config.json")
 
@@ -59,6 +59,12 @@ def test_roundtrip_through_hf_dict():
      "rope_scaling.factor must be in [1, 10000], got 1e+308"),
     (dict(eos_token_id="abc"), "eos_token_id must be a token id or a list of token ids, got 'abc'"),
     (dict(eos_token_id=[None]), "eos_token_id must be a token id or a list of token ids, got [None]"),
+    (dict(head_dim=32), "head_dim 32 differs from hidden_size / num_attention_heads (16)"),
+    (dict(rope_parameters="yarn"), "rope_parameters must be an object"),
+    (dict(rope_parameters={"rope_theta": 0.5}), "rope_parameters.rope_theta must be a number > 1, got 0.5"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 2.0}),
+     "missing field rope_parameters.original_max_position_embeddings"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}), "rope_parameters.type 'linear' is not supported"),
 ])
 def test_invalid_configs_name_the_field(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -76,3 +82,21 @@ def test_missing_and_corrupt_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(base(vocab_size=None)))
     with pytest.raises(ConfigError, match="missing field vocab_size"):
         ModelConfig.from_file(tmp_path)
+
+
+def test_transformers_5_rope_parameters():
+    """transformers >= 5 writes rope_theta and YaRN's fields into one rope_parameters object; it wins
+    over top-level fields, as in transformers."""
+    plain = ModelConfig.from_hf_dict(base(rope_theta=5.0, rope_parameters={"rope_theta": 1e6, "rope_type": "default"}))
+    assert plain.rope_theta == 1e6 and plain.rope_scaling is None
+    yarn = ModelConfig.from_hf_dict(base(rope_parameters={
+        "rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 8}))
+    assert yarn.rope_theta == 1e6 and yarn.rope_scaling == RopeScaling(factor=4.0, original_max_position_embeddings=16,
+                                                                       beta_fast=8.0)
+    assert ModelConfig.from_hf_dict(yarn.to_hf_dict()) == yarn
+    assert ModelConfig.from_hf_dict(base(head_dim=16)) == ModelConfig.from_hf_dict(base())
+
+
+def test_qkv_bias_survives_the_manifest_round_trip():
+    c = ModelConfig.from_hf_dict(base(qkv_bias=False))
+    assert c.to_hf_dict()["qkv_bias"] is False and ModelConfig.from_hf_dict(c.to_hf_dict()) == c
