@@ -49,11 +49,24 @@ class TokenEvent:
     finish_reason: str | None
 
 
+class _RowView:
+    """The caller's `cancelled` set (global row indices) seen from a sub-batch (local indices)."""
+
+    def __init__(self, cancelled: set[int], rows: list[int]) -> None:
+        self.cancelled, self.rows = cancelled, rows
+
+    def __iter__(self) -> Iterator[int]:
+        return (i for i, g in enumerate(self.rows) if g in self.cancelled)
+
+    def __bool__(self) -> bool:
+        return any(g in self.cancelled for g in self.rows)
+
+
 class Engine:
     def __init__(self, artifact: str | Path, backend: str = "auto", device: str = "auto",
                  rope_mode: RopeMode | None = None, prefill_chunk: int = 2048) -> None:
-        if prefill_chunk < 1:
-            raise RequestError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 1:
+            raise RequestError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
         self.prefill_chunk = prefill_chunk
         self.artifact = Path(artifact)
         self.manifest = mf.read(self.artifact)
@@ -97,15 +110,30 @@ class Engine:
         """Yields each generated token of each row as it is produced (rows are batched). Rows the
         consumer adds to `cancelled` between tokens (a stop string, a gone client) go idle."""
         p = self._params(sampling)
-        if not prompts:
+        if len(prompts) == 0:
             raise RequestError("every prompt needs at least one token")
         for x in prompts:
             self.check_prompt(x)
         prompts = [list(map(int, x)) for x in prompts]
+        mode = rope_mode or self.rope_mode
+        # Each row's own plan (rope mode dynamic: a short request keeps the unscaled tables whatever
+        # else is in the batch); one cache binds one table set, so rows of different plans run as
+        # separate batches, one after the other.
+        plans = [check_context(self.config, mode, len(x), p.max_new_tokens) for x in prompts]
+        for plan in dict.fromkeys(plans):
+            rows = [i for i, q in enumerate(plans) if q == plan]
+            sub_logits = None if on_logits is None else (lambda i, row, rows=rows: on_logits(rows[i], row))
+            sub_cancelled = _RowView(cancelled, rows) if cancelled is not None else None
+            for ev in self._stream_batch([prompts[i] for i in rows], p, plan, sub_logits, sub_cancelled):
+                yield TokenEvent(rows[ev.row], ev.token, ev.finished, ev.finish_reason)
+
+    def _stream_batch(self, prompts: list[list[int]], p: SamplingParams, plan: RopePlan,
+                      on_logits: Callable[[int, np.ndarray], None] | None,
+                      cancelled: "set[int] | _RowView | None") -> Iterator[TokenEvent]:
+        """stream_tokens for rows that share one rope plan (row indices local to `prompts`)."""
         B = len(prompts)
         lengths = np.array([len(x) for x in prompts], np.int32)
         S = int(lengths.max())
-        plan = check_context(self.config, rope_mode or self.rope_mode, S, p.max_new_tokens)
         # +1: idle rows of a decode step point one past their last token (the tensorrt graph's
         # ScatterND writes there), which must stay inside the buffer.
         capacity = S + p.max_new_tokens + 1

@@ -77,7 +77,8 @@ class SamplingParams:
 
 
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value):
         raise SamplingError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 

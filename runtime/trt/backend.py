@@ -34,7 +34,7 @@ import numpy as np
 from .. import manifest as mf
 from ..backends import BackendError
 from . import ENGINE_FILE, PLUGIN_FILE, RECORD_KEY, import_tensorrt
-from .build import DECODE, choose_profile, dims, sha256
+from .build import DECODE, choose_profile, dims, load_plugins, sha256
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -145,8 +145,7 @@ class TensorRTBackend:
         plugin = check_plugin(artifact, rec)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        if self.runtime.get_plugin_registry().load_library(str(plugin)) is None:
-            raise BackendError(f"{plugin}: TensorRT cannot load the plugin library (see the log above)")
+        load_plugins(self.runtime.get_plugin_registry(), plugin, BackendError)
         self.engine, self._plan = _deserialize(self.runtime, artifact / rec.get("engine_file", ENGINE_FILE))
         self.context = self.engine.create_execution_context()
         if self.context is None:

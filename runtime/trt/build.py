@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from .. import manifest as mf
 from ..config import ModelConfig
+from ..contract import PLUGINS
 from . import ENGINE_FILE, PLUGIN_FILE, RECORD_KEY, TensorRTError, import_tensorrt
 
 if TYPE_CHECKING:
@@ -266,15 +267,27 @@ def build(artifact: str | Path, options: BuildOptions = BuildOptions(), progress
     return engine_path
 
 
-def load_plugins(registry: trt.IPluginRegistry, lib: Path) -> None:
-    """IPluginRegistry.load_library calls the library's getCreators (IPluginV3 creators);
-    a plain dlopen would register nothing."""
+_LOADED_PLUGINS: dict[str, Any] = {}  # resolved library path -> the handle TensorRT returned
+
+
+def load_plugins(registry: trt.IPluginRegistry, lib: Path, error: type[Exception] | None = None) -> None:
+    """IPluginRegistry.load_library calls the library's getCreators (IPluginV3 creators); a plain
+    dlopen would register nothing. The registry is one per process and load_library "will fail and
+    return None if any of the plugins are already registered", so a library is loaded once per
+    process, and not at all when qmoe's creators are registered already (the same plugins from
+    another copy of the library): a second build, or a build then a load, reuses them."""
+    err = error or BuildError
+    key = str(Path(lib).resolve())
+    if key in _LOADED_PLUGINS or all(
+            registry.get_creator(spec.name, spec.version, spec.namespace) is not None for spec in PLUGINS):
+        return
     try:
         handle = registry.load_library(str(lib))
     except Exception as e:  # noqa: BLE001  (the bindings raise plain RuntimeError/TypeError)
-        raise BuildError(f"{lib}: TensorRT cannot load the plugin library: {str(e).splitlines()[0]}") from None
+        raise err(f"{lib}: TensorRT cannot load the plugin library: {str(e).splitlines()[0]}") from None
     if handle is None:
-        raise BuildError(f"{lib}: TensorRT cannot load the plugin library (see the log above)")
+        raise err(f"{lib}: TensorRT cannot load the plugin library (see the log above)")
+    _LOADED_PLUGINS[key] = handle
 
 
 def write_manifest(artifact: Path, m: mf.Manifest) -> None:

@@ -69,6 +69,23 @@ def test_dynamic_short_request_is_bit_identical_to_unscaled(yarn_model):
     assert not np.allclose(static.logits[0], none.logits[0], atol=1e-3)  # YaRN really changes short text
 
 
+def test_dynamic_rows_of_one_batch_keep_their_own_tables(yarn_model):
+    """Rope mode dynamic in a ragged batch: a short row keeps the unscaled tables and a long row gets
+    YaRN, each as in its solo run (the rows run as two batches), rows in their places. Logits within
+    1e-4, not bit for bit: the two short rows share a batch, and the MoE is not batch-invariant
+    (runtime/batching.py); the wrong tables would be off by ~1."""
+    _, art = yarn_model
+    engine = runtime.load(art)
+    short, long_, short2 = _prompt(5), _prompt(40), _prompt(9)
+    p = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    together = engine.generate([short, long_, short2], p, output_logits=True)
+    for prompt, got in zip([short, long_, short2], together):
+        alone = engine.generate([prompt], p, output_logits=True)[0]
+        assert got.prompt_tokens == prompt and got.tokens == alone.tokens
+        assert max(np.abs(a - b).max() for a, b in zip(got.logits, alone.logits)) <= 1e-4
+    assert engine.generate([short], p)[0].tokens == runtime.load(art, rope_mode="none").generate([short], p)[0].tokens
+
+
 def test_context_limits_per_mode(yarn_model):
     _, art = yarn_model
     none = runtime.load(art, rope_mode="none")
@@ -150,6 +167,10 @@ def test_bad_inputs(engine):
         engine.generate([[1.7, 2.2]])
     with pytest.raises(RequestError, match="prompt token ids must be integers"):
         engine.generate([[True, 5]])
+    assert engine.generate(np.array([[9707, 11]]), SamplingParams(max_new_tokens=1))[0].prompt_tokens == [9707, 11]
+    for chunk in (1.5, "8", True, 0):
+        with pytest.raises(RequestError, match="prefill_chunk must be an integer >= 1"):
+            runtime.load(engine.artifact, prefill_chunk=chunk)
 
 
 def test_unknown_device_and_a_manifest_that_does_not_match_the_graph(tiny_artifact, tmp_path):

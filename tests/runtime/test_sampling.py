@@ -218,3 +218,11 @@ def test_a_tiny_repetition_penalty_samples_the_penalised_tokens_it_blew_up():
     probs = token_probabilities(logits[0], seen[0], params)
     np.testing.assert_allclose(probs, [0.5, 0, 0, 0.5, 0], atol=0)
     assert Sampler(params, 1).next(logits, seen)[0] in (0, 3)
+
+
+def test_numpy_scalars_are_numbers():
+    p = SamplingParams(temperature=np.float32(0.5), top_p=np.float16(0.5), repetition_penalty=np.float64(1.1),
+                       top_k=np.int64(3), max_new_tokens=np.int32(4))
+    assert (p.temperature, p.top_p, p.repetition_penalty) == (0.5, 0.5, 1.1) and type(p.temperature) is float
+    with pytest.raises(SamplingError, match="temperature must be a finite number"):
+        SamplingParams(temperature=np.bool_(True))

@@ -151,3 +151,43 @@ def test_cli_help_imports_no_tensorrt():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "build" in out.stdout and "check" in out.stdout
+
+
+class FakeRegistry:
+    """TensorRT's IPluginRegistry as documented: load_library registers the library's creators and
+    returns None if any of them is registered already (the registry is one per process)."""
+
+    def __init__(self) -> None:
+        self.creators: set[tuple[str, str, str]] = set()
+        self.loads: list[str] = []
+
+    def get_creator(self, name: str, version: str, namespace: str):
+        return (name, version, namespace) if (name, version, namespace) in self.creators else None
+
+    def load_library(self, path: str):
+        from runtime.contract import PLUGINS
+
+        self.loads.append(path)
+        mine = {(s.name, s.version, s.namespace) for s in PLUGINS}
+        if mine & self.creators:
+            return None
+        self.creators |= mine
+        return object()
+
+
+def test_plugins_load_once_per_process(tmp_path, monkeypatch):
+    """A second build, or a build and then a load, must not call load_library again: TensorRT would
+    refuse the already registered creators."""
+    from runtime.backends import BackendError
+    from runtime.trt import build as tb
+
+    monkeypatch.setattr(tb, "_LOADED_PLUGINS", {})
+    reg = FakeRegistry()
+    lib, copy = tmp_path / "libqmoe_plugins.so", tmp_path / "art" / "libqmoe_plugins.so"
+    tb.load_plugins(reg, lib)
+    tb.load_plugins(reg, lib)
+    tb.load_plugins(reg, copy, BackendError)  # the artifact's copy: the creators are there already
+    assert reg.loads == [str(lib)]
+    with pytest.raises(BackendError, match="libqmoe_plugins.so: TensorRT cannot load the plugin library"):
+        tb.load_plugins(type("Refusing", (FakeRegistry,), {"load_library": lambda self, p: None})(), copy,
+                        BackendError)
