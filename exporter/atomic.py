@@ -30,7 +30,7 @@ def atomic_dir(target: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yields a temp folder next to `target`; on success it replaces `target`, on error it is
     removed, and so are the parent folders it had to create."""
     target = output_path(target)
-    if target.exists() and not force:
+    if os.path.lexists(target) and not force:
         raise OutputExistsError(f"{target}: already exists (use --force to replace it)")
     parent = target.parent
     created = [d for d in (parent, *parent.parents) if not d.exists()]
@@ -43,12 +43,12 @@ def atomic_dir(target: str | Path, *, force: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o755)
-        if target.exists():
+        if os.path.lexists(target):  # a folder, a file or a symlink (dangling too): replaced, not followed
             old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             target.rename(old)
             tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             tmp.rename(target)
     except BaseException as e:
@@ -57,6 +57,14 @@ def atomic_dir(target: str | Path, *, force: bool = False) -> Iterator[Path]:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # say where
             raise QmoeError(f"{parent}: no space left on the device (writing {target.name})") from None
         raise
+
+
+def _remove(path: Path) -> None:
+    """rmtree for a folder; unlink for a file or a symlink (rmtree refuses symlinks)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _remove_empty(folders: list[Path]) -> None:

@@ -86,9 +86,11 @@ def export(
         raise ExportError(f"{ckpt.config.source}: head_dim {ckpt.config.head_dim} is not a multiple of 16, which "
                           "ONNX Runtime's GroupQueryAttention requires")
     output_dir = Path(output_dir)
-    out, src = output_path(output_dir).resolve(), ckpt.dir.resolve()
-    if out == src or out in src.parents:  # replacing it would delete the checkpoint
-        raise ExportError(f"{output_dir}: the artifact folder must not be the checkpoint folder or contain it")
+    out = output_path(output_dir).resolve()
+    sources = {ckpt.dir.resolve(), *(t.file.resolve() for t in ckpt.tensors.values())}  # shards may live elsewhere
+    if any(out == src or out in src.parents for src in sources):  # replacing it would delete the checkpoint
+        raise ExportError(f"{output_dir}: the artifact folder must not be the checkpoint folder or contain it "
+                          "or its shards")
     interleaved = target == "onnxruntime"
     t0 = time.perf_counter()
     model_ir = trace(ckpt.config, target, getattr(torch, weight_dtype), getattr(torch, compute_dtype), interleaved)

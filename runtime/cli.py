@@ -3,18 +3,33 @@ imported at module level, so `qmoe --help` is instant and the runtime commands w
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    """SIGTERM (timeout, kill, a container stop) unwinds like Ctrl-C: half-written output is removed."""
     raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigterm_cleans_up() -> Iterator[None]:
+    """For the commands that write a folder (export, tiny, triton): SIGTERM (timeout, kill, a
+    container stop) unwinds like Ctrl-C, so the half-written output is removed. Not for the others: a
+    Python handler waits for a long native call (a TensorRT build) to return; `serve` has its own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Group(click.Group):
@@ -37,8 +52,6 @@ class _Group(click.Group):
             sys.exit(1)
 
     def invoke(self, ctx: click.Context) -> Any:
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # `serve` sets its own
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
@@ -56,9 +69,6 @@ class _Group(click.Group):
                 msg = f"{type(e).__name__}: {msg} (run with --debug for a traceback)"
             click.echo(f"error: {msg}", err=True)
             sys.exit(1)
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Group)
@@ -112,7 +122,8 @@ def tiny(out_dir: str, seed: int, dtype: str, force: bool) -> None:
     """Write the embedded default: a tiny random Qwen2-MoE checkpoint with the real Qwen2 tokenizer."""
     from exporter.tiny import tiny_config, write_checkpoint
 
-    write_checkpoint(out_dir, tiny_config(), seed=seed, dtype=dtype, force=force)
+    with _sigterm_cleans_up():
+        write_checkpoint(out_dir, tiny_config(), seed=seed, dtype=dtype, force=force)
     click.echo(f"wrote {out_dir}")
 
 
@@ -142,8 +153,9 @@ def export(checkpoint_dir: str, output_dir: str, target: str, dtype: str | None,
         bar.update(done - bar.n)
 
     try:
-        ex.export(checkpoint_dir, output_dir, target=target, dtype=dtype, force=force, link_weights=link_weights,
-                  progress=progress)
+        with _sigterm_cleans_up():
+            ex.export(checkpoint_dir, output_dir, target=target, dtype=dtype, force=force,
+                      link_weights=link_weights, progress=progress)
     finally:
         bar.close()
     click.echo(f"wrote {output_dir}")
@@ -316,7 +328,8 @@ def triton(artifact: str, repo_dir: str, name: str, instances: int, kind: str, c
 
     env = None if python_env == "none" else (python_env or current_python_env())
     spec = ModelSpec(name, instances, kind, copy, env, default_max_tokens)  # type: ignore[arg-type]
-    model_dir = write_repository(artifact, repo_dir, spec, force=force)
+    with _sigterm_cleans_up():
+        model_dir = write_repository(artifact, repo_dir, spec, force=force)
     click.echo(f"wrote {model_dir}; start the server as {model_dir.parent / 'README.md'} says")
 
 

@@ -145,15 +145,17 @@ class ModelConfig:
         experts = r.int("num_experts", minimum=0)
         top_k = r.int("num_experts_per_tok")
         layers = r.int("num_hidden_layers")
-        # transformers >= 5 writes the rope settings as one `rope_parameters` object (rope_theta,
-        # rope_type and YaRN's fields); older configs have rope_theta and rope_scaling at the top.
-        rope_key = "rope_parameters" if d.get("rope_parameters") is not None else "rope_scaling"
-        if rope_key == "rope_parameters":
-            if not isinstance(d["rope_parameters"], dict):
-                raise ConfigError(f"{source}: rope_parameters must be an object")
-            rope, scaling = _Reader(d["rope_parameters"], source, prefix="rope_parameters."), d["rope_parameters"]
-        else:
-            rope, scaling = r, d.get("rope_scaling")
+        # RoPE settings as transformers (5.x) reads them: the legacy top-level rope_scaling if set, else
+        # rope_parameters (what transformers >= 5 writes); rope_theta from that object, else the top
+        # level; rope_type from it ("type" in older files), plain RoPE if absent.
+        rope_key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+        params = d.get(rope_key) or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{source}: {rope_key} must be an object or null")
+        if params and all(isinstance(v, dict) for v in params.values()):
+            raise ConfigError(f"{source}: {rope_key} per layer type is not supported (Qwen2-MoE has one RoPE)")
+        rope = _Reader(params, source, prefix=f"{rope_key}.") if "rope_theta" in params else r
+        scaling = _rope_scaling(params, source, rope_key, r.int("max_position_embeddings"))
         if d.get("head_dim") is not None and d["head_dim"] != hidden // max(heads, 1):
             raise ConfigError(f"{source}: head_dim {d['head_dim']!r} differs from hidden_size / num_attention_heads "
                               f"({hidden // max(heads, 1)}); qmoe supports only the derived head size")
@@ -180,7 +182,7 @@ class ModelConfig:
             max_position_embeddings=r.int("max_position_embeddings"),
             tie_word_embeddings=r.bool("tie_word_embeddings", default=False),
             qkv_bias=r.bool("qkv_bias", default=True),
-            rope_scaling=_rope_scaling(scaling, source, rope_key),
+            rope_scaling=scaling,
             torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=eos_ids,
@@ -202,14 +204,12 @@ class ModelConfig:
 MAX_YARN_FACTOR = 1e4  # far past any trained model's (Qwen2: 2-4); keeps the context limit an integer
 
 
-def _rope_scaling(rs: Any, source: str, key: str = "rope_scaling") -> RopeScaling | None:
-    """`rope_scaling` (or transformers 5's `rope_parameters`, `key`) -> YaRN settings or None."""
-    if rs is None:
-        return None
-    if not isinstance(rs, dict):
-        raise ConfigError(f"{source}: {key} must be an object or null")
-    kind = rs.get("rope_type", rs.get("type"))
-    if kind == "default" or (kind is None and key == "rope_parameters"):  # plain RoPE
+def _rope_scaling(rs: dict[str, Any], source: str, key: str, max_positions: int) -> RopeScaling | None:
+    """The YaRN settings of `rope_scaling` / `rope_parameters` (`key`), or None for plain RoPE.
+    original_max_position_embeddings defaults to max_position_embeddings, as in transformers 5.24
+    (which ignores a top-level one for Qwen2-MoE)."""
+    kind = rs.get("rope_type", rs.get("type")) or "default"
+    if kind == "default":
         return None
     if kind != "yarn":
         raise ConfigError(f"{source}: {key}.type {kind!r} is not supported (supported: 'yarn')")
@@ -223,7 +223,7 @@ def _rope_scaling(rs: Any, source: str, key: str = "rope_scaling") -> RopeScalin
 
     return RopeScaling(
         factor=factor,
-        original_max_position_embeddings=r.int("original_max_position_embeddings"),
+        original_max_position_embeddings=r.int("original_max_position_embeddings", default=max_positions),
         beta_fast=r.float("beta_fast", default=32.0),
         beta_slow=r.float("beta_slow", default=1.0),
         mscale=opt("mscale"),

@@ -194,7 +194,7 @@ class Service:
         chosen = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
         try:
             return SamplingParams(**{**self.defaults, **chosen}, seed=body.get("seed"), max_new_tokens=max_tokens,
-                                  stop=() if body.get("stop") is None else body["stop"])
+                                  stop=() if body.get("stop") in (None, "") else body["stop"])
         except SamplingError as e:  # the message starts with the field's name
             param = str(e).split()[0]
             raise APIError(str(e), param=name if param == "max_new_tokens" else param) from None

@@ -156,12 +156,19 @@ def test_output_that_is_the_checkpoint_by_another_path_is_refused(tiny_checkpoin
     ck = tmp_path / "ck"
     shutil.copytree(tiny_checkpoint, ck)
     (tmp_path / "here").symlink_to(tmp_path)
-    before = sorted(p.name for p in ck.iterdir())
-    for out in (tmp_path / "here" / "ck", ck / ".." / "ck", ck / "sub" / ".." / "..", tmp_path):
+    # the shards in a subfolder the index points into
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    (ck / "sub").mkdir()
+    for name in set(index["weight_map"].values()):
+        (ck / name).rename(ck / "sub" / name)
+    index["weight_map"] = {k: f"sub/{v}" for k, v in index["weight_map"].items()}
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    before = sorted(str(p.relative_to(ck)) for p in ck.rglob("*"))
+    for out in (tmp_path / "here" / "ck", ck / ".." / "ck", ck / "sub" / ".." / "..", tmp_path, ck / "sub"):
         r = qmoe("export", ck, "-o", out, "--force")
         assert r.returncode == 1 and "must not be the checkpoint folder or contain it" in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1
-    assert sorted(p.name for p in ck.iterdir()) == before
+    assert sorted(str(p.relative_to(ck)) for p in ck.rglob("*")) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -208,3 +215,27 @@ def test_sigterm_during_export_leaves_nothing(tiny_checkpoint, tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGTERM, err
     assert list(tmp_path.iterdir()) == [], err
+
+
+def test_a_symlink_in_the_output_place_is_replaced_not_followed(tmp_path):
+    """An existing symlink (to a folder, dangling) needs --force like a folder, is replaced by the
+    new folder and leaves no .old behind; what it pointed at stays."""
+    from exporter.atomic import OutputExistsError, atomic_dir
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "keep.txt").write_text("mine")
+    for link_to in (tmp_path / "real", tmp_path / "nowhere"):
+        out = tmp_path / "out"
+        out.symlink_to(link_to)
+        with pytest.raises(OutputExistsError):
+            with atomic_dir(out):
+                pass
+        for _ in range(2):  # the second run replaces a real folder
+            with atomic_dir(out, force=True) as tmp:
+                (tmp / "new.txt").write_text("new")
+            assert out.is_dir() and not out.is_symlink() and (out / "new.txt").is_file()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real"]
+        assert (tmp_path / "real" / "keep.txt").read_text() == "mine"
+        import shutil as sh
+
+        sh.rmtree(out)

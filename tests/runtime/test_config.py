@@ -47,7 +47,6 @@ def test_roundtrip_through_hf_dict():
     (dict(num_key_value_heads=3), "num_key_value_heads (3) does not divide num_attention_heads (4)"),
     (dict(num_experts_per_tok=9), "num_experts_per_tok (9) exceeds num_experts (8)"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling.type 'linear' is not supported"),
-    (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "missing field rope_scaling.original_max_position_embeddings"),
     (dict(num_hidden_layers="2"), "num_hidden_layers must be an integer >= 1, got '2'"),
     (dict(hidden_act="gelu"), "hidden_act is 'gelu'"),
     (dict(mlp_only_layers=[5]), "mlp_only_layers must be a list of layer indices in [0, 2)"),
@@ -62,9 +61,8 @@ def test_roundtrip_through_hf_dict():
     (dict(head_dim=32), "head_dim 32 differs from hidden_size / num_attention_heads (16)"),
     (dict(rope_parameters="yarn"), "rope_parameters must be an object"),
     (dict(rope_parameters={"rope_theta": 0.5}), "rope_parameters.rope_theta must be a number > 1, got 0.5"),
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 2.0}),
-     "missing field rope_parameters.original_max_position_embeddings"),
     (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}), "rope_parameters.type 'linear' is not supported"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "default"}}), "rope_parameters per layer type is not supported"),
 ])
 def test_invalid_configs_name_the_field(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -100,3 +98,33 @@ def test_transformers_5_rope_parameters():
 def test_qkv_bias_survives_the_manifest_round_trip():
     c = ModelConfig.from_hf_dict(base(qkv_bias=False))
     assert c.to_hf_dict()["qkv_bias"] is False and ModelConfig.from_hf_dict(c.to_hf_dict()) == c
+
+
+YARN2 = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(rope_theta=1e6),
+    dict(rope_parameters={"rope_theta": 1e6, "rope_type": "default"}),
+    dict(rope_theta=5e5, rope_parameters={"rope_type": "default"}),  # theta from the top level
+    dict(rope_theta=5e5, rope_parameters={}),
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, rope_scaling=dict(YARN2)),  # rope_scaling wins
+    dict(rope_parameters={**YARN2, "rope_theta": 1e6}),
+    dict(rope_theta=1e6, rope_scaling={"type": "yarn", "factor": 4.0}),  # original = max_position_embeddings
+    dict(rope_scaling=dict(YARN2), original_max_position_embeddings=16),  # a top-level original is ignored
+    dict(rope_scaling={"factor": 2.0}),  # no type: plain RoPE
+], ids=lambda o: "-".join(sorted(o)))
+def test_rope_settings_are_read_as_transformers_reads_them(overrides):
+    """theta, YaRN factor and original window against transformers' own Qwen2MoeConfig."""
+    from transformers import Qwen2MoeConfig
+
+    d = base(max_position_embeddings=128, **overrides)
+    ours = ModelConfig.from_hf_dict(json.loads(json.dumps(d)))
+    ref = Qwen2MoeConfig(**json.loads(json.dumps(d))).rope_parameters
+    assert ours.rope_theta == ref["rope_theta"]
+    if ref["rope_type"] == "default":
+        assert ours.rope_scaling is None
+    else:
+        assert ref["rope_type"] == "yarn" and ours.rope_scaling is not None
+        assert (ours.rope_scaling.factor, ours.rope_scaling.original_max_position_embeddings) == (
+            ref["factor"], ref["original_max_position_embeddings"])

@@ -267,3 +267,8 @@ def test_a_request_whose_client_left_before_it_started_still_ends(embedded) -> N
         return [item async for item in job.results()]
 
     assert asyncio.run(asyncio.wait_for(main(), 10)) == [Finished("cancelled", 0)]
+
+
+def test_an_empty_stop_string_means_no_stop(server) -> None:
+    status, got = post(server.url + "/v1/chat/completions", {**GOOD, "stop": ""})
+    assert status == 200 and got["choices"][0]["finish_reason"] in ("length", "stop")
