@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -111,6 +111,10 @@ class Checkpoint:
                     raise CheckpointError(f"{shard}: tensor {name} listed in {INDEX_NAME} is missing from this shard")
                 self.tensors[name] = infos[name]
         self.fused_experts = any(n.endswith("mlp.experts.gate_up_proj") for n in self.tensors)
+        if self.config.tie_word_embeddings and "lm_head.weight" in self.tensors:
+            # As transformers reads it: a head stored beside tied embeddings is used (it unties them
+            # when the two differ; when equal the result is the same), so this checkpoint is untied.
+            self.config = replace(self.config, tie_word_embeddings=False)
         self.validate()
 
     def _shards(self) -> dict[Path, list[str] | None]:

@@ -10,7 +10,6 @@ checkpoint size; no initializer is ever inlined into the protobuf, so >2 GB mode
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import time
@@ -77,11 +76,6 @@ def export(
 
     weight_dtype, compute_dtype = dtypes_for(target, dtype)
     ckpt = Checkpoint(checkpoint_dir)
-    if ckpt.config.tie_word_embeddings and "lm_head.weight" in ckpt.tensors:
-        # As transformers does: a head stored beside tied embeddings is used (it unties them when the
-        # two differ; when equal the result is the same), so the artifact is untied.
-        ckpt.close()
-        ckpt = Checkpoint(checkpoint_dir, dataclasses.replace(ckpt.config, tie_word_embeddings=False))
     if target == "onnxruntime" and ckpt.config.head_dim % 16:
         raise ExportError(f"{ckpt.config.source}: head_dim {ckpt.config.head_dim} is not a multiple of 16, which "
                           "ONNX Runtime's GroupQueryAttention requires")

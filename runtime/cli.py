@@ -253,7 +253,7 @@ def chat(artifact: str, system: str | None, backend: str, device: str, rope_mode
     scheduler = BatchScheduler(engine, max_slots=1)
     if sampling.max_new_tokens >= scheduler.capacity:  # every turn would be refused: say so once, up front
         raise RequestError(f"--max-new-tokens {sampling.max_new_tokens} leaves no room for a prompt in the "
-                         f"{scheduler.capacity}-token context; lower it")
+                           f"{scheduler.capacity}-token context; lower it")
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     base = list(history)
     while True:

@@ -193,8 +193,6 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | None = None,
                  rope_mode: RopeMode | None = None, output_logits: bool = False) -> list[GenerationResult]:
         """Generates for several token-id prompts of any lengths at once."""
-        for x in prompts:
-            self.check_prompt(x)
         results = [GenerationResult(list(map(int, x)), logits=[] if output_logits else None) for x in prompts]
         on_logits = (lambda i, row: results[i].logits.append(row)) if output_logits else None  # type: ignore[union-attr]
         p = self._params(sampling)

@@ -108,14 +108,13 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     if temperature == 1.0:
         return logits
+    finite = np.isfinite(logits)
     with np.errstate(over="ignore"):
         out = logits / temperature
-    if np.isinf(out[np.isfinite(logits)]).any():
-        # A tiny temperature (1e-310) overflows: the same distribution from logits shifted to a
-        # maximum of 0 (the best tokens stay at 0, the rest go to -inf), instead of inf - inf = NaN.
-        finite = logits[np.isfinite(logits)]
-        with np.errstate(over="ignore"):
-            out = (logits - finite.max()) / temperature
+        if np.isinf(out[finite]).any():
+            # A tiny temperature (1e-310) overflows: the same distribution from logits shifted to a
+            # maximum of 0 (the best tokens stay at 0, the rest go to -inf), instead of inf - inf = NaN.
+            out = (logits - logits[finite].max()) / temperature
     return out
 
 
