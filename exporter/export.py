@@ -66,15 +66,28 @@ def export(
     dtype: str | None = None,
     force: bool = False,
     link_weights: bool = False,
+    quantize: str | None = None,
+    quant_block_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Exports a Qwen2-MoE checkpoint; returns the artifact folder. See module docstring.
-    `dtype` None: float32 for onnxruntime, float16 for tensorrt."""
+    `dtype` None: float32 for onnxruntime, float16 for tensorrt. `quantize` "int4" / "int8":
+    weight-only quantization (onnxruntime target; exporter/quantize.py)."""
     import torch
+
+    from .quantize import QuantConfig
 
     dtype = dtype or DEFAULT_DTYPE.get(target, "float32")
 
     weight_dtype, compute_dtype = dtypes_for(target, dtype)
+    qc = None
+    if quantize is not None:
+        if target != "onnxruntime":
+            raise ExportError(f"--quantize is for the onnxruntime target (ONNX Runtime's MatMulNBits/QMoE); the "
+                              f"{target} target's plugin runs float16/bfloat16 weights")
+        qc = QuantConfig.parse(quantize, quant_block_size)
+    elif quant_block_size is not None:
+        raise ExportError("--quant-block-size needs --quantize")
     ckpt = Checkpoint(checkpoint_dir)
     if target == "onnxruntime" and ckpt.config.head_dim % 16:
         raise ExportError(f"{ckpt.config.source}: head_dim {ckpt.config.head_dim} is not a multiple of 16, which "
@@ -88,8 +101,14 @@ def export(
     interleaved = target == "onnxruntime"
     t0 = time.perf_counter()
     model_ir = trace(ckpt.config, target, getattr(torch, weight_dtype), getattr(torch, compute_dtype), interleaved)
+    quantized = {}
+    if qc is not None:
+        from .quantize import rewrite
+
+        quantized = rewrite(model_ir, qc, getattr(torch, compute_dtype))
     with atomic_dir(output_dir, force=force) as tmp:
-        write_weights(model_ir, ckpt, tmp, getattr(torch, weight_dtype), interleaved, link_weights, progress)
+        write_weights(model_ir, ckpt, tmp, getattr(torch, weight_dtype), interleaved, link_weights, progress,
+                      quantized)
         save_model(model_ir, tmp / "model.onnx")
         for name in TOKENIZER_FILES:
             if (ckpt.dir / name).is_file():
@@ -97,7 +116,7 @@ def export(
         mf.write(tmp, mf.Manifest.for_export(
             config=ckpt.config, target=target, dtype=dtype, weight_dtype=weight_dtype, compute_dtype=compute_dtype,
             opset=OPSET, source=str(ckpt.dir.absolute()), export_seconds=round(time.perf_counter() - t0, 2),
-            linked_weights=link_weights,
+            linked_weights=link_weights, quantization=None if qc is None else qc.to_json(),
         ))
     ckpt.close()
     return output_dir
@@ -164,16 +183,20 @@ def _name_nodes(model_ir) -> None:
 
 
 def write_weights(model_ir, ckpt: Checkpoint, folder: Path, weight_dtype, interleaved: bool, link: bool,
-                  progress: Callable[[int, int], None] | None) -> None:
+                  progress: Callable[[int, int], None] | None, quantized: dict | None = None) -> None:
     """Points every parameter initializer at its bytes in `folder` (written here, or in a
-    hard-linked checkpoint shard when `link` and nothing needs converting)."""
+    hard-linked checkpoint shard when `link` and nothing needs converting). `quantized`
+    (quantize.rewrite's result): packed weights and scales, quantized piece by piece."""
     import onnx_ir as ir
     import torch
 
     from .weights import direct_source, pieces
 
-    params = [v for name, v in model_ir.graph.initializers.items() if _is_param(name)]
-    total = sum(v.const_value.nbytes for v in params)
+    quantized = quantized or {}
+    qnames = {n for t in quantized.values() for n in (t.qname, t.sname)}
+    inits = model_ir.graph.initializers
+    params = [v for name, v in inits.items() if _is_param(name) and name not in qnames]
+    total = sum(v.const_value.nbytes for v in params) + sum(inits[n].const_value.nbytes for n in qnames)
     done = 0
     linked: dict[Path, str] = {}
     with open(folder / DATA_FILE, "wb") as out:
@@ -199,8 +222,41 @@ def write_weights(model_ir, ckpt: Checkpoint, folder: Path, weight_dtype, interl
             done += value.const_value.nbytes
             if progress:
                 progress(done, total)
+        for t in quantized.values():
+            for name, offset, length in _write_quantized(t, ckpt, out, interleaved, pieces):
+                v = inits[name]
+                if length != v.const_value.nbytes:
+                    raise ExportError(f"internal error: {name} wrote {length} bytes, expected {v.const_value.nbytes}")
+                v.const_value = ir.ExternalTensor(DATA_FILE, offset, length, v.const_value.dtype,
+                                                  shape=v.const_value.shape, name=name, base_dir=folder)
+                done += length
+            if progress:
+                progress(done, total)
     if not any(v.const_value.location == DATA_FILE for v in params if isinstance(v.const_value, ir.ExternalTensor)):
         (folder / DATA_FILE).unlink()
+
+
+def _write_quantized(t, ckpt: Checkpoint, out, interleaved: bool, pieces) -> list[tuple[str, int, int]]:
+    """Streams parameter t.source through the quantizer: packed rows into `out` as they come, the
+    scales through a temporary file behind them; [(name, offset, length)] of both."""
+    import tempfile
+
+    from .quantize import quantize_rows
+
+    out.write(b"\0" * (-out.tell() % ALIGN))
+    q_offset = out.tell()
+    with tempfile.TemporaryFile(dir=Path(out.name).parent) as scales:
+        for piece in pieces(ckpt, t.source, interleaved):
+            q, s = quantize_rows(piece.reshape(-1, t.k), t.bits, t.block)
+            out.write(_raw_bytes(q))
+            scales.write(_raw_bytes(s.to(t.scale_dtype).contiguous()))
+        q_length = out.tell() - q_offset
+        out.write(b"\0" * (-out.tell() % ALIGN))
+        s_offset = out.tell()
+        scales.seek(0)
+        shutil.copyfileobj(scales, out, 16 << 20)
+        s_length = out.tell() - s_offset
+    return [(t.qname, q_offset, q_length), (t.sname, s_offset, s_length)]
 
 
 def _is_param(name: str) -> bool:
@@ -254,6 +310,7 @@ def _raw_bytes(t) -> bytes | memoryview:
         return b""
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
+    t = t.contiguous()
     return memoryview(t.numpy()).cast("B")
 
 

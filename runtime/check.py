@@ -76,6 +76,7 @@ class Run:
     dtype: str  # compute dtype
     tokens: list[list[int]]  # per prompt, generated ids
     logits: list[np.ndarray]  # per prompt, [steps, V] float32
+    quantization: dict | None = None  # the artifact's weight quantization (manifest)
 
 
 @dataclass(frozen=True)
@@ -210,12 +211,16 @@ def generate(artifact: Path, backend: str, prompts: list[list[int]], max_new_tok
                               rope_mode=rope, output_logits=True)
     return Run(f"{backend} ({artifact.name})", engine.manifest.compute_dtype, [r.tokens for r in results],
                [np.stack(r.logits) if r.logits else np.zeros((0, engine.config.vocab_size), np.float32)
-                for r in results])
+                for r in results], engine.manifest.quantization)
 
 
-def transformers_logits(checkpoint: Path) -> Callable[[list[int], list[int]], np.ndarray]:
+def transformers_logits(checkpoint: Path, quantization: dict | None = None,
+                        scale_dtype: str = "float32") -> Callable[[list[int], list[int]], np.ndarray]:
     """f(prompt, tokens) -> [len(tokens), V]: row t predicts tokens[t] from prompt + tokens[:t],
-    from one full-sequence forward of transformers' model in fp32 (no cache involved)."""
+    from one full-sequence forward of transformers' model in fp32 (no cache involved). With
+    `quantization` (a quantized artifact's manifest entry) the model's weights are first replaced
+    by the values the artifact holds (scales rounded to `scale_dtype`): the check then measures
+    the runtime, not the quantization error."""
     try:
         import torch
         import transformers
@@ -224,6 +229,11 @@ def transformers_logits(checkpoint: Path) -> Callable[[list[int], list[int]], np
                          "pip install 'qmoe[export,test]'") from None
     model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
                                                               local_files_only=True).eval()
+    if quantization is not None:
+        from exporter.quantize import QuantConfig, fake_quantize_hf
+
+        qc = QuantConfig(quantization["bits"], quantization["block_size"])
+        fake_quantize_hf(model, qc, getattr(torch, scale_dtype))
 
     def logits(prompt: list[int], tokens: list[int]) -> np.ndarray:
         if not tokens:
@@ -260,16 +270,26 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
         runs.append(generate(path, b, ids, max_new_tokens, device))
     report = Report([len(x) for x in ids], max_new_tokens, skipped=skipped)
     if reference is not None:
-        say(f"running transformers on {reference}")
-        ref = transformers_logits(Path(reference))
+        refs: dict[str, Callable] = {}
         for run in runs:
-            base = Run(REFERENCE, "float32", [list(t) for t in run.tokens],
+            q = run.quantization
+            key = "float" if q is None else f"int{q['bits']} weights, {run.dtype} scales"
+            if key not in refs:
+                say(f"running transformers on {reference}" + ("" if q is None else f" ({key})"))
+                refs[key] = transformers_logits(Path(reference), q, run.dtype)
+            ref = refs[key]
+            label = REFERENCE if q is None else f"{REFERENCE} ({key})"
+            base = Run(label, "float32", [list(t) for t in run.tokens],
                        [ref(p, t) for p, t in zip(ids, run.tokens)])
             if base.logits and base.logits[0].shape[-1] != run.logits[0].shape[-1]:
                 raise CheckError(f"{reference}: vocab size {base.logits[0].shape[-1]} differs from the artifact's "
                                  f"{run.logits[0].shape[-1]}")
             report.comparisons.append(compare(run, base, tolerance_for(run.dtype, atol=atol), teacher_forced=True))
     else:
+        kinds = {repr(sorted((r.quantization or {}).items())) for r in runs}
+        if len(kinds) > 1:
+            raise CheckError("the artifacts hold differently quantized weights, so their logits differ by the "
+                             "quantization error; compare each with --reference CHECKPOINT_DIR instead")
         for run in runs[1:]:
             report.comparisons.append(compare(run, runs[0], tolerance_for(run.dtype, runs[0].dtype, atol=atol),
                                               teacher_forced=False))

@@ -59,6 +59,8 @@ class Manifest:
     source_checkpoint: str
     export_seconds: float = 0.0
     linked_weights: bool = False
+    # Weight-only quantization (exporter/quantize.py: QuantConfig.to_json()), None for float weights.
+    quantization: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -67,7 +69,8 @@ class Manifest:
 
     @classmethod
     def for_export(cls, *, config: ModelConfig, target: str, dtype: str, weight_dtype: str, compute_dtype: str,
-                   opset: int, source: str, export_seconds: float, linked_weights: bool) -> "Manifest":
+                   opset: int, source: str, export_seconds: float, linked_weights: bool,
+                   quantization: dict[str, Any] | None = None) -> "Manifest":
         io = io_names(config.num_hidden_layers)
         rs = config.rope_scaling
         return cls(
@@ -79,6 +82,7 @@ class Manifest:
                   "max_position_embeddings": config.max_position_embeddings,
                   "scaling": None if rs is None else asdict(rs)},
             source_checkpoint=source, export_seconds=export_seconds, linked_weights=linked_weights,
+            quantization=quantization,
         )
 
 
@@ -90,7 +94,8 @@ def _check_types(m: Manifest) -> None:
     """Every field has its type (and the dtypes and target a known value); a TypeError names the first
     that does not."""
     kinds: dict[str, Any] = {"opset": int, "export_seconds": (int, float), "linked_weights": bool,
-                             "inputs": list, "outputs": list, "hf_config": dict, "rope": dict, "extra": dict}
+                             "inputs": list, "outputs": list, "hf_config": dict, "rope": dict, "extra": dict,
+                             "quantization": (dict, type(None))}
     for name in Manifest.__dataclass_fields__:
         v, kind = getattr(m, name), kinds.get(name, str)
         if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool):
@@ -98,6 +103,10 @@ def _check_types(m: Manifest) -> None:
     for name in ("inputs", "outputs"):
         if not all(isinstance(x, str) for x in getattr(m, name)):
             raise TypeError(f"{name} must be a list of names")
+    q = m.quantization
+    if q is not None and not (q.get("bits") in (4, 8) and all(type(q.get(k)) is int and q[k] >= 0
+                                                               for k in ("block_size", "experts_block_size"))):
+        raise TypeError(f"quantization is {q!r}")
     for name, known in (("target", TARGETS), ("weight_dtype", DTYPES), ("compute_dtype", DTYPES)):
         if getattr(m, name) not in known:
             raise TypeError(f"{name} is {getattr(m, name)!r}, not one of {', '.join(known)}")

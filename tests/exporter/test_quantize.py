@@ -1,0 +1,196 @@
+"""Weight-only int4/int8 artifacts (exporter/quantize.py) on ONNX Runtime's CPU kernels.
+
+References: the quantizer against numpy (its own unpacking and the scheme's error bound); the
+artifact against transformers' Qwen2MoeForCausalLM holding the same quantized weights (fp32:
+logits max |delta| <= 1e-4 at every prompt position, 16 greedy steps identical; fp16 compute:
+<= 5e-2); against the float model only the size of the quantization error is reported.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import runtime
+from exporter.export import ExportError, export
+from exporter.quantize import QuantConfig, QuantizeError, dequantize_rows, fake_quantize_hf, quantize_rows
+from exporter.tiny import tiny_config, write_checkpoint
+from runtime import check as chk
+from runtime import manifest as mf
+from runtime.sampling import SamplingParams
+from tests.helpers import hf_greedy, hf_model, rope_cache
+
+PROMPTS = [[9707, 11, 1879, 0, 220, 108386], [151644, 872, 198], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]
+
+
+def _np_unpack(q: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """The documented layout, written independently: low nibble first, zero point 2^(bits-1)."""
+    if bits == 4:
+        vals = np.empty((q.shape[0], q.shape[1] * 2), np.int32)
+        vals[:, 0::2], vals[:, 1::2] = q & 0xF, q >> 4
+    else:
+        vals = q.astype(np.int32)
+    nb = scales.shape[1]
+    w = (vals - (1 << (bits - 1))).reshape(q.shape[0], nb, -1) * scales[:, :, None].astype(np.float64)
+    return w.reshape(q.shape[0], -1)[:, :k]
+
+
+@pytest.mark.parametrize("bits,block,k", [(4, 32, 96), (4, 16, 80), (4, 128, 200), (8, 32, 96), (8, 0, 75)])
+def test_quantizer_layout_and_error_bound(bits, block, k):
+    g = torch.Generator().manual_seed(bits * 1000 + block + k)
+    w = torch.randn(37, k, generator=g) * torch.logspace(-3, 1, 37).unsqueeze(1)  # rows of very different sizes
+    w[3] = 0.0  # an all-zero row: scale 1, not a division by zero
+    q, s = quantize_rows(w, bits, block)
+    bs = block or k
+    nb = -(-k // bs)
+    assert q.dtype == torch.uint8 and q.shape == (37, nb * bs * bits // 8) and s.shape == (37, nb)
+    deq = _np_unpack(q.numpy(), s.numpy(), bits, k)
+    assert np.allclose(deq, dequantize_rows(q, s, bits, block, k).numpy(), rtol=0, atol=1e-6)
+    # symmetric rounding: every weight within half a step, the block's extreme exactly representable
+    step = np.repeat(np.abs(s.numpy()), bs, axis=1)[:, :k]
+    err = np.abs(deq - w.numpy().astype(np.float64))
+    # the one value that can clamp (+2^(b-1) steps) is within one step
+    assert (err <= step * 0.5 + 1e-6 * step).mean() > 0.99 and (err <= step + 1e-7).all()
+    assert np.all(deq[3] == 0)
+    ext = np.abs(w.numpy()).max(axis=1)
+    assert np.allclose(np.abs(deq).max(axis=1), ext, rtol=1e-6)
+
+
+def test_quant_config_rejects_bad_values():
+    with pytest.raises(QuantizeError, match="unknown quantization"):
+        QuantConfig.parse("int3")
+    with pytest.raises(QuantizeError, match="block size"):
+        QuantConfig.parse("int4", 48)
+    assert QuantConfig.parse("int4").block_size == 32 and QuantConfig.parse("int8").expert_block == 0
+
+
+VARIANTS = {
+    "default": {},  # untied, qkv bias, GQA 4/2, 8 experts top-2
+    # tied embeddings (one weight quantized for the gather and the head), renormalised top-k, a dense layer
+    "tied_dense": dict(norm_topk_prob=True, tie_word_embeddings=True, mlp_only_layers=[1], num_hidden_layers=3,
+                       hidden_size=128, num_attention_heads=8, num_key_value_heads=2, num_experts=6,
+                       num_experts_per_tok=3),
+}
+VARIANTS["tied_dense_bf16"] = VARIANTS["tied_dense"]  # a bf16 checkpoint, as Qwen2-57B ships
+CASES = [("default", "int4", "float32"), ("default", "int8", "float32"), ("tied_dense", "int4", "float32"),
+         ("tied_dense_bf16", "int8", "bfloat16"), ("default", "int4", "float16")]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("qck")
+    return {name: write_checkpoint(root / name, tiny_config(**kw), seed=5,
+                                   dtype="bfloat16" if name.endswith("bf16") else "float32")
+            for name, kw in VARIANTS.items()}
+
+
+@pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
+def case(request, checkpoints, tmp_path_factory):
+    variant, scheme, dtype = request.param
+    ck = checkpoints[variant]
+    art = export(ck, tmp_path_factory.mktemp("qart") / "art", quantize=scheme, dtype=dtype)
+    return ck, art, QuantConfig.parse(scheme), dtype
+
+
+def _quantized_reference(ck: Path, qc: QuantConfig, compute: str):
+    model = hf_model(ck)
+    n = fake_quantize_hf(model, qc, torch.float16 if compute == "float16" else torch.float32)
+    assert n > 0
+    return model
+
+
+def test_graph_uses_quantized_ops(case):
+    ck, art, qc, dtype = case
+    m = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in m.graph.node]
+    c = runtime.load(art).config
+    sparse = sum(c.is_sparse_layer(i) for i in range(c.num_hidden_layers))
+    assert ops.count("QMoE") == sparse and "MoE" not in ops
+    whole_blocks = c.hidden_size % qc.block_size == 0  # else the embeddings stay float (GatherBlockQuantized)
+    assert ops.count("GatherBlockQuantized") == int(whole_blocks) and ops.count("Gather") == int(not whole_blocks)
+    # 4 attention projections a layer, 2 shared-expert (or 3 dense-MLP) linears, the head
+    assert ops.count("MatMulNBits") == 4 * c.num_hidden_layers + 2 * sparse + 3 * (c.num_hidden_layers - sparse) + 1
+    # left as Gemm: the router and the shared-expert gate of each sparse layer
+    assert ops.count("Gemm") == 2 * sparse
+    names = {i.name for i in m.graph.initializer}
+    gone = ("q_proj.weight", "experts.gate_up", "lm_head.weight") + (("embed_tokens.weight",) if whole_blocks else ())
+    assert not any(n.endswith(gone) for n in names)
+    q = mf.read(art).quantization
+    assert q == qc.to_json()
+    # against the checkpoint's size in float32
+    tied = c.tie_word_embeddings  # the artifact holds the quantized embeddings twice (gather and head layouts)
+    limit = (0.2 if qc.bits == 4 else 0.35) * (2 if tied else 1) if whole_blocks else 0.8
+    fp32_bytes = sum(f.stat().st_size for f in ck.glob("*.safetensors")) * (2 if ck.name.endswith("bf16") else 1)
+    assert (art / "model.onnx.data").stat().st_size < limit * fp32_bytes
+
+
+def test_logits_match_transformers_with_the_same_quantized_weights(case):
+    ck, art, qc, dtype = case
+    engine = runtime.load(art)
+    ref = _quantized_reference(ck, qc, engine.manifest.compute_dtype)
+    atol = 5e-2 if engine.manifest.compute_dtype == "float16" else 1e-4
+    prompt = PROMPTS[2]
+    n = len(prompt)
+    cache = engine.backend.new_cache(1, n)
+    engine.backend.bind_rope(cache, *rope_cache(engine.config.head_dim, engine.config.rope_theta, n))
+    lengths = np.array([n], np.int32)
+    logits = engine.backend.step(cache, np.array([prompt]), lengths, lengths - 1, np.arange(n)[None])
+    with torch.no_grad():
+        want = ref(torch.tensor([prompt])).logits[0].numpy()
+    assert np.abs(logits[0] - want).max() <= atol
+    if atol == 1e-4:  # fp32 compute: the greedy paths are the same
+        results = engine.generate(PROMPTS, SamplingParams(max_new_tokens=16, ignore_eos=True))
+        for p, r in zip(PROMPTS, results):
+            assert r.tokens == hf_greedy(ref, p, 16)
+
+
+def test_quantization_error_against_the_float_model(case):
+    """Informative bound, not parity: quantized logits stay near the float model's (int8 much
+    nearer than int4), and the quantized reference is not the float model (the test can tell)."""
+    ck, art, qc, dtype = case
+    engine = runtime.load(art)
+    with torch.no_grad():
+        float_logits = hf_model(ck)(torch.tensor([PROMPTS[0]])).logits[0, -1].numpy()
+    got = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=1), output_logits=True)[0].logits[0]
+    rel = np.linalg.norm(got - float_logits) / np.linalg.norm(float_logits)
+    assert 1e-4 < rel < (0.05 if qc.bits == 8 else 0.3), rel
+
+
+def test_check_command_compares_with_the_quantized_reference(case):
+    ck, art, qc, dtype = case
+    report = chk.check([art], reference=ck, prompts=2, max_new_tokens=4)
+    assert report.ok, report.table()
+    assert f"int{qc.bits} weights" in report.table()
+
+
+def test_check_refuses_mixing_quantized_and_float_runs(checkpoints, tmp_path):
+    ck = checkpoints["default"]
+    a = export(ck, tmp_path / "f")
+    b = export(ck, tmp_path / "q", quantize="int8")
+    with pytest.raises(chk.CheckError, match="differently quantized"):
+        chk.check([a, b], prompts=1, max_new_tokens=2)
+
+
+def test_export_refuses_bad_quantization_requests(checkpoints, tmp_path):
+    ck = checkpoints["default"]
+    with pytest.raises(ExportError, match="onnxruntime target"):
+        export(ck, tmp_path / "a", target="tensorrt", quantize="int4")
+    with pytest.raises(ExportError, match="needs --quantize"):
+        export(ck, tmp_path / "b", quant_block_size=32)
+    with pytest.raises(QuantizeError, match="multiple of the quantization block"):
+        export(ck, tmp_path / "c", quantize="int4", quant_block_size=64)  # moe_intermediate_size 32
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_manifest_rejects_a_malformed_quantization_entry(checkpoints, tmp_path):
+    art = export(checkpoints["default"], tmp_path / "q", quantize="int4")
+    d = json.loads((art / mf.NAME).read_text())
+    d["quantization"]["bits"] = 3
+    (art / mf.NAME).write_text(json.dumps(d))
+    with pytest.raises(mf.ManifestError, match="quantization"):
+        mf.read(art)
