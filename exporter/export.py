@@ -68,6 +68,7 @@ def export(
     link_weights: bool = False,
     quantize: str | None = None,
     quant_block_size: int | None = None,
+    quant_activations: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Exports a Qwen2-MoE checkpoint; returns the artifact folder. See module docstring.
@@ -85,9 +86,9 @@ def export(
         if target != "onnxruntime":
             raise ExportError(f"--quantize is for the onnxruntime target (ONNX Runtime's MatMulNBits/QMoE); the "
                               f"{target} target's plugin runs float16/bfloat16 weights")
-        qc = QuantConfig.parse(quantize, quant_block_size)
-    elif quant_block_size is not None:
-        raise ExportError("--quant-block-size needs --quantize")
+        qc = QuantConfig.parse(quantize, quant_block_size, quant_activations)
+    elif quant_block_size is not None or quant_activations is not None:
+        raise ExportError("--quant-block-size and --quant-activations need --quantize")
     ckpt = Checkpoint(checkpoint_dir)
     if target == "onnxruntime" and ckpt.config.head_dim % 16:
         raise ExportError(f"{ckpt.config.source}: head_dim {ckpt.config.head_dim} is not a multiple of 16, which "

@@ -12,10 +12,15 @@ w' = (q - 2^(b-1)) * scale. 4-bit values pack two per byte, the first in the low
 are stored in the compute dtype (what ONNX Runtime's kernels take). These are the layouts the three
 ops read with no zero-point input (checked against ONNX Runtime 1.32's CPU kernels in the tests).
 
+Activations: "float" (int4 only) dequantizes the weights inside the kernels, so the artifact
+computes exactly what the float model computes with the quantized weights; "int8" (ONNX Runtime's
+accuracy_level 4) also quantizes the activations per block on the fly, which is what its fast CPU
+kernels for 8-bit weights need: measured on ONNX Runtime 1.32's CPU provider, 8-bit MatMulNBits
+with float activations took 30x the time of the float32 Gemm it replaces, and its QMoE runs
+8-bit block weights through the int8 path whatever accuracy_level says.
+
 Left unquantized: the router (`mlp.gate`) and the shared-expert gate (tiny, and they decide the
-routing), norms, biases. Routed experts in int8 are quantized per output channel, not per block:
-ONNX Runtime 1.32's CPU QMoE runs 8-bit block-wise weights through an int8-activation path (~1%
-error measured against the same weights dequantized), its per-channel and 4-bit paths do not.
+routing), norms, biases.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from runtime.errors import QmoeError
 MS_DOMAIN = "com.microsoft"
 SCHEMES = {"int4": 4, "int8": 8}
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two >= 16
-DEFAULT_BLOCK = {4: 32, 8: 128}
+DEFAULT_BLOCK = 32
 SUFFIX_Q, SUFFIX_S = ".q", ".scales"
 
 
@@ -39,30 +44,42 @@ class QuantizeError(QmoeError, ValueError):
     pass
 
 
+ACTIVATIONS = ("float", "int8")
+DEFAULT_ACTIVATIONS = {4: "float", 8: "int8"}
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     bits: int
     block_size: int
+    activations: str = "float"  # "float" | "int8" (see module docstring)
 
     @classmethod
-    def parse(cls, scheme: str, block_size: int | None = None) -> "QuantConfig":
+    def parse(cls, scheme: str, block_size: int | None = None, activations: str | None = None) -> "QuantConfig":
         if scheme not in SCHEMES:
             raise QuantizeError(f"unknown quantization {scheme!r}; choose one of: {', '.join(SCHEMES)}")
         bits = SCHEMES[scheme]
-        block = DEFAULT_BLOCK[bits] if block_size is None else block_size
+        block = DEFAULT_BLOCK if block_size is None else block_size
         if block not in BLOCK_SIZES:
             raise QuantizeError(f"quantization block size must be one of {', '.join(map(str, BLOCK_SIZES))}, "
                                 f"got {block}")
-        return cls(bits, block)
+        act = DEFAULT_ACTIVATIONS[bits] if activations is None else activations
+        if act not in ACTIVATIONS:
+            raise QuantizeError(f"unknown activation precision {act!r}; choose one of: {', '.join(ACTIVATIONS)}")
+        if bits == 8 and act == "float":
+            raise QuantizeError("int8 weights run with int8 activations (ONNX Runtime's CPU kernels for 8-bit "
+                                "weights with float activations are ~30x slower than float32); use --quantize int4 "
+                                "for float activations")
+        return cls(bits, block, act)
 
     @property
-    def expert_block(self) -> int:
-        """Block size of the routed experts; 0 = one scale per output channel (see module docstring)."""
-        return self.block_size if self.bits == 4 else 0
+    def accuracy_level(self) -> int:
+        """ONNX Runtime's attribute: 0 = float math on dequantized weights, 4 = int8 activations."""
+        return 0 if self.activations == "float" else 4
 
     def to_json(self) -> dict:
         return {"scheme": f"int{self.bits}", "bits": self.bits, "block_size": self.block_size,
-                "experts_block_size": self.expert_block, "symmetric": True}
+                "activations": self.activations, "symmetric": True}
 
 
 @dataclass(frozen=True)
@@ -148,7 +165,7 @@ def hf_block(name: str, shape: tuple[int, ...], qc: QuantConfig) -> int | None:
     if name == "lm_head.weight":
         return qc.block_size
     if ".mlp.experts." in name and (name.endswith("_proj") or name.endswith("_proj.weight")):
-        return qc.expert_block
+        return qc.block_size
     if name.endswith("proj.weight") and ("self_attn." in name or ".mlp." in name):
         return qc.block_size if linear_is_quantized(name) else None
     return None
@@ -251,27 +268,28 @@ class _Rewriter:
         q, s = self._pair(w, "", (N, nb, nbytes // nb), (N * nb,), N, K, self.qc.block_size)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         self._swap(node, [self._node(node, MS_DOMAIN, "MatMulNBits", [node.inputs[0], q, s, None, None, bias],
-                                     {"K": K, "N": N, "bits": self.qc.bits, "block_size": self.qc.block_size})])
+                                     {"K": K, "N": N, "bits": self.qc.bits, "block_size": self.qc.block_size,
+                                      "accuracy_level": self.qc.accuracy_level})])
 
     def moe(self, node: ir.Node) -> None:
         fc1, fc2 = _param_source(node.inputs[2]), _param_source(node.inputs[4])
         if fc1 is None or fc2 is None:
             raise QuantizeError(f"internal error: {node.name}'s expert weights are not parameters")
-        block = self.qc.expert_block
+        block = self.qc.block_size
         pairs = []
         for w in (fc1, fc2):
             E, N, K = _shape(w)
-            if block and K % block:
+            if K % block:
                 raise QuantizeError(f"{w.name}: {K} input features are not a multiple of the quantization block "
                                     f"size {block}; choose a --quant-block-size that divides it")
             if self.qc.bits == 4 and K % 2:
                 raise QuantizeError(f"{w.name}: int4 needs an even number of input features, got {K}")
             nbytes, nb = row_bytes(K, self.qc.bits, block)
-            pairs.append(self._pair(w, "", (E, N, nbytes), (E, N, nb) if block else (E, N), E * N, K, block))
+            pairs.append(self._pair(w, "", (E, N, nbytes), (E, N, nb), E * N, K, block))
         attrs = {k: a.value for k, a in node.attributes.items()}
         attrs["expert_weight_bits"] = self.qc.bits
-        if block:
-            attrs["block_size"] = block
+        attrs["block_size"] = block
+        attrs["accuracy_level"] = self.qc.accuracy_level
         # ONNX Runtime 1.32's CPU QMoE renormalises the top-k weights even with
         # normalize_routing_weights=0 (measured; its MoE does not). So it always renormalises here,
         # and without renormalisation (Qwen2-57B: norm_topk_prob false) the output is scaled back by

@@ -59,8 +59,17 @@ TOLERANCES = {
     "float32": Tolerance(atol=1e-3, min_top1=1.0, greedy=True),
     "float16": Tolerance(atol=5e-2, min_top1=0.97, greedy=False),
     "bfloat16": Tolerance(atol=2.5e-1, min_top1=0.93, greedy=False),
+    # quantized artifacts with int8 activations (exporter/quantize.py) against transformers holding the
+    # same quantized weights: ~1% of the logits' range (0.57 of 70 on a random test model)
+    "int8-activations": Tolerance(atol=1.0, min_top1=0.9, greedy=False),
 }
-_PRECISION = ("float32", "float16", "bfloat16")  # increasing looseness
+_PRECISION = ("float32", "float16", "bfloat16", "int8-activations")  # increasing looseness
+
+
+def _precisions(run: "Run") -> tuple[str, ...]:
+    """The run's compute dtype, and int8-activations where its activations are quantized on the fly."""
+    q = run.quantization
+    return (run.dtype, "int8-activations") if q is not None and q.get("activations") == "int8" else (run.dtype,)
 
 
 def tolerance_for(*dtypes: str, atol: float | None = None) -> Tolerance:
@@ -284,13 +293,15 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
             if base.logits and base.logits[0].shape[-1] != run.logits[0].shape[-1]:
                 raise CheckError(f"{reference}: vocab size {base.logits[0].shape[-1]} differs from the artifact's "
                                  f"{run.logits[0].shape[-1]}")
-            report.comparisons.append(compare(run, base, tolerance_for(run.dtype, atol=atol), teacher_forced=True))
+            report.comparisons.append(compare(run, base, tolerance_for(*_precisions(run), atol=atol),
+                                              teacher_forced=True))
     else:
         kinds = {repr(sorted((r.quantization or {}).items())) for r in runs}
         if len(kinds) > 1:
             raise CheckError("the artifacts hold differently quantized weights, so their logits differ by the "
                              "quantization error; compare each with --reference CHECKPOINT_DIR instead")
         for run in runs[1:]:
-            report.comparisons.append(compare(run, runs[0], tolerance_for(run.dtype, runs[0].dtype, atol=atol),
+            report.comparisons.append(compare(run, runs[0], tolerance_for(*_precisions(run), *_precisions(runs[0]),
+                                                                          atol=atol),
                                               teacher_forced=False))
     return report

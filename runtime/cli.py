@@ -136,9 +136,17 @@ def tiny(out_dir: str, seed: int, dtype: str, force: bool) -> None:
               help="Default: float32 for onnxruntime, float16 for tensorrt.")
 @click.option("--link-weights", is_flag=True,
               help="Hard-link checkpoint shards into the artifact instead of copying tensors that need no change.")
+@click.option("--quantize", type=click.Choice(["int4", "int8"]), default=None,
+              help="Weight-only quantization (onnxruntime target): linear layers, experts, embeddings and head; "
+                   "the router stays float.")
+@click.option("--quant-block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
+              help="Weights per scale along each row (default 32).")
+@click.option("--quant-activations", type=click.Choice(["float", "int8"]), default=None,
+              help="int8: also quantize activations on the fly (faster on CPU); default: float for int4, int8 for "
+                   "int8 (the only choice there).")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 def export(checkpoint_dir: str, output_dir: str, target: str, dtype: str | None, link_weights: bool,
-           force: bool) -> None:
+           quantize: str | None, quant_block_size: str | None, quant_activations: str | None, force: bool) -> None:
     """Export a Hugging Face Qwen2-MoE checkpoint to an ONNX artifact."""
     from tqdm import tqdm
 
@@ -155,7 +163,10 @@ def export(checkpoint_dir: str, output_dir: str, target: str, dtype: str | None,
     try:
         with _sigterm_cleans_up():
             ex.export(checkpoint_dir, output_dir, target=target, dtype=dtype, force=force,
-                      link_weights=link_weights, progress=progress)
+                      link_weights=link_weights, quantize=quantize,
+                      quant_block_size=None if quant_block_size is None else int(quant_block_size),
+                      quant_activations=quant_activations,
+                      progress=progress)
     finally:
         bar.close()
     click.echo(f"wrote {output_dir}")

@@ -104,8 +104,8 @@ def _check_types(m: Manifest) -> None:
         if not all(isinstance(x, str) for x in getattr(m, name)):
             raise TypeError(f"{name} must be a list of names")
     q = m.quantization
-    if q is not None and not (q.get("bits") in (4, 8) and all(type(q.get(k)) is int and q[k] >= 0
-                                                               for k in ("block_size", "experts_block_size"))):
+    if q is not None and not (q.get("bits") in (4, 8) and q.get("activations") in ("float", "int8")
+                              and type(q.get("block_size")) is int and q["block_size"] > 0):
         raise TypeError(f"quantization is {q!r}")
     for name, known in (("target", TARGETS), ("weight_dtype", DTYPES), ("compute_dtype", DTYPES)):
         if getattr(m, name) not in known:

@@ -31,6 +31,16 @@ def test_57b_graph_traces_without_weights():
     assert inits["model.layers.27.mlp.experts.gate_up"].const_value.shape.numpy() == (64, 5120, 3584)
     ops = [n.op_type for n in model.graph]
     assert ops.count("GroupQueryAttention") == 28 and ops.count("MoE") == 28
+    # --quantize int4 on the same graph: 28 QMoE, 169 MatMulNBits (4 attention + 2 shared-expert
+    # linears a layer, the head), the embeddings gathered from int4; ~36 GB with fp32 scales
+    from exporter.quantize import QuantConfig, rewrite
+
+    packed = rewrite(model, QuantConfig.parse("int4"), torch.float32)
+    ops = [n.op_type for n in model.graph]
+    assert (ops.count("QMoE"), ops.count("MatMulNBits"), ops.count("GatherBlockQuantized")) == (28, 169, 1)
+    assert len(packed) == 28 * 2 + 169 + 1
+    int4_total = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+    assert 35e9 < int4_total < 37e9, int4_total
     assert peak_rss() < 4e9  # whole test process
 
 
@@ -38,7 +48,7 @@ CHILD = """
 import json, sys
 from runtime.procinfo import peak_rss
 from exporter.export import export
-export(sys.argv[1], sys.argv[2])
+export(sys.argv[1], sys.argv[2], quantize=sys.argv[3] if len(sys.argv) > 3 else None)
 print(json.dumps({"peak_rss": peak_rss()}))
 """
 
@@ -65,3 +75,11 @@ def test_over_2gb_export_is_bounded_and_runs(tmp_path):
     r = runtime.load(tmp_path / "art").generate([[9707, 11]], SamplingParams(max_new_tokens=2, ignore_eos=True),
                                                 output_logits=True)[0]
     assert len(r.tokens) == 2 and np.isfinite(r.logits[0]).all()
+    # int4: the quantizer works piece by piece too
+    out = subprocess.run([sys.executable, "-c", CHILD, str(ck), str(tmp_path / "q4"), "int4"], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss"]
+    assert peak <= 1.5e9, f"int4 export peak RSS {peak / 1e9:.2f} GB for a {size / 1e9:.2f} GB checkpoint"
+    print(f"int4 export peak RSS {peak / 1e9:.2f} GB")
+    assert (tmp_path / "q4" / "model.onnx.data").stat().st_size < 0.2 * size
