@@ -209,12 +209,7 @@ def write_weights(model_ir, ckpt: Checkpoint, folder: Path, weight_dtype, interl
                 value.const_value = ir.ExternalTensor(location, src.offset, src.nbytes, _ir_dtype(weight_dtype),
                                                       shape=ir.Shape(shape), name=name, base_dir=folder)
             else:
-                pad = -out.tell() % ALIGN
-                out.write(b"\0" * pad)
-                offset = out.tell()
-                for piece in pieces(ckpt, name, interleaved):
-                    out.write(_raw_bytes(piece.to(weight_dtype).contiguous()))
-                length = out.tell() - offset
+                offset, length = _append(out, (_raw_bytes(p.to(weight_dtype)) for p in pieces(ckpt, name, interleaved)))
                 value.const_value = ir.ExternalTensor(DATA_FILE, offset, length, _ir_dtype(weight_dtype),
                                                       shape=ir.Shape(shape), name=name, base_dir=folder)
                 expected = _numel(shape) * torch.tensor([], dtype=weight_dtype).element_size()
@@ -223,8 +218,12 @@ def write_weights(model_ir, ckpt: Checkpoint, folder: Path, weight_dtype, interl
             done += value.const_value.nbytes
             if progress:
                 progress(done, total)
+        written: dict[tuple, list[tuple[int, int]]] = {}  # a tied head's bytes are its embeddings' bytes
         for t in quantized.values():
-            for name, offset, length in _write_quantized(t, ckpt, out, interleaved, pieces):
+            key = (t.source, t.bits, t.block, t.scale_dtype)
+            if key not in written:
+                written[key] = _write_quantized(t, ckpt, out, interleaved, pieces)
+            for name, (offset, length) in zip((t.qname, t.sname), written[key]):
                 v = inits[name]
                 if length != v.const_value.nbytes:
                     raise ExportError(f"internal error: {name} wrote {length} bytes, expected {v.const_value.nbytes}")
@@ -233,31 +232,38 @@ def write_weights(model_ir, ckpt: Checkpoint, folder: Path, weight_dtype, interl
                 done += length
             if progress:
                 progress(done, total)
-    if not any(v.const_value.location == DATA_FILE for v in params if isinstance(v.const_value, ir.ExternalTensor)):
+        empty = out.tell() == 0
+    if empty:  # every tensor is in a linked shard
         (folder / DATA_FILE).unlink()
 
 
-def _write_quantized(t, ckpt: Checkpoint, out, interleaved: bool, pieces) -> list[tuple[str, int, int]]:
+def _append(out, chunks) -> tuple[int, int]:
+    """Writes `chunks` at the next page-aligned offset of `out`; (offset, length)."""
+    out.write(b"\0" * (-out.tell() % ALIGN))
+    offset = out.tell()
+    for chunk in chunks:
+        out.write(chunk)
+    return offset, out.tell() - offset
+
+
+def _write_quantized(t, ckpt: Checkpoint, out, interleaved: bool, pieces) -> list[tuple[int, int]]:
     """Streams parameter t.source through the quantizer: packed rows into `out` as they come, the
-    scales through a temporary file behind them; [(name, offset, length)] of both."""
+    scales through a temporary file behind them; [(offset, length)] of both."""
     import tempfile
 
     from .quantize import quantize_rows
 
-    out.write(b"\0" * (-out.tell() % ALIGN))
-    q_offset = out.tell()
     with tempfile.TemporaryFile(dir=Path(out.name).parent) as scales:
-        for piece in pieces(ckpt, t.source, interleaved):
-            q, s = quantize_rows(piece.reshape(-1, t.k), t.bits, t.block)
-            out.write(_raw_bytes(q))
-            scales.write(_raw_bytes(s.to(t.scale_dtype).contiguous()))
-        q_length = out.tell() - q_offset
-        out.write(b"\0" * (-out.tell() % ALIGN))
-        s_offset = out.tell()
+        def packed():
+            for piece in pieces(ckpt, t.source, interleaved):
+                q, s = quantize_rows(piece.reshape(-1, t.k), t.bits, t.block)
+                scales.write(_raw_bytes(s.to(t.scale_dtype)))
+                yield _raw_bytes(q)
+
+        q_region = _append(out, packed())
         scales.seek(0)
-        shutil.copyfileobj(scales, out, 16 << 20)
-        s_length = out.tell() - s_offset
-    return [(t.qname, q_offset, q_length), (t.sname, s_offset, s_length)]
+        s_region = _append(out, iter(lambda: scales.read(16 << 20), b""))
+    return [q_region, s_region]
 
 
 def _is_param(name: str) -> bool:

@@ -25,6 +25,7 @@ routing), norms, biases.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,10 +33,11 @@ import onnx_ir as ir
 import torch
 
 from runtime.errors import QmoeError
+from runtime.manifest import QUANT_ACTIVATIONS as ACTIVATIONS
+from runtime.manifest import QUANT_BLOCK_SIZES as BLOCK_SIZES
+from runtime.manifest import QUANT_SCHEMES as SCHEMES
 
 MS_DOMAIN = "com.microsoft"
-SCHEMES = {"int4": 4, "int8": 8}
-BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two >= 16
 DEFAULT_BLOCK = 32
 SUFFIX_Q, SUFFIX_S = ".q", ".scales"
 
@@ -44,7 +46,6 @@ class QuantizeError(QmoeError, ValueError):
     pass
 
 
-ACTIVATIONS = ("float", "int8")
 DEFAULT_ACTIVATIONS = {4: "float", 8: "int8"}
 
 
@@ -60,7 +61,7 @@ class QuantConfig:
             raise QuantizeError(f"unknown quantization {scheme!r}; choose one of: {', '.join(SCHEMES)}")
         bits = SCHEMES[scheme]
         block = DEFAULT_BLOCK if block_size is None else block_size
-        if block not in BLOCK_SIZES:
+        if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block not in BLOCK_SIZES:
             raise QuantizeError(f"quantization block size must be one of {', '.join(map(str, BLOCK_SIZES))}, "
                                 f"got {block}")
         act = DEFAULT_ACTIVATIONS[bits] if activations is None else activations
@@ -70,12 +71,17 @@ class QuantConfig:
             raise QuantizeError("int8 weights run with int8 activations (ONNX Runtime's CPU kernels for 8-bit "
                                 "weights with float activations are ~30x slower than float32); use --quantize int4 "
                                 "for float activations")
-        return cls(bits, block, act)
+        return cls(bits, int(block), act)
 
     @property
     def accuracy_level(self) -> int:
         """ONNX Runtime's attribute: 0 = float math on dequantized weights, 4 = int8 activations."""
         return 0 if self.activations == "float" else 4
+
+    @classmethod
+    def from_json(cls, d: dict) -> "QuantConfig":
+        """From a manifest's `quantization` entry (validated by runtime.manifest)."""
+        return cls.parse(d["scheme"], d["block_size"], d["activations"])
 
     def to_json(self) -> dict:
         return {"scheme": f"int{self.bits}", "bits": self.bits, "block_size": self.block_size,
@@ -158,8 +164,11 @@ def embedding_is_quantized(hidden_size: int, qc: QuantConfig) -> bool:
 
 def hf_block(name: str, shape: tuple[int, ...], qc: QuantConfig) -> int | None:
     """Block size a Hugging Face parameter is quantized with (None: left as is), for a reference
-    model holding the artifact's quantized weights. Rows are the last axis in every layout
+    model holding the artifact's quantized weights. Mirrors _Rewriter (which decides by op, on the
+    export's names); the parity tests fail if the two disagree. Rows are the last axis in every layout
     (transformers 4 per-expert Linears, transformers 5 fused [E, 2I, H] / [E, H, I])."""
+    if math.prod(shape) == 0:
+        return None  # empty (a shared expert of size 0): nothing to quantize
     if name == "model.embed_tokens.weight":
         return qc.block_size if embedding_is_quantized(shape[-1], qc) else None
     if name == "lm_head.weight":
@@ -221,7 +230,7 @@ class _Rewriter:
         if qname not in self.tensors:
             self.tensors[qname] = QTensor(source.name, qname, sname, rows, k, block, self.qc.bits, self.scale_dtype)
             for name, shape, dtype in ((qname, qshape, ir.DataType.UINT8), (sname, sshape, self.scale_ir)):
-                nbytes = dtype.itemsize * _numel(shape)
+                nbytes = dtype.itemsize * math.prod(shape)
                 v = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype),
                              const_value=ir.ExternalTensor("pending", 0, nbytes, dtype, shape=ir.Shape(shape),
                                                            name=name))
@@ -264,6 +273,8 @@ class _Rewriter:
                 or attrs.get("beta", 1.0) != 1.0:
             raise QuantizeError(f"internal error: {node.name} is not a plain x @ W^T Gemm")
         N, K = _shape(w)
+        if N * K == 0:
+            return  # an empty weight (a shared expert of size 0) stays an empty Gemm
         nbytes, nb = row_bytes(K, self.qc.bits, self.qc.block_size)
         q, s = self._pair(w, "", (N, nb, nbytes // nb), (N * nb,), N, K, self.qc.block_size)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
@@ -282,8 +293,6 @@ class _Rewriter:
             if K % block:
                 raise QuantizeError(f"{w.name}: {K} input features are not a multiple of the quantization block "
                                     f"size {block}; choose a --quant-block-size that divides it")
-            if self.qc.bits == 4 and K % 2:
-                raise QuantizeError(f"{w.name}: int4 needs an even number of input features, got {K}")
             nbytes, nb = row_bytes(K, self.qc.bits, block)
             pairs.append(self._pair(w, "", (E, N, nbytes), (E, N, nb), E * N, K, block))
         attrs = {k: a.value for k, a in node.attributes.items()}
@@ -354,13 +363,6 @@ def _drop_unused(graph: ir.Graph) -> None:
                 changed = True
     for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
         del graph.initializers[name]
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def rewrite(model_ir: ir.Model, qc: QuantConfig, compute_dtype: torch.dtype) -> dict[str, QTensor]:

@@ -49,7 +49,8 @@ class Tolerance:
 
     def describe(self) -> str:
         greedy = ", greedy tokens identical" if self.greedy else ""
-        return f"max|Δ| <= {self.atol:g}, top-1 >= {self.min_top1:.0%}{greedy}"
+        bound = f"max|Δ| <= {self.atol:g}, " if self.atol != float("inf") else ""
+        return f"{bound}top-1 >= {self.min_top1:.0%}{greedy}"
 
 
 # fp32: both sides compute the same math in fp32; differences are summation order (~1e-6 on the
@@ -60,16 +61,20 @@ TOLERANCES = {
     "float16": Tolerance(atol=5e-2, min_top1=0.97, greedy=False),
     "bfloat16": Tolerance(atol=2.5e-1, min_top1=0.93, greedy=False),
     # quantized artifacts with int8 activations (exporter/quantize.py) against transformers holding the
-    # same quantized weights: ~1% of the logits' range (0.57 of 70 on a random test model)
-    "int8-activations": Tolerance(atol=1.0, min_top1=0.9, greedy=False),
+    # same quantized weights: ~1% of the logits' range on random test models, but rounding activations
+    # can flip a near-tied expert choice (seen: a 2.4e-4 gap between the 2nd and 3rd router
+    # probabilities), which moves that step's logits by several units: only top-1 is bounded
+    "int8-activations": Tolerance(atol=float("inf"), min_top1=0.9, greedy=False),
 }
 _PRECISION = ("float32", "float16", "bfloat16", "int8-activations")  # increasing looseness
 
 
 def _precisions(run: "Run") -> tuple[str, ...]:
-    """The run's compute dtype, and int8-activations where its activations are quantized on the fly."""
+    """The run's compute and weight dtypes, and int8-activations where its activations are quantized
+    on the fly."""
     q = run.quantization
-    return (run.dtype, "int8-activations") if q is not None and q.get("activations") == "int8" else (run.dtype,)
+    extra = ("int8-activations",) if q is not None and q.get("activations") == "int8" else ()
+    return (run.dtype, run.weight_dtype, *extra)
 
 
 def tolerance_for(*dtypes: str, atol: float | None = None) -> Tolerance:
@@ -86,6 +91,7 @@ class Run:
     tokens: list[list[int]]  # per prompt, generated ids
     logits: list[np.ndarray]  # per prompt, [steps, V] float32
     quantization: dict | None = None  # the artifact's weight quantization (manifest)
+    weight_dtype: str = "float32"  # float tensors as stored (bf16 weights computed in fp32 are still bf16)
 
 
 @dataclass(frozen=True)
@@ -220,7 +226,7 @@ def generate(artifact: Path, backend: str, prompts: list[list[int]], max_new_tok
                               rope_mode=rope, output_logits=True)
     return Run(f"{backend} ({artifact.name})", engine.manifest.compute_dtype, [r.tokens for r in results],
                [np.stack(r.logits) if r.logits else np.zeros((0, engine.config.vocab_size), np.float32)
-                for r in results], engine.manifest.quantization)
+                for r in results], engine.manifest.quantization, engine.manifest.weight_dtype)
 
 
 def transformers_logits(checkpoint: Path, quantization: dict | None = None,
@@ -241,8 +247,7 @@ def transformers_logits(checkpoint: Path, quantization: dict | None = None,
     if quantization is not None:
         from exporter.quantize import QuantConfig, fake_quantize_hf
 
-        qc = QuantConfig(quantization["bits"], quantization["block_size"])
-        fake_quantize_hf(model, qc, getattr(torch, scale_dtype))
+        fake_quantize_hf(model, QuantConfig.from_json(quantization), getattr(torch, scale_dtype))
 
     def logits(prompt: list[int], tokens: list[int]) -> np.ndarray:
         if not tokens:
@@ -268,6 +273,11 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
 
         Checkpoint(reference).close()  # one-line CheckpointError for a missing or broken folder
     plan, skipped = plan_runs([Path(a) for a in artifacts], backends)
+    if reference is None:  # before any run: the weights must be the same (activations may differ)
+        kinds = {None if q is None else (q["bits"], q["block_size"]) for q in (mf.read(p).quantization for p, _ in plan)}
+        if len(kinds) > 1:
+            raise CheckError("the artifacts hold differently quantized weights, so their logits differ by the "
+                             "quantization error; compare each with --reference CHECKPOINT_DIR instead")
     if len(plan) + (reference is not None) < 2:
         what = "; ".join(skipped) if skipped else "one run and no --reference"
         raise CheckError(f"nothing to compare ({what}); give --reference CHECKPOINT_DIR or another artifact")
@@ -282,7 +292,7 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
         refs: dict[str, Callable] = {}
         for run in runs:
             q = run.quantization
-            key = "float" if q is None else f"int{q['bits']} weights, {run.dtype} scales"
+            key = "float" if q is None else f"{q['scheme']} weights, block {q['block_size']}, {run.dtype} scales"
             if key not in refs:
                 say(f"running transformers on {reference}" + ("" if q is None else f" ({key})"))
                 refs[key] = transformers_logits(Path(reference), q, run.dtype)
@@ -296,10 +306,6 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
             report.comparisons.append(compare(run, base, tolerance_for(*_precisions(run), atol=atol),
                                               teacher_forced=True))
     else:
-        kinds = {repr(sorted((r.quantization or {}).items())) for r in runs}
-        if len(kinds) > 1:
-            raise CheckError("the artifacts hold differently quantized weights, so their logits differ by the "
-                             "quantization error; compare each with --reference CHECKPOINT_DIR instead")
         for run in runs[1:]:
             report.comparisons.append(compare(run, runs[0], tolerance_for(*_precisions(run), *_precisions(runs[0]),
                                                                           atol=atol),

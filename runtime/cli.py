@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterator
 
 import click
 
+from . import manifest as mf
+
 
 def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
@@ -136,12 +138,12 @@ def tiny(out_dir: str, seed: int, dtype: str, force: bool) -> None:
               help="Default: float32 for onnxruntime, float16 for tensorrt.")
 @click.option("--link-weights", is_flag=True,
               help="Hard-link checkpoint shards into the artifact instead of copying tensors that need no change.")
-@click.option("--quantize", type=click.Choice(["int4", "int8"]), default=None,
+@click.option("--quantize", type=click.Choice(list(mf.QUANT_SCHEMES)), default=None,
               help="Weight-only quantization (onnxruntime target): linear layers, experts, embeddings and head; "
                    "the router stays float.")
-@click.option("--quant-block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
+@click.option("--quant-block-size", type=click.Choice([str(b) for b in mf.QUANT_BLOCK_SIZES]), default=None,
               help="Weights per scale along each row (default 32).")
-@click.option("--quant-activations", type=click.Choice(["float", "int8"]), default=None,
+@click.option("--quant-activations", type=click.Choice(list(mf.QUANT_ACTIVATIONS)), default=None,
               help="int8: also quantize activations on the fly (faster on CPU); default: float for int4, int8 for "
                    "int8 (the only choice there).")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")

@@ -64,14 +64,15 @@ class _RowView:
 
 class Engine:
     def __init__(self, artifact: str | Path, backend: str = "auto", device: str = "auto",
-                 rope_mode: RopeMode | None = None, prefill_chunk: int = 2048) -> None:
-        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 1:
-            raise RequestError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+                 rope_mode: RopeMode | None = None, prefill_chunk: int = 2048, threads: int | None = None) -> None:
+        for name, v in (("prefill_chunk", prefill_chunk), ("threads", 1 if threads is None else threads)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise RequestError(f"{name} must be an integer >= 1, got {v!r}")
         self.prefill_chunk = prefill_chunk
         self.artifact = Path(artifact)
         self.manifest = mf.read(self.artifact)
         self.config = self.manifest.config
-        self.backend = open_backend(self.artifact, self.manifest, backend, device)
+        self.backend = open_backend(self.artifact, self.manifest, backend, device, threads)
         # a TensorRT engine's prefill profile bounds the chunk it accepts
         self.prefill_chunk = min(self.prefill_chunk, getattr(self.backend, "max_chunk", self.prefill_chunk))
         self.tokenizer = Tokenizer.from_dir(self.artifact)

@@ -88,6 +88,10 @@ class Manifest:
 
 DTYPES = ("float32", "float16", "bfloat16")
 TARGETS = ("onnxruntime", "tensorrt")
+# Weight quantization (exporter/quantize.py); here so that the CLI and this check need no torch.
+QUANT_SCHEMES = {"int4": 4, "int8": 8}
+QUANT_BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two >= 16
+QUANT_ACTIVATIONS = ("float", "int8")
 
 
 def _check_types(m: Manifest) -> None:
@@ -104,9 +108,10 @@ def _check_types(m: Manifest) -> None:
         if not all(isinstance(x, str) for x in getattr(m, name)):
             raise TypeError(f"{name} must be a list of names")
     q = m.quantization
-    if q is not None and not (q.get("bits") in (4, 8) and q.get("activations") in ("float", "int8")
-                              and type(q.get("block_size")) is int and q["block_size"] > 0):
-        raise TypeError(f"quantization is {q!r}")
+    if q is not None and not (QUANT_SCHEMES.get(q.get("scheme")) == q.get("bits")
+                              and q.get("block_size") in QUANT_BLOCK_SIZES and q.get("activations") in QUANT_ACTIVATIONS):
+        raise TypeError(f"quantization is {q!r}; expected scheme {'/'.join(QUANT_SCHEMES)} with its bits, block_size "
+                        f"one of {QUANT_BLOCK_SIZES} and activations {'/'.join(QUANT_ACTIVATIONS)}")
     for name, known in (("target", TARGETS), ("weight_dtype", DTYPES), ("compute_dtype", DTYPES)):
         if getattr(m, name) not in known:
             raise TypeError(f"{name} is {getattr(m, name)!r}, not one of {', '.join(known)}")

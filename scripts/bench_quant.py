@@ -4,7 +4,7 @@ artifact and generates, time to first token, decode speed, and the logits' dista
 (random weights: the distance says how much the numbers move, not how much quality a real model
 loses).
 
-Model (random, fp32, ~0.8B parameters, 3.1 GB): real vocabulary 151936, hidden 1024, 6 layers,
+Model (random, fp32, 0.67B parameters, 2.67 GB): real vocabulary 151936, hidden 1024, 6 layers,
 GQA 8/2, 32 experts top-4 (intermediate 512) + shared expert 2048. Batch 1, greedy.
 
     .venv/bin/python scripts/bench_quant.py [--threads N]
@@ -34,12 +34,7 @@ from runtime.procinfo import peak_rss
 from runtime.sampling import SamplingParams
 
 art, threads, prompt_len, decode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-engine = runtime.load(art)
-if threads:
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    engine.backend.session = ort.InferenceSession(art + "/model.onnx", opts, providers=["CPUExecutionProvider"])
+engine = runtime.load(art, threads=threads or None)
 prompt = [int(x) for x in np.random.default_rng(0).integers(0, 150000, prompt_len)]
 
 def best(n, repeat=3):

@@ -55,14 +55,7 @@ def main() -> None:
     try:
         ck = write_checkpoint(work / "ck", tiny_config(**CONFIG, max_position_embeddings=8192))
         art = export(ck, work / "art")
-        engine = runtime.load(art)
-        if args.threads:
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = args.threads
-            engine.backend.session = ort.InferenceSession(str(art / "model.onnx"), opts,
-                                                          providers=["CPUExecutionProvider"])
+        engine = runtime.load(art, threads=args.threads)
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32).eval()
         rng = np.random.default_rng(0)
         prompt = [int(x) for x in rng.integers(0, 150000, 512)]

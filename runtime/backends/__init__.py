@@ -21,7 +21,9 @@ class BackendError(QmoeError, RuntimeError):
     pass
 
 
-def open_backend(artifact: Path, manifest: Manifest, name: str = "auto", device: str = "auto"):
+def open_backend(artifact: Path, manifest: Manifest, name: str = "auto", device: str = "auto",
+                 threads: int | None = None):
+    """`threads`: ONNX Runtime's intra-op threads (default: its own choice); TensorRT ignores it."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
     if device not in DEVICES:
@@ -32,4 +34,4 @@ def open_backend(artifact: Path, manifest: Manifest, name: str = "auto", device:
         return TensorRTBackend(artifact, manifest, device=device)
     from .onnxrt import OnnxRuntimeBackend
 
-    return OnnxRuntimeBackend(artifact, manifest, device=device)
+    return OnnxRuntimeBackend(artifact, manifest, device=device, threads=threads)

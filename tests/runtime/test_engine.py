@@ -171,6 +171,10 @@ def test_bad_inputs(engine):
     for chunk in (1.5, "8", True, 0):
         with pytest.raises(RequestError, match="prefill_chunk must be an integer >= 1"):
             runtime.load(engine.artifact, prefill_chunk=chunk)
+        with pytest.raises(RequestError, match="threads must be an integer >= 1"):
+            runtime.load(engine.artifact, threads=chunk)
+    one = runtime.load(engine.artifact, threads=1)
+    assert one.backend.session.get_session_options().intra_op_num_threads == 1
 
 
 def test_unknown_device_and_a_manifest_that_does_not_match_the_graph(tiny_artifact, tmp_path):
