@@ -39,3 +39,15 @@ def rope_cache(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray,
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     freqs = np.arange(positions)[:, None] * inv[None]
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def prompt_logits(engine, prompt: list[int]) -> np.ndarray:
+    """[len(prompt), V]: the logits of every prompt position from one backend step (logits_indices
+    selects all rows), with plain RoPE tables."""
+    n = len(prompt)
+    cache = engine.backend.new_cache(1, n)
+    engine.backend.bind_rope(cache, *rope_cache(engine.config.head_dim, engine.config.rope_theta, n))
+    lengths = np.array([n], np.int32)
+    logits = engine.backend.step(cache, np.array([prompt]), lengths, lengths - 1, np.arange(n)[None])
+    assert logits.shape == (1, n, engine.config.vocab_size)
+    return logits[0]

@@ -15,7 +15,7 @@ import runtime
 from exporter.export import export
 from exporter.tiny import tiny_config, write_checkpoint
 from runtime.sampling import SamplingParams
-from tests.helpers import hf_greedy, hf_model
+from tests.helpers import hf_greedy, hf_model, prompt_logits
 
 VARIANTS = {
     # the embedded default's architecture: GQA 4/2, 8 experts top-2, norm_topk_prob false, untied
@@ -55,17 +55,10 @@ def test_all_prompt_positions_match_transformers(variant):
     ck, art = variant
     engine = runtime.load(art)
     prompt = PROMPTS[2]
-    n = len(prompt)
-    cache = engine.backend.new_cache(1, n)
-    from tests.helpers import rope_cache
-
-    engine.backend.bind_rope(cache, *rope_cache(engine.config.head_dim, engine.config.rope_theta, n))
-    lengths = np.array([n], np.int32)
-    logits = engine.backend.step(cache, np.array([prompt]), lengths, lengths - 1, np.arange(n)[None])
+    logits = prompt_logits(engine, prompt)
     with torch.no_grad():
         ref = hf_model(ck)(torch.tensor([prompt])).logits[0].numpy()
-    assert logits.shape == (1, n, engine.config.vocab_size)
-    assert np.abs(logits[0] - ref).max() <= 1e-4
+    assert np.abs(logits - ref).max() <= 1e-4
 
 
 def test_greedy_32_steps_ragged_batch_matches_transformers(variant):
