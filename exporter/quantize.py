@@ -94,7 +94,6 @@ class QTensor:
     source: str  # the export model's parameter name (weights.pieces() knows how to read it)
     qname: str
     sname: str
-    rows: int  # rows of all pieces together (experts: E * rows per expert)
     k: int  # input features per row
     block: int  # 0: whole row
     bits: int
@@ -223,12 +222,12 @@ class _Rewriter:
         self.tensors: dict[str, QTensor] = {}
         self.replaced: list[ir.Node] = []
 
-    def _pair(self, source: ir.Value, role: str, qshape: tuple[int, ...], sshape: tuple[int, ...], rows: int,
-              k: int, block: int) -> tuple[ir.Value, ir.Value]:
+    def _pair(self, source: ir.Value, role: str, qshape: tuple[int, ...], sshape: tuple[int, ...], k: int,
+              block: int) -> tuple[ir.Value, ir.Value]:
         qname = f"{source.name}{role}{SUFFIX_Q}{self.qc.bits}"
         sname = f"{source.name}{role}{SUFFIX_S}"
         if qname not in self.tensors:
-            self.tensors[qname] = QTensor(source.name, qname, sname, rows, k, block, self.qc.bits, self.scale_dtype)
+            self.tensors[qname] = QTensor(source.name, qname, sname, k, block, self.qc.bits, self.scale_dtype)
             for name, shape, dtype in ((qname, qshape, ir.DataType.UINT8), (sname, sshape, self.scale_ir)):
                 nbytes = dtype.itemsize * math.prod(shape)
                 v = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype),
@@ -276,7 +275,7 @@ class _Rewriter:
         if N * K == 0:
             return  # an empty weight (a shared expert of size 0) stays an empty Gemm
         nbytes, nb = row_bytes(K, self.qc.bits, self.qc.block_size)
-        q, s = self._pair(w, "", (N, nb, nbytes // nb), (N * nb,), N, K, self.qc.block_size)
+        q, s = self._pair(w, "", (N, nb, nbytes // nb), (N * nb,), K, self.qc.block_size)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         self._swap(node, [self._node(node, MS_DOMAIN, "MatMulNBits", [node.inputs[0], q, s, None, None, bias],
                                      {"K": K, "N": N, "bits": self.qc.bits, "block_size": self.qc.block_size,
@@ -294,7 +293,7 @@ class _Rewriter:
                 raise QuantizeError(f"{w.name}: {K} input features are not a multiple of the quantization block "
                                     f"size {block}; choose a --quant-block-size that divides it")
             nbytes, nb = row_bytes(K, self.qc.bits, block)
-            pairs.append(self._pair(w, "", (E, N, nbytes), (E, N, nb), E * N, K, block))
+            pairs.append(self._pair(w, "", (E, N, nbytes), (E, N, nb), K, block))
         attrs = {k: a.value for k, a in node.attributes.items()}
         attrs["expert_weight_bits"] = self.qc.bits
         attrs["block_size"] = block
@@ -326,7 +325,7 @@ class _Rewriter:
         if not embedding_is_quantized(H, self.qc):
             return
         nbytes, nb = row_bytes(H, self.qc.bits, self.qc.block_size)
-        q, s = self._pair(w, ".gather", (V, nbytes), (V, nb), V, H, self.qc.block_size)
+        q, s = self._pair(w, ".gather", (V, nbytes), (V, nb), H, self.qc.block_size)
         self._swap(node, [self._node(node, MS_DOMAIN, "GatherBlockQuantized", [q, node.inputs[1], s],
                                      {"bits": self.qc.bits, "block_size": self.qc.block_size, "gather_axis": 0,
                                       "quantize_axis": 1})], out_dtype=self.scale_ir)
