@@ -278,3 +278,14 @@ def test_cli_exports_runs_and_checks_an_int4_artifact(tiny_checkpoint, tmp_path)
         r = qmoe("export", tiny_checkpoint, "-o", out, *args)
         assert r.returncode != 0 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not out.exists()
+
+
+def test_ragged_batch_and_chunked_prefill_agree_with_solo_runs(checkpoints, tmp_path):
+    """QMoE and MatMulNBits in the runtime's batching and chunking paths: fp32 logits within 1e-4."""
+    art = export(checkpoints["default"], tmp_path / "q", quantize="int4")
+    p = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    solo = [runtime.load(art).generate([x], p, output_logits=True)[0] for x in PROMPTS]
+    for engine in (runtime.load(art), runtime.load(art, prefill_chunk=4)):
+        for one, r in zip(solo, engine.generate(PROMPTS, p, output_logits=True)):
+            assert r.tokens == one.tokens
+            assert np.abs(np.stack(r.logits) - np.stack(one.logits)).max() <= 1e-4
