@@ -108,10 +108,12 @@ def _check_types(m: Manifest) -> None:
         if not all(isinstance(x, str) for x in getattr(m, name)):
             raise TypeError(f"{name} must be a list of names")
     q = m.quantization
-    if q is not None and not (QUANT_SCHEMES.get(q.get("scheme")) == q.get("bits")
-                              and q.get("block_size") in QUANT_BLOCK_SIZES and q.get("activations") in QUANT_ACTIVATIONS):
+    if q is not None and not (type(q.get("bits")) is int and QUANT_SCHEMES.get(q.get("scheme")) == q["bits"]
+                              and type(q.get("block_size")) is int and q["block_size"] in QUANT_BLOCK_SIZES
+                              and q.get("activations") in QUANT_ACTIVATIONS
+                              and not (q["bits"] == 8 and q["activations"] == "float")):
         raise TypeError(f"quantization is {q!r}; expected scheme {'/'.join(QUANT_SCHEMES)} with its bits, block_size "
-                        f"one of {QUANT_BLOCK_SIZES} and activations {'/'.join(QUANT_ACTIVATIONS)}")
+                        f"one of {QUANT_BLOCK_SIZES} and activations {'/'.join(QUANT_ACTIVATIONS)} (int8 for int8)")
     for name, known in (("target", TARGETS), ("weight_dtype", DTYPES), ("compute_dtype", DTYPES)):
         if getattr(m, name) not in known:
             raise TypeError(f"{name} is {getattr(m, name)!r}, not one of {', '.join(known)}")

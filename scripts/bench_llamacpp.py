@@ -2,10 +2,11 @@
 
 One random Qwen2-MoE checkpoint (bench_quant.py's model, 0.67B parameters, fp32) is exported by
 qmoe (float32, int8, int4) and converted by llama.cpp's own convert_hf_to_gguf.py (F32) and
-llama-quantize (Q8_0, Q4_0: the same symmetric 32-weight blocks as qmoe's, with int8
-activations). Prompt processing: 512 tokens; generation: 32 tokens after those 512 (llama-bench
+llama-quantize --pure (Q8_0, Q4_0 for every tensor, the head too: the same symmetric 32-weight
+blocks as qmoe's, with int8 activations). Prompt processing: 512 tokens; generation: 32 tokens after those 512 (llama-bench
 `-p 512 -n 0` and `-p 0 -n 32 -d 512`; qmoe: TTFT and decode of `engine.generate`, batch 1, so
-qmoe's side includes its Python runtime). Both use the same number of threads.
+qmoe's side includes its Python runtime). Both use the same number of threads and report the best
+of 3 repetitions.
 
     scripts/get_llamacpp.sh                      # once: builds llama.cpp's tools (~10 min, 2 cores)
     .venv/bin/python scripts/bench_llamacpp.py [--threads N] [--llama-cpp build/llamacpp]
@@ -34,10 +35,17 @@ PAIRS = (  # (label, llama.cpp type, qmoe quantize, qmoe activations)
 )
 
 
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(cmd[:2])} failed ({out.returncode}):\n{out.stderr[-2000:]}")
+    return out
+
+
 def llama_bench(bench: Path, model: Path, threads: int, args: list[str]) -> float:
-    out = subprocess.run([str(bench), "-m", str(model), "-t", str(threads), "-r", "3", "-o", "json", *args],
-                         capture_output=True, text=True, check=True)
-    return float(json.loads(out.stdout)[0]["avg_ts"])
+    """Tokens/s of the best of 3 repetitions (qmoe's side is timed the same way)."""
+    out = run([str(bench), "-m", str(model), "-t", str(threads), "-r", "3", "-o", "json", *args])
+    return float(max(json.loads(out.stdout)[0]["samples_ts"]))
 
 
 def main() -> None:
@@ -59,24 +67,22 @@ def main() -> None:
         ck = write_checkpoint(work / "ck", tiny_config(**CONFIG), shard_bytes=1 << 30)
         f32 = work / "f32.gguf"
         env = dict(os.environ, PYTHONPATH=str(lc / "gguf-py"))
-        subprocess.run([sys.executable, str(lc / "convert_hf_to_gguf.py"), str(ck), "--outfile", str(f32),
-                        "--outtype", "f32"], check=True, capture_output=True, env=env)
+        run([sys.executable, str(lc / "convert_hf_to_gguf.py"), str(ck), "--outfile", str(f32), "--outtype", "f32"],
+            env=env)
         rows = []
         for label, gtype, scheme, act in PAIRS:
             row = {"label": label}
             if gtype:
                 model = f32 if gtype == "F32" else work / f"{gtype}.gguf"
                 if not model.exists():
-                    subprocess.run([str(quantize), str(f32), str(model), gtype], check=True, capture_output=True)
+                    run([str(quantize), "--pure", str(f32), str(model), gtype])
                 row["lc_pp"] = llama_bench(bench, model, args.threads, ["-p", str(PROMPT), "-n", "0"])
                 row["lc_tg"] = llama_bench(bench, model, args.threads, ["-p", "0", "-n", str(DECODE),
                                                                         "-d", str(PROMPT)])
                 row["lc_size"] = model.stat().st_size
             art = export(ck, work / label.replace(" ", "_").replace(",", ""), quantize=scheme, quant_activations=act)
-            out = subprocess.run([sys.executable, "-c", CHILD, str(art), str(args.threads), str(PROMPT), str(DECODE),
-                                  str(work / "logits.npy")], capture_output=True, text=True, cwd=ROOT)
-            if out.returncode:
-                raise SystemExit(out.stderr[-2000:])
+            out = run([sys.executable, "-c", CHILD, str(art), str(args.threads), str(PROMPT), str(DECODE),
+                       str(work / "logits.npy")], cwd=ROOT)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             row.update(q_pp=PROMPT / r["ttft"], q_tg=r["decode"],
                        q_size=sum(f.stat().st_size for f in art.iterdir() if f.name.startswith("model.onnx")))

@@ -30,6 +30,7 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 "$PY" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$tmp"
 tar xzf "$tmp"/llama_cpp_python-"$VERSION".tar.gz -C "$tmp"
+mkdir -p "$(dirname "$DEST")"
 rm -rf "$DEST.partial"
 mv "$tmp/llama_cpp_python-$VERSION/vendor/llama.cpp" "$DEST.partial"
 # Native minus AMX: the VMs list AMX in /proc/cpuinfo but an AMX build dies with SIGILL there (Q8_0).

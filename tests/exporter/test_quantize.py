@@ -199,6 +199,18 @@ def test_check_refuses_mixing_quantized_and_float_runs(checkpoints, tmp_path):
     assert not said
 
 
+def test_check_holds_bf16_weights_to_the_fp32_tolerance(checkpoints, tmp_path):
+    """bf16 weights computed in fp32, from an fp32 checkpoint: the reference rounds its float weights
+    the same way, so the strict fp32 tolerance applies (float and int4 artifacts)."""
+    ck = checkpoints["default"]
+    arts = [export(ck, tmp_path / "bf16", dtype="bfloat16"),
+            export(ck, tmp_path / "bf16q4", dtype="bfloat16", quantize="int4")]
+    report = chk.check(arts, reference=ck, prompts=2, max_new_tokens=4)
+    assert report.ok, report.table()
+    assert all(c.tolerance == chk.TOLERANCES["float32"] and c.max_abs < 1e-4 for c in report.comparisons)
+    assert "bfloat16 float weights" in report.table()
+
+
 def test_check_builds_one_reference_per_quantization(checkpoints, tmp_path):
     """Two block sizes: each artifact meets the reference quantized with its own blocks."""
     ck = checkpoints["default"]
@@ -249,12 +261,17 @@ def test_shared_expert_of_size_zero_and_block_size_types(tmp_path):
 def test_manifest_rejects_a_malformed_quantization_entry(checkpoints, tmp_path):
     art = export(checkpoints["default"], tmp_path / "q", quantize="int4")
     d = json.loads((art / mf.NAME).read_text())
-    for field, value in (("bits", 3), ("bits", 8), ("block_size", 48), ("activations", "fp8")):
+    for field, value in (("bits", 3), ("bits", 8), ("bits", 4.0), ("block_size", 48), ("block_size", 32.0),
+                         ("activations", "fp8")):
         bad = json.loads(json.dumps(d))
         bad["quantization"][field] = value
         (art / mf.NAME).write_text(json.dumps(bad))
         with pytest.raises(mf.ManifestError, match="quantization"):
             mf.read(art)
+    d["quantization"].update(scheme="int8", bits=8, activations="float")  # a combination export refuses
+    (art / mf.NAME).write_text(json.dumps(d))
+    with pytest.raises(mf.ManifestError, match="quantization"):
+        mf.read(art)
 
 
 def test_cli_exports_runs_and_checks_an_int4_artifact(tiny_checkpoint, tmp_path):
