@@ -229,7 +229,7 @@ class _Rewriter:
         if qname not in self.tensors:
             self.tensors[qname] = QTensor(source.name, qname, sname, k, block, self.qc.bits, self.scale_dtype)
             for name, shape, dtype in ((qname, qshape, ir.DataType.UINT8), (sname, sshape, self.scale_ir)):
-                nbytes = dtype.itemsize * math.prod(shape)
+                nbytes = int(dtype.itemsize * math.prod(shape))
                 v = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype),
                              const_value=ir.ExternalTensor("pending", 0, nbytes, dtype, shape=ir.Shape(shape),
                                                            name=name))

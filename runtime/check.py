@@ -311,9 +311,9 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
         refs: dict[str, Callable] = {}
         for run in runs:
             q = run.quantization
-            what = [] if q is None else [f"{q['scheme']} weights, block {q['block_size']}, {run.dtype} scales"]
-            what += [] if run.weight_dtype == "float32" else [f"{run.weight_dtype} float weights"]
-            key = ", ".join(what)
+            parts = [] if q is None else [f"{q['scheme']} weights, block {q['block_size']}, {run.dtype} scales"]
+            parts += [] if run.weight_dtype == "float32" else [f"{run.weight_dtype} float weights"]
+            key = ", ".join(parts)
             if key not in refs:
                 say(f"running transformers on {reference}" + (f" ({key})" if key else ""))
                 refs[key] = transformers_logits(Path(reference), q, run.dtype, run.weight_dtype)
