@@ -95,28 +95,26 @@ class QTensor:
     qname: str
     sname: str
     k: int  # input features per row
-    block: int  # 0: whole row
+    block: int
     bits: int
     scale_dtype: torch.dtype
 
 
 def row_bytes(k: int, bits: int, block: int) -> tuple[int, int]:
     """(packed bytes per row, scales per row) for rows of k inputs."""
-    bs = block or k
-    nb = -(-k // bs)
-    return nb * bs * bits // 8, nb
+    nb = -(-k // block)
+    return nb * block * bits // 8, nb
 
 
 def quantize_rows(w: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [R, K] -> (packed uint8 [R, nb * bs * bits / 8], float32 scales [R, nb]); block 0 = whole
-    row. A last partial block is padded with zeros (MatMulNBits' layout)."""
+    """w [R, K] -> (packed uint8 [R, nb * block * bits / 8], float32 scales [R, nb]). A last
+    partial block is padded with zeros (MatMulNBits' layout)."""
     w = w.float()
     R, K = w.shape
-    bs = block or K
-    nb = -(-K // bs)
-    if nb * bs != K:
-        w = torch.nn.functional.pad(w, (0, nb * bs - K))
-    b = w.reshape(R, nb, bs)
+    nb = -(-K // block)
+    if nb * block != K:
+        w = torch.nn.functional.pad(w, (0, nb * block - K))
+    b = w.reshape(R, nb, block)
     zp = 1 << (bits - 1)
     extreme = b.gather(-1, b.abs().argmax(-1, keepdim=True))  # signed value of largest magnitude
     s = extreme / -zp

@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_quant import CHILD, CONFIG, DECODE, PROMPT  # noqa: E402  (one model and one timing for both benchmarks)
+from bench_quant import CHILD, CONFIG, DECODE, PROMPT, artifact_bytes  # noqa: E402  (one model and one timing for both benchmarks)
 
 PAIRS = (  # (label, llama.cpp type, qmoe quantize, qmoe activations)
     ("float32", "F32", None, None),
@@ -85,7 +85,7 @@ def main() -> None:
                        str(work / "logits.npy")], cwd=ROOT)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             row.update(q_pp=PROMPT / r["ttft"], q_tg=r["decode"],
-                       q_size=sum(f.stat().st_size for f in art.iterdir() if f.name.startswith("model.onnx")))
+                       q_size=artifact_bytes(art))
             rows.append(row)
         print(f"model: {CONFIG}, vocab 151936; CPU, {args.threads} threads; prompt {PROMPT} tokens, "
               f"then {DECODE} generated")

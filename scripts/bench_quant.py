@@ -52,6 +52,11 @@ print(json.dumps({"ttft": ttft, "decode": decode / (total - ttft), "peak_rss": p
 """
 
 
+def artifact_bytes(art: Path) -> int:
+    """model.onnx and its external data."""
+    return sum(f.stat().st_size for f in art.iterdir() if f.name.startswith("model.onnx"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: its own choice)")
@@ -71,7 +76,7 @@ def main() -> None:
                                    ("int4", "int4", "float"), ("int4 (int8 activations)", "int4", "int8")):
             name = label.split()[0] + ("-a8" if act == "int8" else "")
             art = export(ck, work / name, quantize=scheme, quant_activations=act)
-            size = sum(f.stat().st_size for f in art.iterdir() if f.name.startswith("model.onnx"))
+            size = artifact_bytes(art)
             logits_file = work / f"{name}.npy"
             out = subprocess.run([sys.executable, "-c", CHILD, str(art), str(args.threads), str(PROMPT), str(DECODE),
                                   str(logits_file)], capture_output=True, text=True, cwd=ROOT)

@@ -41,19 +41,18 @@ def _np_unpack(q: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarr
     return w.reshape(q.shape[0], -1)[:, :k]
 
 
-@pytest.mark.parametrize("bits,block,k", [(4, 32, 96), (4, 16, 80), (4, 128, 200), (8, 32, 96), (8, 0, 75)])
+@pytest.mark.parametrize("bits,block,k", [(4, 32, 96), (4, 16, 80), (4, 128, 200), (8, 32, 96), (8, 64, 75)])
 def test_quantizer_layout_and_error_bound(bits, block, k):
     g = torch.Generator().manual_seed(bits * 1000 + block + k)
     w = torch.randn(37, k, generator=g) * torch.logspace(-3, 1, 37).unsqueeze(1)  # rows of very different sizes
     w[3] = 0.0  # an all-zero row: scale 1, not a division by zero
     q, s = quantize_rows(w, bits, block)
-    bs = block or k
-    nb = -(-k // bs)
-    assert q.dtype == torch.uint8 and q.shape == (37, nb * bs * bits // 8) and s.shape == (37, nb)
+    nb = -(-k // block)
+    assert q.dtype == torch.uint8 and q.shape == (37, nb * block * bits // 8) and s.shape == (37, nb)
     deq = _np_unpack(q.numpy(), s.numpy(), bits, k)
     assert np.allclose(deq, dequantize_rows(q, s, bits, block, k).numpy(), rtol=0, atol=1e-6)
     # symmetric rounding: every weight within half a step, the block's extreme exactly representable
-    step = np.repeat(np.abs(s.numpy()), bs, axis=1)[:, :k]
+    step = np.repeat(np.abs(s.numpy()), block, axis=1)[:, :k]
     err = np.abs(deq - w.numpy().astype(np.float64))
     # values of the other sign within half a step of the block's extreme clamp at +2^(b-1)-1: within one step
     assert (err <= step * 0.5 + 1e-6 * step).mean() > 0.99 and (err <= step + 1e-7).all()
