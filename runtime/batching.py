@@ -41,7 +41,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .engine import Engine, GenerationResult, RequestError, TextStream
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, TokenLogprob, token_logprob
 from .yarn import ContextLengthError, RopePlan, check_context, context_limit
 
 # Tokens per request (prompt + max_new_tokens) when the caller sets none, capped by the model's
@@ -53,21 +53,23 @@ DEFAULT_CAPACITY = 32768
 
 @dataclass(eq=False)
 class Generation:
-    """One request in the scheduler. Callbacks run on the scheduler's thread: `on_delta` with each
-    text delta, then `on_finish` exactly once (finish_reason "stop" | "length", or "cancelled"
-    when `cancelled` was set first), or `on_error` if a step failed."""
+    """One request in the scheduler. Callbacks run on the scheduler's thread: `on_logprob` with each
+    generated token's log-probabilities (only if the params ask for logprobs) before `on_delta`
+    with the text it completes (if any), then `on_finish` exactly once (finish_reason "stop" |
+    "length", or "cancelled" when `cancelled` was set first), or `on_error` if a step failed."""
 
     prompt_ids: list[int]
     params: SamplingParams
     plan: RopePlan
     on_delta: Callable[[str], None] = lambda delta: None
+    on_logprob: Callable[[TokenLogprob], None] = lambda logprob: None
     on_finish: Callable[[GenerationResult], None] = lambda result: None
     on_error: Callable[[BaseException], None] = lambda error: None
     cancelled: threading.Event = field(default_factory=threading.Event)
     result: GenerationResult = field(init=False)
 
     def __post_init__(self) -> None:
-        self.result = GenerationResult(list(self.prompt_ids))
+        self.result = GenerationResult(list(self.prompt_ids), logprobs=None if self.params.logprobs is None else [])
 
 
 @dataclass(eq=False)
@@ -236,13 +238,17 @@ class BatchScheduler:
             gen = slot.gen
             if slot.next_token < 0 and slot.cached < len(gen.prompt_ids):
                 continue  # more prompt chunks to go
-            tok = int(slot.sampler.next(logits[b: b + 1, 0, :], [slot.seen])[0])
+            row = logits[b: b + 1, 0, :]
+            tok = int(slot.sampler.next(row, [slot.seen], [slot.seen[len(gen.prompt_ids):]])[0])
             slot.seen = np.append(slot.seen, tok)
             p = gen.params
             n = len(gen.result.tokens) + 1
             reason = "stop" if (tok in p.stop_token_ids and not p.ignore_eos) else (
                 "length" if n == p.max_new_tokens else None)
-            delta = slot.text.push(tok, reason)
+            lp = None if p.logprobs is None else token_logprob(row[0], tok, p.logprobs)
+            if lp is not None:
+                gen.on_logprob(lp)
+            delta = slot.text.push(tok, reason, lp)
             if delta:
                 gen.on_delta(delta)
             if slot.text.stopped:

@@ -21,7 +21,7 @@ import numpy as np
 from . import manifest as mf
 from .backends import open_backend
 from .errors import QmoeError
-from .sampling import Sampler, SamplingParams, find_stop, stop_holdback
+from .sampling import Sampler, SamplingParams, TokenLogprob, find_stop, stop_holdback, token_logprob
 from .tokenizer import Tokenizer
 from .yarn import RopeMode, RopePlan, check_context, default_rope_mode, plan_tables
 
@@ -37,6 +37,7 @@ class GenerationResult:
     finish_reason: str = "length"  # "stop" (eos id or stop string) | "length"
     text: str | None = None  # set by the text-level APIs
     logits: list[np.ndarray] | None = None  # per generated token, [V] float32, if asked for
+    logprobs: list[TokenLogprob] | None = None  # per generated token, if SamplingParams.logprobs is set
 
 
 @dataclass
@@ -47,6 +48,7 @@ class TokenEvent:
     token: int
     finished: bool
     finish_reason: str | None
+    logprob: TokenLogprob | None = None  # if SamplingParams.logprobs is set
 
 
 class _RowView:
@@ -85,6 +87,10 @@ class Engine:
         p = sampling or SamplingParams()
         if not p.stop_token_ids:
             p = replace(p, stop_token_ids=tuple(self.tokenizer.eos_token_ids))
+        V = self.config.vocab_size
+        if any(t >= V for t, _ in p.logit_bias):
+            raise RequestError(f"logit_bias keys must be token ids in [0, {V}), got "
+                               f"{next(t for t, _ in p.logit_bias if t >= V)}")
         return p
 
     def check_prompt(self, ids: Sequence[int]) -> None:
@@ -126,7 +132,7 @@ class Engine:
             sub_logits = None if on_logits is None else (lambda i, row, rows=rows: on_logits(rows[i], row))
             sub_cancelled = _RowView(cancelled, rows) if cancelled is not None else None
             for ev in self._stream_batch([prompts[i] for i in rows], p, plan, sub_logits, sub_cancelled):
-                yield TokenEvent(rows[ev.row], ev.token, ev.finished, ev.finish_reason)
+                yield replace(ev, row=rows[ev.row])
 
     def _stream_batch(self, prompts: list[list[int]], p: SamplingParams, plan: RopePlan,
                       on_logits: Callable[[int, np.ndarray], None] | None,
@@ -151,7 +157,7 @@ class Engine:
         active = np.ones(B, bool)
         stop_ids = set() if p.ignore_eos else set(p.stop_token_ids)
         for n in range(p.max_new_tokens):
-            nxt = sampler.next(logits[:, 0, :], seen)
+            nxt = sampler.next(logits[:, 0, :], seen, [x[len(prompt):] for x, prompt in zip(seen, prompts)])
             for i in np.flatnonzero(active):
                 tok = int(nxt[i])
                 if on_logits is not None:
@@ -160,7 +166,8 @@ class Engine:
                 reason = "stop" if tok in stop_ids else ("length" if n + 1 == p.max_new_tokens else None)
                 if reason:
                     active[i] = False
-                yield TokenEvent(int(i), tok, reason is not None, reason)
+                lp = None if p.logprobs is None else token_logprob(logits[i, 0], tok, p.logprobs)
+                yield TokenEvent(int(i), tok, reason is not None, reason, lp)
             if not active.any():
                 return
             if cancelled:
@@ -194,14 +201,15 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | None = None,
                  rope_mode: RopeMode | None = None, output_logits: bool = False) -> list[GenerationResult]:
         """Generates for several token-id prompts of any lengths at once."""
-        results = [GenerationResult(list(map(int, x)), logits=[] if output_logits else None) for x in prompts]
-        on_logits = (lambda i, row: results[i].logits.append(row)) if output_logits else None  # type: ignore[union-attr]
         p = self._params(sampling)
+        results = [GenerationResult(list(map(int, x)), logits=[] if output_logits else None,
+                                    logprobs=None if p.logprobs is None else []) for x in prompts]
+        on_logits = (lambda i, row: results[i].logits.append(row)) if output_logits else None  # type: ignore[union-attr]
         streams = [TextStream(self.tokenizer, p, r) for r in results]
         texts: list[list[str]] = [[] for _ in results]
         cancelled: set[int] = set()
         for ev in self.stream_tokens(prompts, p, rope_mode, on_logits, cancelled):
-            texts[ev.row].append(streams[ev.row].push(ev.token, ev.finish_reason))
+            texts[ev.row].append(streams[ev.row].push(ev.token, ev.finish_reason, ev.logprob))
             if streams[ev.row].stopped and not ev.finished:
                 cancelled.add(ev.row)  # a stop string: this row generates no more
         for r, stream, text in zip(results, streams, texts):
@@ -243,7 +251,7 @@ class Engine:
         text = TextStream(self.tokenizer, p, result if result is not None else GenerationResult(list(ids)))
         cancelled: set[int] = set()
         for ev in self.stream_tokens([ids], p, rope_mode, cancelled=cancelled):
-            delta = text.push(ev.token, ev.finish_reason if ev.finished else None)
+            delta = text.push(ev.token, ev.finish_reason if ev.finished else None, ev.logprob)
             if delta:
                 yield delta
             if text.stopped:
@@ -270,10 +278,15 @@ class TextStream:
         self._decoder = tokenizer.stream_decoder()
         self._pending = ""
 
-    def push(self, token: int, finish_reason: str | None = None) -> str:
-        """Records one token (finish_reason: the token ends the generation); returns the text now safe to emit."""
+    def push(self, token: int, finish_reason: str | None = None, logprob: TokenLogprob | None = None) -> str:
+        """Records one token (finish_reason: the token ends the generation; logprob: its
+        log-probability, kept in `result.logprobs`); returns the text now safe to emit."""
         r, p = self.result, self.params
         r.tokens.append(token)
+        if logprob is not None:
+            if r.logprobs is None:
+                r.logprobs = []
+            r.logprobs.append(logprob)
         if finish_reason:
             r.finish_reason = finish_reason
         if token in p.stop_token_ids and not p.ignore_eos:

@@ -1,11 +1,18 @@
 """Next-token selection: greedy or sampled, with transformers' semantics and order.
 
-    logits [B, V] -> [repetition penalty] -> [temperature] -> [top-k] -> [top-p] -> draw
+    logits [B, V] -> [logit bias] -> [repetition penalty] -> [presence / frequency penalty]
+        -> greedy: first maximum | sampled: [temperature] -> [top-k] -> [top-p] -> [min-p] -> draw
 
-The stages are the ones ``generate`` applies (``RepetitionPenaltyLogitsProcessor``,
-``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper``), each a small pure
-function on one row, computed in float64. Greedy (temperature 0) applies the repetition penalty
-and takes the first maximum, as transformers does with ``do_sample=False``.
+The stages are the ones ``generate`` applies, in its order (``SequenceBiasLogitsProcessor`` with
+one-token sequences, ``RepetitionPenaltyLogitsProcessor``, ``TemperatureLogitsWarper``,
+``TopKLogitsWarper``, ``TopPLogitsWarper``, ``MinPLogitsWarper``), each a small pure function on one
+row, computed in float64. transformers has no presence/frequency penalty: they follow OpenAI's
+definition as vLLM applies it (after the repetition penalty, counting generated tokens only).
+Greedy (temperature 0) applies the bias and penalties and takes the first maximum, as transformers
+does with ``do_sample=False``.
+
+Log-probabilities (``logprobs``) are those of the model's own distribution, log-softmax of the raw
+logits before any stage, as vLLM reports them by default (its ``raw_logprobs`` mode).
 
 Every row owns a ``numpy.random.Generator(PCG64(seed))`` and draws exactly one uniform number per
 sampled step, so a seeded request gives the same tokens whatever else shares its batch.
@@ -37,6 +44,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()  # empty: the engine fills in the generation config's eos ids
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks, parity tests)
+    min_p: float = 0.0  # 0 = off; keeps tokens with probability >= min_p x the top one's
+    presence_penalty: float = 0.0  # [-2, 2]; subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # [-2, 2]; subtracted per occurrence in the generated tokens
+    logit_bias: Any = ()  # {token id: bias in [-100, 100]} added to the raw logits; stored as sorted pairs
+    logprobs: int | None = None  # None = off; k = each token's log-probability and the k likeliest (<= 20)
 
     def __post_init__(self) -> None:
         # JSON requests give lists and a single stop string; store tuples so params stay hashable.
@@ -47,8 +59,9 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, (list, tuple)):
             raise SamplingError(f"stop_token_ids must be a list of token ids, got {type(self.stop_token_ids).__name__}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        for name in ("temperature", "top_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "repetition_penalty", "min_p", "presence_penalty", "frequency_penalty"):
             object.__setattr__(self, name, _number(name, getattr(self, name)))
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         self.validate()
 
     def validate(self) -> None:
@@ -59,6 +72,15 @@ class SamplingParams:
             raise SamplingError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise SamplingError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not 0 <= self.min_p <= 1:
+            raise SamplingError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise SamplingError(f"{name} must be in [-2, 2] (0 = off), got {getattr(self, name)}")
+        if self.logprobs is not None:
+            _integer("logprobs", self.logprobs, minimum=0)
+            if self.logprobs > MAX_TOP_LOGPROBS:
+                raise SamplingError(f"logprobs must be at most {MAX_TOP_LOGPROBS} alternatives, got {self.logprobs}")
         _integer("top_k", self.top_k, minimum=0)
         _integer("max_new_tokens", self.max_new_tokens, minimum=1)
         if self.seed is not None:
@@ -76,6 +98,33 @@ class SamplingParams:
         return self.temperature == 0
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI and vLLM cap them
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a bias: -100 bans a token, 100 forces it
+
+
+def _bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
+    """{id: bias} (JSON gives ids as strings) or pairs -> sorted (id, bias) pairs, validated."""
+    items = value.items() if isinstance(value, dict) else value
+    if not isinstance(items, (list, tuple, type({}.items()))):
+        raise SamplingError(f"logit_bias must map token ids to numbers, got {type(value).__name__}")
+    out: dict[int, float] = {}
+    item: Any
+    for item in items:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise SamplingError(f"logit_bias must map token ids to numbers, got the entry {item!r}")
+        key, bias = item
+        token = key
+        if isinstance(key, str) and key.strip().isdigit():
+            token = int(key)
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or token < 0:
+            raise SamplingError(f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
+        bias = _number("logit_bias value", bias)
+        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise SamplingError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
+        out[int(token)] = bias
+    return tuple(sorted(out.items()))
+
+
 def _number(name: str, value: Any) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not math.isfinite(value):
@@ -86,6 +135,14 @@ def _number(name: str, value: Any) -> float:
 def _integer(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise SamplingError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a request seeded with `seed` (n > 1): choice 0 keeps the seed,
+    the others get independent streams derived from (seed, index) by numpy's SeedSequence."""
+    if index == 0:
+        return seed
+    return int(np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(1, np.uint64)[0])
 
 
 # --- the stages, one row at a time (float64) ------------------------------------------------
@@ -102,6 +159,31 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     picked = out[ids]
     with np.errstate(over="ignore"):  # a tiny penalty overflows to +inf: _softmax handles it
         out[ids] = np.where(picked < 0, picked * penalty, picked / penalty)
+    return out
+
+
+def apply_logit_bias(logits: np.ndarray, bias: Sequence[tuple[int, float]]) -> np.ndarray:
+    """Adds each (token id, bias); ids past the lm_head (a padded embedding) are skipped."""
+    if not bias:
+        return logits
+    ids = np.array([t for t, _ in bias], np.int64)
+    values = np.array([b for _, b in bias], np.float64)
+    keep = ids < logits.shape[-1]
+    out = logits.copy()
+    out[ids[keep]] += values[keep]
+    return out
+
+
+def apply_presence_frequency(logits: np.ndarray, generated: np.ndarray, presence: float,
+                             frequency: float) -> np.ndarray:
+    """OpenAI's penalties: logit -= frequency x count + presence x (count > 0), over generated ids."""
+    if (presence == 0 and frequency == 0) or len(generated) == 0:
+        return logits
+    ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+    keep = (ids >= 0) & (ids < logits.shape[-1])
+    ids, counts = ids[keep], counts[keep]
+    out = logits.copy()
+    out[ids] -= frequency * counts + presence
     return out
 
 
@@ -142,6 +224,14 @@ def apply_top_p(logits: np.ndarray, top_p: float) -> np.ndarray:
     return out
 
 
+def apply_min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """Drop tokens less likely than min_p x the likeliest token's probability (keep >= 1)."""
+    if min_p <= 0:
+        return logits
+    probs = _softmax(logits)
+    return np.where(probs < min_p * probs.max(), -np.inf, logits)
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     m = np.max(x)
     # +inf scores (a repetition penalty of 1e-310 divides a logit past float64): they share all the
@@ -150,19 +240,52 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def warp_logits(logits: np.ndarray, seen: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """One row's logits after every stage that ``params`` enables (float64 [V], -inf = removed)."""
-    x = apply_repetition_penalty(np.asarray(logits, dtype=np.float64), seen, params.repetition_penalty)
+def warp_logits(logits: np.ndarray, seen: np.ndarray, params: SamplingParams,
+                generated: np.ndarray | None = None) -> np.ndarray:
+    """One row's logits after every stage that ``params`` enables (float64 [V], -inf = removed).
+    seen: prompt + generated ids (repetition penalty); generated: the generated ids alone
+    (presence / frequency penalties; None = no tokens generated yet)."""
+    x = apply_logit_bias(np.asarray(logits, dtype=np.float64), params.logit_bias)
+    x = apply_repetition_penalty(x, seen, params.repetition_penalty)
+    if generated is not None:
+        x = apply_presence_frequency(x, generated, params.presence_penalty, params.frequency_penalty)
     if params.greedy:
         return x
     x = apply_temperature(x, params.temperature)
     x = apply_top_k(x, params.top_k)
-    return apply_top_p(x, params.top_p)
+    x = apply_top_p(x, params.top_p)
+    return apply_min_p(x, params.min_p)
 
 
-def token_probabilities(logits: np.ndarray, seen: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """The distribution a sampled step draws from (float64 [V]); for tests and logprobs."""
-    return _softmax(warp_logits(logits, seen, params))
+def token_probabilities(logits: np.ndarray, seen: np.ndarray, params: SamplingParams,
+                        generated: np.ndarray | None = None) -> np.ndarray:
+    """The distribution a sampled step draws from (float64 [V]); for tests."""
+    return _softmax(warp_logits(logits, seen, params, generated))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model, and the `top` likeliest tokens'
+    (id, log-probability), most likely first (ties: lower id first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int = 0) -> TokenLogprob:
+    """log-softmax of one row's raw logits (float64) at `token`, plus the `top` likeliest tokens."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max()
+    logz = m + np.log(np.exp(x - m).sum())
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        k = min(top, x.shape[-1])
+        kth = np.partition(x, -k)[-k]
+        candidates = np.flatnonzero(x >= kth)  # every tie at the boundary, so the order below decides
+        order = candidates[np.lexsort((candidates, -x[candidates]))][:k]  # logit descending, then id
+        best = tuple((int(i), float(x[i] - logz)) for i in order)
+    return TokenLogprob(int(token), float(x[token] - logz), best)
 
 
 def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
@@ -189,24 +312,30 @@ class Sampler:
         self.params: tuple[SamplingParams, ...] = tuple(rows)
         self.generators = tuple(np.random.Generator(np.random.PCG64(p.seed)) for p in rows)
 
-    def next(self, logits: np.ndarray, seen: Sequence[np.ndarray]) -> np.ndarray:
-        """logits [B, V] and each row's seen ids (prompt + generated) -> next ids int64 [B]."""
+    def next(self, logits: np.ndarray, seen: Sequence[np.ndarray],
+             generated: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """logits [B, V], each row's seen ids (prompt + generated) and generated ids (presence /
+        frequency penalties; None: nothing generated yet) -> next ids int64 [B]."""
         logits = np.asarray(logits)
         batch = len(self.params)
         if logits.ndim != 2 or logits.shape[0] != batch:
             raise SamplingError(f"logits must have shape [{batch}, vocab], got {list(logits.shape)}")
         if len(seen) != batch:
             raise SamplingError(f"seen must hold one id array per row ({batch}), got {len(seen)}")
+        if generated is not None and len(generated) != batch:
+            raise SamplingError(f"generated must hold one id array per row ({batch}), got {len(generated)}")
         out = np.empty(batch, dtype=np.int64)
         for row, (params, rng) in enumerate(zip(self.params, self.generators)):
-            out[row] = self._next_row(row, logits[row], np.asarray(seen[row]), params, rng)
+            gen = None if generated is None else np.asarray(generated[row])
+            out[row] = self._next_row(row, logits[row], np.asarray(seen[row]), params, rng, gen)
         return out
 
     @staticmethod
-    def _next_row(row: int, logits: np.ndarray, seen: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    def _next_row(row: int, logits: np.ndarray, seen: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+                  generated: np.ndarray | None) -> int:
         if np.isnan(logits).any() or np.isposinf(logits).any() or not np.isfinite(logits).any():
             raise SamplingError(f"logits of row {row} contain NaN or +inf or are all -inf; the model output is broken")
-        x = warp_logits(logits, seen, params)
+        x = warp_logits(logits, seen, params, generated)
         if params.greedy:
             return int(np.argmax(x))  # first maximum, like torch.argmax
         return draw(_softmax(x), rng)

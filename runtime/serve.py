@@ -18,10 +18,17 @@ The KV cache holds `capacity` tokens per request (prompt + max_tokens), default
 min(the model's context for its rope mode, 32768): the server reports it as max_model_len and
 rejects longer requests with a 400 before queueing.
 
+`n` > 1 runs n generations of one prompt as n scheduler requests (they batch with each other);
+with a seed, choice 0 uses it and choice i a seed derived from (seed, i), so each choice is
+reproducible and the choices differ. Log-probabilities are the model's own (log-softmax of the raw
+logits, before penalties and temperature: vLLM's default), for every generated token (an eos
+token too: it counts in completion_tokens); a streamed chunk carries those of the tokens sampled
+since the previous chunk.
+
 Everything a request can get wrong is checked before it is queued and answered with OpenAI's error
 shape, {"error": {"message", "type", "param", "code"}}, and a 4xx status. Unknown fields are
 ignored (as vLLM does); fields whose non-default values would change the output in ways this
-server cannot honour (n > 1, logprobs, tools, penalties...) are rejected rather than ignored.
+server cannot honour (best_of, echo, suffix, tools, response_format...) are rejected rather than ignored.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping
 
@@ -47,20 +54,22 @@ from starlette.routing import Route
 
 from . import request_json
 from .batching import BatchScheduler
-from .engine import Engine, GenerationResult
+from .engine import Engine, GenerationResult, RequestError
 from .errors import QmoeError
-from .sampling import SamplingError, SamplingParams
-from .tokenizer import ChatMessageError, ChatTemplateError
+from .sampling import MAX_TOP_LOGPROBS, SamplingError, SamplingParams, TokenLogprob, choice_seed
+from .tokenizer import ChatMessageError, ChatTemplateError, Tokenizer
 
 log = logging.getLogger("qmoe.serve")
 
 # Non-default values of these fields would change the output in a way we do not implement.
 UNSUPPORTED_FIELDS: Mapping[str, tuple[Any, ...]] = {
-    "n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",), "logprobs": (False,), "top_logprobs": (0,),
-    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],), "functions": ([],),
+    "best_of": (1,), "echo": (False,), "suffix": ("",), "tools": ([],), "functions": ([],),
     "tool_choice": ("none", "auto"), "response_format": ({"type": "text"},),
 }
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")  # top_k, repetition_penalty: vLLM's
+# Sampling fields a request (or generation_config.json) may set; top_k, min_p and repetition_penalty are vLLM's.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+REQUEST_SAMPLING_FIELDS = SAMPLING_FIELDS + ("presence_penalty", "frequency_penalty", "logit_bias")
+MAX_N = 128  # choices per request (each is a scheduler request; more than max_batch of them queue)
 
 
 class APIError(QmoeError):
@@ -93,6 +102,12 @@ class GenerationRequest:
     sampling: SamplingParams
     stream: bool
     include_usage: bool
+    n: int = 1
+
+    def choices(self) -> list[SamplingParams]:
+        """Each choice's parameters: the same but for the seed (see choice_seed)."""
+        p = self.sampling
+        return [p if i == 0 or p.seed is None else replace(p, seed=choice_seed(p.seed, i)) for i in range(self.n)]
 
 
 def _typed(body: Mapping[str, Any], name: str, types: tuple[type, ...], what: str) -> Any:
@@ -154,8 +169,29 @@ class Service:
         stream = bool(_typed(body, "stream", (bool,), "true or false"))
         options = _typed(body, "stream_options", (dict,), "an object") or {}
         include_usage = bool(_typed(options, "include_usage", (bool,), "true or false"))
+        n = _typed(body, "n", (int,), "an integer")
+        if n is not None and not 1 <= n <= MAX_N:
+            raise APIError(f"n must be in [1, {MAX_N}], got {n}", param="n")
         ids = self._prompt_ids(kind, body)
-        return GenerationRequest(kind, ids, self._sampling(body, len(ids)), stream, include_usage)
+        sampling = self._sampling(body, len(ids), self._logprobs(kind, body))
+        return GenerationRequest(kind, ids, sampling, stream, include_usage, n or 1)
+
+    @staticmethod
+    def _logprobs(kind: str, body: Mapping[str, Any]) -> int | None:
+        """SamplingParams.logprobs from OpenAI's fields: chat has logprobs (bool) + top_logprobs,
+        completions an integer logprobs (the alternatives per token)."""
+        if kind == "completion":
+            k = _typed(body, "logprobs", (int,), f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+            if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+                raise APIError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {k}", param="logprobs")
+            return k
+        wanted = _typed(body, "logprobs", (bool,), "true or false")
+        top = _typed(body, "top_logprobs", (int,), f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise APIError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}", param="top_logprobs")
+        if top and not wanted:
+            raise APIError("top_logprobs needs logprobs set to true", param="top_logprobs")
+        return (top or 0) if wanted else None
 
     def _prompt_ids(self, kind: str, body: Mapping[str, Any]) -> list[int]:
         tokenizer = self.engine.tokenizer
@@ -180,7 +216,7 @@ class Service:
             raise APIError("the prompt is empty", param="prompt")
         return ids
 
-    def _sampling(self, body: Mapping[str, Any], prompt_len: int) -> SamplingParams:
+    def _sampling(self, body: Mapping[str, Any], prompt_len: int, logprobs: int | None) -> SamplingParams:
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         max_tokens = _typed(body, name, (int,), "an integer")
         if max_tokens is None:  # OpenAI's default: whatever the context has left
@@ -191,11 +227,12 @@ class Service:
             raise APIError(f"this server's context is {self.context_limit} tokens; the prompt has {prompt_len} and "
                            f"{name} is {max_tokens}; shorten the prompt or lower {name}",
                            param=name, code="context_length_exceeded")
-        chosen = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+        chosen = {k: body[k] for k in REQUEST_SAMPLING_FIELDS if body.get(k) is not None}
         try:
-            return SamplingParams(**{**self.defaults, **chosen}, seed=body.get("seed"), max_new_tokens=max_tokens,
-                                  stop=() if body.get("stop") in (None, "") else body["stop"])
-        except SamplingError as e:  # the message starts with the field's name
+            p = SamplingParams(**{**self.defaults, **chosen}, seed=body.get("seed"), max_new_tokens=max_tokens,
+                               stop=() if body.get("stop") in (None, "") else body["stop"], logprobs=logprobs)
+            return self.engine._params(p)  # logit_bias ids against the vocabulary
+        except (SamplingError, RequestError) as e:  # the message starts with the field's name
             param = str(e).split()[0]
             raise APIError(str(e), param=name if param == "max_new_tokens" else param) from None
 
@@ -211,16 +248,21 @@ class Finished:
 
 @dataclass(eq=False)  # identity: the worker keeps running jobs in a set
 class Job:
+    """One choice of a request. Its events go to `events` as (index, event): the n choices of
+    one request share the queue. A choice's events: text deltas and (if asked for) TokenLogprobs,
+    then one Finished or one exception."""
+
     prompt_ids: list[int]
     sampling: SamplingParams
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue  # str deltas, then one Finished or one exception
+    events: asyncio.Queue
+    index: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def emit(self, item: str | Finished | BaseException) -> None:
+    def emit(self, item: "str | TokenLogprob | Finished | BaseException") -> None:
         """From any thread: hand one event to the request's event loop."""
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, item))
         except RuntimeError:  # the loop is closed: nobody is listening any more
             self.cancelled.set()
 
@@ -228,18 +270,21 @@ class Job:
         self.cancelled.set()
         self.emit(error)
 
-    async def results(self) -> AsyncIterator[str | Finished]:
-        """The deltas, then Finished; raises the first error. Leaving early cancels the job."""
-        try:
-            while True:
-                item = await self.events.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if isinstance(item, Finished):
-                    return
-        finally:
-            self.cancelled.set()
+
+async def results(jobs: list[Job]) -> AsyncIterator[tuple[int, "str | TokenLogprob | Finished"]]:
+    """The choices' events as (index, event) in arrival order, until every choice has Finished;
+    raises the first error. Leaving early (or an error) cancels every choice."""
+    try:
+        running = len(jobs)
+        while running:
+            index, item = await jobs[0].events.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield index, item
+            running -= isinstance(item, Finished)
+    finally:
+        for job in jobs:
+            job.cancelled.set()
 
 
 def _shutting_down() -> APIError:
@@ -268,11 +313,17 @@ class EngineWorker:
         if self._closed:
             raise _shutting_down()
 
-    def submit(self, prompt_ids: list[int], sampling: SamplingParams) -> Job:
+    def submit(self, prompt_ids: list[int], sampling: SamplingParams, events: asyncio.Queue | None = None,
+               index: int = 0) -> Job:
         self.check_open()
-        job = Job(prompt_ids, sampling, asyncio.get_running_loop(), asyncio.Queue())
+        job = Job(prompt_ids, sampling, asyncio.get_running_loop(), asyncio.Queue() if events is None else events, index)
         self._jobs.put(job)
         return job
+
+    def submit_all(self, req: GenerationRequest) -> list[Job]:
+        """The request's n choices, queued one after the other (sharing one event queue)."""
+        events: asyncio.Queue = asyncio.Queue()
+        return [self.submit(req.prompt_ids, p, events, i) for i, p in enumerate(req.choices())]
 
     def shutdown(self) -> None:
         """Refuse new jobs and end the running and queued ones with a 503, so their responses
@@ -334,8 +385,8 @@ class EngineWorker:
             job.emit(error)
 
         try:
-            self.scheduler.submit(job.prompt_ids, job.sampling, on_delta=job.emit, on_finish=finished,
-                                  on_error=failed, cancelled=job.cancelled)
+            self.scheduler.submit(job.prompt_ids, job.sampling, on_delta=job.emit, on_logprob=job.emit,
+                                  on_finish=finished, on_error=failed, cancelled=job.cancelled)
         except Exception as e:  # noqa: BLE001  (requests are checked before queueing; report, keep serving)
             log.exception("cannot schedule a request")
             failed(e)
@@ -348,19 +399,54 @@ class EngineWorker:
 # --- responses ------------------------------------------------------------------------------
 
 
-def _choice(req: GenerationRequest, text: str | None, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
+class _Logprobs:
+    """One choice's TokenLogprobs in OpenAI's shapes: chat {"content": [{token, logprob, bytes,
+    top_logprobs}]}; completions {tokens, token_logprobs, top_logprobs: [{token: logprob}] (the
+    alternatives and the chosen token, as vLLM gives them), text_offset}. Token strings are the ids
+    decoded alone (a piece of a UTF-8 character decodes to U+FFFD; `bytes` has its real bytes)."""
+
+    def __init__(self, req: GenerationRequest, tokenizer: Tokenizer) -> None:
+        self.kind, self.tokenizer = req.kind, tokenizer
+        self.offset = 0  # completions: characters of the choice's text before the next token
+
+    def _text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def _entry(self, token: int, logprob: float) -> dict[str, Any]:
+        return {"token": self._text(token), "logprob": logprob, "bytes": list(self.tokenizer.token_bytes(token))}
+
+    def render(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        if self.kind == "chat":
+            return {"content": [{**self._entry(e.token, e.logprob),
+                                 "top_logprobs": [self._entry(t, lp) for t, lp in e.top]} for e in entries]}
+        tokens = [self._text(e.token) for e in entries]
+        offsets = []
+        for t in tokens:
+            offsets.append(self.offset)
+            self.offset += len(t)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{**{self._text(t): lp for t, lp in e.top}, tok: e.logprob}
+                                 for tok, e in zip(tokens, entries)],
+                "text_offset": offsets}
+
+
+def _choice(req: GenerationRequest, index: int, text: str | None, finish_reason: str | None,
+            logprobs: dict[str, Any] | None = None, first: bool = False) -> dict[str, Any]:
     if req.kind == "completion":
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
     if not req.stream:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": finish_reason}
-    delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    if first:
+        delta: dict[str, Any] = {"role": "assistant", "content": ""}
+    else:
+        delta = {"content": text or ""} if text or logprobs is not None else {}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def _usage(req: GenerationRequest, done: Finished) -> dict[str, int]:
+def _usage(req: GenerationRequest, completion_tokens: int) -> dict[str, int]:
     n = len(req.prompt_ids)
-    return {"prompt_tokens": n, "completion_tokens": done.completion_tokens, "total_tokens": n + done.completion_tokens}
+    return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens}
 
 
 class _Envelope:
@@ -379,53 +465,79 @@ class _Envelope:
             out["usage"] = usage
         return out
 
-    def sse(self, text: str | None, finish_reason: str | None = None, first: bool = False) -> str:
-        return _sse(self.body([_choice(self.req, text, finish_reason, first)]))
+    def sse(self, choice: dict[str, Any]) -> str:
+        return _sse(self.body([choice]))
 
 
 def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _until_disconnected(request: Request, job: Job) -> None:
+async def _until_disconnected(request: Request, jobs: list[Job]) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    job.cancelled.set()
+    for job in jobs:
+        job.cancelled.set()
 
 
-async def _whole(worker: EngineWorker, req: GenerationRequest, env: _Envelope, request: Request) -> Response:
-    job = worker.submit(req.prompt_ids, req.sampling)
-    watcher = asyncio.ensure_future(_until_disconnected(request, job))
-    text: list[str] = []
+async def _whole(worker: EngineWorker, req: GenerationRequest, env: _Envelope, request: Request,
+                 tokenizer: Tokenizer) -> Response:
+    jobs = worker.submit_all(req)
+    watcher = asyncio.ensure_future(_until_disconnected(request, jobs))
+    texts: list[list[str]] = [[] for _ in jobs]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in jobs]
+    done: dict[int, Finished] = {}
     try:
-        async for item in job.results():
+        async for i, item in results(jobs):
             if isinstance(item, Finished):
-                return JSONResponse(env.body([_choice(req, "".join(text), item.finish_reason)], _usage(req, item)))
-            text.append(item)
+                done[i] = item
+            elif isinstance(item, TokenLogprob):
+                logprobs[i].append(item)
+            else:
+                texts[i].append(item)
     finally:
         watcher.cancel()
-    raise AssertionError("the worker ended a job without Finished")
+    wanted = req.sampling.logprobs is not None
+    choices = [_choice(req, i, "".join(texts[i]), done[i].finish_reason,
+                       _Logprobs(req, tokenizer).render(logprobs[i]) if wanted else None) for i in range(len(jobs))]
+    return JSONResponse(env.body(choices, _usage(req, sum(d.completion_tokens for d in done.values()))))
 
 
-async def _chunks(worker: EngineWorker, req: GenerationRequest, env: _Envelope) -> AsyncIterator[str]:
-    # The job is queued only once the response streams, and whatever ends the stream early (a
-    # client that left cancels the response task; the generator is then closed) cancels it.
-    job = None
+async def _chunks(worker: EngineWorker, req: GenerationRequest, env: _Envelope,
+                  tokenizer: Tokenizer) -> AsyncIterator[str]:
+    # The jobs are queued only once the response streams, and whatever ends the stream early (a
+    # client that left cancels the response task; the generator is then closed) cancels them.
+    jobs: list[Job] = []
+    wanted = req.sampling.logprobs is not None
+    render = [_Logprobs(req, tokenizer) for _ in range(req.n)]
+    pending: list[list[TokenLogprob]] = [[] for _ in range(req.n)]  # sampled since the last chunk
+
+    def flush(i: int) -> dict[str, Any] | None:
+        if not wanted:
+            return None
+        out, pending[i] = render[i].render(pending[i]), []
+        return out
+
     try:
-        job = worker.submit(req.prompt_ids, req.sampling)
+        jobs = worker.submit_all(req)
         if req.kind == "chat":
-            yield env.sse(None, first=True)  # the role comes first, as OpenAI sends it
-        async for item in job.results():
-            if isinstance(item, Finished):
-                yield env.sse(None, item.finish_reason)
-                if req.include_usage:
-                    yield _sse({**env.head, "choices": [], "usage": _usage(req, item)})
+            for i in range(req.n):  # the role comes first, as OpenAI sends it
+                yield env.sse(_choice(req, i, None, None, first=True))
+        completion_tokens = 0
+        async for i, item in results(jobs):
+            if isinstance(item, TokenLogprob):
+                pending[i].append(item)
+            elif isinstance(item, Finished):
+                completion_tokens += item.completion_tokens
+                yield env.sse(_choice(req, i, None if req.kind == "chat" else "", item.finish_reason, flush(i)))
             else:
-                yield env.sse(item)
+                yield env.sse(_choice(req, i, item, None, flush(i)))
+        if req.include_usage:
+            yield _sse({**env.head, "choices": [], "usage": _usage(req, completion_tokens)})
     except Exception as e:  # noqa: BLE001  (headers are sent: report in-band, as OpenAI does)
         yield _sse(_server_error(e).body())
     finally:
-        if job is not None:
+        for job in jobs:
             job.cancelled.set()
     yield "data: [DONE]\n\n"
 
@@ -446,9 +558,9 @@ def create_app(engine: Engine, model_name: str, defaults: Mapping[str, Any] | No
         env = _Envelope(req, service.model_name)
         service.worker.check_open()  # before a stream's headers go out
         if req.stream:
-            return StreamingResponse(_chunks(service.worker, req, env), media_type="text/event-stream",
+            return StreamingResponse(_chunks(service.worker, req, env, engine.tokenizer), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
-        return await _whole(service.worker, req, env, request)
+        return await _whole(service.worker, req, env, request, engine.tokenizer)
 
     async def chat_completions(request: Request) -> Response:
         return await generate(request, "chat")

@@ -71,6 +71,11 @@ def bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
+@lru_cache(maxsize=1)
+def _unicode_to_bytes() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
 def build_byte_level_bpe(
     vocab: Mapping[str, int], merges: Sequence[tuple[str, str]], specials: Sequence[SpecialToken]
 ) -> BackendTokenizer:
@@ -275,6 +280,20 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one id stands for (a byte-level BPE piece can be part of a UTF-8 character;
+        an added token is its text). b"" for an id the tokenizer does not have (a padded head)."""
+        added = self.backend.get_added_tokens_decoder().get(int(token_id))
+        if added is not None:
+            return added.content.encode("utf-8")
+        piece = self.backend.id_to_token(int(token_id))
+        if piece is None:
+            return b""
+        to_byte = _unicode_to_bytes()
+        if all(c in to_byte for c in piece):
+            return bytes(to_byte[c] for c in piece)
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
         if self.chat_template is None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -20,8 +23,10 @@ from runtime.sampling import (
     Sampler,
     SamplingError,
     SamplingParams,
+    choice_seed,
     find_stop,
     stop_holdback,
+    token_logprob,
     token_probabilities,
     warp_logits,
 )
@@ -32,6 +37,8 @@ VOCAB = 1000
 def hf_chain(params: SamplingParams) -> LogitsProcessorList:
     """transformers' processors in generate()'s order for these parameters."""
     chain = LogitsProcessorList()
+    if params.logit_bias:
+        chain.append(SequenceBiasLogitsProcessor([[[t], b] for t, b in params.logit_bias]))
     if params.repetition_penalty != 1.0:
         chain.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
     if params.temperature not in (0.0, 1.0):
@@ -40,11 +47,15 @@ def hf_chain(params: SamplingParams) -> LogitsProcessorList:
         chain.append(TopKLogitsWarper(params.top_k))
     if params.top_p < 1.0:
         chain.append(TopPLogitsWarper(params.top_p))
+    if params.min_p > 0:
+        chain.append(MinPLogitsWarper(params.min_p))
     return chain
 
 
 def hf_probs(logits: np.ndarray, seen: np.ndarray, params: SamplingParams) -> np.ndarray:
-    scores = hf_chain(params)(torch.from_numpy(seen[None].astype(np.int64)), torch.from_numpy(logits[None].copy()))
+    # in float64, as ours: a float32 min-p threshold can flip a token sitting right on it
+    scores = hf_chain(params)(torch.from_numpy(seen[None].astype(np.int64)),
+                              torch.from_numpy(logits[None].astype(np.float64)))
     return torch.softmax(scores, dim=-1)[0].double().numpy()
 
 
@@ -65,10 +76,20 @@ PARAM_SETS = [
     SamplingParams(temperature=0.6, top_k=100, top_p=0.95, repetition_penalty=1.15),
     SamplingParams(temperature=1.0, top_p=0.3, repetition_penalty=0.8),  # < 1 encourages repeats
     SamplingParams(temperature=2.0, top_k=1),
+    SamplingParams(temperature=1.0, min_p=0.1),
+    SamplingParams(temperature=0.7, top_k=200, top_p=0.9, min_p=0.05, repetition_penalty=1.2),
+    SamplingParams(temperature=1.5, min_p=0.9),
+    SamplingParams(temperature=1.0, logit_bias={3: 5.0, 17: -100, 999: 2.5, 40: 0.5}),
+    # the bias comes before the repetition penalty, which then divides a biased positive logit
+    SamplingParams(temperature=0.9, top_p=0.8, repetition_penalty=1.4, logit_bias={"5": 7.0, "6": -3.0}),
 ]
 
 
-@pytest.mark.parametrize("params", PARAM_SETS, ids=lambda p: f"T{p.temperature}-k{p.top_k}-p{p.top_p}-r{p.repetition_penalty}")
+def _param_id(p: SamplingParams) -> str:
+    return f"T{p.temperature}-k{p.top_k}-p{p.top_p}-r{p.repetition_penalty}-m{p.min_p}-b{len(p.logit_bias)}"
+
+
+@pytest.mark.parametrize("params", PARAM_SETS, ids=_param_id)
 def test_distribution_matches_transformers(params: SamplingParams):
     for seed in range(20):
         logits, seen = random_case(seed)
@@ -77,6 +98,95 @@ def test_distribution_matches_transformers(params: SamplingParams):
         np.testing.assert_array_equal(ours > 0, ref > 0)  # the same kept token set
         np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
         assert ours.sum() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_logit_bias_comes_before_the_repetition_penalty():
+    """As in transformers and vLLM: a seen, biased token's logit is (x + bias) / penalty."""
+    logits, seen = random_case(4)
+    seen = np.append(seen, [5, 6])
+    logits[5], logits[6] = 1.0, 0.5
+    params = SamplingParams(temperature=1.0, repetition_penalty=1.4, logit_bias={"5": 7.0, "6": -3.0})
+    x = warp_logits(logits, seen, params)
+    assert x[5] == pytest.approx(8.0 / 1.4) and x[6] == pytest.approx(-2.5 * 1.4)
+    np.testing.assert_allclose(token_probabilities(logits, seen, params), hf_probs(logits, seen, params), atol=1e-9)
+
+
+def openai_penalties(logits: np.ndarray, generated: list[int], presence: float, frequency: float) -> np.ndarray:
+    """OpenAI's documented formula, token by token: mu[j] - c[j] * alpha_frequency - (c[j] > 0) * alpha_presence."""
+    out = logits.astype(np.float64).copy()
+    for j in range(len(out)):
+        c = generated.count(j)
+        out[j] -= c * frequency + (1.0 if c > 0 else 0.0) * presence
+    return out
+
+
+@pytest.mark.parametrize("presence, frequency", [(0.8, 0.0), (0.0, 1.3), (-1.5, 2.0), (2.0, -0.7)])
+def test_presence_and_frequency_penalties_follow_openai(presence, frequency):
+    rng = np.random.default_rng(11)
+    logits = rng.standard_normal(50).astype(np.float32) * 3
+    prompt = rng.integers(0, 50, 30)
+    generated = [int(t) for t in rng.integers(0, 50, 25)] + [7, 7, 7, 80]  # 80 is past the head
+    params = SamplingParams(presence_penalty=presence, frequency_penalty=frequency)
+    seen = np.concatenate([prompt, generated])
+    got = warp_logits(logits, seen, params, np.array(generated))
+    np.testing.assert_allclose(got, openai_penalties(logits, generated, presence, frequency), rtol=0, atol=1e-12)
+    # only generated tokens count (the prompt does not), and nothing generated means no change
+    np.testing.assert_array_equal(warp_logits(logits, seen, params, np.array([], np.int64)), logits)
+    np.testing.assert_array_equal(warp_logits(logits, seen, params), logits)
+    # after the repetition penalty (vLLM's order): the penalty divides the raw logit
+    both = replace(params, repetition_penalty=2.0)
+    rep = RepetitionPenaltyLogitsProcessor(2.0)(torch.from_numpy(seen[None].astype(np.int64)),
+                                                torch.from_numpy(logits[None].copy()))[0].double().numpy()
+    np.testing.assert_allclose(warp_logits(logits, seen, both, np.array(generated)),
+                               openai_penalties(rep, generated, presence, frequency), atol=1e-6)
+    # greedy applies them too
+    greedy = Sampler(params, 1).next(logits[None], [seen], [np.array(generated)])[0]
+    assert greedy == int(np.argmax(openai_penalties(logits, generated, presence, frequency)))
+
+
+def test_sampler_counts_generated_tokens_per_row():
+    """Two rows, one with a frequency penalty: only that row's own generated tokens lower its logits."""
+    logits = np.array([[1.0, 0.9, 0.0], [1.0, 0.9, 0.0]])
+    s = Sampler([SamplingParams(frequency_penalty=0.2), SamplingParams()], 2)
+    seen = [np.array([0, 0]), np.array([0, 0])]
+    assert list(s.next(logits, seen, [np.array([0]), np.array([0])])) == [1, 0]
+    assert list(s.next(logits, seen, [np.array([], np.int64), np.array([0])])) == [0, 0]
+    with pytest.raises(SamplingError, match="generated must hold one id array per row"):
+        s.next(logits, seen, [np.array([0])])
+
+
+def test_token_logprob_is_log_softmax_of_the_raw_logits():
+    rng = np.random.default_rng(5)
+    for dtype in (np.float32, np.float16):
+        logits = (rng.standard_normal(VOCAB) * 4).astype(dtype)
+        ref = torch.log_softmax(torch.from_numpy(logits.astype(np.float64)), dim=-1)
+        values, ids = torch.topk(ref, 7)
+        lp = token_logprob(logits, 123, top=7)
+        assert lp.token == 123 and lp.logprob == pytest.approx(float(ref[123]), abs=1e-9)
+        assert [t for t, _ in lp.top] == ids.tolist()
+        np.testing.assert_allclose([v for _, v in lp.top], values.numpy(), atol=1e-9)
+        assert token_logprob(logits, 3).top == ()
+    # ties: lower id first, including ties that straddle the k-th place
+    tied = np.array([0.0, 2.0, 1.0, 2.0, 1.0, 1.0, -5.0])
+    assert [t for t, _ in token_logprob(tied, 0, top=3).top] == [1, 3, 2]
+    assert [t for t, _ in token_logprob(tied, 0, top=20).top] == [1, 3, 2, 4, 5, 0, 6]
+    # huge logits do not overflow
+    assert token_logprob(np.array([1e30, 1e30 - 1e15, 0.0]), 0).logprob == pytest.approx(-math.log(1 + math.exp(-1e15)))
+
+
+def test_logit_bias_forms_and_padded_ids():
+    a = SamplingParams(logit_bias={"12": 1, 3: -2.5})
+    assert a.logit_bias == ((3, -2.5), (12, 1.0)) and hash(a) == hash(SamplingParams(logit_bias=[(12, 1.0), (3, -2.5)]))
+    logits = np.zeros(10)
+    assert warp_logits(logits, np.array([], np.int64), SamplingParams(logit_bias={9: 1, 50: 3}))[9] == 1.0  # 50: past the head
+
+
+def test_choice_seeds_are_stable_and_distinct():
+    assert choice_seed(42, 0) == 42
+    seeds = [choice_seed(42, i) for i in range(64)]
+    assert len(set(seeds)) == 64 and seeds == [choice_seed(42, i) for i in range(64)]
+    assert choice_seed(43, 1) != choice_seed(42, 1) and all(s >= 0 for s in seeds)
+    SamplingParams(seed=seeds[5])  # a valid seed
 
 
 def test_filters_really_remove_tokens():
@@ -161,6 +271,22 @@ def test_sampled_frequencies_follow_the_distribution():
         ({"stop": [""]}, "stop entries must be non-empty strings"),
         ({"stop_token_ids": [1, -2]}, "stop_token_ids entry must be an integer >= 0"),
         ({"temperature": True}, "temperature must be a finite number"),
+        ({"min_p": -0.1}, r"min_p must be in \[0, 1\]"),
+        ({"min_p": 1.01}, r"min_p must be in \[0, 1\]"),
+        ({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\]"),
+        ({"frequency_penalty": -2.01}, r"frequency_penalty must be in \[-2, 2\]"),
+        ({"frequency_penalty": "1"}, "frequency_penalty must be a finite number"),
+        ({"logit_bias": {"x": 1}}, "logit_bias keys must be token ids"),
+        ({"logit_bias": {-1: 1}}, "logit_bias keys must be token ids"),
+        ({"logit_bias": {True: 1}}, "logit_bias keys must be token ids"),
+        ({"logit_bias": {"5": 101}}, r"logit_bias values must be in \[-100, 100\]"),
+        ({"logit_bias": {"5": math.nan}}, "logit_bias value must be a finite number"),
+        ({"logit_bias": {"5": None}}, "logit_bias value must be a finite number"),
+        ({"logit_bias": 5}, "logit_bias must map token ids to numbers"),
+        ({"logit_bias": [1, 2]}, "logit_bias must map token ids to numbers"),
+        ({"logprobs": -1}, "logprobs must be an integer >= 0"),
+        ({"logprobs": 21}, "logprobs must be at most 20"),
+        ({"logprobs": True}, "logprobs must be an integer >= 0"),
     ],
 )
 def test_invalid_params_are_rejected(kwargs, match):
