@@ -87,7 +87,10 @@ def sampling_options(f: Callable) -> Callable:
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
         click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
         click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--min-p", type=float, default=0.0, show_default=True, help="0 = off."),
         click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
+        click.option("--presence-penalty", type=float, default=0.0, show_default=True, help="OpenAI's, in [-2, 2]."),
+        click.option("--frequency-penalty", type=float, default=0.0, show_default=True, help="OpenAI's, in [-2, 2]."),
         click.option("--seed", type=int, default=None),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
     ]
@@ -109,8 +112,9 @@ def _sampling(kw: dict[str, Any]):
     from .sampling import SamplingParams
 
     return SamplingParams(
-        temperature=kw.pop("temperature"), top_k=kw.pop("top_k"), top_p=kw.pop("top_p"),
-        repetition_penalty=kw.pop("repetition_penalty"), seed=kw.pop("seed"),
+        temperature=kw.pop("temperature"), top_k=kw.pop("top_k"), top_p=kw.pop("top_p"), min_p=kw.pop("min_p"),
+        repetition_penalty=kw.pop("repetition_penalty"), presence_penalty=kw.pop("presence_penalty"),
+        frequency_penalty=kw.pop("frequency_penalty"), seed=kw.pop("seed"),
         max_new_tokens=kw.pop("max_new_tokens"), stop=tuple(kw.pop("stop")),
     )
 

@@ -227,6 +227,7 @@ class Service:
             raise APIError(f"this server's context is {self.context_limit} tokens; the prompt has {prompt_len} and "
                            f"{name} is {max_tokens}; shorten the prompt or lower {name}",
                            param=name, code="context_length_exceeded")
+        _typed(body, "logit_bias", (dict,), "an object mapping token ids to biases")
         chosen = {k: body[k] for k in REQUEST_SAMPLING_FIELDS if body.get(k) is not None}
         try:
             p = SamplingParams(**{**self.defaults, **chosen}, seed=body.get("seed"), max_new_tokens=max_tokens,

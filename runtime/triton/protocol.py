@@ -51,7 +51,8 @@ OUTPUTS = (
     TensorSpec("completion_tokens", "TYPE_INT32"),
 )
 # Keys of the `parameters` JSON object (OpenAI's names; the rest keep SamplingParams' names).
-PARAMETERS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
+PARAMETERS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+              "frequency_penalty", "logit_bias", "seed", "stop")
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -104,7 +105,10 @@ def parse_request(inputs: Mapping[str, Sequence[Any]], engine: "Engine",
     else:  # the default never overflows the context on its own; a prompt that fills it still fails below
         max_tokens = max(1, min(default_max_tokens, limit - len(ids)))
     check_context(engine.config, engine.rope_mode, len(ids), max_tokens)
+    if not isinstance(params.get("logit_bias", {}), dict):
+        raise RequestError("logit_bias must be a JSON object mapping token ids to biases")
     sampling = SamplingParams(max_new_tokens=max_tokens, **params)  # validates and names bad fields
+    engine._params(sampling)  # checks logit_bias ids against the vocabulary
     return Request(tuple(ids), sampling)
 
 

@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .protocol import PARAMETERS
+
 
 @dataclass(frozen=True)
 class WheelServer:
@@ -157,8 +159,7 @@ def readme_text(repo: Path, name: str, artifact: Path, copied: bool, python_env:
         "",
         "Inputs (TYPE_STRING, shape [1]): `prompt` (text) or `messages` (JSON list of {role, content}), and",
         "optionally `parameters`: a JSON object with "
-        + ", ".join(f"`{p}`" for p in ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-                                         "seed", "stop")) + ".",
+        + ", ".join(f"`{p}`" for p in PARAMETERS) + ".",
         "Each response carries `text_delta`; the final one (flag COMPLETE_FINAL) adds `finish_reason`,",
         "`prompt_tokens` and `completion_tokens`. A bad request gets one error response.",
         "",

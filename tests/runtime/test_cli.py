@@ -31,6 +31,13 @@ def test_run_matches_the_embedded_api(tiny_artifact):
     engine = runtime.load(tiny_artifact)
     expected = engine.chat([{"role": "user", "content": "你好"}], SamplingParams(max_new_tokens=12))
     assert r.stdout == expected + "\n"
+    flags = ("--temperature", "0.9", "--seed", "4", "--min-p", "0.1", "--presence-penalty", "-2",
+             "--frequency-penalty", "0.5")
+    r = qmoe("run", tiny_artifact, "--prompt", "你好", "-n", "12", *flags)
+    assert r.returncode == 0, r.stderr
+    expected = engine.chat([{"role": "user", "content": "你好"}], SamplingParams(
+        max_new_tokens=12, temperature=0.9, seed=4, min_p=0.1, presence_penalty=-2, frequency_penalty=0.5))
+    assert r.stdout == expected + "\n"
 
 
 def test_chat_keeps_history_resets_and_exits_on_eof(tiny_artifact):
@@ -54,6 +61,8 @@ def test_run_errors_are_one_line(tiny_artifact, tmp_path):
         (("run", tmp_path, "--prompt", "x"), "not a qmoe artifact"),
         (("run", tiny_artifact, "--prompt", "x", "--top-p", "0"), "top_p must be in (0, 1]"),
         (("run", tiny_artifact, "--prompt", "x", "-n", "40000"), "over the limit of 32768"),
+        (("run", tiny_artifact, "--prompt", "x", "--frequency-penalty", "2.5"), "frequency_penalty must be in [-2, 2]"),
+        (("run", tiny_artifact, "--prompt", "x", "--min-p", "-1"), "min_p must be in [0, 1]"),
         (("run", tiny_artifact, "--prompt", "x", "--rope-scaling", "static"), "needs rope_scaling"),
         (("chat", tiny_artifact, "-n", "40000"), "leaves no room for a prompt in the 32768-token context"),
     ]

@@ -172,7 +172,31 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None, str | None]] = [
     ("integer of 5000 digits", "/v1/completions",
      b'{"model": "tiny-moe", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", 400, None, None),
     ("stream not a bool", "/v1/chat/completions", {**GOOD, "stream": "yes"}, 400, "stream", None),
-    ("n > 1", "/v1/chat/completions", {**GOOD, "n": 2}, 400, "n", None),
+    ("n zero", "/v1/chat/completions", {**GOOD, "n": 0}, 400, "n", None),
+    ("n over the cap", "/v1/chat/completions", {**GOOD, "n": 129}, 400, "n", None),
+    ("n a string", "/v1/completions", {"model": MODEL, "prompt": "hi", "n": "2"}, 400, "n", None),
+    ("best_of", "/v1/completions", {"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "best_of", None),
+    ("chat logprobs not a bool", "/v1/chat/completions", {**GOOD, "logprobs": 3}, 400, "logprobs", None),
+    ("top_logprobs over 20", "/v1/chat/completions", {**GOOD, "logprobs": True, "top_logprobs": 21}, 400,
+     "top_logprobs", None),
+    ("top_logprobs without logprobs", "/v1/chat/completions", {**GOOD, "top_logprobs": 2}, 400, "top_logprobs",
+     None),
+    ("completion logprobs over 20", "/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 21}, 400,
+     "logprobs", None),
+    ("completion logprobs a bool", "/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": True}, 400,
+     "logprobs", None),
+    ("presence_penalty over 2", "/v1/chat/completions", {**GOOD, "presence_penalty": 2.5}, 400, "presence_penalty",
+     None),
+    ("frequency_penalty a string", "/v1/chat/completions", {**GOOD, "frequency_penalty": "1"}, 400,
+     "frequency_penalty", None),
+    ("min_p over 1", "/v1/chat/completions", {**GOOD, "min_p": 1.5}, 400, "min_p", None),
+    ("logit_bias key not an id", "/v1/chat/completions", {**GOOD, "logit_bias": {"hello": 1}}, 400, "logit_bias",
+     None),
+    ("logit_bias value over 100", "/v1/chat/completions", {**GOOD, "logit_bias": {"11": 101}}, 400, "logit_bias",
+     None),
+    ("logit_bias id past the vocabulary", "/v1/chat/completions", {**GOOD, "logit_bias": {"999999": 1}}, 400,
+     "logit_bias", None),
+    ("logit_bias a list", "/v1/chat/completions", {**GOOD, "logit_bias": [11, 1]}, 400, "logit_bias", None),
     ("missing prompt", "/v1/completions", {"model": MODEL}, 400, "prompt", None),
     ("token id out of range", "/v1/completions", {"model": MODEL, "prompt": [10**7]}, 400, "prompt", None),
     ("unknown path", "/v1/engines", {}, 404, None, "not_found"),
@@ -256,7 +280,7 @@ def test_a_request_whose_client_left_before_it_started_still_ends(embedded) -> N
     Finished event, so the handler waiting on it ends instead of hanging until shutdown."""
     import asyncio
 
-    from runtime.serve import EngineWorker, Finished, Job
+    from runtime.serve import EngineWorker, Finished, Job, results
 
     async def main() -> list:
         worker = EngineWorker(embedded, max_batch=1)
@@ -264,9 +288,9 @@ def test_a_request_whose_client_left_before_it_started_still_ends(embedded) -> N
         job.cancelled.set()
         worker._start(job)  # what the worker thread does with the next queued job
         assert not worker.scheduler.has_work()
-        return [item async for item in job.results()]
+        return [item async for item in results([job])]
 
-    assert asyncio.run(asyncio.wait_for(main(), 10)) == [Finished("cancelled", 0)]
+    assert asyncio.run(asyncio.wait_for(main(), 10)) == [(0, Finished("cancelled", 0))]
 
 
 def test_an_empty_stop_string_means_no_stop(server) -> None:

@@ -29,6 +29,14 @@ def test_prompt_is_tokenized_like_complete(embedded):
                                           stop=("\n",), repetition_penalty=1.1)
 
 
+def test_penalties_bias_and_min_p_pass_through(embedded):
+    req = parse_request(request(prompt="Hello", parameters=json.dumps(
+        {"max_tokens": 3, "temperature": 1.0, "min_p": 0.2, "presence_penalty": -0.5, "frequency_penalty": 1.5,
+         "logit_bias": {"11": -100, "9707": 2.5}})), embedded)
+    assert req.sampling == SamplingParams(max_new_tokens=3, temperature=1.0, min_p=0.2, presence_penalty=-0.5,
+                                          frequency_penalty=1.5, logit_bias={11: -100.0, 9707: 2.5})
+
+
 def test_messages_use_the_chat_template(embedded):
     req = parse_request(request(messages=json.dumps(MESSAGES)), embedded)
     assert list(req.prompt_ids) == embedded.tokenizer.encode_chat(MESSAGES, add_generation_prompt=True)
@@ -53,6 +61,11 @@ def test_default_max_tokens_fits_the_context(embedded):
     (request(prompt="hi", parameters='{"top_k": 1.5}'), "top_k"),
     (request(prompt="hi", parameters='{"seed": -2}'), "seed"),
     (request(prompt="hi", parameters='{"stop": 5}'), "stop must be a string or a list of strings"),
+    (request(prompt="hi", parameters='{"min_p": 2}'), "min_p must be in [0, 1]"),
+    (request(prompt="hi", parameters='{"presence_penalty": -3}'), "presence_penalty must be in [-2, 2]"),
+    (request(prompt="hi", parameters='{"logit_bias": [[11, 1]]}'), "logit_bias must be a JSON object"),
+    (request(prompt="hi", parameters='{"logit_bias": {"x": 1}}'), "logit_bias keys must be token ids"),
+    (request(prompt="hi", parameters='{"logit_bias": {"151936": 1}}'), "logit_bias keys must be token ids in"),
     (request(prompt="hi", parameters='{"max_tokens": 0}'), "max_tokens must be an integer >= 1"),
     (request(prompt="hi", parameters='{"max_tokens": true}'), "max_tokens must be an integer >= 1"),
     (request(prompt="hi", parameters='{"max_tokens": 40000}'), "over the limit"),

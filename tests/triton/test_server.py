@@ -202,6 +202,8 @@ MESSAGES = [{"role": "user", "content": "Tell me about mixtures of experts."}]
     ("prompt", {"max_tokens": 16}),
     ("messages", {"max_tokens": 16}),
     ("prompt", {"max_tokens": 12, "temperature": 0.8, "top_p": 0.9, "top_k": 50, "seed": 7}),
+    ("messages", {"max_tokens": 12, "temperature": 0.9, "min_p": 0.05, "presence_penalty": -2.0,
+                  "frequency_penalty": 0.5, "logit_bias": {"11": 3.0}, "seed": 3}),
 ])
 def test_streamed_text_equals_embedded_runtime(server: Server, stream: Stream, embedded, kind, params):
     inputs = {"prompt": "Hello world"} if kind == "prompt" else {"messages": json.dumps(MESSAGES)}
@@ -279,8 +281,10 @@ def test_cancelled_request_stops_generating(server: Server, stream: Stream, embe
 
 BAD_REQUESTS: list[tuple[dict[str, str | bytes], str]] = [
     ({"prompt": "hi", "parameters": "{bad json"}, "input 'parameters' is not valid JSON"),
-    ({"prompt": "hi", "parameters": '{"max_tokens": 4, "frequency_penalty": 1}'},
-     "unknown parameter 'frequency_penalty'"),
+    ({"prompt": "hi", "parameters": '{"max_tokens": 4, "best_of": 2}'}, "unknown parameter 'best_of'"),
+    ({"prompt": "hi", "parameters": '{"max_tokens": 4, "frequency_penalty": 3}'},
+     "frequency_penalty must be in [-2, 2]"),
+    ({"prompt": "hi", "parameters": '{"logit_bias": {"999999": 1}}'}, "logit_bias keys must be token ids in"),
     ({"prompt": "hi", "parameters": '{"temperature": -1}'}, "temperature must be >= 0"),
     ({"prompt": "hi " * 33000, "parameters": '{"max_tokens": 4}'}, "over the limit"),
     ({"prompt": "hi", "parameters": '{"max_tokens": 40000}'}, "over the limit"),

@@ -1,0 +1,177 @@
+"""`n`, log-probabilities, presence/frequency penalties, logit_bias and min_p through the OpenAI
+API (official client, live server).
+
+References: each choice equals the embedded runtime run alone with the same parameters (choice i
+of a seeded request: seed `choice_seed(seed, i)`); reported log-probabilities equal torch's
+log_softmax of the embedded engine's raw logits for the same tokens (<= 1e-4: the server's steps
+may batch differently, ~1e-6 in the logits).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.engine import GenerationResult
+from runtime.sampling import SamplingParams, choice_seed
+
+from .conftest import MODEL
+
+N = 10
+HELLO: Any = [{"role": "user", "content": "Write about experts and routers, 你好"}]
+
+
+def solo(embedded, ids: list[int], **sampling) -> GenerationResult:
+    result = GenerationResult(list(ids))
+    result.text = "".join(embedded.stream_text(ids, SamplingParams(**sampling), result=result))
+    return result
+
+
+def raw_logprobs(embedded, ids: list[int], tokens: list[int]) -> np.ndarray:
+    """[len(tokens), V] float64: torch log_softmax of the embedded engine's logits when it is fed
+    `tokens` (greedy with every other token banned reproduces them, the raw logits are unbiased)."""
+    rows = []
+    for i in range(len(tokens)):
+        r = embedded.generate([ids + tokens[:i]], SamplingParams(max_new_tokens=1), output_logits=True)[0]
+        rows.append(torch.log_softmax(torch.from_numpy(r.logits[0].astype(np.float64)), -1).numpy())
+    return np.stack(rows)
+
+
+def test_chat_logprobs_are_the_models(client, embedded) -> None:
+    ids = embedded.tokenizer.encode_chat(HELLO)
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=N, logprobs=True, top_logprobs=4)
+    choice = r.choices[0]
+    expected = solo(embedded, ids, max_new_tokens=N)
+    assert choice.message.content == expected.text
+    content = choice.logprobs.content
+    assert len(content) == r.usage.completion_tokens == len(expected.tokens)
+    ref = raw_logprobs(embedded, ids, expected.tokens)
+    tokenizer = embedded.tokenizer
+    for entry, tok, row in zip(content, expected.tokens, ref):
+        assert bytes(entry.bytes) == tokenizer.token_bytes(tok)
+        assert entry.token == tokenizer.decode([tok], skip_special_tokens=False)
+        assert abs(entry.logprob - row[tok]) < 1e-4
+        assert len(entry.top_logprobs) == 4
+        best = np.argsort(-row, kind="stable")[:4]
+        np.testing.assert_allclose([t.logprob for t in entry.top_logprobs], row[best], atol=1e-4)
+        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-9  # greedy: the chosen token is the top one
+    # every token's bytes, in order, are the reply's bytes (the eos token, if any, adds its own)
+    joined = b"".join(bytes(e.bytes) for e in content)
+    assert joined.decode("utf-8", errors="replace").startswith(expected.text)
+    plain = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+    without_top = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, logprobs=True)
+    assert [len(e.top_logprobs) for e in without_top.choices[0].logprobs.content] == [0, 0]
+
+
+def test_streamed_chat_logprobs_add_up_to_the_whole_responses(client) -> None:
+    kw = dict(model=MODEL, messages=HELLO, max_tokens=N, logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**kw).choices[0]
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob, e.bytes) for e in entries] == \
+        [(e.token, e.logprob, e.bytes) for e in whole.logprobs.content]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.message.content
+    assert sum(1 for c in chunks if c.choices[0].finish_reason) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_logprobs(client, embedded, stream: bool) -> None:
+    prompt = "Routers pick experts"
+    ids = embedded.tokenizer.encode(prompt)
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=N, logprobs=3)
+    if stream:
+        chunks = list(client.completions.create(**kw, stream=True))
+        text = "".join(c.choices[0].text for c in chunks)
+        parts = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+        tokens = [t for p in parts for t in p.tokens]
+        token_logprobs = [t for p in parts for t in p.token_logprobs]
+        tops = [t for p in parts for t in p.top_logprobs]
+        offsets = [t for p in parts for t in p.text_offset]
+    else:
+        choice = client.completions.create(**kw).choices[0]
+        text, lp = choice.text, choice.logprobs
+        tokens, token_logprobs, tops, offsets = lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset
+    expected = solo(embedded, ids, max_new_tokens=N)
+    assert text == expected.text and len(tokens) == N
+    ref = raw_logprobs(embedded, ids, expected.tokens)
+    decode = embedded.tokenizer.decode
+    assert tokens == [decode([t], skip_special_tokens=False) for t in expected.tokens]
+    np.testing.assert_allclose(token_logprobs, [row[t] for row, t in zip(ref, expected.tokens)], atol=1e-4)
+    assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
+    for top, row, tok in zip(tops, ref, expected.tokens):
+        assert decode([tok], skip_special_tokens=False) in top  # the chosen token is always there
+        best = {decode([int(i)], skip_special_tokens=False): row[i] for i in np.argsort(-row, kind="stable")[:3]}
+        assert set(best) <= set(top) and len(top) <= 4
+        for t, v in best.items():
+            assert abs(top[t] - v) < 1e-4
+
+
+def test_n_seeded_choices_are_reproducible_and_distinct(client, embedded) -> None:
+    sampling = dict(temperature=1.0, top_p=0.95, seed=99)
+    ids = embedded.tokenizer.encode_chat(HELLO)
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=N, n=3, **sampling)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    expected = [solo(embedded, ids, max_new_tokens=N, temperature=1.0, top_p=0.95, seed=choice_seed(99, i))
+                for i in range(3)]
+    assert [c.message.content for c in r.choices] == [e.text for e in expected]
+    assert len({c.message.content for c in r.choices}) == 3, "seeded choices should differ"
+    assert r.usage.completion_tokens == sum(len(e.tokens) for e in expected)
+    assert r.usage.prompt_tokens == len(ids)  # the prompt counts once
+    # streamed: each index's deltas add up to the same text; one role chunk and one finish per index
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=N, n=3, stream=True,
+                                                 stream_options={"include_usage": True}, **sampling))
+    texts = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+             for i in range(3)}
+    assert [texts[i] for i in range(3)] == [e.text for e in expected]
+    roles = [c.choices[0].index for c in chunks if c.choices and c.choices[0].delta.role == "assistant"]
+    finished = sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert sorted(roles) == [0, 1, 2] and finished == [0, 1, 2]
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_n_completions_greedy_and_more_choices_than_slots(server, client, embedded) -> None:
+    """Greedy choices are all the same; 12 choices on 8 slots queue and all finish."""
+    r = client.completions.create(model=MODEL, prompt="Experts", max_tokens=4, n=12, temperature=0)
+    expected = embedded.complete("Experts", SamplingParams(max_new_tokens=4))
+    assert [c.index for c in r.choices] == list(range(12))
+    assert all(c.text == expected for c in r.choices)
+
+
+def test_penalties_bias_and_min_p_match_embedded(client, embedded) -> None:
+    ids = embedded.tokenizer.encode_chat(HELLO)
+    banned = solo(embedded, ids, max_new_tokens=N).tokens[0]
+    sampling = dict(presence_penalty=-1.5, frequency_penalty=0.5, logit_bias={str(banned): -100, "11": 3.5})
+    expected = solo(embedded, ids, max_new_tokens=N, **sampling)
+    assert banned not in expected.tokens
+    assert expected.text != solo(embedded, ids, max_new_tokens=N).text
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=N, **sampling)
+    assert r.choices[0].message.content == expected.text
+    # min_p (vLLM's extension) with sampling
+    kw = dict(temperature=1.2, seed=5, min_p=0.3)
+    expected = solo(embedded, ids, max_new_tokens=N, **kw)
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=N, temperature=1.2, seed=5,
+                                       extra_body={"min_p": 0.3})
+    assert r.choices[0].message.content == expected.text
+
+
+def test_a_client_leaving_an_n_stream_cancels_every_choice(server, client, embedded) -> None:
+    scheduler = server.app.state.service.worker.scheduler
+    stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=20000, n=4, stream=True)
+    for k, _ in enumerate(stream):
+        if k == 6:
+            break
+    stream.close()
+    done = threading.Event()
+
+    def idle() -> None:
+        while scheduler.running or scheduler.has_work():
+            threading.Event().wait(0.05)
+        done.set()
+
+    threading.Thread(target=idle, daemon=True).start()
+    assert done.wait(10), "the cancelled choices should leave the scheduler"
