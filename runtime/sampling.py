@@ -190,46 +190,85 @@ def apply_presence_frequency(logits: np.ndarray, generated: np.ndarray, presence
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     if temperature == 1.0:
         return logits
-    finite = np.isfinite(logits)
     with np.errstate(over="ignore"):
         out = logits / temperature
-        if np.isinf(out[finite]).any():
-            # A tiny temperature (1e-310) overflows: the same distribution from logits shifted to a
-            # maximum of 0 (the best tokens stay at 0, the rest go to -inf), instead of inf - inf = NaN.
-            out = (logits - logits[finite].max()) / temperature
+        if np.isinf(out).any():
+            finite = np.isfinite(logits)
+            if np.isinf(out[finite]).any():
+                # A tiny temperature (1e-310) overflows: the same distribution from logits shifted to a
+                # maximum of 0 (the best tokens stay at 0, the rest go to -inf), instead of inf - inf = NaN.
+                out = (logits - logits[finite].max()) / temperature
     return out
 
 
-def apply_top_k(logits: np.ndarray, top_k: int) -> np.ndarray:
-    """Keep every token scoring at least the k-th best (ties at the boundary survive, as in HF)."""
-    if top_k <= 0 or top_k >= logits.shape[-1]:
-        return logits
-    kth = np.partition(logits, -top_k)[-top_k]
-    return np.where(logits < kth, -np.inf, logits)
+# The filters work on candidate sets (token ids ascending and their logits), not on the whole
+# vocabulary: a full sort of 152k logits costs ~10 ms a row, and a sampler running on the host must
+# keep up with a GPU's decode step for every row of a batch. Tokens outside the set have probability
+# 0; adding their zeros to a sum changes nothing, so draws equal those over the whole vocabulary.
+
+_NUCLEUS_TRIES = (256, 4096, 32768)  # top-p without top-k: candidate counts tried before a full sort
 
 
-def apply_top_p(logits: np.ndarray, top_p: float) -> np.ndarray:
-    """Drop the least likely tokens whose total probability is at most 1 - top_p (keep >= 1)."""
+def _head(x: np.ndarray, k: int) -> np.ndarray:
+    """Positions of every value at least the k-th largest (ties included), ascending; 0 < k < len(x).
+    A strided subsample's k-th largest is at most the whole array's, so the values at or above it
+    (about stride x k of them) hold the answer: select there instead of in the whole array."""
+    stride = max(1, len(x) // max(64 * k, 1024))
+    sample = x[::stride]
+    if stride > 1 and len(sample) > k:
+        near = np.flatnonzero(x >= np.partition(sample, -k)[-k])
+        return near[x[near] >= np.partition(x[near], -k)[-k]]
+    return np.flatnonzero(x >= np.partition(x, -k)[-k])
+
+
+def _top_k(ids: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every token scoring at least the k-th best (ties at the boundary survive, as in HF)."""
+    if k <= 0 or k >= len(x):
+        return ids, x
+    keep = _head(x, k)
+    return ids[keep], x[keep]
+
+
+def _top_p(ids: np.ndarray, x: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' rule: sort ascending (stable: among equal logits the lower id counts as
+    smaller) and drop the tokens whose cumulative probability is at most 1 - top_p; the likeliest
+    token always stays. Equivalently a token stays when the probability of the tokens above it is
+    below top_p, so only the head of the distribution needs sorting: the likeliest few hundred
+    tokens (every tie of the last one included) when they hold at least top_p, else more."""
     if top_p >= 1.0:
-        return logits
-    # Removed tokens (-inf) have probability 0 and would be dropped anyway: sort only the rest,
-    # which after top-k is a handful instead of the whole vocabulary.
-    alive = np.flatnonzero(np.isfinite(logits))
-    order = alive[np.argsort(logits[alive], kind="stable")]  # ascending, like transformers
-    remove = np.cumsum(_softmax(logits[order])) <= (1.0 - top_p)
-    remove[-1] = False  # the most likely token always stays
-    out = np.full_like(logits, -np.inf)
-    kept = order[~remove]
-    out[kept] = logits[kept]
-    return out
+        return ids, x
+    probs = _softmax(x)
+    for m in _NUCLEUS_TRIES:
+        if m >= len(x):
+            break
+        head = _head(x, m)
+        if probs[head].sum() >= top_p:
+            return _nucleus(ids, x, probs, head, top_p)
+    return _nucleus(ids, x, probs, np.arange(len(x)), top_p)
 
 
-def apply_min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
+def _nucleus(ids: np.ndarray, x: np.ndarray, probs: np.ndarray, head: np.ndarray,
+             top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    # Descending by logit; the order among equal logits does not change the running sums (equal
+    # values), so an unstable sort finds how many tokens stay, and the tie at the boundary is then
+    # settled the stable way: among equal logits the higher ids stay (head is ascending).
+    order = head[np.argsort(-x[head])]
+    p = probs[order]
+    above = np.concatenate(([0.0], np.cumsum(p)[:-1]))  # probability of the tokens above each one
+    n = max(1, int(np.count_nonzero(above < top_p)))  # `above` never decreases: the kept ones lead
+    last = x[order[n - 1]]
+    over, tied = head[x[head] > last], head[x[head] == last]
+    keep = np.sort(np.concatenate((over, tied[len(tied) - (n - len(over)):])))
+    return ids[keep], x[keep]
+
+
+def _min_p(ids: np.ndarray, x: np.ndarray, min_p: float) -> tuple[np.ndarray, np.ndarray]:
     """Drop tokens less likely than min_p x the likeliest token's probability (keep >= 1)."""
     if min_p <= 0:
-        return logits
-    probs = _softmax(logits)
-    return np.where(probs < min_p * probs.max(), -np.inf, logits)
+        return ids, x
+    probs = _softmax(x)
+    keep = np.flatnonzero(probs >= min_p * probs.max())
+    return ids[keep], x[keep]
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -240,21 +279,42 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+def _penalised(logits: np.ndarray, seen: np.ndarray, params: SamplingParams,
+               generated: np.ndarray | None) -> np.ndarray:
+    x = apply_logit_bias(np.asarray(logits, dtype=np.float64), params.logit_bias)
+    x = apply_repetition_penalty(x, seen, params.repetition_penalty)
+    if generated is not None:
+        x = apply_presence_frequency(x, generated, params.presence_penalty, params.frequency_penalty)
+    return x
+
+
+def candidates(logits: np.ndarray, seen: np.ndarray, params: SamplingParams,
+               generated: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A sampled step's possible tokens: (ids ascending, their logits after every stage), float64.
+    Every other token has probability 0."""
+    x = apply_temperature(_penalised(logits, seen, params, generated), params.temperature)
+    ids = np.arange(len(x))
+    if not np.isneginf(x).any():
+        alive = (ids, x)
+    else:  # a tiny temperature sends all but the best to -inf: they cannot be drawn
+        keep = np.flatnonzero(x > -np.inf)
+        alive = (keep, x[keep])
+    ids, x = _top_k(*alive, params.top_k)
+    ids, x = _top_p(ids, x, params.top_p)
+    return _min_p(ids, x, params.min_p)
+
+
 def warp_logits(logits: np.ndarray, seen: np.ndarray, params: SamplingParams,
                 generated: np.ndarray | None = None) -> np.ndarray:
     """One row's logits after every stage that ``params`` enables (float64 [V], -inf = removed).
     seen: prompt + generated ids (repetition penalty); generated: the generated ids alone
     (presence / frequency penalties; None = no tokens generated yet)."""
-    x = apply_logit_bias(np.asarray(logits, dtype=np.float64), params.logit_bias)
-    x = apply_repetition_penalty(x, seen, params.repetition_penalty)
-    if generated is not None:
-        x = apply_presence_frequency(x, generated, params.presence_penalty, params.frequency_penalty)
     if params.greedy:
-        return x
-    x = apply_temperature(x, params.temperature)
-    x = apply_top_k(x, params.top_k)
-    x = apply_top_p(x, params.top_p)
-    return apply_min_p(x, params.min_p)
+        return _penalised(logits, seen, params, generated)
+    ids, x = candidates(logits, seen, params, generated)
+    out = np.full(np.shape(logits)[-1], -np.inf)
+    out[ids] = x
+    return out
 
 
 def token_probabilities(logits: np.ndarray, seen: np.ndarray, params: SamplingParams,
@@ -335,10 +395,10 @@ class Sampler:
                   generated: np.ndarray | None) -> int:
         if np.isnan(logits).any() or np.isposinf(logits).any() or not np.isfinite(logits).any():
             raise SamplingError(f"logits of row {row} contain NaN or +inf or are all -inf; the model output is broken")
-        x = warp_logits(logits, seen, params, generated)
         if params.greedy:
-            return int(np.argmax(x))  # first maximum, like torch.argmax
-        return draw(_softmax(x), rng)
+            return int(np.argmax(_penalised(logits, seen, params, generated)))  # first maximum, like torch.argmax
+        ids, x = candidates(logits, seen, params, generated)
+        return int(ids[draw(_softmax(x), rng)])
 
 
 # --- stop strings ---------------------------------------------------------------------------

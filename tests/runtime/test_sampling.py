@@ -189,6 +189,64 @@ def test_choice_seeds_are_stable_and_distinct():
     SamplingParams(seed=seeds[5])  # a valid seed
 
 
+def stable_full_sort_probs(logits: np.ndarray, seen: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """transformers' processors written out over the whole vocabulary with a stable sort: torch's
+    sort is not stable, so among tied logits at the top-p boundary transformers keeps arbitrary
+    ones; ours keep the higher ids (the lower ones count as smaller, as a stable ascending sort has it)."""
+    scores = hf_chain(replace(params, top_p=1.0, min_p=0.0))(
+        torch.from_numpy(seen[None].astype(np.int64)), torch.from_numpy(logits[None].astype(np.float64)))[0].numpy()
+    if params.top_p < 1.0:
+        order = np.argsort(scores, kind="stable")
+        probs = np.exp(scores[order] - scores.max())
+        remove = np.cumsum(probs / probs.sum()) <= 1 - params.top_p
+        remove[-1] = False
+        scores[order[remove]] = -np.inf
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    if params.min_p > 0:
+        probs[probs < params.min_p * probs.max()] = 0
+        probs /= probs.sum()
+    return probs
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 6.0], ids=["flat", "normal", "peaked"])
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05),  # Qwen2-Instruct's defaults
+    SamplingParams(temperature=1.0, top_p=0.9),
+    SamplingParams(temperature=1.0, top_p=0.999),
+    SamplingParams(temperature=0.8, top_k=3000, min_p=0.01),
+], ids=["qwen", "p0.9", "p0.999", "k3000-minp"])
+def test_full_vocabulary_rows_match_transformers(params, scale):
+    """Qwen2's 151936 logits: the filters select from a strided sample and the nucleus from the head
+    of the distribution (a flat one needs more than the first candidate sets): the same tokens and
+    probabilities as transformers' full sorts. Rounded logits tie at every boundary: transformers'
+    unstable sort keeps the same number of tokens with the same probabilities, and a stable full
+    sort the very same tokens."""
+    rng = np.random.default_rng(int(scale * 100))
+    for rounded in (False, True):
+        logits = (rng.standard_normal(151936) * scale).astype(np.float32)
+        if rounded:
+            logits = np.round(logits * 4) / 4
+        seen = rng.integers(0, 151936, 300)
+        ours, ref = token_probabilities(logits, seen, params), hf_probs(logits, seen, params)
+        if rounded:
+            np.testing.assert_allclose(np.sort(ours), np.sort(ref), atol=1e-9, rtol=0)
+            ref = stable_full_sort_probs(logits, seen, params)
+        np.testing.assert_array_equal(np.flatnonzero(ours), np.flatnonzero(ref))
+        np.testing.assert_allclose(ours, ref, atol=1e-9, rtol=0)
+
+
+def test_head_selection_equals_a_full_partition():
+    from runtime.sampling import _head
+
+    rng = np.random.default_rng(2)
+    for trial in range(300):
+        n = int(rng.integers(2, 200000))
+        k = int(rng.integers(1, min(n, 5000)))
+        x = rng.standard_normal(n) if trial % 3 else np.round(rng.standard_normal(n) * 2)
+        np.testing.assert_array_equal(_head(x, k), np.flatnonzero(x >= np.partition(x, -k)[-k]))
+
+
 def test_filters_really_remove_tokens():
     logits, seen = random_case(3)
     kept = np.isfinite(warp_logits(logits, seen, SamplingParams(temperature=1.0, top_k=40, top_p=0.5)))
