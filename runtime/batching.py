@@ -42,6 +42,7 @@ import numpy as np
 
 from .engine import Engine, GenerationResult, RequestError, TextStream
 from .sampling import Sampler, SamplingParams, TokenLogprob, token_logprob
+from .structured import StructuredOutputError
 from .yarn import ContextLengthError, RopePlan, check_context, context_limit
 
 # Tokens per request (prompt + max_new_tokens) when the caller sets none, capped by the model's
@@ -175,6 +176,11 @@ class BatchScheduler:
             if gen.plan != self._plan:
                 self._bind(gen.plan)
             self._waiting.popleft()
+            try:  # checked at submit; a constraint that still fails to build ends only its request
+                sampler = Sampler(gen.params, 1, self.engine.matchers(gen.params, 1))
+            except Exception as e:  # noqa: BLE001
+                gen.on_error(e)
+                continue
             # the free slot whose kept tokens share the longest prefix with this prompt; at least
             # the prompt's last token is always run, for its logits
             common = {b: _common_prefix(self._kept[b], gen.prompt_ids) for b in free}
@@ -183,7 +189,7 @@ class BatchScheduler:
             reuse = min(common[b], len(gen.prompt_ids) - 1)
             self.reused_tokens += reuse
             self._kept[b] = []
-            self._slots[b] = _Slot(gen, Sampler(gen.params, 1), TextStream(
+            self._slots[b] = _Slot(gen, sampler, TextStream(
                 self.engine.tokenizer, gen.params, gen.result), np.array(gen.prompt_ids, np.int64), cached=reuse)
 
     def _bind(self, plan: RopePlan) -> None:
@@ -239,7 +245,12 @@ class BatchScheduler:
             if slot.next_token < 0 and slot.cached < len(gen.prompt_ids):
                 continue  # more prompt chunks to go
             row = logits[b: b + 1, 0, :]
-            tok = int(slot.sampler.next(row, [slot.seen], [slot.seen[len(gen.prompt_ids):]])[0])
+            try:
+                tok = int(slot.sampler.next(row, [slot.seen], [slot.seen[len(gen.prompt_ids):]])[0])
+            except StructuredOutputError as e:  # this request's grammar failed: it ends, the others go on
+                self._slots[b] = None
+                gen.on_error(e)
+                continue
             slot.seen = np.append(slot.seen, tok)
             p = gen.params
             n = len(gen.result.tokens) + 1

@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from . import manifest as mf
+from . import structured
 from .backends import open_backend
 from .errors import QmoeError
 from .sampling import Sampler, SamplingParams, TokenLogprob, find_stop, stop_holdback, token_logprob
@@ -91,7 +92,16 @@ class Engine:
         if any(t >= V for t, _ in p.logit_bias):
             raise RequestError(f"logit_bias keys must be token ids in [0, {V}), got "
                                f"{next(t for t, _ in p.logit_bias if t >= V)}")
+        if p.structured is not None:
+            if not set(self.tokenizer.eos_token_ids) & set(p.stop_token_ids):
+                raise RequestError("structured output ends with the tokenizer's eos token, which stop_token_ids "
+                                   "must include")
+            structured.check(p.structured, self.tokenizer, V)
         return p
+
+    def matchers(self, p: SamplingParams, rows: int) -> list[structured.Matcher] | None:
+        """Each row's structured-output state for `p` (None: unconstrained)."""
+        return structured.matchers(p.structured, self.tokenizer, self.config.vocab_size, rows)
 
     def check_prompt(self, ids: Sequence[int]) -> None:
         """Raises RequestError for an empty prompt or a token id outside the vocabulary."""
@@ -146,7 +156,7 @@ class Engine:
         capacity = S + p.max_new_tokens + 1
         cache = self.backend.new_cache(B, capacity)
         self.bind_rope(cache, plan, capacity)
-        sampler = Sampler(p, B)
+        sampler = Sampler(p, B, self.matchers(p, B))
 
         ids = np.zeros((B, S), np.int64)
         for i, x in enumerate(prompts):
@@ -157,7 +167,7 @@ class Engine:
         active = np.ones(B, bool)
         stop_ids = set() if p.ignore_eos else set(p.stop_token_ids)
         for n in range(p.max_new_tokens):
-            nxt = sampler.next(logits[:, 0, :], seen, [x[len(prompt):] for x, prompt in zip(seen, prompts)])
+            nxt = sampler.next(logits[:, 0, :], seen, [x[len(prompt):] for x, prompt in zip(seen, prompts)], active)
             for i in np.flatnonzero(active):
                 tok = int(nxt[i])
                 if on_logits is not None:

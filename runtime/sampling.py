@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from runtime.errors import QmoeError
+from runtime.structured import Matcher, StructuredOutput
 
 
 class SamplingError(QmoeError, ValueError):
@@ -49,6 +50,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # [-2, 2]; subtracted per occurrence in the generated tokens
     logit_bias: Any = ()  # {token id: bias in [-100, 100]} added to the raw logits; stored as sorted pairs
     logprobs: int | None = None  # None = off; k = each token's log-probability and the k likeliest (<= 20)
+    structured: StructuredOutput | None = None  # JSON schema / regex / choice / grammar the output must match
 
     def __post_init__(self) -> None:
         # JSON requests give lists and a single stop string; store tuples so params stay hashable.
@@ -92,6 +94,13 @@ class SamplingParams:
             _integer("stop_token_ids entry", t, minimum=0)
         if not isinstance(self.ignore_eos, bool):
             raise SamplingError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutput):
+                raise SamplingError(f"structured must be a runtime.structured.StructuredOutput, got "
+                                    f"{type(self.structured).__name__}")
+            if self.ignore_eos:
+                raise SamplingError("ignore_eos cannot be combined with structured output (a complete output "
+                                    "allows only eos)")
 
     @property
     def greedy(self) -> bool:
@@ -364,18 +373,24 @@ def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
 class Sampler:
     """Chooses the next token for each row of a batch; one parameter set and generator per row."""
 
-    def __init__(self, params: SamplingParams | Sequence[SamplingParams], batch_size: int) -> None:
+    def __init__(self, params: SamplingParams | Sequence[SamplingParams], batch_size: int,
+                 matchers: Sequence[Matcher | None] | None = None) -> None:
+        """matchers: each row's structured-output state (None: unconstrained)."""
         _integer("batch_size", batch_size, minimum=1)
         rows = [params] * batch_size if isinstance(params, SamplingParams) else list(params)
         if len(rows) != batch_size:
             raise SamplingError(f"got {len(rows)} sampling parameter sets for a batch of {batch_size}")
         self.params: tuple[SamplingParams, ...] = tuple(rows)
         self.generators = tuple(np.random.Generator(np.random.PCG64(p.seed)) for p in rows)
+        self.matchers: tuple[Matcher | None, ...] = tuple(matchers) if matchers is not None else (None,) * batch_size
+        if len(self.matchers) != batch_size:
+            raise SamplingError(f"got {len(self.matchers)} matchers for a batch of {batch_size}")
 
     def next(self, logits: np.ndarray, seen: Sequence[np.ndarray],
-             generated: Sequence[np.ndarray] | None = None) -> np.ndarray:
+             generated: Sequence[np.ndarray] | None = None, active: np.ndarray | None = None) -> np.ndarray:
         """logits [B, V], each row's seen ids (prompt + generated) and generated ids (presence /
-        frequency penalties; None: nothing generated yet) -> next ids int64 [B]."""
+        frequency penalties; None: nothing generated yet) -> next ids int64 [B]. Rows where
+        `active` is False (finished) draw nothing and get 0."""
         logits = np.asarray(logits)
         batch = len(self.params)
         if logits.ndim != 2 or logits.shape[0] != batch:
@@ -384,17 +399,23 @@ class Sampler:
             raise SamplingError(f"seen must hold one id array per row ({batch}), got {len(seen)}")
         if generated is not None and len(generated) != batch:
             raise SamplingError(f"generated must hold one id array per row ({batch}), got {len(generated)}")
-        out = np.empty(batch, dtype=np.int64)
-        for row, (params, rng) in enumerate(zip(self.params, self.generators)):
+        out = np.zeros(batch, dtype=np.int64)
+        for row, (params, rng, matcher) in enumerate(zip(self.params, self.generators, self.matchers)):
+            if active is not None and not active[row]:
+                continue
             gen = None if generated is None else np.asarray(generated[row])
-            out[row] = self._next_row(row, logits[row], np.asarray(seen[row]), params, rng, gen)
+            out[row] = self._next_row(row, logits[row], np.asarray(seen[row]), params, rng, gen, matcher)
+            if matcher is not None:
+                matcher.consume(int(out[row]))
         return out
 
     @staticmethod
     def _next_row(row: int, logits: np.ndarray, seen: np.ndarray, params: SamplingParams, rng: np.random.Generator,
-                  generated: np.ndarray | None) -> int:
+                  generated: np.ndarray | None, matcher: Matcher | None = None) -> int:
         if np.isnan(logits).any() or np.isposinf(logits).any() or not np.isfinite(logits).any():
             raise SamplingError(f"logits of row {row} contain NaN or +inf or are all -inf; the model output is broken")
+        if matcher is not None:
+            logits = matcher.mask(logits)
         if params.greedy:
             return int(np.argmax(_penalised(logits, seen, params, generated)))  # first maximum, like torch.argmax
         ids, x = candidates(logits, seen, params, generated)

@@ -28,7 +28,8 @@ since the previous chunk.
 Everything a request can get wrong is checked before it is queued and answered with OpenAI's error
 shape, {"error": {"message", "type", "param", "code"}}, and a 4xx status. Unknown fields are
 ignored (as vLLM does); fields whose non-default values would change the output in ways this
-server cannot honour (best_of, echo, suffix, tools, response_format...) are rejected rather than ignored.
+server cannot honour (best_of, echo, suffix, tools) are rejected rather than ignored. Structured output
+(response_format, vLLM's structured_outputs and guided_*) is runtime/structured.py.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import request_json
+from . import request_json, structured
 from .batching import BatchScheduler
 from .engine import Engine, GenerationResult, RequestError
 from .errors import QmoeError
@@ -64,7 +65,7 @@ log = logging.getLogger("qmoe.serve")
 # Non-default values of these fields would change the output in a way we do not implement.
 UNSUPPORTED_FIELDS: Mapping[str, tuple[Any, ...]] = {
     "best_of": (1,), "echo": (False,), "suffix": ("",), "tools": ([],), "functions": ([],),
-    "tool_choice": ("none", "auto"), "response_format": ({"type": "text"},),
+    "tool_choice": ("none", "auto"),
 }
 # Sampling fields a request (or generation_config.json) may set; top_k, min_p and repetition_penalty are vLLM's.
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -230,9 +231,16 @@ class Service:
         _typed(body, "logit_bias", (dict,), "an object mapping token ids to biases")
         chosen = {k: body[k] for k in REQUEST_SAMPLING_FIELDS if body.get(k) is not None}
         try:
+            constraint, field = structured.from_request(dict(body))
+        except structured.StructuredOutputError as e:  # the message starts with the field's name
+            raise APIError(str(e), param=str(e).split()[0].rstrip(":")) from None
+        try:
             p = SamplingParams(**{**self.defaults, **chosen}, seed=body.get("seed"), max_new_tokens=max_tokens,
-                               stop=() if body.get("stop") in (None, "") else body["stop"], logprobs=logprobs)
-            return self.engine._params(p)  # logit_bias ids against the vocabulary
+                               stop=() if body.get("stop") in (None, "") else body["stop"], logprobs=logprobs,
+                               structured=constraint)
+            return self.engine._params(p)  # logit_bias ids against the vocabulary, the constraint compiled
+        except structured.StructuredOutputError as e:
+            raise APIError(f"{field}: {e}", param=field) from None
         except (SamplingError, RequestError) as e:  # the message starts with the field's name
             param = str(e).split()[0]
             raise APIError(str(e), param=name if param == "max_new_tokens" else param) from None

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from .. import request_json
 from ..errors import QmoeError
 from ..sampling import SamplingParams
+from ..structured import VLLM_FIELDS, from_request
 from ..tokenizer import validate_messages
 from ..yarn import check_context, context_limit
 
@@ -52,7 +53,9 @@ OUTPUTS = (
 )
 # Keys of the `parameters` JSON object (OpenAI's names; the rest keep SamplingParams' names).
 PARAMETERS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-              "frequency_penalty", "logit_bias", "seed", "stop")
+              "frequency_penalty", "logit_bias", "seed", "stop", "response_format", "structured_outputs",
+              *VLLM_FIELDS)
+STRUCTURED = ("response_format", "structured_outputs", *VLLM_FIELDS)  # read by structured.from_request
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -107,7 +110,8 @@ def parse_request(inputs: Mapping[str, Sequence[Any]], engine: "Engine",
     check_context(engine.config, engine.rope_mode, len(ids), max_tokens)
     if not isinstance(params.get("logit_bias", {}), dict):
         raise RequestError("logit_bias must be a JSON object mapping token ids to biases")
-    sampling = SamplingParams(max_new_tokens=max_tokens, **params)  # validates and names bad fields
+    constraint, _ = from_request({k: params.pop(k) for k in STRUCTURED if k in params})
+    sampling = SamplingParams(max_new_tokens=max_tokens, structured=constraint, **params)  # names bad fields
     engine._params(sampling)  # checks logit_bias ids against the vocabulary
     return Request(tuple(ids), sampling)
 

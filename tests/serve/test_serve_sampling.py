@@ -175,3 +175,62 @@ def test_a_client_leaving_an_n_stream_cancels_every_choice(server, client, embed
 
     threading.Thread(target=idle, daemon=True).start()
     assert done.wait(10), "the cancelled choices should leave the scheduler"
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10}, "ok": {"type": "boolean"}},
+          "required": ["name", "ok"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_json_schema(client, embedded, stream: bool) -> None:
+    import json
+
+    import jsonschema
+
+    from runtime.structured import StructuredOutput
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    kw = dict(model=MODEL, messages=HELLO, max_tokens=40, response_format=fmt, temperature=0.9, seed=2)
+    if stream:
+        chunks = list(client.chat.completions.create(**kw, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        reason = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    else:
+        r = client.chat.completions.create(**kw)
+        text, reason = r.choices[0].message.content, [r.choices[0].finish_reason]
+    jsonschema.validate(json.loads(text), PERSON)
+    assert reason == ["stop"]
+    ids = embedded.tokenizer.encode_chat(HELLO)
+    assert text == solo(embedded, ids, max_new_tokens=40, temperature=0.9, seed=2,
+                        structured=StructuredOutput.json_schema(PERSON)).text
+
+
+def test_vllm_structured_output_fields(client) -> None:
+    import re
+
+    r = client.completions.create(model=MODEL, prompt="Answer:", max_tokens=10, n=3, temperature=1.5, seed=1,
+                                  extra_body={"guided_choice": ["alpha", "beta", "gamma"]})
+    assert all(c.text in ("alpha", "beta", "gamma") for c in r.choices)
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=20,
+                                       extra_body={"structured_outputs": {"regex": "[0-9]{2}:[0-9]{2}"}})
+    assert re.fullmatch("[0-9]{2}:[0-9]{2}", r.choices[0].message.content)
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=20,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].message.content.startswith("{")
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"response_format": {"type": "yaml"}}, "response_format", "response_format must be"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format", "invalid json_schema"),
+    ({"guided_regex": "(unclosed"}, "guided_regex", "invalid regex"),
+    ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "response_format", "only one"),
+    ({"structured_outputs": {"grammar": "start: nothing_here"}}, "structured_outputs", "invalid grammar"),
+])
+def test_bad_structured_output_requests(server, body, param, message) -> None:
+    from .test_serve_api import post
+
+    status, got = post(server.url + "/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 4,
+                                                              **body})
+    assert status == 400 and got["error"]["param"] == param and message in got["error"]["message"], got
+    assert "\n" not in got["error"]["message"]

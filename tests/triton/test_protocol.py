@@ -37,6 +37,17 @@ def test_penalties_bias_and_min_p_pass_through(embedded):
                                           frequency_penalty=1.5, logit_bias={11: -100.0, 9707: 2.5})
 
 
+def test_structured_output_parameters(embedded):
+    from runtime.structured import StructuredOutput
+
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    req = parse_request(request(prompt="Hello", parameters=json.dumps(
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}})), embedded)
+    assert req.sampling.structured == StructuredOutput.json_schema(schema)
+    req = parse_request(request(prompt="Hello", parameters='{"guided_choice": ["a", "b"]}'), embedded)
+    assert req.sampling.structured == StructuredOutput.choice(["a", "b"])
+
+
 def test_messages_use_the_chat_template(embedded):
     req = parse_request(request(messages=json.dumps(MESSAGES)), embedded)
     assert list(req.prompt_ids) == embedded.tokenizer.encode_chat(MESSAGES, add_generation_prompt=True)
@@ -62,6 +73,8 @@ def test_default_max_tokens_fits_the_context(embedded):
     (request(prompt="hi", parameters='{"seed": -2}'), "seed"),
     (request(prompt="hi", parameters='{"stop": 5}'), "stop must be a string or a list of strings"),
     (request(prompt="hi", parameters='{"min_p": 2}'), "min_p must be in [0, 1]"),
+    (request(prompt="hi", parameters='{"guided_regex": "(x"}'), "invalid regex"),
+    (request(prompt="hi", parameters='{"response_format": {"type": "xml"}}'), "response_format must be"),
     (request(prompt="hi", parameters='{"presence_penalty": -3}'), "presence_penalty must be in [-2, 2]"),
     (request(prompt="hi", parameters='{"logit_bias": [[11, 1]]}'), "logit_bias must be a JSON object"),
     (request(prompt="hi", parameters='{"logit_bias": {"x": 1}}'), "logit_bias keys must be token ids"),
@@ -93,6 +106,6 @@ def test_bad_requests_name_the_problem(embedded, inputs, message):
 
 def test_parameters_are_sampling_fields():
     fields = {f.name for f in dataclasses.fields(SamplingParams)}
-    assert set(protocol.PARAMETERS) - {"max_tokens"} <= fields
+    assert set(protocol.PARAMETERS) - {"max_tokens"} - set(protocol.STRUCTURED) <= fields and "structured" in fields
     names = [t.name for t in protocol.INPUTS + protocol.OUTPUTS]
     assert len(names) == len(set(names))
