@@ -44,7 +44,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -64,7 +64,7 @@ log = logging.getLogger("qmoe.serve")
 
 # Non-default values of these fields would change the output in a way we do not implement.
 UNSUPPORTED_FIELDS: Mapping[str, tuple[Any, ...]] = {
-    "best_of": (1,), "echo": (False,), "suffix": ("",), "tools": ([],), "functions": ([],),
+    "best_of": (1,), "suffix": ("",), "tools": ([],), "functions": ([],),
     "tool_choice": ("none", "auto"),
 }
 # Sampling fields a request (or generation_config.json) may set; top_k, min_p and repetition_penalty are vLLM's.
@@ -104,6 +104,8 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     n: int = 1
+    echo: str | None = None  # completions with echo: the prompt text each choice starts with
+    generate: bool = True  # False: max_tokens 0 with echo (score the prompt, generate nothing)
 
     def choices(self) -> list[SamplingParams]:
         """Each choice's parameters: the same but for the seed (see choice_seed)."""
@@ -174,8 +176,18 @@ class Service:
         if n is not None and not 1 <= n <= MAX_N:
             raise APIError(f"n must be in [1, {MAX_N}], got {n}", param="n")
         ids = self._prompt_ids(kind, body)
-        sampling = self._sampling(body, len(ids), self._logprobs(kind, body))
-        return GenerationRequest(kind, ids, sampling, stream, include_usage, n or 1)
+        echo = _typed(body, "echo", (bool,), "true or false")
+        if echo and kind == "chat":
+            raise APIError("echo is supported by /v1/completions only", param="echo")
+        generate = not (echo and body.get("max_tokens") == 0 and body.get("max_completion_tokens") is None)
+        sampling = self._sampling({**body, "max_tokens": 1} if not generate else body, len(ids),
+                                  self._logprobs(kind, body))
+        prompt = body.get("prompt")
+        text = None
+        if echo:  # the prompt as sent (a string, or a batch of one string), else its ids decoded
+            text = prompt if isinstance(prompt, str) else prompt[0] if isinstance(prompt, list) and \
+                len(prompt) == 1 and isinstance(prompt[0], str) else self.engine.tokenizer.decode(ids, False)
+        return GenerationRequest(kind, ids, sampling, stream, include_usage, n or 1, text, generate)
 
     @staticmethod
     def _logprobs(kind: str, body: Mapping[str, Any]) -> int | None:
@@ -296,6 +308,35 @@ async def results(jobs: list[Job]) -> AsyncIterator[tuple[int, "str | TokenLogpr
             job.cancelled.set()
 
 
+@dataclass(eq=False)
+class _Call:
+    """A function for the worker thread to run between steps, its result for an event loop."""
+
+    fn: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+    def run(self) -> None:
+        try:
+            result, error = self.fn(), None
+        except Exception as e:  # noqa: BLE001  (handed to the awaiting request)
+            result, error = None, e
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody awaits it any more
+            self.loop.call_soon_threadsafe(self._settle, result, error)
+
+    def _settle(self, result: Any, error: BaseException | None) -> None:
+        if self.future.done():
+            return
+        if error is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(result)
+
+    def fail(self, error: BaseException) -> None:
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._settle, None, error)
+
+
 def _shutting_down() -> APIError:
     return APIError("the server is shutting down", status=503, type="server_error")
 
@@ -307,7 +348,7 @@ class EngineWorker:
     def __init__(self, engine: Engine, max_batch: int = 8, capacity: int | None = None) -> None:
         self.engine = engine
         self.scheduler = BatchScheduler(engine, max_slots=max_batch, capacity=capacity)
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._jobs: queue.Queue[Job | _Call | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="qmoe-engine-worker", daemon=True)
         self._lock = threading.Lock()  # orders taking a job against shutting down
         self._closed = False
@@ -329,6 +370,14 @@ class EngineWorker:
         self._jobs.put(job)
         return job
 
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Runs fn on the worker thread between two steps (it owns the engine); returns its result."""
+        self.check_open()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        self._jobs.put(_Call(fn, loop, future))
+        return await future
+
     def submit_all(self, req: GenerationRequest) -> list[Job]:
         """The request's n choices, queued one after the other (sharing one event queue)."""
         events: asyncio.Queue = asyncio.Queue()
@@ -339,7 +388,7 @@ class EngineWorker:
         finish now instead of holding the server's shutdown."""
         with self._lock:
             self._closed = True
-            ending: list[Job | None] = list(self._running)
+            ending: list[Job | _Call | None] = list(self._running)
             with contextlib.suppress(queue.Empty):
                 while True:
                     ending.append(self._jobs.get_nowait())
@@ -368,7 +417,10 @@ class EngineWorker:
             else:
                 if job is None:
                     return
-                self._start(job)
+                if isinstance(job, _Call):
+                    job.run()
+                else:
+                    self._start(job)
                 continue
             try:
                 self.scheduler.step()
@@ -424,17 +476,20 @@ class _Logprobs:
     def _entry(self, token: int, logprob: float) -> dict[str, Any]:
         return {"token": self._text(token), "logprob": logprob, "bytes": list(self.tokenizer.token_bytes(token))}
 
-    def render(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+    def render(self, entries: list[TokenLogprob | int]) -> dict[str, Any]:
+        """entries: TokenLogprobs; a bare id is an echoed prompt's first token (no log-probability)."""
         if self.kind == "chat":
             return {"content": [{**self._entry(e.token, e.logprob),
-                                 "top_logprobs": [self._entry(t, lp) for t, lp in e.top]} for e in entries]}
-        tokens = [self._text(e.token) for e in entries]
+                                 "top_logprobs": [self._entry(t, lp) for t, lp in e.top]}
+                                for e in entries if isinstance(e, TokenLogprob)]}
+        tokens = [self._text(e if isinstance(e, int) else e.token) for e in entries]
         offsets = []
         for t in tokens:
             offsets.append(self.offset)
             self.offset += len(t)
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{**{self._text(t): lp for t, lp in e.top}, tok: e.logprob}
+        return {"tokens": tokens,
+                "token_logprobs": [None if isinstance(e, int) else e.logprob for e in entries],
+                "top_logprobs": [None if isinstance(e, int) else {**{self._text(t): lp for t, lp in e.top}, tok: e.logprob}
                                  for tok, e in zip(tokens, entries)],
                 "text_offset": offsets}
 
@@ -489,13 +544,24 @@ async def _until_disconnected(request: Request, jobs: list[Job]) -> None:
         job.cancelled.set()
 
 
+async def _echo(worker: EngineWorker, req: GenerationRequest) -> list[TokenLogprob | int]:
+    """An echoed prompt's log-probability entries (its first token has none); [] without logprobs."""
+    if req.echo is None or req.sampling.logprobs is None:
+        return []
+    engine, k = worker.engine, req.sampling.logprobs
+    n = req.sampling.max_new_tokens if req.generate else 0
+    entries = await worker.call(lambda: engine.prompt_logprobs(req.prompt_ids, k, n))
+    return [req.prompt_ids[0], *entries[1:]]
+
+
 async def _whole(worker: EngineWorker, req: GenerationRequest, env: _Envelope, request: Request,
                  tokenizer: Tokenizer) -> Response:
-    jobs = worker.submit_all(req)
+    prompt = await _echo(worker, req)
+    jobs = worker.submit_all(req) if req.generate else []
     watcher = asyncio.ensure_future(_until_disconnected(request, jobs))
-    texts: list[list[str]] = [[] for _ in jobs]
-    logprobs: list[list[TokenLogprob]] = [[] for _ in jobs]
-    done: dict[int, Finished] = {}
+    texts: list[list[str]] = [[req.echo or ""] for _ in range(req.n)]
+    logprobs: list[list[TokenLogprob | int]] = [list(prompt) for _ in range(req.n)]
+    done: dict[int, Finished] = {i: Finished("length", 0) for i in range(req.n)} if not req.generate else {}
     try:
         async for i, item in results(jobs):
             if isinstance(item, Finished):
@@ -508,7 +574,7 @@ async def _whole(worker: EngineWorker, req: GenerationRequest, env: _Envelope, r
         watcher.cancel()
     wanted = req.sampling.logprobs is not None
     choices = [_choice(req, i, "".join(texts[i]), done[i].finish_reason,
-                       _Logprobs(req, tokenizer).render(logprobs[i]) if wanted else None) for i in range(len(jobs))]
+                       _Logprobs(req, tokenizer).render(logprobs[i]) if wanted else None) for i in range(req.n)]
     return JSONResponse(env.body(choices, _usage(req, sum(d.completion_tokens for d in done.values()))))
 
 
@@ -519,7 +585,7 @@ async def _chunks(worker: EngineWorker, req: GenerationRequest, env: _Envelope,
     jobs: list[Job] = []
     wanted = req.sampling.logprobs is not None
     render = [_Logprobs(req, tokenizer) for _ in range(req.n)]
-    pending: list[list[TokenLogprob]] = [[] for _ in range(req.n)]  # sampled since the last chunk
+    pending: list[list[TokenLogprob | int]] = [[] for _ in range(req.n)]  # sampled since the last chunk
 
     def flush(i: int) -> dict[str, Any] | None:
         if not wanted:
@@ -528,7 +594,13 @@ async def _chunks(worker: EngineWorker, req: GenerationRequest, env: _Envelope,
         return out
 
     try:
-        jobs = worker.submit_all(req)
+        if req.echo is not None:  # the prompt first, with its log-probabilities
+            prompt = await _echo(worker, req)
+            for i in range(req.n):
+                pending[i] = list(prompt)
+                yield env.sse(_choice(req, i, req.echo, None if req.generate else "length", flush(i)))
+        if req.generate:
+            jobs = worker.submit_all(req)
         if req.kind == "chat":
             for i in range(req.n):  # the role comes first, as OpenAI sends it
                 yield env.sse(_choice(req, i, None, None, first=True))

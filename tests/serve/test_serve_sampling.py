@@ -234,3 +234,55 @@ def test_bad_structured_output_requests(server, body, param, message) -> None:
                                                               **body})
     assert status == 400 and got["error"]["param"] == param and message in got["error"]["message"], got
     assert "\n" not in got["error"]["message"]
+
+
+@pytest.mark.parametrize("max_tokens, stream", [(0, False), (5, False), (5, True)])
+def test_echo_scores_the_prompt_like_transformers(client, embedded, tiny_checkpoint, max_tokens, stream) -> None:
+    """What evaluation harnesses (lm-eval's local-completions) send: echo + logprobs, max_tokens 0.
+    Every prompt token after the first gets log P(token | tokens before) from transformers' forward."""
+    from tests.helpers import hf_model
+
+    prompt = "The router sends each token to eight experts; 路由器"
+    ids = embedded.tokenizer.encode(prompt)
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=max_tokens, echo=True, logprobs=2, temperature=0)
+    if stream:
+        chunks = list(client.completions.create(**kw, stream=True))
+        text = "".join(c.choices[0].text for c in chunks)
+        parts = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+        lp = type("LP", (), {k: [x for p in parts for x in getattr(p, k)] for k in
+                             ("tokens", "token_logprobs", "top_logprobs", "text_offset")})
+        usage_tokens = None
+    else:
+        r = client.completions.create(**kw)
+        text, lp, usage_tokens = r.choices[0].text, r.choices[0].logprobs, r.usage.completion_tokens
+    generated = embedded.complete(prompt, SamplingParams(max_new_tokens=max_tokens)) if max_tokens else ""
+    assert text == prompt + generated
+    assert usage_tokens in (None, max_tokens)
+    with torch.no_grad():
+        logits = hf_model(tiny_checkpoint)(torch.tensor([ids])).logits[0].double()
+    ref = torch.log_softmax(logits, -1).numpy()
+    n = len(ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    np.testing.assert_allclose(lp.token_logprobs[1:n], [ref[i - 1, ids[i]] for i in range(1, n)], atol=1e-4)
+    for i in range(1, n):
+        best = np.sort(ref[i - 1])[::-1][:2]
+        assert sorted(lp.top_logprobs[i].values(), reverse=True)[:2] == pytest.approx(best, abs=1e-4)
+    decode = embedded.tokenizer.decode
+    assert lp.tokens[:n] == [decode([t], skip_special_tokens=False) for t in ids]
+    assert len(lp.tokens) == n + max_tokens
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    # token by token the text is the prompt, up to 路 whose bytes two tokens share (each alone: U+FFFD)
+    assert "".join(lp.tokens[:n]).startswith(prompt[: prompt.index("路")])
+
+
+def test_echo_without_logprobs_and_its_errors(client, server) -> None:
+    from .test_serve_api import post
+
+    r = client.completions.create(model=MODEL, prompt="Hi there", max_tokens=0, echo=True)
+    assert r.choices[0].text == "Hi there" and r.choices[0].logprobs is None and r.usage.completion_tokens == 0
+    for body, param in [({"model": MODEL, "messages": HELLO, "echo": True}, "echo"),
+                        ({"model": MODEL, "prompt": "x", "max_tokens": 0}, "max_tokens"),
+                        ({"model": MODEL, "prompt": "x", "echo": "yes"}, "echo")]:
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        status, got = post(server.url + path, body)
+        assert status == 400 and got["error"]["param"] == param, got
