@@ -111,8 +111,24 @@ MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI and vLLM cap them
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a bias: -100 bans a token, 100 forces it
 
 
-def _bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
-    """{id: bias} (JSON gives ids as strings) or pairs -> sorted (id, bias) pairs, validated."""
+class LogitBias(tuple):
+    """Sorted (token id, bias) pairs (a tuple: equal and hashable as one), with the ids and biases
+    also as arrays, built once: a step adds them with one indexed add, whatever their number."""
+
+    ids: np.ndarray
+    values: np.ndarray
+
+    def __new__(cls, pairs: Sequence[tuple[int, float]]) -> "LogitBias":
+        self = super().__new__(cls, pairs)
+        self.ids = np.array([t for t, _ in pairs], np.int64)
+        self.values = np.array([b for _, b in pairs], np.float64)
+        return self
+
+
+def _bias_pairs(value: Any) -> LogitBias:
+    """{id: bias} (JSON gives ids as strings) or pairs -> LogitBias, validated."""
+    if isinstance(value, LogitBias):  # already checked (dataclasses.replace of a SamplingParams)
+        return value
     items = value.items() if isinstance(value, dict) else value
     if not isinstance(items, (list, tuple, type({}.items()))):
         raise SamplingError(f"logit_bias must map token ids to numbers, got {type(value).__name__}")
@@ -123,7 +139,7 @@ def _bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
             raise SamplingError(f"logit_bias must map token ids to numbers, got the entry {item!r}")
         key, bias = item
         token = key
-        if isinstance(key, str) and key.strip().isdigit():
+        if isinstance(key, str) and key.isascii() and key.isdecimal() and len(key) <= 18:
             token = int(key)
         if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or token < 0:
             raise SamplingError(f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
@@ -131,7 +147,7 @@ def _bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
         if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
             raise SamplingError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
         out[int(token)] = bias
-    return tuple(sorted(out.items()))
+    return LogitBias(sorted(out.items()))
 
 
 def _number(name: str, value: Any) -> float:
@@ -171,15 +187,13 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     return out
 
 
-def apply_logit_bias(logits: np.ndarray, bias: Sequence[tuple[int, float]]) -> np.ndarray:
+def apply_logit_bias(logits: np.ndarray, bias: LogitBias) -> np.ndarray:
     """Adds each (token id, bias); ids past the lm_head (a padded embedding) are skipped."""
     if not bias:
         return logits
-    ids = np.array([t for t, _ in bias], np.int64)
-    values = np.array([b for _, b in bias], np.float64)
-    keep = ids < logits.shape[-1]
+    keep = bias.ids < logits.shape[-1]
     out = logits.copy()
-    out[ids[keep]] += values[keep]
+    out[bias.ids[keep]] += bias.values[keep]
     return out
 
 

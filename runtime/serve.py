@@ -66,6 +66,9 @@ log = logging.getLogger("qmoe.serve")
 UNSUPPORTED_FIELDS: Mapping[str, tuple[Any, ...]] = {
     "best_of": (1,), "suffix": ("",), "tools": ([],), "functions": ([],),
     "tool_choice": ("none", "auto"),
+    # vLLM's, not implemented here
+    "min_tokens": (0,), "allowed_token_ids": ([],), "include_stop_str_in_output": (False,), "prompt_logprobs": (0,),
+    "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "use_beam_search": (False,),
 }
 # Sampling fields a request (or generation_config.json) may set; top_k, min_p and repetition_penalty are vLLM's.
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -171,6 +174,8 @@ class Service:
                 raise APIError(f"{name}={json.dumps(body[name])[:60]} is not supported by this server", param=name)
         stream = bool(_typed(body, "stream", (bool,), "true or false"))
         options = _typed(body, "stream_options", (dict,), "an object") or {}
+        if options and not stream:
+            raise APIError("stream_options is only allowed with stream: true", param="stream_options")
         include_usage = bool(_typed(options, "include_usage", (bool,), "true or false"))
         n = _typed(body, "n", (int,), "an integer")
         if n is not None and not 1 <= n <= MAX_N:
@@ -246,10 +251,14 @@ class Service:
             constraint, field = structured.from_request(dict(body))
         except structured.StructuredOutputError as e:  # the message starts with the field's name
             raise APIError(str(e), param=str(e).split()[0].rstrip(":")) from None
+        # vLLM's: stop ids on top of the model's eos ids; ignore_eos generates max_tokens whatever comes
+        extra_ids = _typed(body, "stop_token_ids", (list,), "a list of token ids") or []
+        ignore_eos = bool(_typed(body, "ignore_eos", (bool,), "true or false"))
         try:
             p = SamplingParams(**{**self.defaults, **chosen}, seed=body.get("seed"), max_new_tokens=max_tokens,
                                stop=() if body.get("stop") in (None, "") else body["stop"], logprobs=logprobs,
-                               structured=constraint)
+                               structured=constraint, ignore_eos=ignore_eos,
+                               stop_token_ids=(*self.engine.tokenizer.eos_token_ids, *extra_ids) if extra_ids else ())
             return self.engine._params(p)  # logit_bias ids against the vocabulary, the constraint compiled
         except structured.StructuredOutputError as e:
             raise APIError(f"{field}: {e}", param=field) from None
@@ -469,12 +478,19 @@ class _Logprobs:
     def __init__(self, req: GenerationRequest, tokenizer: Tokenizer) -> None:
         self.kind, self.tokenizer = req.kind, tokenizer
         self.offset = 0  # completions: characters of the choice's text before the next token
+        self.prompt_len = len(req.prompt_ids) if req.echo is not None else 0  # leading entries: the echoed prompt
+        self.rendered = 0
 
     def _text(self, token: int) -> str:
-        return self.tokenizer.decode([token], skip_special_tokens=False)
+        # Special tokens are "" as in the generated text (an eos token too); an echoed prompt's
+        # are kept, as its text has them.
+        keep = self.rendered < self.prompt_len
+        self.rendered += 1
+        return self.tokenizer.decode([token], skip_special_tokens=not keep)
 
     def _entry(self, token: int, logprob: float) -> dict[str, Any]:
-        return {"token": self._text(token), "logprob": logprob, "bytes": list(self.tokenizer.token_bytes(token))}
+        text = self._text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(self.tokenizer.token_bytes(token)) if text else []}
 
     def render(self, entries: list[TokenLogprob | int]) -> dict[str, Any]:
         """entries: TokenLogprobs; a bare id is an echoed prompt's first token (no log-probability)."""
@@ -482,16 +498,16 @@ class _Logprobs:
             return {"content": [{**self._entry(e.token, e.logprob),
                                  "top_logprobs": [self._entry(t, lp) for t, lp in e.top]}
                                 for e in entries if isinstance(e, TokenLogprob)]}
-        tokens = [self._text(e if isinstance(e, int) else e.token) for e in entries]
-        offsets = []
-        for t in tokens:
+        tokens, tops, offsets = [], [], []
+        for e in entries:
+            top = None if isinstance(e, int) else {self.tokenizer.decode([t], skip_special_tokens=False): lp
+                                                   for t, lp in e.top}
+            tokens.append(self._text(e if isinstance(e, int) else e.token))
+            tops.append(top if top is None else {**top, tokens[-1]: e.logprob})  # type: ignore[union-attr]
             offsets.append(self.offset)
-            self.offset += len(t)
-        return {"tokens": tokens,
-                "token_logprobs": [None if isinstance(e, int) else e.logprob for e in entries],
-                "top_logprobs": [None if isinstance(e, int) else {**{self._text(t): lp for t, lp in e.top}, tok: e.logprob}
-                                 for tok, e in zip(tokens, entries)],
-                "text_offset": offsets}
+            self.offset += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": [None if isinstance(e, int) else e.logprob for e in entries],
+                "top_logprobs": tops, "text_offset": offsets}
 
 
 def _choice(req: GenerationRequest, index: int, text: str | None, finish_reason: str | None,
@@ -588,7 +604,7 @@ async def _chunks(worker: EngineWorker, req: GenerationRequest, env: _Envelope,
     pending: list[list[TokenLogprob | int]] = [[] for _ in range(req.n)]  # sampled since the last chunk
 
     def flush(i: int) -> dict[str, Any] | None:
-        if not wanted:
+        if not wanted or not pending[i]:
             return None
         out, pending[i] = render[i].render(pending[i]), []
         return out

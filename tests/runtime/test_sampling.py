@@ -174,6 +174,14 @@ def test_token_logprob_is_log_softmax_of_the_raw_logits():
     assert token_logprob(np.array([1e30, 1e30 - 1e15, 0.0]), 0).logprob == pytest.approx(-math.log(1 + math.exp(-1e15)))
 
 
+def test_replacing_params_keeps_the_parsed_bias():
+    """n choices are copies with other seeds: a 150k-entry bias is parsed once, not per copy."""
+    p = SamplingParams(logit_bias={str(i): -1.0 for i in range(150000)})
+    q = replace(p, seed=5)
+    assert q.logit_bias is p.logit_bias and q == replace(p, seed=5)
+    np.testing.assert_array_equal(q.logit_bias.ids[:3], [0, 1, 2])
+
+
 def test_logit_bias_forms_and_padded_ids():
     a = SamplingParams(logit_bias={"12": 1, 3: -2.5})
     assert a.logit_bias == ((3, -2.5), (12, 1.0)) and hash(a) == hash(SamplingParams(logit_bias=[(12, 1.0), (3, -2.5)]))
@@ -335,6 +343,10 @@ def test_sampled_frequencies_follow_the_distribution():
         ({"frequency_penalty": -2.01}, r"frequency_penalty must be in \[-2, 2\]"),
         ({"frequency_penalty": "1"}, "frequency_penalty must be a finite number"),
         ({"logit_bias": {"x": 1}}, "logit_bias keys must be token ids"),
+        ({"logit_bias": {"²": 1}}, "logit_bias keys must be token ids"),
+        ({"logit_bias": {"٣": 1}}, "logit_bias keys must be token ids"),
+        ({"logit_bias": {" 3": 1}}, "logit_bias keys must be token ids"),
+        ({"logit_bias": {"1" * 5000: 1}}, "logit_bias keys must be token ids"),
         ({"logit_bias": {-1: 1}}, "logit_bias keys must be token ids"),
         ({"logit_bias": {True: 1}}, "logit_bias keys must be token ids"),
         ({"logit_bias": {"5": 101}}, r"logit_bias values must be in \[-100, 100\]"),

@@ -286,3 +286,29 @@ def test_echo_without_logprobs_and_its_errors(client, server) -> None:
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
         status, got = post(server.url + path, body)
         assert status == 400 and got["error"]["param"] == param, got
+
+
+def test_vllm_stop_token_ids_and_ignore_eos(client, embedded) -> None:
+    ids = embedded.tokenizer.encode_chat(HELLO)
+    greedy = solo(embedded, ids, max_new_tokens=N)
+    third = greedy.tokens[2]
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=N, extra_body={"stop_token_ids": [third]})
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 3
+    # eos stays a stop token: forcing it ends at once, unless ignore_eos
+    eos = embedded.tokenizer.eos_token_ids[0]
+    forced = {"logit_bias": {str(eos): 100}, "stop_token_ids": [third]}
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=N, extra_body=forced)
+    assert r.usage.completion_tokens == 1 and r.choices[0].message.content == ""
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4,
+                                       extra_body={"logit_bias": {str(eos): 100}, "ignore_eos": True})
+    assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
+
+
+def test_special_tokens_in_logprobs_are_empty_like_the_text(client) -> None:
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, logprobs=1,
+                                  logit_bias={"151644": 100})  # <|im_start|>: special, not eos
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == "" and lp.tokens == ["", "", ""] and lp.text_offset == [0, 0, 0]
+    chat = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, logprobs=True,
+                                          logit_bias={"151644": 100})
+    assert [(e.token, e.bytes) for e in chat.choices[0].logprobs.content] == [("", []), ("", [])]
