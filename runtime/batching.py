@@ -41,7 +41,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .engine import Engine, GenerationResult, RequestError, TextStream
-from .sampling import Sampler, SamplingParams, TokenLogprob, token_logprob
+from .sampling import Sampler, SamplingError, SamplingParams, TokenLogprob, token_logprob
 from .structured import StructuredOutputError
 from .yarn import ContextLengthError, RopePlan, check_context, context_limit
 
@@ -247,7 +247,8 @@ class BatchScheduler:
             row = logits[b: b + 1, 0, :]
             try:
                 tok = int(slot.sampler.next(row, [slot.seen], [slot.seen[len(gen.prompt_ids):]])[0])
-            except StructuredOutputError as e:  # this request's grammar failed: it ends, the others go on
+            except (StructuredOutputError, SamplingError) as e:  # this request's grammar or sampling
+                # failed (penalties past float64, broken logits): it ends, the others go on
                 self._slots[b] = None
                 gen.on_error(e)
                 continue

@@ -255,31 +255,39 @@ def _top_k(ids: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
 def _top_p(ids: np.ndarray, x: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
     """transformers' rule: sort ascending (stable: among equal logits the lower id counts as
     smaller) and drop the tokens whose cumulative probability is at most 1 - top_p; the likeliest
-    token always stays. Equivalently a token stays when the probability of the tokens above it is
-    below top_p, so only the head of the distribution needs sorting: the likeliest few hundred
-    tokens (every tie of the last one included) when they hold at least top_p, else more."""
+    token always stays. When the likeliest few hundred tokens (every tie of the last one included)
+    hold at least top_p, every other token is dropped, so only they need sorting; a flatter
+    distribution takes a larger head, sized from how much the first one held."""
     if top_p >= 1.0:
         return ids, x
     probs = _softmax(x)
-    for m in _NUCLEUS_TRIES:
-        if m >= len(x):
-            break
-        head = _head(x, m)
-        if probs[head].sum() >= top_p:
+    first = _NUCLEUS_TRIES[0]
+    if first < len(x):
+        head = _head(x, first)
+        mass = probs[head].sum()
+        if mass >= top_p:
             return _nucleus(ids, x, probs, head, top_p)
+        # a flat tail holds about mass / first per token: skip heads that cannot reach top_p
+        for m in _NUCLEUS_TRIES[1:]:
+            if m < len(x) and m * mass / first >= top_p:
+                head = _head(x, m)
+                if probs[head].sum() >= top_p:
+                    return _nucleus(ids, x, probs, head, top_p)
     return _nucleus(ids, x, probs, np.arange(len(x)), top_p)
 
 
 def _nucleus(ids: np.ndarray, x: np.ndarray, probs: np.ndarray, head: np.ndarray,
              top_p: float) -> tuple[np.ndarray, np.ndarray]:
-    # Descending by logit; the order among equal logits does not change the running sums (equal
-    # values), so an unstable sort finds how many tokens stay, and the tie at the boundary is then
-    # settled the stable way: among equal logits the higher ids stay (head is ascending).
-    order = head[np.argsort(-x[head])]
-    p = probs[order]
-    above = np.concatenate(([0.0], np.cumsum(p)[:-1]))  # probability of the tokens above each one
-    n = max(1, int(np.count_nonzero(above < top_p)))  # `above` never decreases: the kept ones lead
-    last = x[order[n - 1]]
+    # transformers' sums: ascending, starting from the mass of the tokens below the head (all
+    # dropped), so an exact tie with 1 - top_p rounds the same way. The order among equal logits
+    # does not change the sums (equal values): an unstable sort counts the tokens that stay, and
+    # the tie at the boundary is then settled the stable way (among equal logits the higher ids
+    # stay; head is ascending).
+    order = head[np.argsort(x[head])]
+    below = probs.sum() - probs[head].sum() if len(head) < len(x) else 0.0
+    cum = below + np.cumsum(probs[order])
+    n = max(1, len(order) - int(np.count_nonzero(cum <= 1.0 - top_p)))
+    last = x[order[len(order) - n]]
     over, tied = head[x[head] > last], head[x[head] == last]
     keep = np.sort(np.concatenate((over, tied[len(tied) - (n - len(over)):])))
     return ids[keep], x[keep]
@@ -298,8 +306,13 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     m = np.max(x)
     # +inf scores (a repetition penalty of 1e-310 divides a logit past float64): they share all the
     # mass, where exp(inf - inf) would give NaN.
-    e = np.isposinf(x).astype(np.float64) if np.isposinf(m) else np.exp(x - m)
-    return e / e.sum()
+    if np.isposinf(m):
+        e = np.isposinf(x).astype(np.float64)
+    else:  # exp in place: into a new array numpy's exp is ~5x slower here (measured, 152k float64)
+        e = np.subtract(x, m, dtype=np.float64)
+        np.exp(e, out=e)
+    e /= e.sum()
+    return e
 
 
 def _penalised(logits: np.ndarray, seen: np.ndarray, params: SamplingParams,
@@ -358,26 +371,28 @@ class TokenLogprob:
 
 def token_logprob(logits: np.ndarray, token: int, top: int = 0) -> TokenLogprob:
     """log-softmax of one row's raw logits (float64) at `token`, plus the `top` likeliest tokens."""
-    x = np.asarray(logits, dtype=np.float64)
-    m = x.max()
-    logz = m + np.log(np.exp(x - m).sum())
+    x = np.asarray(logits)
+    m = float(x.max())
+    e = np.subtract(x, m, dtype=np.float64)
+    logz = m + float(np.log(np.exp(e, out=e).sum()))  # in place: see _softmax
     best: tuple[tuple[int, float], ...] = ()
     if top > 0:
         k = min(top, x.shape[-1])
-        kth = np.partition(x, -k)[-k]
-        candidates = np.flatnonzero(x >= kth)  # every tie at the boundary, so the order below decides
-        order = candidates[np.lexsort((candidates, -x[candidates]))][:k]  # logit descending, then id
-        best = tuple((int(i), float(x[i] - logz)) for i in order)
-    return TokenLogprob(int(token), float(x[token] - logz), best)
+        head = _head(x, k) if k < x.shape[-1] else np.arange(x.shape[-1])  # every tie at the boundary too
+        order = head[np.lexsort((head, -x[head]))][:k]  # logit descending, then id
+        best = tuple((int(i), float(x[i]) - logz) for i in order)
+    return TokenLogprob(int(token), float(x[token]) - logz, best)
 
 
 def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
-    """Inverse-CDF draw: one uniform number per step, so a seeded stream stays aligned."""
-    cdf = np.cumsum(probs)
+    """Inverse-CDF draw: one uniform number per step, so a seeded stream stays aligned. `probs`
+    (float64, the caller's temporary) is overwritten with its running sum: in place, as numpy
+    is several times slower writing 152k sums into a new array (see _softmax)."""
+    cdf = np.cumsum(probs, out=probs)
     # side="right" never lands on a zero-probability token (its cdf equals its predecessor's).
     index = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
-    if index >= len(probs):  # u * total rounded up to total: take the last possible token
-        index = int(np.flatnonzero(probs)[-1])
+    if index >= len(cdf):  # u * total rounded up to total: take the last possible token
+        index = int(np.flatnonzero(np.diff(cdf, prepend=0.0))[-1])
     return index
 
 
@@ -433,6 +448,8 @@ class Sampler:
         if params.greedy:
             return int(np.argmax(_penalised(logits, seen, params, generated)))  # first maximum, like torch.argmax
         ids, x = candidates(logits, seen, params, generated)
+        if len(ids) == 0:  # penalties past float64 sent every logit to -inf
+            raise SamplingError(f"row {row}: every token has probability 0 after the penalties; lower them")
         return int(ids[draw(_softmax(x), rng)])
 
 

@@ -244,6 +244,34 @@ def test_full_vocabulary_rows_match_transformers(params, scale):
         np.testing.assert_allclose(ours, ref, atol=1e-9, rtol=0)
 
 
+def test_top_p_exactly_on_a_tie_boundary_counts_like_transformers():
+    """N equal logits and top_p = j/N: the cumulative sums hit 1 - top_p exactly, so rounding
+    decides how many stay; ours must round as transformers' ascending sums do (a sum from the top
+    keeps one token too few or too many). With a tail below the tie group, over a head and a full
+    vocabulary."""
+    none = np.array([], np.int64)
+    for n in range(2, 30):
+        for j in range(1, n):
+            for vocab in (n, 1000, 20000):
+                x = np.full(vocab, -60.0)
+                x[:n] = 1.0
+                p = SamplingParams(temperature=1.0, top_p=j / n)
+                np.testing.assert_array_equal(np.flatnonzero(token_probabilities(x, none, p)),
+                                              np.flatnonzero(stable_full_sort_probs(x, none, p)))
+    a = np.full(1000, -40.0)
+    a[100:104] = 2.0
+    b = np.linspace(-5, 0, 1000)
+    b[100:128] = 2.0
+    for x, p in ((a, SamplingParams(temperature=1.0, top_p=0.5)), (b, SamplingParams(temperature=1.0, top_k=28, top_p=0.5))):
+        assert (token_probabilities(x, none, p) > 0).sum() == (hf_probs(x, none, p) > 0).sum()
+
+
+def test_penalties_that_remove_every_token_fail_the_row():
+    params = SamplingParams(temperature=1.0, repetition_penalty=1e308, seed=0)
+    with pytest.raises(SamplingError, match="row 0: every token has probability 0"):
+        Sampler(params, 1).next(np.array([[-2.0, -3.0, -4.0]]), [np.array([0, 1, 2])])
+
+
 def test_head_selection_equals_a_full_partition():
     from runtime.sampling import _head
 
