@@ -54,7 +54,8 @@ DEFAULT_CAPACITY = 32768
 
 @dataclass(eq=False)
 class Generation:
-    """One request in the scheduler. Callbacks run on the scheduler's thread: `on_logprob` with each
+    """One request in the scheduler. Callbacks run on the scheduler's thread: `on_token` with each
+    sampled token id, `on_logprob` with each
     generated token's log-probabilities (only if the params ask for logprobs) before `on_delta`
     with the text it completes (if any), then `on_finish` exactly once (finish_reason "stop" |
     "length", or "cancelled" when `cancelled` was set first), or `on_error` if a step failed."""
@@ -64,6 +65,7 @@ class Generation:
     plan: RopePlan
     on_delta: Callable[[str], None] = lambda delta: None
     on_logprob: Callable[[TokenLogprob], None] = lambda logprob: None
+    on_token: Callable[[int], None] = lambda token: None  # every sampled token, first (metrics)
     on_finish: Callable[[GenerationResult], None] = lambda result: None
     on_error: Callable[[BaseException], None] = lambda error: None
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -134,6 +136,10 @@ class BatchScheduler:
 
     def has_work(self) -> bool:
         return bool(self._waiting) or any(s is not None for s in self._slots)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
 
     @property
     def running(self) -> int:
@@ -257,6 +263,7 @@ class BatchScheduler:
             n = len(gen.result.tokens) + 1
             reason = "stop" if (tok in p.stop_token_ids and not p.ignore_eos) else (
                 "length" if n == p.max_new_tokens else None)
+            gen.on_token(tok)
             lp = None if p.logprobs is None else token_logprob(row[0], tok, p.logprobs)
             if lp is not None:
                 gen.on_logprob(lp)

@@ -56,6 +56,7 @@ from starlette.routing import Route
 from . import request_json, structured
 from .batching import BatchScheduler
 from .engine import Engine, GenerationResult, RequestError
+from .metrics import Metrics
 from .errors import QmoeError
 from .sampling import MAX_TOP_LOGPROBS, SamplingError, SamplingParams, TokenLogprob, choice_seed
 from .tokenizer import ChatMessageError, ChatTemplateError, Tokenizer
@@ -160,6 +161,9 @@ class Service:
         self.engine, self.model_name = engine, model_name
         self.defaults = dict(defaults or {})
         self.worker = EngineWorker(engine, max_batch, capacity)
+        scheduler = self.worker.scheduler
+        self.metrics = self.worker.metrics = Metrics(
+            model_name, lambda: scheduler.running, lambda: scheduler.waiting + self.worker.queued)
         # what one request may hold: the model's context for the rope mode, capped by the KV cache
         self.context_limit = self.worker.scheduler.capacity
         self.created = int(time.time())
@@ -211,11 +215,20 @@ class Service:
             raise APIError("top_logprobs needs logprobs set to true", param="top_logprobs")
         return (top or 0) if wanted else None
 
-    def _prompt_ids(self, kind: str, body: Mapping[str, Any]) -> list[int]:
+    def tokenize(self, kind: str, body: Mapping[str, Any]) -> list[int]:
+        """/tokenize: the ids a request with this prompt or these messages would run."""
+        model = _typed(body, "model", (str,), "a string")
+        if model is not None and model != self.model_name:
+            raise APIError(f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           status=404, param="model", code="model_not_found")
+        return self._prompt_ids(kind, body, allow_empty=True)
+
+    def _prompt_ids(self, kind: str, body: Mapping[str, Any], allow_empty: bool = False) -> list[int]:
         tokenizer = self.engine.tokenizer
         if kind == "chat":
             try:
-                return tokenizer.encode_chat(chat_messages(body.get("messages")), add_generation_prompt=True)
+                return tokenizer.encode_chat(chat_messages(body.get("messages")),
+                                             add_generation_prompt=body.get("add_generation_prompt", True) is not False)
             except (ChatMessageError, ChatTemplateError) as e:
                 raise APIError(str(e), param="messages") from None
         prompt = body.get("prompt")
@@ -230,7 +243,7 @@ class Service:
             ids = list(prompt)
         else:
             raise APIError("prompt must be a string or a list of token ids (one prompt per request)", param="prompt")
-        if not ids:
+        if not ids and not allow_empty:
             raise APIError("the prompt is empty", param="prompt")
         return ids
 
@@ -363,6 +376,12 @@ class EngineWorker:
         self._closed = False
         self._running: set[Job] = set()  # handed to the scheduler, not finished
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.metrics: Metrics | None = None  # set by Service
+
+    @property
+    def queued(self) -> int:
+        """Jobs submitted that the worker has not handed to the scheduler yet."""
+        return self._jobs.qsize()
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -446,16 +465,23 @@ class EngineWorker:
                 return
             self._running.add(job)
 
+        timer = self.metrics.request(len(job.prompt_ids)) if self.metrics is not None else None
+
         def finished(result: GenerationResult) -> None:
             self._done(job)
+            if timer is not None:
+                timer.finished(result.finish_reason)
             job.emit(Finished(result.finish_reason, len(result.tokens)))
 
         def failed(error: BaseException) -> None:
             self._done(job)
+            if timer is not None:
+                timer.finished("error")
             job.emit(error)
 
         try:
             self.scheduler.submit(job.prompt_ids, job.sampling, on_delta=job.emit, on_logprob=job.emit,
+                                  on_token=timer.token if timer is not None else (lambda token: None),
                                   on_finish=finished, on_error=failed, cancelled=job.cancelled)
         except Exception as e:  # noqa: BLE001  (requests are checked before queueing; report, keep serving)
             log.exception("cannot schedule a request")
@@ -681,14 +707,39 @@ def create_app(engine: Engine, model_name: str, defaults: Mapping[str, Any] | No
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    async def metrics(request: Request) -> Response:
+        body, content_type = service.metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    async def tokenize(request: Request) -> Response:
+        """vLLM's /tokenize: {"prompt": text} or {"messages": [...], "add_generation_prompt": true}."""
+        body = parse_body(await request.body())
+        kind = "chat" if "messages" in body else "completion"
+        if kind == "chat":
+            add = _typed(body, "add_generation_prompt", (bool,), "true or false")
+            body = {**body, "add_generation_prompt": True if add is None else add}
+        ids = await run_in_threadpool(service.tokenize, kind, body)
+        return JSONResponse({"count": len(ids), "max_model_len": service.context_limit, "tokens": ids})
+
+    async def detokenize(request: Request) -> Response:
+        body = parse_body(await request.body())
+        ids = body.get("tokens")
+        vocab = engine.config.vocab_size
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                for t in ids):
+            raise APIError(f"tokens must be a list of token ids in [0, {vocab})", param="tokens")
+        return JSONResponse({"prompt": engine.tokenizer.decode(ids, skip_special_tokens=False)})
+
     async def api_error(request: Request, e: Exception) -> Response:
         err = _server_error(e)
+        service.metrics.error(err.status)
         return JSONResponse(err.body(), status_code=err.status)
 
     async def http_error(request: Request, e: Exception) -> Response:
         assert isinstance(e, HTTPException)
         err = APIError(f"{request.method} {request.url.path}: {e.detail}", e.status_code,
                        code="not_found" if e.status_code == 404 else None)
+        service.metrics.error(err.status)
         return JSONResponse(err.body(), status_code=err.status, headers=e.headers)
 
     @contextlib.asynccontextmanager
@@ -705,6 +756,9 @@ def create_app(engine: Engine, model_name: str, defaults: Mapping[str, Any] | No
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={APIError: api_error, HTTPException: http_error, Exception: api_error})

@@ -1,0 +1,72 @@
+"""Prometheus metrics of `qmoe serve` (GET /metrics), named and shaped like vLLM's (prefix qmoe:
+instead of vllm:) so its dashboards and alerts carry over.
+
+Per request (one choice of `n` counts as one): time to first token (arrival -> first sampled
+token), inter-token latency, end-to-end latency, prompt and generated tokens, and how it finished
+(stop / length / cancelled / error). Gauges read the scheduler when scraped: requests running
+(holding a slot) and waiting (queued for one). A registry per server, so several apps in one
+process (tests) keep their own counts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                   40.0, 80.0, 160.0)
+TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self, model_name: str, running: Callable[[], int], waiting: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        r, label = self.registry, ["model_name"]
+        self.model_name = model_name
+        self.requests = Counter("qmoe:request_success", "Requests finished, by reason.", label + ["finished_reason"],
+                                registry=r)
+        self.prompt_tokens = Counter("qmoe:prompt_tokens", "Prompt tokens of started requests.", label, registry=r)
+        self.generation_tokens = Counter("qmoe:generation_tokens", "Tokens generated.", label, registry=r)
+        self.ttft = Histogram("qmoe:time_to_first_token_seconds", "Arrival to first sampled token.", label,
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("qmoe:inter_token_latency_seconds", "Time between two tokens of a request.", label,
+                             buckets=TOKEN_BUCKETS, registry=r)
+        self.e2e = Histogram("qmoe:e2e_request_latency_seconds", "Arrival to the last token.", label,
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.errors = Counter("qmoe:request_errors", "Requests refused (4xx) or failed (5xx), by status.",
+                              label + ["status"], registry=r)
+        Gauge("qmoe:num_requests_running", "Requests holding a batch slot.", label,
+              registry=r).labels(model_name).set_function(running)
+        Gauge("qmoe:num_requests_waiting", "Requests queued for a slot.", label,
+              registry=r).labels(model_name).set_function(waiting)
+
+    def request(self, prompt_tokens: int) -> "RequestTimer":
+        self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
+        return RequestTimer(self)
+
+    def error(self, status: int) -> None:
+        self.errors.labels(self.model_name, str(status)).inc()
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestTimer:
+    """One request's clock: token() at each sampled token, finished() once (any thread)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics, self.start = metrics, time.monotonic()
+        self.last: float | None = None
+
+    def token(self, _token: int = 0) -> None:
+        now, m = time.monotonic(), self.metrics
+        (m.ttft if self.last is None else m.itl).labels(m.model_name).observe(now - (self.last or self.start))
+        self.last = now
+        m.generation_tokens.labels(m.model_name).inc()
+
+    def finished(self, reason: str) -> None:
+        m = self.metrics
+        m.requests.labels(m.model_name, reason).inc()
+        m.e2e.labels(m.model_name).observe(time.monotonic() - self.start)

@@ -1,0 +1,118 @@
+"""GET /metrics (Prometheus, vLLM's metric shapes under qmoe:) and vLLM's /tokenize and
+/detokenize on a live server; counts are checked against the usage the same requests reported."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from runtime.sampling import SamplingParams
+
+from .conftest import MODEL
+from .test_serve_api import post
+
+HELLO: Any = [{"role": "user", "content": "Count the experts."}]
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Every sample as name{labels} -> value (labels sorted, model_name dropped)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
+            out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def test_metrics_count_what_requests_report(server, client) -> None:
+    before = scrape(server.url)
+    a = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6)
+    b = client.completions.create(model=MODEL, prompt="Routers", max_tokens=4, n=2, temperature=0.9, seed=1)
+    stop_ids = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6,
+                                              extra_body={"stop_token_ids": [0]})
+    assert post(server.url + "/v1/chat/completions", {"model": MODEL, "messages": HELLO, "top_p": 7})[0] == 400
+    after = scrape(server.url)
+    usage = [a.usage, b.usage, stop_ids.usage]
+    requests = 1 + 2 + 1  # n=2 is two requests
+    assert delta(after, before, "qmoe:generation_tokens_total{}") == sum(u.completion_tokens for u in usage)
+    assert delta(after, before, "qmoe:prompt_tokens_total{}") == a.usage.prompt_tokens + 2 * b.usage.prompt_tokens \
+        + stop_ids.usage.prompt_tokens
+    finished = sum(delta(after, before, f"qmoe:request_success_total{{finished_reason={r}}}") for r in ("stop", "length"))
+    assert finished == requests
+    assert delta(after, before, "qmoe:time_to_first_token_seconds_count{}") == requests
+    assert delta(after, before, "qmoe:e2e_request_latency_seconds_count{}") == requests
+    assert delta(after, before, "qmoe:inter_token_latency_seconds_count{}") == \
+        sum(u.completion_tokens for u in usage) - requests
+    assert delta(after, before, "qmoe:request_errors_total{status=400}") == 1
+    assert after["qmoe:num_requests_running{}"] == 0 and after["qmoe:num_requests_waiting{}"] == 0
+    # latencies are real times: TTFT at most the end-to-end sum
+    assert 0 < delta(after, before, "qmoe:time_to_first_token_seconds_sum{}") <= \
+        delta(after, before, "qmoe:e2e_request_latency_seconds_sum{}")
+
+
+def test_running_gauge_sees_a_live_stream_and_cancellation_is_counted(server, client) -> None:
+    before = scrape(server.url)
+    stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=20000, stream=True)
+    seen = []
+    for k, _ in enumerate(stream):
+        if k == 3:
+            seen.append(scrape(server.url)["qmoe:num_requests_running{}"])
+            break
+    stream.close()
+    deadline = time.monotonic() + 10
+    while delta(scrape(server.url), before, "qmoe:request_success_total{finished_reason=cancelled}") < 1:
+        assert time.monotonic() < deadline, "the cancelled stream was not counted"
+        time.sleep(0.05)
+    assert seen == [1.0]
+
+
+def test_tokenize_and_detokenize(server, embedded) -> None:
+    status, got = post(server.url + "/tokenize", {"model": MODEL, "prompt": "Hello, world! 你好"})
+    assert status == 200 and got["tokens"] == [9707, 11, 1879, 0, 220, 108386] and got["count"] == 6
+    assert got["max_model_len"] == server.app.state.service.context_limit
+    status, got = post(server.url + "/tokenize", {"messages": HELLO})
+    assert got["tokens"] == embedded.tokenizer.encode_chat(HELLO, add_generation_prompt=True)
+    status, got = post(server.url + "/tokenize", {"messages": HELLO, "add_generation_prompt": False})
+    assert got["tokens"] == embedded.tokenizer.encode_chat(HELLO, add_generation_prompt=False)
+    assert post(server.url + "/tokenize", {"prompt": ""})[1]["tokens"] == []
+    status, got = post(server.url + "/detokenize", {"tokens": [151644, 9707, 11, 1879]})
+    assert status == 200 and got["prompt"] == "<|im_start|>Hello, world"
+    for path, body, param in [("/tokenize", {"prompt": 5}, "prompt"), ("/tokenize", {"prompt": "x", "model": "y"}, "model"),
+                              ("/detokenize", {"tokens": [10**7]}, "tokens"), ("/detokenize", {"tokens": "abc"}, "tokens"),
+                              ("/tokenize", {"messages": [{"role": "robot", "content": "x"}]}, "messages")]:
+        status, got = post(server.url + path, body)
+        assert status in (400, 404) and got["error"]["param"] == param, (path, body, got)
+
+
+def test_metrics_scrape_while_serving_is_consistent(server, client, embedded) -> None:
+    """Scrapes during concurrent requests never fail or go backwards."""
+    stop = threading.Event()
+    values: list[float] = []
+
+    def scraper() -> None:
+        while not stop.is_set():
+            values.append(scrape(server.url).get("qmoe:generation_tokens_total{}", 0.0))
+
+    t = threading.Thread(target=scraper)
+    t.start()
+    threads = [threading.Thread(target=lambda: client.chat.completions.create(model=MODEL, messages=HELLO,
+                                                                              max_tokens=8)) for _ in range(4)]
+    for x in threads:
+        x.start()
+    for x in threads:
+        x.join(60)
+    stop.set()
+    t.join(10)
+    assert values and values == sorted(values)
+    assert embedded.chat(HELLO, SamplingParams(max_new_tokens=8))  # the server stayed correct alongside
