@@ -50,6 +50,9 @@ from .yarn import ContextLengthError, RopePlan, check_context, context_limit
 # the capacity (attention reads each slot's own length), and cache pages are touched only once
 # written; a longer YaRN context is opt-in because 8 slots x 128k positions is tens of GB on the 57B.
 DEFAULT_CAPACITY = 32768
+# Prefix sharing between running requests (backends that can copy cache rows): a shorter common
+# prefix is recomputed rather than copied, and never makes a request wait.
+MIN_SHARED = 16
 
 
 @dataclass(eq=False)
@@ -107,6 +110,8 @@ class BatchScheduler:
         # request; a new request that starts with them skips their prefill (valid for one plan).
         self._kept: list[list[int]] = [[] for _ in range(max_slots)]
         self.reused_tokens = 0  # prompt tokens served from kept K/V instead of prefill (monitoring, tests)
+        self.copied_tokens = 0  # of those, copied from a running request's rows
+        self._copy = bool(getattr(engine.backend, "can_copy_rows", False))
         self._last = np.zeros(max_slots, np.int32)  # seqlens_k of each slot's latest step (idle rows keep it)
         self._waiting: deque[Generation] = deque()
         self.steps = 0
@@ -175,12 +180,16 @@ class BatchScheduler:
 
     def _admit(self) -> None:
         free = [b for b, s in enumerate(self._slots) if s is None]
+        postponed: list[Generation] = []
         while free and self._waiting:
             gen = self._waiting[0]
             if self.running and gen.plan != self._plan:
-                return  # it waits for the running requests to finish; so do those behind it (FIFO)
+                break  # it waits for the running requests to finish; so do those behind it (FIFO)
             if gen.plan != self._plan:
                 self._bind(gen.plan)
+            if self._copy and self._prefilling(gen):
+                postponed.append(self._waiting.popleft())  # its prefix is being computed: copy it next step
+                continue
             self._waiting.popleft()
             try:  # checked at submit; a constraint that still fails to build ends only its request
                 sampler = Sampler(gen.params, 1, self.engine.matchers(gen.params, 1))
@@ -193,10 +202,38 @@ class BatchScheduler:
             b = max(free, key=lambda i: (common[i], -len(self._kept[i])))
             free.remove(b)
             reuse = min(common[b], len(gen.prompt_ids) - 1)
+            src, shared = self._running_prefix(gen)
+            if self._copy and min(shared, len(gen.prompt_ids) - 1) > max(reuse, MIN_SHARED - 1):
+                reuse = min(shared, len(gen.prompt_ids) - 1)  # a running request computed more of it
+                self.engine.backend.copy_rows(self._cache, src, b, reuse)
+                self.copied_tokens += reuse
             self.reused_tokens += reuse
             self._kept[b] = []
             self._slots[b] = _Slot(gen, sampler, TextStream(
                 self.engine.tokenizer, gen.params, gen.result), np.array(gen.prompt_ids, np.int64), cached=reuse)
+        self._waiting.extendleft(reversed(postponed))
+
+    def _running_prefix(self, gen: Generation) -> tuple[int, int]:
+        """The running slot whose cache rows share the longest prefix with gen's prompt, and that length."""
+        best = (-1, 0)
+        for b, slot in enumerate(self._slots):
+            if slot is not None:
+                tokens = (slot.gen.prompt_ids + slot.gen.result.tokens)[: slot.cached]
+                best = max(best, (b, _common_prefix(tokens, gen.prompt_ids)), key=lambda x: x[1])
+        return best
+
+    def _prefilling(self, gen: Generation) -> bool:
+        """A running request is still prefilling a prefix of at least MIN_SHARED tokens that gen's
+        prompt starts with (n choices of one prompt; requests with one long system prompt): gen
+        waits until its rows are computed, then copies them, rather than computing the same K/V in
+        the same steps."""
+        limit = len(gen.prompt_ids) - 1
+        for slot in self._slots:
+            if slot is not None and slot.next_token < 0:
+                common = min(_common_prefix(slot.gen.prompt_ids, gen.prompt_ids), limit)
+                if common >= MIN_SHARED and common > slot.cached:
+                    return True
+        return False
 
     def _bind(self, plan: RopePlan) -> None:
         self.engine.bind_rope(self._cache, plan, self.capacity + 1)
@@ -291,12 +328,11 @@ class BatchScheduler:
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if len(differ) else n
 
 
 def stream(scheduler: BatchScheduler, prompt_ids: Sequence[int], sampling: SamplingParams | None = None,

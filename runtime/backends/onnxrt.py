@@ -7,6 +7,7 @@ only the new rows in place, so a decode step never copies or reallocates the cac
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,14 @@ class OrtCache:
     values: list  # OrtValue per past/present pair, in manifest order
     cos: object = None
     sin: object = None
+
+
+def _host_view(value, dtype) -> np.ndarray:
+    """A numpy view (no copy) of a CPU OrtValue's buffer; writes go into the OrtValue."""
+    shape = tuple(value.shape())
+    count = int(np.prod(shape))
+    buffer = (ctypes.c_byte * (count * np.dtype(dtype).itemsize)).from_address(value.data_ptr())
+    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
 
 
 class OnnxRuntimeBackend:
@@ -82,6 +91,23 @@ class OnnxRuntimeBackend:
         values = [self.ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, 0)
                   for _ in self.kv_names]
         return OrtCache(batch, capacity, values)
+
+    @property
+    def can_copy_rows(self) -> bool:
+        """copy_rows works on host memory; a CUDA cache would need a device copy ONNX Runtime's
+        Python API does not offer, so there the scheduler recomputes shared prefixes instead."""
+        return self.device == "cpu"
+
+    def copy_rows(self, cache: OrtCache, src: int, dst: int, rows: int) -> None:
+        """K/V rows [0, rows) of sequence `src` into sequence `dst`, every layer (prefix sharing)."""
+        if not self.can_copy_rows:
+            raise BackendError("copy_rows needs the CPU provider")
+        if not (0 <= src < cache.batch and 0 <= dst < cache.batch and 0 <= rows <= cache.capacity):
+            raise BackendError(f"copy_rows({src}, {dst}, {rows}) outside a cache of batch {cache.batch}, "
+                               f"capacity {cache.capacity}")
+        for value in cache.values:
+            kv = _host_view(value, self.dtype)
+            kv[dst, :, :rows] = kv[src, :, :rows]
 
     def bind_rope(self, cache: OrtCache, cos: np.ndarray, sin: np.ndarray) -> None:
         cache.cos = self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(cos, self.dtype), self.device, 0)

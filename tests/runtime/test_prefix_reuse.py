@@ -76,3 +76,66 @@ def test_stream_helper_and_early_stop_free_the_slot(engine):
     it.close()  # consumer gone: the request is cancelled and its slot freed
     assert not sched.has_work()
     assert "".join(stream(sched, ids, p)) == solo(engine, ids, p)[0]
+
+
+# --- sharing with running requests ------------------------------------------------------------
+
+SYSTEM = [{"role": "system", "content": "You are a careful assistant who answers in one short sentence, "
+                                        "citing the experts that routed each token of the question."}]
+
+
+def _submit_all(sched, prompts, params):
+    texts = [[] for _ in prompts]
+    results: dict[int, GenerationResult] = {}
+    for i, (ids, p) in enumerate(zip(prompts, params)):
+        sched.submit(ids, p, on_delta=texts[i].append, on_finish=lambda r, i=i: results.__setitem__(i, r))
+    while sched.has_work():
+        sched.step()
+    return ["".join(t) for t in texts], [results[i].tokens for i in range(len(prompts))]
+
+
+def test_same_prompt_submitted_together_is_prefilled_once(engine):
+    """n choices of one prompt: the first computes it, the others wait one prefill and copy its rows."""
+    assert engine.backend.can_copy_rows
+    sched = BatchScheduler(engine, max_slots=4, capacity=512)
+    ids = engine.tokenizer.encode_chat(SYSTEM + [{"role": "user", "content": "Which experts fired?"}])
+    assert len(ids) >= 40  # several prefill chunks of 16
+    params = [SamplingParams(max_new_tokens=8, temperature=1.0, seed=s) for s in range(4)]
+    texts, tokens = _submit_all(sched, [ids] * 4, params)
+    for p, text, toks in zip(params, texts, tokens):
+        assert (text, toks) == solo(engine, ids, p)
+    assert sched.copied_tokens == 3 * (len(ids) - 1)
+    assert len(set(map(tuple, tokens))) > 1  # the seeds differ, so do the choices
+    assert sched.max_batch == 4  # and they decode together
+
+
+def test_running_request_shares_a_system_prompt_with_a_newcomer(engine):
+    """A request arriving while another decodes copies the common system prompt from it; the
+    source keeps decoding unharmed; both equal their solo runs."""
+    sched = BatchScheduler(engine, max_slots=2, capacity=512)
+    a = engine.tokenizer.encode_chat(SYSTEM + [{"role": "user", "content": "First question about routing?"}])
+    b = engine.tokenizer.encode_chat(SYSTEM + [{"role": "user", "content": "A different second one."}])
+    common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert common > 30
+    texts: list[list[str]] = [[], []]
+    done: dict[int, GenerationResult] = {}
+    p = SamplingParams(max_new_tokens=12)
+    sched.submit(a, p, on_delta=texts[0].append, on_finish=lambda r: done.__setitem__(0, r))
+    while sched._slots[0] is None or sched._slots[0].next_token < 0:
+        sched.step()  # a is prefilled and decoding
+    sched.step()
+    sched.submit(b, p, on_delta=texts[1].append, on_finish=lambda r: done.__setitem__(1, r))
+    while sched.has_work():
+        sched.step()
+    assert sched.copied_tokens == common
+    assert ("".join(texts[0]), done[0].tokens) == solo(engine, a, p)
+    assert ("".join(texts[1]), done[1].tokens) == solo(engine, b, p)
+
+
+def test_short_common_prefixes_are_recomputed_not_waited_for(engine):
+    sched = BatchScheduler(engine, max_slots=2, capacity=512)
+    a = engine.tokenizer.encode("Experts " * 20)
+    b = a[:5] + engine.tokenizer.encode(" something else entirely here")
+    texts, tokens = _submit_all(sched, [a, b], [P, P])
+    assert sched.copied_tokens == 0 and sched.max_batch == 2
+    assert (texts[1], tokens[1]) == solo(engine, b)
