@@ -236,14 +236,40 @@ def check(artifacts: tuple[str, ...], backends: str | None, reference: str | Non
 @click.option("--prompt", "-p", required=True, help="Prompt text.")
 @click.option("--chat/--raw", "as_chat", default=True, show_default=True,
               help="Wrap the prompt in the chat template (default) or complete it as raw text.")
+@click.option("--json-schema", default=None, help="Constrain the output to this JSON schema (a file or inline JSON).")
+@click.option("--regex", default=None, help="Constrain the output to this regular expression.")
+@click.option("--choice", multiple=True, help="Constrain the output to one of these strings (repeatable).")
 @sampling_options
 @engine_options
-def run(artifact: str, prompt: str, as_chat: bool, backend: str, device: str, rope_mode: str | None,
-        **kw: Any) -> None:
+def run(artifact: str, prompt: str, as_chat: bool, json_schema: str | None, regex: str | None,
+        choice: tuple[str, ...], backend: str, device: str, rope_mode: str | None, **kw: Any) -> None:
     """Generate a completion for one prompt, streamed to stdout."""
+    from dataclasses import replace
+    from pathlib import Path
+
     from .engine import load
+    from .structured import StructuredOutput, StructuredOutputError
 
     sampling = _sampling(kw)
+    asked = [name for name, v in (("--json-schema", json_schema), ("--regex", regex), ("--choice", choice)) if v]
+    if len(asked) > 1:
+        raise StructuredOutputError(f"give one of --json-schema, --regex, --choice, not {' and '.join(asked)}")
+    if json_schema is not None:
+        text = json_schema
+        if not json_schema.lstrip().startswith(("{", "true", "false")):  # not inline JSON: a file
+            try:
+                text = Path(json_schema).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise StructuredOutputError(f"--json-schema: {json_schema} is not inline JSON and cannot be read "
+                                            f"({type(e).__name__})") from None
+        try:
+            sampling = replace(sampling, structured=StructuredOutput.json_schema(text))
+        except StructuredOutputError as e:
+            raise StructuredOutputError(f"--json-schema: {e}") from None
+    elif regex is not None:
+        sampling = replace(sampling, structured=StructuredOutput.regex(regex))
+    elif choice:
+        sampling = replace(sampling, structured=StructuredOutput.choice(list(choice)))
     engine = load(artifact, backend=backend, device=device, rope_mode=rope_mode)
     if as_chat:
         deltas = engine.chat([{"role": "user", "content": prompt}], sampling, stream=True)

@@ -56,6 +56,24 @@ def test_chat_keeps_history_resets_and_exits_on_eof(tiny_artifact):
     assert out.count(first) >= 2  # after /reset the same first answer again
 
 
+def test_run_with_structured_output(tiny_artifact, tmp_path):
+    import json
+    import re
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    for arg in (str(tmp_path / "s.json"), json.dumps(schema)):
+        r = qmoe("run", tiny_artifact, "--prompt", "Give JSON", "-n", "30", "--json-schema", arg)
+        assert r.returncode == 0, r.stderr
+        value = json.loads(r.stdout)
+        assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and value["n"] in (1, 2, 3)
+    r = qmoe("run", tiny_artifact, "--prompt", "x", "-n", "20", "--regex", "[a-c]{3}-[0-9]{2}")
+    assert r.returncode == 0 and re.fullmatch("[a-c]{3}-[0-9]{2}", r.stdout.rstrip("\n")), r.stdout
+    r = qmoe("run", tiny_artifact, "--prompt", "x", "--choice", "yes", "--choice", "no", "--temperature", "1")
+    assert r.returncode == 0 and r.stdout in ("yes\n", "no\n")
+
+
 def test_run_errors_are_one_line(tiny_artifact, tmp_path):
     cases = [
         (("run", tmp_path, "--prompt", "x"), "not a qmoe artifact"),
@@ -63,6 +81,10 @@ def test_run_errors_are_one_line(tiny_artifact, tmp_path):
         (("run", tiny_artifact, "--prompt", "x", "-n", "40000"), "over the limit of 32768"),
         (("run", tiny_artifact, "--prompt", "x", "--frequency-penalty", "2.5"), "frequency_penalty must be in [-2, 2]"),
         (("run", tiny_artifact, "--prompt", "x", "--min-p", "-1"), "min_p must be in [0, 1]"),
+        (("run", tiny_artifact, "--prompt", "x", "--regex", "(x"), "invalid regex"),
+        (("run", tiny_artifact, "--prompt", "x", "--json-schema", "nofile.json"), "is not inline JSON and cannot"),
+        (("run", tiny_artifact, "--prompt", "x", "--json-schema", "{bad"), "--json-schema: the JSON schema is not"),
+        (("run", tiny_artifact, "--prompt", "x", "--regex", "a", "--choice", "b"), "give one of"),
         (("run", tiny_artifact, "--prompt", "x", "--rope-scaling", "static"), "needs rope_scaling"),
         (("chat", tiny_artifact, "-n", "40000"), "leaves no room for a prompt in the 32768-token context"),
     ]
