@@ -18,20 +18,16 @@ tokens, a long tail) with noise, so top-p keeps a realistic nucleus.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    MinPLogitsWarper,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
-from runtime.sampling import Sampler, SamplingParams
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from runtime.sampling import Sampler, SamplingParams  # noqa: E402
+from tests.helpers import hf_chain  # noqa: E402  (transformers' processors, the tests' reference)
 
 V = 151936
 CASES = {
@@ -43,22 +39,6 @@ CASES = {
     "top-p 0.95, repetition 1.1": SamplingParams(temperature=0.8, top_p=0.95, repetition_penalty=1.1),
     "min-p 0.05": SamplingParams(temperature=1.0, min_p=0.05),
 }
-
-
-def hf_chain(p: SamplingParams) -> LogitsProcessorList:
-    chain = LogitsProcessorList()
-    if p.repetition_penalty != 1.0:
-        chain.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
-    if not p.greedy:
-        if p.temperature != 1.0:
-            chain.append(TemperatureLogitsWarper(p.temperature))
-        if p.top_k:
-            chain.append(TopKLogitsWarper(p.top_k))
-        if p.top_p < 1.0:
-            chain.append(TopPLogitsWarper(p.top_p))
-        if p.min_p > 0:
-            chain.append(MinPLogitsWarper(p.min_p))
-    return chain
 
 
 def best_ms(fn, repeat: int) -> float:

@@ -51,3 +51,32 @@ def prompt_logits(engine, prompt: list[int]) -> np.ndarray:
     logits = engine.backend.step(cache, np.array([prompt]), lengths, lengths - 1, np.arange(n)[None])
     assert logits.shape == (1, n, engine.config.vocab_size)
     return logits[0]
+
+
+def hf_chain(params):
+    """transformers' logits processors in generate()'s order for a runtime SamplingParams (the
+    reference of tests/runtime/test_sampling.py and scripts/bench_sampler.py)."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        SequenceBiasLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    chain = LogitsProcessorList()
+    if params.logit_bias:
+        chain.append(SequenceBiasLogitsProcessor([[[t], b] for t, b in params.logit_bias]))
+    if params.repetition_penalty != 1.0:
+        chain.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.temperature not in (0.0, 1.0):
+        chain.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k:
+        chain.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        chain.append(TopPLogitsWarper(params.top_p))
+    if params.min_p > 0:
+        chain.append(MinPLogitsWarper(params.min_p))
+    return chain

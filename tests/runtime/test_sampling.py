@@ -8,15 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    MinPLogitsWarper,
-    RepetitionPenaltyLogitsProcessor,
-    SequenceBiasLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from runtime.errors import QmoeError
 from runtime.sampling import (
@@ -31,25 +23,9 @@ from runtime.sampling import (
     warp_logits,
 )
 
+from tests.helpers import hf_chain
+
 VOCAB = 1000
-
-
-def hf_chain(params: SamplingParams) -> LogitsProcessorList:
-    """transformers' processors in generate()'s order for these parameters."""
-    chain = LogitsProcessorList()
-    if params.logit_bias:
-        chain.append(SequenceBiasLogitsProcessor([[[t], b] for t, b in params.logit_bias]))
-    if params.repetition_penalty != 1.0:
-        chain.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-    if params.temperature not in (0.0, 1.0):
-        chain.append(TemperatureLogitsWarper(params.temperature))
-    if params.top_k:
-        chain.append(TopKLogitsWarper(params.top_k))
-    if params.top_p < 1.0:
-        chain.append(TopPLogitsWarper(params.top_p))
-    if params.min_p > 0:
-        chain.append(MinPLogitsWarper(params.min_p))
-    return chain
 
 
 def hf_probs(logits: np.ndarray, seen: np.ndarray, params: SamplingParams) -> np.ndarray:
