@@ -41,8 +41,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .engine import Engine, GenerationResult, RequestError, TextStream
-from .sampling import Sampler, SamplingError, SamplingParams, TokenLogprob, token_logprob
-from .structured import StructuredOutputError
+from .sampling import Sampler, SamplingParams, TokenLogprob, token_logprob
 from .yarn import ContextLengthError, RopePlan, check_context, context_limit
 
 # Tokens per request (prompt + max_new_tokens) when the caller sets none, capped by the model's
@@ -290,15 +289,15 @@ class BatchScheduler:
             row = logits[b: b + 1, 0, :]
             try:
                 tok = int(slot.sampler.next(row, [slot.seen], [slot.seen[len(gen.prompt_ids):]])[0])
-            except (StructuredOutputError, SamplingError) as e:  # this request's grammar or sampling
-                # failed (penalties past float64, broken logits): it ends, the others go on
+            except Exception as e:  # noqa: BLE001  this request's grammar or sampling failed (a
+                # grammar past llguidance's limits, penalties past float64): it ends, the others go on
                 self._slots[b] = None
                 gen.on_error(e)
                 continue
             slot.seen = np.append(slot.seen, tok)
             p = gen.params
             n = len(gen.result.tokens) + 1
-            reason = "stop" if (tok in p.stop_token_ids and not p.ignore_eos) else (
+            reason = "stop" if tok in slot.text.stop_ids else (
                 "length" if n == p.max_new_tokens else None)
             gen.on_token(tok)
             lp = None if p.logprobs is None else token_logprob(row[0], tok, p.logprobs)

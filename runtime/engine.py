@@ -93,9 +93,9 @@ class Engine:
             raise RequestError(f"logit_bias keys must be token ids in [0, {V}), got "
                                f"{next(t for t, _ in p.logit_bias if t >= V)}")
         if p.structured is not None:
-            if not set(self.tokenizer.eos_token_ids) & set(p.stop_token_ids):
-                raise RequestError("structured output ends with the tokenizer's eos token, which stop_token_ids "
-                                   "must include")
+            if not set(self.tokenizer.eos_token_ids) <= set(p.stop_token_ids):
+                raise RequestError("structured output ends with one of the tokenizer's eos tokens, which "
+                                   "stop_token_ids must all include")
             structured.check(p.structured, self.tokenizer, V)
         return p
 
@@ -165,7 +165,7 @@ class Engine:
         logits = self._prefill(cache, ids, lengths)
         cache_len = lengths.copy()
         active = np.ones(B, bool)
-        stop_ids = set() if p.ignore_eos else set(p.stop_token_ids)
+        stop_ids = p.stops(self.tokenizer.eos_token_ids)
         for n in range(p.max_new_tokens):
             nxt = sampler.next(logits[:, 0, :], seen, [x[len(prompt):] for x, prompt in zip(seen, prompts)], active)
             for i in np.flatnonzero(active):
@@ -307,6 +307,7 @@ class TextStream:
 
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams, result: GenerationResult) -> None:
         self.params, self.result = params, result
+        self.stop_ids = params.stops(tokenizer.eos_token_ids)
         self.stopped = False
         self._decoder = tokenizer.stream_decoder()
         self._pending = ""
@@ -322,7 +323,7 @@ class TextStream:
             r.logprobs.append(logprob)
         if finish_reason:
             r.finish_reason = finish_reason
-        if token in p.stop_token_ids and not p.ignore_eos:
+        if token in self.stop_ids:
             return ""
         self._pending += self._decoder.push(token)
         cut = find_stop(self._pending, p.stop)

@@ -44,7 +44,7 @@ class SamplingParams:
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()  # empty: the engine fills in the generation config's eos ids
-    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks, parity tests)
+    ignore_eos: bool = False  # eos does not stop (stop_token_ids beyond it still do): benchmarks, parity tests
     min_p: float = 0.0  # 0 = off; keeps tokens with probability >= min_p x the top one's
     presence_penalty: float = 0.0  # [-2, 2]; subtracted once from each token already generated
     frequency_penalty: float = 0.0  # [-2, 2]; subtracted per occurrence in the generated tokens
@@ -105,6 +105,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def stops(self, eos_ids: Sequence[int]) -> frozenset[int]:
+        """The ids that end the generation: stop_token_ids, less the model's eos ids with
+        ignore_eos (other stop ids still stop, as in vLLM)."""
+        return frozenset(set(self.stop_token_ids) - set(eos_ids) if self.ignore_eos else self.stop_token_ids)
 
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI and vLLM cap them
@@ -335,6 +340,8 @@ def candidates(logits: np.ndarray, seen: np.ndarray, params: SamplingParams,
     else:  # a tiny temperature sends all but the best to -inf: they cannot be drawn
         keep = np.flatnonzero(x > -np.inf)
         alive = (keep, x[keep])
+    if len(alive[0]) == 0:
+        return alive  # nothing can be drawn: the sampler says so for its row
     ids, x = _top_k(*alive, params.top_k)
     ids, x = _top_p(ids, x, params.top_p)
     return _min_p(ids, x, params.min_p)
@@ -448,7 +455,7 @@ class Sampler:
         if params.greedy:
             return int(np.argmax(_penalised(logits, seen, params, generated)))  # first maximum, like torch.argmax
         ids, x = candidates(logits, seen, params, generated)
-        if len(ids) == 0:  # penalties past float64 sent every logit to -inf
+        if len(ids) == 0:  # penalties past float64 (or a bias under a grammar) sent every logit to -inf
             raise SamplingError(f"row {row}: every token has probability 0 after the penalties; lower them")
         return int(ids[draw(_softmax(x), rng)])
 

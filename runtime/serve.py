@@ -70,6 +70,8 @@ UNSUPPORTED_FIELDS: Mapping[str, tuple[Any, ...]] = {
     # vLLM's, not implemented here
     "min_tokens": (0,), "allowed_token_ids": ([],), "include_stop_str_in_output": (False,), "prompt_logprobs": (0,),
     "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "use_beam_search": (False,),
+    "bad_words": ([],), "truncate_prompt_tokens": (), "logits_processors": ([],), "guided_whitespace_pattern": (),
+    "structural_tag": (),
 }
 # Sampling fields a request (or generation_config.json) may set; top_k, min_p and repetition_penalty are vLLM's.
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -92,6 +94,8 @@ class APIError(QmoeError):
 def _server_error(e: BaseException) -> APIError:
     if isinstance(e, APIError):
         return e
+    if isinstance(e, QmoeError) and isinstance(e, ValueError):  # the request's own fault, found while it ran
+        return APIError(str(e).splitlines()[0] if str(e) else type(e).__name__)  # (a grammar past its limits)
     # Requests are validated before they are queued: anything else is the server's fault.
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     return APIError(message, status=500, type="server_error")
@@ -188,9 +192,12 @@ class Service:
         echo = _typed(body, "echo", (bool,), "true or false")
         if echo and kind == "chat":
             raise APIError("echo is supported by /v1/completions only", param="echo")
-        generate = not (echo and body.get("max_tokens") == 0 and body.get("max_completion_tokens") is None)
-        sampling = self._sampling({**body, "max_tokens": 1} if not generate else body, len(ids),
-                                  self._logprobs(kind, body))
+        max_tokens = _typed(body, "max_tokens", (int,), "an integer")
+        generate = not (echo and max_tokens == 0 and body.get("max_completion_tokens") is None)
+        if not generate and len(ids) > self.context_limit:
+            raise APIError(f"this server's context is {self.context_limit} tokens; the prompt has {len(ids)}",
+                           param="prompt", code="context_length_exceeded")
+        sampling = self._sampling(body, len(ids), self._logprobs(kind, body), scoring_only=not generate)
         prompt = body.get("prompt")
         text = None
         if echo:  # the prompt as sent (a string, or a batch of one string), else its ids decoded
@@ -247,14 +254,17 @@ class Service:
             raise APIError("the prompt is empty", param="prompt")
         return ids
 
-    def _sampling(self, body: Mapping[str, Any], prompt_len: int, logprobs: int | None) -> SamplingParams:
+    def _sampling(self, body: Mapping[str, Any], prompt_len: int, logprobs: int | None,
+                  scoring_only: bool = False) -> SamplingParams:
+        """scoring_only: echo with max_tokens 0 (the prompt, checked by the caller, is all there is;
+        the parameters still get checked, with one token to be valid)."""
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _typed(body, name, (int,), "an integer")
+        max_tokens = 1 if scoring_only else _typed(body, name, (int,), "an integer")
         if max_tokens is None:  # OpenAI's default: whatever the context has left
             max_tokens = max(self.context_limit - prompt_len, 1)
         if max_tokens < 1:
             raise APIError(f"{name} must be at least 1, got {max_tokens}", param=name)
-        if prompt_len + max_tokens > self.context_limit:
+        if prompt_len + max_tokens > self.context_limit and not scoring_only:
             raise APIError(f"this server's context is {self.context_limit} tokens; the prompt has {prompt_len} and "
                            f"{name} is {max_tokens}; shorten the prompt or lower {name}",
                            param=name, code="context_length_exceeded")

@@ -58,8 +58,11 @@ class StructuredOutput:
                 schema = json.loads(schema)
             except json.JSONDecodeError as e:
                 raise StructuredOutputError(f"the JSON schema is not valid JSON ({e})") from None
-        if not isinstance(schema, (dict, bool)):
-            raise StructuredOutputError(f"a JSON schema must be an object, got {type(schema).__name__}")
+        if schema is True:
+            schema = {}  # JSON Schema's `true`: any value
+        if schema is False or not isinstance(schema, dict):
+            raise StructuredOutputError("a JSON schema must be an object (or true)" if schema is not False
+                                        else "the JSON schema false matches nothing")
         return cls("json_schema", json.dumps(schema, ensure_ascii=False))  # key order kept: it is the output's
 
     @classmethod
@@ -73,9 +76,10 @@ class StructuredOutput:
 
     @classmethod
     def choice(cls, options: Sequence[str]) -> "StructuredOutput":
-        if isinstance(options, str) or not options or not all(isinstance(o, str) and o for o in options):
+        if not isinstance(options, (list, tuple)) or not options or \
+                not all(isinstance(o, str) and o for o in options):
             raise StructuredOutputError("choice must be a non-empty list of non-empty strings")
-        return cls("choice", json.dumps(list(options), ensure_ascii=False))
+        return cls("choice", json.dumps(list(dict.fromkeys(options)), ensure_ascii=False))
 
     @classmethod
     def grammar(cls, text: str) -> "StructuredOutput":
@@ -108,37 +112,69 @@ def _grammar(spec: StructuredOutput) -> str:
             return M.grammar_from_json_schema(spec.spec, overrides=JSON_OPTIONS)
         if spec.kind == "regex":
             return M.grammar_from_regex(spec.spec)
-        if spec.kind == "choice":
-            return M.grammar_from_lark("start: " + " | ".join(json.dumps(o) for o in json.loads(spec.spec)))
+        if spec.kind == "choice":  # one regex alternation: a Lark rule per option caps at 2000 of them
+            return M.grammar_from_regex("|".join(_regex_literal(o) for o in json.loads(spec.spec)))
         return llg.grammar_from("grammar", spec.spec)  # Lark, or GBNF converted to Lark
     except (ValueError, TypeError) as e:
         raise StructuredOutputError(f"invalid {spec.kind}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def check(spec: StructuredOutput, tokenizer: Tokenizer, vocab_size: int) -> None:
-    """Raises StructuredOutputError (one line) if the constraint does not compile for this tokenizer."""
+def _regex_literal(text: str) -> str:
+    """`text` as a regex matching exactly it (llguidance's Rust regex syntax)."""
+    return "".join("\\" + c if c in "\\.+*?()|[]{}^$#&-~" else c for c in text)
+
+
+# Bounds on what one request may ask llguidance to build, so a pathological constraint is refused
+# up front instead of stalling the worker thread (a compile runs once per spec, then is copied).
+MAX_SPEC_CHARS = 1 << 20
+
+
+@lru_cache(maxsize=64)
+def _template(spec: StructuredOutput, tokenizer: Tokenizer, vocab_size: int) -> Any:
+    """The constraint compiled for this tokenizer, checked by computing its first mask (a grammar
+    with no finite string fails there); generations start from copies of it."""
+    if len(spec.spec) > MAX_SPEC_CHARS:
+        raise StructuredOutputError(f"the {spec.kind} is {len(spec.spec)} characters, over the limit of {MAX_SPEC_CHARS}")
+    llg = _llguidance()
+    tok = _ll_tokenizer(tokenizer, vocab_size)
     grammar = _grammar(spec)
-    message = _llguidance().LLMatcher.validate_grammar(grammar, _ll_tokenizer(tokenizer, vocab_size))
+    message = llg.LLMatcher.validate_grammar(grammar, tok)
     if message:
         raise StructuredOutputError(f"invalid {spec.kind}: {message.splitlines()[0]}")
+    matcher = llg.LLMatcher(tok, grammar, log_level=0)
+    probe = matcher.deep_copy()
+    bits = np.zeros((vocab_size + 31) // 32, np.int32)
+    if not probe.is_error():
+        probe.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+    for m in (matcher, probe):
+        if m.is_error():
+            raise StructuredOutputError(f"invalid {spec.kind}: {_first_line(m.get_error())}")
+    return matcher
+
+
+def _first_line(message: str) -> str:
+    return message.splitlines()[0] if message else "llguidance gave no reason"
+
+
+def check(spec: StructuredOutput, tokenizer: Tokenizer, vocab_size: int) -> None:
+    """Raises StructuredOutputError (one line) if the constraint does not compile for this
+    tokenizer or cannot produce a first token; compiles it once for the generations to come."""
+    _template(spec, tokenizer, vocab_size)
 
 
 class Matcher:
     """One generation's position in its grammar: masks a row of logits, then takes the sampled token."""
 
     def __init__(self, spec: StructuredOutput, tokenizer: Tokenizer, vocab_size: int) -> None:
-        llg = _llguidance()
         self.vocab_size = vocab_size
-        self._matcher = llg.LLMatcher(_ll_tokenizer(tokenizer, vocab_size), _grammar(spec), log_level=0)
-        if self._matcher.is_error():
-            raise StructuredOutputError(f"invalid {spec.kind}: {self._matcher.get_error().splitlines()[0]}")
+        self._matcher = _template(spec, tokenizer, vocab_size).deep_copy()
         self._bits = np.zeros((vocab_size + 31) // 32, np.int32)
 
     def allowed(self) -> np.ndarray:
         """bool [V]: the tokens the grammar allows next (eos once it is complete)."""
         self._matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         if self._matcher.is_error():
-            raise StructuredOutputError(f"structured output failed: {self._matcher.get_error().splitlines()[0]}")
+            raise StructuredOutputError(f"structured output failed: {_first_line(self._matcher.get_error())}")
         return np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab_size].astype(bool)
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
@@ -148,7 +184,7 @@ class Matcher:
     def consume(self, token: int) -> None:
         if not self._matcher.consume_token(int(token)):
             raise StructuredOutputError(f"structured output failed at token {token}: "
-                                        f"{self._matcher.get_error().splitlines()[0]}")
+                                        f"{_first_line(self._matcher.get_error())}")
 
 
 def matchers(spec: StructuredOutput | None, tokenizer: Tokenizer, vocab_size: int, rows: int) -> list[Matcher] | None:
@@ -184,9 +220,14 @@ def from_request(body: dict[str, Any]) -> tuple[StructuredOutput | None, str | N
     if options is not None:
         if not isinstance(options, dict):
             raise StructuredOutputError("structured_outputs must be an object with one of json, regex, choice, grammar")
+        unknown = sorted(set(options) - {"json", "regex", "choice", "grammar", "json_object", "backend"})
+        if unknown:
+            raise StructuredOutputError(f"structured_outputs: {unknown[0]} is not supported by this server")
         for key in ("json", "regex", "choice", "grammar"):
             if options.get(key) is not None:
                 asked.append(("structured_outputs", key, options[key]))
+        if options.get("json_object") is True:
+            asked.append(("structured_outputs", "json", {"type": "object"}))
     for name, key in VLLM_FIELDS.items():
         if body.get(name) is not None:
             asked.append((name, key, body[name]))

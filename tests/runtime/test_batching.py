@@ -137,7 +137,8 @@ def test_stop_strings_and_eos_behave_as_solo(engine) -> None:
     by_stop, by_eos, ignoring = (t.gen.result for t in tracked[:3])
     assert by_stop.finish_reason == "stop" and tracked[0].text == full.text[: full.text.index(stop)]
     assert by_eos.finish_reason == "stop" and by_eos.tokens == full.tokens[: full.tokens.index(eos) + 1]
-    assert ignoring.finish_reason == "length" and ignoring.tokens == full.tokens
+    # ignore_eos ignores the model's eos ids only; a stop id of the request's own still stops (vLLM)
+    assert ignoring.finish_reason == "stop" and ignoring.tokens == by_eos.tokens
 
 
 def test_cancelled_request_frees_its_slot_and_others_are_unaffected(engine) -> None:

@@ -135,8 +135,39 @@ def test_logprobs_stay_the_models_and_scheduler_matches_solo(engine):
     assert abs(first.logprob - ref[first.token]) < 1e-6 and first.logprob < ref.max() - 1e-3
 
 
+def test_thousands_of_choices_and_any_json(engine):
+    options = [f"option {i} (a+b)*[c] ~ & # - é 你" for i in range(5000)]
+    r = run(engine, StructuredOutput.choice(options), n=60, temperature=1.0, seed=2)
+    assert all(x.text in options and x.finish_reason == "stop" for x in r)
+    for x in run(engine, StructuredOutput.json_schema(True), n=40, temperature=0.8, seed=1):
+        if x.finish_reason == "stop":
+            json.loads(x.text)
+
+
+def test_a_request_whose_every_allowed_token_is_penalised_away_ends_alone(engine):
+    """A grammar allowing one token, which a bias and penalty send to -inf: that request fails with
+    a SamplingError; a request sharing its steps finishes as it would alone."""
+    first = engine.tokenizer.encode("b")[0]
+    bad = SamplingParams(max_new_tokens=3, structured=StructuredOutput.choice(["b"]), temperature=1.0,
+                         top_p=0.9, repetition_penalty=1e308, logit_bias={first: -100})
+    good = SamplingParams(max_new_tokens=6)
+    scheduler = BatchScheduler(engine, max_slots=2, capacity=64)
+    errors: list[BaseException] = []
+    texts: list[str] = []
+    scheduler.submit([first, 9707], bad, on_error=errors.append)
+    gen = scheduler.submit(PROMPTS[0], good, on_delta=texts.append)
+    while scheduler.has_work():
+        scheduler.step()
+    assert len(errors) == 1 and isinstance(errors[0], SamplingError) and "probability 0" in str(errors[0])
+    alone = GenerationResult(list(PROMPTS[0]))
+    assert ("".join(texts), gen.result.tokens) == ("".join(engine.stream_text(PROMPTS[0], good, result=alone)),
+                                                  alone.tokens)
+
+
 @pytest.mark.parametrize("spec, match", [
     (StructuredOutput.json_schema({"type": "nonsense"}), "invalid json_schema"),
+    (StructuredOutput.grammar('start: a\na: a "x"'), "invalid grammar"),  # no finite string: no first token
+    (StructuredOutput.json_schema({"$ref": "#"}), "invalid json_schema"),
     (StructuredOutput.regex("(unclosed"), "invalid regex"),
     (StructuredOutput.grammar("start: undefined_rule"), "invalid grammar"),
     (StructuredOutput.grammar("this is not a grammar ::= ::="), "invalid grammar"),
@@ -159,15 +190,18 @@ def test_constructor_and_params_errors(engine):
         StructuredOutput.json_schema("{bad")
     with pytest.raises(StructuredOutputError, match="must be an object"):
         StructuredOutput.json_schema([1, 2])
-    for bad in ([], [""], "abc", [1]):
+    for bad in ([], [""], "abc", [1], {"yes": 1}):
         with pytest.raises(StructuredOutputError, match="non-empty list"):
             StructuredOutput.choice(bad)
     with pytest.raises(SamplingError, match="ignore_eos cannot be combined"):
         SamplingParams(structured=StructuredOutput.regex("a"), ignore_eos=True)
     with pytest.raises(SamplingError, match="structured must be"):
         SamplingParams(structured={"type": "json_object"})
-    with pytest.raises(RequestError, match="stop_token_ids must include"):
+    with pytest.raises(RequestError, match="stop_token_ids must all include"):
         engine.generate(PROMPTS, SamplingParams(structured=StructuredOutput.regex("a"), stop_token_ids=(5,)))
+    with pytest.raises(StructuredOutputError, match="false matches nothing"):
+        StructuredOutput.json_schema(False)
+    assert StructuredOutput.choice(["a", "b", "a"]) == StructuredOutput.choice(["a", "b"])
 
 
 def test_from_request_maps_openai_and_vllm_fields():
@@ -183,6 +217,9 @@ def test_from_request_maps_openai_and_vllm_fields():
     assert from_request({"guided_json": '{"type": "integer"}'})[0] == StructuredOutput.json_schema({"type": "integer"})
     assert from_request({"structured_outputs": {"grammar": "start: /x/"}}) == (
         StructuredOutput.grammar("start: /x/"), "structured_outputs")
+    assert from_request({"structured_outputs": {"json_object": True}})[0] == StructuredOutput.json_object()
+    assert from_request({"response_format": {"type": "json_schema", "json_schema": {"schema": True}}})[0] == \
+        StructuredOutput.json_schema({})
     for body, match in [
         ({"response_format": {"type": "yaml"}}, "^response_format must be"),
         ({"response_format": "json"}, "^response_format must be"),
@@ -190,6 +227,8 @@ def test_from_request_maps_openai_and_vllm_fields():
         ({"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}}, "^response_format json_schema"),
         ({"guided_regex": "a", "guided_choice": ["a"]}, "^guided_regex: only one structured output"),
         ({"structured_outputs": ["json"]}, "^structured_outputs must be"),
+        ({"structured_outputs": {"structural_tag": "x"}}, "^structured_outputs: structural_tag is not supported"),
+        ({"guided_choice": {"yes": 1}}, "^guided_choice: choice must be a non-empty list"),
         ({"guided_choice": "ab"}, "^guided_choice: choice must be a non-empty list"),
         ({"guided_regex": 5}, "^guided_regex: a regex must be a non-empty string"),
         ({"guided_json": "{nope"}, "^guided_json: the JSON schema is not valid JSON"),

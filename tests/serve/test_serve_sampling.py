@@ -226,6 +226,10 @@ def test_vllm_structured_output_fields(client) -> None:
     ({"guided_regex": "(unclosed"}, "guided_regex", "invalid regex"),
     ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "response_format", "only one"),
     ({"structured_outputs": {"grammar": "start: nothing_here"}}, "structured_outputs", "invalid grammar"),
+    ({"guided_grammar": 'start: "x" start'}, None, "structured output failed"),  # no finite string: found
+    # only when llguidance's item limit stops it a few tokens in; still a 400
+    ({"guided_json": {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}}, None,
+     "structured output failed"),  # compiles; llguidance's item limit stops it a few tokens in: still a 400
 ])
 def test_bad_structured_output_requests(server, body, param, message) -> None:
     from .test_serve_api import post
@@ -282,6 +286,10 @@ def test_echo_without_logprobs_and_its_errors(client, server) -> None:
     assert r.choices[0].text == "Hi there" and r.choices[0].logprobs is None and r.usage.completion_tokens == 0
     for body, param in [({"model": MODEL, "messages": HELLO, "echo": True}, "echo"),
                         ({"model": MODEL, "prompt": "x", "max_tokens": 0}, "max_tokens"),
+                        ({"model": MODEL, "prompt": "x", "max_tokens": False, "echo": True}, "max_tokens"),
+                        ({"model": MODEL, "prompt": "x", "max_tokens": 0.0, "echo": True}, "max_tokens"),
+                        ({"model": MODEL, "prompt": "x", "bad_words": ["y"]}, "bad_words"),
+                        ({"model": MODEL, "prompt": "x", "guided_choice": {"a": 1}}, "guided_choice"),
                         ({"model": MODEL, "prompt": "x", "echo": "yes"}, "echo")]:
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
         status, got = post(server.url + path, body)
@@ -302,6 +310,10 @@ def test_vllm_stop_token_ids_and_ignore_eos(client, embedded) -> None:
     r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4,
                                        extra_body={"logit_bias": {str(eos): 100}, "ignore_eos": True})
     assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
+    # ignore_eos ignores eos only: other stop ids still stop (vLLM's behaviour)
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=N,
+                                       extra_body={"stop_token_ids": [third], "ignore_eos": True})
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 3
 
 
 def test_special_tokens_in_logprobs_are_empty_like_the_text(client) -> None:
