@@ -110,6 +110,7 @@ class BatchScheduler:
         self._kept: list[list[int]] = [[] for _ in range(max_slots)]
         self.reused_tokens = 0  # prompt tokens served from kept K/V instead of prefill (monitoring, tests)
         self.copied_tokens = 0  # of those, copied from a running request's rows
+        self.admitted_tokens = 0  # prompt tokens of every request admitted to a slot
         self._copy = bool(getattr(engine.backend, "can_copy_rows", False))
         self._last = np.zeros(max_slots, np.int32)  # seqlens_k of each slot's latest step (idle rows keep it)
         self._waiting: deque[Generation] = deque()
@@ -207,6 +208,7 @@ class BatchScheduler:
                 self.engine.backend.copy_rows(self._cache, src, b, reuse)
                 self.copied_tokens += reuse
             self.reused_tokens += reuse
+            self.admitted_tokens += len(gen.prompt_ids)
             self._kept[b] = []
             self._slots[b] = _Slot(gen, sampler, TextStream(
                 self.engine.tokenizer, gen.params, gen.result), np.array(gen.prompt_ids, np.int64), cached=reuse)

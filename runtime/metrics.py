@@ -14,6 +14,8 @@ import time
 from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                    40.0, 80.0, 160.0)
@@ -21,7 +23,10 @@ TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3
 
 
 class Metrics:
-    def __init__(self, model_name: str, running: Callable[[], int], waiting: Callable[[], int]) -> None:
+    def __init__(self, model_name: str, running: Callable[[], int], waiting: Callable[[], int],
+                 prefix: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0)) -> None:
+        """prefix: the scheduler's (prompt tokens admitted, of those reused from cache, of those
+        copied from a running request), read when scraped."""
         self.registry = CollectorRegistry()
         r, label = self.registry, ["model_name"]
         self.model_name = model_name
@@ -41,6 +46,7 @@ class Metrics:
               registry=r).labels(model_name).set_function(running)
         Gauge("qmoe:num_requests_waiting", "Requests queued for a slot.", label,
               registry=r).labels(model_name).set_function(waiting)
+        r.register(_PrefixCollector(model_name, prefix))
 
     def request(self, prompt_tokens: int) -> "RequestTimer":
         self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
@@ -74,3 +80,20 @@ class RequestTimer:
             return
         m.requests.labels(m.model_name, reason).inc()
         m.e2e.labels(m.model_name).observe(time.monotonic() - self.start)
+
+
+class _PrefixCollector(Collector):
+    """vLLM's prefix_cache_queries / prefix_cache_hits (in tokens), plus the hits copied from a
+    running request, from the scheduler's own counts."""
+
+    def __init__(self, model_name: str, read: Callable[[], tuple[int, int, int]]) -> None:
+        self.model_name, self.read = model_name, read
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        queries, hits, copied = self.read()
+        for name, doc, value in (("qmoe:prefix_cache_queries", "Prompt tokens admitted to a slot.", queries),
+                                 ("qmoe:prefix_cache_hits", "Of those, served from kept or copied K/V.", hits),
+                                 ("qmoe:prefix_cache_copied", "Of the hits, copied from a running request.", copied)):
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            yield family

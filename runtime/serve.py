@@ -70,7 +70,7 @@ UNSUPPORTED_FIELDS: Mapping[str, tuple[Any, ...]] = {
     # vLLM's, not implemented here
     "min_tokens": (0,), "allowed_token_ids": ([],), "include_stop_str_in_output": (False,), "prompt_logprobs": (0,),
     "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "use_beam_search": (False,),
-    "bad_words": ([],), "truncate_prompt_tokens": (), "logits_processors": ([],), "guided_whitespace_pattern": (),
+    "bad_words": ([],), "logits_processors": ([],), "guided_whitespace_pattern": (),
     "structural_tag": (),
 }
 # Sampling fields a request (or generation_config.json) may set; top_k, min_p and repetition_penalty are vLLM's.
@@ -167,7 +167,8 @@ class Service:
         self.worker = EngineWorker(engine, max_batch, capacity)
         scheduler = self.worker.scheduler
         self.metrics = self.worker.metrics = Metrics(
-            model_name, lambda: scheduler.running, lambda: scheduler.waiting + self.worker.queued)
+            model_name, lambda: scheduler.running, lambda: scheduler.waiting + self.worker.queued,
+            lambda: (scheduler.admitted_tokens, scheduler.reused_tokens, scheduler.copied_tokens))
         # what one request may hold: the model's context for the rope mode, capped by the KV cache
         self.context_limit = self.worker.scheduler.capacity
         self.created = int(time.time())
@@ -189,6 +190,14 @@ class Service:
         if n is not None and not 1 <= n <= MAX_N:
             raise APIError(f"n must be in [1, {MAX_N}], got {n}", param="n")
         ids = self._prompt_ids(kind, body)
+        keep = _typed(body, "truncate_prompt_tokens", (int,), "an integer >= 1")
+        if keep is not None:  # vLLM's: keep the prompt's last `keep` tokens
+            if keep < 1:
+                raise APIError(f"truncate_prompt_tokens must be >= 1, got {keep}", param="truncate_prompt_tokens")
+            truncated = len(ids) > keep
+            ids = ids[-keep:]
+        else:
+            truncated = False
         echo = _typed(body, "echo", (bool,), "true or false")
         if echo and kind == "chat":
             raise APIError("echo is supported by /v1/completions only", param="echo")
@@ -201,8 +210,9 @@ class Service:
         prompt = body.get("prompt")
         text = None
         if echo:  # the prompt as sent (a string, or a batch of one string), else its ids decoded
-            text = prompt if isinstance(prompt, str) else prompt[0] if isinstance(prompt, list) and \
-                len(prompt) == 1 and isinstance(prompt[0], str) else self.engine.tokenizer.decode(ids, False)
+            text = prompt if isinstance(prompt, str) and not truncated else prompt[0] if isinstance(prompt, list) \
+                and len(prompt) == 1 and isinstance(prompt[0], str) and not truncated \
+                else self.engine.tokenizer.decode(ids, False)
         return GenerationRequest(kind, ids, sampling, stream, include_usage, n or 1, text, generate)
 
     @staticmethod

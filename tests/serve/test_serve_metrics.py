@@ -77,6 +77,26 @@ def test_running_gauge_sees_a_live_stream_and_cancellation_is_counted(server, cl
     assert seen == [1.0]
 
 
+def test_prefix_cache_counters_and_truncation(server, client, embedded) -> None:
+    """An identical second request is served from the first one's kept K/V (all but its last
+    token), counted as vLLM counts prefix-cache hits; truncate_prompt_tokens keeps the tail."""
+    prompt = "A long shared preamble about routers and experts, " * 6
+    ids = embedded.tokenizer.encode(prompt)
+    before = scrape(server.url)
+    for _ in range(2):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    after = scrape(server.url)
+    assert delta(after, before, "qmoe:prefix_cache_queries_total{}") == 2 * len(ids)
+    assert delta(after, before, "qmoe:prefix_cache_hits_total{}") >= len(ids) - 1
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True,
+                                  extra_body={"truncate_prompt_tokens": 7})
+    tail = embedded.tokenizer.decode(ids[-7:], skip_special_tokens=False)
+    assert r.usage.prompt_tokens == 7 and r.choices[0].text.startswith(tail)
+    assert r.choices[0].text[len(tail):] == embedded.generate([ids[-7:]], SamplingParams(max_new_tokens=3))[0].text
+    status, got = post(server.url + "/v1/completions", {"model": MODEL, "prompt": "x", "truncate_prompt_tokens": 0})
+    assert status == 400 and got["error"]["param"] == "truncate_prompt_tokens"
+
+
 def test_tokenize_and_detokenize(server, embedded) -> None:
     status, got = post(server.url + "/tokenize", {"model": MODEL, "prompt": "Hello, world! 你好"})
     assert status == 200 and got["tokens"] == [9707, 11, 1879, 0, 220, 108386] and got["count"] == 6
