@@ -209,27 +209,37 @@ class Engine:
         return out
 
     def prompt_logprobs(self, ids: Sequence[int], top: int = 0, max_new_tokens: int = 0,
-                        rope_mode: RopeMode | None = None, chunk: int = 512) -> list[TokenLogprob | None]:
+                        rope_mode: RopeMode | None = None, chunk: int = 128) -> list[TokenLogprob | None]:
         """Each prompt token's log-probability given the tokens before it (None for the first),
         with the `top` likeliest alternatives: what `echo` with `logprobs` returns, and what
-        evaluation harnesses score a text with. Runs the prompt through its own cache, in chunks
-        of `chunk` positions whose logits ([chunk, V] float32) are all kept; the rope tables are
-        those a request of len(ids) + max_new_tokens would use, as its generation does."""
+        evaluation harnesses score a text with. The rope tables are those a request of len(ids) +
+        max_new_tokens would use, as its generation does."""
+        out: list[TokenLogprob | None] = []
+        for part in self.iter_prompt_logprobs(ids, top, max_new_tokens, rope_mode, chunk):
+            out.extend(part)
+        return out
+
+    def iter_prompt_logprobs(self, ids: Sequence[int], top: int = 0, max_new_tokens: int = 0,
+                             rope_mode: RopeMode | None = None, chunk: int = 128,
+                             ) -> Iterator[list[TokenLogprob | None]]:
+        """prompt_logprobs one chunk of positions at a time (a server interleaves them with its
+        other requests' steps). The prompt runs through its own cache; each chunk's logits
+        ([chunk, V] float32, 78 MB for Qwen2's vocabulary at 128) are all kept. Checks raise at
+        the first next()."""
         self.check_prompt(ids)
         ids = [int(t) for t in ids]
         plan = check_context(self.config, rope_mode or self.rope_mode, len(ids), max_new_tokens)
         capacity = len(ids) + 1
         cache = self.backend.new_cache(1, capacity)
         self.bind_rope(cache, plan, capacity)
-        out: list[TokenLogprob | None] = [None]
+        yield [None]
         step = max(1, min(chunk, self.prefill_chunk))
         for c0 in range(0, len(ids) - 1, step):  # the last token predicts nothing in the prompt
             c1 = min(len(ids) - 1, c0 + step)
             n = c1 - c0
             logits = self.backend.step(cache, np.array([ids[c0:c1]], np.int64), np.array([n], np.int32),
                                        np.array([c1 - 1], np.int32), np.arange(n, dtype=np.int64)[None])
-            out.extend(token_logprob(logits[0, i], ids[c0 + i + 1], top) for i in range(n))
-        return out
+            yield [token_logprob(logits[0, i], ids[c0 + i + 1], top) for i in range(n)]
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | None = None,
                  rope_mode: RopeMode | None = None, output_logits: bool = False) -> list[GenerationResult]:

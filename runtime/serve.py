@@ -612,7 +612,10 @@ async def _echo(worker: EngineWorker, req: GenerationRequest) -> list[TokenLogpr
         return []
     engine, k = worker.engine, req.sampling.logprobs
     n = req.sampling.max_new_tokens if req.generate else 0
-    entries = await worker.call(lambda: engine.prompt_logprobs(req.prompt_ids, k, n))
+    chunks = engine.iter_prompt_logprobs(req.prompt_ids, k, n)
+    entries: list[TokenLogprob | None] = []
+    while (part := await worker.call(lambda: next(chunks, None))) is not None:
+        entries.extend(part)  # one chunk per worker call: other requests' steps run in between
     return [req.prompt_ids[0], *entries[1:]]
 
 
