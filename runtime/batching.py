@@ -188,7 +188,10 @@ class BatchScheduler:
             if gen.plan != self._plan:
                 self._bind(gen.plan)
             if self._copy and self._prefilling(gen):
-                postponed.append(self._waiting.popleft())  # its prefix is being computed: copy it next step
+                # its prefix is being computed: it copies the rows in a later step, and keeps a free
+                # slot meanwhile (the one with the least kept K/V), so later requests cannot take them all
+                postponed.append(self._waiting.popleft())
+                free.remove(min(free, key=lambda i: len(self._kept[i])))
                 continue
             self._waiting.popleft()
             try:  # checked at submit; a constraint that still fails to build ends only its request
@@ -200,13 +203,16 @@ class BatchScheduler:
             # the prompt's last token is always run, for its logits
             common = {b: _common_prefix(self._kept[b], gen.prompt_ids) for b in free}
             b = max(free, key=lambda i: (common[i], -len(self._kept[i])))
-            free.remove(b)
             reuse = min(common[b], len(gen.prompt_ids) - 1)
-            src, shared = self._running_prefix(gen)
-            if self._copy and min(shared, len(gen.prompt_ids) - 1) > max(reuse, MIN_SHARED - 1):
-                reuse = min(shared, len(gen.prompt_ids) - 1)  # a running request computed more of it
+            src, shared = self._running_prefix(gen) if self._copy else (-1, 0)
+            if min(shared, len(gen.prompt_ids) - 1) > max(reuse, MIN_SHARED - 1):
+                # a running request computed more of it: copy into the free slot whose kept K/V
+                # (a finished chat, say) is the least to lose
+                reuse = min(shared, len(gen.prompt_ids) - 1)
+                b = min(free, key=lambda i: len(self._kept[i]))
                 self.engine.backend.copy_rows(self._cache, src, b, reuse)
                 self.copied_tokens += reuse
+            free.remove(b)
             self.reused_tokens += reuse
             self.admitted_tokens += len(gen.prompt_ids)
             self._kept[b] = []

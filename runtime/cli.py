@@ -251,12 +251,13 @@ def run(artifact: str, prompt: str, as_chat: bool, json_schema: str | None, rege
     from .structured import StructuredOutput, StructuredOutputError
 
     sampling = _sampling(kw)
-    asked = [name for name, v in (("--json-schema", json_schema), ("--regex", regex), ("--choice", choice)) if v]
+    asked = [name for name, v in (("--json-schema", json_schema), ("--regex", regex), ("--choice", choice or None))
+             if v is not None]
     if len(asked) > 1:
         raise StructuredOutputError(f"give one of --json-schema, --regex, --choice, not {' and '.join(asked)}")
     if json_schema is not None:
         text = json_schema
-        if not json_schema.lstrip().startswith(("{", "true", "false")):  # not inline JSON: a file
+        if not json_schema.lstrip().startswith("{") and json_schema.strip() not in ("true", "false"):  # a file
             try:
                 text = Path(json_schema).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:

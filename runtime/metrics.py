@@ -40,7 +40,7 @@ class Metrics:
                              buckets=TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram("qmoe:e2e_request_latency_seconds", "Arrival to the last token.", label,
                              buckets=LATENCY_BUCKETS, registry=r)
-        self.errors = Counter("qmoe:request_errors", "Requests refused (by HTTP status) or failed while running.",
+        self.errors = Counter("qmoe:request_errors", "Requests refused or failed, by HTTP status.",
                               label + ["status"], registry=r)
         Gauge("qmoe:num_requests_running", "Requests holding a batch slot.", label,
               registry=r).labels(model_name).set_function(running)
@@ -73,10 +73,9 @@ class RequestTimer:
         m.generation_tokens.labels(m.model_name).inc()
 
     def finished(self, reason: str) -> None:
-        """reason: stop | length | cancelled, or error (counted in request_errors as "failed")."""
+        """reason: stop | length | cancelled; a failed request is counted by its response's status."""
         m = self.metrics
         if reason == "error":
-            m.errors.labels(m.model_name, "failed").inc()
             return
         m.requests.labels(m.model_name, reason).inc()
         m.e2e.labels(m.model_name).observe(time.monotonic() - self.start)

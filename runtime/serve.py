@@ -56,6 +56,8 @@ from starlette.routing import Route
 from . import request_json, structured
 from .batching import BatchScheduler
 from .engine import Engine, GenerationResult, RequestError
+from .structured import StructuredOutputError
+from .yarn import ContextLengthError
 from .metrics import Metrics
 from .errors import QmoeError
 from .sampling import MAX_TOP_LOGPROBS, SamplingError, SamplingParams, TokenLogprob, choice_seed
@@ -76,6 +78,7 @@ UNSUPPORTED_FIELDS: Mapping[str, tuple[Any, ...]] = {
 # Sampling fields a request (or generation_config.json) may set; top_k, min_p and repetition_penalty are vLLM's.
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 REQUEST_SAMPLING_FIELDS = SAMPLING_FIELDS + ("presence_penalty", "frequency_penalty", "logit_bias")
+SCORING_AT_ONCE = 2  # echo requests scoring their prompts at once (each holds a prompt-sized cache)
 MAX_N = 128  # choices per request (each is a scheduler request; more than max_batch of them queue)
 
 
@@ -94,8 +97,9 @@ class APIError(QmoeError):
 def _server_error(e: BaseException) -> APIError:
     if isinstance(e, APIError):
         return e
-    if isinstance(e, QmoeError) and isinstance(e, ValueError):  # the request's own fault, found while it ran
-        return APIError(str(e).splitlines()[0] if str(e) else type(e).__name__)  # (a grammar past its limits)
+    if isinstance(e, (StructuredOutputError, SamplingError, RequestError, ContextLengthError)):
+        # the request's own fault, found while it ran (a grammar past llguidance's limits)
+        return APIError(str(e).splitlines()[0] if str(e) else type(e).__name__)
     # Requests are validated before they are queued: anything else is the server's fault.
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     return APIError(message, status=500, type="server_error")
@@ -243,9 +247,9 @@ class Service:
     def _prompt_ids(self, kind: str, body: Mapping[str, Any], allow_empty: bool = False) -> list[int]:
         tokenizer = self.engine.tokenizer
         if kind == "chat":
+            add = _typed(body, "add_generation_prompt", (bool,), "true or false")
             try:
-                return tokenizer.encode_chat(chat_messages(body.get("messages")),
-                                             add_generation_prompt=body.get("add_generation_prompt", True) is not False)
+                return tokenizer.encode_chat(chat_messages(body.get("messages")), add_generation_prompt=add is not False)
             except (ChatMessageError, ChatTemplateError) as e:
                 raise APIError(str(e), param="messages") from None
         prompt = body.get("prompt")
@@ -282,7 +286,7 @@ class Service:
         chosen = {k: body[k] for k in REQUEST_SAMPLING_FIELDS if body.get(k) is not None}
         try:
             constraint, field = structured.from_request(dict(body))
-        except structured.StructuredOutputError as e:  # the message starts with the field's name
+        except StructuredOutputError as e:  # the message starts with the field's name
             raise APIError(str(e), param=str(e).split()[0].rstrip(":")) from None
         # vLLM's: stop ids on top of the model's eos ids; ignore_eos generates max_tokens whatever comes
         extra_ids = _typed(body, "stop_token_ids", (list,), "a list of token ids") or []
@@ -293,7 +297,7 @@ class Service:
                                structured=constraint, ignore_eos=ignore_eos,
                                stop_token_ids=(*self.engine.tokenizer.eos_token_ids, *extra_ids) if extra_ids else ())
             return self.engine._params(p)  # logit_bias ids against the vocabulary, the constraint compiled
-        except structured.StructuredOutputError as e:
+        except StructuredOutputError as e:
             raise APIError(f"{field}: {e}", param=field) from None
         except (SamplingError, RequestError) as e:  # the message starts with the field's name
             param = str(e).split()[0]
@@ -397,6 +401,8 @@ class EngineWorker:
         self._running: set[Job] = set()  # handed to the scheduler, not finished
         self._loop: asyncio.AbstractEventLoop | None = None
         self.metrics: Metrics | None = None  # set by Service
+        # echo + logprobs scores a prompt through a cache of its own: at most this many at once
+        self.scoring = asyncio.Semaphore(SCORING_AT_ONCE)
 
     @property
     def queued(self) -> int:
@@ -527,29 +533,35 @@ class _Logprobs:
         self.prompt_len = len(req.prompt_ids) if req.echo is not None else 0  # leading entries: the echoed prompt
         self.rendered = 0
 
-    def _text(self, token: int) -> str:
-        # Special tokens are "" as in the generated text (an eos token too); an echoed prompt's
-        # are kept, as its text has them.
-        keep = self.rendered < self.prompt_len
-        self.rendered += 1
-        return self.tokenizer.decode([token], skip_special_tokens=not keep)
+    def _text(self, token: int, keep_special: bool) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=not keep_special)
 
-    def _entry(self, token: int, logprob: float) -> dict[str, Any]:
-        text = self._text(token)
+    def _next(self) -> bool:
+        """Whether the next entry keeps special tokens: "" as in the generated text (an eos token
+        too), except in an echoed prompt, whose text has them."""
+        self.rendered += 1
+        return self.rendered <= self.prompt_len
+
+    def _entry(self, token: int, logprob: float, keep_special: bool) -> dict[str, Any]:
+        text = self._text(token, keep_special)
         return {"token": text, "logprob": logprob, "bytes": list(self.tokenizer.token_bytes(token)) if text else []}
 
     def render(self, entries: list[TokenLogprob | int]) -> dict[str, Any]:
         """entries: TokenLogprobs; a bare id is an echoed prompt's first token (no log-probability)."""
         if self.kind == "chat":
-            return {"content": [{**self._entry(e.token, e.logprob),
-                                 "top_logprobs": [self._entry(t, lp) for t, lp in e.top]}
-                                for e in entries if isinstance(e, TokenLogprob)]}
+            content = []
+            for e in entries:
+                keep = self._next()
+                if isinstance(e, TokenLogprob):
+                    content.append({**self._entry(e.token, e.logprob, keep),
+                                    "top_logprobs": [self._entry(t, lp, keep) for t, lp in e.top]})
+            return {"content": content}
         tokens, tops, offsets = [], [], []
         for e in entries:
-            top = None if isinstance(e, int) else {self.tokenizer.decode([t], skip_special_tokens=False): lp
-                                                   for t, lp in e.top}
-            tokens.append(self._text(e if isinstance(e, int) else e.token))
-            tops.append(top if top is None else {**top, tokens[-1]: e.logprob})  # type: ignore[union-attr]
+            keep = self._next()
+            tokens.append(self._text(e if isinstance(e, int) else e.token, keep))
+            tops.append(None if isinstance(e, int) else
+                        {**{self._text(t, keep): lp for t, lp in e.top}, tokens[-1]: e.logprob})
             offsets.append(self.offset)
             self.offset += len(tokens[-1])
         return {"tokens": tokens, "token_logprobs": [None if isinstance(e, int) else e.logprob for e in entries],
@@ -612,10 +624,11 @@ async def _echo(worker: EngineWorker, req: GenerationRequest) -> list[TokenLogpr
         return []
     engine, k = worker.engine, req.sampling.logprobs
     n = req.sampling.max_new_tokens if req.generate else 0
-    chunks = engine.iter_prompt_logprobs(req.prompt_ids, k, n)
     entries: list[TokenLogprob | None] = []
-    while (part := await worker.call(lambda: next(chunks, None))) is not None:
-        entries.extend(part)  # one chunk per worker call: other requests' steps run in between
+    async with worker.scoring:
+        chunks = engine.iter_prompt_logprobs(req.prompt_ids, k, n)
+        while (part := await worker.call(lambda: next(chunks, None))) is not None:
+            entries.extend(part)  # one chunk per worker call: other requests' steps run in between
     return [req.prompt_ids[0], *entries[1:]]
 
 
@@ -681,7 +694,10 @@ async def _chunks(worker: EngineWorker, req: GenerationRequest, env: _Envelope,
         if req.include_usage:
             yield _sse({**env.head, "choices": [], "usage": _usage(req, completion_tokens)})
     except Exception as e:  # noqa: BLE001  (headers are sent: report in-band, as OpenAI does)
-        yield _sse(_server_error(e).body())
+        err = _server_error(e)
+        if worker.metrics is not None:
+            worker.metrics.error(err.status)
+        yield _sse(err.body())
     finally:
         for job in jobs:
             job.cancelled.set()

@@ -139,3 +139,18 @@ def test_short_common_prefixes_are_recomputed_not_waited_for(engine):
     texts, tokens = _submit_all(sched, [a, b], [P, P])
     assert sched.copied_tokens == 0 and sched.max_batch == 2
     assert (texts[1], tokens[1]) == solo(engine, b)
+
+
+def test_a_request_waiting_for_a_prefix_keeps_its_slot(engine):
+    """B waits for A's prefill of their common prompt; C, arriving after B, must not take the slot
+    B waits for (else B would wait for a whole generation, not a few prefill steps)."""
+    sched = BatchScheduler(engine, max_slots=2, capacity=512)
+    shared = [int(t) for t in engine.tokenizer.encode("Experts and routers, " * 12)][:64]
+    first: dict[str, int] = {}
+    for name, ids, n in (("A", shared, 40), ("B", shared, 4), ("C", engine.tokenizer.encode("unrelated"), 60)):
+        sched.submit(ids, SamplingParams(max_new_tokens=n, ignore_eos=True),
+                     on_token=lambda t, name=name: first.setdefault(name, sched.steps))
+    while sched.has_work():
+        sched.step()
+    assert sched.copied_tokens == len(shared) - 1
+    assert first["B"] <= first["A"] + 1 and first["C"] > first["B"]

@@ -140,3 +140,17 @@ def test_scheduler_gives_each_request_its_solo_logprobs_and_penalties(engine):
         for a, b in zip(gen.result.logprobs, alone.logprobs or []):
             assert a.token == b.token and abs(a.logprob - b.logprob) < 1e-4
             assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+def test_prompt_logprobs_over_several_chunks_match_transformers(engine, hf):
+    """Engine.prompt_logprobs (what echo scores) in chunks of 128 positions over a 300-token
+    prompt: every token's log-probability and its top 3 against transformers' one forward."""
+    ids = [int(x) for x in np.random.default_rng(3).integers(0, 150000, 300)]
+    got = engine.prompt_logprobs(ids, top=3, chunk=128)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1).numpy()
+    assert got[0] is None and len(got) == len(ids)
+    for i in range(1, len(ids)):
+        lp = got[i]
+        assert lp is not None and lp.token == ids[i] and abs(lp.logprob - ref[i - 1, ids[i]]) < 1e-4
+        np.testing.assert_allclose([v for _, v in lp.top], np.sort(ref[i - 1])[::-1][:3], atol=1e-4)

@@ -324,3 +324,18 @@ def test_special_tokens_in_logprobs_are_empty_like_the_text(client) -> None:
     chat = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, logprobs=True,
                                           logit_bias={"151644": 100})
     assert [(e.token, e.bytes) for e in chat.choices[0].logprobs.content] == [("", []), ("", [])]
+
+
+def test_a_sampled_special_token_appears_once_among_its_alternatives(embedded) -> None:
+    from runtime.sampling import TokenLogprob
+    from runtime.serve import GenerationRequest, _Logprobs
+
+    eos = embedded.tokenizer.eos_token_ids[0]
+    entry = TokenLogprob(eos, -0.1, ((eos, -0.1), (11, -2.5)))
+    for kind in ("completion", "chat"):
+        req = GenerationRequest(kind, [9707], SamplingParams(logprobs=2), False, False)
+        out = _Logprobs(req, embedded.tokenizer).render([entry])
+        if kind == "completion":
+            assert out["top_logprobs"] == [{"": -0.1, ",": -2.5}] and out["tokens"] == [""]
+        else:
+            assert [t["token"] for t in out["content"][0]["top_logprobs"]] == ["", ","]
