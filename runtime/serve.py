@@ -79,7 +79,8 @@ UNSUPPORTED_FIELDS: Mapping[str, tuple[Any, ...]] = {
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 REQUEST_SAMPLING_FIELDS = SAMPLING_FIELDS + ("presence_penalty", "frequency_penalty", "logit_bias")
 SCORING_AT_ONCE = 2  # echo requests scoring their prompts at once (each holds a prompt-sized cache)
-MAX_N = 128  # choices per request (each is a scheduler request; more than max_batch of them queue)
+MAX_N = 128  # choices per request
+MAX_PROMPTS = 64  # prompts per /v1/completions request (each is a scheduler request; more than max_batch of them queue)
 
 
 class APIError(QmoeError):
@@ -177,6 +178,16 @@ class Service:
         self.context_limit = self.worker.scheduler.capacity
         self.created = int(time.time())
 
+    def parse_all(self, kind: str, body: Mapping[str, Any]) -> list[GenerationRequest]:
+        """The request's prompts, each a GenerationRequest: /v1/completions takes a list of prompts
+        (strings or token-id lists, at most MAX_PROMPTS); everything else one."""
+        prompt = body.get("prompt") if kind == "completion" else None
+        if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(x, (str, list)) for x in prompt):
+            if len(prompt) > MAX_PROMPTS:
+                raise APIError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}", param="prompt")
+            return [self.parse(kind, {**body, "prompt": x}) for x in prompt]
+        return [self.parse(kind, body)]
+
     def parse(self, kind: str, body: Mapping[str, Any]) -> GenerationRequest:
         model = _typed(body, "model", (str,), "a string")
         if model is not None and model != self.model_name:
@@ -263,7 +274,7 @@ class Service:
                 raise APIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
             ids = list(prompt)
         else:
-            raise APIError("prompt must be a string or a list of token ids (one prompt per request)", param="prompt")
+            raise APIError("prompt must be a string, a list of token ids, or a list of those", param="prompt")
         if not ids and not allow_empty:
             raise APIError("the prompt is empty", param="prompt")
         return ids
@@ -432,10 +443,12 @@ class EngineWorker:
         self._jobs.put(_Call(fn, loop, future))
         return await future
 
-    def submit_all(self, req: GenerationRequest) -> list[Job]:
-        """The request's n choices, queued one after the other (sharing one event queue)."""
+    def submit_all(self, reqs: list[GenerationRequest]) -> list[Job]:
+        """Every prompt's n choices, queued in order, sharing one event queue; choice i of prompt
+        k has index k * n + i, as OpenAI numbers a batch's choices."""
         events: asyncio.Queue = asyncio.Queue()
-        return [self.submit(req.prompt_ids, p, events, i) for i, p in enumerate(req.choices())]
+        return [self.submit(req.prompt_ids, p, events, k * req.n + i)
+                for k, req in enumerate(reqs) if req.generate for i, p in enumerate(req.choices())]
 
     def shutdown(self) -> None:
         """Refuse new jobs and end the running and queued ones with a 503, so their responses
@@ -582,8 +595,8 @@ def _choice(req: GenerationRequest, index: int, text: str | None, finish_reason:
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def _usage(req: GenerationRequest, completion_tokens: int) -> dict[str, int]:
-    n = len(req.prompt_ids)
+def _usage(reqs: list[GenerationRequest], completion_tokens: int) -> dict[str, int]:
+    n = sum(len(req.prompt_ids) for req in reqs)  # each prompt once, whatever its n
     return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens}
 
 
@@ -632,14 +645,20 @@ async def _echo(worker: EngineWorker, req: GenerationRequest) -> list[TokenLogpr
     return [req.prompt_ids[0], *entries[1:]]
 
 
-async def _whole(worker: EngineWorker, req: GenerationRequest, env: _Envelope, request: Request,
+def _per_choice(reqs: list[GenerationRequest]) -> list[GenerationRequest]:
+    """The prompt request each choice index belongs to."""
+    return [req for req in reqs for _ in range(req.n)]
+
+
+async def _whole(worker: EngineWorker, reqs: list[GenerationRequest], env: _Envelope, request: Request,
                  tokenizer: Tokenizer) -> Response:
-    prompt = await _echo(worker, req)
-    jobs = worker.submit_all(req) if req.generate else []
+    owner = _per_choice(reqs)
+    prompts = [await _echo(worker, req) for req in reqs]
+    jobs = worker.submit_all(reqs)
     watcher = asyncio.ensure_future(_until_disconnected(request, jobs))
-    texts: list[list[str]] = [[req.echo or ""] for _ in range(req.n)]
-    logprobs: list[list[TokenLogprob | int]] = [list(prompt) for _ in range(req.n)]
-    done: dict[int, Finished] = {i: Finished("length", 0) for i in range(req.n)} if not req.generate else {}
+    texts: list[list[str]] = [[req.echo or ""] for req in owner]
+    logprobs: list[list[TokenLogprob | int]] = [list(prompts[k]) for k, req in enumerate(reqs) for _ in range(req.n)]
+    done: dict[int, Finished] = {i: Finished("length", 0) for i, req in enumerate(owner) if not req.generate}
     try:
         async for i, item in results(jobs):
             if isinstance(item, Finished):
@@ -650,20 +669,21 @@ async def _whole(worker: EngineWorker, req: GenerationRequest, env: _Envelope, r
                 texts[i].append(item)
     finally:
         watcher.cancel()
-    wanted = req.sampling.logprobs is not None
+    wanted = reqs[0].sampling.logprobs is not None
     choices = [_choice(req, i, "".join(texts[i]), done[i].finish_reason,
-                       _Logprobs(req, tokenizer).render(logprobs[i]) if wanted else None) for i in range(req.n)]
-    return JSONResponse(env.body(choices, _usage(req, sum(d.completion_tokens for d in done.values()))))
+                       _Logprobs(req, tokenizer).render(logprobs[i]) if wanted else None) for i, req in enumerate(owner)]
+    return JSONResponse(env.body(choices, _usage(reqs, sum(d.completion_tokens for d in done.values()))))
 
 
-async def _chunks(worker: EngineWorker, req: GenerationRequest, env: _Envelope,
+async def _chunks(worker: EngineWorker, reqs: list[GenerationRequest], env: _Envelope,
                   tokenizer: Tokenizer) -> AsyncIterator[str]:
     # The jobs are queued only once the response streams, and whatever ends the stream early (a
     # client that left cancels the response task; the generator is then closed) cancels them.
     jobs: list[Job] = []
-    wanted = req.sampling.logprobs is not None
-    render = [_Logprobs(req, tokenizer) for _ in range(req.n)]
-    pending: list[list[TokenLogprob | int]] = [[] for _ in range(req.n)]  # sampled since the last chunk
+    owner = _per_choice(reqs)
+    wanted = reqs[0].sampling.logprobs is not None
+    render = [_Logprobs(req, tokenizer) for req in owner]
+    pending: list[list[TokenLogprob | int]] = [[] for _ in owner]  # sampled since the last chunk
 
     def flush(i: int) -> dict[str, Any] | None:
         if not wanted or not pending[i]:
@@ -672,15 +692,17 @@ async def _chunks(worker: EngineWorker, req: GenerationRequest, env: _Envelope,
         return out
 
     try:
-        if req.echo is not None:  # the prompt first, with its log-probabilities
-            prompt = await _echo(worker, req)
-            for i in range(req.n):
-                pending[i] = list(prompt)
-                yield env.sse(_choice(req, i, req.echo, None if req.generate else "length", flush(i)))
-        if req.generate:
-            jobs = worker.submit_all(req)
-        if req.kind == "chat":
-            for i in range(req.n):  # the role comes first, as OpenAI sends it
+        first = 0
+        for req in reqs:  # each echoed prompt first, with its log-probabilities
+            if req.echo is not None:
+                prompt = await _echo(worker, req)
+                for i in range(first, first + req.n):
+                    pending[i] = list(prompt)
+                    yield env.sse(_choice(req, i, req.echo, None if req.generate else "length", flush(i)))
+            first += req.n
+        jobs = worker.submit_all(reqs)
+        if env.req.kind == "chat":
+            for i, req in enumerate(owner):  # the role comes first, as OpenAI sends it
                 yield env.sse(_choice(req, i, None, None, first=True))
         completion_tokens = 0
         async for i, item in results(jobs):
@@ -688,11 +710,12 @@ async def _chunks(worker: EngineWorker, req: GenerationRequest, env: _Envelope,
                 pending[i].append(item)
             elif isinstance(item, Finished):
                 completion_tokens += item.completion_tokens
-                yield env.sse(_choice(req, i, None if req.kind == "chat" else "", item.finish_reason, flush(i)))
+                yield env.sse(_choice(owner[i], i, None if env.req.kind == "chat" else "", item.finish_reason,
+                                      flush(i)))
             else:
-                yield env.sse(_choice(req, i, item, None, flush(i)))
-        if req.include_usage:
-            yield _sse({**env.head, "choices": [], "usage": _usage(req, completion_tokens)})
+                yield env.sse(_choice(owner[i], i, item, None, flush(i)))
+        if env.req.include_usage:
+            yield _sse({**env.head, "choices": [], "usage": _usage(reqs, completion_tokens)})
     except Exception as e:  # noqa: BLE001  (headers are sent: report in-band, as OpenAI does)
         err = _server_error(e)
         if worker.metrics is not None:
@@ -716,13 +739,14 @@ def create_app(engine: Engine, model_name: str, defaults: Mapping[str, Any] | No
 
     async def generate(request: Request, kind: str) -> Response:
         body = parse_body(await request.body())
-        req = await run_in_threadpool(service.parse, kind, body)  # tokenizing can take a while
-        env = _Envelope(req, service.model_name)
+        reqs = await run_in_threadpool(service.parse_all, kind, body)  # tokenizing can take a while
+        env = _Envelope(reqs[0], service.model_name)
         service.worker.check_open()  # before a stream's headers go out
-        if req.stream:
-            return StreamingResponse(_chunks(service.worker, req, env, engine.tokenizer), media_type="text/event-stream",
+        if reqs[0].stream:
+            return StreamingResponse(_chunks(service.worker, reqs, env, engine.tokenizer),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
-        return await _whole(service.worker, req, env, request, engine.tokenizer)
+        return await _whole(service.worker, reqs, env, request, engine.tokenizer)
 
     async def chat_completions(request: Request) -> Response:
         return await generate(request, "chat")

@@ -339,3 +339,39 @@ def test_a_sampled_special_token_appears_once_among_its_alternatives(embedded) -
             assert out["top_logprobs"] == [{"": -0.1, ",": -2.5}] and out["tokens"] == [""]
         else:
             assert [t["token"] for t in out["content"][0]["top_logprobs"]] == ["", ","]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_take_a_batch_of_prompts(client, embedded, stream: bool) -> None:
+    """OpenAI's batched prompt: choice k * n + i is prompt k's choice i, each equal to that prompt
+    run alone with its seed; echo and logprobs per prompt; usage counts each prompt once."""
+    prompts: list[Any] = ["Routers pick", "专家", embedded.tokenizer.encode("Experts are")]
+    kw = dict(model=MODEL, prompt=prompts, max_tokens=4, n=2, temperature=1.0, seed=3, echo=True, logprobs=1)
+    if stream:
+        chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+        texts = {i: "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i)
+                 for i in range(6)}
+        tokens = {i: [t for c in chunks if c.choices and c.choices[0].index == i and c.choices[0].logprobs
+                      for t in c.choices[0].logprobs.tokens] for i in range(6)}
+        usage = chunks[-1].usage
+    else:
+        r = client.completions.create(**kw)
+        assert [c.index for c in r.choices] == list(range(6))
+        texts = {c.index: c.text for c in r.choices}
+        tokens = {c.index: c.logprobs.tokens for c in r.choices}
+        usage = r.usage
+    ids = [embedded.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+    for k, (prompt, x) in enumerate(zip(prompts, ids)):
+        echoed = prompt if isinstance(prompt, str) else embedded.tokenizer.decode(x, skip_special_tokens=False)
+        for i in range(2):
+            alone = solo(embedded, x, max_new_tokens=4, temperature=1.0, seed=choice_seed(3, i))
+            assert texts[2 * k + i] == echoed + alone.text
+            assert len(tokens[2 * k + i]) == len(x) + 4
+    assert usage.prompt_tokens == sum(map(len, ids)) and usage.completion_tokens == 6 * 4
+
+
+def test_too_many_prompts(server) -> None:
+    from .test_serve_api import post
+
+    status, got = post(server.url + "/v1/completions", {"model": MODEL, "prompt": ["a"] * 65, "max_tokens": 1})
+    assert status == 400 and got["error"]["param"] == "prompt" and "at most 64 prompts" in got["error"]["message"]
