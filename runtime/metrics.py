@@ -73,10 +73,8 @@ class RequestTimer:
         m.generation_tokens.labels(m.model_name).inc()
 
     def finished(self, reason: str) -> None:
-        """reason: stop | length | cancelled; a failed request is counted by its response's status."""
+        """reason: stop | length | cancelled (a failed request is counted by its response's status)."""
         m = self.metrics
-        if reason == "error":
-            return
         m.requests.labels(m.model_name, reason).inc()
         m.e2e.labels(m.model_name).observe(time.monotonic() - self.start)
 

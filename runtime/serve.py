@@ -28,8 +28,8 @@ since the previous chunk.
 Everything a request can get wrong is checked before it is queued and answered with OpenAI's error
 shape, {"error": {"message", "type", "param", "code"}}, and a 4xx status. Unknown fields are
 ignored (as vLLM does); fields whose non-default values would change the output in ways this
-server cannot honour (best_of, echo, suffix, tools) are rejected rather than ignored. Structured output
-(response_format, vLLM's structured_outputs and guided_*) is runtime/structured.py.
+server cannot honour (best_of, suffix, tools, some of vLLM's) are rejected rather than ignored.
+Structured output (response_format, vLLM's structured_outputs and guided_*) is runtime/structured.py.
 """
 
 from __future__ import annotations
@@ -56,12 +56,12 @@ from starlette.routing import Route
 from . import request_json, structured
 from .batching import BatchScheduler
 from .engine import Engine, GenerationResult, RequestError
-from .structured import StructuredOutputError
-from .yarn import ContextLengthError
-from .metrics import Metrics
 from .errors import QmoeError
+from .metrics import Metrics
 from .sampling import MAX_TOP_LOGPROBS, SamplingError, SamplingParams, TokenLogprob, choice_seed
+from .structured import StructuredOutputError
 from .tokenizer import ChatMessageError, ChatTemplateError, Tokenizer
+from .yarn import ContextLengthError
 
 log = logging.getLogger("qmoe.serve")
 
@@ -79,8 +79,8 @@ UNSUPPORTED_FIELDS: Mapping[str, tuple[Any, ...]] = {
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 REQUEST_SAMPLING_FIELDS = SAMPLING_FIELDS + ("presence_penalty", "frequency_penalty", "logit_bias")
 SCORING_AT_ONCE = 2  # echo requests scoring their prompts at once (each holds a prompt-sized cache)
-MAX_N = 128  # choices per request
-MAX_PROMPTS = 64  # prompts per /v1/completions request (each is a scheduler request; more than max_batch of them queue)
+MAX_N = 128  # choices per prompt (each is a scheduler request; more than max_batch of them queue)
+MAX_PROMPTS = 64  # prompts per /v1/completions request
 
 
 class APIError(QmoeError):
@@ -98,11 +98,10 @@ class APIError(QmoeError):
 def _server_error(e: BaseException) -> APIError:
     if isinstance(e, APIError):
         return e
-    if isinstance(e, (StructuredOutputError, SamplingError, RequestError, ContextLengthError)):
-        # the request's own fault, found while it ran (a grammar past llguidance's limits)
-        return APIError(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    # Requests are validated before they are queued: anything else is the server's fault.
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, (StructuredOutputError, SamplingError, RequestError, ContextLengthError)):
+        return APIError(message)  # the request's own fault, found while it ran (a grammar past llguidance's limits)
+    # Requests are validated before they are queued: anything else is the server's fault.
     return APIError(message, status=500, type="server_error")
 
 
@@ -188,11 +187,14 @@ class Service:
             return [self.parse(kind, {**body, "prompt": x}) for x in prompt]
         return [self.parse(kind, body)]
 
-    def parse(self, kind: str, body: Mapping[str, Any]) -> GenerationRequest:
+    def _check_model(self, body: Mapping[str, Any]) -> None:
         model = _typed(body, "model", (str,), "a string")
         if model is not None and model != self.model_name:
             raise APIError(f"the model {model!r} does not exist; this server serves {self.model_name!r}",
                            status=404, param="model", code="model_not_found")
+
+    def parse(self, kind: str, body: Mapping[str, Any]) -> GenerationRequest:
+        self._check_model(body)
         for name, neutral in UNSUPPORTED_FIELDS.items():
             if body.get(name) is not None and body[name] not in neutral:
                 raise APIError(f"{name}={json.dumps(body[name])[:60]} is not supported by this server", param=name)
@@ -222,12 +224,12 @@ class Service:
             raise APIError(f"this server's context is {self.context_limit} tokens; the prompt has {len(ids)}",
                            param="prompt", code="context_length_exceeded")
         sampling = self._sampling(body, len(ids), self._logprobs(kind, body), scoring_only=not generate)
-        prompt = body.get("prompt")
         text = None
         if echo:  # the prompt as sent (a string, or a batch of one string), else its ids decoded
-            text = prompt if isinstance(prompt, str) and not truncated else prompt[0] if isinstance(prompt, list) \
-                and len(prompt) == 1 and isinstance(prompt[0], str) and not truncated \
-                else self.engine.tokenizer.decode(ids, False)
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1:
+                prompt = prompt[0]
+            text = prompt if isinstance(prompt, str) and not truncated else self.engine.tokenizer.decode(ids, False)
         return GenerationRequest(kind, ids, sampling, stream, include_usage, n or 1, text, generate)
 
     @staticmethod
@@ -249,10 +251,7 @@ class Service:
 
     def tokenize(self, kind: str, body: Mapping[str, Any]) -> list[int]:
         """/tokenize: the ids a request with this prompt or these messages would run."""
-        model = _typed(body, "model", (str,), "a string")
-        if model is not None and model != self.model_name:
-            raise APIError(f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                           status=404, param="model", code="model_not_found")
+        self._check_model(body)
         return self._prompt_ids(kind, body, allow_empty=True)
 
     def _prompt_ids(self, kind: str, body: Mapping[str, Any], allow_empty: bool = False) -> list[int]:
@@ -512,10 +511,8 @@ class EngineWorker:
                 timer.finished(result.finish_reason)
             job.emit(Finished(result.finish_reason, len(result.tokens)))
 
-        def failed(error: BaseException) -> None:
+        def failed(error: BaseException) -> None:  # counted by its response's status (Metrics.error)
             self._done(job)
-            if timer is not None:
-                timer.finished("error")
             job.emit(error)
 
         try:
@@ -778,9 +775,6 @@ def create_app(engine: Engine, model_name: str, defaults: Mapping[str, Any] | No
         """vLLM's /tokenize: {"prompt": text} or {"messages": [...], "add_generation_prompt": true}."""
         body = parse_body(await request.body())
         kind = "chat" if "messages" in body else "completion"
-        if kind == "chat":
-            add = _typed(body, "add_generation_prompt", (bool,), "true or false")
-            body = {**body, "add_generation_prompt": True if add is None else add}
         ids = await run_in_threadpool(service.tokenize, kind, body)
         return JSONResponse({"count": len(ids), "max_model_len": service.context_limit, "tokens": ids})
 

@@ -22,7 +22,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from scripts.bench_runtime import CONFIG  # noqa: E402
+from scripts.bench_runtime import export_model  # noqa: E402
 
 
 def run(engine, prompts: list[list[int]], share: bool) -> tuple[float, int]:
@@ -46,13 +46,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import runtime
-    from exporter.export import export
-    from exporter.tiny import tiny_config, write_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="qmoe-bench-prefix-"))
     try:
-        ck = write_checkpoint(work / "ck", tiny_config(**CONFIG, max_position_embeddings=8192))
-        engine = runtime.load(export(ck, work / "art"), threads=2, prefill_chunk=512)
+        engine = runtime.load(export_model(work, max_position_embeddings=8192)[1], threads=2, prefill_chunk=512)
         rng = np.random.default_rng(0)
         shared = [int(x) for x in rng.integers(0, 150000, args.prompt)]
         cases = {

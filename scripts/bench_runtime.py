@@ -27,6 +27,17 @@ CONFIG = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_k
 DECODE = 64
 
 
+def export_model(work: Path, **overrides) -> tuple[Path, Path]:
+    """The benchmarks' random model (CONFIG, then `overrides`) as a checkpoint under `work` and its
+    exported ONNX Runtime artifact: (checkpoint, artifact)."""
+    sys.path.insert(0, str(ROOT))
+    from exporter.export import export
+    from exporter.tiny import tiny_config, write_checkpoint
+
+    ck = write_checkpoint(work / "ck", tiny_config(**{**CONFIG, **overrides}))
+    return ck, export(ck, work / "art")
+
+
 def best(fn, repeat: int = 3) -> float:
     times = []
     for _ in range(repeat):
@@ -45,16 +56,13 @@ def main() -> None:
     import transformers
 
     import runtime
-    from exporter.export import export
-    from exporter.tiny import tiny_config, write_checkpoint
     from runtime.sampling import SamplingParams
 
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="qmoe-bench-rt-"))
     try:
-        ck = write_checkpoint(work / "ck", tiny_config(**CONFIG, max_position_embeddings=8192))
-        art = export(ck, work / "art")
+        ck, art = export_model(work, max_position_embeddings=8192)
         engine = runtime.load(art, threads=args.threads)
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32).eval()
         rng = np.random.default_rng(0)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from scripts.bench_runtime import CONFIG  # noqa: E402
+from scripts.bench_runtime import export_model  # noqa: E402
 
 
 def free_port() -> int:
@@ -96,12 +96,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
     ap.add_argument("--clients", type=int, default=16)
     args = ap.parse_args()
-    from exporter.export import export
-    from exporter.tiny import tiny_config, write_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="qmoe-bench-serve-"))
     try:
-        art = export(write_checkpoint(work / "ck", tiny_config(**CONFIG)), work / "art")
+        _, art = export_model(work)
         gen = art / "generation_config.json"
         gen.write_text(json.dumps({**json.loads(gen.read_text()), "do_sample": False}))  # greedy
         sequential = throughput(art, 1, args.clients, args.tokens)
