@@ -15,7 +15,11 @@ import click
 from . import manifest as mf
 
 
+_terminated: list[int] = []  # the signal that _terminate turned into SystemExit, if any
+
+
 def _terminate(signum: int, frame: Any) -> None:
+    _terminated.append(signum)
     raise SystemExit(128 + signum)
 
 
@@ -64,6 +68,10 @@ class _Group(click.Group):
         except Exception as e:  # noqa: BLE001  (the boundary for every user-facing error)
             from .errors import QmoeError
 
+            if _terminated:  # SIGTERM landed inside a library that turned our SystemExit into its own
+                # error (torch: "could not determine the shape of object type ..."): still a termination
+                click.echo("terminated", err=True)
+                sys.exit(128 + _terminated[-1])
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
