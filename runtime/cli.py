@@ -344,16 +344,18 @@ def chat(artifact: str, system: str | None, backend: str, device: str, rope_mode
 @click.option("--max-context", "capacity", type=click.IntRange(min=2), default=None,
               help="Tokens per request (prompt + max_tokens) the KV cache holds "
                    "[default: min(the model's context, 32768)].")
+@click.option("--chat-template", default=None,
+              help="A Jinja chat template (file, or the template itself) instead of the artifact's.")
 @engine_options
 def serve(artifact: str, host: str, port: int, served_model_name: str | None, max_batch: int, capacity: int | None,
-          backend: str, device: str, rope_mode: str | None) -> None:
+          chat_template: str | None, backend: str, device: str, rope_mode: str | None) -> None:
     """Serve the OpenAI API (/v1/models, /v1/chat/completions, /v1/completions) over HTTP."""
     try:
         from .serve import serve as run_server
     except ImportError as e:
         raise click.ClickException(f"serve needs the serve extra ({e.name} missing): pip install 'qmoe[serve]'")
     run_server(artifact, host=host, port=port, served_model_name=served_model_name, backend=backend, device=device,
-               rope_mode=rope_mode, max_batch=max_batch, capacity=capacity)
+               rope_mode=rope_mode, max_batch=max_batch, capacity=capacity, chat_template=chat_template)
 
 
 @main.command()
