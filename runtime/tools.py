@@ -99,9 +99,11 @@ def validate_choice(value: Any, tools: Sequence[Mapping[str, Any]]) -> str:
 
 
 def forced_calls(tools: Sequence[Mapping[str, Any]], choice: str, parallel: bool = True) -> StructuredOutput:
-    """The grammar of a forced choice ("required": any of the tools; a name: that one): one call
-    (or, with parallel, one or more separated by newlines) in the Hermes text, the arguments a
-    compact JSON value matching the function's parameters schema."""
+    """The grammar of a forced choice ("required": any of the tools; a name: that one call, as
+    OpenAI gives it): one call (for "required" with parallel: one or more, separated by newlines)
+    in the Hermes text, the arguments a compact JSON value matching the function's parameters
+    schema."""
+    parallel = parallel and choice == "required"
     chosen = [t["function"] for t in tools if choice == "required" or t["function"]["name"] == choice]
     rules, calls = [], []
     for i, fn in enumerate(chosen):

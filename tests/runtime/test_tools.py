@@ -231,7 +231,7 @@ def test_forced_calls_accept_valid_calls_only(tok, choice: str):
     weather, clock = BLOCK, '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
     assert walk(tok, spec, weather) == (choice != "now")
     assert walk(tok, spec, clock) == (choice != "get_weather")
-    assert walk(tok, spec, weather + "\n" + weather) == (choice != "now")  # parallel calls
+    assert walk(tok, spec, weather + "\n" + weather) == (choice == "required")  # parallel calls: not when named
     assert not walk(tok, forced_calls(tools, choice, parallel=False), weather + "\n" + weather)
     bad = [BLOCK.replace('"C"', '"K"'),  # not in the enum
            BLOCK.replace(', "unit": "C"', ""),  # a required property missing
