@@ -28,7 +28,7 @@ since the previous chunk.
 Everything a request can get wrong is checked before it is queued and answered with OpenAI's error
 shape, {"error": {"message", "type", "param", "code"}}, and a 4xx status. Unknown fields are
 ignored (as vLLM does); fields whose non-default values would change the output in ways this
-server cannot honour (best_of, suffix, tools, some of vLLM's) are rejected rather than ignored.
+server cannot honour (best_of, suffix, legacy functions, some of vLLM's) are rejected rather than ignored.
 Structured output (response_format, vLLM's structured_outputs and guided_*) is runtime/structured.py.
 """
 
