@@ -58,6 +58,7 @@ from .batching import BatchScheduler
 from .engine import Engine, GenerationResult, RequestError
 from .errors import QmoeError
 from .metrics import Metrics
+from .speculative import NgramSpeculation
 from .sampling import MAX_TOP_LOGPROBS, SamplingError, SamplingParams, TokenLogprob, choice_seed
 from .structured import StructuredOutputError
 from .tokenizer import ChatMessageError, ChatTemplateError, Tokenizer, compile_chat_template
@@ -171,14 +172,15 @@ class Service:
     """The model behind the routes: validates requests against it and owns the worker."""
 
     def __init__(self, engine: Engine, model_name: str, defaults: Mapping[str, Any] | None = None,
-                 max_batch: int = 8, capacity: int | None = None) -> None:
+                 max_batch: int = 8, capacity: int | None = None, speculation: NgramSpeculation | None = None) -> None:
         self.engine, self.model_name = engine, model_name
         self.defaults = dict(defaults or {})
-        self.worker = EngineWorker(engine, max_batch, capacity)
+        self.worker = EngineWorker(engine, max_batch, capacity, speculation)
         scheduler = self.worker.scheduler
         self.metrics = self.worker.metrics = Metrics(
             model_name, lambda: scheduler.running, lambda: scheduler.waiting + self.worker.queued,
-            lambda: (scheduler.admitted_tokens, scheduler.reused_tokens, scheduler.copied_tokens))
+            lambda: (scheduler.admitted_tokens, scheduler.reused_tokens, scheduler.copied_tokens),
+            lambda: (scheduler.draft_tokens, scheduler.accepted_tokens))
         # what one request may hold: the model's context for the rope mode, capped by the KV cache
         self.context_limit = self.worker.scheduler.capacity
         self.created = int(time.time())
@@ -435,9 +437,10 @@ class EngineWorker:
     """The one thread that owns the engine: it feeds submitted jobs to a continuous-batching
     scheduler in arrival order and runs its steps while there is work."""
 
-    def __init__(self, engine: Engine, max_batch: int = 8, capacity: int | None = None) -> None:
+    def __init__(self, engine: Engine, max_batch: int = 8, capacity: int | None = None,
+                 speculation: NgramSpeculation | None = None) -> None:
         self.engine = engine
-        self.scheduler = BatchScheduler(engine, max_slots=max_batch, capacity=capacity)
+        self.scheduler = BatchScheduler(engine, max_slots=max_batch, capacity=capacity, speculation=speculation)
         self._jobs: queue.Queue[Job | _Call | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="qmoe-engine-worker", daemon=True)
         self._lock = threading.Lock()  # orders taking a job against shutting down
@@ -797,11 +800,12 @@ async def _chunks(worker: EngineWorker, reqs: list[GenerationRequest], env: _Env
 
 
 def create_app(engine: Engine, model_name: str, defaults: Mapping[str, Any] | None = None, max_batch: int = 8,
-               capacity: int | None = None) -> Starlette:
+               capacity: int | None = None, speculation: NgramSpeculation | None = None) -> Starlette:
     """The ASGI app; its lifespan starts and stops the engine's worker thread. max_batch: requests
     that share decode steps (1: one at a time); capacity: tokens per request (prompt + max_tokens;
-    default min(model context, runtime.batching.DEFAULT_CAPACITY))."""
-    service = Service(engine, model_name, defaults, max_batch, capacity)
+    default min(model context, runtime.batching.DEFAULT_CAPACITY)); speculation: n-gram drafts
+    (runtime/speculative.py)."""
+    service = Service(engine, model_name, defaults, max_batch, capacity, speculation)
 
     async def generate(request: Request, kind: str) -> Response:
         body = parse_body(await request.body())
@@ -932,7 +936,8 @@ def read_chat_template(value: str) -> str:
 
 def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
           backend: str = "auto", device: str = "auto", rope_mode: Any = None, log_level: str = "info",
-          max_batch: int = 8, capacity: int | None = None, chat_template: str | None = None) -> None:
+          max_batch: int = 8, capacity: int | None = None, chat_template: str | None = None,
+          speculation: NgramSpeculation | None = None) -> None:
     """Load the artifact and serve it until interrupted (Ctrl-C / SIGTERM). chat_template: a
     template file, or the template itself, used instead of the artifact's."""
     import uvicorn
@@ -945,7 +950,7 @@ def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, serve
         engine.tokenizer = engine.tokenizer.with_chat_template(template)
     defaults = generation_defaults(artifact)
     name = served_model_name or Path(artifact).resolve().name
-    app = create_app(engine, name, defaults, max_batch, capacity)
+    app = create_app(engine, name, defaults, max_batch, capacity, speculation)
     worker = app.state.service.worker
 
     class Server(uvicorn.Server):
