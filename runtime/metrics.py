@@ -50,9 +50,10 @@ class Metrics:
               registry=r).labels(model_name).set_function(waiting)
         r.register(_PrefixCollector(model_name, prefix, speculation))
 
-    def request(self, prompt_tokens: int) -> "RequestTimer":
+    def request(self, prompt_tokens: int, arrived: float | None = None) -> "RequestTimer":
+        """arrived: time.monotonic() of the request's arrival (default: now)."""
         self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
-        return RequestTimer(self)
+        return RequestTimer(self, arrived)
 
     def error(self, status: int) -> None:
         self.errors.labels(self.model_name, str(status)).inc()
@@ -64,8 +65,8 @@ class Metrics:
 class RequestTimer:
     """One request's clock: token() at each sampled token, finished() once (any thread)."""
 
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics, self.start = metrics, time.monotonic()
+    def __init__(self, metrics: Metrics, arrived: float | None = None) -> None:
+        self.metrics, self.start = metrics, time.monotonic() if arrived is None else arrived
         self.last: float | None = None
 
     def token(self, _token: int = 0) -> None:

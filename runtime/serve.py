@@ -121,6 +121,7 @@ class GenerationRequest:
     generate: bool = True  # False: max_tokens 0 with echo (score the prompt, generate nothing)
     parse_tools: bool = False  # chat with tools (tool_choice not "none"): the output's calls become tool_calls
     tool_limit: int | None = None  # parallel_tool_calls false: 1
+    arrived: float = 0.0  # time.monotonic() when the HTTP request came in (metrics: time to first token)
 
     def tool_parser(self) -> ToolParser | None:
         return ToolParser(self.tool_limit) if self.parse_tools else None
@@ -371,6 +372,7 @@ class Job:
     events: asyncio.Queue
     index: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.monotonic)  # the HTTP request's arrival
 
     def emit(self, item: "str | TokenLogprob | Finished | BaseException") -> None:
         """From any thread: hand one event to the request's event loop."""
@@ -465,9 +467,11 @@ class EngineWorker:
             raise _shutting_down()
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, events: asyncio.Queue | None = None,
-               index: int = 0) -> Job:
+               index: int = 0, arrived: float | None = None) -> Job:
         self.check_open()
         job = Job(prompt_ids, sampling, asyncio.get_running_loop(), asyncio.Queue() if events is None else events, index)
+        if arrived is not None:
+            job.arrived = arrived
         self._jobs.put(job)
         return job
 
@@ -483,7 +487,7 @@ class EngineWorker:
         """Every prompt's n choices, queued in order, sharing one event queue; choice i of prompt
         k has index k * n + i, as OpenAI numbers a batch's choices."""
         events: asyncio.Queue = asyncio.Queue()
-        return [self.submit(req.prompt_ids, p, events, k * req.n + i)
+        return [self.submit(req.prompt_ids, p, events, k * req.n + i, req.arrived or None)
                 for k, req in enumerate(reqs) if req.generate for i, p in enumerate(req.choices())]
 
     def shutdown(self) -> None:
@@ -540,7 +544,7 @@ class EngineWorker:
                 return
             self._running.add(job)
 
-        timer = self.metrics.request(len(job.prompt_ids)) if self.metrics is not None else None
+        timer = self.metrics.request(len(job.prompt_ids), job.arrived) if self.metrics is not None else None
 
         def finished(result: GenerationResult) -> None:
             self._done(job)
@@ -808,8 +812,10 @@ def create_app(engine: Engine, model_name: str, defaults: Mapping[str, Any] | No
     service = Service(engine, model_name, defaults, max_batch, capacity, speculation)
 
     async def generate(request: Request, kind: str) -> Response:
+        arrived = time.monotonic()
         body = parse_body(await request.body())
         reqs = await run_in_threadpool(service.parse_all, kind, body)  # tokenizing can take a while
+        reqs = [replace(req, arrived=arrived) for req in reqs]
         env = _Envelope(reqs[0], service.model_name)
         service.worker.check_open()  # before a stream's headers go out
         if reqs[0].stream:

@@ -143,3 +143,24 @@ def test_metrics_scrape_while_serving_is_consistent(server, client) -> None:
     t.join(10)
     assert not errors and len(values) > 1 and values == sorted(values)
     assert scrape(server.url)["qmoe:generation_tokens_total{}"] - start == 4 * 8
+
+
+def test_time_to_first_token_counts_from_arrival(embedded) -> None:
+    """Time to first token runs from the HTTP request's arrival, as vLLM measures it: here it
+    includes scoring an echoed prompt, which happens before the request gets to the scheduler
+    (about half of this request's time: scoring, then prefill, then one token)."""
+    from starlette.testclient import TestClient
+
+    from runtime.serve import create_app
+
+    app = create_app(embedded, MODEL, {"temperature": 0.0})
+    prompt = " ".join(["experts route tokens"] * 150)
+    with TestClient(app) as c:
+        t0 = time.monotonic()
+        r = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": 1})
+        took = time.monotonic() - t0
+        assert r.status_code == 200
+        families = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
+    ttft = {s.name: s.value for s in families["qmoe:time_to_first_token_seconds"].samples}
+    assert ttft["qmoe:time_to_first_token_seconds_count"] == 1
+    assert 0.8 * took < ttft["qmoe:time_to_first_token_seconds_sum"] <= took
