@@ -259,9 +259,10 @@ def check(artifacts: tuple[str, ...], backends: str | None, reference: str | Non
 @click.option("--regex", default=None, help="Constrain the output to this regular expression.")
 @click.option("--choice", multiple=True, help="Constrain the output to one of these strings (repeatable).")
 @sampling_options
+@speculative_option
 @engine_options
 def run(artifact: str, prompt: str, as_chat: bool, json_schema: str | None, regex: str | None,
-        choice: tuple[str, ...], backend: str, device: str, rope_mode: str | None, **kw: Any) -> None:
+        choice: tuple[str, ...], speculation: Any, backend: str, device: str, rope_mode: str | None, **kw: Any) -> None:
     """Generate a completion for one prompt, streamed to stdout."""
     from dataclasses import replace
     from pathlib import Path
@@ -291,7 +292,18 @@ def run(artifact: str, prompt: str, as_chat: bool, json_schema: str | None, rege
     elif choice:
         sampling = replace(sampling, structured=StructuredOutput.choice(list(choice)))
     engine = load(artifact, backend=backend, device=device, rope_mode=rope_mode)
-    if as_chat:
+    if speculation is not None:  # drafts are verified by the batching scheduler's steps
+        from .batching import BatchScheduler, stream
+        from .engine import RequestError
+
+        tok = engine.tokenizer
+        ids = tok.encode_chat([{"role": "user", "content": prompt}]) if as_chat else tok.encode(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        scheduler = BatchScheduler(engine, max_slots=1, capacity=max(2, len(ids) + sampling.max_new_tokens),
+                                   speculation=speculation)
+        deltas = stream(scheduler, ids, sampling)
+    elif as_chat:
         deltas = engine.chat([{"role": "user", "content": prompt}], sampling, stream=True)
     else:
         deltas = engine.complete(prompt, sampling, stream=True)

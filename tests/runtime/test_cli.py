@@ -40,6 +40,19 @@ def test_run_matches_the_embedded_api(tiny_artifact):
     assert r.stdout == expected + "\n"
 
 
+def test_run_with_speculation_gives_the_same_text(tiny_artifact):
+    quote = "experts route every token to eight experts"
+    base = ("run", tiny_artifact, "--prompt", f"Repeat: {quote}", "-n", "24", "--choice", quote)
+    plain = qmoe(*base)
+    spec = qmoe(*base, "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}')
+    assert plain.returncode == spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout == quote + "\n"
+    free = ("run", tiny_artifact, "--prompt", "你好", "-n", "12", "--temperature", "0.9", "--seed", "4", "--raw")
+    assert qmoe(*free, "--speculative-config", '{"num_speculative_tokens": 2}').stdout == qmoe(*free).stdout
+    bad = qmoe(*free, "--speculative-config", '{"method": "medusa", "num_speculative_tokens": 2}')
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and 'only "ngram"' in bad.stderr
+
+
 def test_chat_keeps_history_resets_and_exits_on_eof(tiny_artifact):
     import runtime
     from runtime.sampling import SamplingParams
