@@ -69,6 +69,9 @@ def validate_tools(value: Any) -> list[dict[str, Any]]:
         parameters = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(parameters, dict):
             raise ToolError(f"tools[{i}].function.parameters must be a JSON schema object")
+        if parameters.get("type", "object") != "object":  # arguments are an object (OpenAI refuses others too)
+            raise ToolError(f'tools[{i}].function.parameters must be a schema of type "object", got type '
+                            f'{json.dumps(parameters["type"])}')
         clean: dict[str, Any] = {"name": name}
         if description is not None:
             clean["description"] = description

@@ -132,6 +132,9 @@ def test_bad_tool_messages_are_one_line_errors(tok, messages, match):
     ([{"type": "function", "function": {"name": "f"}}] * 2, None, "used twice"),
     ([{"type": "function", "function": {"name": "f", "parameters": []}}], None, "JSON schema object"),
     ([{"type": "function", "function": {"name": "f", "description": 3}}], None, "description must be a string"),
+    # arguments are an object: a forced call with other parameters could never parse as a call (OpenAI: 400)
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}], None, "type \"object\""),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}], None, "type \"object\""),
     ([CLOCK] * 129, None, "over the limit"),
     (TOOLS, "sometimes", "tool_choice must be one of"),
     (TOOLS, {"type": "function", "function": {"name": "nope"}}, "not in tools"),
@@ -243,8 +246,8 @@ def test_forced_calls_accept_valid_calls_only(tok, choice: str):
 
 
 def test_forced_calls_with_a_bad_schema_are_refused(tok):
-    spec = forced_calls(validate_tools([{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]),
-                        "required")
+    spec = forced_calls(validate_tools([{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": 5}}}}}]), "required")
     with pytest.raises(structured.StructuredOutputError):
         structured.check(spec, tok, tok.vocab_size)
 

@@ -159,6 +159,8 @@ BAD = [
     ("a schema llguidance refuses", {**GOOD, "tool_choice": "required", "tools": [
         {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": 7}}}}}]},
      "tool_choice"),
+    ("parameters not an object schema", {**GOOD, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "tools"),
     ("parallel_tool_calls not a bool", {**GOOD, "tools": TOOLS, "parallel_tool_calls": "no"}, "parallel_tool_calls"),
     ("tool_calls arguments not JSON", {**GOOD, "messages": [*ASK, {"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "now", "arguments": "{"}}]}]}, "messages"),
