@@ -13,7 +13,8 @@ it on its own distribution. "none" renders the tools (as vLLM does by default) a
 
 Parsing follows vLLM's `hermes` parser: a block whose body is not a JSON object with a string
 `name` and an object `arguments` stays in the text, and a block left open at the end (the output
-ran out) is still parsed. The whitespace between text and a block is a separator, not content.
+ran out) is still parsed. A `</tool_call>` inside a JSON string of the block does not end it (vLLM's
+regex would cut the call there). The whitespace between text and a block is a separator, not content.
 The streaming parser emits text as it comes (holding back what could start a `<tool_call>` tag)
 and each call whole once its block closes; the whole-text parser is the streaming one run over
 the text, so the two always agree.
@@ -146,6 +147,22 @@ def _call(body: str) -> ToolCall | None:
     return ToolCall(value["name"], json.dumps(value["arguments"], ensure_ascii=False), f"call_{uuid.uuid4().hex[:24]}")
 
 
+def _in_string(body: str) -> bool:
+    """Whether a block's body so far, read as the start of a JSON object, ends inside a string."""
+    text = body.lstrip()
+    if not text.startswith("{"):
+        return False
+    inside = escaped = False
+    for c in text:
+        if escaped:
+            escaped = False
+        elif c == "\\" and inside:
+            escaped = True
+        elif c == '"':
+            inside = not inside
+    return inside
+
+
 class ToolParser:
     """Splits a model's output, fed in pieces, into text and ToolCalls as they complete."""
 
@@ -165,6 +182,8 @@ class ToolParser:
         while True:
             if self._in_call:
                 end = self._buffer.find(END)
+                while end >= 0 and _in_string(self._buffer[:end]):  # "</tool_call>" inside a JSON string
+                    end = self._buffer.find(END, end + len(END))
                 if end < 0:
                     return out
                 self._close(self._buffer[:end], out)

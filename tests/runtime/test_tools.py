@@ -194,6 +194,23 @@ def test_parallel_false_keeps_the_first_call():
     assert content == "xy" and [json.loads(c.arguments)["city"] for c in calls] == ["Paris"]
 
 
+def test_a_closing_tag_inside_an_argument_string_does_not_end_the_call():
+    # JSON strings may hold "</tool_call>" (a forced call's grammar allows it): the block ends at
+    # the tag after the JSON, whole and streamed
+    block = '<tool_call>\n{"name": "f", "arguments": {"s": "a </tool_call> b"}}\n</tool_call>'
+    for text in (block, "Hi\n" + block + "\nafter"):
+        content, calls = parse(text)
+        assert [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"s": "a </tool_call> b"})], text
+        parser, items = ToolParser(), []
+        for ch in text:
+            items += parser.push(ch)
+        items += parser.finish()
+        assert [(c.name, c.arguments) for c in items if isinstance(c, ToolCall)] == [(c.name, c.arguments) for c in calls]
+        assert "".join(x for x in items if isinstance(x, str)) == (content or "")
+    # an unclosed string (not JSON): the text stays as written
+    assert parse('<tool_call>\n{"name": "f\n</tool_call> x') == ('<tool_call>\n{"name": "f\n</tool_call> x', [])
+
+
 def test_streamed_parsing_equals_the_whole_text_parse():
     pieces = ["Let me check.\n", BLOCK, "\n", BLOCK.replace("Paris", "Rome"), "\n<tool_call>\nbad\n</tool_call>", " then ",
               "<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>", "\n\n  Done <tool_c", "all> x <", "tool"]
