@@ -211,6 +211,13 @@ class ToolParser:
     def finish(self) -> list[str | ToolCall]:
         """Everything still held; a block left open is parsed as if it had closed."""
         out: list[str | ToolCall] = []
+        body, end = self._buffer, self._buffer.find(END)
+        if self._in_call and end >= 0 and _call(body) is None:
+            # a closing tag was passed over as inside a string, but the JSON never ended (unbalanced
+            # quotes, not JSON): the block ends at its first closing tag after all, as vLLM's would
+            self._buffer = ""
+            self._close(body[:end], out)
+            return out + self.push(body[end + len(END):]) + self.finish()
         if self._in_call:
             self._close(self._buffer, out, closed=False)
         elif not self._after_call:

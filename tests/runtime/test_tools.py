@@ -207,13 +207,18 @@ def test_a_closing_tag_inside_an_argument_string_does_not_end_the_call():
         items += parser.finish()
         assert [(c.name, c.arguments) for c in items if isinstance(c, ToolCall)] == [(c.name, c.arguments) for c in calls]
         assert "".join(x for x in items if isinstance(x, str)) == (content or "")
-    # an unclosed string (not JSON): the text stays as written
+    # an unclosed string (not JSON): the text stays as written, and the block ends at its first tag
     assert parse('<tool_call>\n{"name": "f\n</tool_call> x') == ('<tool_call>\n{"name": "f\n</tool_call> x', [])
+    bad = '<tool_call>\n{"name": "f", "arguments": {"s": "a"b"}}\n</tool_call>'
+    content, calls = parse(bad + "\n" + BLOCK + "\nend")
+    assert content == bad + "end" and [c.name for c in calls] == ["get_weather"]
 
 
 def test_streamed_parsing_equals_the_whole_text_parse():
     pieces = ["Let me check.\n", BLOCK, "\n", BLOCK.replace("Paris", "Rome"), "\n<tool_call>\nbad\n</tool_call>", " then ",
-              "<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>", "\n\n  Done <tool_c", "all> x <", "tool"]
+              "<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>", "\n\n  Done <tool_c", "all> x <", "tool",
+              '<tool_call>\n{"name": "f", "arguments": {"s": "a </tool_call> b"}}\n</tool_call>',
+              '<tool_call>{"name": "f", "arguments": {"s": "a"b"}}</tool_call>']
     rng = random.Random(0)
     for trial in range(300):
         text = "".join(rng.sample(pieces, rng.randint(1, len(pieces))))
