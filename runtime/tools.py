@@ -34,7 +34,7 @@ from .structured import JSON_OPTIONS, StructuredOutput
 
 START, END = "<tool_call>", "</tool_call>"
 CALL_TAIL = "}\n" + END  # closes a call's JSON and its block
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 MAX_TOOLS = 128  # OpenAI's limit per request
 CHOICES = ("none", "auto", "required")
 
@@ -59,7 +59,7 @@ def validate_tools(value: Any) -> list[dict[str, Any]]:
             raise ToolError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}")
         fn = tool["function"]
         name = fn.get("name")
-        if not isinstance(name, str) or not NAME_RE.match(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise ToolError(f"tools[{i}].function.name must be 1-64 letters, digits, _ or -, got {name!r}")
         if name in names:
             raise ToolError(f"tools[{i}].function.name {name!r} is used twice")

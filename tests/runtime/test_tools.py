@@ -129,6 +129,7 @@ def test_bad_tool_messages_are_one_line_errors(tok, messages, match):
     ([{"type": "function"}], None, r"tools\[0\] must be"),
     ([{"type": "code_interpreter", "function": {"name": "f"}}], None, r"tools\[0\] must be"),
     ([{"type": "function", "function": {"name": "a b"}}], None, "1-64 letters"),
+    ([{"type": "function", "function": {"name": "f\n"}}], None, "1-64 letters"),  # `$` matches before a final newline
     ([{"type": "function", "function": {"name": "f"}}] * 2, None, "used twice"),
     ([{"type": "function", "function": {"name": "f", "parameters": []}}], None, "JSON schema object"),
     ([{"type": "function", "function": {"name": "f", "description": 3}}], None, "description must be a string"),
