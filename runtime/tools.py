@@ -13,7 +13,8 @@ it on its own distribution. "none" renders the tools (as vLLM does by default) a
 
 Parsing follows vLLM's `hermes` parser: a block whose body is not a JSON object with a string
 `name` and an object `arguments` stays in the text, and a block left open at the end (the output
-ran out) is still parsed. The whitespace between text and a block is a separator, not content.
+ran out) is still parsed. A `</tool_call>` inside a JSON string of the block does not end it (vLLM's
+regex would cut the call there). The whitespace between text and a block is a separator, not content.
 The streaming parser emits text as it comes (holding back what could start a `<tool_call>` tag)
 and each call whole once its block closes; the whole-text parser is the streaming one run over
 the text, so the two always agree.
@@ -33,7 +34,7 @@ from .structured import JSON_OPTIONS, StructuredOutput
 
 START, END = "<tool_call>", "</tool_call>"
 CALL_TAIL = "}\n" + END  # closes a call's JSON and its block
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 MAX_TOOLS = 128  # OpenAI's limit per request
 CHOICES = ("none", "auto", "required")
 
@@ -58,7 +59,7 @@ def validate_tools(value: Any) -> list[dict[str, Any]]:
             raise ToolError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}")
         fn = tool["function"]
         name = fn.get("name")
-        if not isinstance(name, str) or not NAME_RE.match(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise ToolError(f"tools[{i}].function.name must be 1-64 letters, digits, _ or -, got {name!r}")
         if name in names:
             raise ToolError(f"tools[{i}].function.name {name!r} is used twice")
@@ -69,6 +70,9 @@ def validate_tools(value: Any) -> list[dict[str, Any]]:
         parameters = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(parameters, dict):
             raise ToolError(f"tools[{i}].function.parameters must be a JSON schema object")
+        if parameters.get("type", "object") != "object":  # arguments are an object (OpenAI refuses others too)
+            raise ToolError(f'tools[{i}].function.parameters must be a schema of type "object", got type '
+                            f'{json.dumps(parameters["type"])}')
         clean: dict[str, Any] = {"name": name}
         if description is not None:
             clean["description"] = description
@@ -143,6 +147,22 @@ def _call(body: str) -> ToolCall | None:
     return ToolCall(value["name"], json.dumps(value["arguments"], ensure_ascii=False), f"call_{uuid.uuid4().hex[:24]}")
 
 
+def _in_string(body: str) -> bool:
+    """Whether a block's body so far, read as the start of a JSON object, ends inside a string."""
+    text = body.lstrip()
+    if not text.startswith("{"):
+        return False
+    inside = escaped = False
+    for c in text:
+        if escaped:
+            escaped = False
+        elif c == "\\" and inside:
+            escaped = True
+        elif c == '"':
+            inside = not inside
+    return inside
+
+
 class ToolParser:
     """Splits a model's output, fed in pieces, into text and ToolCalls as they complete."""
 
@@ -162,6 +182,8 @@ class ToolParser:
         while True:
             if self._in_call:
                 end = self._buffer.find(END)
+                while end >= 0 and _in_string(self._buffer[:end]):  # "</tool_call>" inside a JSON string
+                    end = self._buffer.find(END, end + len(END))
                 if end < 0:
                     return out
                 self._close(self._buffer[:end], out)
@@ -189,6 +211,13 @@ class ToolParser:
     def finish(self) -> list[str | ToolCall]:
         """Everything still held; a block left open is parsed as if it had closed."""
         out: list[str | ToolCall] = []
+        body, end = self._buffer, self._buffer.find(END)
+        if self._in_call and end >= 0 and _call(body) is None:
+            # a closing tag was passed over as inside a string, but the JSON never ended (unbalanced
+            # quotes, not JSON): the block ends at its first closing tag after all, as vLLM's would
+            self._buffer = ""
+            self._close(body[:end], out)
+            return out + self.push(body[end + len(END):]) + self.finish()
         if self._in_call:
             self._close(self._buffer, out, closed=False)
         elif not self._after_call:

@@ -129,9 +129,13 @@ def test_bad_tool_messages_are_one_line_errors(tok, messages, match):
     ([{"type": "function"}], None, r"tools\[0\] must be"),
     ([{"type": "code_interpreter", "function": {"name": "f"}}], None, r"tools\[0\] must be"),
     ([{"type": "function", "function": {"name": "a b"}}], None, "1-64 letters"),
+    ([{"type": "function", "function": {"name": "f\n"}}], None, "1-64 letters"),  # `$` matches before a final newline
     ([{"type": "function", "function": {"name": "f"}}] * 2, None, "used twice"),
     ([{"type": "function", "function": {"name": "f", "parameters": []}}], None, "JSON schema object"),
     ([{"type": "function", "function": {"name": "f", "description": 3}}], None, "description must be a string"),
+    # arguments are an object: a forced call with other parameters could never parse as a call (OpenAI: 400)
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}], None, "type \"object\""),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}], None, "type \"object\""),
     ([CLOCK] * 129, None, "over the limit"),
     (TOOLS, "sometimes", "tool_choice must be one of"),
     (TOOLS, {"type": "function", "function": {"name": "nope"}}, "not in tools"),
@@ -191,9 +195,31 @@ def test_parallel_false_keeps_the_first_call():
     assert content == "xy" and [json.loads(c.arguments)["city"] for c in calls] == ["Paris"]
 
 
+def test_a_closing_tag_inside_an_argument_string_does_not_end_the_call():
+    # JSON strings may hold "</tool_call>" (a forced call's grammar allows it): the block ends at
+    # the tag after the JSON, whole and streamed
+    block = '<tool_call>\n{"name": "f", "arguments": {"s": "a </tool_call> b"}}\n</tool_call>'
+    for text in (block, "Hi\n" + block + "\nafter"):
+        content, calls = parse(text)
+        assert [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"s": "a </tool_call> b"})], text
+        parser, items = ToolParser(), []
+        for ch in text:
+            items += parser.push(ch)
+        items += parser.finish()
+        assert [(c.name, c.arguments) for c in items if isinstance(c, ToolCall)] == [(c.name, c.arguments) for c in calls]
+        assert "".join(x for x in items if isinstance(x, str)) == (content or "")
+    # an unclosed string (not JSON): the text stays as written, and the block ends at its first tag
+    assert parse('<tool_call>\n{"name": "f\n</tool_call> x') == ('<tool_call>\n{"name": "f\n</tool_call> x', [])
+    bad = '<tool_call>\n{"name": "f", "arguments": {"s": "a"b"}}\n</tool_call>'
+    content, calls = parse(bad + "\n" + BLOCK + "\nend")
+    assert content == bad + "end" and [c.name for c in calls] == ["get_weather"]
+
+
 def test_streamed_parsing_equals_the_whole_text_parse():
     pieces = ["Let me check.\n", BLOCK, "\n", BLOCK.replace("Paris", "Rome"), "\n<tool_call>\nbad\n</tool_call>", " then ",
-              "<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>", "\n\n  Done <tool_c", "all> x <", "tool"]
+              "<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>", "\n\n  Done <tool_c", "all> x <", "tool",
+              '<tool_call>\n{"name": "f", "arguments": {"s": "a </tool_call> b"}}\n</tool_call>',
+              '<tool_call>{"name": "f", "arguments": {"s": "a"b"}}</tool_call>']
     rng = random.Random(0)
     for trial in range(300):
         text = "".join(rng.sample(pieces, rng.randint(1, len(pieces))))
@@ -243,8 +269,8 @@ def test_forced_calls_accept_valid_calls_only(tok, choice: str):
 
 
 def test_forced_calls_with_a_bad_schema_are_refused(tok):
-    spec = forced_calls(validate_tools([{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]),
-                        "required")
+    spec = forced_calls(validate_tools([{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": 5}}}}}]), "required")
     with pytest.raises(structured.StructuredOutputError):
         structured.check(spec, tok, tok.vocab_size)
 

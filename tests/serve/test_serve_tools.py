@@ -159,6 +159,8 @@ BAD = [
     ("a schema llguidance refuses", {**GOOD, "tool_choice": "required", "tools": [
         {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": 7}}}}}]},
      "tool_choice"),
+    ("parameters not an object schema", {**GOOD, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "tools"),
     ("parallel_tool_calls not a bool", {**GOOD, "tools": TOOLS, "parallel_tool_calls": "no"}, "parallel_tool_calls"),
     ("tool_calls arguments not JSON", {**GOOD, "messages": [*ASK, {"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "now", "arguments": "{"}}]}]}, "messages"),
@@ -171,6 +173,24 @@ def test_bad_tool_requests_get_a_400(server, body, param) -> None:
     status, got = post(server.url + "/v1/chat/completions", body)
     assert status == 400 and got["error"]["param"] == param and "\n" not in got["error"]["message"]
     assert post(server.url + "/v1/chat/completions", GOOD)[0] == 200
+
+
+def test_a_forced_argument_holding_the_closing_tag_is_still_a_call(client) -> None:
+    tool: Any = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"s": {"const": "a </tool_call> b"}}, "required": ["s"], "additionalProperties": False}}}
+    for stream in (False, True):
+        kw: Any = dict(model=MODEL, messages=ASK, tools=[tool], tool_choice="required", parallel_tool_calls=False,
+                       max_tokens=60)
+        if stream:
+            chunks = list(client.chat.completions.create(**kw, stream=True))
+            calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
+            content = "".join(c.choices[0].delta.content or "" for c in chunks) or None
+            reason = chunks[-1].choices[0].finish_reason
+        else:
+            r = client.chat.completions.create(**kw).choices[0]
+            calls, content, reason = r.message.tool_calls, r.message.content, r.finish_reason
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("f", {"s": "a </tool_call> b"})]
+        assert content is None and reason == "tool_calls"
 
 
 def test_tools_on_completions_get_a_400(server) -> None:
