@@ -121,6 +121,7 @@ class GenerationRequest:
     generate: bool = True  # False: max_tokens 0 with echo (score the prompt, generate nothing)
     parse_tools: bool = False  # chat with tools (tool_choice not "none"): the output's calls become tool_calls
     tool_limit: int | None = None  # parallel_tool_calls false: 1
+    named_tool: bool = False  # tool_choice names the function: finish_reason stays "stop", as OpenAI's
     arrived: float = 0.0  # time.monotonic() when the HTTP request came in (metrics: time to first token)
 
     def tool_parser(self) -> ToolParser | None:
@@ -233,8 +234,13 @@ class Service:
         if not generate and len(ids) > self.context_limit:
             raise APIError(f"this server's context is {self.context_limit} tokens; the prompt has {len(ids)}",
                            param="prompt", code="context_length_exceeded")
-        forced = tools.forced_calls(tool_list, choice, parallel) if tool_list and choice not in ("none", "auto") \
-            else None
+        forced = None
+        if tool_list and choice not in ("none", "auto"):
+            try:  # each function's schema on its own first, so an error names the function
+                tools.check_schemas(tool_list, choice, self.engine.tokenizer, self.engine.config.vocab_size)
+            except ToolError as e:
+                raise APIError(str(e), param="tools") from None
+            forced = tools.forced_calls(tool_list, choice, parallel)
         sampling = self._sampling(body, len(ids), self._logprobs(kind, body), scoring_only=not generate, forced=forced)
         text = None
         if echo:  # the prompt as sent (a string, or a batch of one string), else its ids decoded
@@ -243,7 +249,8 @@ class Service:
                 prompt = prompt[0]
             text = prompt if isinstance(prompt, str) and not truncated else self.engine.tokenizer.decode(ids, False)
         return GenerationRequest(kind, ids, sampling, stream, include_usage, n or 1, text, generate,
-                                 parse_tools=bool(tool_list) and choice != "none", tool_limit=None if parallel else 1)
+                                 parse_tools=bool(tool_list) and choice != "none", tool_limit=None if parallel else 1,
+                                 named_tool=choice not in ("none", "auto", "required"))
 
     @staticmethod
     def _tools(kind: str, body: Mapping[str, Any]) -> tuple[list[dict[str, Any]] | None, str, bool]:
@@ -291,7 +298,9 @@ class Service:
             try:
                 return tokenizer.encode_chat(chat_messages(body.get("messages")), add_generation_prompt=add is not False,
                                              tools=tool_list)
-            except (ChatMessageError, ChatTemplateError) as e:
+            except ChatTemplateError as e:
+                raise APIError(str(e), param="tools" if tool_list and "render tools" in str(e) else "messages") from None
+            except ChatMessageError as e:
                 raise APIError(str(e), param="messages") from None
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -623,8 +632,8 @@ def _choice(req: GenerationRequest, index: int, text: str | None, finish_reason:
             logprobs: dict[str, Any] | None = None, first: bool = False,
             calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One choice of a body or chunk. calls: OpenAI tool_calls (a message's, or a chunk's with their
-    index); with calls, a stop is finish_reason "tool_calls"."""
-    if calls and finish_reason == "stop":
+    index); with calls, a stop is finish_reason "tool_calls" (but for a named tool_choice, as OpenAI)."""
+    if calls and finish_reason == "stop" and not req.named_tool:
         finish_reason = "tool_calls"
     if req.kind == "completion":
         return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
@@ -780,7 +789,8 @@ async def _chunks(worker: EngineWorker, reqs: list[GenerationRequest], env: _Env
                 if parser is not None:
                     for chunk in pieces(i, parser.finish()):
                         yield chunk
-                reason = "tool_calls" if called[i] and item.finish_reason == "stop" else item.finish_reason
+                reason = "tool_calls" if called[i] and item.finish_reason == "stop" and not owner[i].named_tool \
+                    else item.finish_reason
                 yield env.sse(_choice(owner[i], i, None if env.req.kind == "chat" else "", reason, flush(i)))
             elif parser is not None:
                 for chunk in pieces(i, parser.push(item)):

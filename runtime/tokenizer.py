@@ -369,8 +369,8 @@ class Tokenizer:
         if not tooling or renders_tools(self.chat_template):
             return self.chat_template
         if not self.chatml_compatible:
-            raise ChatTemplateError("this model's chat template does not render tools or tool calls; give one that "
-                                    "does (qmoe serve --chat-template FILE)")
+            raise ChatTemplateError("the chat template does not render tools or tool calls and is not ChatML; give "
+                                    "one that does (qmoe serve --chat-template FILE)")
         return tool_template()
 
     @cached_property

@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 
 from .errors import QmoeError
 from .sampling import stop_holdback
+from . import structured
 from .structured import JSON_OPTIONS, StructuredOutput
 
 START, END = "<tool_call>", "</tool_call>"
@@ -37,6 +38,7 @@ CALL_TAIL = "}\n" + END  # closes a call's JSON and its block
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 MAX_TOOLS = 128  # OpenAI's limit per request
 CHOICES = ("none", "auto", "required")
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}  # a function without parameters
 
 
 class ToolError(QmoeError, ValueError):
@@ -48,7 +50,7 @@ class ToolError(QmoeError, ValueError):
 
 def validate_tools(value: Any) -> list[dict[str, Any]]:
     """OpenAI's `tools` ([{"type": "function", "function": {"name", "description"?, "parameters"?}}])
-    checked, as plain dicts for the template (parameters default to an empty object schema)."""
+    checked, as plain dicts for the template (a function without parameters takes none)."""
     if not isinstance(value, list):
         raise ToolError("tools must be a list of {\"type\": \"function\", \"function\": {...}} objects")
     if len(value) > MAX_TOOLS:
@@ -67,7 +69,7 @@ def validate_tools(value: Any) -> list[dict[str, Any]]:
         description = fn.get("description")
         if description is not None and not isinstance(description, str):
             raise ToolError(f"tools[{i}].function.description must be a string")
-        parameters = fn.get("parameters", {"type": "object", "properties": {}})
+        parameters = fn.get("parameters", NO_ARGUMENTS)
         if not isinstance(parameters, dict):
             raise ToolError(f"tools[{i}].function.parameters must be a JSON schema object")
         if parameters.get("type", "object") != "object":  # arguments are an object (OpenAI refuses others too)
@@ -76,7 +78,8 @@ def validate_tools(value: Any) -> list[dict[str, Any]]:
         clean: dict[str, Any] = {"name": name}
         if description is not None:
             clean["description"] = description
-        clean["parameters"] = parameters
+        if "parameters" in fn:  # rendered as given; a function without them takes none (NO_ARGUMENTS)
+            clean["parameters"] = parameters
         out.append({"type": "function", "function": clean})
     return out
 
@@ -102,16 +105,36 @@ def validate_choice(value: Any, tools: Sequence[Mapping[str, Any]]) -> str:
     return name
 
 
+def chosen(tools: Sequence[Mapping[str, Any]], choice: str) -> list[Mapping[str, Any]]:
+    """The functions a forced choice may call ("required": all; a name: that one)."""
+    return [t["function"] for t in tools if choice == "required" or t["function"]["name"] == choice]
+
+
+def arguments_schema(fn: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON schema a forced call's arguments follow (compact JSON: llguidance's options)."""
+    return {"type": "object", **fn.get("parameters", NO_ARGUMENTS), "x-guidance": JSON_OPTIONS}
+
+
+def check_schemas(tools: Sequence[Mapping[str, Any]], choice: str, tokenizer: Any, vocab_size: int) -> None:
+    """Compiles each callable function's arguments schema; a ToolError names the one that fails."""
+    for i, t in enumerate(tools):
+        fn = t["function"]
+        if choice == "required" or fn["name"] == choice:
+            try:
+                structured.check(StructuredOutput.json_schema(arguments_schema(fn)), tokenizer, vocab_size)
+            except structured.StructuredOutputError as e:
+                raise ToolError(f"tools[{i}].function.parameters: {e}") from None
+
+
 def forced_calls(tools: Sequence[Mapping[str, Any]], choice: str, parallel: bool = True) -> StructuredOutput:
     """The grammar of a forced choice ("required": any of the tools; a name: that one call, as
     OpenAI gives it): one call (for "required" with parallel: one or more, separated by newlines)
     in the Hermes text, the arguments a compact JSON value matching the function's parameters
     schema."""
     parallel = parallel and choice == "required"
-    chosen = [t["function"] for t in tools if choice == "required" or t["function"]["name"] == choice]
     rules, calls = [], []
-    for i, fn in enumerate(chosen):
-        schema = {"type": "object", **fn["parameters"], "x-guidance": JSON_OPTIONS}
+    for i, fn in enumerate(chosen(tools, choice)):
+        schema = arguments_schema(fn)
         head = json.dumps(f'{START}\n{{"name": "{fn["name"]}", "arguments": ')
         calls.append(f"call_{i}")
         rules.append(f"call_{i}: {head} args_{i} {json.dumps(CALL_TAIL)}")
@@ -173,6 +196,8 @@ class ToolParser:
         self._in_call = False
         self._after_call = False  # whitespace right after a call separates, it is not content
         self._gap = ""  # the whitespace before an open block: dropped if it is a call, kept if not
+        self._sep = ""  # the whitespace after a call: kept between two texts, dropped at either end
+        self._said = False  # some text went out
         self.calls: list[ToolCall] = []
 
     def push(self, text: str) -> list[str | ToolCall]:
@@ -190,10 +215,14 @@ class ToolParser:
                 self._buffer = self._buffer[end + len(END):]
                 continue
             if self._after_call:
-                self._buffer = self._buffer.lstrip()
-                if not self._buffer:
+                stripped = self._buffer.lstrip()
+                self._sep += self._buffer[: len(self._buffer) - len(stripped)]
+                if not stripped:
+                    self._buffer = ""
                     return out
-                self._after_call = False
+                # text after a call: separated from earlier text by the call's whitespace
+                self._buffer = (self._sep if self._said else "") + stripped
+                self._after_call, self._sep = False, ""
             start = self._buffer.find(START)
             if start >= 0:
                 before = self._buffer[:start].rstrip()
@@ -222,7 +251,7 @@ class ToolParser:
             self._close(self._buffer, out, closed=False)
         elif not self._after_call:
             self._text(self._buffer, out)
-        self._buffer, self._in_call, self._after_call, self._gap = "", False, False, ""
+        self._buffer, self._in_call, self._after_call, self._gap, self._sep = "", False, False, "", ""
         return out
 
     def _close(self, body: str, out: list[str | ToolCall], closed: bool = True) -> None:
@@ -234,10 +263,10 @@ class ToolParser:
             out.append(call)
         self._in_call, self._after_call, self._gap = False, call is not None, ""
 
-    @staticmethod
-    def _text(text: str, out: list[str | ToolCall]) -> None:
+    def _text(self, text: str, out: list[str | ToolCall]) -> None:
         if text:
             out.append(text)
+            self._said = True
 
 
 def parse(text: str, limit: int | None = None) -> tuple[str | None, list[ToolCall]]:

@@ -21,7 +21,8 @@ from transformers import AutoTokenizer
 
 from runtime import structured
 from runtime.tokenizer import ChatMessageError, ChatTemplateError, Tokenizer, tool_template
-from runtime.tools import ToolCall, ToolError, ToolParser, forced_calls, parse, validate_choice, validate_tools
+from runtime.tools import (ToolCall, ToolError, ToolParser, check_schemas, forced_calls, parse, validate_choice,
+                           validate_tools)
 
 from .test_tokenizer import CONVERSATIONS as PLAIN  # user / assistant / system turns
 from .test_tokenizer import copy_dir
@@ -152,8 +153,22 @@ def test_tool_choice_defaults_follow_openai():
     assert validate_choice(None, validate_tools(TOOLS)) == "auto"
     assert validate_choice(None, []) == "none"
     assert validate_choice({"type": "function", "function": {"name": "now"}}, validate_tools(TOOLS)) == "now"
-    assert validate_tools([{"type": "function", "function": {"name": "f"}}])[0]["function"]["parameters"] == \
-        {"type": "object", "properties": {}}
+    assert "parameters" not in validate_tools([{"type": "function", "function": {"name": "f"}}])[0]["function"]
+
+
+def test_a_function_without_parameters_is_forced_to_no_arguments(tok):
+    spec = forced_calls(validate_tools([{"type": "function", "function": {"name": "f"}}]), "f")
+    assert walk(tok, spec, '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>')
+    assert not walk(tok, spec, '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>')
+
+
+def test_schema_errors_name_the_function(tok):
+    tools = validate_tools([CLOCK, {"type": "function", "function": {"name": "g", "parameters": {
+        "type": "object", "properties": {"a": {"type": 5}}}}}])
+    check_schemas(tools, "now", tok, tok.vocab_size)  # only the chosen function is compiled
+    with pytest.raises(ToolError, match=r"^tools\[1\]\.function\.parameters: ") as e:
+        check_schemas(tools, "required", tok, tok.vocab_size)
+    assert "\n" not in str(e.value)
 
 
 # --- parsing --------------------------------------------------------------------------------
@@ -167,6 +182,9 @@ BLOCK = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "un
     ("Let me check.\n" + BLOCK + "\n" + BLOCK.replace("Paris", "Rome"), "Let me check.",
      ['get_weather{"city": "Paris", "unit": "C"}', 'get_weather{"city": "Rome", "unit": "C"}']),
     (BLOCK + "\nDone.", "Done.", ['get_weather{"city": "Paris", "unit": "C"}']),
+    # text on both sides of a call keeps the whitespace that followed the call between them
+    ("Checking.\n" + BLOCK + "\n\nDone.  ", "Checking.\n\nDone.  ", ['get_weather{"city": "Paris", "unit": "C"}']),
+    ("a " + BLOCK + " tail", "a tail", ['get_weather{"city": "Paris", "unit": "C"}']),
     # not JSON, no name, arguments not an object: the block stays text as written (vLLM's hermes)
     ("a \n<tool_call>\nnot json\n</tool_call> b", "a \n<tool_call>\nnot json\n</tool_call> b", []),
     ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),
@@ -192,7 +210,7 @@ def test_unicode_arguments_stay_unescaped():
 
 def test_parallel_false_keeps_the_first_call():
     content, calls = parse("x\n" + BLOCK + "\n" + BLOCK.replace("Paris", "Rome") + "\ny", limit=1)
-    assert content == "xy" and [json.loads(c.arguments)["city"] for c in calls] == ["Paris"]
+    assert content == "x\ny" and [json.loads(c.arguments)["city"] for c in calls] == ["Paris"]
 
 
 def test_a_closing_tag_inside_an_argument_string_does_not_end_the_call():
@@ -212,7 +230,7 @@ def test_a_closing_tag_inside_an_argument_string_does_not_end_the_call():
     assert parse('<tool_call>\n{"name": "f\n</tool_call> x') == ('<tool_call>\n{"name": "f\n</tool_call> x', [])
     bad = '<tool_call>\n{"name": "f", "arguments": {"s": "a"b"}}\n</tool_call>'
     content, calls = parse(bad + "\n" + BLOCK + "\nend")
-    assert content == bad + "end" and [c.name for c in calls] == ["get_weather"]
+    assert content == bad + "\nend" and [c.name for c in calls] == ["get_weather"]
 
 
 def test_streamed_parsing_equals_the_whole_text_parse():
