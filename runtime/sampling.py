@@ -546,8 +546,8 @@ class Sampler:
         if len(self.matchers) != batch_size:
             raise SamplingError(f"got {len(self.matchers)} matchers for a batch of {batch_size}")
         # allowed_token_ids as arrays, built once per row
-        self._allowed = tuple(None if p.allowed_token_ids is None else np.unique(np.asarray(p.allowed_token_ids, np.int64))
-                              for p in rows)
+        self._allowed = tuple(None if p.allowed_token_ids is None
+                              else np.unique(np.asarray(p.allowed_token_ids, np.int64)) for p in rows)
 
     def next(self, logits: np.ndarray, seen: Sequence[np.ndarray],
              generated: Sequence[np.ndarray] | None = None, active: np.ndarray | None = None) -> np.ndarray:

@@ -161,7 +161,8 @@ def test_sampler_rows_apply_their_own_masks_greedy_and_sampled():
     rng = np.random.default_rng(1)
     logits = rng.standard_normal((3, 50)).astype(np.float32)
     allowed = [7, 19, 33]
-    rows = [SamplingParams(allowed_token_ids=allowed), SamplingParams(temperature=1.0, seed=4, allowed_token_ids=allowed),
+    rows = [SamplingParams(allowed_token_ids=allowed),
+            SamplingParams(temperature=1.0, seed=4, allowed_token_ids=allowed),
             SamplingParams(bad_words_token_ids=[[int(np.argmax(logits[2]))]])]
     s = Sampler(rows, 3)
     for _ in range(20):

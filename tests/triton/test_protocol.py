@@ -52,8 +52,9 @@ def test_vllm_fields_pass_through(embedded):
     req = parse_request(request(prompt="Hello", parameters=json.dumps(
         {"max_tokens": 6, "min_tokens": 2, "allowed_token_ids": [11, 220], "bad_words": ["hi"],
          "include_stop_str_in_output": True, "skip_special_tokens": False, "stop": "x"})), embedded)
-    assert req.sampling == SamplingParams(max_new_tokens=6, min_tokens=2, allowed_token_ids=(11, 220), bad_words=("hi",),
-                                          include_stop_str_in_output=True, skip_special_tokens=False, stop=("x",))
+    assert req.sampling == SamplingParams(max_new_tokens=6, min_tokens=2, allowed_token_ids=(11, 220),
+                                          bad_words=("hi",), include_stop_str_in_output=True,
+                                          skip_special_tokens=False, stop=("x",))
     # the model's generation honours them (stream_text, as model.py runs it): only 11 and 220 (",", " ")
     out = "".join(embedded.stream_text(list(req.prompt_ids), req.sampling))
     assert set(out) <= {",", " "} and len(out) == 6
