@@ -42,6 +42,7 @@ import numpy as np
 
 from .engine import Engine, GenerationResult, RequestError, TextStream
 from .sampling import Sampler, SamplingParams, TokenLogprob, token_logprob
+from .speculative import NgramSpeculation
 from .yarn import ContextLengthError, RopePlan, check_context, context_limit
 
 # Tokens per request (prompt + max_new_tokens) when the caller sets none, capped by the model's
@@ -89,10 +90,13 @@ class _Slot:
     seen: np.ndarray  # prompt + generated ids, for the repetition penalty
     cached: int = 0  # rows of this slot's cache that hold the request's tokens
     next_token: int = -1  # the sampled token the next step feeds (-1: still prefilling)
+    draft: list[int] = field(default_factory=list)  # speculative tokens the current step feeds after next_token
 
 
 class BatchScheduler:
-    def __init__(self, engine: Engine, max_slots: int = 8, capacity: int | None = None) -> None:
+    def __init__(self, engine: Engine, max_slots: int = 8, capacity: int | None = None,
+                 speculation: NgramSpeculation | None = None) -> None:
+        """speculation: n-gram draft tokens verified in each decode step (runtime/speculative.py)."""
         if max_slots < 1:
             raise RequestError(f"max_slots must be >= 1, got {max_slots}")
         limit = context_limit(engine.config, engine.rope_mode)
@@ -118,6 +122,9 @@ class BatchScheduler:
         self._waiting: deque[Generation] = deque()
         self.steps = 0
         self.max_batch = 0  # most slots that ever shared one step (monitoring, tests)
+        self.speculation = speculation
+        self.draft_tokens = 0  # speculative tokens fed (monitoring, tests)
+        self.accepted_tokens = 0  # of those, the ones verification kept
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -250,7 +257,8 @@ class BatchScheduler:
         self._kept = [[] for _ in range(self.max_slots)]  # K/V rotated with other tables
 
     def _run_step(self) -> tuple[np.ndarray, np.ndarray]:
-        """One backend step: each slot's new rows, right-padded. Returns logits [B, 1, V] and Q [B]."""
+        """One backend step: each slot's new rows, right-padded. Returns logits [B, N, V] (N: 1,
+        or 1 + the longest draft: a drafting slot gets the logits of every row it feeds) and Q [B]."""
         B = self.max_slots
         cache_rows = self.capacity + 1
         # Every row of a step, idle or not, needs room for the step's padded chunk (S rows) after
@@ -266,7 +274,11 @@ class BatchScheduler:
             if slot.next_token < 0:  # prefill: the next chunk of the prompt
                 rows[b] = slot.gen.prompt_ids[slot.cached: slot.cached + chunk]
             else:
-                rows[b] = [slot.next_token]
+                # draft tokens fit the tokens left to generate, and every row's room for the step
+                left = slot.gen.params.max_new_tokens - len(slot.gen.result.tokens) - 1
+                slot.draft = [] if self.speculation is None else self.speculation.propose(slot.seen, min(left, room - 1))
+                rows[b] = [slot.next_token, *slot.draft]
+                self.draft_tokens += len(slot.draft)
             q[b] = len(rows[b])
         S = int(q.max())
         ids = np.zeros((B, S), np.int64)  # [B, max Q]
@@ -283,8 +295,12 @@ class BatchScheduler:
                 past = min(int(self._last[b]) + 1, cache_rows - S)
                 self._last[b] = past - 1
                 del self._kept[b][past:]
-        logits = self.engine.backend.step(self._cache, ids, q, self._last.copy(),
-                                          np.maximum(q - 1, 0)[:, None].astype(np.int64))
+        wanted = 1 + max((len(s.draft) for s in self._slots if s is not None and s.next_token >= 0), default=0)
+        at = np.repeat(np.maximum(q - 1, 0)[:, None], wanted, axis=1).astype(np.int64)  # [B, N]: last row
+        for b, slot in enumerate(self._slots):
+            if slot is not None and slot.draft and slot.next_token >= 0:
+                at[b, : q[b]] = np.arange(q[b])  # every row a drafting slot feeds
+        logits = self.engine.backend.step(self._cache, ids, q, self._last.copy(), at)
         self.steps += 1
         self.max_batch = max(self.max_batch, int((q > 0).sum()))
         return logits, q
@@ -296,35 +312,59 @@ class BatchScheduler:
             gen = slot.gen
             if slot.next_token < 0 and slot.cached < len(gen.prompt_ids):
                 continue  # more prompt chunks to go
-            row = logits[b: b + 1, 0, :]
-            try:
-                tok = int(slot.sampler.next(row, [slot.seen], [slot.seen[len(gen.prompt_ids):]])[0])
-            except Exception as e:  # noqa: BLE001  this request's grammar or sampling failed (a
-                # grammar past llguidance's limits, penalties past float64): it ends, the others go on
-                self._slots[b] = None
-                gen.on_error(e)
-                continue
-            slot.seen = np.append(slot.seen, tok)
-            p = gen.params
-            n = len(gen.result.tokens) + 1
-            reason = "stop" if tok in slot.text.stop_ids else (
-                "length" if n == p.max_new_tokens else None)
-            gen.on_token(tok)
-            lp = None if p.logprobs is None else token_logprob(row[0], tok, p.logprobs)
-            if lp is not None:
-                gen.on_logprob(lp)
-            delta = slot.text.push(tok, reason, lp)
-            if delta:
-                gen.on_delta(delta)
-            if slot.text.stopped:
-                self._finish(b, gen.result.finish_reason)
-            elif reason:
-                tail = slot.text.finish()
-                if tail:
-                    gen.on_delta(tail)
-                self._finish(b, gen.result.finish_reason)
-            else:
+            draft, slot.draft = (slot.draft if slot.next_token >= 0 else []), []
+            fed = slot.cached - int(q[b])  # rows before this step
+            # Verify: sample each fed row in order, as plain decoding would; a sample equal to the
+            # draft token keeps it (its K/V is valid), the first that differs (or the row after
+            # the last draft token) is the step's last token.
+            for j in range(len(draft) + 1):
+                tok = self._take(b, slot, logits[b: b + 1, j, :])
+                if tok is None:  # finished, or failed: rows up to j hold valid K/V
+                    break
+                if j < len(draft) and tok == draft[j]:
+                    self.accepted_tokens += 1
+                    continue
                 slot.next_token = tok
+                break
+            if draft:  # drop the rejected draft tokens' rows
+                valid = fed + j + 1
+                slot.cached = valid
+                self._last[b] = valid - 1
+                if self._slots[b] is None:
+                    self._kept[b] = self._kept[b][:valid]
+
+    def _take(self, b: int, slot: _Slot, row: np.ndarray) -> int | None:
+        """Samples one token for slot b from `row` [1, V] and hands it on; None if the request
+        ended (stop, length, a stop string, or a failure: the slot is free then)."""
+        gen = slot.gen
+        try:
+            tok = int(slot.sampler.next(row, [slot.seen], [slot.seen[len(gen.prompt_ids):]])[0])
+        except Exception as e:  # noqa: BLE001  this request's grammar or sampling failed (a
+            # grammar past llguidance's limits, penalties past float64): it ends, the others go on
+            self._slots[b] = None
+            gen.on_error(e)
+            return None
+        slot.seen = np.append(slot.seen, tok)
+        p = gen.params
+        n = len(gen.result.tokens) + 1
+        reason = "stop" if tok in slot.text.stop_ids else ("length" if n == p.max_new_tokens else None)
+        gen.on_token(tok)
+        lp = None if p.logprobs is None else token_logprob(row[0], tok, p.logprobs)
+        if lp is not None:
+            gen.on_logprob(lp)
+        delta = slot.text.push(tok, reason, lp)
+        if delta:
+            gen.on_delta(delta)
+        if slot.text.stopped:
+            self._finish(b, gen.result.finish_reason)
+            return None
+        if reason:
+            tail = slot.text.finish()
+            if tail:
+                gen.on_delta(tail)
+            self._finish(b, gen.result.finish_reason)
+            return None
+        return tok
 
     def _finish(self, b: int, reason: str) -> None:
         slot = self._slots[b]

@@ -116,6 +116,17 @@ def engine_options(f: Callable) -> Callable:
     return f
 
 
+def speculative_option(f: Callable) -> Callable:
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        from .speculative import NgramSpeculation
+
+        return None if value is None else NgramSpeculation.from_config(value)
+
+    return click.option("--speculative-config", "speculation", default=None, callback=parse,
+                        help='n-gram speculative decoding, vLLM\'s JSON: {"method": "ngram", '
+                             '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}.')(f)
+
+
 def _sampling(kw: dict[str, Any]):
     from .sampling import SamplingParams
 
@@ -293,8 +304,10 @@ def run(artifact: str, prompt: str, as_chat: bool, json_schema: str | None, rege
 @click.argument("artifact", type=click.Path())
 @click.option("--system", default=None, help="System prompt (default: the chat template's).")
 @sampling_options
+@speculative_option
 @engine_options
-def chat(artifact: str, system: str | None, backend: str, device: str, rope_mode: str | None, **kw: Any) -> None:
+def chat(artifact: str, system: str | None, speculation: Any, backend: str, device: str, rope_mode: str | None,
+         **kw: Any) -> None:
     """Interactive chat: keeps history; /reset clears it; Ctrl-D exits. Each turn reuses the K/V of
     the conversation so far and prefills only the new turn."""
     from .batching import BatchScheduler, stream
@@ -302,7 +315,7 @@ def chat(artifact: str, system: str | None, backend: str, device: str, rope_mode
 
     sampling = _sampling(kw)
     engine = load(artifact, backend=backend, device=device, rope_mode=rope_mode)
-    scheduler = BatchScheduler(engine, max_slots=1)
+    scheduler = BatchScheduler(engine, max_slots=1, speculation=speculation)
     if sampling.max_new_tokens >= scheduler.capacity:  # every turn would be refused: say so once, up front
         raise RequestError(f"--max-new-tokens {sampling.max_new_tokens} leaves no room for a prompt in the "
                            f"{scheduler.capacity}-token context; lower it")
@@ -344,16 +357,20 @@ def chat(artifact: str, system: str | None, backend: str, device: str, rope_mode
 @click.option("--max-context", "capacity", type=click.IntRange(min=2), default=None,
               help="Tokens per request (prompt + max_tokens) the KV cache holds "
                    "[default: min(the model's context, 32768)].")
+@click.option("--chat-template", default=None,
+              help="A Jinja chat template (file, or the template itself) instead of the artifact's.")
+@speculative_option
 @engine_options
 def serve(artifact: str, host: str, port: int, served_model_name: str | None, max_batch: int, capacity: int | None,
-          backend: str, device: str, rope_mode: str | None) -> None:
+          chat_template: str | None, speculation: Any, backend: str, device: str, rope_mode: str | None) -> None:
     """Serve the OpenAI API (/v1/models, /v1/chat/completions, /v1/completions) over HTTP."""
     try:
         from .serve import serve as run_server
     except ImportError as e:
         raise click.ClickException(f"serve needs the serve extra ({e.name} missing): pip install 'qmoe[serve]'")
     run_server(artifact, host=host, port=port, served_model_name=served_model_name, backend=backend, device=device,
-               rope_mode=rope_mode, max_batch=max_batch, capacity=capacity)
+               rope_mode=rope_mode, max_batch=max_batch, capacity=capacity, chat_template=chat_template,
+               speculation=speculation)
 
 
 @main.command()

@@ -32,6 +32,7 @@ from .sampling import (
     token_logprob,
 )
 from .tokenizer import Tokenizer
+from .tools import validate_tools
 from .yarn import RopeMode, RopePlan, check_context, default_rope_mode, plan_tables
 
 
@@ -299,9 +300,11 @@ class Engine:
         return self._text(ids, sampling, stream, rope_mode)
 
     def chat(self, messages: Sequence[dict], sampling: SamplingParams | None = None, stream: bool = False,
-             rope_mode: RopeMode | None = None):
-        """A reply to a ChatML conversation: the whole text, or an iterator of text deltas."""
-        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+             rope_mode: RopeMode | None = None, tools: Sequence[dict] | None = None):
+        """A reply to a ChatML conversation: the whole text, or an iterator of text deltas. tools:
+        OpenAI's function list, rendered into the prompt (runtime.tools.parse reads the calls)."""
+        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True,
+                                         tools=validate_tools(tools) if tools else None)
         return self._text(ids, sampling, stream, rope_mode)
 
     def _text(self, ids: list[int], sampling, stream: bool, rope_mode):

@@ -24,9 +24,11 @@ TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3
 
 class Metrics:
     def __init__(self, model_name: str, running: Callable[[], int], waiting: Callable[[], int],
-                 prefix: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0)) -> None:
+                 prefix: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0),
+                 speculation: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:
         """prefix: the scheduler's (prompt tokens admitted, of those reused from cache, of those
-        copied from a running request), read when scraped."""
+        copied from a running request); speculation: its (draft tokens fed, of those accepted);
+        both read when scraped."""
         self.registry = CollectorRegistry()
         r, label = self.registry, ["model_name"]
         self.model_name = model_name
@@ -46,7 +48,7 @@ class Metrics:
               registry=r).labels(model_name).set_function(running)
         Gauge("qmoe:num_requests_waiting", "Requests queued for a slot.", label,
               registry=r).labels(model_name).set_function(waiting)
-        r.register(_PrefixCollector(model_name, prefix))
+        r.register(_PrefixCollector(model_name, prefix, speculation))
 
     def request(self, prompt_tokens: int) -> "RequestTimer":
         self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
@@ -81,16 +83,22 @@ class RequestTimer:
 
 class _PrefixCollector(Collector):
     """vLLM's prefix_cache_queries / prefix_cache_hits (in tokens), plus the hits copied from a
-    running request, from the scheduler's own counts."""
+    running request, and spec_decode_num_draft_tokens / _accepted_tokens, from the scheduler's own
+    counts."""
 
-    def __init__(self, model_name: str, read: Callable[[], tuple[int, int, int]]) -> None:
-        self.model_name, self.read = model_name, read
+    def __init__(self, model_name: str, read: Callable[[], tuple[int, int, int]],
+                 speculation: Callable[[], tuple[int, int]]) -> None:
+        self.model_name, self.read, self.speculation = model_name, read, speculation
 
     def collect(self):  # type: ignore[no-untyped-def]
         queries, hits, copied = self.read()
+        drafts, accepted = self.speculation()
         for name, doc, value in (("qmoe:prefix_cache_queries", "Prompt tokens admitted to a slot.", queries),
                                  ("qmoe:prefix_cache_hits", "Of those, served from kept or copied K/V.", hits),
-                                 ("qmoe:prefix_cache_copied", "Of the hits, copied from a running request.", copied)):
+                                 ("qmoe:prefix_cache_copied", "Of the hits, copied from a running request.", copied),
+                                 ("qmoe:spec_decode_num_draft_tokens", "Speculative (n-gram) tokens fed.", drafts),
+                                 ("qmoe:spec_decode_num_accepted_tokens", "Of those, kept by verification.",
+                                  accepted)):
             family = CounterMetricFamily(name, doc, labels=["model_name"])
             family.add_metric([self.model_name], value)
             yield family

@@ -28,7 +28,7 @@ since the previous chunk.
 Everything a request can get wrong is checked before it is queued and answered with OpenAI's error
 shape, {"error": {"message", "type", "param", "code"}}, and a 4xx status. Unknown fields are
 ignored (as vLLM does); fields whose non-default values would change the output in ways this
-server cannot honour (best_of, suffix, tools, some of vLLM's) are rejected rather than ignored.
+server cannot honour (best_of, suffix, legacy functions, some of vLLM's) are rejected rather than ignored.
 Structured output (response_format, vLLM's structured_outputs and guided_*) is runtime/structured.py.
 """
 
@@ -44,7 +44,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -53,22 +53,23 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import request_json, structured
+from . import request_json, structured, tools
 from .batching import BatchScheduler
 from .engine import Engine, GenerationResult, RequestError
 from .errors import QmoeError
 from .metrics import Metrics
+from .speculative import NgramSpeculation
 from .sampling import MAX_TOP_LOGPROBS, SamplingError, SamplingParams, TokenLogprob, choice_seed
 from .structured import StructuredOutputError
-from .tokenizer import ChatMessageError, ChatTemplateError, Tokenizer
+from .tokenizer import ChatMessageError, ChatTemplateError, Tokenizer, compile_chat_template
+from .tools import ToolCall, ToolError, ToolParser
 from .yarn import ContextLengthError
 
 log = logging.getLogger("qmoe.serve")
 
 # Non-default values of these fields would change the output in a way we do not implement.
 UNSUPPORTED_FIELDS: Mapping[str, tuple[Any, ...]] = {
-    "best_of": (1,), "suffix": ("",), "tools": ([],), "functions": ([],),
-    "tool_choice": ("none", "auto"),
+    "best_of": (1,), "suffix": ("",), "functions": ([],), "function_call": ("none", "auto"),
     # vLLM's, not implemented here
     "spaces_between_special_tokens": (True,), "use_beam_search": (False,), "logits_processors": ([],),
     "guided_whitespace_pattern": (), "structural_tag": (),
@@ -116,6 +117,11 @@ class GenerationRequest:
     n: int = 1
     echo: str | None = None  # completions with echo: the prompt text each choice starts with
     generate: bool = True  # False: max_tokens 0 with echo (score the prompt, generate nothing)
+    parse_tools: bool = False  # chat with tools (tool_choice not "none"): the output's calls become tool_calls
+    tool_limit: int | None = None  # parallel_tool_calls false: 1
+
+    def tool_parser(self) -> ToolParser | None:
+        return ToolParser(self.tool_limit) if self.parse_tools else None
 
     def choices(self) -> list[SamplingParams]:
         """Each choice's parameters: the same but for the seed (see choice_seed)."""
@@ -141,7 +147,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 
 
 def chat_messages(value: Any) -> list[dict[str, Any]]:
-    """OpenAI messages -> the tokenizer's {role, content} strings (text parts joined; developer = system)."""
+    """OpenAI messages -> the tokenizer's messages (text parts joined; developer = system; an
+    assistant's tool_calls and a tool's tool_call_id kept)."""
     if not isinstance(value, list) or not value:
         raise APIError("messages must be a non-empty list of {role, content} objects", param="messages")
     out = []
@@ -155,7 +162,7 @@ def chat_messages(value: Any) -> list[dict[str, Any]]:
                 raise APIError(f"messages[{i}].content: only text parts are supported", param="messages")
             content = "".join(p["text"] for p in content)
         role = "system" if m.get("role") == "developer" else m.get("role")
-        out.append({"role": role, "content": content})
+        out.append({**m, "role": role, "content": content})  # validate_messages keeps what templates read
     return out
 
 
@@ -163,14 +170,15 @@ class Service:
     """The model behind the routes: validates requests against it and owns the worker."""
 
     def __init__(self, engine: Engine, model_name: str, defaults: Mapping[str, Any] | None = None,
-                 max_batch: int = 8, capacity: int | None = None) -> None:
+                 max_batch: int = 8, capacity: int | None = None, speculation: NgramSpeculation | None = None) -> None:
         self.engine, self.model_name = engine, model_name
         self.defaults = dict(defaults or {})
-        self.worker = EngineWorker(engine, max_batch, capacity)
+        self.worker = EngineWorker(engine, max_batch, capacity, speculation)
         scheduler = self.worker.scheduler
         self.metrics = self.worker.metrics = Metrics(
             model_name, lambda: scheduler.running, lambda: scheduler.waiting + self.worker.queued,
-            lambda: (scheduler.admitted_tokens, scheduler.reused_tokens, scheduler.copied_tokens))
+            lambda: (scheduler.admitted_tokens, scheduler.reused_tokens, scheduler.copied_tokens),
+            lambda: (scheduler.draft_tokens, scheduler.accepted_tokens))
         # what one request may hold: the model's context for the rope mode, capped by the KV cache
         self.context_limit = self.worker.scheduler.capacity
         self.created = int(time.time())
@@ -206,7 +214,8 @@ class Service:
         n = _typed(body, "n", (int,), "an integer")
         if n is not None and not 1 <= n <= MAX_N:
             raise APIError(f"n must be in [1, {MAX_N}], got {n}", param="n")
-        ids = self._prompt_ids(kind, body)
+        tool_list, choice, parallel = self._tools(kind, body)
+        ids = self._prompt_ids(kind, body, tool_list)
         keep = _typed(body, "truncate_prompt_tokens", (int,), "an integer >= 1")
         if keep is not None:  # vLLM's: keep the prompt's last `keep` tokens
             if keep < 1:
@@ -223,14 +232,33 @@ class Service:
         if not generate and len(ids) > self.context_limit:
             raise APIError(f"this server's context is {self.context_limit} tokens; the prompt has {len(ids)}",
                            param="prompt", code="context_length_exceeded")
-        sampling = self._sampling(body, len(ids), self._logprobs(kind, body), scoring_only=not generate)
+        forced = tools.forced_calls(tool_list, choice, parallel) if tool_list and choice not in ("none", "auto") \
+            else None
+        sampling = self._sampling(body, len(ids), self._logprobs(kind, body), scoring_only=not generate, forced=forced)
         text = None
         if echo:  # the prompt as sent (a string, or a batch of one string), else its ids decoded
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1:
                 prompt = prompt[0]
             text = prompt if isinstance(prompt, str) and not truncated else self.engine.tokenizer.decode(ids, False)
-        return GenerationRequest(kind, ids, sampling, stream, include_usage, n or 1, text, generate)
+        return GenerationRequest(kind, ids, sampling, stream, include_usage, n or 1, text, generate,
+                                 parse_tools=bool(tool_list) and choice != "none", tool_limit=None if parallel else 1)
+
+    @staticmethod
+    def _tools(kind: str, body: Mapping[str, Any]) -> tuple[list[dict[str, Any]] | None, str, bool]:
+        """(tools for the template or None, tool_choice, parallel_tool_calls) of a request."""
+        if kind != "chat":
+            for name in ("tools", "tool_choice", "parallel_tool_calls"):
+                if body.get(name) is not None:
+                    raise APIError(f"{name} is supported by /v1/chat/completions only", param=name)
+            return None, "none", True
+        parallel = _typed(body, "parallel_tool_calls", (bool,), "true or false")
+        try:
+            tool_list = tools.validate_tools(body["tools"]) if body.get("tools") is not None else []
+            choice = tools.validate_choice(body.get("tool_choice"), tool_list)
+        except ToolError as e:
+            raise APIError(str(e), param="tools" if str(e).startswith("tools") else "tool_choice") from None
+        return tool_list or None, choice, parallel is not False
 
     @staticmethod
     def _logprobs(kind: str, body: Mapping[str, Any]) -> int | None:
@@ -252,14 +280,16 @@ class Service:
     def tokenize(self, kind: str, body: Mapping[str, Any]) -> list[int]:
         """/tokenize: the ids a request with this prompt or these messages would run."""
         self._check_model(body)
-        return self._prompt_ids(kind, body, allow_empty=True)
+        return self._prompt_ids(kind, body, self._tools(kind, body)[0], allow_empty=True)
 
-    def _prompt_ids(self, kind: str, body: Mapping[str, Any], allow_empty: bool = False) -> list[int]:
+    def _prompt_ids(self, kind: str, body: Mapping[str, Any], tool_list: list[dict[str, Any]] | None = None,
+                    allow_empty: bool = False) -> list[int]:
         tokenizer = self.engine.tokenizer
         if kind == "chat":
             add = _typed(body, "add_generation_prompt", (bool,), "true or false")
             try:
-                return tokenizer.encode_chat(chat_messages(body.get("messages")), add_generation_prompt=add is not False)
+                return tokenizer.encode_chat(chat_messages(body.get("messages")), add_generation_prompt=add is not False,
+                                             tools=tool_list)
             except (ChatMessageError, ChatTemplateError) as e:
                 raise APIError(str(e), param="messages") from None
         prompt = body.get("prompt")
@@ -279,9 +309,10 @@ class Service:
         return ids
 
     def _sampling(self, body: Mapping[str, Any], prompt_len: int, logprobs: int | None,
-                  scoring_only: bool = False) -> SamplingParams:
+                  scoring_only: bool = False, forced: structured.StructuredOutput | None = None) -> SamplingParams:
         """scoring_only: echo with max_tokens 0 (the prompt, checked by the caller, is all there is;
-        the parameters still get checked, with one token to be valid)."""
+        the parameters still get checked, with one token to be valid). forced: the grammar of a
+        tool_choice that forces calls."""
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         max_tokens = 1 if scoring_only else _typed(body, name, (int,), "an integer")
         if max_tokens is None:  # OpenAI's default: whatever the context has left
@@ -298,6 +329,11 @@ class Service:
             constraint, field = structured.from_request(dict(body))
         except StructuredOutputError as e:  # the message starts with the field's name
             raise APIError(str(e), param=str(e).split()[0].rstrip(":")) from None
+        if forced is not None:
+            if constraint is not None:
+                raise APIError(f"tool_choice {json.dumps(body.get('tool_choice'))} forces tool calls; it cannot be combined with "
+                               f"{field}", param="tool_choice")
+            constraint, field = forced, "tool_choice"
         # vLLM's: stop ids on top of the model's eos ids; ignore_eos generates max_tokens whatever comes
         extra_ids = _typed(body, "stop_token_ids", (list,), "a list of token ids") or []
         ignore_eos = bool(_typed(body, "ignore_eos", (bool,), "true or false"))
@@ -410,9 +446,10 @@ class EngineWorker:
     """The one thread that owns the engine: it feeds submitted jobs to a continuous-batching
     scheduler in arrival order and runs its steps while there is work."""
 
-    def __init__(self, engine: Engine, max_batch: int = 8, capacity: int | None = None) -> None:
+    def __init__(self, engine: Engine, max_batch: int = 8, capacity: int | None = None,
+                 speculation: NgramSpeculation | None = None) -> None:
         self.engine = engine
-        self.scheduler = BatchScheduler(engine, max_slots=max_batch, capacity=capacity)
+        self.scheduler = BatchScheduler(engine, max_slots=max_batch, capacity=capacity, speculation=speculation)
         self._jobs: queue.Queue[Job | _Call | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="qmoe-engine-worker", daemon=True)
         self._lock = threading.Lock()  # orders taking a job against shutting down
@@ -589,14 +626,23 @@ class _Logprobs:
 
 
 def _choice(req: GenerationRequest, index: int, text: str | None, finish_reason: str | None,
-            logprobs: dict[str, Any] | None = None, first: bool = False) -> dict[str, Any]:
+            logprobs: dict[str, Any] | None = None, first: bool = False,
+            calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One choice of a body or chunk. calls: OpenAI tool_calls (a message's, or a chunk's with their
+    index); with calls, a stop is finish_reason "tool_calls"."""
+    if calls and finish_reason == "stop":
+        finish_reason = "tool_calls"
     if req.kind == "completion":
         return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
     if not req.stream:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                "finish_reason": finish_reason}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            message["tool_calls"] = calls
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
     if first:
         delta: dict[str, Any] = {"role": "assistant", "content": ""}
+    elif calls:
+        delta = {"tool_calls": calls}
     else:
         delta = {"content": text or ""} if text or logprobs is not None else {}
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -722,8 +768,15 @@ async def _whole(worker: EngineWorker, reqs: list[GenerationRequest], env: _Enve
     finally:
         watcher.cancel()
     wanted = reqs[0].sampling.logprobs is not None
-    choices = [_choice(req, i, "".join(texts[i]), done[i].finish_reason,
-                       _Logprobs(req, tokenizer).render(logprobs[i]) if wanted else None) for i, req in enumerate(owner)]
+    choices = []
+    for i, req in enumerate(owner):
+        text: str | None = "".join(texts[i])
+        calls: list[ToolCall] = []
+        if req.parse_tools:
+            text, calls = tools.parse(text or "", req.tool_limit)
+        choices.append(_choice(req, i, text, done[i].finish_reason,
+                               _Logprobs(req, tokenizer).render(logprobs[i]) if wanted else None,
+                               calls=[c.openai() for c in calls]))
     body = env.body(choices, _usage(reqs, sum(d.completion_tokens for d in done.values())))
     if reqs[0].sampling.prompt_logprobs is not None:  # vLLM's places: each completion choice, chat's top level
         if env.req.kind == "chat":
@@ -764,13 +817,32 @@ async def _chunks(worker: EngineWorker, reqs: list[GenerationRequest], env: _Env
             for i, req in enumerate(owner):  # the role comes first, as OpenAI sends it
                 yield env.sse(_choice(req, i, None, None, first=True))
         completion_tokens = 0
+        parsers = [req.tool_parser() for req in owner]
+        called = [0] * len(owner)  # tool calls sent, per choice
+
+        def pieces(i: int, items: list[str | ToolCall]) -> Iterator[str]:
+            """Chunks of parsed output: text as content, each call whole in its own delta."""
+            for piece in items:
+                if isinstance(piece, str):
+                    yield env.sse(_choice(owner[i], i, piece, None, flush(i)))
+                else:
+                    yield env.sse(_choice(owner[i], i, None, None, flush(i), calls=[piece.openai(called[i])]))
+                    called[i] += 1
+
         async for i, item in results(jobs):
+            parser = parsers[i]
             if isinstance(item, TokenLogprob):
                 pending[i].append(item)
             elif isinstance(item, Finished):
                 completion_tokens += item.completion_tokens
-                yield env.sse(_choice(owner[i], i, None if env.req.kind == "chat" else "", item.finish_reason,
-                                      flush(i)))
+                if parser is not None:
+                    for chunk in pieces(i, parser.finish()):
+                        yield chunk
+                reason = "tool_calls" if called[i] and item.finish_reason == "stop" else item.finish_reason
+                yield env.sse(_choice(owner[i], i, None if env.req.kind == "chat" else "", reason, flush(i)))
+            elif parser is not None:
+                for chunk in pieces(i, parser.push(item)):
+                    yield chunk
             else:
                 yield env.sse(_choice(owner[i], i, item, None, flush(i)))
         if env.req.include_usage:
@@ -790,11 +862,12 @@ async def _chunks(worker: EngineWorker, reqs: list[GenerationRequest], env: _Env
 
 
 def create_app(engine: Engine, model_name: str, defaults: Mapping[str, Any] | None = None, max_batch: int = 8,
-               capacity: int | None = None) -> Starlette:
+               capacity: int | None = None, speculation: NgramSpeculation | None = None) -> Starlette:
     """The ASGI app; its lifespan starts and stops the engine's worker thread. max_batch: requests
     that share decode steps (1: one at a time); capacity: tokens per request (prompt + max_tokens;
-    default min(model context, runtime.batching.DEFAULT_CAPACITY))."""
-    service = Service(engine, model_name, defaults, max_batch, capacity)
+    default min(model context, runtime.batching.DEFAULT_CAPACITY)); speculation: n-gram drafts
+    (runtime/speculative.py)."""
+    service = Service(engine, model_name, defaults, max_batch, capacity, speculation)
 
     async def generate(request: Request, kind: str) -> Response:
         body = parse_body(await request.body())
@@ -905,18 +978,41 @@ def generation_defaults(artifact: str | Path) -> dict[str, Any]:
     return defaults
 
 
+def read_chat_template(value: str) -> str:
+    """--chat-template: a file's text, or the value itself when it is a Jinja template (as vLLM
+    takes it); checked to compile."""
+    path = Path(value)
+    if "{{" in value or "{%" in value:
+        text = value
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise QmoeError(f"--chat-template {value}: cannot read it ({type(e).__name__}: {e.strerror or e})") from None
+    try:
+        compile_chat_template(text)
+    except ChatTemplateError as e:
+        raise QmoeError(f"--chat-template {value[:60]}: {e}") from None
+    return text
+
+
 def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
           backend: str = "auto", device: str = "auto", rope_mode: Any = None, log_level: str = "info",
-          max_batch: int = 8, capacity: int | None = None) -> None:
-    """Load the artifact and serve it until interrupted (Ctrl-C / SIGTERM)."""
+          max_batch: int = 8, capacity: int | None = None, chat_template: str | None = None,
+          speculation: NgramSpeculation | None = None) -> None:
+    """Load the artifact and serve it until interrupted (Ctrl-C / SIGTERM). chat_template: a
+    template file, or the template itself, used instead of the artifact's."""
     import uvicorn
 
     from .engine import load
 
+    template = read_chat_template(chat_template) if chat_template is not None else None  # before the long load
     engine = load(artifact, backend=backend, device=device, rope_mode=rope_mode)
+    if template is not None:
+        engine.tokenizer = engine.tokenizer.with_chat_template(template)
     defaults = generation_defaults(artifact)
     name = served_model_name or Path(artifact).resolve().name
-    app = create_app(engine, name, defaults, max_batch, capacity)
+    app = create_app(engine, name, defaults, max_batch, capacity, speculation)
     worker = app.state.service.worker
 
     class Server(uvicorn.Server):

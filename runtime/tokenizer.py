@@ -12,10 +12,12 @@ special tokens as variables), so prompts are byte-identical to ``apply_chat_temp
 
 from __future__ import annotations
 
+import contextlib
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -202,8 +204,10 @@ def compile_chat_template(source: str) -> jinja2.Template:
         raise ChatTemplateError(f"chat template does not compile: {e.message} (line {e.lineno})") from None
 
 
-def validate_messages(messages: Any) -> list[dict[str, str]]:
-    """Messages as plain dicts; one-line error naming the first bad message."""
+def validate_messages(messages: Any) -> list[dict[str, Any]]:
+    """Messages as plain dicts; one-line error naming the first bad message. An assistant message
+    may carry OpenAI's `tool_calls` (its content then may be null), a tool message its
+    `tool_call_id`: see assistant_calls."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ChatMessageError("messages must be a non-empty list of {role, content} objects")
     out = []
@@ -213,10 +217,65 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
         role, content = m.get("role"), m.get("content")
         if role not in CHAT_ROLES:
             raise ChatMessageError(f"messages[{i}].role is {role!r}; expected one of {', '.join(CHAT_ROLES)}")
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
             raise ChatMessageError(f"messages[{i}].content must be a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
+        message: dict[str, Any] = {"role": role, "content": content}
+        if calls:
+            message["tool_calls"] = assistant_calls(calls, f"messages[{i}]")
+        if role == "tool":
+            for key in ("tool_call_id", "name"):
+                if m.get(key) is not None:
+                    if not isinstance(m[key], str):
+                        raise ChatMessageError(f"messages[{i}].{key} must be a string")
+                    message[key] = m[key]
+        out.append(message)
     return out
+
+
+def assistant_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's `tool_calls` for the template, each {"id", "type": "function",
+    "function": {"name", "arguments": object}}: OpenAI sends the arguments as JSON text; templates
+    write the object (vLLM passes them the same way)."""
+    if not isinstance(value, list):
+        raise ChatMessageError(f"{where}.tool_calls must be a list of calls")
+    out = []
+    for j, call in enumerate(value):
+        fn = call.get("function") if isinstance(call, Mapping) else None
+        name = fn.get("name") if isinstance(fn, Mapping) else None
+        if not isinstance(name, str) or not name:
+            raise ChatMessageError(f'{where}.tool_calls[{j}] must be {{"type": "function", "function": '
+                                   f'{{"name": ..., "arguments": ...}}}}')
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args or "{}")
+            except json.JSONDecodeError as e:
+                raise ChatMessageError(f"{where}.tool_calls[{j}].function.arguments is not valid JSON ({e})") from None
+        if not isinstance(args, dict):
+            raise ChatMessageError(f"{where}.tool_calls[{j}].function.arguments must be a JSON object")
+        out.append({"id": str(call.get("id") or ""), "type": "function", "function": {"name": name, "arguments": args}})
+    return out
+
+
+TOOL_TEMPLATE_PATH = Path(__file__).with_name("qwen_tools.jinja")
+# A conversation without tools: a template that renders it like qmoe's tool template is ChatML
+# with Qwen's default system prompt, so conversations with tools may use qmoe's template.
+_PROBE = ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+          [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}])
+
+
+@lru_cache(maxsize=1)
+def tool_template() -> str:
+    """qmoe's ChatML template with Hermes-format tool calling (runtime/qwen_tools.jinja)."""
+    return TOOL_TEMPLATE_PATH.read_text(encoding="utf-8")
+
+
+def renders_tools(template: str | None) -> bool:
+    """Whether a chat template reads the `tools` variable (one that does not would drop them)."""
+    return template is not None and re.search(r"\btools\b", template) is not None
 
 
 # --- the tokenizer --------------------------------------------------------------------------
@@ -295,15 +354,43 @@ class Tokenizer:
             return bytes(to_byte[c] for c in piece)
         return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                            tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """The prompt text. `tools` (OpenAI's function list) and assistant `tool_calls` need a
+        template that renders them: the model's own if it reads `tools`, else qmoe's Qwen tool
+        template where the model's renders plain conversations identically (ChatML)."""
+        checked = validate_messages(messages)
+        tooling = bool(tools) or any("tool_calls" in m for m in checked)
+        return self._render(self._template(tooling), checked, add_generation_prompt, list(tools) if tools else None)
+
+    def _template(self, tooling: bool) -> str:
         if self.chat_template is None:
             raise ChatTemplateError(f"{self.source}: tokenizer_config.json has no chat_template")
-        template = compile_chat_template(self.chat_template)
-        checked = validate_messages(messages)
+        if not tooling or renders_tools(self.chat_template):
+            return self.chat_template
+        if not self.chatml_compatible:
+            raise ChatTemplateError("this model's chat template does not render tools or tool calls; give one that "
+                                    "does (qmoe serve --chat-template FILE)")
+        return tool_template()
+
+    @cached_property
+    def chatml_compatible(self) -> bool:
+        """Whether the model's template renders conversations without tools exactly as qmoe's tool
+        template does (then that template can add tools to them)."""
+        if self.chat_template is None:
+            return False
+        with contextlib.suppress(ChatTemplateError):
+            return all(self._render(self.chat_template, m, g, None) == self._render(tool_template(), m, g, None)
+                       for m in _PROBE for g in (True, False))
+        return False
+
+    def _render(self, source: str, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                tools: list[Any] | None) -> str:
+        template = compile_chat_template(source)
         try:
             return template.render(
-                messages=checked,
-                tools=None,
+                messages=messages,
+                tools=tools,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **self.special_tokens,
@@ -313,8 +400,14 @@ class Tokenizer:
         except Exception as e:  # noqa: BLE001  (a template's own bug: {{ 1/0 }}, {{ messages + 1 }})
             raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools))
+
+    def with_chat_template(self, source: str) -> "Tokenizer":
+        """This tokenizer with another chat template (checked to compile)."""
+        compile_chat_template(source)
+        return replace(self, chat_template=source)
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens)

@@ -66,3 +66,23 @@ def test_serve_answers_then_ctrl_c_ends_streams_and_exits(tiny_artifact: Path, e
     assert '"the server is shutting down"' in rest and rest.endswith("data: [DONE]\n\n")
     assert proc.returncode == 0, out
     assert f"127.0.0.1:{port}" in out and "Traceback" not in out and "ERROR" not in out
+
+
+def test_a_bad_chat_template_is_one_line_and_exit_1(tmp_path: Path, tiny_artifact: Path) -> None:
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}", encoding="utf-8")
+    for value, message in ((str(tmp_path / "nope.jinja"), "cannot read it"), (str(broken), "does not compile"),
+                           ("{{ messages", "does not compile")):
+        r = subprocess.run([*QMOE, "serve", str(tiny_artifact), "--chat-template", value, "--port", str(free_port())],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: --chat-template") and message in r.stderr
+
+
+def test_read_chat_template_takes_a_file_or_the_template(tmp_path: Path) -> None:
+    from runtime.serve import read_chat_template
+
+    path = tmp_path / "t.jinja"
+    path.write_text("{{ tools }}{% for m in messages %}{{ m.content }}{% endfor %}", encoding="utf-8")
+    assert read_chat_template(str(path)) == path.read_text(encoding="utf-8")
+    assert read_chat_template("{{ messages[0].content }}") == "{{ messages[0].content }}"
