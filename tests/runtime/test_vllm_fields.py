@@ -438,3 +438,35 @@ def test_a_request_left_with_no_token_ends_alone(engine, chat):
         sched.step()
     assert len(errors) == 1 and isinstance(errors[0], SamplingError) and "no token is left" in str(errors[0])
     assert gen.result.tokens == solo(engine, chat, good).tokens
+
+
+def test_speculative_drafts_keep_the_masks(engine, chat):
+    """n-gram drafts (runtime/speculative.py) are verified token by token through the same
+    sampler: with the output confined to a few tokens (repeats, so drafts happen) each request
+    equals the scheduler without speculation, and the masks hold."""
+    from runtime.speculative import NgramSpeculation
+
+    eos = engine.tokenizer.eos_token_ids[0]
+    few = [11, 220, 9707, 1879, eos]
+    params = [
+        SamplingParams(max_new_tokens=30, allowed_token_ids=few, min_tokens=12, bad_words_token_ids=[[11, 220], [1879]],
+                       logit_bias={eos: 2}),
+        SamplingParams(max_new_tokens=30, allowed_token_ids=few[:4], temperature=1.0, seed=2, min_tokens=10,
+                       stop=[", "], include_stop_str_in_output=True),
+    ]
+
+    def run(speculation):
+        sched = BatchScheduler(engine, max_slots=2, capacity=128, speculation=speculation)
+        texts: list[list[str]] = [[] for _ in params]
+        gens = [sched.submit(chat, p, on_delta=texts[i].append) for i, p in enumerate(params)]
+        while sched.has_work():
+            sched.step()
+        return [(g.result.tokens, "".join(t), g.result.finish_reason) for g, t in zip(gens, texts)], sched
+
+    plain, _ = run(None)
+    drafted, sched = run(NgramSpeculation(4, 3, 1))
+    assert drafted == plain and sched.accepted_tokens > 0
+    tokens = plain[0][0]
+    assert eos not in tokens[:12] and 1879 not in tokens
+    assert all((a, b) != (11, 220) for a, b in zip(tokens, tokens[1:]))
+    assert len(plain[1][0]) >= 10 and set(plain[1][0]) <= set(few[:4])
