@@ -61,7 +61,9 @@ class Generation:
     sampled token id, `on_logprob` with each
     generated token's log-probabilities (only if the params ask for logprobs) before `on_delta`
     with the text it completes (if any), then `on_finish` exactly once (finish_reason "stop" |
-    "length", or "cancelled" when `cancelled` was set first), or `on_error` if a step failed."""
+    "length", or "cancelled" when `cancelled` was set first), or `on_error` if a step failed.
+    Every sampling field applies here but `prompt_logprobs`, which needs the whole prompt's logits:
+    the caller scores it (Engine.iter_prompt_logprobs, as the server does between steps)."""
 
     prompt_ids: list[int]
     params: SamplingParams

@@ -22,7 +22,15 @@ from . import manifest as mf
 from . import structured
 from .backends import open_backend
 from .errors import QmoeError
-from .sampling import Sampler, SamplingParams, TokenLogprob, find_stop, stop_holdback, token_logprob
+from .sampling import (
+    Sampler,
+    SamplingParams,
+    TokenLogprob,
+    bad_word_sequences,
+    match_stop,
+    stop_holdback,
+    token_logprob,
+)
 from .tokenizer import Tokenizer
 from .tools import validate_tools
 from .yarn import RopeMode, RopePlan, check_context, default_rope_mode, plan_tables
@@ -40,6 +48,9 @@ class GenerationResult:
     text: str | None = None  # set by the text-level APIs
     logits: list[np.ndarray] | None = None  # per generated token, [V] float32, if asked for
     logprobs: list[TokenLogprob] | None = None  # per generated token, if SamplingParams.logprobs is set
+    # per prompt token (None for the first, else with its rank), if SamplingParams.prompt_logprobs is
+    # set (Engine.generate / stream_text; the scheduler leaves them to its caller)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -93,6 +104,19 @@ class Engine:
         if any(t >= V for t, _ in p.logit_bias):
             raise RequestError(f"logit_bias keys must be token ids in [0, {V}), got "
                                f"{next(t for t, _ in p.logit_bias if t >= V)}")
+        if p.allowed_token_ids is not None:
+            n = min(V, self.tokenizer.vocab_size)  # vLLM: ids the tokenizer has
+            if any(t >= n for t in p.allowed_token_ids):
+                raise RequestError(f"allowed_token_ids must be token ids in [0, {n}), got "
+                                   f"{next(t for t in p.allowed_token_ids if t >= n)}")
+            if p.min_tokens and set(p.allowed_token_ids) <= set(p.stop_token_ids):
+                raise RequestError("min_tokens cannot be combined with allowed_token_ids that are all stop tokens "
+                                   "(nothing could be generated before min_tokens)")
+        if p.bad_words:  # vLLM's tokenization; the same ids each time, so this is idempotent
+            found = bad_word_sequences(p.bad_words, self.tokenizer.encode)
+            p = replace(p, bad_words_token_ids=tuple(dict.fromkeys(p.bad_words_token_ids + found)))
+        if any(t >= V for seq in p.bad_words_token_ids for t in seq):
+            raise RequestError(f"bad_words_token_ids must be token ids in [0, {V})")
         if p.structured is not None:
             if not set(self.tokenizer.eos_token_ids) <= set(p.stop_token_ids):
                 raise RequestError("structured output ends with one of the tokenizer's eos tokens, which "
@@ -210,18 +234,20 @@ class Engine:
         return out
 
     def prompt_logprobs(self, ids: Sequence[int], top: int = 0, max_new_tokens: int = 0,
-                        rope_mode: RopeMode | None = None, chunk: int = 128) -> list[TokenLogprob | None]:
+                        rope_mode: RopeMode | None = None, chunk: int = 128,
+                        rank: bool = False) -> list[TokenLogprob | None]:
         """Each prompt token's log-probability given the tokens before it (None for the first),
-        with the `top` likeliest alternatives: what `echo` with `logprobs` returns, and what
-        evaluation harnesses score a text with. The rope tables are those a request of len(ids) +
-        max_new_tokens would use, as its generation does."""
+        with the `top` likeliest alternatives (and its rank with `rank`): what `echo` with
+        `logprobs` and vLLM's `prompt_logprobs` return, and what evaluation harnesses score a text
+        with. The rope tables are those a request of len(ids) + max_new_tokens would use, as its
+        generation does."""
         out: list[TokenLogprob | None] = []
-        for part in self.iter_prompt_logprobs(ids, top, max_new_tokens, rope_mode, chunk):
+        for part in self.iter_prompt_logprobs(ids, top, max_new_tokens, rope_mode, chunk, rank):
             out.extend(part)
         return out
 
     def iter_prompt_logprobs(self, ids: Sequence[int], top: int = 0, max_new_tokens: int = 0,
-                             rope_mode: RopeMode | None = None, chunk: int = 128,
+                             rope_mode: RopeMode | None = None, chunk: int = 128, rank: bool = False,
                              ) -> Iterator[list[TokenLogprob | None]]:
         """prompt_logprobs one chunk of positions at a time (a server interleaves them with its
         other requests' steps). The prompt runs through its own cache; each chunk's logits
@@ -240,7 +266,7 @@ class Engine:
             n = c1 - c0
             logits = self.backend.step(cache, np.array([ids[c0:c1]], np.int64), np.array([n], np.int32),
                                        np.array([c1 - 1], np.int32), np.arange(n, dtype=np.int64)[None])
-            yield [token_logprob(logits[0, i], ids[c0 + i + 1], top) for i in range(n)]
+            yield [token_logprob(logits[0, i], ids[c0 + i + 1], top, rank) for i in range(n)]
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | None = None,
                  rope_mode: RopeMode | None = None, output_logits: bool = False) -> list[GenerationResult]:
@@ -248,6 +274,10 @@ class Engine:
         p = self._params(sampling)
         results = [GenerationResult(list(map(int, x)), logits=[] if output_logits else None,
                                     logprobs=None if p.logprobs is None else []) for x in prompts]
+        if p.prompt_logprobs is not None:  # scored through a cache of their own, as the server's echo
+            for r in results:
+                r.prompt_logprobs = self.prompt_logprobs(r.prompt_tokens, p.prompt_logprobs, p.max_new_tokens,
+                                                         rope_mode, rank=True)
         on_logits = (lambda i, row: results[i].logits.append(row)) if output_logits else None  # type: ignore[union-attr]
         streams = [TextStream(self.tokenizer, p, r) for r in results]
         texts: list[list[str]] = [[] for _ in results]
@@ -292,9 +322,14 @@ class Engine:
     def stream_text(self, ids: list[int], sampling: SamplingParams | None = None, rope_mode=None,
                     result: GenerationResult | None = None) -> Iterator[str]:
         """Text deltas of one completion; never splits a UTF-8 character, never emits a stop
-        string (text that might start one is held back until it cannot)."""
+        string (text that might start one is held back until it cannot) unless
+        include_stop_str_in_output. With prompt_logprobs, `result.prompt_logprobs` is set before
+        the first delta."""
         p = self._params(sampling)
         text = TextStream(self.tokenizer, p, result if result is not None else GenerationResult(list(ids)))
+        if p.prompt_logprobs is not None:
+            text.result.prompt_logprobs = self.prompt_logprobs(ids, p.prompt_logprobs, p.max_new_tokens, rope_mode,
+                                                               rank=True)
         cancelled: set[int] = set()
         for ev in self.stream_tokens([ids], p, rope_mode, cancelled=cancelled):
             delta = text.push(ev.token, ev.finish_reason if ev.finished else None, ev.logprob)
@@ -313,17 +348,27 @@ class Engine:
 class TextStream:
     """One completion's generated ids -> text deltas (the continuous-batching scheduler uses it too).
 
-    Never splits a UTF-8 character (StreamDecoder); holds back text that might start a stop string
-    until it cannot; cuts at the first stop string (`stopped`: generate no more). An eos id (unless
-    ignore_eos) is counted in `result.tokens` but adds no text. Call `finish()` after the last token.
+    Never splits a UTF-8 character (StreamDecoder; special tokens render unless
+    skip_special_tokens); holds back text that might start a stop string until it cannot; cuts at
+    the first stop string (`stopped`: generate no more), after it with include_stop_str_in_output
+    (then nothing is held back, as in vLLM). With min_tokens, a stop string must end past the text
+    of the first min_tokens tokens (vLLM v1's detokenizer). A stop token id (eos unless ignore_eos)
+    is counted in `result.tokens` but adds no text unless include_stop_str_in_output. Call
+    `finish()` after the last token.
     """
 
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams, result: GenerationResult) -> None:
         self.params, self.result = params, result
         self.stop_ids = params.stops(tokenizer.eos_token_ids)
         self.stopped = False
-        self._decoder = tokenizer.stream_decoder()
-        self._pending = ""
+        self._decoder = tokenizer.stream_decoder(params.skip_special_tokens)
+        # decoded text: `_emitted` characters already returned (kept only to match a stop string
+        # that starts in them, include_stop_str_in_output), then the held-back rest
+        self._text = ""
+        self._emitted = 0
+        self._guard = 0  # characters of _text no stop string may end in (min_tokens)
+        include = params.include_stop_str_in_output
+        self._keep = max(map(len, params.stop), default=1) - 1 if include else 0
 
     def push(self, token: int, finish_reason: str | None = None, logprob: TokenLogprob | None = None) -> str:
         """Records one token (finish_reason: the token ends the generation; logprob: its
@@ -336,28 +381,36 @@ class TextStream:
             r.logprobs.append(logprob)
         if finish_reason:
             r.finish_reason = finish_reason
-        if token in self.stop_ids:
+        if token in self.stop_ids and not p.include_stop_str_in_output:
             return ""
-        self._pending += self._decoder.push(token)
-        cut = find_stop(self._pending, p.stop)
-        if cut is not None:
-            r.finish_reason, self.stopped = "stop", True
-            out, self._pending = self._pending[:cut], ""
-            return out
-        safe = len(self._pending) - stop_holdback(self._pending, p.stop)
-        out, self._pending = self._pending[:max(safe, 0)], self._pending[max(safe, 0):]
-        return out
+        self._text += self._decoder.push(token)
+        return self._scan(final=False)
 
     def finish(self) -> str:
         """The held-back tail (cut at a stop string that only the flushed text completes)."""
         if self.stopped:
             return ""
-        pending, self._pending = self._pending + self._decoder.flush(), ""
-        cut = find_stop(pending, self.params.stop)
-        if cut is not None:
-            self.result.finish_reason = "stop"
-            pending = pending[:cut]
-        return pending
+        self._text += self._decoder.flush()
+        return self._scan(final=True)
+
+    def _scan(self, final: bool) -> str:
+        p = self.params
+        if len(self.result.tokens) <= p.min_tokens:
+            self._guard = len(self._text)
+        hit = match_stop(self._text, p.stop, self._guard) if p.stop else None
+        if hit is not None:
+            start, stop = hit
+            self.result.finish_reason, self.stopped = "stop", True
+            out = self._text[self._emitted: start + len(stop) if p.include_stop_str_in_output else start]
+            self._text, self._emitted, self._guard = "", 0, 0
+            return out
+        held = 0 if final or p.include_stop_str_in_output else stop_holdback(self._text[self._emitted:], p.stop)
+        safe = len(self._text) - held
+        out = self._text[self._emitted: safe]
+        drop = max(0, safe - self._keep)  # what no later stop string can start in
+        self._text, self._emitted, self._guard = self._text[drop:], safe - drop, max(0, self._guard - drop)
+        return out
+
 
 def load(artifact: str | Path, backend: str = "auto", device: str = "auto", rope_mode: RopeMode | None = None,
          prefill_chunk: int = 2048) -> Engine:

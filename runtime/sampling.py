@@ -11,8 +11,15 @@ definition as vLLM applies it (after the repetition penalty, counting generated 
 Greedy (temperature 0) applies the bias and penalties and takes the first maximum, as transformers
 does with ``do_sample=False``.
 
+Before every stage, masks set tokens to -inf (vLLM's request fields, vLLM v1's semantics): the
+structured-output constraint, ``allowed_token_ids`` (every other token), ``bad_words`` (the last
+token of a banned sequence whose other tokens end the generated ids) and ``min_tokens`` (the stop
+token ids, eos included even with ignore_eos, until min_tokens tokens are generated; under a
+structured output that allows only stop tokens the constraint wins). A row that no token survives
+fails alone (SamplingError).
+
 Log-probabilities (``logprobs``) are those of the model's own distribution, log-softmax of the raw
-logits before any stage, as vLLM reports them by default (its ``raw_logprobs`` mode).
+logits before any mask or stage, as vLLM reports them by default (its ``raw_logprobs`` mode).
 
 Every row owns a ``numpy.random.Generator(PCG64(seed))`` and draws exactly one uniform number per
 sampled step, so a seeded request gives the same tokens whatever else shares its batch.
@@ -22,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -51,6 +58,15 @@ class SamplingParams:
     logit_bias: Any = ()  # {token id: bias in [-100, 100]} added to the raw logits; stored as sorted pairs
     logprobs: int | None = None  # None = off; k = each token's log-probability and the k likeliest (<= 20)
     structured: StructuredOutput | None = None  # JSON schema / regex / choice / grammar the output must match
+    # vLLM's (v1 semantics):
+    min_tokens: int = 0  # stop token ids (eos too, even with ignore_eos) and stop strings wait for this many tokens
+    allowed_token_ids: tuple[int, ...] | None = None  # None = off; else only these ids can be generated
+    bad_words: tuple[str, ...] = ()  # words never generated (tokenized by the engine, as vLLM does)
+    # the token sequences banned: the engine adds bad_words' (vLLM's update_from_tokenizer); may be set directly
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    include_stop_str_in_output: bool = False  # the matched stop string (or stop token's text) stays in the text
+    skip_special_tokens: bool = True  # False: special tokens render in the text (and logprob token strings)
+    prompt_logprobs: int | None = None  # None = off; k = each prompt token's log-probability, rank and top k (<= 20)
 
     def __post_init__(self) -> None:
         # JSON requests give lists and a single stop string; store tuples so params stay hashable.
@@ -61,6 +77,18 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, (list, tuple)):
             raise SamplingError(f"stop_token_ids must be a list of token ids, got {type(self.stop_token_ids).__name__}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, (list, tuple)):
+                raise SamplingError(f"allowed_token_ids must be a list of token ids, got "
+                                    f"{type(self.allowed_token_ids).__name__}")
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+        if not isinstance(self.bad_words, (list, tuple)):
+            raise SamplingError(f"bad_words must be a list of strings, got {type(self.bad_words).__name__}")
+        object.__setattr__(self, "bad_words", tuple(self.bad_words))
+        sequences = self.bad_words_token_ids
+        if not isinstance(sequences, (list, tuple)) or not all(isinstance(x, (list, tuple)) for x in sequences):
+            raise SamplingError(f"bad_words_token_ids must be a list of token id lists, got {sequences!r}"[:200])
+        object.__setattr__(self, "bad_words_token_ids", tuple(tuple(x) for x in sequences))
         for name in ("temperature", "top_p", "repetition_penalty", "min_p", "presence_penalty", "frequency_penalty"):
             object.__setattr__(self, name, _number(name, getattr(self, name)))
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
@@ -101,6 +129,31 @@ class SamplingParams:
             if self.ignore_eos:
                 raise SamplingError("ignore_eos cannot be combined with structured output (a complete output "
                                     "allows only eos)")
+        _integer("min_tokens", self.min_tokens, minimum=0)
+        if self.min_tokens > self.max_new_tokens:
+            raise SamplingError(f"min_tokens must be at most the maximum number of new tokens ({self.max_new_tokens}), "
+                                f"got {self.min_tokens}")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise SamplingError("allowed_token_ids must not be empty (leave it out to allow every token)")
+            for t in self.allowed_token_ids:
+                _integer("allowed_token_ids entry", t, minimum=0)
+        for w in self.bad_words:
+            if not isinstance(w, str) or not w.strip():
+                raise SamplingError(f"bad_words entries must be non-empty strings (not only whitespace), got {w!r}")
+        for seq in self.bad_words_token_ids:
+            if not seq:
+                raise SamplingError("bad_words_token_ids entries must be non-empty lists of token ids")
+            for t in seq:
+                _integer("bad_words_token_ids entry", t, minimum=0)
+        for name in ("include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise SamplingError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.prompt_logprobs is not None:
+            _integer("prompt_logprobs", self.prompt_logprobs, minimum=0)
+            if self.prompt_logprobs > MAX_TOP_LOGPROBS:
+                raise SamplingError(f"prompt_logprobs must be at most {MAX_TOP_LOGPROBS} alternatives, got "
+                                    f"{self.prompt_logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -110,6 +163,20 @@ class SamplingParams:
         """The ids that end the generation: stop_token_ids, less the model's eos ids with
         ignore_eos (other stop ids still stop, as in vLLM)."""
         return frozenset(set(self.stop_token_ids) - set(eos_ids) if self.ignore_eos else self.stop_token_ids)
+
+
+def bad_word_sequences(words: Sequence[str], encode: Callable[[str], list[int]]) -> tuple[tuple[int, ...], ...]:
+    """vLLM's tokenization of bad_words (SamplingParams.update_from_tokenizer): each word without its
+    leading whitespace, and with one space before it when that starts with another token and has
+    as many tokens (the word inside a text). `encode` adds no special tokens."""
+    out: list[tuple[int, ...]] = []
+    for word in words:
+        bare = tuple(encode(word.lstrip()))
+        out.append(bare)
+        spaced = tuple(encode(" " + word.lstrip()))
+        if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
+            out.append(spaced)
+    return tuple(out)
 
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI and vLLM cap them
@@ -369,15 +436,18 @@ def token_probabilities(logits: np.ndarray, seen: np.ndarray, params: SamplingPa
 @dataclass(frozen=True)
 class TokenLogprob:
     """One generated token's log-probability under the model, and the `top` likeliest tokens'
-    (id, log-probability), most likely first (ties: lower id first)."""
+    (id, log-probability), most likely first (ties: lower id first); `rank` (if asked for): 1 +
+    the number of tokens strictly likelier (vLLM's)."""
 
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None
 
 
-def token_logprob(logits: np.ndarray, token: int, top: int = 0) -> TokenLogprob:
-    """log-softmax of one row's raw logits (float64) at `token`, plus the `top` likeliest tokens."""
+def token_logprob(logits: np.ndarray, token: int, top: int = 0, rank: bool = False) -> TokenLogprob:
+    """log-softmax of one row's raw logits (float64) at `token`, plus the `top` likeliest tokens
+    (and the token's rank with `rank`)."""
     x = np.asarray(logits)
     m = float(x.max())
     e = np.subtract(x, m, dtype=np.float64)
@@ -388,7 +458,8 @@ def token_logprob(logits: np.ndarray, token: int, top: int = 0) -> TokenLogprob:
         head = _head(x, k) if k < x.shape[-1] else np.arange(x.shape[-1])  # every tie at the boundary too
         order = head[np.lexsort((head, -x[head]))][:k]  # logit descending, then id
         best = tuple((int(i), float(x[i]) - logz) for i in order)
-    return TokenLogprob(int(token), float(x[token]) - logz, best)
+    place = int(np.count_nonzero(x > x[token])) + 1 if rank else None
+    return TokenLogprob(int(token), float(x[token]) - logz, best, place)
 
 
 def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
@@ -401,6 +472,59 @@ def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     if index >= len(cdf):  # u * total rounded up to total: take the last possible token
         index = int(np.flatnonzero(np.diff(cdf, prepend=0.0))[-1])
     return index
+
+
+# --- masks (vLLM's request fields) ---------------------------------------------------------
+
+
+def banned_tokens(sequences: Sequence[Sequence[int]], generated: np.ndarray | None) -> list[int]:
+    """vLLM's bad words rule: the last token of every sequence whose other tokens end the generated
+    ids (a one-token sequence: always)."""
+    gen = () if generated is None else generated
+    out = []
+    for seq in sequences:
+        k = len(seq) - 1
+        if k > len(gen):
+            continue
+        if k == 0 or all(int(a) == b for a, b in zip(gen[len(gen) - k:], seq[:k])):
+            out.append(seq[k])
+    return out
+
+
+def apply_masks(row: int, logits: np.ndarray, params: SamplingParams, generated: np.ndarray | None,
+                allowed: np.ndarray | None = None, constrained: bool = False) -> np.ndarray:
+    """allowed_token_ids (`allowed`: its ids as an array), bad_words and min_tokens: the tokens they
+    forbid now at -inf. Ids past the row (a smaller test vocabulary) are skipped. min_tokens yields
+    to a structured output (`constrained`) that allows only stop tokens; otherwise a row left with
+    no token raises SamplingError."""
+    V = logits.shape[-1]
+    x = logits
+    masked = False
+    if allowed is not None:
+        ids = allowed[allowed < V]
+        x = np.full(V, -np.inf)
+        x[ids] = logits[ids]
+        masked = True
+    banned = banned_tokens(params.bad_words_token_ids, generated) if params.bad_words_token_ids else []
+    if banned:
+        if not masked:
+            x = np.array(x, np.float64)
+        x[[t for t in banned if t < V]] = -np.inf
+        masked = True
+    if masked and not np.isfinite(x).any():
+        raise SamplingError(f"row {row}: no token is left: allowed_token_ids, bad_words and the structured output "
+                            "exclude every one")
+    done = 0 if generated is None else len(generated)
+    if done < params.min_tokens and params.stop_token_ids:
+        stops = [t for t in params.stop_token_ids if t < V]
+        y = np.array(x, np.float64)
+        y[stops] = -np.inf
+        if np.isfinite(y).any():
+            return y
+        if not constrained:
+            raise SamplingError(f"row {row}: min_tokens forbids the stop tokens and nothing else is allowed")
+        # a complete structured output allows only eos: the constraint wins over min_tokens
+    return x
 
 
 # --- the sampler ----------------------------------------------------------------------------
@@ -421,6 +545,9 @@ class Sampler:
         self.matchers: tuple[Matcher | None, ...] = tuple(matchers) if matchers is not None else (None,) * batch_size
         if len(self.matchers) != batch_size:
             raise SamplingError(f"got {len(self.matchers)} matchers for a batch of {batch_size}")
+        # allowed_token_ids as arrays, built once per row
+        self._allowed = tuple(None if p.allowed_token_ids is None
+                              else np.unique(np.asarray(p.allowed_token_ids, np.int64)) for p in rows)
 
     def next(self, logits: np.ndarray, seen: Sequence[np.ndarray],
              generated: Sequence[np.ndarray] | None = None, active: np.ndarray | None = None) -> np.ndarray:
@@ -440,18 +567,21 @@ class Sampler:
             if active is not None and not active[row]:
                 continue
             gen = None if generated is None else np.asarray(generated[row])
-            out[row] = self._next_row(row, logits[row], np.asarray(seen[row]), params, rng, gen, matcher)
+            out[row] = self._next_row(row, logits[row], np.asarray(seen[row]), params, rng, gen, matcher,
+                                      self._allowed[row])
             if matcher is not None:
                 matcher.consume(int(out[row]))
         return out
 
     @staticmethod
     def _next_row(row: int, logits: np.ndarray, seen: np.ndarray, params: SamplingParams, rng: np.random.Generator,
-                  generated: np.ndarray | None, matcher: Matcher | None = None) -> int:
+                  generated: np.ndarray | None, matcher: Matcher | None = None,
+                  allowed: np.ndarray | None = None) -> int:
         if np.isnan(logits).any() or np.isposinf(logits).any() or not np.isfinite(logits).any():
             raise SamplingError(f"logits of row {row} contain NaN or +inf or are all -inf; the model output is broken")
         if matcher is not None:
             logits = matcher.mask(logits)
+        logits = apply_masks(row, logits, params, generated, allowed, constrained=matcher is not None)
         if params.greedy:
             return int(np.argmax(_penalised(logits, seen, params, generated)))  # first maximum, like torch.argmax
         ids, x = candidates(logits, seen, params, generated)
@@ -463,10 +593,21 @@ class Sampler:
 # --- stop strings ---------------------------------------------------------------------------
 
 
+def match_stop(text: str, stop: Sequence[str], after: int = 0) -> tuple[int, str] | None:
+    """The earliest stop string in ``text`` that ends past position `after` (min_tokens: the text
+    of the first tokens cannot hold one): (where it starts, the string), or None."""
+    best: tuple[int, str] | None = None
+    for s in stop:
+        i = text.find(s, max(0, after - len(s) + 1))
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, s)
+    return best
+
+
 def find_stop(text: str, stop: Sequence[str]) -> int | None:
     """Index where the earliest stop string starts in ``text`` (output is cut there), or None."""
-    hits = [i for s in stop if (i := text.find(s)) >= 0]
-    return min(hits) if hits else None
+    hit = match_stop(text, stop)
+    return None if hit is None else hit[0]
 
 
 def stop_holdback(text: str, stop: Sequence[str]) -> int:

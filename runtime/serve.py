@@ -71,10 +71,8 @@ log = logging.getLogger("qmoe.serve")
 UNSUPPORTED_FIELDS: Mapping[str, tuple[Any, ...]] = {
     "best_of": (1,), "suffix": ("",), "functions": ([],), "function_call": ("none", "auto"),
     # vLLM's, not implemented here
-    "min_tokens": (0,), "allowed_token_ids": ([],), "include_stop_str_in_output": (False,), "prompt_logprobs": (0,),
-    "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "use_beam_search": (False,),
-    "bad_words": ([],), "logits_processors": ([],), "guided_whitespace_pattern": (),
-    "structural_tag": (),
+    "spaces_between_special_tokens": (True,), "use_beam_search": (False,), "logits_processors": ([],),
+    "guided_whitespace_pattern": (), "structural_tag": (),
 }
 # Sampling fields a request (or generation_config.json) may set; top_k, min_p and repetition_penalty are vLLM's.
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -213,6 +211,8 @@ class Service:
         if options and not stream:
             raise APIError("stream_options is only allowed with stream: true", param="stream_options")
         include_usage = bool(_typed(options, "include_usage", (bool,), "true or false"))
+        if stream and body.get("prompt_logprobs") is not None:  # vLLM refuses it too (for values > 0)
+            raise APIError("prompt_logprobs are not available with stream: true", param="prompt_logprobs")
         n = _typed(body, "n", (int,), "an integer")
         if n is not None and not 1 <= n <= MAX_N:
             raise APIError(f"n must be in [1, {MAX_N}], got {n}", param="n")
@@ -347,11 +347,20 @@ class Service:
         # vLLM's: stop ids on top of the model's eos ids; ignore_eos generates max_tokens whatever comes
         extra_ids = _typed(body, "stop_token_ids", (list,), "a list of token ids") or []
         ignore_eos = bool(_typed(body, "ignore_eos", (bool,), "true or false"))
+        vllm = {  # vLLM's other sampling fields, checked by SamplingParams (its messages name them)
+            "min_tokens": 0 if scoring_only else _typed(body, "min_tokens", (int,), "an integer >= 0"),
+            "allowed_token_ids": _typed(body, "allowed_token_ids", (list,), "a list of token ids"),
+            "bad_words": _typed(body, "bad_words", (list,), "a list of strings"),
+            "include_stop_str_in_output": _typed(body, "include_stop_str_in_output", (bool,), "true or false"),
+            "skip_special_tokens": _typed(body, "skip_special_tokens", (bool,), "true or false"),
+            "prompt_logprobs": _typed(body, "prompt_logprobs", (int,), f"an integer in [0, {MAX_TOP_LOGPROBS}]"),
+        }
         try:
             p = SamplingParams(**{**self.defaults, **chosen}, seed=body.get("seed"), max_new_tokens=max_tokens,
                                stop=() if body.get("stop") in (None, "") else body["stop"], logprobs=logprobs,
                                structured=constraint, ignore_eos=ignore_eos,
-                               stop_token_ids=(*self.engine.tokenizer.eos_token_ids, *extra_ids) if extra_ids else ())
+                               stop_token_ids=(*self.engine.tokenizer.eos_token_ids, *extra_ids) if extra_ids else (),
+                               **{k: v for k, v in vllm.items() if v is not None})
             return self.engine._params(p)  # logit_bias ids against the vocabulary, the constraint compiled
         except StructuredOutputError as e:
             raise APIError(f"{field}: {e}", param=field) from None
@@ -592,15 +601,16 @@ class _Logprobs:
         self.offset = 0  # completions: characters of the choice's text before the next token
         self.prompt_len = len(req.prompt_ids) if req.echo is not None else 0  # leading entries: the echoed prompt
         self.rendered = 0
+        self.keep_special = not req.sampling.skip_special_tokens  # generated special tokens render as in the text
 
     def _text(self, token: int, keep_special: bool) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=not keep_special)
 
     def _next(self) -> bool:
-        """Whether the next entry keeps special tokens: "" as in the generated text (an eos token
-        too), except in an echoed prompt, whose text has them."""
+        """Whether the next entry keeps special tokens: as in the generated text ("" unless
+        skip_special_tokens is false; an eos token too), and always in an echoed prompt, whose text has them."""
         self.rendered += 1
-        return self.rendered <= self.prompt_len
+        return self.rendered <= self.prompt_len or self.keep_special
 
     def _entry(self, token: int, logprob: float, keep_special: bool) -> dict[str, Any]:
         text = self._text(token, keep_special)
@@ -687,18 +697,61 @@ async def _until_disconnected(request: Request, jobs: list[Job]) -> None:
         job.cancelled.set()
 
 
-async def _echo(worker: EngineWorker, req: GenerationRequest) -> list[TokenLogprob | int]:
-    """An echoed prompt's log-probability entries (its first token has none); [] without logprobs."""
-    if req.echo is None or req.sampling.logprobs is None:
+async def _score(worker: EngineWorker, req: GenerationRequest) -> list[TokenLogprob | None]:
+    """The prompt's log-probability entries (None for its first token) with as many alternatives
+    as echo's logprobs and prompt_logprobs ask for (ranks with prompt_logprobs): one pass serves
+    both. [] when neither is asked for."""
+    p = req.sampling
+    wanted = [k for k in (p.logprobs if req.echo is not None else None, p.prompt_logprobs) if k is not None]
+    if not wanted:
         return []
-    engine, k = worker.engine, req.sampling.logprobs
-    n = req.sampling.max_new_tokens if req.generate else 0
+    engine, k = worker.engine, max(wanted)
+    n = p.max_new_tokens if req.generate else 0
     entries: list[TokenLogprob | None] = []
     async with worker.scoring:
-        chunks = engine.iter_prompt_logprobs(req.prompt_ids, k, n)
+        chunks = engine.iter_prompt_logprobs(req.prompt_ids, k, n, rank=p.prompt_logprobs is not None)
         while (part := await worker.call(lambda: next(chunks, None))) is not None:
             entries.extend(part)  # one chunk per worker call: other requests' steps run in between
-    return [req.prompt_ids[0], *entries[1:]]
+    return entries
+
+
+def _top(entry: TokenLogprob, k: int) -> TokenLogprob:
+    return entry if len(entry.top) <= k else replace(entry, top=entry.top[:k])
+
+
+def _echoed(req: GenerationRequest, scored: list[TokenLogprob | None]) -> list[TokenLogprob | int]:
+    """An echoed prompt's log-probability entries (its first token has none); [] without logprobs."""
+    k = req.sampling.logprobs
+    if req.echo is None or k is None:
+        return []
+    return [req.prompt_ids[0], *(_top(e, k) for e in scored[1:] if e is not None)]
+
+
+async def _echo(worker: EngineWorker, req: GenerationRequest) -> list[TokenLogprob | int]:
+    return _echoed(req, await _score(worker, req))
+
+
+def _prompt_logprobs(req: GenerationRequest, scored: list[TokenLogprob | None],
+                     tokenizer: Tokenizer) -> list[dict[str, Any] | None] | None:
+    """vLLM's prompt_logprobs: None for the first token, then {token id: {logprob, rank,
+    decoded_token}} with the prompt's token (its rank: 1 + the tokens strictly likelier) and the k
+    likeliest (ranks 1..k, which win for the prompt's token if it is among them, as in vLLM);
+    -inf clamped to -9999.0 as vLLM does. None when not asked for."""
+    k = req.sampling.prompt_logprobs
+    if k is None:
+        return None
+
+    def entry(token: int, logprob: float, rank: int | None) -> dict[str, Any]:
+        return {"logprob": max(logprob, -9999.0), "rank": rank,
+                "decoded_token": tokenizer.decode([token], skip_special_tokens=False)}
+
+    out: list[dict[str, Any] | None] = [None]
+    for e in scored[1:]:
+        assert e is not None
+        d = {str(e.token): entry(e.token, e.logprob, e.rank)}
+        d.update({str(t): entry(t, v, i) for i, (t, v) in enumerate(e.top[:k], start=1)})
+        out.append(d)
+    return out
 
 
 def _per_choice(reqs: list[GenerationRequest]) -> list[GenerationRequest]:
@@ -709,7 +762,9 @@ def _per_choice(reqs: list[GenerationRequest]) -> list[GenerationRequest]:
 async def _whole(worker: EngineWorker, reqs: list[GenerationRequest], env: _Envelope, request: Request,
                  tokenizer: Tokenizer) -> Response:
     owner = _per_choice(reqs)
-    prompts = [await _echo(worker, req) for req in reqs]
+    scored = [await _score(worker, req) for req in reqs]
+    prompts = [_echoed(req, x) for req, x in zip(reqs, scored)]
+    prompt_logprobs = [_prompt_logprobs(req, x, tokenizer) for req, x in zip(reqs, scored)]
     jobs = worker.submit_all(reqs)
     watcher = asyncio.ensure_future(_until_disconnected(request, jobs))
     texts: list[list[str]] = [[req.echo or ""] for req in owner]
@@ -735,7 +790,14 @@ async def _whole(worker: EngineWorker, reqs: list[GenerationRequest], env: _Enve
         choices.append(_choice(req, i, text, done[i].finish_reason,
                                _Logprobs(req, tokenizer).render(logprobs[i]) if wanted else None,
                                calls=[c.openai() for c in calls]))
-    return JSONResponse(env.body(choices, _usage(reqs, sum(d.completion_tokens for d in done.values()))))
+    body = env.body(choices, _usage(reqs, sum(d.completion_tokens for d in done.values())))
+    if reqs[0].sampling.prompt_logprobs is not None:  # vLLM's places: each completion choice, chat's top level
+        if env.req.kind == "chat":
+            body["prompt_logprobs"] = prompt_logprobs[0]
+        else:
+            for choice, k in zip(choices, [k for k, req in enumerate(reqs) for _ in range(req.n)]):
+                choice["prompt_logprobs"] = prompt_logprobs[k]
+    return JSONResponse(body)
 
 
 async def _chunks(worker: EngineWorker, reqs: list[GenerationRequest], env: _Envelope,

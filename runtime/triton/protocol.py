@@ -54,7 +54,8 @@ OUTPUTS = (
 # Keys of the `parameters` JSON object (OpenAI's names; the rest keep SamplingParams' names).
 PARAMETERS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
               "frequency_penalty", "logit_bias", "seed", "stop", "response_format", "structured_outputs",
-              *VLLM_FIELDS)
+              *VLLM_FIELDS, "min_tokens", "allowed_token_ids", "bad_words", "include_stop_str_in_output",
+              "skip_special_tokens")  # no prompt_logprobs: no output carries log-probabilities
 STRUCTURED = ("response_format", "structured_outputs", *VLLM_FIELDS)  # read by structured.from_request
 
 DEFAULT_MAX_TOKENS = 256
@@ -112,7 +113,7 @@ def parse_request(inputs: Mapping[str, Sequence[Any]], engine: "Engine",
         raise RequestError("logit_bias must be a JSON object mapping token ids to biases")
     constraint, _ = from_request({k: params.pop(k) for k in STRUCTURED if k in params})
     sampling = SamplingParams(max_new_tokens=max_tokens, structured=constraint, **params)  # names bad fields
-    engine._params(sampling)  # checks logit_bias ids against the vocabulary
+    engine._params(sampling)  # checks logit_bias and allowed_token_ids ids against the vocabulary, bad_words
     return Request(tuple(ids), sampling)
 
 

@@ -48,6 +48,18 @@ def test_structured_output_parameters(embedded):
     assert req.sampling.structured == StructuredOutput.choice(["a", "b"])
 
 
+def test_vllm_fields_pass_through(embedded):
+    req = parse_request(request(prompt="Hello", parameters=json.dumps(
+        {"max_tokens": 6, "min_tokens": 2, "allowed_token_ids": [11, 220], "bad_words": ["hi"],
+         "include_stop_str_in_output": True, "skip_special_tokens": False, "stop": "x"})), embedded)
+    assert req.sampling == SamplingParams(max_new_tokens=6, min_tokens=2, allowed_token_ids=(11, 220),
+                                          bad_words=("hi",), include_stop_str_in_output=True,
+                                          skip_special_tokens=False, stop=("x",))
+    # the model's generation honours them (stream_text, as model.py runs it): only 11 and 220 (",", " ")
+    out = "".join(embedded.stream_text(list(req.prompt_ids), req.sampling))
+    assert set(out) <= {",", " "} and len(out) == 6
+
+
 def test_messages_use_the_chat_template(embedded):
     req = parse_request(request(messages=json.dumps(MESSAGES)), embedded)
     assert list(req.prompt_ids) == embedded.tokenizer.encode_chat(MESSAGES, add_generation_prompt=True)
@@ -95,6 +107,11 @@ def test_default_max_tokens_fits_the_context(embedded):
     (request(prompt="hi", parameters='{"seed": ' + "7" * 5000 + "}"), "input 'parameters' is not valid JSON"),
     (request(prompt="hi", parameters='{"stop": 0}'), "stop must be a string or a list of strings"),
     (request(prompt="hi", extra="x"), "unknown input 'extra'"),
+    (request(prompt="hi", parameters='{"prompt_logprobs": 1}'), "unknown parameter 'prompt_logprobs'"),
+    (request(prompt="hi", parameters='{"min_tokens": 300}'), "min_tokens must be at most"),
+    (request(prompt="hi", parameters='{"allowed_token_ids": [151646]}'), "allowed_token_ids must be token ids in"),
+    (request(prompt="hi", parameters='{"bad_words": [""]}'), "bad_words entries must be non-empty"),
+    (request(prompt="hi", parameters='{"skip_special_tokens": "no"}'), "skip_special_tokens must be true or false"),
     ({"prompt": [b"a", b"b"]}, "input 'prompt' must hold exactly one string, got 2 elements"),
 ])
 def test_bad_requests_name_the_problem(embedded, inputs, message):
