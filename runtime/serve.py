@@ -1004,7 +1004,8 @@ def read_chat_template(value: str) -> str:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise QmoeError(f"--chat-template {value}: cannot read it ({type(e).__name__}: {e.strerror or e})") from None
+            reason = getattr(e, "strerror", None) or e
+            raise QmoeError(f"--chat-template {value}: cannot read it ({type(e).__name__}: {reason})") from None
     try:
         compile_chat_template(text)
     except ChatTemplateError as e:
