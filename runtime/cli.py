@@ -401,14 +401,22 @@ def serve(artifact: str, host: str, port: int, served_model_name: str | None, ma
                    "default: the current virtualenv; 'none': the server's python3.")
 @click.option("--max-tokens", "default_max_tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="max_tokens of requests that set none.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests that share a step in each instance (continuous batching).")
+@click.option("--max-context", type=click.IntRange(min=2), default=None,
+              help="Tokens per request (prompt + max_tokens) the KV cache holds "
+                   "[default: min(the model's context, 32768)].")
+@click.option("--speculative-config", default=None, help="n-gram speculative decoding, vLLM's JSON (see qmoe serve).")
 @click.option("--force", is_flag=True, help="Replace the model if the repository has it.")
 def triton(artifact: str, repo_dir: str, name: str, instances: int, kind: str, copy: bool, python_env: str | None,
-           default_max_tokens: int, force: bool) -> None:
-    """Write a Triton model repository that serves ARTIFACT (python backend, streaming)."""
+           default_max_tokens: int, max_batch: int, max_context: int | None, speculative_config: str | None,
+           force: bool) -> None:
+    """Write a Triton model repository that serves ARTIFACT (python backend, streaming, continuous batching)."""
     from .triton import ModelSpec, current_python_env, write_repository
 
     env = None if python_env == "none" else (python_env or current_python_env())
-    spec = ModelSpec(name, instances, kind, copy, env, default_max_tokens)  # type: ignore[arg-type]
+    spec = ModelSpec(name, instances, kind, copy, env, default_max_tokens,  # type: ignore[arg-type]
+                     max_batch, max_context, speculative_config)
     with _sigterm_cleans_up():
         model_dir = write_repository(artifact, repo_dir, spec, force=force)
     click.echo(f"wrote {model_dir}; start the server as {model_dir.parent / 'README.md'} says")

@@ -2,12 +2,16 @@
 to <repository>/<name>/1/model.py. Everything it needs to know comes from config.pbtxt.
 
     execute(requests) -> [validate + tokenize each: a bad one gets its error response now]
-                      -> queue -> [worker thread: engine.stream_text] -> text_delta responses
-                      -> final response (finish_reason, token counts, COMPLETE_FINAL flag)
+                      -> queue -> [worker thread: continuous-batching scheduler steps]
+                      -> text_delta responses -> final response (finish_reason, token counts,
+                         COMPLETE_FINAL flag)
 
-The model is decoupled: execute() returns at once, so many requests are in flight while one worker
-thread per instance runs the engine (which is not thread-safe) one request at a time. Instances
-are separate stub processes, each with its own engine.
+The model is decoupled: execute() returns at once, so many requests are in flight. One worker
+thread per instance owns the engine (not thread-safe) and a continuous-batching scheduler
+(runtime/batching.py, as `qmoe serve` uses it): up to `max_batch` requests share each step, a new
+one joins as soon as a slot is free (in-flight batching), and each output equals the request run
+alone up to floating-point batch variance. Optional n-gram speculative decoding
+(`speculative_config`). Instances are separate stub processes, each with its own engine.
 
 The stub imports `runtime` (qmoe) from its own Python: the interpreter found as `python3` on PATH,
 or the environment named by the EXECUTION_ENV_PATH parameter (see runtime/triton/README.md).
@@ -21,7 +25,6 @@ import queue
 import sys
 import threading
 from pathlib import Path
-from typing import Generator, cast
 
 import numpy as np
 import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]  # exists inside the stub only
@@ -51,7 +54,19 @@ class TritonPythonModel:
             select_gpu(int(args["model_instance_device_id"]))
         self.protocol = protocol
         self.default_max_tokens = int(params.get("default_max_tokens", protocol.DEFAULT_MAX_TOKENS))
+        self.max_batch = int(params.get("max_batch", protocol.DEFAULT_MAX_BATCH))
+        speculation = None
+        if params.get("speculative_config"):
+            from runtime.speculative import NgramSpeculation
+
+            speculation = NgramSpeculation.from_config(params["speculative_config"])
         self.engine = runtime.load(artifact, device=device)
+        from runtime.batching import BatchScheduler
+
+        # the capacity a request may use is the protocol's context check; the cache holds as much
+        capacity = int(params["max_context"]) if params.get("max_context") else None
+        self.scheduler = BatchScheduler(self.engine, max_slots=self.max_batch, capacity=capacity, speculation=speculation)
+        self.shared = 1  # the most requests one step has run so far (logged when it grows)
         self.name = args["model_instance_name"]
         self.jobs: queue.Queue = queue.Queue()
         self.closing = threading.Event()
@@ -76,52 +91,78 @@ class TritonPythonModel:
         return None
 
     def serve(self) -> None:
+        scheduler = self.scheduler
+        running: dict = {}  # Generation -> (request id, sender)
         while True:
-            item = self.jobs.get()
-            if item is None:
-                return
-            request_id, job, sender = item
+            # Between steps: take every job that arrived; wait for one only when nothing runs.
             try:
-                self.generate(request_id, job, sender)
-            except Exception as e:  # noqa: BLE001  (report it to this client, keep serving the others)
-                pb_utils.Logger.log_error(f"{self.name}: request {request_id!r} failed: {type(e).__name__}: {e}")
-                try:
-                    send_error(sender, e)
-                except Exception as e2:  # noqa: BLE001  (the request may be closed already; the worker must live)
-                    pb_utils.Logger.log_error(f"{self.name}: could not report it: {e2}")
-
-    def generate(self, request_id: str, job, sender) -> None:
-        from runtime.engine import GenerationResult
-
-        result = GenerationResult(list(job.prompt_ids))
-        if self.stopped(request_id, sender, result):  # cancelled while queued: skip the prefill too
-            return
-        deltas = cast(Generator[str, None, None], self.engine.stream_text(list(job.prompt_ids), job.sampling,
-                                                                         result=result))
-        try:
-            for delta in deltas:
-                if self.stopped(request_id, sender, result):
+                item = self.jobs.get(block=not scheduler.has_work())
+            except queue.Empty:
+                item = None
+            else:
+                if item is None:
+                    for gen, (_, sender) in running.items():
+                        gen.cancelled.set()
+                        self.report(sender, RuntimeError("the model is shutting down"), pb_utils.TritonError.UNAVAILABLE)
                     return
-                sender.send(pb_utils.InferenceResponse(output_tensors=[string("text_delta", delta)]))
-        finally:
-            deltas.close()  # stops the engine's decode loop on an early return
-        sender.send(pb_utils.InferenceResponse(output_tensors=[
-            string("text_delta", ""),
-            string("finish_reason", result.finish_reason),
-            int32("prompt_tokens", len(job.prompt_ids)),
-            int32("completion_tokens", len(result.tokens)),
-        ]), flags=FINAL)
+                self.submit(*item, running)
+                continue
+            for gen, (_, sender) in running.items():
+                if sender.is_cancelled():  # the client is gone: the scheduler frees its slot
+                    gen.cancelled.set()
+            try:
+                scheduler.step()
+            except Exception as e:  # noqa: BLE001  (each running request got it through on_error)
+                pb_utils.Logger.log_error(f"{self.name}: generation step failed: {type(e).__name__}: {e}")
+            if scheduler.max_batch > self.shared:
+                self.shared = scheduler.max_batch
+                pb_utils.Logger.log_info(f"{self.name}: {self.shared} requests shared a step")
 
-    def stopped(self, request_id: str, sender, result) -> bool:
-        """Ends the request early if its client cancelled it or the model is unloading."""
-        if sender.is_cancelled():
-            pb_utils.Logger.log_info(f"{self.name}: request {request_id!r} cancelled after {len(result.tokens)} tokens")
-            sender.send(flags=FINAL)  # the client is gone: close the request, nothing more to say
-            return True
-        if self.closing.is_set():
-            send_error(sender, RuntimeError("the model is shutting down"), pb_utils.TritonError.UNAVAILABLE)
-            return True
-        return False
+    def submit(self, request_id: str, job, sender, running: dict) -> None:
+        """Hands one request to the scheduler; its callbacks stream the responses."""
+        if sender.is_cancelled():  # cancelled while queued: skip the prefill too
+            sender.send(flags=FINAL)
+            return
+        holder: list = []
+
+        def delta(text: str) -> None:
+            if not sender.is_cancelled():
+                sender.send(pb_utils.InferenceResponse(output_tensors=[string("text_delta", text)]))
+
+        def finished(result) -> None:
+            running.pop(holder[0], None)
+            if result.finish_reason == "cancelled":
+                pb_utils.Logger.log_info(f"{self.name}: request {request_id!r} cancelled after {len(result.tokens)} "
+                                         "tokens")
+                sender.send(flags=FINAL)  # the client is gone: close the request, nothing more to say
+                return
+            sender.send(pb_utils.InferenceResponse(output_tensors=[
+                string("text_delta", ""),
+                string("finish_reason", result.finish_reason),
+                int32("prompt_tokens", len(job.prompt_ids)),
+                int32("completion_tokens", len(result.tokens)),
+            ]), flags=FINAL)
+
+        def failed(error: BaseException) -> None:
+            running.pop(holder[0], None)
+            pb_utils.Logger.log_error(f"{self.name}: request {request_id!r} failed: {type(error).__name__}: {error}")
+            self.report(sender, error)
+
+        try:
+            gen = self.scheduler.submit(list(job.prompt_ids), job.sampling, on_delta=delta, on_finish=finished,
+                                        on_error=failed)
+        except Exception as e:  # noqa: BLE001  (checked at parse time; report it, keep serving)
+            self.report(sender, e)
+            return
+        holder.append(gen)
+        running[gen] = (request_id, sender)
+
+    @staticmethod
+    def report(sender, error: BaseException, code=None) -> None:
+        try:
+            send_error(sender, error, code)
+        except Exception as e2:  # noqa: BLE001  (the request may be closed already; the worker must live)
+            pb_utils.Logger.log_error(f"could not report an error to its request: {e2}")
 
     def finalize(self) -> None:
         self.closing.set()

@@ -59,6 +59,7 @@ PARAMETERS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetitio
 STRUCTURED = ("response_format", "structured_outputs", *VLLM_FIELDS)  # read by structured.from_request
 
 DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_BATCH = 8  # requests that share a step (the model's continuous-batching slots)
 
 
 class RequestError(QmoeError, ValueError):

@@ -43,6 +43,9 @@ class ModelSpec:
     copy: bool = False
     python_env: Path | None = None  # EXECUTION_ENV_PATH: the environment the stub activates
     default_max_tokens: int = protocol.DEFAULT_MAX_TOKENS
+    max_batch: int = protocol.DEFAULT_MAX_BATCH  # requests sharing a step, per instance
+    max_context: int | None = None  # tokens per request the KV cache holds (None: min(model context, 32768))
+    speculative_config: str | None = None  # n-gram speculative decoding, vLLM's JSON
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -53,6 +56,17 @@ class ModelSpec:
             raise RepositoryError(f"kind must be 'cpu' or 'gpu', got {self.kind!r}")
         if self.default_max_tokens < 1:
             raise RepositoryError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        for name, low in (("max_batch", 1), ("max_context", 2)):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+                raise RepositoryError(f"{name} must be an integer >= {low}, got {v!r}")
+        if self.speculative_config is not None:
+            from ..speculative import NgramSpeculation, SpeculationError
+
+            try:
+                NgramSpeculation.from_config(self.speculative_config)
+            except SpeculationError as e:
+                raise RepositoryError(str(e)) from None
         if self.python_env is not None:
             env = Path(self.python_env).resolve()
             if not (env / "bin" / "activate").is_file():
@@ -80,7 +94,12 @@ def model_config(spec: ModelSpec, artifact_param: str):
                 entry.optional = True
     kind = mc.ModelInstanceGroup.KIND_GPU if spec.kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(count=spec.instances, kind=kind)
-    parameters = {"artifact": artifact_param, "default_max_tokens": str(spec.default_max_tokens)}
+    parameters = {"artifact": artifact_param, "default_max_tokens": str(spec.default_max_tokens),
+                  "max_batch": str(spec.max_batch)}
+    if spec.max_context is not None:
+        parameters["max_context"] = str(spec.max_context)
+    if spec.speculative_config is not None:
+        parameters["speculative_config"] = spec.speculative_config
     if spec.python_env is not None:
         parameters["EXECUTION_ENV_PATH"] = str(spec.python_env)
     for key, value in parameters.items():

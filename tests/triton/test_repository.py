@@ -30,10 +30,16 @@ def test_config_is_a_decoupled_python_model(tiny_artifact: Path, tmp_path: Path)
     assert group.kind == mc.ModelInstanceGroup.KIND_CPU and group.count == 3
     assert config.parameters["artifact"].string_value == str(tiny_artifact.resolve())
     assert config.parameters["default_max_tokens"].string_value == str(protocol.DEFAULT_MAX_TOKENS)
-    assert "EXECUTION_ENV_PATH" not in config.parameters
+    assert config.parameters["max_batch"].string_value == str(protocol.DEFAULT_MAX_BATCH)
+    for absent in ("EXECUTION_ENV_PATH", "max_context", "speculative_config"):
+        assert absent not in config.parameters
+    spec = ModelSpec(max_batch=2, max_context=512, speculative_config='{"num_speculative_tokens": 4}')
+    config = read_config(write_repository(tiny_artifact, tmp_path / "repo2", spec))
+    assert {k: config.parameters[k].string_value for k in ("max_batch", "max_context", "speculative_config")} == {
+        "max_batch": "2", "max_context": "512", "speculative_config": '{"num_speculative_tokens": 4}'}
     assert (model / "1" / "model.py").read_bytes() == MODEL_TEMPLATE.read_bytes()
     assert sorted(p.name for p in model.parent.iterdir()) == ["README.md", "qwen2_moe"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no staging folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "repo2"]  # no staging folder left behind
 
 
 def test_copy_puts_a_loadable_artifact_in_the_version_folder(tiny_artifact: Path, tmp_path: Path):
@@ -76,6 +82,9 @@ def test_existing_model_needs_force_and_other_models_stay(tiny_artifact: Path, t
     ({"name": "a/b"}, "model name 'a/b'"),
     ({"instances": 0}, "instances must be an integer >= 1"),
     ({"kind": "tpu"}, "kind must be 'cpu' or 'gpu'"),
+    ({"max_batch": 0}, "max_batch must be an integer >= 1"),
+    ({"max_context": 1}, "max_context must be an integer >= 2"),
+    ({"speculative_config": '{"method": "eagle", "num_speculative_tokens": 2}'}, "only \"ngram\""),
 ])
 def test_bad_specs(kwargs, message):
     with pytest.raises(RepositoryError, match=message):

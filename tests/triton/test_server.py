@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import os
 import queue
 import secrets
@@ -150,8 +151,12 @@ def wheel() -> WheelServer:
 @pytest.fixture(scope="module")
 def server(wheel: WheelServer, tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("triton")
-    # Two instances: two stub processes, each with its own engine, share the requests.
-    write_repository(tiny_artifact, root / "repo", ModelSpec(instances=2, python_env=current_python_env()))
+    # Two instances: two stub processes, each with its own engine and batching scheduler, share the
+    # requests. Speculation with 1-gram lookups drafts whenever a token repeats (mostly rejected by
+    # this random model): every output must still equal the embedded runtime's.
+    write_repository(tiny_artifact, root / "repo", ModelSpec(
+        instances=2, python_env=current_python_env(), max_batch=4,
+        speculative_config='{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'))
     backends = prepare_backends(wheel, root / "backends")
     grpc_port, http_port = free_port(), free_port()
     shm_prefix = f"qmoetest{os.getpid()}-{secrets.token_hex(4)}"
@@ -246,6 +251,9 @@ def test_concurrent_streams_each_get_their_own_answer(server: Server, embedded):
         for s in streams.values():
             s.close()
     assert sorted(replies) == sorted(requests), "some requests got no final response"
+    # in-flight batching: each instance ran several of them in one step
+    shared = [int(n) for n in re.findall(r"(\d+) requests shared a step", server.log.read_text())]
+    assert shared and max(shared) >= 2, "no step was shared"
     for rid, (prompt, max_tokens) in requests.items():
         want = embedded_reply(embedded, SamplingParams(max_new_tokens=max_tokens), prompt=prompt)
         got = replies[rid]
