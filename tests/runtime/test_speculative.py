@@ -168,3 +168,35 @@ def test_the_server_reports_draft_and_accepted_tokens(engine):
     values = {line.split("{")[0]: float(line.split()[-1]) for line in metrics.splitlines()
               if line.startswith("qmoe:spec_decode")}
     assert values["qmoe:spec_decode_num_draft_tokens_total"] >= values["qmoe:spec_decode_num_accepted_tokens_total"] > 0
+
+
+def test_a_kept_draft_token_that_ends_the_request_counts_as_accepted(engine):
+    """The accepted count is the draft tokens that verification sampled (vLLM's
+    spec_decode_num_accepted_tokens), the one that ends the request too (a stop string, a stop
+    token): counted here against the drafts each step fed and the tokens it gave."""
+    tok = engine.tokenizer
+    quote = " red green blue yellow"
+    ids = tok.encode("Say:" + quote + "\nSay:")
+    spec = NgramSpeculation(4, 3, 1)
+    drafts: list[list[int]] = []
+
+    class Recording:  # the same drafts, recorded per step
+        def propose(self, tokens, limit):
+            drafts.append(spec.propose(tokens, limit))
+            return drafts[-1]
+
+    s = BatchScheduler(engine, max_slots=1, speculation=spec)
+    s.speculation = Recording()
+    per_step: list[list[int]] = []
+    g = s.submit(ids, SamplingParams(max_new_tokens=30, structured=StructuredOutput.choice([quote]), stop=(" blue",)),
+                 on_token=lambda t: per_step[-1].append(t))
+    while s.has_work():
+        per_step.append([])
+        s.step()
+    assert g.result.finish_reason == "stop" and g.result.tokens == tok.encode(quote)[:3]
+    decode = per_step[1:]  # the first step prefills (no draft)
+    assert len(drafts) == len(decode)
+    kept = sum(next((i for i, (a, b) in enumerate(zip(d, out)) if a != b), min(len(d), len(out)))
+               for d, out in zip(drafts, decode))
+    assert kept == 2  # " green" and " blue", the stop string's last token
+    assert s.accepted_tokens == kept and s.draft_tokens == sum(map(len, drafts))
