@@ -61,6 +61,8 @@ def test_drafts_equal_a_brute_force_search():
     ('{"num_speculative_tokens": 3, "prompt_lookup_min": 5, "prompt_lookup_max": 2}', "must be <="),
     ('{"num_speculative_tokens": 3, "model": "x"}', "'model' is not supported"),
     ('{"num_speculative_tokens": true}', "num_speculative_tokens must be an integer"),
+    ('{"num_speculative_tokens": 3, "prompt_lookup_min": 0}', "prompt_lookup_min must be an integer >= 1, got 0"),
+    ('{"num_speculative_tokens": 3, "prompt_lookup_min": "3"}', "prompt_lookup_min must be an integer >= 1, got '3'"),
     ("[3]", "a JSON object"),
     ("{", "not valid JSON"),
 ])
@@ -75,6 +77,9 @@ def test_config_defaults_follow_vllms_names():
     assert NgramSpeculation.from_config({"num_speculative_tokens": 3, "prompt_lookup_max": 6,
                                          "prompt_lookup_min": 1}) == NgramSpeculation(3, 6, 1)
     assert NgramSpeculation.from_config({"num_speculative_tokens": 3, "prompt_lookup_max": 1}) == NgramSpeculation(3, 1, 1)
+    assert NgramSpeculation.from_config({"num_speculative_tokens": 3, "prompt_lookup_min": 5}) == NgramSpeculation(3, 5, 5)
+    assert NgramSpeculation.from_config('{"num_speculative_tokens": 3, "prompt_lookup_max": null, '
+                                        '"prompt_lookup_min": null}') == NgramSpeculation(3, 4, 2)
 
 
 def requests(engine) -> list[tuple[list[int], SamplingParams]]:
