@@ -274,9 +274,11 @@ class BatchScheduler:
             if slot.next_token < 0:  # prefill: the next chunk of the prompt
                 rows[b] = slot.gen.prompt_ids[slot.cached: slot.cached + chunk]
             else:
-                # draft tokens fit the tokens left to generate, and every row's room for the step
+                # draft tokens fit the tokens left to generate, every row's room for the step, and
+                # the longest step the engine takes (its prefill chunk: a TensorRT engine's max_chunk)
                 left = slot.gen.params.max_new_tokens - len(slot.gen.result.tokens) - 1
-                slot.draft = [] if self.speculation is None else self.speculation.propose(slot.seen, min(left, room - 1))
+                limit = min(left, room - 1, self.engine.prefill_chunk - 1)
+                slot.draft = [] if self.speculation is None else self.speculation.propose(slot.seen, limit)
                 rows[b] = [slot.next_token, *slot.draft]
                 self.draft_tokens += len(slot.draft)
             q[b] = len(rows[b])

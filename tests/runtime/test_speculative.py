@@ -205,3 +205,26 @@ def test_a_kept_draft_token_that_ends_the_request_counts_as_accepted(engine):
                for d, out in zip(drafts, decode))
     assert kept == 2  # " green" and " blue", the stop string's last token
     assert s.accepted_tokens == kept and s.draft_tokens == sum(map(len, drafts))
+
+
+def test_drafts_never_make_a_step_longer_than_the_prefill_chunk(tiny_artifact):
+    """A step feeds 1 + draft rows per slot: they fit the engine's prefill chunk as prompt chunks
+    do (a TensorRT engine refuses a step longer than its max_chunk, which caps prefill_chunk; a
+    failed step ends every running request). Here the backend refuses as TensorRT's does."""
+    import runtime
+    from runtime.errors import QmoeError
+
+    engine = runtime.load(tiny_artifact, prefill_chunk=4)
+    step = engine.backend.step
+
+    def bounded(cache, ids, *rest):
+        if ids.shape[1] > 4:
+            raise QmoeError(f"a prefill chunk of {ids.shape[1]} tokens exceeds the engine's 4")
+        return step(cache, ids, *rest)
+
+    reqs = requests(engine)[:1] + requests(engine)[4:5]
+    plain, _ = run(engine, reqs, None, 2)
+    engine.backend.step = bounded
+    spec, s = run(engine, reqs, NgramSpeculation(8, 3, 1), 2)
+    assert_same(plain, spec)
+    assert s.accepted_tokens > 0
