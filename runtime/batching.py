@@ -274,9 +274,11 @@ class BatchScheduler:
             if slot.next_token < 0:  # prefill: the next chunk of the prompt
                 rows[b] = slot.gen.prompt_ids[slot.cached: slot.cached + chunk]
             else:
-                # draft tokens fit the tokens left to generate, and every row's room for the step
+                # draft tokens fit the tokens left to generate, every row's room for the step, and
+                # the longest step the engine takes (its prefill chunk: a TensorRT engine's max_chunk)
                 left = slot.gen.params.max_new_tokens - len(slot.gen.result.tokens) - 1
-                slot.draft = [] if self.speculation is None else self.speculation.propose(slot.seen, min(left, room - 1))
+                limit = min(left, room - 1, self.engine.prefill_chunk - 1)
+                slot.draft = [] if self.speculation is None else self.speculation.propose(slot.seen, limit)
                 rows[b] = [slot.next_token, *slot.draft]
                 self.draft_tokens += len(slot.draft)
             q[b] = len(rows[b])
@@ -318,11 +320,12 @@ class BatchScheduler:
             # draft token keeps it (its K/V is valid), the first that differs (or the row after
             # the last draft token) is the step's last token.
             for j in range(len(draft) + 1):
-                tok = self._take(b, slot, logits[b: b + 1, j, :])
-                if tok is None:  # finished, or failed: rows up to j hold valid K/V
+                tok, going = self._take(b, slot, logits[b: b + 1, j, :])
+                kept = j < len(draft) and tok == draft[j]
+                self.accepted_tokens += int(kept)  # the one that ends the request too (a stop token or string)
+                if not going:  # finished, or failed: rows up to j hold valid K/V
                     break
-                if j < len(draft) and tok == draft[j]:
-                    self.accepted_tokens += 1
+                if kept:
                     continue
                 slot.next_token = tok
                 break
@@ -333,9 +336,10 @@ class BatchScheduler:
                 if self._slots[b] is None:
                     self._kept[b] = self._kept[b][:valid]
 
-    def _take(self, b: int, slot: _Slot, row: np.ndarray) -> int | None:
-        """Samples one token for slot b from `row` [1, V] and hands it on; None if the request
-        ended (stop, length, a stop string, or a failure: the slot is free then)."""
+    def _take(self, b: int, slot: _Slot, row: np.ndarray) -> tuple[int, bool]:
+        """Samples one token for slot b from `row` [1, V] and hands it on: (the token, -1 if
+        sampling failed; whether the request goes on: False once it ended (stop, length, a stop
+        string, or a failure), its slot free then)."""
         gen = slot.gen
         try:
             tok = int(slot.sampler.next(row, [slot.seen], [slot.seen[len(gen.prompt_ids):]])[0])
@@ -343,7 +347,7 @@ class BatchScheduler:
             # grammar past llguidance's limits, penalties past float64): it ends, the others go on
             self._slots[b] = None
             gen.on_error(e)
-            return None
+            return -1, False
         slot.seen = np.append(slot.seen, tok)
         p = gen.params
         n = len(gen.result.tokens) + 1
@@ -357,14 +361,14 @@ class BatchScheduler:
             gen.on_delta(delta)
         if slot.text.stopped:
             self._finish(b, gen.result.finish_reason)
-            return None
+            return tok, False
         if reason:
             tail = slot.text.finish()
             if tail:
                 gen.on_delta(tail)
             self._finish(b, gen.result.finish_reason)
-            return None
-        return tok
+            return tok, False
+        return tok, True
 
     def _finish(self, b: int, reason: str) -> None:
         slot = self._slots[b]

@@ -74,8 +74,13 @@ class NgramSpeculation:
             raise SpeculationError(f"speculative config: method {value.get('method')!r} is not supported; only \"ngram\"")
         if "num_speculative_tokens" not in value:
             raise SpeculationError("speculative config: num_speculative_tokens is required")
-        high = value.get("prompt_lookup_max", value.get("prompt_lookup_min", 4))
-        low = value.get("prompt_lookup_min", min(2, high) if isinstance(high, int) else 2)
+        # null is unset, as in vLLM; a bad value is named as given (before the other is derived from it)
+        high, low = value.get("prompt_lookup_max"), value.get("prompt_lookup_min")
+        for label, v in (("prompt_lookup_max", high), ("prompt_lookup_min", low)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise SpeculationError(f"{label} must be an integer >= 1, got {v!r}")
+        high = (4 if low is None else low) if high is None else high
+        low = min(2, high) if low is None else low
         return cls(value["num_speculative_tokens"], high, low)
 
     def propose(self, tokens: np.ndarray, limit: int) -> list[int]:

@@ -61,6 +61,8 @@ def test_drafts_equal_a_brute_force_search():
     ('{"num_speculative_tokens": 3, "prompt_lookup_min": 5, "prompt_lookup_max": 2}', "must be <="),
     ('{"num_speculative_tokens": 3, "model": "x"}', "'model' is not supported"),
     ('{"num_speculative_tokens": true}', "num_speculative_tokens must be an integer"),
+    ('{"num_speculative_tokens": 3, "prompt_lookup_min": 0}', "prompt_lookup_min must be an integer >= 1, got 0"),
+    ('{"num_speculative_tokens": 3, "prompt_lookup_min": "3"}', "prompt_lookup_min must be an integer >= 1, got '3'"),
     ("[3]", "a JSON object"),
     ("{", "not valid JSON"),
 ])
@@ -75,6 +77,9 @@ def test_config_defaults_follow_vllms_names():
     assert NgramSpeculation.from_config({"num_speculative_tokens": 3, "prompt_lookup_max": 6,
                                          "prompt_lookup_min": 1}) == NgramSpeculation(3, 6, 1)
     assert NgramSpeculation.from_config({"num_speculative_tokens": 3, "prompt_lookup_max": 1}) == NgramSpeculation(3, 1, 1)
+    assert NgramSpeculation.from_config({"num_speculative_tokens": 3, "prompt_lookup_min": 5}) == NgramSpeculation(3, 5, 5)
+    assert NgramSpeculation.from_config('{"num_speculative_tokens": 3, "prompt_lookup_max": null, '
+                                        '"prompt_lookup_min": null}') == NgramSpeculation(3, 4, 2)
 
 
 def requests(engine) -> list[tuple[list[int], SamplingParams]]:
@@ -168,3 +173,58 @@ def test_the_server_reports_draft_and_accepted_tokens(engine):
     values = {line.split("{")[0]: float(line.split()[-1]) for line in metrics.splitlines()
               if line.startswith("qmoe:spec_decode")}
     assert values["qmoe:spec_decode_num_draft_tokens_total"] >= values["qmoe:spec_decode_num_accepted_tokens_total"] > 0
+
+
+def test_a_kept_draft_token_that_ends_the_request_counts_as_accepted(engine):
+    """The accepted count is the draft tokens that verification sampled (vLLM's
+    spec_decode_num_accepted_tokens), the one that ends the request too (a stop string, a stop
+    token): counted here against the drafts each step fed and the tokens it gave."""
+    tok = engine.tokenizer
+    quote = " red green blue yellow"
+    ids = tok.encode("Say:" + quote + "\nSay:")
+    spec = NgramSpeculation(4, 3, 1)
+    drafts: list[list[int]] = []
+
+    class Recording:  # the same drafts, recorded per step
+        def propose(self, tokens, limit):
+            drafts.append(spec.propose(tokens, limit))
+            return drafts[-1]
+
+    s = BatchScheduler(engine, max_slots=1, speculation=spec)
+    s.speculation = Recording()
+    per_step: list[list[int]] = []
+    g = s.submit(ids, SamplingParams(max_new_tokens=30, structured=StructuredOutput.choice([quote]), stop=(" blue",)),
+                 on_token=lambda t: per_step[-1].append(t))
+    while s.has_work():
+        per_step.append([])
+        s.step()
+    assert g.result.finish_reason == "stop" and g.result.tokens == tok.encode(quote)[:3]
+    decode = per_step[1:]  # the first step prefills (no draft)
+    assert len(drafts) == len(decode)
+    kept = sum(next((i for i, (a, b) in enumerate(zip(d, out)) if a != b), min(len(d), len(out)))
+               for d, out in zip(drafts, decode))
+    assert kept == 2  # " green" and " blue", the stop string's last token
+    assert s.accepted_tokens == kept and s.draft_tokens == sum(map(len, drafts))
+
+
+def test_drafts_never_make_a_step_longer_than_the_prefill_chunk(tiny_artifact):
+    """A step feeds 1 + draft rows per slot: they fit the engine's prefill chunk as prompt chunks
+    do (a TensorRT engine refuses a step longer than its max_chunk, which caps prefill_chunk; a
+    failed step ends every running request). Here the backend refuses as TensorRT's does."""
+    import runtime
+    from runtime.errors import QmoeError
+
+    engine = runtime.load(tiny_artifact, prefill_chunk=4)
+    step = engine.backend.step
+
+    def bounded(cache, ids, *rest):
+        if ids.shape[1] > 4:
+            raise QmoeError(f"a prefill chunk of {ids.shape[1]} tokens exceeds the engine's 4")
+        return step(cache, ids, *rest)
+
+    reqs = requests(engine)[:1] + requests(engine)[4:5]
+    plain, _ = run(engine, reqs, None, 2)
+    engine.backend.step = bounded
+    spec, s = run(engine, reqs, NgramSpeculation(8, 3, 1), 2)
+    assert_same(plain, spec)
+    assert s.accepted_tokens > 0
