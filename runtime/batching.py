@@ -89,14 +89,18 @@ class _Slot:
     text: TextStream
     seen: np.ndarray  # prompt + generated ids, for the repetition penalty
     cached: int = 0  # rows of this slot's cache that hold the request's tokens
+    admitted: int = 0  # admission order (prompt chunks of a limited step go first to the earliest)
     next_token: int = -1  # the sampled token the next step feeds (-1: still prefilling)
     draft: list[int] = field(default_factory=list)  # speculative tokens the current step feeds after next_token
 
 
 class BatchScheduler:
     def __init__(self, engine: Engine, max_slots: int = 8, capacity: int | None = None,
-                 speculation: NgramSpeculation | None = None) -> None:
-        """speculation: n-gram draft tokens verified in each decode step (runtime/speculative.py)."""
+                 speculation: NgramSpeculation | None = None, max_step_tokens: int | None = None) -> None:
+        """speculation: n-gram draft tokens verified in each decode step (runtime/speculative.py).
+        max_step_tokens: the most tokens one step runs (vLLM's max_num_batched_tokens; None: each
+        prefilling request runs up to a prefill chunk), at least max_slots: decoding requests always
+        step, so a long prompt's prefill cannot stall them for more than this many tokens' time."""
         if max_slots < 1:
             raise RequestError(f"max_slots must be >= 1, got {max_slots}")
         limit = context_limit(engine.config, engine.rope_mode)
@@ -123,6 +127,12 @@ class BatchScheduler:
         self.steps = 0
         self.max_batch = 0  # most slots that ever shared one step (monitoring, tests)
         self.speculation = speculation
+        if max_step_tokens is not None and (isinstance(max_step_tokens, bool) or not isinstance(max_step_tokens, int)
+                                            or max_step_tokens < max_slots):
+            raise RequestError(f"max_num_batched_tokens (tokens per step) must be an integer >= the batch slots "
+                               f"({max_slots}), got {max_step_tokens!r}")
+        self.max_step_tokens = max_step_tokens
+        self._admissions = 0
         self.draft_tokens = 0  # speculative tokens fed (monitoring, tests)
         self.accepted_tokens = 0  # of those, the ones verification kept
 
@@ -225,8 +235,10 @@ class BatchScheduler:
             self.reused_tokens += reuse
             self.admitted_tokens += len(gen.prompt_ids)
             self._kept[b] = []
+            self._admissions += 1
             self._slots[b] = _Slot(gen, sampler, TextStream(
-                self.engine.tokenizer, gen.params, gen.result), np.array(gen.prompt_ids, np.int64), cached=reuse)
+                self.engine.tokenizer, gen.params, gen.result), np.array(gen.prompt_ids, np.int64), cached=reuse,
+                admitted=self._admissions)
         self._waiting.extendleft(reversed(postponed))
 
     def _running_prefix(self, gen: Generation) -> tuple[int, int]:
@@ -268,28 +280,39 @@ class BatchScheduler:
         chunk = max(1, min(self.engine.prefill_chunk, room))
         q = np.zeros(B, np.int32)
         rows: list[list[int]] = [[] for _ in range(B)]
-        for b, slot in enumerate(self._slots):
-            if slot is None:
-                continue
-            if slot.next_token < 0:  # prefill: the next chunk of the prompt
-                rows[b] = slot.gen.prompt_ids[slot.cached: slot.cached + chunk]
-            else:
-                # draft tokens fit the tokens left to generate, every row's room for the step, and
-                # the longest step the engine takes (its prefill chunk: a TensorRT engine's max_chunk)
-                left = slot.gen.params.max_new_tokens - len(slot.gen.result.tokens) - 1
-                limit = min(left, room - 1, self.engine.prefill_chunk - 1)
-                slot.draft = [] if self.speculation is None else self.speculation.propose(slot.seen, limit)
-                rows[b] = [slot.next_token, *slot.draft]
-                self.draft_tokens += len(slot.draft)
+        active = [(b, s) for b, s in enumerate(self._slots) if s is not None]
+        decoding = [(b, s) for b, s in active if s.next_token >= 0]
+        # The step's token budget (max_step_tokens): every decoding request's token first, then its
+        # drafts, then prompt chunks in admission order; a prefill that gets nothing waits a step.
+        budget = (self.max_step_tokens - len(decoding)) if self.max_step_tokens is not None else None
+        for b, slot in decoding:
+            # draft tokens fit the tokens left to generate, every row's room for the step, the
+            # longest step the engine takes (its prefill chunk: a TensorRT engine's max_chunk) and the budget
+            left = slot.gen.params.max_new_tokens - len(slot.gen.result.tokens) - 1
+            limit = min(left, room - 1, self.engine.prefill_chunk - 1, budget if budget is not None else left)
+            slot.draft = [] if self.speculation is None else self.speculation.propose(slot.seen, limit)
+            rows[b] = [slot.next_token, *slot.draft]
+            self.draft_tokens += len(slot.draft)
+            if budget is not None:
+                budget -= len(slot.draft)
+        for b, slot in sorted(((b, s) for b, s in active if s.next_token < 0), key=lambda x: x[1].admitted):
+            take = chunk if budget is None else min(chunk, budget)  # prefill: the next chunk of the prompt
+            rows[b] = slot.gen.prompt_ids[slot.cached: slot.cached + take]
+            if budget is not None:
+                budget -= len(rows[b])
+        for b, _ in active:
             q[b] = len(rows[b])
         S = int(q.max())
         ids = np.zeros((B, S), np.int64)  # [B, max Q]
         for b, r in enumerate(rows):
             ids[b, : len(r)] = r
         for b, slot in enumerate(self._slots):
-            if slot is not None:
+            if slot is not None and (q[b] > 0 or slot.cached > 0):
+                # a prefill left out of this step (q 0) keeps its rows: cached + S fits, as room counts it
                 slot.cached += int(q[b])
                 self._last[b] = slot.cached - 1
+            elif slot is not None:  # left out before its first row: nothing of it to keep
+                self._last[b] = min(int(self._last[b]) + 1, cache_rows - S) - 1
             else:
                 # Idle: past = last + 1 rows stay untouched (its kept K/V); the padded chunk may
                 # write after them, so past moves down where S rows would not fit, and the kept

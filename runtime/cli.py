@@ -371,10 +371,14 @@ def chat(artifact: str, system: str | None, speculation: Any, backend: str, devi
                    "[default: min(the model's context, 32768)].")
 @click.option("--chat-template", default=None,
               help="A Jinja chat template (file, or the template itself) instead of the artifact's.")
+@click.option("--max-num-batched-tokens", "max_step_tokens", type=click.IntRange(min=1), default=None,
+              help="The most tokens one step runs (decoding requests first, then prompt chunks), >= --max-batch; "
+                   "bounds the inter-token latency a long prompt's prefill adds [default: no limit].")
 @speculative_option
 @engine_options
 def serve(artifact: str, host: str, port: int, served_model_name: str | None, max_batch: int, capacity: int | None,
-          chat_template: str | None, speculation: Any, backend: str, device: str, rope_mode: str | None) -> None:
+          chat_template: str | None, max_step_tokens: int | None, speculation: Any, backend: str, device: str,
+          rope_mode: str | None) -> None:
     """Serve the OpenAI API (/v1/models, /v1/chat/completions, /v1/completions) over HTTP."""
     try:
         from .serve import serve as run_server
@@ -382,7 +386,7 @@ def serve(artifact: str, host: str, port: int, served_model_name: str | None, ma
         raise click.ClickException(f"serve needs the serve extra ({e.name} missing): pip install 'qmoe[serve]'")
     run_server(artifact, host=host, port=port, served_model_name=served_model_name, backend=backend, device=device,
                rope_mode=rope_mode, max_batch=max_batch, capacity=capacity, chat_template=chat_template,
-               speculation=speculation)
+               speculation=speculation, max_step_tokens=max_step_tokens)
 
 
 @main.command()
@@ -407,16 +411,18 @@ def serve(artifact: str, host: str, port: int, served_model_name: str | None, ma
               help="Tokens per request (prompt + max_tokens) the KV cache holds "
                    "[default: min(the model's context, 32768)].")
 @click.option("--speculative-config", default=None, help="n-gram speculative decoding, vLLM's JSON (see qmoe serve).")
+@click.option("--max-num-batched-tokens", type=click.IntRange(min=1), default=None,
+              help="The most tokens one step runs (see qmoe serve) [default: no limit].")
 @click.option("--force", is_flag=True, help="Replace the model if the repository has it.")
 def triton(artifact: str, repo_dir: str, name: str, instances: int, kind: str, copy: bool, python_env: str | None,
            default_max_tokens: int, max_batch: int, max_context: int | None, speculative_config: str | None,
-           force: bool) -> None:
+           max_num_batched_tokens: int | None, force: bool) -> None:
     """Write a Triton model repository that serves ARTIFACT (python backend, streaming, continuous batching)."""
     from .triton import ModelSpec, current_python_env, write_repository
 
     env = None if python_env == "none" else (python_env or current_python_env())
     spec = ModelSpec(name, instances, kind, copy, env, default_max_tokens,  # type: ignore[arg-type]
-                     max_batch, max_context, speculative_config)
+                     max_batch, max_context, speculative_config, max_num_batched_tokens)
     with _sigterm_cleans_up():
         model_dir = write_repository(artifact, repo_dir, spec, force=force)
     click.echo(f"wrote {model_dir}; start the server as {model_dir.parent / 'README.md'} says")

@@ -172,10 +172,11 @@ class Service:
     """The model behind the routes: validates requests against it and owns the worker."""
 
     def __init__(self, engine: Engine, model_name: str, defaults: Mapping[str, Any] | None = None,
-                 max_batch: int = 8, capacity: int | None = None, speculation: NgramSpeculation | None = None) -> None:
+                 max_batch: int = 8, capacity: int | None = None, speculation: NgramSpeculation | None = None,
+                 max_step_tokens: int | None = None) -> None:
         self.engine, self.model_name = engine, model_name
         self.defaults = dict(defaults or {})
-        self.worker = EngineWorker(engine, max_batch, capacity, speculation)
+        self.worker = EngineWorker(engine, max_batch, capacity, speculation, max_step_tokens)
         scheduler = self.worker.scheduler
         self.metrics = self.worker.metrics = Metrics(
             model_name, lambda: scheduler.running, lambda: scheduler.waiting + self.worker.queued,
@@ -458,9 +459,10 @@ class EngineWorker:
     scheduler in arrival order and runs its steps while there is work."""
 
     def __init__(self, engine: Engine, max_batch: int = 8, capacity: int | None = None,
-                 speculation: NgramSpeculation | None = None) -> None:
+                 speculation: NgramSpeculation | None = None, max_step_tokens: int | None = None) -> None:
         self.engine = engine
-        self.scheduler = BatchScheduler(engine, max_slots=max_batch, capacity=capacity, speculation=speculation)
+        self.scheduler = BatchScheduler(engine, max_slots=max_batch, capacity=capacity, speculation=speculation,
+                                        max_step_tokens=max_step_tokens)
         self._jobs: queue.Queue[Job | _Call | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="qmoe-engine-worker", daemon=True)
         self._lock = threading.Lock()  # orders taking a job against shutting down
@@ -876,12 +878,14 @@ async def _chunks(worker: EngineWorker, reqs: list[GenerationRequest], env: _Env
 
 
 def create_app(engine: Engine, model_name: str, defaults: Mapping[str, Any] | None = None, max_batch: int = 8,
-               capacity: int | None = None, speculation: NgramSpeculation | None = None) -> Starlette:
+               capacity: int | None = None, speculation: NgramSpeculation | None = None,
+               max_step_tokens: int | None = None) -> Starlette:
     """The ASGI app; its lifespan starts and stops the engine's worker thread. max_batch: requests
     that share decode steps (1: one at a time); capacity: tokens per request (prompt + max_tokens;
     default min(model context, runtime.batching.DEFAULT_CAPACITY)); speculation: n-gram drafts
-    (runtime/speculative.py)."""
-    service = Service(engine, model_name, defaults, max_batch, capacity, speculation)
+    (runtime/speculative.py); max_step_tokens: the most tokens one step runs (vLLM's
+    max_num_batched_tokens)."""
+    service = Service(engine, model_name, defaults, max_batch, capacity, speculation, max_step_tokens)
 
     async def generate(request: Request, kind: str) -> Response:
         arrived = time.monotonic()
@@ -1016,7 +1020,7 @@ def read_chat_template(value: str) -> str:
 def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
           backend: str = "auto", device: str = "auto", rope_mode: Any = None, log_level: str = "info",
           max_batch: int = 8, capacity: int | None = None, chat_template: str | None = None,
-          speculation: NgramSpeculation | None = None) -> None:
+          speculation: NgramSpeculation | None = None, max_step_tokens: int | None = None) -> None:
     """Load the artifact and serve it until interrupted (Ctrl-C / SIGTERM). chat_template: a
     template file, or the template itself, used instead of the artifact's."""
     import uvicorn
@@ -1029,7 +1033,7 @@ def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, serve
         engine.tokenizer = engine.tokenizer.with_chat_template(template)
     defaults = generation_defaults(artifact)
     name = served_model_name or Path(artifact).resolve().name
-    app = create_app(engine, name, defaults, max_batch, capacity, speculation)
+    app = create_app(engine, name, defaults, max_batch, capacity, speculation, max_step_tokens)
     worker = app.state.service.worker
 
     class Server(uvicorn.Server):

@@ -65,7 +65,9 @@ class TritonPythonModel:
 
         # the capacity a request may use is the protocol's context check; the cache holds as much
         capacity = int(params["max_context"]) if params.get("max_context") else None
-        self.scheduler = BatchScheduler(self.engine, max_slots=self.max_batch, capacity=capacity, speculation=speculation)
+        budget = int(params["max_num_batched_tokens"]) if params.get("max_num_batched_tokens") else None
+        self.scheduler = BatchScheduler(self.engine, max_slots=self.max_batch, capacity=capacity, speculation=speculation,
+                                        max_step_tokens=budget)
         self.shared = 1  # the most requests one step has run so far (logged when it grows)
         self.name = args["model_instance_name"]
         self.jobs: queue.Queue = queue.Queue()

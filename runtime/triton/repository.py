@@ -46,6 +46,7 @@ class ModelSpec:
     max_batch: int = protocol.DEFAULT_MAX_BATCH  # requests sharing a step, per instance
     max_context: int | None = None  # tokens per request the KV cache holds (None: min(model context, 32768))
     speculative_config: str | None = None  # n-gram speculative decoding, vLLM's JSON
+    max_num_batched_tokens: int | None = None  # the most tokens one step runs (None: no limit)
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -56,7 +57,7 @@ class ModelSpec:
             raise RepositoryError(f"kind must be 'cpu' or 'gpu', got {self.kind!r}")
         if self.default_max_tokens < 1:
             raise RepositoryError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
-        for name, low in (("max_batch", 1), ("max_context", 2)):
+        for name, low in (("max_batch", 1), ("max_context", 2), ("max_num_batched_tokens", self.max_batch)):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
                 raise RepositoryError(f"{name} must be an integer >= {low}, got {v!r}")
@@ -100,6 +101,8 @@ def model_config(spec: ModelSpec, artifact_param: str):
         parameters["max_context"] = str(spec.max_context)
     if spec.speculative_config is not None:
         parameters["speculative_config"] = spec.speculative_config
+    if spec.max_num_batched_tokens is not None:
+        parameters["max_num_batched_tokens"] = str(spec.max_num_batched_tokens)
     if spec.python_env is not None:
         parameters["EXECUTION_ENV_PATH"] = str(spec.python_env)
     for key, value in parameters.items():

@@ -31,12 +31,15 @@ def test_config_is_a_decoupled_python_model(tiny_artifact: Path, tmp_path: Path)
     assert config.parameters["artifact"].string_value == str(tiny_artifact.resolve())
     assert config.parameters["default_max_tokens"].string_value == str(protocol.DEFAULT_MAX_TOKENS)
     assert config.parameters["max_batch"].string_value == str(protocol.DEFAULT_MAX_BATCH)
-    for absent in ("EXECUTION_ENV_PATH", "max_context", "speculative_config"):
+    for absent in ("EXECUTION_ENV_PATH", "max_context", "speculative_config", "max_num_batched_tokens"):
         assert absent not in config.parameters
-    spec = ModelSpec(max_batch=2, max_context=512, speculative_config='{"num_speculative_tokens": 4}')
+    spec = ModelSpec(max_batch=2, max_context=512, speculative_config='{"num_speculative_tokens": 4}',
+                     max_num_batched_tokens=64)
     config = read_config(write_repository(tiny_artifact, tmp_path / "repo2", spec))
-    assert {k: config.parameters[k].string_value for k in ("max_batch", "max_context", "speculative_config")} == {
-        "max_batch": "2", "max_context": "512", "speculative_config": '{"num_speculative_tokens": 4}'}
+    keys = ("max_batch", "max_context", "speculative_config", "max_num_batched_tokens")
+    assert {k: config.parameters[k].string_value for k in keys} == {
+        "max_batch": "2", "max_context": "512", "speculative_config": '{"num_speculative_tokens": 4}',
+        "max_num_batched_tokens": "64"}
     assert (model / "1" / "model.py").read_bytes() == MODEL_TEMPLATE.read_bytes()
     assert sorted(p.name for p in model.parent.iterdir()) == ["README.md", "qwen2_moe"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "repo2"]  # no staging folder left behind
@@ -84,6 +87,7 @@ def test_existing_model_needs_force_and_other_models_stay(tiny_artifact: Path, t
     ({"kind": "tpu"}, "kind must be 'cpu' or 'gpu'"),
     ({"max_batch": 0}, "max_batch must be an integer >= 1"),
     ({"max_context": 1}, "max_context must be an integer >= 2"),
+    ({"max_batch": 4, "max_num_batched_tokens": 3}, "max_num_batched_tokens must be an integer >= 4"),
     ({"speculative_config": '{"method": "eagle", "num_speculative_tokens": 2}'}, "only \"ngram\""),
 ])
 def test_bad_specs(kwargs, message):

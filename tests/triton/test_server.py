@@ -153,9 +153,10 @@ def server(wheel: WheelServer, tiny_artifact: Path, tmp_path_factory: pytest.Tem
     root = tmp_path_factory.mktemp("triton")
     # Two instances: two stub processes, each with its own engine and batching scheduler, share the
     # requests. Speculation with 1-gram lookups drafts whenever a token repeats (mostly rejected by
-    # this random model): every output must still equal the embedded runtime's.
+    # this random model), and a 16-token step budget splits prompts across steps: every output must
+    # still equal the embedded runtime's.
     write_repository(tiny_artifact, root / "repo", ModelSpec(
-        instances=2, python_env=current_python_env(), max_batch=4,
+        instances=2, python_env=current_python_env(), max_batch=4, max_num_batched_tokens=16,
         speculative_config='{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'))
     backends = prepare_backends(wheel, root / "backends")
     grpc_port, http_port = free_port(), free_port()

@@ -1,0 +1,106 @@
+"""The scheduler's token budget per step (max_step_tokens, vLLM's max_num_batched_tokens):
+decoding requests step every step while long prompts prefill in budget-sized pieces, no step
+runs more tokens than the budget, and every output equals the run without a budget (the same
+scheduler; tokens, text and finish reason; greedy and seeded; with speculation too)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import runtime
+from runtime.batching import BatchScheduler
+from runtime.engine import RequestError
+from runtime.sampling import SamplingParams
+from runtime.speculative import NgramSpeculation
+from runtime.structured import StructuredOutput
+
+QUOTE = "Experts route every token, and the shared expert sees all of them."
+
+
+@pytest.fixture
+def engine(tiny_artifact):
+    """A fresh engine whose backend records the tokens of every step."""
+    e = runtime.load(tiny_artifact, prefill_chunk=64)
+    step = e.backend.step
+    e.step_tokens = []
+
+    def recording(cache, ids, q, *rest):
+        e.step_tokens.append(int(np.asarray(q).sum()))
+        return step(cache, ids, q, *rest)
+
+    e.backend.step = recording
+    return e
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return [int(x) for x in np.random.default_rng(seed).integers(0, 150000, n)]
+
+
+def workload(engine):
+    copy = engine.tokenizer.encode(f"Repeat: {QUOTE}\n")
+    return [
+        (prompt(150, 1), SamplingParams(max_new_tokens=12)),
+        (prompt(20, 2), SamplingParams(max_new_tokens=30, temperature=1.0, seed=3)),
+        (prompt(300, 3), SamplingParams(max_new_tokens=8, temperature=0.7, top_k=40, seed=4)),
+        (copy, SamplingParams(max_new_tokens=40, structured=StructuredOutput.choice([QUOTE]))),
+        (prompt(90, 5), SamplingParams(max_new_tokens=6, logprobs=2)),
+    ]
+
+
+def run(engine, reqs, budget, speculation=None, slots: int = 3):
+    s = BatchScheduler(engine, max_slots=slots, max_step_tokens=budget, speculation=speculation)
+    gens = [s.submit(ids, p) for ids, p in reqs]
+    texts: list[list[str]] = [[] for _ in gens]
+    for g, t in zip(gens, texts):
+        g.on_delta = t.append
+    while s.has_work():
+        s.step()
+    return [(g.result.tokens, "".join(t), g.result.finish_reason) for g, t in zip(gens, texts)]
+
+
+@pytest.mark.parametrize("budget", [3, 7, 40])
+def test_outputs_equal_the_unlimited_run_and_no_step_exceeds_the_budget(engine, budget: int):
+    reqs = workload(engine)
+    free = run(engine, reqs, None)
+    assert max(engine.step_tokens) > 128  # without a budget, prompt chunks of several requests share a step
+    engine.step_tokens.clear()
+    assert run(engine, reqs, budget) == free
+    assert max(engine.step_tokens) <= budget
+    engine.step_tokens.clear()
+    spec = NgramSpeculation(4, 4, 1)
+    assert run(engine, reqs, budget, spec) == free
+    assert max(engine.step_tokens) <= budget
+
+
+def test_decoding_requests_step_while_a_long_prompt_prefills(engine):
+    s = BatchScheduler(engine, max_slots=2, max_step_tokens=16)
+    tokens_at: list[int] = []
+    short = s.submit(prompt(10, 7), SamplingParams(max_new_tokens=40, ignore_eos=True))
+    s.step()  # its prefill
+    assert len(short.result.tokens) == 1
+    s.submit(prompt(400, 8), SamplingParams(max_new_tokens=2))
+    for _ in range(25):  # 400 prompt tokens at 15 a step: 27 steps of prefill
+        s.step()
+        tokens_at.append(len(short.result.tokens))
+    assert tokens_at == list(range(2, 27))  # one token every step: the prefill never stalled it
+    assert max(engine.step_tokens) <= 16
+
+
+def test_a_budget_below_the_slots_is_refused(tiny_artifact):
+    e = runtime.load(tiny_artifact)
+    with pytest.raises(RequestError, match=r"max_num_batched_tokens \(tokens per step\) must be an integer >= the batch slots \(4\), got 3"):
+        BatchScheduler(e, max_slots=4, max_step_tokens=3)
+
+
+def test_the_server_passes_its_budget_to_the_scheduler(tiny_artifact):
+    from starlette.testclient import TestClient
+
+    from runtime.serve import create_app
+
+    app = create_app(runtime.load(tiny_artifact), "m", {"temperature": 0.0}, max_batch=2, max_step_tokens=5)
+    assert app.state.service.worker.scheduler.max_step_tokens == 5
+    with TestClient(app) as client:  # a 40-token prompt in 5-token steps: the same reply as unlimited
+        r = client.post("/v1/completions", json={"prompt": prompt(40, 9), "max_tokens": 6})
+        want = run(runtime.load(tiny_artifact), [(prompt(40, 9), SamplingParams(max_new_tokens=6))], None)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want[0][1]
