@@ -199,3 +199,16 @@ def test_unloading_ends_running_and_queued_requests(pb_utils, tiny_artifact):
     assert not model.worker.is_alive()
     for s in (running, queued):
         assert s.closed.is_set() and s.error == "the model is shutting down"
+
+
+def test_a_request_over_max_context_gets_one_error_and_the_model_keeps_serving(pb_utils, tiny_artifact, embedded):
+    model = load_model(pb_utils, tiny_artifact, max_batch=2, max_context=32)
+    try:
+        over = ask(model, "over", "Hello world", 40)
+        assert over.closed.wait(60) and len(over.responses) == 1
+        assert "over the server's per-request capacity of 32" in over.error
+        assert over.responses[0][0].error.code == TritonError.INVALID_ARG
+        nxt = ask(model, "next", "Still there?", 5)
+        assert nxt.closed.wait(60) and nxt.text == solo(embedded, "Still there?", 5)
+    finally:
+        model.finalize()
