@@ -284,12 +284,15 @@ class BatchScheduler:
         decoding = [(b, s) for b, s in active if s.next_token >= 0]
         # The step's token budget (max_step_tokens): every decoding request's token first, then its
         # drafts, then prompt chunks in admission order; a prefill that gets nothing waits a step.
+        # Drafts leave one token to the prompt chunks when a request prefills (budget >= max_slots:
+        # there is one), or drafts accepted every step would hold its prefill until they finish.
         budget = (self.max_step_tokens - len(decoding)) if self.max_step_tokens is not None else None
+        reserve = int(len(decoding) < len(active))
         for b, slot in decoding:
             # draft tokens fit the tokens left to generate, every row's room for the step, the
             # longest step the engine takes (its prefill chunk: a TensorRT engine's max_chunk) and the budget
             left = slot.gen.params.max_new_tokens - len(slot.gen.result.tokens) - 1
-            limit = min(left, room - 1, self.engine.prefill_chunk - 1, budget if budget is not None else left)
+            limit = min(left, room - 1, self.engine.prefill_chunk - 1, budget - reserve if budget is not None else left)
             slot.draft = [] if self.speculation is None else self.speculation.propose(slot.seen, limit)
             rows[b] = [slot.next_token, *slot.draft]
             self.draft_tokens += len(slot.draft)

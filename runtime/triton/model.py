@@ -110,7 +110,7 @@ class TritonPythonModel:
                 self.submit(*item, running)
                 continue
             for gen, (_, sender) in running.items():
-                if sender.is_cancelled():  # the client is gone: the scheduler frees its slot
+                if cancelled(sender):  # the client is gone: the scheduler frees its slot
                     gen.cancelled.set()
             try:
                 scheduler.step()
@@ -122,23 +122,39 @@ class TritonPythonModel:
 
     def submit(self, request_id: str, job, sender, running: dict) -> None:
         """Hands one request to the scheduler; its callbacks stream the responses."""
-        if sender.is_cancelled():  # cancelled while queued: skip the prefill too
-            sender.send(flags=FINAL)
-            return
         holder: list = []
 
+        def send(response=None, flags: int = 0) -> None:
+            # The callbacks run inside scheduler.step(): a send that raises (the client's stream is
+            # gone, the stub's shared memory is full) must not end the requests sharing the step, nor
+            # the worker thread. This request stops instead: the next step drops it.
+            try:
+                if response is None:
+                    sender.send(flags=flags)
+                else:
+                    sender.send(response, flags=flags)
+            except Exception as e:  # noqa: BLE001
+                pb_utils.Logger.log_error(f"{self.name}: request {request_id!r}: could not send a response "
+                                          f"({type(e).__name__}: {e}); it stops")
+                if holder:
+                    holder[0].cancelled.set()
+
+        if cancelled(sender):  # cancelled while queued: skip the prefill too
+            send(flags=FINAL)
+            return
+
         def delta(text: str) -> None:
-            if not sender.is_cancelled():
-                sender.send(pb_utils.InferenceResponse(output_tensors=[string("text_delta", text)]))
+            if not holder[0].cancelled.is_set() and not cancelled(sender):
+                send(pb_utils.InferenceResponse(output_tensors=[string("text_delta", text)]))
 
         def finished(result) -> None:
             running.pop(holder[0], None)
             if result.finish_reason == "cancelled":
                 pb_utils.Logger.log_info(f"{self.name}: request {request_id!r} cancelled after {len(result.tokens)} "
                                          "tokens")
-                sender.send(flags=FINAL)  # the client is gone: close the request, nothing more to say
+                send(flags=FINAL)  # the client is gone: close the request, nothing more to say
                 return
-            sender.send(pb_utils.InferenceResponse(output_tensors=[
+            send(pb_utils.InferenceResponse(output_tensors=[
                 string("text_delta", ""),
                 string("finish_reason", result.finish_reason),
                 int32("prompt_tokens", len(job.prompt_ids)),
@@ -170,6 +186,14 @@ class TritonPythonModel:
         self.closing.set()
         self.jobs.put(None)
         self.worker.join(timeout=30)
+
+
+def cancelled(sender) -> bool:
+    """Whether the client cancelled the request; a sender that cannot tell is gone too."""
+    try:
+        return bool(sender.is_cancelled())
+    except Exception:  # noqa: BLE001
+        return True
 
 
 def send_error(sender, error: Exception, code=None) -> None:

@@ -104,3 +104,30 @@ def test_the_server_passes_its_budget_to_the_scheduler(tiny_artifact):
         r = client.post("/v1/completions", json={"prompt": prompt(40, 9), "max_tokens": 6})
         want = run(runtime.load(tiny_artifact), [(prompt(40, 9), SamplingParams(max_new_tokens=6))], None)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == want[0][1]
+
+
+def test_draft_tokens_do_not_starve_a_prefill(engine):
+    """A small budget and a request whose drafts are accepted every step (two allowed tokens,
+    1-gram lookups): its drafts must leave the prefilling request at least one token a step, or
+    it waits until the drafting request finishes (here all its 200 tokens)."""
+    spec = NgramSpeculation(4, 1, 1)
+    looping = (prompt(8, 10), SamplingParams(max_new_tokens=200, ignore_eos=True, allowed_token_ids=[11, 22]))
+    late = (prompt(40, 11), SamplingParams(max_new_tokens=3))
+    s = BatchScheduler(engine, max_slots=2, max_step_tokens=3, speculation=spec)
+    a = s.submit(*looping)
+    while not a.result.tokens:
+        s.step()
+    b = s.submit(*late)
+    steps, drafts = 0, s.draft_tokens
+    while not b.result.tokens:
+        s.step()
+        steps += 1
+    assert s.draft_tokens > drafts and steps <= 40, steps  # 40 prompt tokens, at least one a step
+    assert len(a.result.tokens) < 200
+    while s.has_work():
+        s.step()
+    ref = BatchScheduler(engine, max_slots=2)
+    ra, rb = ref.submit(*looping), ref.submit(*late)
+    while ref.has_work():
+        ref.step()
+    assert (a.result.tokens, b.result.tokens) == (ra.result.tokens, rb.result.tokens)
