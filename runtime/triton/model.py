@@ -24,12 +24,14 @@ import os
 import queue
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]  # exists inside the stub only
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+POLL_SECONDS = 0.05  # how often the worker asks whether running requests' clients cancelled them
 
 
 class TritonPythonModel:
@@ -71,7 +73,6 @@ class TritonPythonModel:
         self.shared = 1  # the most requests one step has run so far (logged when it grows)
         self.name = args["model_instance_name"]
         self.jobs: queue.Queue = queue.Queue()
-        self.closing = threading.Event()
         self.worker = threading.Thread(target=self.serve, name=f"{self.name}-generate", daemon=True)
         self.worker.start()
         pb_utils.Logger.log_info(f"{self.name}: serving {artifact} on {device}")
@@ -95,6 +96,7 @@ class TritonPythonModel:
     def serve(self) -> None:
         scheduler = self.scheduler
         running: dict = {}  # Generation -> (request id, sender)
+        polled = 0.0
         while True:
             # Between steps: take every job that arrived; wait for one only when nothing runs.
             try:
@@ -109,9 +111,12 @@ class TritonPythonModel:
                     return
                 self.submit(*item, running)
                 continue
-            for gen, (_, sender) in running.items():
-                if cancelled(sender):  # the client is gone: the scheduler frees its slot
-                    gen.cancelled.set()
+            now = time.monotonic()
+            if now - polled >= POLL_SECONDS:  # each is_cancelled() is a round trip to the server process
+                polled = now
+                for gen, (_, sender) in running.items():
+                    if cancelled(sender):  # the client is gone: the scheduler frees its slot
+                        gen.cancelled.set()
             try:
                 scheduler.step()
             except Exception as e:  # noqa: BLE001  (each running request got it through on_error)
@@ -183,7 +188,6 @@ class TritonPythonModel:
             pb_utils.Logger.log_error(f"could not report an error to its request: {e2}")
 
     def finalize(self) -> None:
-        self.closing.set()
         self.jobs.put(None)
         self.worker.join(timeout=30)
 
