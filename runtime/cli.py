@@ -428,5 +428,39 @@ def triton(artifact: str, repo_dir: str, name: str, instances: int, kind: str, c
     click.echo(f"wrote {model_dir}; start the server as {model_dir.parent / 'README.md'} says")
 
 
+@main.command()
+@click.argument("url")
+@click.option("--model", default=None, help="Model name to send [default: the server's first in /v1/models].")
+@click.option("--num-prompts", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--input-len", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Prompt tokens (random token ids).")
+@click.option("--output-len", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Tokens each request generates (eos ignored).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most requests in flight.")
+@click.option("--request-rate", type=float, default=float("inf"), show_default=True,
+              help="Requests per second (Poisson arrivals); inf sends them as fast as --concurrency allows.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--save-result", type=click.Path(dir_okay=False), default=None,
+              help="Write the summary and every request's timings as JSON.")
+def bench(url: str, model: str | None, num_prompts: int, input_len: int, output_len: int, concurrency: int,
+          request_rate: float, seed: int, save_result: str | None) -> None:
+    """Load an OpenAI-compatible server at URL (qmoe serve, vLLM, ...) with streamed completions and
+    print throughput and TTFT / TPOT / ITL / end-to-end latency percentiles."""
+    import json
+    from pathlib import Path
+
+    from .bench import report, run
+
+    summary = run(url, model, num_prompts, input_len, output_len, concurrency, request_rate, seed)
+    click.echo(report(summary))
+    if save_result is not None:
+        Path(save_result).write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    if summary["failed"]:
+        from .bench import BenchError
+
+        raise BenchError(f"{summary['failed']} of {num_prompts} requests failed; the first: {summary['first_error']}")
+
+
 if __name__ == "__main__":
     main()
