@@ -68,11 +68,16 @@ class RequestTimer:
     def __init__(self, metrics: Metrics, arrived: float | None = None) -> None:
         self.metrics, self.start = metrics, time.monotonic() if arrived is None else arrived
         self.last: float | None = None
+        self.step: int | None = None
 
-    def token(self, _token: int = 0) -> None:
+    def token(self, _token: int = 0, step: int | None = None) -> None:
+        """One sampled token; `step`: the scheduler step that produced it. Tokens of one step (a
+        speculative step's kept drafts) arrive together: one inter-token latency per step, as vLLM
+        observes it, and each token counted."""
         now, m = time.monotonic(), self.metrics
-        (m.ttft if self.last is None else m.itl).labels(m.model_name).observe(now - (self.last or self.start))
-        self.last = now
+        if step is None or step != self.step:
+            (m.ttft if self.last is None else m.itl).labels(m.model_name).observe(now - (self.last or self.start))
+            self.last, self.step = now, step
         m.generation_tokens.labels(m.model_name).inc()
 
     def finished(self, reason: str) -> None:

@@ -578,7 +578,8 @@ class EngineWorker:
 
         try:
             self.scheduler.submit(job.prompt_ids, job.sampling, on_delta=job.emit, on_logprob=job.emit,
-                                  on_token=timer.token if timer is not None else (lambda token: None),
+                                  on_token=(lambda token: timer.token(token, self.scheduler.steps))
+                                  if timer is not None else (lambda token: None),
                                   on_finish=finished, on_error=failed, cancelled=job.cancelled)
         except Exception as e:  # noqa: BLE001  (requests are checked before queueing; report, keep serving)
             log.exception("cannot schedule a request")

@@ -228,3 +228,24 @@ def test_drafts_never_make_a_step_longer_than_the_prefill_chunk(tiny_artifact):
     spec, s = run(engine, reqs, NgramSpeculation(8, 3, 1), 2)
     assert_same(plain, spec)
     assert s.accepted_tokens > 0
+
+
+def test_inter_token_latency_is_observed_once_per_step(engine):
+    """Kept drafts arrive with their step's token: one inter-token latency per step (vLLM's), every
+    token counted."""
+    from starlette.testclient import TestClient
+
+    from runtime.serve import create_app
+
+    app = create_app(engine, "m", {"temperature": 0.0}, speculation=NgramSpeculation(4, 4, 1))
+    body = {"prompt": f"Repeat exactly: {QUOTE}\nAnswer: ", "max_tokens": 40, "guided_choice": [QUOTE]}
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json=body).json()
+        metrics = client.get("/metrics").text
+    values = {line.split("{")[0]: float(line.split()[-1]) for line in metrics.splitlines()
+              if line.startswith(("qmoe:inter_token_latency_seconds_count", "qmoe:generation_tokens_total"))}
+    steps = app.state.service.worker.scheduler.steps
+    tokens = r["usage"]["completion_tokens"]
+    assert values["qmoe:generation_tokens_total"] == tokens
+    assert values["qmoe:inter_token_latency_seconds_count"] < tokens - 1  # drafts kept: fewer gaps than tokens
+    assert values["qmoe:inter_token_latency_seconds_count"] <= steps - 1  # at most one per decode step
