@@ -58,11 +58,15 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {"mean": sum(s) / len(s), "median": pct(0.5), "p99": pct(0.99)}
 
 
-def one_request(url: str, body: dict[str, Any], timeout: float) -> RequestResult:
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+
+
+def one_request(url: str, body: dict[str, Any], timeout: float, api_key: str | None = None) -> RequestResult:
     """Sends one streamed completion and times its chunks."""
     out = RequestResult()
     data = json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, headers=_headers(api_key))
     start = time.perf_counter()
     last = None
     try:
@@ -104,7 +108,7 @@ def one_request(url: str, body: dict[str, Any], timeout: float) -> RequestResult
 
 def run(base_url: str, model: str | None = None, num_prompts: int = 64, input_len: int = 256, output_len: int = 64,
         concurrency: int = 8, request_rate: float = math.inf, seed: int = 0, timeout: float = 600.0,
-        vocab: tuple[int, int] = (1000, 100000)) -> dict[str, Any]:
+        vocab: tuple[int, int] = (1000, 100000), api_key: str | None = None) -> dict[str, Any]:
     """Runs the benchmark; returns the summary (see the module docstring) with per-request results."""
     for name, value, low in (("num_prompts", num_prompts, 1), ("input_len", input_len, 1),
                              ("output_len", output_len, 1), ("concurrency", concurrency, 1)):
@@ -116,7 +120,7 @@ def run(base_url: str, model: str | None = None, num_prompts: int = 64, input_le
     if not base.endswith("/v1"):
         base += "/v1"
     if model is None:
-        model = _first_model(base, timeout)
+        model = _first_model(base, timeout, api_key)
     rng = random.Random(seed)
     prompts = [[rng.randrange(*vocab) for _ in range(input_len)] for _ in range(num_prompts)]
     gaps = [0.0 if math.isinf(request_rate) else rng.expovariate(request_rate) for _ in range(num_prompts)]
@@ -128,7 +132,7 @@ def run(base_url: str, model: str | None = None, num_prompts: int = 64, input_le
         try:
             results[i] = one_request(url, {"model": model, "prompt": prompts[i], "max_tokens": output_len,
                                            "stream": True, "stream_options": {"include_usage": True},
-                                           "ignore_eos": True, "temperature": 0.0}, timeout)
+                                           "ignore_eos": True, "temperature": 0.0}, timeout, api_key)
         finally:
             slots.release()
 
@@ -157,9 +161,10 @@ def run(base_url: str, model: str | None = None, num_prompts: int = 64, input_le
     }
 
 
-def _first_model(base: str, timeout: float) -> str:
+def _first_model(base: str, timeout: float, api_key: str | None = None) -> str:
     try:
-        with urllib.request.urlopen(base + "/models", timeout=min(timeout, 30)) as r:
+        req = urllib.request.Request(base + "/models", headers=_headers(api_key))
+        with urllib.request.urlopen(req, timeout=min(timeout, 30)) as r:
             data = json.loads(r.read()).get("data") or []
     except (OSError, ValueError) as e:
         raise BenchError(f"cannot reach {base}/models ({type(e).__name__}: {e}); is the server up?") from None

@@ -374,11 +374,14 @@ def chat(artifact: str, system: str | None, speculation: Any, backend: str, devi
 @click.option("--max-num-batched-tokens", "max_step_tokens", type=click.IntRange(min=1), default=None,
               help="The most tokens one step runs (decoding requests first, then prompt chunks), >= --max-batch; "
                    "bounds the inter-token latency a long prompt's prefill adds [default: no limit].")
+@click.option("--api-key", envvar="QMOE_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every request but /health and /metrics "
+                   "[env QMOE_API_KEY].")
 @speculative_option
 @engine_options
 def serve(artifact: str, host: str, port: int, served_model_name: str | None, max_batch: int, capacity: int | None,
-          chat_template: str | None, max_step_tokens: int | None, speculation: Any, backend: str, device: str,
-          rope_mode: str | None) -> None:
+          chat_template: str | None, max_step_tokens: int | None, api_key: str | None, speculation: Any, backend: str,
+          device: str, rope_mode: str | None) -> None:
     """Serve the OpenAI API (/v1/models, /v1/chat/completions, /v1/completions) over HTTP."""
     try:
         from .serve import serve as run_server
@@ -386,7 +389,7 @@ def serve(artifact: str, host: str, port: int, served_model_name: str | None, ma
         raise click.ClickException(f"serve needs the serve extra ({e.name} missing): pip install 'qmoe[serve]'")
     run_server(artifact, host=host, port=port, served_model_name=served_model_name, backend=backend, device=device,
                rope_mode=rope_mode, max_batch=max_batch, capacity=capacity, chat_template=chat_template,
-               speculation=speculation, max_step_tokens=max_step_tokens)
+               speculation=speculation, max_step_tokens=max_step_tokens, api_key=api_key)
 
 
 @main.command()
@@ -443,8 +446,9 @@ def triton(artifact: str, repo_dir: str, name: str, instances: int, kind: str, c
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--save-result", type=click.Path(dir_okay=False), default=None,
               help="Write the summary and every request's timings as JSON.")
+@click.option("--api-key", envvar="QMOE_API_KEY", default=None, help="Bearer token the server wants [env QMOE_API_KEY].")
 def bench(url: str, model: str | None, num_prompts: int, input_len: int, output_len: int, concurrency: int,
-          request_rate: float, seed: int, save_result: str | None) -> None:
+          request_rate: float, seed: int, save_result: str | None, api_key: str | None) -> None:
     """Load an OpenAI-compatible server at URL (qmoe serve, vLLM, ...) with streamed completions and
     print throughput and TTFT / TPOT / ITL / end-to-end latency percentiles."""
     import json
@@ -452,7 +456,7 @@ def bench(url: str, model: str | None, num_prompts: int, input_len: int, output_
 
     from .bench import report, run
 
-    summary = run(url, model, num_prompts, input_len, output_len, concurrency, request_rate, seed)
+    summary = run(url, model, num_prompts, input_len, output_len, concurrency, request_rate, seed, api_key=api_key)
     click.echo(report(summary))
     if save_result is not None:
         Path(save_result).write_text(json.dumps(summary, indent=1), encoding="utf-8")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import queue
@@ -880,12 +881,14 @@ async def _chunks(worker: EngineWorker, reqs: list[GenerationRequest], env: _Env
 
 def create_app(engine: Engine, model_name: str, defaults: Mapping[str, Any] | None = None, max_batch: int = 8,
                capacity: int | None = None, speculation: NgramSpeculation | None = None,
-               max_step_tokens: int | None = None) -> Starlette:
+               max_step_tokens: int | None = None, api_key: str | None = None) -> Starlette:
     """The ASGI app; its lifespan starts and stops the engine's worker thread. max_batch: requests
     that share decode steps (1: one at a time); capacity: tokens per request (prompt + max_tokens;
     default min(model context, runtime.batching.DEFAULT_CAPACITY)); speculation: n-gram drafts
     (runtime/speculative.py); max_step_tokens: the most tokens one step runs (vLLM's
-    max_num_batched_tokens)."""
+    max_num_batched_tokens); api_key: requests must carry it as a bearer token (RequireAPIKey)."""
+    if api_key is not None and not api_key:
+        raise QmoeError("the API key is empty")
     service = Service(engine, model_name, defaults, max_batch, capacity, speculation, max_step_tokens)
 
     async def generate(request: Request, kind: str) -> Response:
@@ -976,7 +979,31 @@ def create_app(engine: Engine, model_name: str, defaults: Mapping[str, Any] | No
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={APIError: api_error, HTTPException: http_error, Exception: api_error})
     app.state.service = service
+    if api_key is not None:
+        app.add_middleware(RequireAPIKey, key=api_key, on_refused=lambda: service.metrics.error(401))
     return app
+
+
+OPEN_PATHS = ("/health", "/metrics")  # load balancers and Prometheus reach these without the key
+
+
+class RequireAPIKey:
+    """ASGI middleware: every HTTP request but OPEN_PATHS needs `Authorization: Bearer <key>`
+    (vLLM's --api-key; OpenAI's 401 body otherwise). Pure ASGI, so streams pass through untouched."""
+
+    def __init__(self, app: Any, key: str, on_refused: Callable[[], None] = lambda: None) -> None:
+        self.app, self.expected, self.on_refused = app, f"Bearer {key}".encode(), on_refused
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        self.on_refused()
+        err = APIError("a valid API key is required: send the header 'Authorization: Bearer <key>'", status=401,
+                       code="invalid_api_key")
+        await JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
 
 
 def generation_defaults(artifact: str | Path) -> dict[str, Any]:
@@ -1021,7 +1048,8 @@ def read_chat_template(value: str) -> str:
 def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
           backend: str = "auto", device: str = "auto", rope_mode: Any = None, log_level: str = "info",
           max_batch: int = 8, capacity: int | None = None, chat_template: str | None = None,
-          speculation: NgramSpeculation | None = None, max_step_tokens: int | None = None) -> None:
+          speculation: NgramSpeculation | None = None, max_step_tokens: int | None = None,
+          api_key: str | None = None) -> None:
     """Load the artifact and serve it until interrupted (Ctrl-C / SIGTERM). chat_template: a
     template file, or the template itself, used instead of the artifact's."""
     import uvicorn
@@ -1034,7 +1062,7 @@ def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, serve
         engine.tokenizer = engine.tokenizer.with_chat_template(template)
     defaults = generation_defaults(artifact)
     name = served_model_name or Path(artifact).resolve().name
-    app = create_app(engine, name, defaults, max_batch, capacity, speculation, max_step_tokens)
+    app = create_app(engine, name, defaults, max_batch, capacity, speculation, max_step_tokens, api_key)
     worker = app.state.service.worker
 
     class Server(uvicorn.Server):
