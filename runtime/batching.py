@@ -53,6 +53,7 @@ DEFAULT_CAPACITY = 32768
 # Prefix sharing between running requests (backends that can copy cache rows): a shorter common
 # prefix is recomputed rather than copied, and never makes a request wait.
 MIN_SHARED = 16
+POLICIES = ("fcfs", "priority")  # the waiting queue's order: arrival, or (priority, arrival)
 
 
 @dataclass(eq=False)
@@ -74,6 +75,7 @@ class Generation:
     on_finish: Callable[[GenerationResult], None] = lambda result: None
     on_error: Callable[[BaseException], None] = lambda error: None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    priority: int = 0  # scheduling policy "priority": lower runs first (vLLM's); equal ones in arrival order
     result: GenerationResult = field(init=False)
 
     def __post_init__(self) -> None:
@@ -96,11 +98,13 @@ class _Slot:
 
 class BatchScheduler:
     def __init__(self, engine: Engine, max_slots: int = 8, capacity: int | None = None,
-                 speculation: NgramSpeculation | None = None, max_step_tokens: int | None = None) -> None:
+                 speculation: NgramSpeculation | None = None, max_step_tokens: int | None = None,
+                 policy: str = "fcfs") -> None:
         """speculation: n-gram draft tokens verified in each decode step (runtime/speculative.py).
         max_step_tokens: the most tokens one step runs (vLLM's max_num_batched_tokens; None: each
         prefilling request runs up to a prefill chunk), at least max_slots: decoding requests always
-        step, so a long prompt's prefill cannot stall them for more than this many tokens' time."""
+        step, so a long prompt's prefill cannot stall them for more than this many tokens' time.
+        policy: "fcfs" (arrival order) or "priority" (submit's priority, then arrival)."""
         if max_slots < 1:
             raise RequestError(f"max_slots must be >= 1, got {max_slots}")
         limit = context_limit(engine.config, engine.rope_mode)
@@ -132,6 +136,9 @@ class BatchScheduler:
             raise RequestError(f"max_num_batched_tokens (tokens per step) must be an integer >= the batch slots "
                                f"({max_slots}), got {max_step_tokens!r}")
         self.max_step_tokens = max_step_tokens
+        if policy not in POLICIES:
+            raise RequestError(f"the scheduling policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.policy = policy
         self._admissions = 0
         self.draft_tokens = 0  # speculative tokens fed (monitoring, tests)
         self.accepted_tokens = 0  # of those, the ones verification kept
@@ -151,11 +158,23 @@ class BatchScheduler:
                 f"per-request capacity of {self.capacity}; shorten the prompt or lower max_new_tokens")
         return p, plan
 
-    def submit(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None, **callbacks) -> Generation:
-        """Queue a request (checked first); it starts at the first step with a free slot and a matching plan."""
+    def submit(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None, priority: int = 0,
+               **callbacks) -> Generation:
+        """Queue a request (checked first); it starts at the first step with a free slot and a
+        matching plan. With policy "priority", the queue is ordered by priority (lower first), then
+        arrival; running requests are never preempted."""
         p, plan = self.check(prompt_ids, sampling)
-        gen = Generation(list(map(int, prompt_ids)), p, plan, **callbacks)
-        self._waiting.append(gen)
+        if priority != 0 and self.policy != "priority":
+            raise RequestError("priority needs the scheduling policy 'priority' (qmoe serve --scheduling-policy "
+                               "priority)")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise RequestError(f"priority must be an integer, got {priority!r}")
+        gen = Generation(list(map(int, prompt_ids)), p, plan, priority=priority, **callbacks)
+        if self.policy == "priority":  # before the first queued request of a higher value
+            at = next((i for i, g in enumerate(self._waiting) if g.priority > priority), len(self._waiting))
+            self._waiting.insert(at, gen)
+        else:
+            self._waiting.append(gen)
         return gen
 
     def has_work(self) -> bool:

@@ -377,11 +377,13 @@ def chat(artifact: str, system: str | None, speculation: Any, backend: str, devi
 @click.option("--api-key", envvar="QMOE_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on every request but /health and /metrics "
                    "[env QMOE_API_KEY].")
+@click.option("--scheduling-policy", "policy", type=click.Choice(["fcfs", "priority"]), default="fcfs",
+              show_default=True, help="Waiting requests in arrival order, or by their `priority` field (lower first).")
 @speculative_option
 @engine_options
 def serve(artifact: str, host: str, port: int, served_model_name: str | None, max_batch: int, capacity: int | None,
-          chat_template: str | None, max_step_tokens: int | None, api_key: str | None, speculation: Any, backend: str,
-          device: str, rope_mode: str | None) -> None:
+          chat_template: str | None, max_step_tokens: int | None, api_key: str | None, policy: str, speculation: Any,
+          backend: str, device: str, rope_mode: str | None) -> None:
     """Serve the OpenAI API (/v1/models, /v1/chat/completions, /v1/completions) over HTTP."""
     try:
         from .serve import serve as run_server
@@ -389,7 +391,7 @@ def serve(artifact: str, host: str, port: int, served_model_name: str | None, ma
         raise click.ClickException(f"serve needs the serve extra ({e.name} missing): pip install 'qmoe[serve]'")
     run_server(artifact, host=host, port=port, served_model_name=served_model_name, backend=backend, device=device,
                rope_mode=rope_mode, max_batch=max_batch, capacity=capacity, chat_template=chat_template,
-               speculation=speculation, max_step_tokens=max_step_tokens, api_key=api_key)
+               speculation=speculation, max_step_tokens=max_step_tokens, api_key=api_key, policy=policy)
 
 
 @main.command()

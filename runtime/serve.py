@@ -122,6 +122,7 @@ class GenerationRequest:
     tool_limit: int | None = None  # parallel_tool_calls false: 1
     named_tool: bool = False  # tool_choice names the function: finish_reason stays "stop", as OpenAI's
     arrived: float = 0.0  # time.monotonic() when the HTTP request came in (metrics: time to first token)
+    priority: int = 0  # vLLM's: lower is served first (scheduling policy "priority")
 
     def tool_parser(self) -> ToolParser | None:
         return ToolParser(self.tool_limit) if self.parse_tools else None
@@ -174,10 +175,10 @@ class Service:
 
     def __init__(self, engine: Engine, model_name: str, defaults: Mapping[str, Any] | None = None,
                  max_batch: int = 8, capacity: int | None = None, speculation: NgramSpeculation | None = None,
-                 max_step_tokens: int | None = None) -> None:
+                 max_step_tokens: int | None = None, policy: str = "fcfs") -> None:
         self.engine, self.model_name = engine, model_name
         self.defaults = dict(defaults or {})
-        self.worker = EngineWorker(engine, max_batch, capacity, speculation, max_step_tokens)
+        self.worker = EngineWorker(engine, max_batch, capacity, speculation, max_step_tokens, policy)
         scheduler = self.worker.scheduler
         self.metrics = self.worker.metrics = Metrics(
             model_name, lambda: scheduler.running, lambda: scheduler.waiting + self.worker.queued,
@@ -250,7 +251,11 @@ class Service:
             if isinstance(prompt, list) and len(prompt) == 1:
                 prompt = prompt[0]
             text = prompt if isinstance(prompt, str) and not truncated else self.engine.tokenizer.decode(ids, False)
-        return GenerationRequest(kind, ids, sampling, stream, include_usage, n or 1, text, generate,
+        priority = _typed(body, "priority", (int,), "an integer") or 0
+        if priority and self.worker.scheduler.policy != "priority":
+            raise APIError("priority needs the server's scheduling policy 'priority' (qmoe serve --scheduling-policy "
+                           "priority)", param="priority")
+        return GenerationRequest(kind, ids, sampling, stream, include_usage, n or 1, text, generate, priority=priority,
                                  parse_tools=bool(tool_list) and choice != "none", tool_limit=None if parallel else 1,
                                  named_tool=choice not in ("none", "auto", "required"))
 
@@ -393,6 +398,7 @@ class Job:
     index: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.monotonic)  # the HTTP request's arrival
+    priority: int = 0
 
     def emit(self, item: "str | TokenLogprob | Finished | BaseException") -> None:
         """From any thread: hand one event to the request's event loop."""
@@ -460,10 +466,11 @@ class EngineWorker:
     scheduler in arrival order and runs its steps while there is work."""
 
     def __init__(self, engine: Engine, max_batch: int = 8, capacity: int | None = None,
-                 speculation: NgramSpeculation | None = None, max_step_tokens: int | None = None) -> None:
+                 speculation: NgramSpeculation | None = None, max_step_tokens: int | None = None,
+                 policy: str = "fcfs") -> None:
         self.engine = engine
         self.scheduler = BatchScheduler(engine, max_slots=max_batch, capacity=capacity, speculation=speculation,
-                                        max_step_tokens=max_step_tokens)
+                                        max_step_tokens=max_step_tokens, policy=policy)
         self._jobs: queue.Queue[Job | _Call | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="qmoe-engine-worker", daemon=True)
         self._lock = threading.Lock()  # orders taking a job against shutting down
@@ -488,9 +495,10 @@ class EngineWorker:
             raise _shutting_down()
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, events: asyncio.Queue | None = None,
-               index: int = 0, arrived: float | None = None) -> Job:
+               index: int = 0, arrived: float | None = None, priority: int = 0) -> Job:
         self.check_open()
-        job = Job(prompt_ids, sampling, asyncio.get_running_loop(), asyncio.Queue() if events is None else events, index)
+        job = Job(prompt_ids, sampling, asyncio.get_running_loop(), asyncio.Queue() if events is None else events, index,
+                  priority=priority)
         if arrived is not None:
             job.arrived = arrived
         self._jobs.put(job)
@@ -508,7 +516,7 @@ class EngineWorker:
         """Every prompt's n choices, queued in order, sharing one event queue; choice i of prompt
         k has index k * n + i, as OpenAI numbers a batch's choices."""
         events: asyncio.Queue = asyncio.Queue()
-        return [self.submit(req.prompt_ids, p, events, k * req.n + i, req.arrived or None)
+        return [self.submit(req.prompt_ids, p, events, k * req.n + i, req.arrived or None, req.priority)
                 for k, req in enumerate(reqs) if req.generate for i, p in enumerate(req.choices())]
 
     def shutdown(self) -> None:
@@ -581,7 +589,7 @@ class EngineWorker:
             self.scheduler.submit(job.prompt_ids, job.sampling, on_delta=job.emit, on_logprob=job.emit,
                                   on_token=(lambda token: timer.token(token, self.scheduler.steps))
                                   if timer is not None else (lambda token: None),
-                                  on_finish=finished, on_error=failed, cancelled=job.cancelled)
+                                  on_finish=finished, on_error=failed, cancelled=job.cancelled, priority=job.priority)
         except Exception as e:  # noqa: BLE001  (requests are checked before queueing; report, keep serving)
             log.exception("cannot schedule a request")
             failed(e)
@@ -881,7 +889,7 @@ async def _chunks(worker: EngineWorker, reqs: list[GenerationRequest], env: _Env
 
 def create_app(engine: Engine, model_name: str, defaults: Mapping[str, Any] | None = None, max_batch: int = 8,
                capacity: int | None = None, speculation: NgramSpeculation | None = None,
-               max_step_tokens: int | None = None, api_key: str | None = None) -> Starlette:
+               max_step_tokens: int | None = None, api_key: str | None = None, policy: str = "fcfs") -> Starlette:
     """The ASGI app; its lifespan starts and stops the engine's worker thread. max_batch: requests
     that share decode steps (1: one at a time); capacity: tokens per request (prompt + max_tokens;
     default min(model context, runtime.batching.DEFAULT_CAPACITY)); speculation: n-gram drafts
@@ -889,7 +897,7 @@ def create_app(engine: Engine, model_name: str, defaults: Mapping[str, Any] | No
     max_num_batched_tokens); api_key: requests must carry it as a bearer token (RequireAPIKey)."""
     if api_key is not None and not api_key:
         raise QmoeError("the API key is empty")
-    service = Service(engine, model_name, defaults, max_batch, capacity, speculation, max_step_tokens)
+    service = Service(engine, model_name, defaults, max_batch, capacity, speculation, max_step_tokens, policy)
 
     async def generate(request: Request, kind: str) -> Response:
         arrived = time.monotonic()
@@ -1049,7 +1057,7 @@ def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, serve
           backend: str = "auto", device: str = "auto", rope_mode: Any = None, log_level: str = "info",
           max_batch: int = 8, capacity: int | None = None, chat_template: str | None = None,
           speculation: NgramSpeculation | None = None, max_step_tokens: int | None = None,
-          api_key: str | None = None) -> None:
+          api_key: str | None = None, policy: str = "fcfs") -> None:
     """Load the artifact and serve it until interrupted (Ctrl-C / SIGTERM). chat_template: a
     template file, or the template itself, used instead of the artifact's."""
     import uvicorn
@@ -1062,7 +1070,7 @@ def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, serve
         engine.tokenizer = engine.tokenizer.with_chat_template(template)
     defaults = generation_defaults(artifact)
     name = served_model_name or Path(artifact).resolve().name
-    app = create_app(engine, name, defaults, max_batch, capacity, speculation, max_step_tokens, api_key)
+    app = create_app(engine, name, defaults, max_batch, capacity, speculation, max_step_tokens, api_key, policy)
     worker = app.state.service.worker
 
     class Server(uvicorn.Server):
