@@ -154,3 +154,32 @@ def test_poisson_arrivals_keep_their_schedule_behind_the_concurrency_cap(monkeyp
     gaps = [rng.expovariate(4.0) for _ in range(8)]
     assert sum(gaps[1:]) > 0.8  # the seeded schedule: the slow request holds back several arrivals
     assert s["duration_s"] < max(sum(gaps), gaps[0] + 2.0) + 0.4, (s["duration_s"], gaps)
+
+
+def test_a_server_dying_mid_stream_is_a_failure_with_its_reason() -> None:
+    # chunked transfer cut off: http.client raises IncompleteRead, which is neither OSError nor ValueError
+    class Chunked(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            payload = b"data: " + json.dumps({"choices": [{"text": "a"}]}).encode() + b"\n\n"
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(payload), payload) + b"40\r\ndata: {")  # then gone
+            self.wfile.flush()
+            self.close_connection = True
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Chunked)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        s = run(f"http://127.0.0.1:{httpd.server_address[1]}", model="m", num_prompts=2, input_len=2, output_len=2)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert s["failed"] == 2 and "IncompleteRead" in s["first_error"], s["first_error"]
