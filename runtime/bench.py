@@ -2,9 +2,10 @@
 streamed completions and report what its users feel, as `vllm bench serve` does.
 
     N requests (random token-id prompts of --input-len, --output-len tokens each, eos ignored)
-    -> sent at --request-rate (Poisson arrivals; inf: all at once), at most --concurrency in flight
+    -> sent at --request-rate (Poisson arrival times drawn up front, as vLLM's; inf: all at once), at
+       most --concurrency in flight (an arrival waits for a slot; later arrivals keep their times)
     -> per request: time to first token, the gaps between streamed chunks, end-to-end latency,
-       completion tokens (from the server's usage)
+       completion tokens (from the server's usage; without one, a token per streamed text chunk)
     -> throughput (requests/s, output and total tokens/s) and mean / median / p99 of TTFT, TPOT
        ((e2e - ttft) / (output tokens - 1)), ITL (chunk gaps) and E2E
 
