@@ -2,9 +2,10 @@
 streamed completions and report what its users feel, as `vllm bench serve` does.
 
     N requests (random token-id prompts of --input-len, --output-len tokens each, eos ignored)
-    -> sent at --request-rate (Poisson arrivals; inf: all at once), at most --concurrency in flight
+    -> sent at --request-rate (Poisson arrival times drawn up front, as vLLM's; inf: all at once), at
+       most --concurrency in flight (an arrival waits for a slot; later arrivals keep their times)
     -> per request: time to first token, the gaps between streamed chunks, end-to-end latency,
-       completion tokens (from the server's usage)
+       completion tokens (from the server's usage; without one, a token per streamed text chunk)
     -> throughput (requests/s, output and total tokens/s) and mean / median / p99 of TTFT, TPOT
        ((e2e - ttft) / (output tokens - 1)), ITL (chunk gaps) and E2E
 
@@ -23,7 +24,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -76,13 +76,17 @@ def one_request(url: str, body: dict[str, Any], timeout: float, api_key: str | N
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                if not isinstance(chunk, dict):
+                    out.error = f"the stream sent {line[6:66]!r}, not a JSON object"
+                    return out
                 if "error" in chunk:
-                    out.error = str(chunk["error"].get("message", chunk["error"]))[:200]
+                    error = chunk["error"]
+                    out.error = str(error.get("message", error) if isinstance(error, dict) else error)[:200]
                     return out
                 if chunk.get("usage"):
                     out.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
                     out.output_tokens = chunk["usage"].get("completion_tokens", 0)
-                if any(c.get("text") for c in chunk.get("choices", [])):
+                if any(isinstance(c, dict) and c.get("text") for c in chunk.get("choices") or []):
                     now = time.perf_counter()
                     if last is None:
                         out.ttft = now - start
@@ -103,6 +107,8 @@ def one_request(url: str, body: dict[str, Any], timeout: float, api_key: str | N
     out.ok = last is not None
     if not out.ok:
         out.error = "the stream carried no text"
+    elif not out.output_tokens:  # no usage (a server that ignores include_usage): one token per text chunk
+        out.output_tokens = len(out.itl) + 1
     return out
 
 
@@ -133,15 +139,26 @@ def run(base_url: str, model: str | None = None, num_prompts: int = 64, input_le
             results[i] = one_request(url, {"model": model, "prompt": prompts[i], "max_tokens": output_len,
                                            "stream": True, "stream_options": {"include_usage": True},
                                            "ignore_eos": True, "temperature": 0.0}, timeout, api_key)
+            if results[i].ok and not results[i].prompt_tokens:  # no usage: the prompt's length is exact
+                results[i].prompt_tokens = input_len
+        except Exception as e:  # noqa: BLE001  (whatever the server sent: this request failed, the rest go on)
+            results[i] = RequestResult(error=f"{type(e).__name__}: {e}"[:200])
         finally:
             slots.release()
 
+    # Arrival times are drawn up front (vLLM's): a request that waits for a slot does not delay the
+    # arrivals after it. Daemon threads: Ctrl-C ends the run at once, not after the requests in flight.
+    threads: list[threading.Thread] = []
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        for i, gap in enumerate(gaps):
-            time.sleep(gap)
-            slots.acquire()
-            pool.submit(send, i)
+    due = start
+    for i, gap in enumerate(gaps):
+        due += gap
+        time.sleep(max(0.0, due - time.perf_counter()))
+        slots.acquire()
+        threads.append(threading.Thread(target=send, args=(i,), name=f"qmoe-bench-{i}", daemon=True))
+        threads[-1].start()
+    for t in threads:
+        t.join()
     duration = time.perf_counter() - start
     done = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in done)
@@ -166,11 +183,33 @@ def _first_model(base: str, timeout: float, api_key: str | None = None) -> str:
         req = urllib.request.Request(base + "/models", headers=_headers(api_key))
         with urllib.request.urlopen(req, timeout=min(timeout, 30)) as r:
             data = json.loads(r.read()).get("data") or []
-    except (OSError, ValueError) as e:
+    except urllib.error.HTTPError as e:  # it answered: say what (a 401 wants --api-key)
+        try:
+            detail = json.loads(e.read()).get("error", {}).get("message", "")
+        except (ValueError, AttributeError, OSError):
+            detail = ""
+        raise BenchError(f"{base}/models answered HTTP {e.code}: {detail or e.reason}"[:300]) from None
+    except (OSError, ValueError, AttributeError) as e:
         raise BenchError(f"cannot reach {base}/models ({type(e).__name__}: {e}); is the server up?") from None
     if not data or not isinstance(data[0], dict) or "id" not in data[0]:
         raise BenchError(f"{base}/models lists no model; pass --model")
     return str(data[0]["id"])
+
+
+def to_json(summary: dict[str, Any]) -> str:
+    """The summary as strict JSON (jq, JavaScript): an infinite request rate is "inf" (vLLM's), a
+    statistic of no requests null, never the NaN / Infinity that json.dumps writes by default."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return "inf" if v == math.inf else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(summary), indent=1, allow_nan=False)
 
 
 def report(summary: dict[str, Any]) -> str:

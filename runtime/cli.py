@@ -453,15 +453,14 @@ def bench(url: str, model: str | None, num_prompts: int, input_len: int, output_
           request_rate: float, seed: int, save_result: str | None, api_key: str | None) -> None:
     """Load an OpenAI-compatible server at URL (qmoe serve, vLLM, ...) with streamed completions and
     print throughput and TTFT / TPOT / ITL / end-to-end latency percentiles."""
-    import json
     from pathlib import Path
 
-    from .bench import report, run
+    from .bench import report, run, to_json
 
     summary = run(url, model, num_prompts, input_len, output_len, concurrency, request_rate, seed, api_key=api_key)
     click.echo(report(summary))
     if save_result is not None:
-        Path(save_result).write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        Path(save_result).write_text(to_json(summary), encoding="utf-8")
     if summary["failed"]:
         from .bench import BenchError
 

@@ -897,6 +897,9 @@ def create_app(engine: Engine, model_name: str, defaults: Mapping[str, Any] | No
     max_num_batched_tokens); api_key: requests must carry it as a bearer token (RequireAPIKey)."""
     if api_key is not None and not api_key:
         raise QmoeError("the API key is empty")
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable() and api_key == api_key.strip()):
+        # clients send header values as ASCII (httpx) or latin-1 (urllib), and strip surrounding spaces
+        raise QmoeError("the API key must be printable ASCII without surrounding spaces")
     service = Service(engine, model_name, defaults, max_batch, capacity, speculation, max_step_tokens, policy)
 
     async def generate(request: Request, kind: str) -> Response:
@@ -1000,13 +1003,14 @@ class RequireAPIKey:
     (vLLM's --api-key; OpenAI's 401 body otherwise). Pure ASGI, so streams pass through untouched."""
 
     def __init__(self, app: Any, key: str, on_refused: Callable[[], None] = lambda: None) -> None:
-        self.app, self.expected, self.on_refused = app, f"Bearer {key}".encode(), on_refused
+        self.app, self.expected, self.on_refused = app, key.encode(), on_refused
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
+        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        # the scheme is case-insensitive (RFC 7235), the key exact and compared in constant time
+        if hmac.compare_digest(token, self.expected) and scheme.lower() == b"bearer":
             return await self.app(scope, receive, send)
         self.on_refused()
         err = APIError("a valid API key is required: send the header 'Authorization: Bearer <key>'", status=401,

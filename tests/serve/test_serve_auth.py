@@ -79,7 +79,7 @@ def test_the_official_client_and_qmoe_bench_work_with_the_key(url) -> None:
         openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
     s = bench(url, num_prompts=2, input_len=4, output_len=2, api_key=KEY)
     assert s["completed"] == 2 and s["model"] == "m"
-    with pytest.raises(QmoeError, match="cannot reach"):
+    with pytest.raises(QmoeError, match="answered HTTP 401: a valid API key is required"):
         bench(url, num_prompts=1)  # /v1/models answers 401
 
 
@@ -89,3 +89,22 @@ def test_an_empty_key_is_refused(tiny_artifact) -> None:
 
     with pytest.raises(QmoeError, match="the API key is empty"):
         create_app(runtime.load(tiny_artifact), "m", api_key="")
+
+
+def test_the_scheme_is_case_insensitive(url) -> None:
+    # RFC 7235 2.1: the auth-scheme is a case-insensitive token; the key itself is exact
+    assert get(url + "/v1/models", {"Authorization": f"bearer {KEY}"})[0] == 200
+    assert get(url + "/v1/models", {"Authorization": f"BEARER {KEY}"})[0] == 200
+    assert get(url + "/v1/models", {"Authorization": f"Bearer {KEY.upper()}"})[0] == 401
+
+
+def test_a_key_no_client_can_send_is_refused_at_startup(tiny_artifact) -> None:
+    # a non-ASCII key: urllib sends it in latin-1, the OpenAI client (httpx) cannot send it at all,
+    # the check compared UTF-8, so every request got a 401; surrounding spaces are stripped in transit
+    import runtime
+    from runtime.serve import create_app
+
+    engine = runtime.load(tiny_artifact)
+    for bad in ("clé-secret", "sk\n", " sk", "sk\x00x"):
+        with pytest.raises(QmoeError, match="the API key must be"):
+            create_app(engine, "m", api_key=bad)
