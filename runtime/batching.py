@@ -20,8 +20,10 @@ step of its cumulative distribution (then it takes the neighbouring token and go
 the tests compare token for token for their cases. vLLM and TensorRT-LLM are not batch-invariant
 by default either. All slots share one cos/sin table
 set, so requests with different rope plans (rope mode dynamic: short and long requests) never share
-steps: a request whose plan differs waits, and the requests queued behind it wait too (FIFO, so it
-cannot starve), until the running ones finish.
+steps: a request whose plan differs waits, and the requests queued behind it wait too (the queue's
+head goes first, so it cannot starve), until the running ones finish. The queue is in arrival order
+(policy "fcfs") or in (priority, arrival) order (policy "priority": a request that keeps getting
+overtaken by more urgent ones can wait as long as they keep coming, as in vLLM).
 
 Prefix reuse: a finished request's slot keeps the K/V rows of its prompt and output. A new request
 goes to the free slot whose kept tokens share the longest prefix with its prompt and prefills only

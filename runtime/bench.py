@@ -123,6 +123,9 @@ def run(base_url: str, model: str | None = None, num_prompts: int = 64, input_le
     if not request_rate > 0:
         raise BenchError(f"request_rate must be > 0 (inf: all at once), got {request_rate}")
     base = base_url.rstrip("/")
+    for endpoint in ("/chat/completions", "/completions"):  # the endpoint's URL given: its /v1 base
+        if base.endswith("/v1" + endpoint):
+            base = base[: -len(endpoint)]
     if not base.endswith("/v1"):
         base += "/v1"
     if model is None:

@@ -59,3 +59,10 @@ def test_the_command_prints_the_table_saves_json_and_exits_1_on_failures(server,
     assert "Successful requests:" in r.stdout and json.loads(out.read_text())["output_tokens"] == 6
     r = subprocess.run([*qmoe, "--model", "nope"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "2 of 2 requests failed" in r.stderr
+
+
+def test_the_url_may_name_the_v1_base_or_an_endpoint(server) -> None:
+    for url in (server.url + "/", server.url + "/v1", server.url + "/v1/", server.url + "/v1/completions",
+                server.url + "/v1/chat/completions"):
+        s = run(url, num_prompts=1, input_len=3, output_len=2)
+        assert s["completed"] == 1 and s["base_url"] == server.url + "/v1", url
