@@ -148,9 +148,20 @@ class TritonPythonModel:
             send(flags=FINAL)
             return
 
+        pending: list = []  # TokenLogprobs sampled since the last response (parameters.logprobs)
+
+        def logprobs() -> list:
+            """The `logprobs` output for the tokens since the last response ([] if none were asked)."""
+            if not pending:
+                return []
+            out = [string("logprobs", self.protocol.render_logprobs(pending, self.engine.tokenizer,
+                                                                     job.sampling.skip_special_tokens))]
+            pending.clear()
+            return out
+
         def delta(text: str) -> None:
             if not holder[0].cancelled.is_set() and not cancelled(sender):
-                send(pb_utils.InferenceResponse(output_tensors=[string("text_delta", text)]))
+                send(pb_utils.InferenceResponse(output_tensors=[string("text_delta", text), *logprobs()]))
 
         def finished(result) -> None:
             running.pop(holder[0], None)
@@ -164,6 +175,7 @@ class TritonPythonModel:
                 string("finish_reason", result.finish_reason),
                 int32("prompt_tokens", len(job.prompt_ids)),
                 int32("completion_tokens", len(result.tokens)),
+                *logprobs(),
             ]), flags=FINAL)
 
         def failed(error: BaseException) -> None:
@@ -173,7 +185,7 @@ class TritonPythonModel:
 
         try:
             gen = self.scheduler.submit(list(job.prompt_ids), job.sampling, on_delta=delta, on_finish=finished,
-                                        on_error=failed)
+                                        on_error=failed, on_logprob=pending.append)
         except Exception as e:  # noqa: BLE001  (checked at parse time; report it, keep serving)
             self.report(sender, e)
             return

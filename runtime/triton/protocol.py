@@ -12,6 +12,10 @@ reads requests through `parse_request`, so the two cannot drift apart.
               prompt_tokens        TYPE_INT32  [1]  final response only
               completion_tokens    TYPE_INT32  [1]  final response only (eos included, as counted
                                                     by the engine)
+              logprobs             TYPE_STRING [1]  with parameters.logprobs = k: JSON list, one entry
+                                                    per token sampled since the previous response,
+                                                    OpenAI chat's shape ({token, logprob, bytes,
+                                                    top_logprobs: k x {token, logprob, bytes}})
 
 Everything here is pure (no Triton imports), so it is tested without a server.
 """
@@ -31,6 +35,8 @@ from ..yarn import check_context, context_limit
 
 if TYPE_CHECKING:
     from ..engine import Engine
+    from ..sampling import TokenLogprob
+    from ..tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -50,9 +56,10 @@ OUTPUTS = (
     TensorSpec("finish_reason", "TYPE_STRING"),
     TensorSpec("prompt_tokens", "TYPE_INT32"),
     TensorSpec("completion_tokens", "TYPE_INT32"),
+    TensorSpec("logprobs", "TYPE_STRING"),
 )
 # Keys of the `parameters` JSON object (OpenAI's names; the rest keep SamplingParams' names).
-PARAMETERS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+PARAMETERS = ("max_tokens", "logprobs", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
               "frequency_penalty", "logit_bias", "seed", "stop", "response_format", "structured_outputs",
               *VLLM_FIELDS, "min_tokens", "allowed_token_ids", "bad_words", "include_stop_str_in_output",
               "skip_special_tokens")  # no prompt_logprobs: no output carries log-probabilities
@@ -116,6 +123,18 @@ def parse_request(inputs: Mapping[str, Sequence[Any]], engine: "Engine",
     sampling = SamplingParams(max_new_tokens=max_tokens, structured=constraint, **params)  # names bad fields
     engine._params(sampling)  # checks logit_bias and allowed_token_ids ids against the vocabulary, bad_words
     return Request(tuple(ids), sampling)
+
+
+def render_logprobs(entries: Sequence["TokenLogprob"], tokenizer: "Tokenizer", skip_special_tokens: bool = True) -> str:
+    """TokenLogprobs as JSON in OpenAI chat's shape (as `qmoe serve` sends them): each token decoded
+    alone (a special token is "" unless skip_special_tokens is false), its UTF-8 bytes, and the k
+    likeliest alternatives."""
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token], skip_special_tokens=skip_special_tokens)
+        return {"token": text, "logprob": logprob, "bytes": list(tokenizer.token_bytes(token)) if text else []}
+
+    return json.dumps([{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries],
+                      ensure_ascii=False)
 
 
 def _one_string(name: str, values: Sequence[Any]) -> str:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import os
 import queue
+import re
 import secrets
 import signal
 import socket
@@ -52,6 +52,7 @@ class Reply:
     completion_tokens: int | None = None
     final: bool = False
     error: str | None = None
+    logprobs: list = field(default_factory=list)  # the `logprobs` outputs' entries, in order
 
     @property
     def text(self) -> str:
@@ -107,6 +108,8 @@ def _collect(reply: Reply, result) -> None:
     names = {o.name for o in response.outputs}
     if "text_delta" in names:
         reply.deltas.append(result.as_numpy("text_delta")[0].decode("utf-8"))
+    if "logprobs" in names:
+        reply.logprobs.extend(json.loads(result.as_numpy("logprobs")[0].decode("utf-8")))
     if "finish_reason" in names:
         reply.finish_reason = result.as_numpy("finish_reason")[0].decode()
         reply.prompt_tokens = int(result.as_numpy("prompt_tokens")[0])
@@ -223,6 +226,25 @@ def test_streamed_text_equals_embedded_runtime(server: Server, stream: Stream, e
     assert len(got.deltas) > 2 and got.deltas[-1] == ""
     assert (got.finish_reason, got.prompt_tokens, got.completion_tokens) == (
         want.finish_reason, want.prompt_tokens, want.completion_tokens)
+
+
+def test_logprobs_are_the_models_own(server: Server, stream: Stream, embedded):
+    """parameters.logprobs = k: every generated token's entry (OpenAI chat's shape), equal to what
+    the embedded engine reports alone (<= 1e-4: the server's steps batch), the alternatives too."""
+    stream.send("lp", prompt="Experts route", parameters=json.dumps({"max_tokens": 8, "logprobs": 3}))
+    got = stream.reply("lp")
+    assert got.error is None, got.error
+    ids = embedded.tokenizer.encode("Experts route")
+    want = GenerationResult(list(ids))
+    text = "".join(embedded.stream_text(ids, SamplingParams(max_new_tokens=8, logprobs=3), result=want))
+    assert got.text == text and len(got.logprobs) == got.completion_tokens == len(want.tokens)
+    for entry, ref in zip(got.logprobs, want.logprobs):
+        assert entry["token"] == embedded.tokenizer.decode([ref.token])
+        assert bytes(entry["bytes"]) == (embedded.tokenizer.token_bytes(ref.token) if entry["token"] else b"")
+        assert abs(entry["logprob"] - ref.logprob) <= 1e-4 and len(entry["top_logprobs"]) == 3
+        assert [t["token"] for t in entry["top_logprobs"]] == [embedded.tokenizer.decode([t]) for t, _ in ref.top]
+    stream.send("plain", prompt="Experts route", parameters=json.dumps({"max_tokens": 2}))
+    assert stream.reply("plain").logprobs == []
 
 
 def test_stop_string_is_honoured(server: Server, stream: Stream, embedded):
