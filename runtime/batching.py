@@ -36,6 +36,7 @@ Not thread-safe: one thread owns the scheduler (and the engine); others only set
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -78,6 +79,7 @@ class Generation:
     on_error: Callable[[BaseException], None] = lambda error: None
     cancelled: threading.Event = field(default_factory=threading.Event)
     priority: int = 0  # scheduling policy "priority": lower runs first (vLLM's); equal ones in arrival order
+    admitted_at: float | None = None  # time.monotonic() when it got a slot (metrics: queue and prefill time)
     result: GenerationResult = field(init=False)
 
     def __post_init__(self) -> None:
@@ -190,6 +192,12 @@ class BatchScheduler:
     def running(self) -> int:
         return sum(s is not None for s in self._slots)
 
+    @property
+    def cache_usage(self) -> float:
+        """The fraction of the KV cache's rows that running requests hold (vLLM's kv_cache_usage_perc;
+        a finished request's kept rows count as free: the next request may overwrite them)."""
+        return sum(s.cached for s in self._slots if s is not None) / (self.max_slots * self.capacity)
+
     # --- steps -------------------------------------------------------------------------------
 
     def step(self) -> None:
@@ -257,6 +265,7 @@ class BatchScheduler:
             self.admitted_tokens += len(gen.prompt_ids)
             self._kept[b] = []
             self._admissions += 1
+            gen.admitted_at = time.monotonic()
             self._slots[b] = _Slot(gen, sampler, TextStream(
                 self.engine.tokenizer, gen.params, gen.result), np.array(gen.prompt_ids, np.int64), cached=reuse,
                 admitted=self._admissions)

@@ -25,10 +25,11 @@ TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3
 class Metrics:
     def __init__(self, model_name: str, running: Callable[[], int], waiting: Callable[[], int],
                  prefix: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0),
-                 speculation: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:
+                 speculation: Callable[[], tuple[int, int]] = lambda: (0, 0),
+                 cache_usage: Callable[[], float] = lambda: 0.0) -> None:
         """prefix: the scheduler's (prompt tokens admitted, of those reused from cache, of those
         copied from a running request); speculation: its (draft tokens fed, of those accepted);
-        both read when scraped."""
+        cache_usage: the fraction of KV cache rows running requests hold; all read when scraped."""
         self.registry = CollectorRegistry()
         r, label = self.registry, ["model_name"]
         self.model_name = model_name
@@ -42,6 +43,14 @@ class Metrics:
                              buckets=TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram("qmoe:e2e_request_latency_seconds", "Arrival to the last token.", label,
                              buckets=LATENCY_BUCKETS, registry=r)
+        # a request's life, as vLLM splits it: queue (arrival -> a batch slot), prefill (slot -> first
+        # token), decode (first -> last token), inference (slot -> last token)
+        self.queue_time, self.prefill_time, self.decode_time, self.inference_time = (
+            Histogram(f"qmoe:request_{name}_time_seconds", doc, label, buckets=LATENCY_BUCKETS, registry=r)
+            for name, doc in (("queue", "Arrival to a batch slot."), ("prefill", "Batch slot to first token."),
+                              ("decode", "First token to last token."), ("inference", "Batch slot to last token.")))
+        Gauge("qmoe:kv_cache_usage_perc", "Fraction of the KV cache's rows running requests hold.", label,
+              registry=r).labels(model_name).set_function(cache_usage)
         self.errors = Counter("qmoe:request_errors", "Requests refused or failed, by HTTP status.",
                               label + ["status"], registry=r)
         Gauge("qmoe:num_requests_running", "Requests holding a batch slot.", label,
@@ -68,6 +77,7 @@ class RequestTimer:
     def __init__(self, metrics: Metrics, arrived: float | None = None) -> None:
         self.metrics, self.start = metrics, time.monotonic() if arrived is None else arrived
         self.last: float | None = None
+        self.first: float | None = None
         self.step: int | None = None
 
     def token(self, _token: int = 0, step: int | None = None) -> None:
@@ -78,13 +88,21 @@ class RequestTimer:
         if step is None or step != self.step:
             (m.ttft if self.last is None else m.itl).labels(m.model_name).observe(now - (self.last or self.start))
             self.last, self.step = now, step
+            self.first = self.first or now
         m.generation_tokens.labels(m.model_name).inc()
 
-    def finished(self, reason: str) -> None:
-        """reason: stop | length | cancelled (a failed request is counted by its response's status)."""
-        m = self.metrics
+    def finished(self, reason: str, admitted: float | None = None) -> None:
+        """reason: stop | length | cancelled (a failed request is counted by its response's status);
+        admitted: when it got a batch slot (None: never, cancelled while queued)."""
+        m, now = self.metrics, time.monotonic()
         m.requests.labels(m.model_name, reason).inc()
-        m.e2e.labels(m.model_name).observe(time.monotonic() - self.start)
+        m.e2e.labels(m.model_name).observe(now - self.start)
+        if admitted is not None:
+            m.queue_time.labels(m.model_name).observe(admitted - self.start)
+            m.inference_time.labels(m.model_name).observe(now - admitted)
+            if self.first is not None and self.last is not None:
+                m.prefill_time.labels(m.model_name).observe(self.first - admitted)
+                m.decode_time.labels(m.model_name).observe(self.last - self.first)
 
 
 class _PrefixCollector(Collector):

@@ -55,7 +55,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import request_json, structured, tools
-from .batching import BatchScheduler
+from .batching import BatchScheduler, Generation
 from .engine import Engine, GenerationResult, RequestError
 from .errors import QmoeError
 from .metrics import Metrics
@@ -183,7 +183,7 @@ class Service:
         self.metrics = self.worker.metrics = Metrics(
             model_name, lambda: scheduler.running, lambda: scheduler.waiting + self.worker.queued,
             lambda: (scheduler.admitted_tokens, scheduler.reused_tokens, scheduler.copied_tokens),
-            lambda: (scheduler.draft_tokens, scheduler.accepted_tokens))
+            lambda: (scheduler.draft_tokens, scheduler.accepted_tokens), lambda: scheduler.cache_usage)
         # what one request may hold: the model's context for the rope mode, capped by the KV cache
         self.context_limit = self.worker.scheduler.capacity
         self.created = int(time.time())
@@ -574,11 +574,12 @@ class EngineWorker:
             self._running.add(job)
 
         timer = self.metrics.request(len(job.prompt_ids), job.arrived) if self.metrics is not None else None
+        gen: list[Generation] = []
 
         def finished(result: GenerationResult) -> None:
             self._done(job)
             if timer is not None:
-                timer.finished(result.finish_reason)
+                timer.finished(result.finish_reason, gen[0].admitted_at if gen else None)
             job.emit(Finished(result.finish_reason, len(result.tokens)))
 
         def failed(error: BaseException) -> None:  # counted by its response's status (Metrics.error)
@@ -586,10 +587,11 @@ class EngineWorker:
             job.emit(error)
 
         try:
-            self.scheduler.submit(job.prompt_ids, job.sampling, on_delta=job.emit, on_logprob=job.emit,
-                                  on_token=(lambda token: timer.token(token, self.scheduler.steps))
-                                  if timer is not None else (lambda token: None),
-                                  on_finish=finished, on_error=failed, cancelled=job.cancelled, priority=job.priority)
+            on_token = (lambda token: timer.token(token, self.scheduler.steps)) if timer is not None \
+                else (lambda token: None)
+            gen.append(self.scheduler.submit(job.prompt_ids, job.sampling, on_delta=job.emit, on_logprob=job.emit,
+                                             on_token=on_token, on_finish=finished, on_error=failed,
+                                             cancelled=job.cancelled, priority=job.priority))
         except Exception as e:  # noqa: BLE001  (requests are checked before queueing; report, keep serving)
             log.exception("cannot schedule a request")
             failed(e)

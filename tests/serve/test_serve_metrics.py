@@ -8,6 +8,7 @@ import time
 import urllib.request
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.sampling import SamplingParams
@@ -164,3 +165,45 @@ def test_time_to_first_token_counts_from_arrival(embedded) -> None:
     ttft = {s.name: s.value for s in families["qmoe:time_to_first_token_seconds"].samples}
     assert ttft["qmoe:time_to_first_token_seconds_count"] == 1
     assert 0.8 * took < ttft["qmoe:time_to_first_token_seconds_sum"] <= took
+
+
+def test_a_requests_life_splits_into_queue_prefill_and_decode(embedded) -> None:
+    """vLLM's request_queue/prefill/decode/inference_time_seconds: one observation each per request
+    that got a slot; queue + inference = end to end and prefill + decode <= inference, summed over
+    requests (each measured on one clock); kv_cache_usage_perc is the running requests' share of
+    the cache rows."""
+    from starlette.testclient import TestClient
+
+    from runtime.serve import create_app
+
+    app = create_app(embedded, MODEL, {"temperature": 0.0}, max_batch=1, capacity=256)
+    with TestClient(app) as c:
+        def ask(tokens: int) -> None:
+            assert c.post("/v1/completions", json={"prompt": "Experts", "max_tokens": tokens,
+                                                   "ignore_eos": True}).status_code == 200
+
+        threads = [threading.Thread(target=ask, args=(n,)) for n in (60, 5, 5)]
+        for t in threads:  # one slot: the later two queue behind the first
+            t.start()
+        for t in threads:
+            t.join(60)
+        families = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
+    scheduler = app.state.service.worker.scheduler  # its worker has stopped: stepped here alone
+    gen = scheduler.submit(embedded.tokenizer.encode("Experts"), SamplingParams(max_new_tokens=4))
+    scheduler.step()  # its prefill: the prompt's rows of the 256
+    usage = scheduler.cache_usage
+    gen.cancelled.set()
+    scheduler.step()
+
+    def total(name: str, suffix: str) -> float:
+        return next(s.value for s in families[name].samples if s.name == name + suffix)
+
+    parts = {k: total(f"qmoe:request_{k}_time_seconds", "_sum") for k in ("queue", "prefill", "decode", "inference")}
+    for k in parts:
+        assert total(f"qmoe:request_{k}_time_seconds", "_count") == 3
+    e2e = total("qmoe:e2e_request_latency_seconds", "_sum")
+    assert parts["queue"] + parts["inference"] == pytest.approx(e2e, abs=1e-3)
+    assert parts["prefill"] + parts["decode"] <= parts["inference"] + 1e-6
+    assert parts["queue"] > parts["prefill"]  # two requests waited for the 60-token one
+    assert usage == pytest.approx(len(embedded.tokenizer.encode("Experts")) / 256)
+    assert total("qmoe:kv_cache_usage_perc", "") == 0.0  # scraped with nothing running
