@@ -62,7 +62,7 @@ OUTPUTS = (
 PARAMETERS = ("max_tokens", "logprobs", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
               "frequency_penalty", "logit_bias", "seed", "stop", "response_format", "structured_outputs",
               *VLLM_FIELDS, "min_tokens", "allowed_token_ids", "bad_words", "include_stop_str_in_output",
-              "skip_special_tokens")  # no prompt_logprobs: no output carries log-probabilities
+              "skip_special_tokens")  # no prompt_logprobs: the logprobs output covers generated tokens only
 STRUCTURED = ("response_format", "structured_outputs", *VLLM_FIELDS)  # read by structured.from_request
 
 DEFAULT_MAX_TOKENS = 256
