@@ -569,6 +569,8 @@ class EngineWorker:
                 job.fail(_shutting_down())
                 return
             if job.cancelled.is_set():  # its client left while it waited: end its response too
+                if self.metrics is not None:
+                    self.metrics.requests.labels(self.metrics.model_name, "cancelled").inc()
                 job.emit(Finished("cancelled", 0))
                 return
             self._running.add(job)

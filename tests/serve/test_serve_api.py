@@ -294,10 +294,14 @@ def test_a_request_whose_client_left_before_it_started_still_ends(embedded) -> N
     Finished event, so the handler waiting on it ends instead of hanging until shutdown."""
     import asyncio
 
+    from runtime.metrics import Metrics
     from runtime.serve import EngineWorker, Finished, Job, results
+
+    metrics = Metrics("m", lambda: 0, lambda: 0)
 
     async def main() -> list:
         worker = EngineWorker(embedded, max_batch=1)
+        worker.metrics = metrics
         job = Job([9707, 11], SamplingParams(max_new_tokens=2), asyncio.get_running_loop(), asyncio.Queue())
         job.cancelled.set()
         worker._start(job)  # what the worker thread does with the next queued job
@@ -305,6 +309,7 @@ def test_a_request_whose_client_left_before_it_started_still_ends(embedded) -> N
         return [item async for item in results([job])]
 
     assert asyncio.run(asyncio.wait_for(main(), 10)) == [(0, Finished("cancelled", 0))]
+    assert b'qmoe:request_success_total{finished_reason="cancelled",model_name="m"} 1.0' in metrics.exposition()[0]
 
 
 def test_an_empty_stop_string_means_no_stop(server) -> None:
