@@ -353,10 +353,10 @@ class BatchScheduler:
                 past = min(int(self._last[b]) + 1, cache_rows - S)
                 self._last[b] = past - 1
                 del self._kept[b][past:]
-        wanted = 1 + max((len(s.draft) for s in self._slots if s is not None and s.next_token >= 0), default=0)
+        wanted = 1 + max((len(s.draft) for _, s in decoding), default=0)
         at = np.repeat(np.maximum(q - 1, 0)[:, None], wanted, axis=1).astype(np.int64)  # [B, N]: last row
-        for b, slot in enumerate(self._slots):
-            if slot is not None and slot.draft and slot.next_token >= 0:
+        for b, slot in decoding:
+            if slot.draft:
                 at[b, : q[b]] = np.arange(q[b])  # every row a drafting slot feeds
         logits = self.engine.backend.step(self._cache, ids, q, self._last.copy(), at)
         self.steps += 1
@@ -370,7 +370,7 @@ class BatchScheduler:
             gen = slot.gen
             if slot.next_token < 0 and slot.cached < len(gen.prompt_ids):
                 continue  # more prompt chunks to go
-            draft, slot.draft = (slot.draft if slot.next_token >= 0 else []), []
+            draft, slot.draft = slot.draft, []  # only a decoding slot drafts
             fed = slot.cached - int(q[b])  # rows before this step
             # Verify: sample each fed row in order, as plain decoding would; a sample equal to the
             # draft token keeps it (its K/V is valid), the first that differs (or the row after

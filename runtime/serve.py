@@ -348,8 +348,8 @@ class Service:
             raise APIError(str(e), param=str(e).split()[0].rstrip(":")) from None
         if forced is not None:
             if constraint is not None:
-                raise APIError(f"tool_choice {json.dumps(body.get('tool_choice'))} forces tool calls; it cannot be combined with "
-                               f"{field}", param="tool_choice")
+                raise APIError(f"tool_choice {json.dumps(body.get('tool_choice'))} forces tool calls; it cannot be "
+                               f"combined with {field}", param="tool_choice")
             constraint, field = forced, "tool_choice"
         # vLLM's: stop ids on top of the model's eos ids; ignore_eos generates max_tokens whatever comes
         extra_ids = _typed(body, "stop_token_ids", (list,), "a list of token ids") or []

@@ -80,3 +80,13 @@ def hf_chain(params):
     if params.min_p > 0:
         chain.append(MinPLogitsWarper(params.min_p))
     return chain
+
+
+def run_requests(scheduler, requests) -> list[tuple]:
+    """Submits (prompt ids, SamplingParams) pairs to a BatchScheduler nobody else steps, steps it
+    until it is idle, and returns each request's (GenerationResult, text from its deltas)."""
+    texts: list[list[str]] = [[] for _ in requests]
+    gens = [scheduler.submit(ids, p, on_delta=texts[i].append) for i, (ids, p) in enumerate(requests)]
+    while scheduler.has_work():
+        scheduler.step()
+    return [(g.result, "".join(t)) for g, t in zip(gens, texts)]

@@ -21,6 +21,7 @@ from runtime.batching import BatchScheduler
 from runtime.sampling import SamplingParams
 from runtime.speculative import NgramSpeculation, SpeculationError
 from runtime.structured import StructuredOutput
+from tests.helpers import run_requests
 
 QUOTE = "The mixture of experts routes each token to eight of sixty-four experts, and a shared expert sees every token."
 
@@ -102,13 +103,7 @@ def requests(engine) -> list[tuple[list[int], SamplingParams]]:
 
 def run(engine, reqs, speculation, slots: int = 4, capacity: int | None = None):
     s = BatchScheduler(engine, max_slots=slots, capacity=capacity, speculation=speculation)
-    gens = [s.submit(ids, p) for ids, p in reqs]
-    texts: list[list[str]] = [[] for _ in gens]
-    for g, t in zip(gens, texts):
-        g.on_delta = t.append
-    while s.has_work():
-        s.step()
-    return [(g.result, "".join(t)) for g, t in zip(gens, texts)], s
+    return run_requests(s, reqs), s
 
 
 def assert_same(a, b) -> None:

@@ -14,6 +14,7 @@ from runtime.engine import RequestError
 from runtime.sampling import SamplingParams
 from runtime.speculative import NgramSpeculation
 from runtime.structured import StructuredOutput
+from tests.helpers import run_requests
 
 QUOTE = "Experts route every token, and the shared expert sees all of them."
 
@@ -50,13 +51,7 @@ def workload(engine):
 
 def run(engine, reqs, budget, speculation=None, slots: int = 3):
     s = BatchScheduler(engine, max_slots=slots, max_step_tokens=budget, speculation=speculation)
-    gens = [s.submit(ids, p) for ids, p in reqs]
-    texts: list[list[str]] = [[] for _ in gens]
-    for g, t in zip(gens, texts):
-        g.on_delta = t.append
-    while s.has_work():
-        s.step()
-    return [(g.result.tokens, "".join(t), g.result.finish_reason) for g, t in zip(gens, texts)]
+    return [(r.tokens, text, r.finish_reason) for r, text in run_requests(s, reqs)]
 
 
 @pytest.mark.parametrize("budget", [3, 7, 40])

@@ -17,7 +17,6 @@ from typing import Any
 import jsonschema
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
 
 from runtime import structured
 from runtime.tokenizer import ChatMessageError, ChatTemplateError, Tokenizer, tool_template
@@ -25,7 +24,7 @@ from runtime.tools import (ToolCall, ToolError, ToolParser, check_schemas, force
                            validate_tools)
 
 from .test_tokenizer import CONVERSATIONS as PLAIN  # user / assistant / system turns
-from .test_tokenizer import copy_dir
+from .test_tokenizer import copy_dir, hf, tok  # noqa: F401  (fixtures: our tokenizer and transformers')
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -47,16 +46,6 @@ CONVERSATIONS: list[list[dict[str, Any]]] = [
      {"role": "tool", "tool_call_id": "call_1", "content": "21"}, {"role": "tool", "tool_call_id": "call_2", "content": "25"},
      {"role": "assistant", "content": "Paris 21, Rome 25."}, {"role": "user", "content": "Thanks 你好"}],
 ]
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir: Path) -> Tokenizer:
-    return Tokenizer.from_dir(tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def hf(tokenizer_dir: Path):
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
 def as_openai(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ from runtime.sampling import (
     match_stop,
 )
 from runtime.structured import StructuredOutput
-from tests.helpers import hf_model, prompt_logits
+from tests.helpers import hf_model, prompt_logits, run_requests
 
 HELLO = [{"role": "user", "content": "Write about experts and routers, 你好"}]
 IM_START = 151644  # special, not an eos id
@@ -412,19 +412,16 @@ def test_scheduler_requests_with_different_fields_equal_their_solo_runs(engine, 
         SamplingParams(max_new_tokens=8, min_tokens=8, stop=["e"], temperature=0.8, seed=1),
     ]
     sched = BatchScheduler(engine, max_slots=5, capacity=128)
-    texts: list[list[str]] = [[] for _ in params]
-    gens = [sched.submit(x, p, on_delta=texts[i].append) for i, (x, p) in enumerate(zip(prompts, params))]
-    while sched.has_work():
-        sched.step()
+    done = run_requests(sched, list(zip(prompts, params)))
     assert sched.max_batch == 5
-    for i, (gen, x, p) in enumerate(zip(gens, prompts, params)):
+    for i, ((result, text), x, p) in enumerate(zip(done, prompts, params)):
         alone = solo(engine, x, p)
-        assert (gen.result.tokens, "".join(texts[i]), gen.result.finish_reason) == \
+        assert (result.tokens, text, result.finish_reason) == \
             (alone.tokens, alone.text, alone.finish_reason), f"request {i}"
-    assert len(gens[0].result.tokens) == 6 and gens[1].result.finish_reason == "stop"
-    assert "".join(texts[1]).endswith(stop)
-    assert set(gens[2].result.tokens) <= set(range(1000, 1400))
-    assert len(gens[4].result.tokens) == 8
+    assert len(done[0][0].tokens) == 6 and done[1][0].finish_reason == "stop"
+    assert done[1][1].endswith(stop)
+    assert set(done[2][0].tokens) <= set(range(1000, 1400))
+    assert len(done[4][0].tokens) == 8
 
 
 def test_a_request_left_with_no_token_ends_alone(engine, chat):
@@ -457,11 +454,8 @@ def test_speculative_drafts_keep_the_masks(engine, chat):
 
     def run(speculation):
         sched = BatchScheduler(engine, max_slots=2, capacity=128, speculation=speculation)
-        texts: list[list[str]] = [[] for _ in params]
-        gens = [sched.submit(chat, p, on_delta=texts[i].append) for i, p in enumerate(params)]
-        while sched.has_work():
-            sched.step()
-        return [(g.result.tokens, "".join(t), g.result.finish_reason) for g, t in zip(gens, texts)], sched
+        done = run_requests(sched, [(chat, p) for p in params])
+        return [(r.tokens, text, r.finish_reason) for r, text in done], sched
 
     plain, _ = run(None)
     drafted, sched = run(NgramSpeculation(4, 3, 1))
