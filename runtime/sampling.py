@@ -445,6 +445,18 @@ class TokenLogprob:
     rank: int | None = None
 
 
+def chat_logprob(entry: TokenLogprob, tokenizer: Any, skip_special_tokens: bool = True) -> dict[str, Any]:
+    """One TokenLogprob in OpenAI chat's shape ({token, logprob, bytes, top_logprobs: [{token,
+    logprob, bytes}]}), as `qmoe serve` and the Triton model send it: each id decoded alone (a
+    special token is "" unless skip_special_tokens is false; a piece of a UTF-8 character decodes
+    to U+FFFD, `bytes` has its real bytes). tokenizer: a runtime.tokenizer.Tokenizer."""
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token], skip_special_tokens=skip_special_tokens)
+        return {"token": text, "logprob": logprob, "bytes": list(tokenizer.token_bytes(token)) if text else []}
+
+    return {**one(entry.token, entry.logprob), "top_logprobs": [one(t, lp) for t, lp in entry.top]}
+
+
 def token_logprob(logits: np.ndarray, token: int, top: int = 0, rank: bool = False) -> TokenLogprob:
     """log-softmax of one row's raw logits (float64) at `token`, plus the `top` likeliest tokens
     (and the token's rank with `rank`)."""

@@ -60,7 +60,7 @@ from .engine import Engine, GenerationResult, RequestError
 from .errors import QmoeError
 from .metrics import Metrics
 from .speculative import NgramSpeculation
-from .sampling import MAX_TOP_LOGPROBS, SamplingError, SamplingParams, TokenLogprob, choice_seed
+from .sampling import MAX_TOP_LOGPROBS, SamplingError, SamplingParams, TokenLogprob, chat_logprob, choice_seed
 from .structured import StructuredOutputError
 from .tokenizer import ChatMessageError, ChatTemplateError, Tokenizer, compile_chat_template
 from .tools import ToolCall, ToolError, ToolParser
@@ -628,10 +628,6 @@ class _Logprobs:
         self.rendered += 1
         return self.rendered <= self.prompt_len or self.keep_special
 
-    def _entry(self, token: int, logprob: float, keep_special: bool) -> dict[str, Any]:
-        text = self._text(token, keep_special)
-        return {"token": text, "logprob": logprob, "bytes": list(self.tokenizer.token_bytes(token)) if text else []}
-
     def render(self, entries: list[TokenLogprob | int]) -> dict[str, Any]:
         """entries: TokenLogprobs; a bare id is an echoed prompt's first token (no log-probability)."""
         if self.kind == "chat":
@@ -639,8 +635,7 @@ class _Logprobs:
             for e in entries:
                 keep = self._next()
                 if isinstance(e, TokenLogprob):
-                    content.append({**self._entry(e.token, e.logprob, keep),
-                                    "top_logprobs": [self._entry(t, lp, keep) for t, lp in e.top]})
+                    content.append(chat_logprob(e, self.tokenizer, skip_special_tokens=not keep))
             return {"content": content}
         tokens, tops, offsets = [], [], []
         for e in entries:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .. import request_json
 from ..errors import QmoeError
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, chat_logprob
 from ..structured import VLLM_FIELDS, from_request
 from ..tokenizer import validate_messages
 from ..yarn import check_context, context_limit
@@ -126,15 +126,9 @@ def parse_request(inputs: Mapping[str, Sequence[Any]], engine: "Engine",
 
 
 def render_logprobs(entries: Sequence["TokenLogprob"], tokenizer: "Tokenizer", skip_special_tokens: bool = True) -> str:
-    """TokenLogprobs as JSON in OpenAI chat's shape (as `qmoe serve` sends them): each token decoded
-    alone (a special token is "" unless skip_special_tokens is false), its UTF-8 bytes, and the k
-    likeliest alternatives."""
-    def one(token: int, logprob: float) -> dict[str, Any]:
-        text = tokenizer.decode([token], skip_special_tokens=skip_special_tokens)
-        return {"token": text, "logprob": logprob, "bytes": list(tokenizer.token_bytes(token)) if text else []}
-
-    return json.dumps([{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries],
-                      ensure_ascii=False)
+    """TokenLogprobs as a JSON list in OpenAI chat's shape (runtime.sampling.chat_logprob, as `qmoe
+    serve` sends them)."""
+    return json.dumps([chat_logprob(e, tokenizer, skip_special_tokens) for e in entries], ensure_ascii=False)
 
 
 def _one_string(name: str, values: Sequence[Any]) -> str:
