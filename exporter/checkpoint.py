@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
+DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "I32": 4}  # I32: GPTQ's packed weights (exporter/gptq.py)
+FLOAT_DTYPES = ("BF16", "F16", "F32")
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
 
@@ -34,7 +35,7 @@ class CheckpointError(QmoeError, ValueError):
 class TensorInfo:
     name: str
     file: Path
-    dtype: str  # safetensors dtype: BF16, F16, F32
+    dtype: str  # safetensors dtype: BF16, F16, F32 (I32 in GPTQ checkpoints)
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the data in `file`
     nbytes: int
@@ -76,7 +77,8 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: corrupt safetensors header entry for {name} "
                                   "(shape and data_offsets must be non-negative integers)")
         if dtype not in DTYPE_BYTES:
-            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; supported: BF16, F16, F32")
+            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; supported: BF16, F16, F32 (and I32 for "
+                                  "GPTQ-packed weights)")
         n = 1
         for s in shape:
             n *= s
@@ -99,10 +101,13 @@ class Checkpoint:
     """A Qwen2-MoE checkpoint folder: config.json plus one or more safetensors shards."""
 
     def __init__(self, directory: str | Path, config: ModelConfig | None = None) -> None:
+        from .gptq import GptqConfig
+
         self.dir = Path(directory)
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.dir}: no such checkpoint folder")
         self.config = config or ModelConfig.from_file(self.dir / "config.json")
+        self.gptq = GptqConfig.from_file(self.dir / "config.json")  # None: a float checkpoint
         self.tensors: dict[str, TensorInfo] = {}
         for shard, names in self._shards().items():
             infos = _read_header(shard)
@@ -111,6 +116,9 @@ class Checkpoint:
                     raise CheckpointError(f"{shard}: tensor {name} listed in {INDEX_NAME} is missing from this shard")
                 self.tensors[name] = infos[name]
         self.fused_experts = any(n.endswith("mlp.experts.gate_up_proj") for n in self.tensors)
+        if self.gptq is not None and self.fused_experts:
+            raise CheckpointError(f"{self.dir}: a GPTQ checkpoint with fused expert tensors (gate_up_proj) is not "
+                                  "supported; GPTQ stores experts per Linear (mlp.experts.N.gate_proj.qweight)")
         if self.config.tie_word_embeddings and "lm_head.weight" in self.tensors:
             # As transformers reads it: a head stored beside tied embeddings is used (it unties them
             # when the two differ; when equal the result is the same), so this checkpoint is untied.
@@ -217,9 +225,31 @@ class Checkpoint:
                 shapes[p + "mlp.down_proj.weight"] = (H, c.intermediate_size)
         return shapes
 
+    def is_gptq(self, name: str) -> bool:
+        """Whether linear weight `name` (checkpoint name, '...proj.weight') is stored GPTQ-packed."""
+        return self.gptq is not None and name.endswith(".weight") and f"{name[:-7]}.qweight" in self.tensors
+
     def validate(self) -> None:
-        """Every expected tensor is present with the config's shape (extra tensors are ignored)."""
+        """Every expected tensor is present with the config's shape and a float dtype, or for a GPTQ
+        linear its packed tensors with theirs (extra tensors are ignored)."""
+        from .gptq import expected_shapes as gptq_shapes
+
         for name, shape in self.expected_shapes().items():
+            if self.is_gptq(name) and len(shape) == 2 and name != "model.embed_tokens.weight":
+                assert self.gptq is not None
+                for part, (pshape, dtype) in gptq_shapes(name[:-7], shape[0], shape[1], self.gptq).items():
+                    info = self.tensors.get(part)
+                    if info is None:
+                        if part.endswith(".g_idx"):
+                            continue  # optional: k // group_size when absent
+                        raise CheckpointError(f"{self.dir}: tensor {part} not found in the checkpoint (GPTQ layer "
+                                              f"{name[:-7]} has a qweight)")
+                    if info.shape != pshape or info.dtype != dtype and not (dtype == "float"
+                                                                            and info.dtype in FLOAT_DTYPES):
+                        raise CheckpointError(
+                            f"{info.file}: tensor {part} is {info.dtype} {list(info.shape)}; {self.gptq.bits}-bit "
+                            f"GPTQ with group_size {self.gptq.group_size} and config.json imply {dtype} {list(pshape)}")
+                continue
             info = self.tensors.get(name)
             if info is None:
                 raise CheckpointError(f"{self.dir}: tensor {name} not found in the checkpoint (required by config.json)")
@@ -227,6 +257,9 @@ class Checkpoint:
                 raise CheckpointError(
                     f"{info.file}: tensor {name} has shape {list(info.shape)}, config.json implies {list(shape)}"
                 )
+            if info.dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}; weights are BF16, F16 or "
+                                      "F32")
 
     def expert(self, layer: int, expert: int) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
         """(gate [I, H], up [I, H], down [H, I]) of one routed expert, in either on-disk layout."""

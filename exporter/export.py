@@ -87,9 +87,11 @@ def export(
             raise ExportError(f"--quantize is for the onnxruntime target (ONNX Runtime's MatMulNBits/QMoE); the "
                               f"{target} target's plugin runs float16/bfloat16 weights")
         qc = QuantConfig.parse(quantize, quant_block_size, quant_activations)
-    elif quant_block_size is not None or quant_activations is not None:
-        raise ExportError("--quant-block-size and --quant-activations need --quantize")
     ckpt = Checkpoint(checkpoint_dir)
+    if ckpt.gptq is not None:
+        qc = _gptq_quant_config(ckpt, target, quantize, quant_block_size, quant_activations)
+    elif quantize is None and (quant_block_size is not None or quant_activations is not None):
+        raise ExportError("--quant-block-size and --quant-activations need --quantize")
     if target == "onnxruntime" and ckpt.config.head_dim % 16:
         raise ExportError(f"{ckpt.config.source}: head_dim {ckpt.config.head_dim} is not a multiple of 16, which "
                           "ONNX Runtime's GroupQueryAttention requires")
@@ -106,7 +108,8 @@ def export(
     if qc is not None:
         from .quantize import rewrite
 
-        quantized = rewrite(model_ir, qc, getattr(torch, compute_dtype))
+        quantized = rewrite(model_ir, qc, getattr(torch, compute_dtype), ckpt if ckpt.gptq is not None else None,
+                            interleaved)
     with atomic_dir(output_dir, force=force) as tmp:
         write_weights(model_ir, ckpt, tmp, getattr(torch, weight_dtype), interleaved, link_weights, progress,
                       quantized)
@@ -121,6 +124,25 @@ def export(
         ))
     ckpt.close()
     return output_dir
+
+
+def _gptq_quant_config(ckpt: Checkpoint, target: str, quantize: str | None, block: int | None,
+                       activations: str | None):
+    """A GPTQ checkpoint's layers go into the artifact as they are (exporter/gptq.py)."""
+    from dataclasses import replace
+
+    from .quantize import QuantConfig
+
+    g = ckpt.gptq
+    assert g is not None
+    if target != "onnxruntime":
+        raise ExportError(f"{ckpt.dir}: GPTQ checkpoints export for the onnxruntime target (ONNX Runtime's "
+                          f"MatMulNBits/QMoE); the {target} target's plugin runs float16/bfloat16 weights")
+    if quantize is not None or block is not None:
+        raise ExportError(f"{ckpt.dir} is already GPTQ-quantized ({g.bits}-bit, group size {g.group_size}), and its "
+                          "quantized layers go into the artifact as they are; drop --quantize/--quant-block-size")
+    qc = QuantConfig.parse(f"int{g.bits}", g.group_size, activations)
+    return replace(qc, method="gptq", symmetric=g.sym)
 
 
 def example_inputs(c: ModelConfig, compute_dtype, B: int = 2, S: int = 5, C: int = 16, P: int = 64):
@@ -194,7 +216,7 @@ def write_weights(model_ir, ckpt: Checkpoint, folder: Path, weight_dtype, interl
     from .weights import direct_source, pieces
 
     quantized = quantized or {}
-    qnames = {n for t in quantized.values() for n in (t.qname, t.sname)}
+    qnames = {n for t in quantized.values() for n in (t.qname, t.sname, t.zname) if n is not None}
     inits = model_ir.graph.initializers
     params = [v for name, v in inits.items() if _is_param(name) and name not in qnames]
     total = sum(v.const_value.nbytes for v in params) + sum(inits[n].const_value.nbytes for n in qnames)
@@ -220,10 +242,10 @@ def write_weights(model_ir, ckpt: Checkpoint, folder: Path, weight_dtype, interl
                 progress(done, total)
         written: dict[tuple, list[tuple[int, int]]] = {}  # a tied head's bytes are its embeddings' bytes
         for t in quantized.values():
-            key = (t.source, t.bits, t.block, t.scale_dtype)
+            key = (t.source, t.bits, t.block, t.scale_dtype, t.zname is not None)
             if key not in written:
                 written[key] = _write_quantized(t, ckpt, out, interleaved, pieces)
-            for name, (offset, length) in zip((t.qname, t.sname), written[key]):
+            for name, (offset, length) in zip((t.qname, t.sname, t.zname), written[key]):
                 v = inits[name]
                 if length != v.const_value.nbytes:
                     raise ExportError(f"internal error: {name} wrote {length} bytes, expected {v.const_value.nbytes}")
@@ -247,23 +269,39 @@ def _append(out, chunks) -> tuple[int, int]:
 
 
 def _write_quantized(t, ckpt: Checkpoint, out, interleaved: bool, pieces) -> list[tuple[int, int]]:
-    """Streams parameter t.source through the quantizer: packed rows into `out` as they come, the
-    scales through a temporary file behind them; [(offset, length)] of both."""
+    """Streams parameter t.source through the quantizer (or, from a GPTQ checkpoint, its packed
+    layers through the repacker): packed rows into `out` as they come, the scales (and zero points)
+    through temporary files behind them; [(offset, length)] of each."""
     import tempfile
+
+    import torch
 
     from .quantize import quantize_rows
 
-    with tempfile.TemporaryFile(dir=Path(out.name).parent) as scales:
+    def quantized_pieces():
+        if t.gptq is not None:
+            from .gptq import rows
+
+            for q, s, z in rows(ckpt, t.gptq):
+                yield torch.from_numpy(q), torch.from_numpy(s), torch.from_numpy(z)
+            return
+        for piece in pieces(ckpt, t.source, interleaved):
+            yield *quantize_rows(piece.reshape(-1, t.k), t.bits, t.block), None
+
+    with tempfile.TemporaryFile(dir=Path(out.name).parent) as scales, \
+            tempfile.TemporaryFile(dir=Path(out.name).parent) as zeros:
         def packed():
-            for piece in pieces(ckpt, t.source, interleaved):
-                q, s = quantize_rows(piece.reshape(-1, t.k), t.bits, t.block)
+            for q, s, z in quantized_pieces():
                 scales.write(_raw_bytes(s.to(t.scale_dtype)))
+                if t.zname is not None:
+                    zeros.write(_raw_bytes(z))
                 yield _raw_bytes(q)
 
-        q_region = _append(out, packed())
-        scales.seek(0)
-        s_region = _append(out, iter(lambda: scales.read(16 << 20), b""))
-    return [q_region, s_region]
+        regions = [_append(out, packed())]
+        for f in (scales, zeros) if t.zname is not None else (scales,):
+            f.seek(0)
+            regions.append(_append(out, iter(lambda: f.read(16 << 20), b"")))  # noqa: B023 (called at once)
+    return regions
 
 
 def _is_param(name: str) -> bool:

@@ -26,7 +26,8 @@ routing), norms, biases.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -37,9 +38,13 @@ from runtime.manifest import QUANT_ACTIVATIONS as ACTIVATIONS
 from runtime.manifest import QUANT_BLOCK_SIZES as BLOCK_SIZES
 from runtime.manifest import QUANT_SCHEMES as SCHEMES
 
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+    from .gptq import Sources
+
 MS_DOMAIN = "com.microsoft"
 DEFAULT_BLOCK = 32
-SUFFIX_Q, SUFFIX_S = ".q", ".scales"
+SUFFIX_Q, SUFFIX_S, SUFFIX_Z = ".q", ".scales", ".zero_points"
 
 
 class QuantizeError(QmoeError, ValueError):
@@ -54,6 +59,8 @@ class QuantConfig:
     bits: int
     block_size: int
     activations: str = "float"  # "float" | "int8" (see module docstring)
+    method: str = "rtn"  # "rtn": quantized here (round to nearest); "gptq": carried over from a GPTQ checkpoint
+    symmetric: bool = True  # False: per-block zero points (asymmetric GPTQ)
 
     @classmethod
     def parse(cls, scheme: str, block_size: int | None = None, activations: str | None = None) -> "QuantConfig":
@@ -81,11 +88,12 @@ class QuantConfig:
     @classmethod
     def from_json(cls, d: dict) -> "QuantConfig":
         """From a manifest's `quantization` entry (validated by runtime.manifest)."""
-        return cls.parse(d["scheme"], d["block_size"], d["activations"])
+        qc = cls.parse(d["scheme"], d["block_size"], d["activations"])
+        return replace(qc, method=d.get("method", "rtn"), symmetric=d.get("symmetric", True))
 
     def to_json(self) -> dict:
         return {"scheme": f"int{self.bits}", "bits": self.bits, "block_size": self.block_size,
-                "activations": self.activations, "symmetric": True}
+                "activations": self.activations, "symmetric": self.symmetric, "method": self.method}
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,8 @@ class QTensor:
     block: int
     bits: int
     scale_dtype: torch.dtype
+    zname: str | None = None  # packed zero points (asymmetric GPTQ), None: 2^(bits-1)
+    gptq: "Sources | None" = None  # None: quantized here from the float weights
 
 
 def row_bytes(k: int, bits: int, block: int) -> tuple[int, int]:
@@ -213,26 +223,41 @@ def _shape(value: ir.Value) -> tuple[int, ...]:
     return tuple(int(d) for d in value.const_value.shape)
 
 
+def zero_point_bytes(blocks: int, bits: int) -> int:
+    """Packed zero points per row (MatMulNBits / QMoE: a row's blocks packed along them)."""
+    return -(-blocks * bits // 8)
+
+
 class _Rewriter:
-    def __init__(self, model_ir: ir.Model, qc: QuantConfig, scale_dtype: torch.dtype) -> None:
+    def __init__(self, model_ir: ir.Model, qc: QuantConfig, scale_dtype: torch.dtype,
+                 gptq: "Callable[[str], Sources | None] | None" = None) -> None:
         self.graph, self.qc, self.scale_dtype = model_ir.graph, qc, scale_dtype
+        self.gptq = gptq  # a GPTQ checkpoint: export parameter -> its packed linears (None: float)
         self.scale_ir = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16}[scale_dtype]
         self.tensors: dict[str, QTensor] = {}
         self.replaced: list[ir.Node] = []
 
     def _pair(self, source: ir.Value, role: str, qshape: tuple[int, ...], sshape: tuple[int, ...], k: int,
-              block: int) -> tuple[ir.Value, ir.Value]:
+              block: int, zshape: tuple[int, ...] | None = None,
+              gptq: "Sources | None" = None) -> tuple[ir.Value, ir.Value, ir.Value | None]:
+        """The packed weights and scales (and with `zshape` zero points) standing for `source`."""
         qname = f"{source.name}{role}{SUFFIX_Q}{self.qc.bits}"
         sname = f"{source.name}{role}{SUFFIX_S}"
+        zname = None if zshape is None else f"{source.name}{role}{SUFFIX_Z}"
         if qname not in self.tensors:
-            self.tensors[qname] = QTensor(source.name, qname, sname, k, block, self.qc.bits, self.scale_dtype)
-            for name, shape, dtype in ((qname, qshape, ir.DataType.UINT8), (sname, sshape, self.scale_ir)):
+            self.tensors[qname] = QTensor(source.name, qname, sname, k, block, self.qc.bits, self.scale_dtype,
+                                          zname, gptq)
+            parts = [(qname, qshape, ir.DataType.UINT8), (sname, sshape, self.scale_ir)]
+            if zname is not None and zshape is not None:
+                parts.append((zname, zshape, ir.DataType.UINT8))
+            for name, shape, dtype in parts:
                 nbytes = int(dtype.itemsize * math.prod(shape))
                 v = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype),
                              const_value=ir.ExternalTensor("pending", 0, nbytes, dtype, shape=ir.Shape(shape),
                                                            name=name))
                 self.graph.register_initializer(v)
-        return self.graph.initializers[qname], self.graph.initializers[sname]
+        inits = self.graph.initializers
+        return inits[qname], inits[sname], None if zname is None else inits[zname]
 
     def _node(self, old: ir.Node, domain: str, op_type: str, inputs: list, attrs: dict | None = None,
               within: str = "", num_outputs: int = 1) -> ir.Node:
@@ -261,9 +286,16 @@ class _Rewriter:
 
     def gemm(self, node: ir.Node) -> None:
         w = _param_source(node.inputs[1])
-        if w is None or not linear_is_quantized(w.name):
+        if w is None:
             return
-        if w.name == "model.embed_tokens.weight" and not embedding_is_quantized(_shape(w)[1], self.qc):
+        src = None
+        if self.gptq is not None:
+            src = self.gptq(w.name)
+            if src is None:
+                return  # a float layer of the GPTQ checkpoint
+        elif not linear_is_quantized(w.name):
+            return
+        elif w.name == "model.embed_tokens.weight" and not embedding_is_quantized(_shape(w)[1], self.qc):
             return  # a head tied to embeddings that stay float
         attrs = {k: a.value for k, a in node.attributes.items()}
         if attrs.get("transB") != 1 or attrs.get("transA", 0) != 0 or attrs.get("alpha", 1.0) != 1.0 \
@@ -273,9 +305,10 @@ class _Rewriter:
         if N * K == 0:
             return  # an empty weight (a shared expert of size 0) stays an empty Gemm
         nbytes, nb = row_bytes(K, self.qc.bits, self.qc.block_size)
-        q, s = self._pair(w, "", (N, nb, nbytes // nb), (N * nb,), K, self.qc.block_size)
+        zshape = None if self.qc.symmetric else (N * zero_point_bytes(nb, self.qc.bits),)
+        q, s, z = self._pair(w, "", (N, nb, nbytes // nb), (N * nb,), K, self.qc.block_size, zshape, src)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
-        self._swap(node, [self._node(node, MS_DOMAIN, "MatMulNBits", [node.inputs[0], q, s, None, None, bias],
+        self._swap(node, [self._node(node, MS_DOMAIN, "MatMulNBits", [node.inputs[0], q, s, z, None, bias],
                                      {"K": K, "N": N, "bits": self.qc.bits, "block_size": self.qc.block_size,
                                       "accuracy_level": self.qc.accuracy_level})])
 
@@ -283,15 +316,22 @@ class _Rewriter:
         fc1, fc2 = _param_source(node.inputs[2]), _param_source(node.inputs[4])
         if fc1 is None or fc2 is None:
             raise QuantizeError(f"internal error: {node.name}'s expert weights are not parameters")
+        srcs = [None, None] if self.gptq is None else [self.gptq(fc1.name), self.gptq(fc2.name)]
+        if self.gptq is not None and None in srcs:
+            if srcs != [None, None]:
+                raise QuantizeError(f"{fc1.name if srcs[0] is None else fc2.name} is float and its layer's other "
+                                    "expert weights are GPTQ; ONNX Runtime's QMoE takes both quantized")
+            return  # float experts in a GPTQ checkpoint: the float MoE stays
         block = self.qc.block_size
         pairs = []
-        for w in (fc1, fc2):
+        for w, src in zip((fc1, fc2), srcs):
             E, N, K = _shape(w)
             if K % block:
                 raise QuantizeError(f"{w.name}: {K} input features are not a multiple of the quantization block "
                                     f"size {block}; choose a --quant-block-size that divides it")
             nbytes, nb = row_bytes(K, self.qc.bits, block)
-            pairs.append(self._pair(w, "", (E, N, nbytes), (E, N, nb), K, block))
+            zshape = None if self.qc.symmetric else (E, N, zero_point_bytes(nb, self.qc.bits))
+            pairs.append(self._pair(w, "", (E, N, nbytes), (E, N, nb), K, block, zshape, src))
         attrs = {k: a.value for k, a in node.attributes.items()}
         attrs["expert_weight_bits"] = self.qc.bits
         attrs["block_size"] = block
@@ -302,9 +342,12 @@ class _Rewriter:
         # the top-k softmax mass: sum_topk(p) * sum_i (p_i / sum_topk(p)) y_i = sum_i p_i y_i.
         normalize = attrs.get("normalize_routing_weights", 0)
         attrs["normalize_routing_weights"] = 1
-        (q1, s1), (q2, s2) = pairs
+        (q1, s1, z1), (q2, s2, z2) = pairs
         logits = node.inputs[1]
-        nodes = [self._node(node, MS_DOMAIN, "QMoE", [node.inputs[0], logits, q1, s1, None, q2, s2], attrs)]
+        inputs = [node.inputs[0], logits, q1, s1, None, q2, s2]
+        if z1 is not None:
+            inputs += [None, None, None, None, z1, z2]  # fc2 bias, fc3 weights/scales/bias, then zero points
+        nodes = [self._node(node, MS_DOMAIN, "QMoE", inputs, attrs)]
         if not normalize:
             k = self._const(node, np.array([attrs["k"]], np.int64), "QMoE", "k")
             axes = self._const(node, np.array([-1], np.int64), "QMoE", "axes")
@@ -317,13 +360,13 @@ class _Rewriter:
 
     def gather(self, node: ir.Node) -> None:
         w = _param_source(node.inputs[0])
-        if w is None or w.name != "model.embed_tokens.weight":
-            return
+        if w is None or w.name != "model.embed_tokens.weight" or self.gptq is not None:
+            return  # GPTQ leaves the embeddings float
         V, H = _shape(w)
         if not embedding_is_quantized(H, self.qc):
             return
         nbytes, nb = row_bytes(H, self.qc.bits, self.qc.block_size)
-        q, s = self._pair(w, ".gather", (V, nbytes), (V, nb), H, self.qc.block_size)
+        q, s, _ = self._pair(w, ".gather", (V, nbytes), (V, nb), H, self.qc.block_size)
         self._swap(node, [self._node(node, MS_DOMAIN, "GatherBlockQuantized", [q, node.inputs[1], s],
                                      {"bits": self.qc.bits, "block_size": self.qc.block_size, "gather_axis": 0,
                                       "quantize_axis": 1})], out_dtype=self.scale_ir)
@@ -362,9 +405,19 @@ def _drop_unused(graph: ir.Graph) -> None:
         del graph.initializers[name]
 
 
-def rewrite(model_ir: ir.Model, qc: QuantConfig, compute_dtype: torch.dtype) -> dict[str, QTensor]:
+def rewrite(model_ir: ir.Model, qc: QuantConfig, compute_dtype: torch.dtype,
+            gptq: "Checkpoint | None" = None, interleaved: bool = True) -> dict[str, QTensor]:
     """Replaces the float weights' ops by ONNX Runtime's quantized ops; returns the new initializers
-    (by packed name), whose bytes export.write_weights() streams from the checkpoint."""
+    (by packed name), whose bytes export.write_weights() streams from the checkpoint: quantized
+    there, or with `gptq` (a GPTQ checkpoint) repacked from its GPTQ layers (exporter/gptq.py)."""
     if compute_dtype not in (torch.float32, torch.float16):
         raise QuantizeError(f"quantized artifacts compute in float32 or float16, not {compute_dtype}")
-    return _Rewriter(model_ir, qc, compute_dtype).run()
+    plan = None
+    if gptq is not None:
+        from .gptq import sources
+
+        ckpt = gptq
+
+        def plan(name: str) -> "Sources | None":
+            return sources(ckpt, name, interleaved)
+    return _Rewriter(model_ir, qc, compute_dtype, plan).run()

@@ -21,13 +21,13 @@ from .checkpoint import Checkpoint, TensorInfo
 
 PIECE_BYTES = 64 * 1024 * 1024
 
-_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)$")
-_SHARED = re.compile(r"(model\.layers\.\d+\.mlp\.shared_expert)\.gate_up$")
+EXPERTS_PARAM = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)$")
+SHARED_PARAM = re.compile(r"(model\.layers\.\d+\.mlp\.shared_expert)\.gate_up$")
 
 
 def direct_source(ckpt: Checkpoint, name: str) -> TensorInfo | None:
     """The checkpoint tensor that is this parameter byte for byte (dtype aside), if any."""
-    if _EXPERTS.match(name) or _SHARED.match(name):
+    if EXPERTS_PARAM.match(name) or SHARED_PARAM.match(name):
         return None
     return ckpt.info(name)
 
@@ -42,7 +42,7 @@ def _row_blocks(ckpt: Checkpoint, name: str) -> Iterator[torch.Tensor]:
 
 def pieces(ckpt: Checkpoint, name: str, interleaved: bool) -> Iterator[torch.Tensor]:
     """Parameter `name` as row blocks in memory order (dtype as stored in the checkpoint)."""
-    m = _EXPERTS.match(name)
+    m = EXPERTS_PARAM.match(name)
     if m:
         layer, which = int(m.group(1)), m.group(2)
         for gate, up, down in ckpt.experts(layer):
@@ -53,7 +53,7 @@ def pieces(ckpt: Checkpoint, name: str, interleaved: bool) -> Iterator[torch.Ten
             else:
                 yield torch.cat((gate, up), dim=0)
         return
-    m = _SHARED.match(name)
+    m = SHARED_PARAM.match(name)
     if m:
         yield from _row_blocks(ckpt, m.group(1) + ".gate_proj.weight")
         yield from _row_blocks(ckpt, m.group(1) + ".up_proj.weight")

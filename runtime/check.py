@@ -253,17 +253,32 @@ def transformers_logits(checkpoint: Path, quantization: dict | None = None, scal
     except ImportError as e:
         raise CheckError(f"--reference needs torch and transformers ({e.name} missing): "
                          "pip install 'qmoe[export,test]'") from None
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
-                                                              local_files_only=True).eval()
+    from exporter.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(checkpoint)
+    if ckpt.gptq is not None:  # transformers reads GPTQ only through a GPU kernel package: dequantize here
+        import tempfile
+
+        from exporter.gptq import write_dequantized
+
+        with tempfile.TemporaryDirectory(prefix="qmoe-gptq-") as tmp:
+            write_dequantized(ckpt, Path(tmp), getattr(np, scale_dtype))
+            model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32,
+                                                                      local_files_only=True).eval()
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
+                                                                  local_files_only=True).eval()
     qc = None
-    if quantization is not None:
+    if quantization is not None and ckpt.gptq is None:
         from exporter.quantize import QuantConfig, fake_quantize_hf, hf_block
 
         qc = QuantConfig.from_json(quantization)
     if weight_dtype != "float32":
         with torch.no_grad():
             for name, p in model.named_parameters():  # a tied tensor once, under its first name
-                if qc is None or hf_block(name, tuple(p.shape), qc) is None:  # quantized ones: from the checkpoint
+                quantized = ckpt.is_gptq(_checkpoint_name(name)) if ckpt.gptq is not None else \
+                    qc is not None and hf_block(name, tuple(p.shape), qc) is not None
+                if not quantized:  # quantized ones: as the checkpoint holds them
                     p.copy_(p.to(getattr(torch, weight_dtype)).float())
     if qc is not None:
         fake_quantize_hf(model, qc, getattr(torch, scale_dtype))
@@ -277,6 +292,15 @@ def transformers_logits(checkpoint: Path, quantization: dict | None = None, scal
         return out.float().numpy()
 
     return logits
+
+
+def _checkpoint_name(hf_name: str) -> str:
+    """A transformers parameter's checkpoint weight name (its first expert's for fused experts)."""
+    for fused, one in ((".mlp.experts.gate_up_proj", ".mlp.experts.0.gate_proj.weight"),
+                       (".mlp.experts.down_proj", ".mlp.experts.0.down_proj.weight")):
+        if hf_name.endswith(fused):
+            return hf_name[: -len(fused)] + one
+    return hf_name
 
 
 def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None, reference: str | Path | None = None,
@@ -293,7 +317,7 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
         Checkpoint(reference).close()  # one-line CheckpointError for a missing or broken folder
     plan, skipped = plan_runs([Path(a) for a in artifacts], backends)
     if reference is None:  # before any run: the weights must be the same (activations may differ)
-        kinds = {None if q is None else (q["bits"], q["block_size"]) for q in (mf.read(p).quantization for p, _ in plan)}
+        kinds = {None if q is None else (q["bits"], q["block_size"], q.get("method", "rtn")) for q in (mf.read(p).quantization for p, _ in plan)}
         if len(kinds) > 1:
             raise CheckError("the artifacts hold differently quantized weights, so their logits differ by the "
                              "quantization error; compare each with --reference CHECKPOINT_DIR instead")
@@ -311,7 +335,8 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
         refs: dict[str, Callable] = {}
         for run in runs:
             q = run.quantization
-            parts = [] if q is None else [f"{q['scheme']} weights, block {q['block_size']}, {run.dtype} scales"]
+            gptq = "GPTQ " if q is not None and q.get("method") == "gptq" else ""
+            parts = [] if q is None else [f"{gptq}{q['scheme']} weights, block {q['block_size']}, {run.dtype} scales"]
             parts += [] if run.weight_dtype == "float32" else [f"{run.weight_dtype} float weights"]
             key = ", ".join(parts)
             if key not in refs:

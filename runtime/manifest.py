@@ -92,6 +92,7 @@ TARGETS = ("onnxruntime", "tensorrt")
 QUANT_SCHEMES = {"int4": 4, "int8": 8}
 QUANT_BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two >= 16
 QUANT_ACTIVATIONS = ("float", "int8")
+QUANT_METHODS = ("rtn", "gptq")  # quantized by the exporter; carried over from a GPTQ checkpoint (exporter/gptq.py)
 
 
 def _check_types(m: Manifest) -> None:
@@ -111,7 +112,9 @@ def _check_types(m: Manifest) -> None:
     if q is not None and not (type(q.get("bits")) is int and QUANT_SCHEMES.get(q.get("scheme")) == q["bits"]
                               and type(q.get("block_size")) is int and q["block_size"] in QUANT_BLOCK_SIZES
                               and q.get("activations") in QUANT_ACTIVATIONS
-                              and not (q["bits"] == 8 and q["activations"] == "float")):
+                              and not (q["bits"] == 8 and q["activations"] == "float")
+                              and q.get("method", "rtn") in QUANT_METHODS and type(q.get("symmetric", True)) is bool
+                              and (q.get("symmetric", True) or q.get("method") == "gptq")):
         raise TypeError(f"quantization is {q!r}; expected scheme {'/'.join(QUANT_SCHEMES)} with its bits, block_size "
                         f"one of {QUANT_BLOCK_SIZES} and activations {'/'.join(QUANT_ACTIVATIONS)} (int8 for int8)")
     for name, known in (("target", TARGETS), ("weight_dtype", DTYPES), ("compute_dtype", DTYPES)):

@@ -1,0 +1,329 @@
+"""GPTQ checkpoints (exporter/gptq.py) exported for ONNX Runtime and run on its CPU kernels.
+
+The GPTQ checkpoints here are written by this file's own packer, which follows AutoGPTQ's
+QuantLinear.pack (qweight words along the input dimension, qzeros along the output dimension,
+low bits first, zero points stored minus one in the v1 format) and its Quantizer's min/max
+parameters (sym: zero point 2^(b-1)). The reference is transformers' Qwen2MoeForCausalLM holding
+(q - z) * s computed from the integers before packing, so an unpacking mistake in the exporter
+cannot hide in the reference. Tolerances: fp32 compute, logits max |delta| <= 1e-4 at every prompt
+position and 16 greedy steps identical; fp16 compute <= 5e-2; int8 activations (8-bit GPTQ):
+median relative L2 <= 3%, top-1 >= 90% (as tests/exporter/test_quantize.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.numpy import save_file
+
+import runtime
+from exporter.checkpoint import Checkpoint, CheckpointError
+from exporter.export import ExportError, export
+from exporter.gptq import GptqError
+from exporter.tiny import tiny_config, write_checkpoint
+from runtime import check as chk
+from runtime import manifest as mf
+from runtime.cli import main
+from runtime.sampling import SamplingParams
+from tests.helpers import hf_greedy, hf_model, prompt_logits
+
+PROMPTS = [[9707, 11, 1879, 0, 220, 108386], [151644, 872, 198], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]
+
+
+# -- an independent GPTQ writer ------------------------------------------------------------------
+
+def gptq_quantize(w: np.ndarray, bits: int, group: int, sym: bool):
+    """GPTQ's per-group min/max parameters with plain rounding: w [N, K] -> q [N, K], z [N, G],
+    s float16 [N, G] with w ~ (q - z) * s."""
+    maxq = (1 << bits) - 1
+    N, K = w.shape
+    G = K // group
+    x = w.reshape(N, G, group).astype(np.float64)
+    xmin, xmax = np.minimum(x.min(-1), 0), np.maximum(x.max(-1), 0)
+    if sym:
+        xmax = np.maximum(np.abs(xmin), xmax)
+        xmin = np.where(xmin < 0, -xmax, xmin)
+    tiny = (xmin == 0) & (xmax == 0)
+    xmin, xmax = np.where(tiny, -1, xmin), np.where(tiny, 1, xmax)
+    s = ((xmax - xmin) / maxq).astype(np.float16)
+    z = np.full((N, G), (maxq + 1) // 2) if sym else np.round(-xmin / s.astype(np.float64)).astype(np.int64)
+    q = np.clip(np.round(x / s[..., None].astype(np.float64)) + z[..., None], 0, maxq).astype(np.int64)
+    return q.reshape(N, K), z, s
+
+
+def gptq_pack(q: np.ndarray, z: np.ndarray, s: np.ndarray, bits: int, group: int, v1: bool) -> dict:
+    """AutoGPTQ's packing: tensors of one QuantLinear (names without the layer prefix)."""
+    per = 32 // bits
+    N, K = q.shape
+    intweight = q.T.astype(np.uint32)  # [K, N]
+    qweight = np.zeros((K // per, N), np.uint32)
+    for row in range(K // per):
+        for j in range(per):
+            qweight[row] |= intweight[row * per + j] << np.uint32(bits * j)
+    zeros = ((z - 1 if v1 else z).T.astype(np.int64) & ((1 << bits) - 1)).astype(np.uint32)  # [G, N]
+    qzeros = np.zeros((zeros.shape[0], N // per), np.uint32)
+    for col in range(N // per):
+        for j in range(per):
+            qzeros[:, col] |= zeros[:, col * per + j] << np.uint32(bits * j)
+    return {"qweight": qweight.view(np.int32), "qzeros": qzeros.view(np.int32),
+            "scales": np.ascontiguousarray(s.T), "g_idx": (np.arange(K) // group).astype(np.int32)}
+
+
+QUANTIZED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "gate_proj", "up_proj",
+             "down_proj")  # what AutoGPTQ quantizes in Qwen2-MoE layers (not the router or the shared-expert gate)
+
+
+def make_gptq(float_ck: Path, out: Path, ref: Path, *, bits: int = 4, group: int = 32, sym: bool = True,
+              v1: bool = True, extra: tuple[str, ...] = (), shards: int = 2) -> Path:
+    """`out`: a GPTQ checkpoint of float_ck; `ref`: the float checkpoint of its dequantized weights."""
+    ck = Checkpoint(float_ck)
+    cfg = json.loads((float_ck / "config.json").read_text())
+    names = list(ck.expected_shapes())
+    packed: dict[str, np.ndarray] = {}
+    dequant: dict[str, np.ndarray] = {}
+    for name in names:
+        w = ck.tensor(name).float().numpy()
+        layer = name.startswith("model.layers.") and name.endswith("_proj.weight")
+        if (layer and name.rsplit(".", 2)[-2] in {n.rsplit(".", 1)[-1] for n in QUANTIZED}) or name in extra:
+            q, z, s = gptq_quantize(w, bits, group, sym)
+            idx = np.arange(w.shape[1]) // group
+            dequant[name] = ((q - z[:, idx]) * s[:, idx].astype(np.float32)).astype(np.float32)
+            for suffix, t in gptq_pack(q, z, s, bits, group, v1).items():
+                packed[f"{name[:-7]}.{suffix}"] = t
+        else:
+            packed[name] = ck.tensor(name).to(torch.float16).numpy()  # GPTQ checkpoints ship fp16
+            dequant[name] = packed[name].astype(np.float32)
+    for folder, tensors, quant in ((out, packed, True), (ref, dequant, False)):
+        folder.mkdir(parents=True)
+        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            if (float_ck / f).exists():
+                shutil.copy2(float_ck / f, folder / f)
+        c = dict(cfg)
+        if quant:
+            c["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym,
+                                        "desc_act": False, "checkpoint_format": "gptq" if v1 else "gptq_v2"}
+            c["torch_dtype"] = "float16"
+        (folder / "config.json").write_text(json.dumps(c))
+        keys = sorted(tensors)
+        weight_map = {}
+        for i in range(shards):
+            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {k: np.ascontiguousarray(tensors[k]) for k in keys[i::shards]}
+            save_file(part, str(folder / fname))
+            weight_map.update(dict.fromkeys(part, fname))
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
+
+
+# (variant config, bits, group, sym, v1, extra quantized layers, dtype)
+CASES = {
+    "int4-sym-v1": (dict(), 4, 32, True, True, (), "float32"),  # Qwen2-57B-A14B-Instruct-GPTQ-Int4's settings
+    "int4-asym-v2-dense": (dict(norm_topk_prob=True, mlp_only_layers=[1], num_hidden_layers=3, intermediate_size=96),
+                           4, 16, False, False, ("lm_head.weight", "model.layers.0.mlp.gate.weight"), "float32"),
+    "int4-asym-v1-fp16": (dict(), 4, 32, False, True, (), "float16"),
+    "int8-asym-v1": (dict(), 8, 32, False, True, (), "float32"),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
+def case(request, tmp_path_factory):
+    kw, bits, group, sym, v1, extra, dtype = CASES[request.param]
+    root = tmp_path_factory.mktemp("gptq")
+    float_ck = write_checkpoint(root / "float", tiny_config(**kw), seed=11)
+    gq = make_gptq(float_ck, root / "gptq", root / "ref", bits=bits, group=group, sym=sym, v1=v1, extra=extra)
+    art = export(gq, root / "art", dtype=dtype)
+    return gq, root / "ref", art, bits, extra
+
+
+def test_graph_carries_the_gptq_layers(case):
+    gq, ref, art, bits, extra = case
+    m = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in m.graph.node]
+    c = runtime.load(art).config
+    sparse = sum(c.is_sparse_layer(i) for i in range(c.num_hidden_layers))
+    assert ops.count("QMoE") == sparse and "MoE" not in ops
+    # 4 attention projections a layer, 2 shared-expert (or 3 dense-MLP) linears, plus the extra ones
+    linears = 4 * c.num_hidden_layers + 2 * sparse + 3 * (c.num_hidden_layers - sparse)
+    assert ops.count("MatMulNBits") == linears + len(extra)
+    assert ops.count("Gather") == 1 and "GatherBlockQuantized" not in ops  # embeddings stay float
+    q = mf.read(art).quantization
+    g = Checkpoint(gq).gptq
+    assert q["method"] == "gptq" and q["bits"] == bits and q["block_size"] == g.group_size
+    assert q["symmetric"] == g.sym
+    zps = [n for n in m.graph.node if n.op_type in ("MatMulNBits", "QMoE")
+           and any(i.endswith(".zero_points") for i in n.input)]
+    assert len(zps) == (0 if g.sym else ops.count("MatMulNBits") + ops.count("QMoE"))
+
+
+def test_logits_match_transformers_with_the_dequantized_weights(case):
+    gq, ref, art, bits, extra = case
+    engine = runtime.load(art)
+    model = hf_model(ref)
+    prompt = PROMPTS[2]
+    logits = prompt_logits(engine, prompt)
+    with torch.no_grad():
+        want = model(torch.tensor([prompt])).logits[0].numpy()
+    assert (logits.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    if bits == 8:  # int8 activations (ONNX Runtime's fast path for 8-bit weights)
+        rel = np.linalg.norm(logits - want, axis=1) / np.linalg.norm(want, axis=1)
+        assert np.median(rel) <= 0.03, rel
+        return
+    fp16 = engine.manifest.compute_dtype == "float16"
+    assert np.abs(logits - want).max() <= (5e-2 if fp16 else 1e-4)
+    if not fp16:
+        results = engine.generate(PROMPTS, SamplingParams(max_new_tokens=16, ignore_eos=True))
+        for p, r in zip(PROMPTS, results):
+            assert r.tokens == hf_greedy(model, p, 16)
+
+
+def test_check_command_uses_the_dequantized_gptq_reference(case):
+    gq, ref, art, bits, extra = case
+    report = chk.check([art], reference=gq, prompts=2, max_new_tokens=4)
+    assert report.ok, report.table()
+    assert f"GPTQ int{bits} weights" in report.table()
+
+
+def test_the_reference_is_not_the_float_model(case, tmp_path):
+    """The dequantized reference differs from the float checkpoint by GPTQ's rounding: a test that
+    compared the artifact with the float model could not tell quantized weights from float ones."""
+    gq, ref, art, bits, extra = case
+    float_logits = prompt_logits(runtime.load(export(gq.parent / "float", tmp_path / "f")), PROMPTS[0])
+    got = prompt_logits(runtime.load(art), PROMPTS[0])
+    rel = np.linalg.norm(got - float_logits) / np.linalg.norm(float_logits)
+    assert 1e-4 < rel < (0.05 if bits == 8 else 0.5), rel
+
+
+@pytest.fixture(scope="module")
+def gptq_ck(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("gq1")
+    float_ck = write_checkpoint(root / "float", tiny_config(), seed=3)
+    return make_gptq(float_ck, root / "gptq", root / "ref", shards=1)
+
+
+def _edit_config(src: Path, dst: Path, **quant) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"].update(quant)
+    for k, v in quant.items():
+        if v is None:
+            del cfg["quantization_config"][k]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _edit_tensors(ck: Path, edit) -> None:
+    """edit(tensors) changes the one shard's tensors in place; the index follows."""
+    from safetensors.numpy import load_file
+
+    f = next(ck.glob("*.safetensors"))
+    tensors = load_file(str(f))
+    edit(tensors)
+    save_file(tensors, str(f))
+    (ck / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(
+        tensors, f.name)}))
+
+
+def _rewrite_tensor(ck: Path, name: str, fn) -> None:
+    def edit(tensors):
+        tensors[name] = fn(tensors[name])
+    _edit_tensors(ck, edit)
+
+
+@pytest.mark.parametrize("quant,match", [
+    (dict(bits=3), "GPTQ bits is 3"),
+    (dict(group_size=-1), "per-channel"),
+    (dict(group_size=48), "group_size 48"),
+    (dict(quant_method="awq"), "quant_method is 'awq'"),
+    (dict(checkpoint_format="marlin"), "checkpoint_format 'marlin'"),
+    (dict(group_size=16), r"q_proj.qzeros is I32 \[2, 8\]; 4-bit GPTQ with group_size 16 and config.json imply I32 "
+                          r"\[4, 8\]"),
+])
+def test_unsupported_or_inconsistent_gptq_configs_get_one_line_errors(gptq_ck, tmp_path, quant, match):
+    ck = _edit_config(gptq_ck, tmp_path / "ck", **quant)
+    with pytest.raises((GptqError, CheckpointError), match=match):
+        export(ck, tmp_path / "art")
+    assert not (tmp_path / "art").exists()
+
+
+def test_act_order_and_wrapped_zero_points_are_refused(gptq_ck, tmp_path):
+    ck = tmp_path / "act"
+    shutil.copytree(gptq_ck, ck)
+    name = "model.layers.0.self_attn.q_proj.g_idx"
+    _rewrite_tensor(ck, name, lambda g: np.ascontiguousarray(g[::-1]))
+    with pytest.raises(GptqError, match="act-order"):
+        export(ck, tmp_path / "a1")
+    # a v1 zero point of 0 stored as -1 reads back as 16 (AutoGPTQ's kernels do so): not 4 bits
+    ck2 = _edit_config(gptq_ck, tmp_path / "wrap", sym=False)
+    _rewrite_tensor(ck2, "model.layers.0.self_attn.o_proj.qzeros", lambda z: np.full_like(z, -1))
+    with pytest.raises(GptqError, match="zero point of 16"):
+        export(ck2, tmp_path / "a2")
+    # sym=true with zero points other than 8 is an inconsistent checkpoint
+    ck3 = tmp_path / "sym"
+    shutil.copytree(gptq_ck, ck3)
+    _rewrite_tensor(ck3, "model.layers.0.self_attn.o_proj.qzeros", lambda z: np.zeros_like(z))
+    with pytest.raises(GptqError, match="sym=true"):
+        export(ck3, tmp_path / "a3")
+    for d in ("a1", "a2", "a3"):
+        assert not (tmp_path / d).exists()
+
+
+def test_missing_or_misshapen_gptq_tensors(gptq_ck, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(gptq_ck, ck)
+    _edit_tensors(ck, lambda t: t.pop("model.layers.1.mlp.experts.3.down_proj.qzeros"))
+    with pytest.raises(CheckpointError, match=r"experts.3.down_proj.qzeros not found .*GPTQ layer"):
+        Checkpoint(ck)
+    ck2 = tmp_path / "ck2"
+    shutil.copytree(gptq_ck, ck2)
+    _rewrite_tensor(ck2, "model.layers.0.self_attn.k_proj.qweight", lambda q: q[:-1])
+    with pytest.raises(CheckpointError, match=r"k_proj.qweight is I32 \[7, 32\].*imply I32 \[8, 32\]"):
+        Checkpoint(ck2)
+    # a float checkpoint's weight stored as int32 is not a weight
+    ck3 = tmp_path / "ck3"
+    shutil.copytree(gptq_ck, ck3)
+    _rewrite_tensor(ck3, "model.norm.weight", lambda w: w.astype(np.int32))
+    with pytest.raises(CheckpointError, match="model.norm.weight has dtype I32"):
+        Checkpoint(ck3)
+
+
+def test_mixed_expert_layers_are_refused(gptq_ck, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(gptq_ck, ck)
+    base = "model.layers.0.mlp.experts.2.up_proj"
+
+    def edit(tensors):
+        for s in ("qweight", "qzeros", "scales", "g_idx"):
+            del tensors[f"{base}.{s}"]
+        tensors[f"{base}.weight"] = np.zeros((32, 64), np.float16)
+    _edit_tensors(ck, edit)
+    with pytest.raises(GptqError, match=r"experts.gate_up mixes GPTQ and float layers \(.*experts.2.up_proj is float"):
+        export(ck, tmp_path / "art")
+
+
+def test_gptq_export_options(gptq_ck, tmp_path):
+    with pytest.raises(ExportError, match="already GPTQ-quantized"):
+        export(gptq_ck, tmp_path / "a", quantize="int4")
+    with pytest.raises(ExportError, match="onnxruntime target"):
+        export(gptq_ck, tmp_path / "b", target="tensorrt")
+    # int8 activations on top of GPTQ int4 weights (ONNX Runtime's faster CPU path)
+    art = export(gptq_ck, tmp_path / "c", quant_activations="int8")
+    assert mf.read(art).quantization["activations"] == "int8"
+
+
+def test_cli_exports_runs_and_checks_a_gptq_checkpoint(gptq_ck, tmp_path):
+    r = CliRunner().invoke(main, ["export", str(gptq_ck), "-o", str(tmp_path / "art")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "art"), "--prompt", "Hello", "-n", "4"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["check", str(tmp_path / "art"), "--reference", str(gptq_ck), "--max-new-tokens",
+                                  "4"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["export", str(gptq_ck), "-o", str(tmp_path / "bad"), "--quantize", "int4"])
+    assert r.exit_code != 0 and "already GPTQ-quantized" in r.output and "Traceback" not in r.output
