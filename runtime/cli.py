@@ -172,7 +172,10 @@ def tiny(out_dir: str, seed: int, dtype: str, force: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 def export(checkpoint_dir: str, output_dir: str, target: str, dtype: str | None, link_weights: bool,
            quantize: str | None, quant_block_size: str | None, quant_activations: str | None, force: bool) -> None:
-    """Export a Hugging Face Qwen2-MoE checkpoint to an ONNX artifact."""
+    """Export a Hugging Face Qwen2-MoE checkpoint to an ONNX artifact.
+
+    A GPTQ checkpoint (e.g. Qwen2-57B-A14B-Instruct-GPTQ-Int4) keeps its quantized layers as they are
+    (onnxruntime target; --quant-activations applies, --quantize does not)."""
     from tqdm import tqdm
 
     try:

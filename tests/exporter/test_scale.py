@@ -44,6 +44,72 @@ def test_57b_graph_traces_without_weights():
     assert peak_rss() < 4e9  # whole test process
 
 
+def _header_only_shard(path: Path, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """A safetensors file of the given tensors whose data is a hole (sparse): the real layout and
+    size, no disk or memory spent."""
+    size = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4}
+    header, offset = {}, 0
+    for name, (dtype, shape) in tensors.items():
+        n = size[dtype] * int(np.prod(shape))
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with path.open("wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + offset)
+
+
+@pytest.mark.slow
+def test_57b_gptq_int4_layout_maps_to_quantized_ops(tmp_path):
+    """Qwen2-57B-A14B-Instruct-GPTQ-Int4's layout (AutoGPTQ: 4-bit, group 128, sym, no act-order;
+    the router, shared-expert gate, embeddings and head in fp16), as header-only shards: the reader
+    accepts it and the graph carries every GPTQ layer into QMoE / MatMulNBits."""
+    import torch
+
+    from exporter.checkpoint import Checkpoint
+    from exporter.export import trace
+    from exporter.gptq import GptqConfig
+    from exporter.gptq import expected_shapes as gptq_shapes
+    from exporter.quantize import QuantConfig, rewrite
+
+    cfg = json.loads(CONFIG_57B.read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True,
+                                  "desc_act": False}
+    cfg["torch_dtype"] = "float16"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    from runtime.config import ModelConfig
+
+    c = ModelConfig.from_file(tmp_path / "config.json")
+    g = GptqConfig.from_file(tmp_path / "config.json")
+    assert g is not None
+    shards: dict[str, dict] = {}
+    weight_map = {}
+    for name, shape in Checkpoint.expected_shapes_for(c, fused=False).items():
+        key = name.split(".")[2] if name.startswith("model.layers.") else "rest"
+        quantized = name.startswith("model.layers.") and name.endswith("_proj.weight")
+        parts = ({k: (("F16" if d == "float" else d), s) for k, (s, d) in gptq_shapes(name[:-7], *shape, g).items()}
+                 if quantized else {name: ("F16", shape)})
+        shards.setdefault(key, {}).update(parts)
+    for key, tensors in shards.items():
+        fname = f"model-{key}.safetensors"
+        _header_only_shard(tmp_path / fname, tensors)
+        weight_map.update(dict.fromkeys(tensors, fname))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ckpt = Checkpoint(tmp_path)
+    assert 30e9 < ckpt.nbytes < 33e9  # the published GPTQ-Int4 repository holds ~31 GB
+    model = trace(c, "onnxruntime", torch.float16, torch.float16, interleaved=True)
+    packed = rewrite(model, QuantConfig.parse("int4", 128), torch.float16, ckpt)
+    ops = [n.op_type for n in model.graph]
+    # 4 attention + 2 shared-expert linears a layer; the head, routers and shared-expert gates stay Gemm
+    assert (ops.count("QMoE"), ops.count("MatMulNBits"), ops.count("Gemm")) == (28, 168, 2 * 28 + 1)
+    assert len(packed) == 28 * 2 + 168 and all(t.gptq is not None for t in packed.values())
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+    assert 30e9 < total < 33e9, total  # what the artifact holds: about what the checkpoint holds
+    print(f"57B GPTQ-Int4: checkpoint {ckpt.nbytes / 1e9:.1f} GB, artifact {total / 1e9:.1f} GB (fp16 float parts)")
+    assert peak_rss() < 4e9
+
+
 CHILD = """
 import json, sys
 from runtime.procinfo import peak_rss
@@ -83,3 +149,28 @@ def test_over_2gb_export_is_bounded_and_runs(tmp_path):
     assert peak <= 1.5e9, f"int4 export peak RSS {peak / 1e9:.2f} GB for a {size / 1e9:.2f} GB checkpoint"
     print(f"int4 export peak RSS {peak / 1e9:.2f} GB")
     assert (tmp_path / "q4" / "model.onnx.data").stat().st_size < 0.2 * size
+
+
+@pytest.mark.slow
+def test_gptq_export_is_bounded(tmp_path):
+    """A GPTQ checkpoint repacks one linear (one expert) at a time: export peak RSS stays near the
+    traced graph's, as for float checkpoints, and the artifact runs."""
+    import runtime
+    from exporter.tiny import tiny_config, write_checkpoint
+    from runtime.sampling import SamplingParams
+    from tests.exporter.test_gptq import make_gptq
+
+    cfg = dict(hidden_size=1024, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, num_experts=32,
+               num_experts_per_tok=4, moe_intermediate_size=512, shared_expert_intermediate_size=1024)
+    ck = write_checkpoint(tmp_path / "ck", tiny_config(**cfg), shard_bytes=256 << 20)
+    gq = make_gptq(ck, tmp_path / "gq", tmp_path / "ref", group=128, shards=3)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(gq), str(tmp_path / "art")], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss"]
+    size = sum(f.stat().st_size for f in gq.glob("*.safetensors"))
+    print(f"GPTQ export peak RSS {peak / 1e9:.2f} GB for a {size / 1e9:.2f} GB GPTQ checkpoint")
+    assert peak <= 1.0e9, f"GPTQ export peak RSS {peak / 1e9:.2f} GB"
+    r = runtime.load(tmp_path / "art").generate([[9707, 11]], SamplingParams(max_new_tokens=2, ignore_eos=True),
+                                                output_logits=True)[0]
+    assert len(r.tokens) == 2 and np.isfinite(r.logits[0]).all()
