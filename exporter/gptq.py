@@ -80,6 +80,12 @@ class GptqConfig:
         if fmt not in FORMATS:
             raise GptqError(f"{source}: GPTQ checkpoint_format {fmt!r} is not supported; expected one of "
                             f"{', '.join(FORMATS)}")
+        pack = q.get("pack_dtype", "int32")
+        if pack not in ("int32", "torch.int32"):
+            raise GptqError(f"{source}: GPTQ pack_dtype {pack!r} is not supported; qmoe reads int32-packed weights")
+        if q.get("dynamic"):
+            raise GptqError(f"{source}: GPTQ per-module 'dynamic' settings are not supported; qmoe reads one bits "
+                            "and group_size for every layer")
         sym, desc_act = q.get("sym", True), q.get("desc_act", False)
         if not isinstance(sym, bool) or not isinstance(desc_act, bool):
             raise GptqError(f"{source}: GPTQ sym and desc_act must be true or false")

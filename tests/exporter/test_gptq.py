@@ -242,6 +242,9 @@ def _rewrite_tensor(ck: Path, name: str, fn) -> None:
     (dict(group_size=48), "group_size 48"),
     (dict(quant_method="awq"), "quant_method is 'awq'"),
     (dict(checkpoint_format="marlin"), "checkpoint_format 'marlin'"),
+    (dict(pack_dtype="int8"), "pack_dtype 'int8'"),
+    (dict(dynamic={r"-:.*down_proj": {}}), "'dynamic'"),
+    (dict(sym="yes"), "sym and desc_act must be true or false"),
     (dict(group_size=16), r"q_proj.qzeros is I32 \[2, 8\]; 4-bit GPTQ with group_size 16 and config.json imply I32 "
                           r"\[4, 8\]"),
 ])
