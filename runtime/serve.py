@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP server for one artifact: /v1/models, /v1/chat/completions, /v1/completions.
+"""OpenAI-compatible HTTP server for one artifact: /v1/models, /v1/chat/completions, /v1/completions,
+/v1/responses (runtime/responses.py).
 
     request (event loop) -> [parse + validate -> Job] -> FIFO queue -> [worker thread: BatchScheduler
       steps] -> text deltas via loop.call_soon_threadsafe -> the job's asyncio.Queue -> JSON body or SSE chunks
@@ -986,6 +987,9 @@ def create_app(engine: Engine, model_name: str, defaults: Mapping[str, Any] | No
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
     ]
+    from . import responses  # imports this module: loaded here, not at the top
+
+    routes += responses.routes(service, engine.tokenizer)
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={APIError: api_error, HTTPException: http_error, Exception: api_error})
     app.state.service = service
