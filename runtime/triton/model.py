@@ -3,8 +3,8 @@ to <repository>/<name>/1/model.py. Everything it needs to know comes from config
 
     execute(requests) -> [validate + tokenize each: a bad one gets its error response now]
                       -> queue -> [worker thread: continuous-batching scheduler steps]
-                      -> text_delta responses -> final response (finish_reason, token counts,
-                         COMPLETE_FINAL flag)
+                      -> text_delta / text_output responses (or, not streaming, none) -> final response (the rest of
+                         the text, finish_reason, token counts, COMPLETE_FINAL flag)
 
 The model is decoupled: execute() returns at once, so many requests are in flight. One worker
 thread per instance owns the engine (not thread-safe) and a continuous-batching scheduler
@@ -86,7 +86,8 @@ class TritonPythonModel:
                     tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
                     if tensor is not None:
                         inputs[spec.name] = tensor.as_numpy().reshape(-1).tolist()
-                job = self.protocol.parse_request(inputs, self.engine, self.default_max_tokens)
+                job = self.protocol.parse_request(inputs, self.engine, self.default_max_tokens,
+                                                  request_parameters(request))
             except Exception as e:  # noqa: BLE001  (a bad request must not take the model down)
                 send_error(sender, e)
                 continue
@@ -149,6 +150,8 @@ class TritonPythonModel:
             return
 
         pending: list = []  # TokenLogprobs sampled since the last response (parameters.logprobs)
+        unsent: list = []  # text not sent yet: the whole reply when the request does not stream
+        prefix = [job.prefix]  # text_output's start, sent with the first response
 
         def logprobs() -> list:
             """The `logprobs` output for the tokens since the last response ([] if none were asked)."""
@@ -159,9 +162,15 @@ class TritonPythonModel:
             pending.clear()
             return out
 
+        def texts(text: str) -> list:
+            head, prefix[0] = prefix[0], ""
+            return [string("text_delta", text), string("text_output", head + text)]
+
         def delta(text: str) -> None:
-            if not holder[0].cancelled.is_set() and not cancelled(sender):
-                send(pb_utils.InferenceResponse(output_tensors=[string("text_delta", text), *logprobs()]))
+            if not job.stream:
+                unsent.append(text)
+            elif not holder[0].cancelled.is_set() and not cancelled(sender):
+                send(pb_utils.InferenceResponse(output_tensors=[*texts(text), *logprobs()]))
 
         def finished(result) -> None:
             running.pop(holder[0], None)
@@ -171,7 +180,7 @@ class TritonPythonModel:
                 send(flags=FINAL)  # the client is gone: close the request, nothing more to say
                 return
             send(pb_utils.InferenceResponse(output_tensors=[
-                string("text_delta", ""),
+                *texts("".join(unsent)),
                 string("finish_reason", result.finish_reason),
                 int32("prompt_tokens", len(job.prompt_ids)),
                 int32("completion_tokens", len(result.tokens)),
@@ -202,6 +211,13 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self.jobs.put(None)
         self.worker.join(timeout=30)
+
+
+def request_parameters(request) -> dict:
+    """The request's own Triton parameters (the generate endpoint's "parameters" object)."""
+    raw = request.parameters()
+    params = json.loads(raw) if raw else {}
+    return params if isinstance(params, dict) else {}
 
 
 def cancelled(sender) -> bool:

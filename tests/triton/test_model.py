@@ -108,6 +108,9 @@ class Request:
     def get_response_sender(self) -> Sender:
         return self.sender
 
+    def parameters(self) -> str:  # the python backend hands the request's parameters as JSON text
+        return "{}"
+
     def request_id(self) -> str:
         return self.id
 
@@ -132,7 +135,7 @@ def solo(engine, prompt: str, max_tokens: int) -> str:
 
 def ask(model, request_id: str, prompt: str, max_tokens: int, sender: Sender | None = None) -> Sender:
     sender = sender or Sender()
-    model.execute([Request(request_id, sender, prompt=prompt, parameters=json.dumps({"max_tokens": max_tokens}))])
+    model.execute([Request(request_id, sender, prompt=prompt, sampling_parameters=json.dumps({"max_tokens": max_tokens}))])
     return sender
 
 
@@ -143,7 +146,7 @@ def test_a_client_whose_sends_fail_does_not_fail_the_requests_sharing_its_steps(
         broken = Sender(fail_after=0)
         senders = {"a": Sender(), "broken": broken, "b": Sender()}
         prompts = {"a": "Hello world", "broken": "Tell me a story", "b": "What about tea?"}
-        model.execute([Request(rid, s, prompt=prompts[rid], parameters=json.dumps({"max_tokens": 12}))
+        model.execute([Request(rid, s, prompt=prompts[rid], sampling_parameters=json.dumps({"max_tokens": 12}))
                        for rid, s in senders.items()])
         for rid in ("a", "b"):
             assert senders[rid].closed.wait(60), rid

@@ -42,6 +42,7 @@ class Server:
     url: str
     log: Path
     shm_prefix: str
+    http: str = ""  # http://host:port of the HTTP/REST endpoint
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Reply:
     final: bool = False
     error: str | None = None
     logprobs: list = field(default_factory=list)  # the `logprobs` outputs' entries, in order
+    outputs: list[str] = field(default_factory=list)  # the `text_output` of each response
 
     @property
     def text(self) -> str:
@@ -67,11 +69,16 @@ class Stream:
         self.events: queue.Queue = queue.Queue()
         self.client.start_stream(callback=lambda result, error: self.events.put((result, error)))
 
-    def send(self, request_id: str, **inputs: str | bytes) -> None:
+    def send(self, request_id: str, **inputs: str | bytes | bool) -> None:
         tensors = []
         for name, value in inputs.items():
-            tensor = grpcclient.InferInput(name, [1], "BYTES")
-            tensor.set_data_from_numpy(np.array([value if isinstance(value, bytes) else value.encode()], np.object_))
+            if isinstance(value, bool):
+                tensor = grpcclient.InferInput(name, [1], "BOOL")
+                tensor.set_data_from_numpy(np.array([value], np.bool_))
+            else:
+                tensor = grpcclient.InferInput(name, [1], "BYTES")
+                tensor.set_data_from_numpy(np.array([value if isinstance(value, bytes) else value.encode()],
+                                                    np.object_))
             tensors.append(tensor)
         self.client.async_stream_infer(MODEL, tensors, request_id=request_id, enable_empty_final_response=True)
 
@@ -108,6 +115,8 @@ def _collect(reply: Reply, result) -> None:
     names = {o.name for o in response.outputs}
     if "text_delta" in names:
         reply.deltas.append(result.as_numpy("text_delta")[0].decode("utf-8"))
+    if "text_output" in names:
+        reply.outputs.append(result.as_numpy("text_output")[0].decode("utf-8"))
     if "logprobs" in names:
         reply.logprobs.extend(json.loads(result.as_numpy("logprobs")[0].decode("utf-8")))
     if "finish_reason" in names:
@@ -180,7 +189,7 @@ def server(wheel: WheelServer, tiny_artifact: Path, tmp_path_factory: pytest.Tem
                 pytest.fail(f"tritonserver did not get ready (exit code {process.poll()}):\n{log.read_text()[-4000:]}")
             time.sleep(0.25)
         client.close()
-        yield Server(process, url, log, shm_prefix)
+        yield Server(process, url, log, shm_prefix, f"http://127.0.0.1:{http_port}")
     finally:
         if live_pids(process.pid):  # test_shutdown did not run or failed: stop the server and its stubs
             with contextlib.suppress(ProcessLookupError):
@@ -216,7 +225,7 @@ MESSAGES = [{"role": "user", "content": "Tell me about mixtures of experts."}]
 ])
 def test_streamed_text_equals_embedded_runtime(server: Server, stream: Stream, embedded, kind, params):
     inputs = {"prompt": "Hello world"} if kind == "prompt" else {"messages": json.dumps(MESSAGES)}
-    stream.send("r1", **inputs, parameters=json.dumps(params))
+    stream.send("r1", **inputs, sampling_parameters=json.dumps(params))
     got = stream.reply("r1")
     assert got.error is None, got.error
     sampling = SamplingParams(max_new_tokens=params.pop("max_tokens"), **params)
@@ -231,7 +240,7 @@ def test_streamed_text_equals_embedded_runtime(server: Server, stream: Stream, e
 def test_logprobs_are_the_models_own(server: Server, stream: Stream, embedded):
     """parameters.logprobs = k: every generated token's entry (OpenAI chat's shape), equal to what
     the embedded engine reports alone (<= 1e-4: the server's steps batch), the alternatives too."""
-    stream.send("lp", prompt="Experts route", parameters=json.dumps({"max_tokens": 8, "logprobs": 3}))
+    stream.send("lp", prompt="Experts route", sampling_parameters=json.dumps({"max_tokens": 8, "logprobs": 3}))
     got = stream.reply("lp")
     assert got.error is None, got.error
     ids = embedded.tokenizer.encode("Experts route")
@@ -243,14 +252,14 @@ def test_logprobs_are_the_models_own(server: Server, stream: Stream, embedded):
         assert bytes(entry["bytes"]) == (embedded.tokenizer.token_bytes(ref.token) if entry["token"] else b"")
         assert abs(entry["logprob"] - ref.logprob) <= 1e-4 and len(entry["top_logprobs"]) == 3
         assert [t["token"] for t in entry["top_logprobs"]] == [embedded.tokenizer.decode([t]) for t, _ in ref.top]
-    stream.send("plain", prompt="Experts route", parameters=json.dumps({"max_tokens": 2}))
+    stream.send("plain", prompt="Experts route", sampling_parameters=json.dumps({"max_tokens": 2}))
     assert stream.reply("plain").logprobs == []
 
 
 def test_stop_string_is_honoured(server: Server, stream: Stream, embedded):
     full = embedded_reply(embedded, SamplingParams(max_new_tokens=16), prompt="Hello world").text
     stop = full[len(full) // 2: len(full) // 2 + 3]
-    stream.send("stop", prompt="Hello world", parameters=json.dumps({"max_tokens": 16, "stop": [stop]}))
+    stream.send("stop", prompt="Hello world", sampling_parameters=json.dumps({"max_tokens": 16, "stop": [stop]}))
     got = stream.reply("stop")
     assert got.error is None, got.error
     assert got.text == full[: full.index(stop)] and got.finish_reason == "stop"
@@ -263,7 +272,7 @@ def test_concurrent_streams_each_get_their_own_answer(server: Server, embedded):
     streams = {rid: Stream(server.url) for rid in requests}
     try:
         for rid, (prompt, max_tokens) in requests.items():  # all in flight before any is read
-            streams[rid].send(rid, prompt=prompt, parameters=json.dumps({"max_tokens": max_tokens}))
+            streams[rid].send(rid, prompt=prompt, sampling_parameters=json.dumps({"max_tokens": max_tokens}))
         replies = {}
         threads = [threading.Thread(target=lambda r=rid: replies.update(streams[r].replies([r]))) for rid in requests]
         for t in threads:
@@ -287,7 +296,7 @@ def test_concurrent_streams_each_get_their_own_answer(server: Server, embedded):
 def test_one_stream_carries_interleaved_requests(server: Server, stream: Stream, embedded):
     ids = [f"s{i}" for i in range(4)]
     for i, rid in enumerate(ids):
-        stream.send(rid, prompt=f"Story number {i}", parameters=json.dumps({"max_tokens": 6}))
+        stream.send(rid, prompt=f"Story number {i}", sampling_parameters=json.dumps({"max_tokens": 6}))
     replies = stream.replies(ids)
     for i, rid in enumerate(ids):
         assert replies[rid].text == embedded_reply(embedded, SamplingParams(max_new_tokens=6),
@@ -296,7 +305,7 @@ def test_one_stream_carries_interleaved_requests(server: Server, stream: Stream,
 
 def test_cancelled_request_stops_generating(server: Server, stream: Stream, embedded):
     gone = Stream(server.url)
-    gone.send("long", prompt="Tell me everything", parameters=json.dumps({"max_tokens": 4000}))
+    gone.send("long", prompt="Tell me everything", sampling_parameters=json.dumps({"max_tokens": 4000}))
     result, error = gone.events.get(timeout=RESPONSE_TIMEOUT)  # the first delta: it is generating
     assert error is None and result.get_response().id == "long"
     gone.client.stop_stream(cancel_requests=True)
@@ -305,24 +314,74 @@ def test_cancelled_request_stops_generating(server: Server, stream: Stream, embe
     while "request 'long' cancelled after" not in server.log.read_text():
         assert time.monotonic() < deadline, "the model did not notice the cancellation"
         time.sleep(0.1)
-    stream.send("next", prompt="Still there?", parameters=json.dumps({"max_tokens": 5}))
+    stream.send("next", prompt="Still there?", sampling_parameters=json.dumps({"max_tokens": 5}))
     want = embedded_reply(embedded, SamplingParams(max_new_tokens=5), prompt="Still there?")
     assert stream.reply("next").text == want.text
 
 
+def test_the_vllm_backend_interface(server: Server, stream: Stream, embedded):
+    """text_input + sampling_parameters, as clients of Triton's vLLM backend send them: one response
+    whose text_output is the prompt and the reply; stream=true streams deltas without the prompt."""
+    want = embedded_reply(embedded, SamplingParams(max_new_tokens=8, temperature=0.0), prompt="Hello world")
+    stream.send("v1", text_input="Hello world", sampling_parameters=json.dumps({"max_tokens": 8, "temperature": 0}))
+    got = stream.reply("v1")
+    assert got.error is None, got.error
+    assert got.outputs == ["Hello world" + want.text] and got.deltas == [want.text] and got.final
+    assert (got.finish_reason, got.completion_tokens) == (want.finish_reason, want.completion_tokens)
+    stream.send("v2", text_input="Hello world", sampling_parameters=json.dumps({"max_tokens": 8}), stream=True)
+    got = stream.reply("v2")
+    assert got.outputs[:-1] == want.deltas and got.outputs[-1] == "" and "".join(got.outputs) == want.text
+    stream.send("v3", text_input="Hello world", sampling_parameters='{"max_tokens": 8}', stream=True,
+                exclude_input_in_output=False)
+    assert "".join(stream.reply("v3").outputs) == "Hello world" + want.text
+
+
+def _http(url: str, body: dict) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=RESPONSE_TIMEOUT) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_the_generate_endpoints(server: Server, embedded):
+    """Triton's HTTP generate extension, curl-able: /generate answers one JSON object,
+    /generate_stream server-sent events; "parameters" carries the sampling fields."""
+    want = embedded_reply(embedded, SamplingParams(max_new_tokens=8), prompt="Hello world")
+    base = f"{server.http}/v2/models/{MODEL}"
+    code, raw = _http(f"{base}/generate", {"text_input": "Hello world", "parameters": {"max_tokens": 8}})
+    assert code == 200, raw
+    body = json.loads(raw)
+    assert body["text_output"] == "Hello world" + want.text and body["finish_reason"] == want.finish_reason
+    assert body["completion_tokens"] == want.completion_tokens and body["prompt_tokens"] == want.prompt_tokens
+    code, raw = _http(f"{base}/generate_stream", {"text_input": "Hello world", "stream": True,
+                                                 "parameters": {"max_tokens": 8}})
+    assert code == 200, raw
+    events = [json.loads(line[len("data: "):]) for line in raw.decode().splitlines() if line.startswith("data: ")]
+    assert len(events) > 2 and "".join(e["text_output"] for e in events) == want.text
+    assert events[-1]["finish_reason"] == want.finish_reason
+    code, raw = _http(f"{base}/generate", {"text_input": "Hello", "parameters": {"temprature": 0.5}})
+    assert code == 400 and b"unknown request parameter 'temprature'" in raw
+
+
 BAD_REQUESTS: list[tuple[dict[str, str | bytes], str]] = [
-    ({"prompt": "hi", "parameters": "{bad json"}, "input 'parameters' is not valid JSON"),
-    ({"prompt": "hi", "parameters": '{"max_tokens": 4, "best_of": 2}'}, "unknown parameter 'best_of'"),
-    ({"prompt": "hi", "parameters": '{"max_tokens": 4, "frequency_penalty": 3}'},
+    ({"prompt": "hi", "sampling_parameters": "{bad json"}, "input 'sampling_parameters' is not valid JSON"),
+    ({"prompt": "hi", "sampling_parameters": '{"max_tokens": 4, "best_of": 2}'}, "unknown parameter 'best_of'"),
+    ({"prompt": "hi", "sampling_parameters": '{"max_tokens": 4, "frequency_penalty": 3}'},
      "frequency_penalty must be in [-2, 2]"),
-    ({"prompt": "hi", "parameters": '{"logit_bias": {"999999": 1}}'}, "logit_bias keys must be token ids in"),
-    ({"prompt": "hi", "parameters": '{"temperature": -1}'}, "temperature must be >= 0"),
-    ({"prompt": "hi " * 33000, "parameters": '{"max_tokens": 4}'}, "over the limit"),
-    ({"prompt": "hi", "parameters": '{"max_tokens": 40000}'}, "over the limit"),
+    ({"prompt": "hi", "sampling_parameters": '{"logit_bias": {"999999": 1}}'}, "logit_bias keys must be token ids in"),
+    ({"prompt": "hi", "sampling_parameters": '{"temperature": -1}'}, "temperature must be >= 0"),
+    ({"prompt": "hi " * 33000, "sampling_parameters": '{"max_tokens": 4}'}, "over the limit"),
+    ({"prompt": "hi", "sampling_parameters": '{"max_tokens": 40000}'}, "over the limit"),
     ({"prompt": "hi", "messages": json.dumps(MESSAGES)}, "send exactly one of the inputs"),
     ({"messages": '[{"role": "robot", "content": "x"}]'}, "messages[0].role is 'robot'"),
     ({"prompt": b"\xff\xfe"}, "not valid UTF-8"),
     ({"prompt": "hi", "temperature": "0"}, "unexpected inference input 'temperature'"),  # refused by Triton itself
+    ({"prompt": "hi", "parameters": "{}"}, "unexpected inference input 'parameters'"),  # renamed sampling_parameters
 ]
 
 
@@ -333,7 +392,7 @@ def test_bad_requests_get_an_error_and_the_model_keeps_serving(server: Server, s
         got = stream.reply("bad")
         assert got.error is not None and message in got.error, (inputs.keys(), got)
         assert stream.events.empty()  # exactly one response: the error
-        stream.send("good", prompt="Still there?", parameters=json.dumps({"max_tokens": 5}))
+        stream.send("good", prompt="Still there?", sampling_parameters=json.dumps({"max_tokens": 5}))
         assert stream.reply("good").text == want.text
 
 
