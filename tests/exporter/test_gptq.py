@@ -330,3 +330,18 @@ def test_cli_exports_runs_and_checks_a_gptq_checkpoint(gptq_ck, tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["export", str(gptq_ck), "-o", str(tmp_path / "bad"), "--quantize", "int4"])
     assert r.exit_code != 0 and "already GPTQ-quantized" in r.output and "Traceback" not in r.output
+
+
+def test_check_refuses_a_reference_of_another_quantization(gptq_ck, tmp_path):
+    """A GPTQ artifact against a float reference would be compared with the float model quantized
+    round-to-nearest (labelled 'GPTQ'), and an RTN artifact against a GPTQ reference with GPTQ's
+    weights: both mismatch by the quantization error. One-line error, before any run."""
+    art = export(gptq_ck, tmp_path / "gq")
+    float_ck = gptq_ck.parent / "float"
+    with pytest.raises(chk.CheckError, match="GPTQ weights.*not a GPTQ checkpoint"):
+        chk.check([art], reference=float_ck, prompts=1, max_new_tokens=1)
+    rtn = export(float_ck, tmp_path / "rtn", quantize="int4")
+    with pytest.raises(chk.CheckError, match="is a GPTQ checkpoint.*quantized by qmoe export --quantize"):
+        chk.check([rtn], reference=gptq_ck, prompts=1, max_new_tokens=1)
+    r = CliRunner().invoke(main, ["check", str(art), "--reference", str(float_ck), "--max-new-tokens", "1"])
+    assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1, r.output
