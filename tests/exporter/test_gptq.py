@@ -345,3 +345,16 @@ def test_check_refuses_a_reference_of_another_quantization(gptq_ck, tmp_path):
         chk.check([rtn], reference=gptq_ck, prompts=1, max_new_tokens=1)
     r = CliRunner().invoke(main, ["check", str(art), "--reference", str(float_ck), "--max-new-tokens", "1"])
     assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_g_idx_is_optional_only_without_act_order(gptq_ck, tmp_path):
+    """Without g_idx a layer's groups are k // group_size; with desc_act true they are a permutation
+    only g_idx records, so a missing g_idx must not be read as the identity."""
+    ck = tmp_path / "ck"
+    shutil.copytree(gptq_ck, ck)
+    _edit_tensors(ck, lambda t: [t.pop(k) for k in [k for k in t if k.endswith(".g_idx")]])
+    export(ck, tmp_path / "a1")  # desc_act false: k // group_size
+    ck2 = _edit_config(ck, tmp_path / "ck2", desc_act=True)
+    with pytest.raises(CheckpointError, match=r"g_idx not found .*desc_act"):
+        export(ck2, tmp_path / "a2")
+    assert not (tmp_path / "a2").exists()
