@@ -240,8 +240,11 @@ class Checkpoint:
                 for part, (pshape, dtype) in gptq_shapes(name[:-7], shape[0], shape[1], self.gptq).items():
                     info = self.tensors.get(part)
                     if info is None:
-                        if part.endswith(".g_idx"):
+                        if part.endswith(".g_idx") and not self.gptq.desc_act:
                             continue  # optional: k // group_size when absent
+                        if part.endswith(".g_idx"):
+                            raise CheckpointError(f"{self.dir}: tensor {part} not found in the checkpoint; with "
+                                                  "desc_act true (act-order) it holds the layer's groups")
                         raise CheckpointError(f"{self.dir}: tensor {part} not found in the checkpoint (GPTQ layer "
                                               f"{name[:-7]} has a qweight)")
                     if info.shape != pshape or info.dtype != dtype and not (dtype == "float"

@@ -141,6 +141,10 @@ def _gptq_quant_config(ckpt: Checkpoint, target: str, quantize: str | None, bloc
     if quantize is not None or block is not None:
         raise ExportError(f"{ckpt.dir} is already GPTQ-quantized ({g.bits}-bit, group size {g.group_size}), and its "
                           "quantized layers go into the artifact as they are; drop --quantize/--quant-block-size")
+    if g.bits == 8 and activations == "float":
+        raise ExportError(f"{ckpt.dir} holds 8-bit GPTQ weights, which run with int8 activations (ONNX Runtime's "
+                          "CPU kernels for 8-bit weights with float activations are ~30x slower than float32); "
+                          "drop --quant-activations float")
     qc = QuantConfig.parse(f"int{g.bits}", g.group_size, activations)
     return replace(qc, method="gptq", symmetric=g.sym)
 

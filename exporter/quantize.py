@@ -327,6 +327,9 @@ class _Rewriter:
         for w, src in zip((fc1, fc2), srcs):
             E, N, K = _shape(w)
             if K % block:
+                if src is not None:
+                    raise QuantizeError(f"{w.name}: {K} input features are not a multiple of the GPTQ checkpoint's "
+                                        f"group_size {block}; ONNX Runtime's QMoE takes whole groups only")
                 raise QuantizeError(f"{w.name}: {K} input features are not a multiple of the quantization block "
                                     f"size {block}; choose a --quant-block-size that divides it")
             nbytes, nb = row_bytes(K, self.qc.bits, block)

@@ -303,6 +303,27 @@ def _checkpoint_name(hf_name: str) -> str:
     return hf_name
 
 
+def _same_quantization(artifact: Path, q: dict | None, reference: Path, gptq) -> None:
+    """A GPTQ artifact is compared with its GPTQ checkpoint (dequantized), any other with a float
+    checkpoint (quantized here as the artifact was): otherwise the reference would hold other
+    weights and the comparison would measure the quantization, not the runtime."""
+    method = None if q is None else q.get("method", "rtn")
+    if method == "gptq" and gptq is None:
+        raise CheckError(f"{artifact} holds GPTQ weights, but {reference} is not a GPTQ checkpoint; give the GPTQ "
+                         "checkpoint it was exported from as --reference")
+    if gptq is None:
+        return
+    if method != "gptq":
+        what = "float weights" if q is None else "weights quantized by qmoe export --quantize (round to nearest)"
+        raise CheckError(f"{reference} is a GPTQ checkpoint, but {artifact} holds {what}; give the checkpoint it "
+                         "was exported from as --reference")
+    assert q is not None
+    if (q["bits"], q["block_size"]) != (gptq.bits, gptq.group_size):
+        raise CheckError(f"{artifact} holds {q['bits']}-bit GPTQ weights in groups of {q['block_size']}, but "
+                         f"{reference} is {gptq.bits}-bit with group_size {gptq.group_size}; give the GPTQ "
+                         "checkpoint it was exported from as --reference")
+
+
 def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None, reference: str | Path | None = None,
           prompts: int = 4, max_new_tokens: int = 16, atol: float | None = None, device: str = "auto",
           progress: Callable[[str], None] | None = None) -> Report:
@@ -311,11 +332,17 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
         raise CheckError("give at least one artifact folder")
     if max_new_tokens < 1:
         raise CheckError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    ref_gptq = None
     if reference is not None:  # before any run: a local checkpoint folder, never a hub id
         from exporter.checkpoint import Checkpoint
 
-        Checkpoint(reference).close()  # one-line CheckpointError for a missing or broken folder
+        ref_ckpt = Checkpoint(reference)  # one-line CheckpointError for a missing or broken folder
+        ref_gptq = ref_ckpt.gptq
+        ref_ckpt.close()
     plan, skipped = plan_runs([Path(a) for a in artifacts], backends)
+    if reference is not None:  # before any run: the reference holds the artifacts' kind of weights
+        for p, _ in plan:
+            _same_quantization(p, mf.read(p).quantization, Path(reference), ref_gptq)
     if reference is None:  # before any run: the weights must be the same (activations may differ)
         kinds = {None if q is None else (q["bits"], q["block_size"], q.get("method", "rtn")) for q in (mf.read(p).quantization for p, _ in plan)}
         if len(kinds) > 1:

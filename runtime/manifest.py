@@ -116,7 +116,8 @@ def _check_types(m: Manifest) -> None:
                               and q.get("method", "rtn") in QUANT_METHODS and type(q.get("symmetric", True)) is bool
                               and (q.get("symmetric", True) or q.get("method") == "gptq")):
         raise TypeError(f"quantization is {q!r}; expected scheme {'/'.join(QUANT_SCHEMES)} with its bits, block_size "
-                        f"one of {QUANT_BLOCK_SIZES} and activations {'/'.join(QUANT_ACTIVATIONS)} (int8 for int8)")
+                        f"one of {QUANT_BLOCK_SIZES}, activations {'/'.join(QUANT_ACTIVATIONS)} (int8 for int8) and "
+                        f"method {'/'.join(QUANT_METHODS)} (symmetric false only for gptq)")
     for name, known in (("target", TARGETS), ("weight_dtype", DTYPES), ("compute_dtype", DTYPES)):
         if getattr(m, name) not in known:
             raise TypeError(f"{name} is {getattr(m, name)!r}, not one of {', '.join(known)}")

@@ -29,6 +29,7 @@ from exporter.export import ExportError, export
 from exporter.gptq import GptqError
 from exporter.tiny import tiny_config, write_checkpoint
 from runtime import check as chk
+from runtime.errors import QmoeError
 from runtime import manifest as mf
 from runtime.cli import main
 from runtime.sampling import SamplingParams
@@ -330,3 +331,75 @@ def test_cli_exports_runs_and_checks_a_gptq_checkpoint(gptq_ck, tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["export", str(gptq_ck), "-o", str(tmp_path / "bad"), "--quantize", "int4"])
     assert r.exit_code != 0 and "already GPTQ-quantized" in r.output and "Traceback" not in r.output
+
+
+def test_check_refuses_a_reference_of_another_quantization(gptq_ck, tmp_path):
+    """A GPTQ artifact against a float reference would be compared with the float model quantized
+    round-to-nearest (labelled 'GPTQ'), and an RTN artifact against a GPTQ reference with GPTQ's
+    weights: both mismatch by the quantization error. One-line error, before any run."""
+    art = export(gptq_ck, tmp_path / "gq")
+    float_ck = gptq_ck.parent / "float"
+    with pytest.raises(chk.CheckError, match="GPTQ weights.*not a GPTQ checkpoint"):
+        chk.check([art], reference=float_ck, prompts=1, max_new_tokens=1)
+    rtn = export(float_ck, tmp_path / "rtn", quantize="int4")
+    with pytest.raises(chk.CheckError, match="is a GPTQ checkpoint.*quantized by qmoe export --quantize"):
+        chk.check([rtn], reference=gptq_ck, prompts=1, max_new_tokens=1)
+    r = CliRunner().invoke(main, ["check", str(art), "--reference", str(float_ck), "--max-new-tokens", "1"])
+    assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_g_idx_is_optional_only_without_act_order(gptq_ck, tmp_path):
+    """Without g_idx a layer's groups are k // group_size; with desc_act true they are a permutation
+    only g_idx records, so a missing g_idx must not be read as the identity."""
+    ck = tmp_path / "ck"
+    shutil.copytree(gptq_ck, ck)
+    _edit_tensors(ck, lambda t: [t.pop(k) for k in [k for k in t if k.endswith(".g_idx")]])
+    export(ck, tmp_path / "a1")  # desc_act false: k // group_size
+    ck2 = _edit_config(ck, tmp_path / "ck2", desc_act=True)
+    with pytest.raises(CheckpointError, match=r"g_idx not found .*desc_act"):
+        export(ck2, tmp_path / "a2")
+    assert not (tmp_path / "a2").exists()
+
+
+def _header_only_gptq(folder: Path, group: int, bits: int = 4, **config) -> Path:
+    """A GPTQ checkpoint of tiny_config(**config) whose shards are headers over holes (the graph
+    rewrite reads no tensor data)."""
+    from exporter.gptq import GptqConfig
+    from exporter.gptq import expected_shapes as gptq_shapes
+    from runtime.config import ModelConfig
+
+    folder.mkdir(parents=True)
+    cfg = tiny_config(**config)
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": True,
+                                  "desc_act": False}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    c, g = ModelConfig.from_file(folder / "config.json"), GptqConfig.from_file(folder / "config.json")
+    header, offset = {}, 0
+    for name, shape in Checkpoint.expected_shapes_for(c, fused=False).items():
+        parts = ({k: ("F16" if d == "float" else d, s) for k, (s, d) in gptq_shapes(name[:-7], *shape, g).items()}
+                 if name.startswith("model.layers.") and name.endswith("_proj.weight") else {name: ("F16", shape)})
+        for k, (dtype, s) in parts.items():
+            n = (4 if dtype == "I32" else 2) * int(np.prod(s))
+            header[k] = {"dtype": dtype, "shape": list(s), "data_offsets": [offset, offset + n]}
+            offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with (folder / "model.safetensors").open("wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + offset)
+    return folder
+
+
+def test_gptq_errors_do_not_advise_options_gptq_refuses(tmp_path):
+    """--quantize/--quant-block-size are refused for GPTQ checkpoints, so their errors must not
+    suggest them."""
+    # experts whose inputs are not whole groups: QMoE cannot take them
+    ck = _header_only_gptq(tmp_path / "ck", 32, moe_intermediate_size=48)
+    with pytest.raises(QmoeError, match="group_size 32") as e:
+        export(ck, tmp_path / "a")
+    assert "--quant-block-size" not in str(e.value) and not (tmp_path / "a").exists()
+    # 8-bit GPTQ weights run with int8 activations
+    gq8 = _header_only_gptq(tmp_path / "ck8", 32, bits=8)
+    with pytest.raises(QmoeError, match="8-bit") as e:
+        export(gq8, tmp_path / "b", quant_activations="float")
+    assert "--quantize" not in str(e.value) and not (tmp_path / "b").exists()

@@ -45,3 +45,24 @@ def test_a_wrong_manifest_is_one_line_naming_the_file(tiny_artifact, tmp_path, e
         mf.read(folder)
     text = str(e.value)
     assert text.startswith(str(folder / mf.NAME)) and message in text and "\n" not in text, text
+
+
+Q = {"scheme": "int4", "bits": 4, "block_size": 32, "activations": "float"}
+
+
+@pytest.mark.parametrize("q, ok", [
+    (Q, True),  # written before GPTQ: no method or symmetric, read as round-to-nearest, symmetric
+    ({**Q, "method": "rtn", "symmetric": True}, True),
+    ({**Q, "method": "gptq", "symmetric": False}, True),
+    ({**Q, "method": "awq"}, False),
+    ({**Q, "method": "rtn", "symmetric": False}, False),  # qmoe's own quantizer has no zero points
+    ({**Q, "method": "gptq", "symmetric": "no"}, False),
+])
+def test_quantization_method_and_symmetry(tiny_artifact, tmp_path, q, ok):
+    folder = _with(tiny_artifact, tmp_path, _set(quantization=q))
+    if ok:
+        assert mf.read(folder).quantization == q
+        return
+    with pytest.raises(mf.ManifestError) as e:
+        mf.read(folder)
+    assert "method rtn/gptq" in str(e.value) and "\n" not in str(e.value), e.value
