@@ -261,11 +261,21 @@ def check(artifacts: tuple[str, ...], backends: str | None, reference: str | Non
 @click.option("--json-schema", default=None, help="Constrain the output to this JSON schema (a file or inline JSON).")
 @click.option("--regex", default=None, help="Constrain the output to this regular expression.")
 @click.option("--choice", multiple=True, help="Constrain the output to one of these strings (repeatable).")
+@click.option("--num-beams", type=int, default=None,
+              help="Beam search with this many beams (transformers' semantics; ONNX Runtime CPU) instead of sampling.")
+@click.option("--length-penalty", type=float, default=1.0, show_default=True,
+              help="Beam search: scores are sum(logprob) / length ** this.")
+@click.option("--early-stopping", type=click.Choice(["false", "true", "never"]), default="false", show_default=True,
+              help="Beam search: when to stop (transformers' early_stopping).")
+@click.option("--num-return-sequences", type=int, default=1, show_default=True,
+              help="Beam search: print this many of the best beams, with their scores.")
 @sampling_options
 @speculative_option
 @engine_options
 def run(artifact: str, prompt: str, as_chat: bool, json_schema: str | None, regex: str | None,
-        choice: tuple[str, ...], speculation: Any, backend: str, device: str, rope_mode: str | None, **kw: Any) -> None:
+        choice: tuple[str, ...], num_beams: int | None, length_penalty: float, early_stopping: str,
+        num_return_sequences: int, speculation: Any, backend: str, device: str, rope_mode: str | None,
+        **kw: Any) -> None:
     """Generate a completion for one prompt, streamed to stdout."""
     from dataclasses import replace
     from pathlib import Path
@@ -274,6 +284,12 @@ def run(artifact: str, prompt: str, as_chat: bool, json_schema: str | None, rege
     from .structured import StructuredOutput, StructuredOutputError
 
     sampling = _sampling(kw)
+    if num_beams is not None:
+        _beam_run(artifact, prompt, as_chat, sampling, num_beams, length_penalty, early_stopping, num_return_sequences,
+                  bool(json_schema or regex or choice), speculation, backend, device, rope_mode)
+        return
+    if num_return_sequences != 1 or length_penalty != 1.0 or early_stopping != "false":
+        raise click.UsageError("--length-penalty, --early-stopping and --num-return-sequences need --num-beams")
     asked = [name for name, v in (("--json-schema", json_schema), ("--regex", regex), ("--choice", choice or None))
              if v is not None]
     if len(asked) > 1:
@@ -313,6 +329,39 @@ def run(artifact: str, prompt: str, as_chat: bool, json_schema: str | None, rege
     for delta in deltas:
         click.echo(delta, nl=False)
     click.echo()
+
+
+def _beam_run(artifact: str, prompt: str, as_chat: bool, sampling: Any, num_beams: int, length_penalty: float,
+              early_stopping: str, num_return_sequences: int, structured: bool, speculation: Any, backend: str,
+              device: str, rope_mode: str | None) -> None:
+    """qmoe run --num-beams: the best beam's text (or the best n, each with its score)."""
+    from .beam import BeamSearchError, BeamSearchParams, beam_search
+    from .engine import RequestError, load
+    from .sampling import SamplingParams
+
+    default = SamplingParams()
+    sampled = [name for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                                 "frequency_penalty", "seed", "stop")
+               if getattr(sampling, name) != getattr(default, name)]
+    if sampled or structured or speculation is not None:
+        what = ", ".join(f"--{n.replace('_', '-')}" for n in sampled) or \
+            ("--speculative-config" if speculation is not None else "structured output")
+        raise BeamSearchError(f"beam search is deterministic and unconstrained: it does not take {what}")
+    params = BeamSearchParams(num_beams=num_beams, max_new_tokens=sampling.max_new_tokens,
+                              length_penalty=length_penalty,
+                              early_stopping={"false": False, "true": True}.get(early_stopping, early_stopping),
+                              num_return_sequences=num_return_sequences)
+    engine = load(artifact, backend=backend, device=device, rope_mode=rope_mode)
+    tok = engine.tokenizer
+    ids = tok.encode_chat([{"role": "user", "content": prompt}]) if as_chat else tok.encode(prompt)
+    if not ids:
+        raise RequestError("the prompt is empty")
+    beams = beam_search(engine, ids, params)
+    if num_return_sequences == 1:
+        click.echo(beams[0].text)
+        return
+    for i, b in enumerate(beams):
+        click.echo(f"[{i}] score {b.score:.4f} ({b.finish_reason}, {len(b.tokens)} tokens): {b.text}")
 
 
 @main.command()

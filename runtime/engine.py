@@ -225,7 +225,8 @@ class Engine:
             c1 = min(S, c0 + self.prefill_chunk)
             q = np.clip(lengths - c0, 0, c1 - c0).astype(np.int32)  # valid rows of this chunk
             last = np.clip(lengths - 1 - c0, 0, c1 - c0 - 1)[:, None].astype(np.int64)
-            logits = self.backend.step(cache, ids[:, c0:c1], q, np.minimum(lengths, c1) - 1, last)
+            # a row of length 0 (beam search prefills one row of its cache) is idle from the start
+            logits = self.backend.step(cache, ids[:, c0:c1], q, np.maximum(np.minimum(lengths, c1) - 1, 0), last)
             if out is None:
                 out = logits
             here = (lengths - 1 >= c0) & (lengths - 1 < c1)

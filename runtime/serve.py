@@ -73,7 +73,7 @@ log = logging.getLogger("qmoe.serve")
 UNSUPPORTED_FIELDS: Mapping[str, tuple[Any, ...]] = {
     "best_of": (1,), "suffix": ("",), "functions": ([],), "function_call": ("none", "auto"),
     # vLLM's, not implemented here
-    "spaces_between_special_tokens": (True,), "use_beam_search": (False,), "logits_processors": ([],),
+    "spaces_between_special_tokens": (True,), "logits_processors": ([],),
     "guided_whitespace_pattern": (), "structural_tag": (),
 }
 # Sampling fields a request (or generation_config.json) may set; top_k, min_p and repetition_penalty are vLLM's.
@@ -82,6 +82,8 @@ REQUEST_SAMPLING_FIELDS = SAMPLING_FIELDS + ("presence_penalty", "frequency_pena
 SCORING_AT_ONCE = 2  # echo requests scoring their prompts at once (each holds a prompt-sized cache)
 MAX_N = 128  # choices per prompt (each is a scheduler request; more than max_batch of them queue)
 MAX_PROMPTS = 64  # prompts per /v1/completions request
+BEAM_FIELDS = ("length_penalty", "early_stopping")  # vLLM's, with use_beam_search only
+BEAMS_AT_ONCE = 2  # beam searches running at once (each holds n rows of K/V)
 
 
 class APIError(QmoeError):
@@ -124,6 +126,7 @@ class GenerationRequest:
     named_tool: bool = False  # tool_choice names the function: finish_reason stays "stop", as OpenAI's
     arrived: float = 0.0  # time.monotonic() when the HTTP request came in (metrics: time to first token)
     priority: int = 0  # vLLM's: lower is served first (scheduling policy "priority")
+    beam: Any = None  # vLLM's use_beam_search: runtime.beam.BeamSearchParams (n beams, the n best returned)
 
     def tool_parser(self) -> ToolParser | None:
         return ToolParser(self.tool_limit) if self.parse_tools else None
@@ -210,6 +213,11 @@ class Service:
         for name, neutral in UNSUPPORTED_FIELDS.items():
             if body.get(name) is not None and body[name] not in neutral:
                 raise APIError(f"{name}={json.dumps(body[name])[:60]} is not supported by this server", param=name)
+        if _typed(body, "use_beam_search", (bool,), "true or false"):
+            return self._beam_request(kind, body)
+        for name in BEAM_FIELDS:
+            if body.get(name) is not None:
+                raise APIError(f"{name} needs use_beam_search: true", param=name)
         stream = bool(_typed(body, "stream", (bool,), "true or false"))
         options = _typed(body, "stream_options", (dict,), "an object") or {}
         if options and not stream:
@@ -259,6 +267,64 @@ class Service:
         return GenerationRequest(kind, ids, sampling, stream, include_usage, n or 1, text, generate, priority=priority,
                                  parse_tools=bool(tool_list) and choice != "none", tool_limit=None if parallel else 1,
                                  named_tool=choice not in ("none", "auto", "required"))
+
+    def _beam_request(self, kind: str, body: Mapping[str, Any]) -> GenerationRequest:
+        """vLLM's use_beam_search: n beams, the n best returned as the choices (runtime/beam.py,
+        transformers' semantics). Deterministic and unconstrained: sampling, structured output,
+        tools, logprobs, echo and streaming are refused rather than ignored."""
+        from .beam import MAX_BEAMS, BeamSearchError, BeamSearchParams
+
+        if not getattr(self.engine.backend, "can_copy_rows", False):
+            raise APIError("beam search runs on ONNX Runtime's CPU provider; this server's backend cannot reorder "
+                           "its K/V rows", param="use_beam_search")
+        for name in ("stream", "echo", "logprobs", "top_logprobs", "prompt_logprobs", "tools", "tool_choice",
+                     "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                     "guided_grammar", "min_tokens", "allowed_token_ids", "bad_words", "stop", "seed",
+                     "logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "top_p",
+                     "min_p", "truncate_prompt_tokens", "priority"):
+            value = body.get(name)
+            if value not in (None, False, "", [], {}):
+                raise APIError(f"{name} cannot be combined with use_beam_search (beam search is deterministic and "
+                               "unconstrained)", param=name)
+        temperature = body.get("temperature")
+        if temperature is not None and temperature not in (0, 0.0, 1, 1.0):
+            raise APIError("temperature cannot be combined with use_beam_search (beam search ranks the model's own "
+                           "log-probabilities)", param="temperature")
+        n = _typed(body, "n", (int,), "an integer")
+        n = 1 if n is None else n
+        if not 1 <= n <= MAX_BEAMS:
+            raise APIError(f"n (the beam width with use_beam_search) must be in [1, {MAX_BEAMS}], got {n}", param="n")
+        ids = self._prompt_ids(kind, body)
+        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _typed(body, name, (int,), "an integer")
+        if max_tokens is None:  # not the rest of the context: n beams of it would run for a very long time
+            raise APIError("use_beam_search needs max_tokens (or max_completion_tokens)", param="max_tokens")
+        if max_tokens < 1:
+            raise APIError(f"{name} must be at least 1, got {max_tokens}", param=name)
+        if len(ids) + max_tokens > self.context_limit:
+            raise APIError(f"this server's context is {self.context_limit} tokens; the prompt has {len(ids)} and "
+                           f"{name} is {max_tokens}; shorten the prompt or lower {name}",
+                           param=name, code="context_length_exceeded")
+        extra = _typed(body, "stop_token_ids", (list,), "a list of token ids") or []
+        try:
+            params = BeamSearchParams(
+                num_beams=n, max_new_tokens=max_tokens, num_return_sequences=n,
+                length_penalty=body["length_penalty"] if body.get("length_penalty") is not None else 1.0,
+                early_stopping=body["early_stopping"] if body.get("early_stopping") is not None else False,
+                stop_token_ids=(*self.engine.tokenizer.eos_token_ids, *extra) if extra else (),
+                ignore_eos=bool(_typed(body, "ignore_eos", (bool,), "true or false")))
+        except BeamSearchError as e:
+            raise APIError(str(e), param=str(e).split()[0]) from None
+        if any(t >= self.engine.config.vocab_size for t in params.stop_token_ids):
+            raise APIError(f"stop_token_ids must be token ids in [0, {self.engine.config.vocab_size})",
+                           param="stop_token_ids")
+        from .yarn import check_context
+
+        try:
+            check_context(self.engine.config, self.engine.rope_mode, len(ids), max_tokens)
+        except ContextLengthError as e:
+            raise APIError(str(e), param=name, code="context_length_exceeded") from None
+        return GenerationRequest(kind, ids, SamplingParams(max_new_tokens=max_tokens), False, False, n, beam=params)
 
     @staticmethod
     def _tools(kind: str, body: Mapping[str, Any]) -> tuple[list[dict[str, Any]] | None, str, bool]:
@@ -481,6 +547,7 @@ class EngineWorker:
         self.metrics: Metrics | None = None  # set by Service
         # echo + logprobs scores a prompt through a cache of its own: at most this many at once
         self.scoring = asyncio.Semaphore(SCORING_AT_ONCE)
+        self.beams = asyncio.Semaphore(BEAMS_AT_ONCE)
 
     @property
     def queued(self) -> int:
@@ -812,6 +879,26 @@ async def _whole(worker: EngineWorker, reqs: list[GenerationRequest], env: _Enve
     return JSONResponse(body)
 
 
+async def _beam_whole(worker: EngineWorker, reqs: list[GenerationRequest], env: _Envelope,
+                      request: Request) -> Response:
+    """use_beam_search: each prompt's beam search, one model step per worker call (other requests
+    step in between); its n best beams are the prompt's choices, best first."""
+    from .beam import beam_steps
+
+    done = object()
+    choices, completion = [], 0
+    for k, req in enumerate(reqs):
+        async with worker.beams:
+            steps = beam_steps(worker.engine, req.prompt_ids, req.beam)
+            while await worker.call(lambda: next(steps, done)) is not done:
+                if await request.is_disconnected():
+                    return Response(status_code=499)
+        for i, beam in enumerate(steps.result):
+            choices.append(_choice(req, k * req.n + i, beam.text, beam.finish_reason))
+            completion += len(beam.tokens)
+    return JSONResponse(env.body(choices, _usage(reqs, completion)))
+
+
 async def _chunks(worker: EngineWorker, reqs: list[GenerationRequest], env: _Envelope,
                   tokenizer: Tokenizer) -> AsyncIterator[str]:
     # The jobs are queued only once the response streams, and whatever ends the stream early (a
@@ -909,6 +996,8 @@ def create_app(engine: Engine, model_name: str, defaults: Mapping[str, Any] | No
         reqs = [replace(req, arrived=arrived) for req in reqs]
         env = _Envelope(reqs[0], service.model_name)
         service.worker.check_open()  # before a stream's headers go out
+        if reqs[0].beam is not None:
+            return await _beam_whole(service.worker, reqs, env, request)
         if reqs[0].stream:
             return StreamingResponse(_chunks(service.worker, reqs, env, engine.tokenizer),
                                      media_type="text/event-stream",

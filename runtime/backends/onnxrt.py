@@ -109,6 +109,20 @@ class OnnxRuntimeBackend:
             kv = _host_view(value, self.dtype)
             kv[dst, :, :rows] = kv[src, :, :rows]
 
+    def reorder_rows(self, cache: OrtCache, parents: np.ndarray, rows: int) -> None:
+        """Sequence i's K/V rows [0, rows) become those of sequence parents[i], every layer (beam
+        search: beams follow the beams they forked from)."""
+        if not self.can_copy_rows:
+            raise BackendError("reorder_rows needs the CPU provider")
+        parents = np.asarray(parents, np.int64)
+        if len(parents) > cache.batch or not ((0 <= parents) & (parents < cache.batch)).all() \
+                or not 0 <= rows <= cache.capacity:
+            raise BackendError(f"reorder_rows({parents.tolist()}, {rows}) outside a cache of batch {cache.batch}, "
+                               f"capacity {cache.capacity}")
+        for value in cache.values:
+            kv = _host_view(value, self.dtype)
+            kv[: len(parents), :, :rows] = kv[parents, :, :rows]  # the right side is gathered first
+
     def bind_rope(self, cache: OrtCache, cos: np.ndarray, sin: np.ndarray) -> None:
         cache.cos = self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(cos, self.dtype), self.device, 0)
         cache.sin = self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(sin, self.dtype), self.device, 0)

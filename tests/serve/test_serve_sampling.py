@@ -288,7 +288,7 @@ def test_echo_without_logprobs_and_its_errors(client, server) -> None:
                         ({"model": MODEL, "prompt": "x", "max_tokens": 0}, "max_tokens"),
                         ({"model": MODEL, "prompt": "x", "max_tokens": False, "echo": True}, "max_tokens"),
                         ({"model": MODEL, "prompt": "x", "max_tokens": 0.0, "echo": True}, "max_tokens"),
-                        ({"model": MODEL, "prompt": "x", "use_beam_search": True}, "use_beam_search"),
+                        ({"model": MODEL, "prompt": "x", "use_beam_search": True}, "max_tokens"),
                         ({"model": MODEL, "prompt": "x", "guided_choice": {"a": 1}}, "guided_choice"),
                         ({"model": MODEL, "prompt": "x", "echo": "yes"}, "echo")]:
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"

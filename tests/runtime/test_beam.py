@@ -1,0 +1,115 @@
+"""Beam search (runtime/beam.py) against transformers' own `generate(num_beams=K, do_sample=False)`
+on the tiny checkpoint: the same sequences in the same order, scores within 1e-4 (transformers
+scores in float32). Stop ids are picked from tokens the beams actually produce, so hypotheses
+finish at different steps and the finishing, length-penalty and early-stopping rules all act."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import runtime
+from runtime.beam import BeamSearchError, BeamSearchParams, beam_search
+from tests.helpers import hf_model
+
+PROMPT = [9707, 11, 1879, 0, 220]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_artifact):
+    return runtime.load(tiny_artifact)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_checkpoint):
+    return hf_model(tiny_checkpoint)
+
+
+def hf_beams(model, prompt, K, N, length_penalty, early_stopping, eos):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), num_beams=K, do_sample=False, max_new_tokens=N,
+                             length_penalty=length_penalty, early_stopping=early_stopping, num_return_sequences=K,
+                             output_scores=True, return_dict_in_generate=True, repetition_penalty=1.0,
+                             temperature=None, top_p=None, top_k=None, eos_token_id=list(eos), pad_token_id=eos[0])
+    seqs = []
+    for s in out.sequences.tolist():
+        gen = s[len(prompt):]
+        for i, t in enumerate(gen):  # what follows a finishing eos is padding
+            if t in eos:
+                gen = gen[: i + 1]
+                break
+        seqs.append(gen)
+    # one beam: transformers runs greedy search, which reports no sequence scores
+    return seqs, out.sequences_scores.tolist() if K > 1 else None
+
+
+def frequent_tokens(engine, K, N, every: bool = False) -> list[int]:
+    """Tokens the unconstrained beams produce at their 3rd and 5th steps (every: at any step): as
+    stop ids they end hypotheses early, at different steps (every: most candidates stop, so the
+    finished set fills early and the early-stopping rules decide)."""
+    free = beam_search(engine, PROMPT, BeamSearchParams(num_beams=K, max_new_tokens=N, num_return_sequences=K,
+                                                        ignore_eos=True))
+    if every:
+        return list(dict.fromkeys(t for b in free for t in b.tokens[1:]))
+    picks = [b.tokens[2] for b in free[:2]] + [free[-1].tokens[4]]
+    return list(dict.fromkeys(picks))
+
+
+@pytest.mark.parametrize("K,N,length_penalty,early_stopping", [
+    (4, 12, 1.0, False), (3, 10, 0.0, "never"), (2, 8, 2.0, True), (5, 9, -0.5, False), (1, 6, 1.0, False),
+    (4, 10, 1.0, True), (3, 8, 1.5, "never"),
+])
+@pytest.mark.parametrize("stops", ["eos", "hit", "many"])
+def test_beams_equal_transformers(engine, hf, K, N, length_penalty, early_stopping, stops):
+    eos = tuple(engine.tokenizer.eos_token_ids) if stops == "eos" else \
+        tuple(frequent_tokens(engine, max(K, 2), N, every=stops == "many"))
+    ours = beam_search(engine, PROMPT, BeamSearchParams(num_beams=K, max_new_tokens=N, length_penalty=length_penalty,
+                                                        early_stopping=early_stopping, num_return_sequences=K,
+                                                        stop_token_ids=eos))
+    seqs, scores = hf_beams(hf, PROMPT, K, N, length_penalty, early_stopping, eos)
+    assert [b.tokens for b in ours] == seqs
+    if scores is not None:
+        assert np.allclose([b.score for b in ours], scores, atol=1e-4, rtol=0)
+    assert [b.finish_reason for b in ours] == ["stop" if s[-1] in eos else "length" for s in seqs]
+    if stops == "hit" and length_penalty <= 1.0 and K > 1:  # (a penalty > 1 favours the longer, unstopped ones)
+        assert any(b.finish_reason == "stop" for b in ours)  # the stop ids did end hypotheses
+    assert all(b.text == engine.tokenizer.decode(b.tokens, skip_special_tokens=True) for b in ours)
+
+
+def test_one_beam_is_greedy(engine):
+    from runtime.sampling import SamplingParams
+
+    greedy = engine.generate([PROMPT], SamplingParams(max_new_tokens=10, ignore_eos=True))[0].tokens
+    (beam,) = beam_search(engine, PROMPT, BeamSearchParams(num_beams=1, max_new_tokens=10, ignore_eos=True))
+    assert beam.tokens == greedy
+
+
+def test_best_first_and_num_return_sequences(engine):
+    beams = beam_search(engine, PROMPT, BeamSearchParams(num_beams=4, max_new_tokens=6, num_return_sequences=3))
+    assert len(beams) == 3 and [b.score for b in beams] == sorted((b.score for b in beams), reverse=True)
+    assert len({tuple(b.tokens) for b in beams}) == 3
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(num_beams=0), "num_beams must be an integer in"),
+    (dict(num_beams=17), "num_beams must be an integer in"),
+    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences must be an integer in"),
+    (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    (dict(length_penalty=float("nan")), "length_penalty must be a finite number"),
+    (dict(early_stopping="sometimes"), "early_stopping must be"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"),
+])
+def test_bad_parameters(kw, match):
+    with pytest.raises(BeamSearchError, match=match):
+        BeamSearchParams(**kw)
+
+
+def test_bad_prompts_and_context(engine):
+    from runtime.engine import RequestError
+    from runtime.yarn import ContextLengthError
+
+    with pytest.raises(RequestError):
+        beam_search(engine, [], BeamSearchParams())
+    with pytest.raises(ContextLengthError):
+        beam_search(engine, PROMPT, BeamSearchParams(max_new_tokens=10**6))
