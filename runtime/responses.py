@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -98,8 +99,17 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
                         "content": _text_of(item.get("content"), where)})
         elif kind == "function_call":
             for name in ("call_id", "name", "arguments"):
-                if not isinstance(item.get(name), str):
-                    raise APIError(f"{where}.{name} must be a string", param="input")
+                if not isinstance(item.get(name), str) or (name == "name" and not item[name]):
+                    what = "a non-empty string" if name == "name" else "a string"
+                    raise APIError(f"{where}.{name} must be {what}", param="input")
+            try:  # as the chat template reads them ("" is {})
+                arguments = json.loads(item["arguments"] or "{}")
+            except json.JSONDecodeError as e:
+                raise APIError(f"{where}.arguments is not valid JSON ({e})", param="input") from None
+            except RecursionError:
+                raise APIError(f"{where}.arguments is nested too deeply", param="input") from None
+            if not isinstance(arguments, dict):
+                raise APIError(f"{where}.arguments must be a JSON object", param="input")
             call = {"id": item["call_id"], "type": "function",
                     "function": {"name": item["name"], "arguments": item["arguments"]}}
             last = out[-1] if out else None
@@ -391,6 +401,22 @@ def _check_metadata(body: Mapping[str, Any]) -> None:
         raise APIError("truncation must be auto or disabled", param="truncation")
 
 
+# The chat request's fields an error from Service.parse can name -> the Responses fields they came from.
+CHAT_FIELDS = {"max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
+               "response_format": "text.format", "messages": "input"}
+_CHAT_FIELD = re.compile(r"\b(max_completion_tokens|max_tokens|response_format)\b")
+
+
+def _renamed(e: APIError) -> APIError:
+    """A chat-route error in the Responses request's own terms (its param and the fields its
+    message names)."""
+    if e.param not in CHAT_FIELDS and not _CHAT_FIELD.search(str(e)):
+        return e
+    message = _CHAT_FIELD.sub(lambda m: CHAT_FIELDS[m.group(1)], str(e))
+    return APIError(message, status=e.status, param=CHAT_FIELDS.get(e.param or "", e.param), code=e.code,
+                    type=e.type)
+
+
 def _parse(service: "Service", body: Mapping[str, Any], store: ResponseStore) -> tuple[Translated, GenerationRequest]:
     """The request as the chat route parses it; truncation "auto" drops the oldest conversation
     items (never the last one) until the prompt fits, as OpenAI does."""
@@ -403,7 +429,7 @@ def _parse(service: "Service", body: Mapping[str, Any], store: ResponseStore) ->
             messages = t.chat["messages"]
             system = 1 if messages and messages[0]["role"] == "system" and body.get("instructions") else 0
             if e.code != "context_length_exceeded" or body.get("truncation") != "auto" or len(messages) - system < 2:
-                raise
+                raise _renamed(e) from None
             del messages[system]
             t.history = t.history[1:]
 

@@ -224,7 +224,17 @@ def test_logprobs_equal_the_chat_routes(client) -> None:
     ({"input": "hi", "truncation": "sometimes"}, 400, "truncation"),
     ({"input": "hi", "text": {"format": {"type": "yaml"}}}, 400, "text.format"),
     ({"input": "hi", "tool_choice": {"type": "allowed_tools"}}, 400, "tool_choice"),
-    ({"input": "hi", "max_output_tokens": 0}, 400, "max_completion_tokens"),
+    # errors name the Responses request's fields, not the chat request it becomes
+    ({"input": "hi", "max_output_tokens": 0}, 400, "max_output_tokens"),
+    ({"input": "hi", "max_output_tokens": "5"}, 400, "max_output_tokens"),
+    ({"input": "hi", "max_output_tokens": 10 ** 9}, 400, "max_output_tokens"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema"}}}, 400, "text.format"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "bogus"}}}}, 400,
+     "text.format"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "not json"}]}, 400, "input"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}]}, 400, "input"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "", "arguments": "{}"}]}, 400, "input"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[" * 100000}]}, 400, "input"),
     ({"input": "hi", "temperature": -1}, 400, "temperature"),
     ({"input": "hi", "previous_response_id": "resp_nope"}, 404, "previous_response_id"),
     ({"input": "hi", "model": "gpt-4o"}, 404, "model"),
@@ -233,6 +243,9 @@ def test_bad_requests_get_openai_errors(server, body, status, param) -> None:
     code, out = post(f"{server.url}/v1/responses", {"model": MODEL, **body} if "model" not in body else body)
     assert code == status, out
     assert out["error"]["param"] == param and "\n" not in out["error"]["message"]
+    message = out["error"]["message"]
+    assert not any(f in message for f in ("max_completion_tokens", "max_tokens", "response_format", "messages[")), \
+        message
 
 
 def test_truncation_auto_drops_the_oldest_items(client, server, embedded) -> None:
@@ -245,6 +258,10 @@ def test_truncation_auto_drops_the_oldest_items(client, server, embedded) -> Non
               {"role": "user", "content": "Short question?"}]
     code, out = post(f"{server.url}/v1/responses", {"model": MODEL, "input": inputs, "max_output_tokens": 4})
     assert code == 400 and out["error"]["code"] == "context_length_exceeded"
+    assert out["error"]["param"] == "max_output_tokens" and "max_output_tokens is 4" in out["error"]["message"]
+    code, out = post(f"{server.url}/v1/responses", {"model": MODEL, "input": inputs})  # no max_output_tokens
+    assert code == 400 and out["error"]["code"] == "context_length_exceeded", out
+    assert out["error"]["param"] == "max_output_tokens" and "max_tokens" not in out["error"]["message"]
     r = client.responses.create(model=MODEL, input=inputs, max_output_tokens=4, truncation="auto")
     kept = [{"role": "assistant", "content": long_text}, {"role": "user", "content": "Short question?"}]
     if len(embedded.tokenizer.encode_chat(kept)) + 4 > limit:
