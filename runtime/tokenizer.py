@@ -254,6 +254,8 @@ def assistant_calls(value: Any, where: str) -> list[dict[str, Any]]:
                 args = json.loads(args or "{}")
             except json.JSONDecodeError as e:
                 raise ChatMessageError(f"{where}.tool_calls[{j}].function.arguments is not valid JSON ({e})") from None
+            except RecursionError:
+                raise ChatMessageError(f"{where}.tool_calls[{j}].function.arguments is nested too deeply") from None
         if not isinstance(args, dict):
             raise ChatMessageError(f"{where}.tool_calls[{j}].function.arguments must be a JSON object")
         out.append({"id": str(call.get("id") or ""), "type": "function", "function": {"name": name, "arguments": args}})

@@ -169,6 +169,10 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None, str | None]] = [
      b'{"model": "tiny-moe", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, None, None),
     ("lone surrogate in prompt", "/v1/completions", b'{"model": "tiny-moe", "prompt": "a\\udfffb"}', 400, None, None),
     ("nested too deeply", "/v1/chat/completions", b"[" * 100000 + b"]" * 100000, 400, None, None),
+    ("tool call arguments nested too deeply", "/v1/chat/completions",
+     {**GOOD, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[" * 100000}}]}]}, 400, "messages",
+     None),
     ("integer of 5000 digits", "/v1/completions",
      b'{"model": "tiny-moe", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", 400, None, None),
     ("stream not a bool", "/v1/chat/completions", {**GOOD, "stream": "yes"}, 400, "stream", None),
