@@ -35,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from . import request_json
 from .sampling import MAX_TOP_LOGPROBS, TokenLogprob, chat_logprob
 from .serve import (REQUEST_SAMPLING_FIELDS, APIError, Finished, GenerationRequest, _server_error, _typed,
                     _until_disconnected, parse_body, results)
@@ -103,11 +104,9 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
                     what = "a non-empty string" if name == "name" else "a string"
                     raise APIError(f"{where}.{name} must be {what}", param="input")
             try:  # as the chat template reads them ("" is {})
-                arguments = json.loads(item["arguments"] or "{}")
-            except json.JSONDecodeError as e:
+                arguments = request_json.loads(item["arguments"] or "{}")
+            except request_json.RequestJSONError as e:
                 raise APIError(f"{where}.arguments is not valid JSON ({e})", param="input") from None
-            except RecursionError:
-                raise APIError(f"{where}.arguments is nested too deeply", param="input") from None
             if not isinstance(arguments, dict):
                 raise APIError(f"{where}.arguments must be a JSON object", param="input")
             call = {"id": item["call_id"], "type": "function",

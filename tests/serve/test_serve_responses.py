@@ -235,6 +235,8 @@ def test_logprobs_equal_the_chat_routes(client) -> None:
     ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}]}, 400, "input"),
     ({"input": [{"type": "function_call", "call_id": "c", "name": "", "arguments": "{}"}]}, 400, "input"),
     ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[" * 100000}]}, 400, "input"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": '{"a": ' + "9" * 5000 + "}"}]},
+     400, "input"),
     ({"input": "hi", "temperature": -1}, 400, "temperature"),
     ({"input": "hi", "previous_response_id": "resp_nope"}, 404, "previous_response_id"),
     ({"input": "hi", "model": "gpt-4o"}, 404, "model"),
