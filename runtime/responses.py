@@ -86,10 +86,18 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise APIError("input must be a string or a non-empty list of input items", param="input")
     out: list[dict[str, Any]] = []
+    ids: set[str] = set()
     for i, item in enumerate(value):
         where = f"input[{i}]"
         if not isinstance(item, dict):
             raise APIError(f"{where} must be an object", param="input")
+        item_id = item.get("id")
+        if item_id is not None:  # /input_items pages by id: each must be a string, and only once
+            if not isinstance(item_id, str) or not item_id:
+                raise APIError(f"{where}.id must be a non-empty string", param="input")
+            if item_id in ids:
+                raise APIError(f"{where}: duplicate item found with id {item_id!r}", param="input")
+            ids.add(item_id)
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
@@ -186,12 +194,21 @@ class Translated:
 
 
 def _items(value: Any) -> list[dict[str, Any]]:
-    """The input as Responses items with ids (for /input_items)."""
+    """The input as Responses items with ids (for /input_items), as OpenAI lists them: message
+    content as parts (input_text, or output_text for the assistant's), each item with a status."""
     if isinstance(value, str):
-        value = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}]
+        value = [{"type": "message", "role": "user", "content": value}]
     prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
-    return [{"id": _id(prefix.get(item.get("type", "message"), "item")), "type": "message", **item}
-            if "id" not in item else {"type": "message", **item} for item in value]
+    out = []
+    for item in value:
+        kind = item.get("type", "message")
+        entry = {"type": kind, "status": "completed", **{k: v for k, v in item.items() if v is not None}}
+        entry.setdefault("id", _id(prefix.get(kind, "item")))
+        if kind == "message" and isinstance(item.get("content"), str):
+            entry["content"] = [{"type": "output_text", "text": item["content"], "annotations": []}
+                                if item.get("role") == "assistant" else {"type": "input_text", "text": item["content"]}]
+        out.append(entry)
+    return out
 
 
 def translate(body: Mapping[str, Any], store: "ResponseStore") -> Translated:

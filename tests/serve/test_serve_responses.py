@@ -110,12 +110,14 @@ def test_store_retrieve_delete_and_input_items(client, server) -> None:
     got = client.responses.retrieve(r.id)
     assert got.model_dump() == r.model_dump()
     desc = client.responses.input_items.list(r.id)  # newest first by default, as OpenAI lists them
-    assert [i.content for i in desc.data] == [f"line {i}" for i in reversed(range(5))]
+    assert [i.content[0].text for i in desc.data] == [f"line {i}" for i in reversed(range(5))]
     status, page = post(f"{server.url}/v1/responses/{r.id}/input_items?order=asc&limit=2", {}, method="GET")
-    assert status == 200 and page["has_more"] is True and [i["content"] for i in page["data"]] == ["line 0", "line 1"]
+    assert status == 200 and page["has_more"] is True
+    assert [i["content"][0]["text"] for i in page["data"]] == ["line 0", "line 1"]
     status, rest = post(f"{server.url}/v1/responses/{r.id}/input_items?order=asc&limit=10&after={page['last_id']}", {},
                         method="GET")
-    assert [i["content"] for i in rest["data"]] == ["line 2", "line 3", "line 4"] and rest["has_more"] is False
+    assert [i["content"][0]["text"] for i in rest["data"]] == ["line 2", "line 3", "line 4"]
+    assert rest["has_more"] is False
     status, out = post(f"{server.url}/v1/responses/{r.id}", {}, method="DELETE")
     assert (status, out) == (200, {"id": r.id, "object": "response", "deleted": True})
     with pytest.raises(openai.NotFoundError):
@@ -270,3 +272,38 @@ def test_truncation_auto_drops_the_oldest_items(client, server, embedded) -> Non
         kept = kept[1:]
     assert r.usage.input_tokens == len(embedded.tokenizer.encode_chat(kept))
     assert r.truncation == "auto"
+
+
+def test_input_item_ids_are_unique_strings(client, server) -> None:
+    """input_items pages by id (`after`): an id given twice would send the official client's
+    auto-pagination round in circles, so it is a 400 as on OpenAI ("Duplicate item found")."""
+    def body(ids):
+        return {"model": MODEL, "max_output_tokens": 2,
+                "input": [{"id": i, "type": "message", "role": "user", "content": "x"} for i in ids]}
+
+    for ids in (["msg_a", "msg_b", "msg_a", "msg_c"], [5], [""], [["msg_a"]]):
+        code, out = post(f"{server.url}/v1/responses", body(ids))
+        assert code == 400 and out["error"]["param"] == "input", (ids, out)
+    # ids given are kept, the rest get theirs; an id of null is no id; every page is reached once
+    code, r = post(f"{server.url}/v1/responses", body(["msg_a", None, "msg_b", None]))
+    assert code == 200, r
+    seen = [i.id for i in client.responses.input_items.list(r["id"], order="asc", limit=1)]
+    assert seen[0] == "msg_a" and seen[2] == "msg_b" and len(set(seen)) == 4 and all(seen)
+
+
+def test_input_items_have_openai_shape(client) -> None:
+    """Listed input items are what OpenAI lists: message content as parts (input_text, or
+    output_text for the assistant's), each item with a status."""
+    r = client.responses.create(model=MODEL, max_output_tokens=2, input=[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "developer", "content": [{"type": "input_text", "text": "be brief"}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "18C"}])
+    items = [i.model_dump(exclude_none=True) for i in client.responses.input_items.list(r.id, order="asc")]
+    assert [(i["type"], i.get("role")) for i in items] == [
+        ("message", "user"), ("message", "assistant"), ("message", "developer"), ("function_call", None),
+        ("function_call_output", None)]
+    assert items[0]["content"] == [{"type": "input_text", "text": "hi"}]
+    assert items[1]["content"] == [{"type": "output_text", "text": "hello", "annotations": []}]
+    assert items[2]["content"] == [{"type": "input_text", "text": "be brief"}]
+    assert all(i["status"] == "completed" and i["id"] for i in items)
