@@ -52,8 +52,7 @@ PASSED_THROUGH = (*REQUEST_SAMPLING_FIELDS, "seed", "stop", "stop_token_ids", "i
                   "allowed_token_ids", "bad_words", "include_stop_str_in_output", "skip_special_tokens", "priority",
                   "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 # Responses fields whose non-default values this server cannot honour.
-UNSUPPORTED = {"background": (False,), "conversation": (), "prompt": (), "max_tool_calls": (),
-               "stream_options": ()}
+UNSUPPORTED = {"background": (False,), "conversation": (), "prompt": (), "max_tool_calls": ()}
 
 
 def _id(prefix: str) -> str:
@@ -232,9 +231,20 @@ def translate(body: Mapping[str, Any], store: "ResponseStore") -> Translated:
     history += input_messages(body["input"])
     messages = ([{"role": "system", "content": instructions}] if instructions else []) + history
     include = _typed(body, "include", (list,), "a list of strings") or []
+    if not all(isinstance(x, str) for x in include):
+        raise APIError("include must be a list of strings", param="include")
+    _typed(body, "store", (bool,), "true or false")
+    _typed(body, "user", (str,), "a string")
     top = _typed(body, "top_logprobs", (int,), f"an integer in [0, {MAX_TOP_LOGPROBS}]")
     logprobs = LOGPROBS_INCLUDE in include or top is not None
     chat: dict[str, Any] = {"messages": messages, "stream": bool(_typed(body, "stream", (bool,), "true or false"))}
+    options = _typed(body, "stream_options", (dict,), "an object")
+    if options is not None:  # no obfuscation is sent: only asking for none can be honoured
+        if not chat["stream"]:
+            raise APIError("stream_options is only allowed with stream: true", param="stream_options")
+        if set(options) - {"include_obfuscation"} or options.get("include_obfuscation") not in (None, False):
+            raise APIError("stream_options: only {\"include_obfuscation\": false} is supported (this server sends no "
+                           "obfuscation)", param="stream_options")
     if body.get("model") is not None:
         chat["model"] = body["model"]
     if body.get("max_output_tokens") is not None:

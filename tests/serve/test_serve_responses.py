@@ -241,6 +241,12 @@ def test_logprobs_equal_the_chat_routes(client) -> None:
      400, "input"),
     ({"input": "hi", "temperature": -1}, 400, "temperature"),
     ({"input": "hi", "previous_response_id": "resp_nope"}, 404, "previous_response_id"),
+    ({"input": "hi", "store": "no"}, 400, "store"),
+    ({"input": "hi", "user": 5}, 400, "user"),
+    ({"input": "hi", "include": [1]}, 400, "include"),
+    ({"input": "hi", "stream_options": {"include_obfuscation": False}}, 400, "stream_options"),  # without stream
+    ({"input": "hi", "stream": True, "stream_options": {"include_obfuscation": True}}, 400, "stream_options"),
+    ({"input": "hi", "stream": True, "stream_options": "x"}, 400, "stream_options"),
     ({"input": "hi", "model": "gpt-4o"}, 404, "model"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, param) -> None:
@@ -307,3 +313,11 @@ def test_input_items_have_openai_shape(client) -> None:
     assert items[1]["content"] == [{"type": "output_text", "text": "hello", "annotations": []}]
     assert items[2]["content"] == [{"type": "input_text", "text": "be brief"}]
     assert all(i["status"] == "completed" and i["id"] for i in items)
+
+
+def test_stream_options_without_obfuscation(client) -> None:
+    """include_obfuscation false (what this server does anyway) is accepted, as OpenAI takes it."""
+    events = list(client.responses.create(model=MODEL, input="hi", max_output_tokens=2, stream=True,
+                                          stream_options={"include_obfuscation": False}))
+    assert events[-1].type == "response.incomplete"
+    assert all(getattr(e, "obfuscation", None) is None for e in events)
