@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -34,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from . import request_json
 from .sampling import MAX_TOP_LOGPROBS, TokenLogprob, chat_logprob
 from .serve import (REQUEST_SAMPLING_FIELDS, APIError, Finished, GenerationRequest, _server_error, _typed,
                     _until_disconnected, parse_body, results)
@@ -50,8 +52,7 @@ PASSED_THROUGH = (*REQUEST_SAMPLING_FIELDS, "seed", "stop", "stop_token_ids", "i
                   "allowed_token_ids", "bad_words", "include_stop_str_in_output", "skip_special_tokens", "priority",
                   "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 # Responses fields whose non-default values this server cannot honour.
-UNSUPPORTED = {"background": (False,), "conversation": (), "prompt": (), "max_tool_calls": (),
-               "stream_options": ()}
+UNSUPPORTED = {"background": (False,), "conversation": (), "prompt": (), "max_tool_calls": ()}
 
 
 def _id(prefix: str) -> str:
@@ -84,10 +85,18 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise APIError("input must be a string or a non-empty list of input items", param="input")
     out: list[dict[str, Any]] = []
+    ids: set[str] = set()
     for i, item in enumerate(value):
         where = f"input[{i}]"
         if not isinstance(item, dict):
             raise APIError(f"{where} must be an object", param="input")
+        item_id = item.get("id")
+        if item_id is not None:  # /input_items pages by id: each must be a string, and only once
+            if not isinstance(item_id, str) or not item_id:
+                raise APIError(f"{where}.id must be a non-empty string", param="input")
+            if item_id in ids:
+                raise APIError(f"{where}: duplicate item found with id {item_id!r}", param="input")
+            ids.add(item_id)
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
@@ -98,8 +107,15 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
                         "content": _text_of(item.get("content"), where)})
         elif kind == "function_call":
             for name in ("call_id", "name", "arguments"):
-                if not isinstance(item.get(name), str):
-                    raise APIError(f"{where}.{name} must be a string", param="input")
+                if not isinstance(item.get(name), str) or (name == "name" and not item[name]):
+                    what = "a non-empty string" if name == "name" else "a string"
+                    raise APIError(f"{where}.{name} must be {what}", param="input")
+            try:  # as the chat template reads them ("" is {})
+                arguments = request_json.loads(item["arguments"] or "{}")
+            except request_json.RequestJSONError as e:
+                raise APIError(f"{where}.arguments is not valid JSON ({e})", param="input") from None
+            if not isinstance(arguments, dict):
+                raise APIError(f"{where}.arguments must be a JSON object", param="input")
             call = {"id": item["call_id"], "type": "function",
                     "function": {"name": item["name"], "arguments": item["arguments"]}}
             last = out[-1] if out else None
@@ -177,12 +193,21 @@ class Translated:
 
 
 def _items(value: Any) -> list[dict[str, Any]]:
-    """The input as Responses items with ids (for /input_items)."""
+    """The input as Responses items with ids (for /input_items), as OpenAI lists them: message
+    content as parts (input_text, or output_text for the assistant's), each item with a status."""
     if isinstance(value, str):
-        value = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}]
+        value = [{"type": "message", "role": "user", "content": value}]
     prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
-    return [{"id": _id(prefix.get(item.get("type", "message"), "item")), "type": "message", **item}
-            if "id" not in item else {"type": "message", **item} for item in value]
+    out = []
+    for item in value:
+        kind = item.get("type", "message")
+        entry = {"type": kind, "status": "completed", **{k: v for k, v in item.items() if v is not None}}
+        entry.setdefault("id", _id(prefix.get(kind, "item")))
+        if kind == "message" and isinstance(item.get("content"), str):
+            entry["content"] = [{"type": "output_text", "text": item["content"], "annotations": []}
+                                if item.get("role") == "assistant" else {"type": "input_text", "text": item["content"]}]
+        out.append(entry)
+    return out
 
 
 def translate(body: Mapping[str, Any], store: "ResponseStore") -> Translated:
@@ -206,9 +231,20 @@ def translate(body: Mapping[str, Any], store: "ResponseStore") -> Translated:
     history += input_messages(body["input"])
     messages = ([{"role": "system", "content": instructions}] if instructions else []) + history
     include = _typed(body, "include", (list,), "a list of strings") or []
+    if not all(isinstance(x, str) for x in include):
+        raise APIError("include must be a list of strings", param="include")
+    _typed(body, "store", (bool,), "true or false")
+    _typed(body, "user", (str,), "a string")
     top = _typed(body, "top_logprobs", (int,), f"an integer in [0, {MAX_TOP_LOGPROBS}]")
     logprobs = LOGPROBS_INCLUDE in include or top is not None
     chat: dict[str, Any] = {"messages": messages, "stream": bool(_typed(body, "stream", (bool,), "true or false"))}
+    options = _typed(body, "stream_options", (dict,), "an object")
+    if options is not None:  # no obfuscation is sent: only asking for none can be honoured
+        if not chat["stream"]:
+            raise APIError("stream_options is only allowed with stream: true", param="stream_options")
+        if set(options) - {"include_obfuscation"} or options.get("include_obfuscation") not in (None, False):
+            raise APIError("stream_options: only {\"include_obfuscation\": false} is supported (this server sends no "
+                           "obfuscation)", param="stream_options")
     if body.get("model") is not None:
         chat["model"] = body["model"]
     if body.get("max_output_tokens") is not None:
@@ -391,6 +427,22 @@ def _check_metadata(body: Mapping[str, Any]) -> None:
         raise APIError("truncation must be auto or disabled", param="truncation")
 
 
+# The chat request's fields an error from Service.parse can name -> the Responses fields they came from.
+CHAT_FIELDS = {"max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
+               "response_format": "text.format", "messages": "input"}
+_CHAT_FIELD = re.compile(r"\b(max_completion_tokens|max_tokens|response_format)\b")
+
+
+def _renamed(e: APIError) -> APIError:
+    """A chat-route error in the Responses request's own terms (its param and the fields its
+    message names)."""
+    if e.param not in CHAT_FIELDS and not _CHAT_FIELD.search(str(e)):
+        return e
+    message = _CHAT_FIELD.sub(lambda m: CHAT_FIELDS[m.group(1)], str(e))
+    return APIError(message, status=e.status, param=CHAT_FIELDS.get(e.param or "", e.param), code=e.code,
+                    type=e.type)
+
+
 def _parse(service: "Service", body: Mapping[str, Any], store: ResponseStore) -> tuple[Translated, GenerationRequest]:
     """The request as the chat route parses it; truncation "auto" drops the oldest conversation
     items (never the last one) until the prompt fits, as OpenAI does."""
@@ -403,7 +455,7 @@ def _parse(service: "Service", body: Mapping[str, Any], store: ResponseStore) ->
             messages = t.chat["messages"]
             system = 1 if messages and messages[0]["role"] == "system" and body.get("instructions") else 0
             if e.code != "context_length_exceeded" or body.get("truncation") != "auto" or len(messages) - system < 2:
-                raise
+                raise _renamed(e) from None
             del messages[system]
             t.history = t.history[1:]
 

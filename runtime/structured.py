@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import request_json
 from .errors import QmoeError
 from .tokenizer import Tokenizer
 
@@ -55,8 +56,8 @@ class StructuredOutput:
         """Output is JSON matching `schema` (a dict or JSON text; True: any JSON value)."""
         if isinstance(schema, str):
             try:
-                schema = json.loads(schema)
-            except json.JSONDecodeError as e:
+                schema = request_json.loads(schema)
+            except request_json.RequestJSONError as e:
                 raise StructuredOutputError(f"the JSON schema is not valid JSON ({e})") from None
         if schema is True:
             schema = {}  # JSON Schema's `true`: any value

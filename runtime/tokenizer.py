@@ -28,6 +28,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
 
+from runtime import request_json
 from runtime.errors import QmoeError
 
 # Qwen2's pre-tokenizer split: like GPT-4's cl100k pattern but digits are split one by one.
@@ -250,9 +251,9 @@ def assistant_calls(value: Any, where: str) -> list[dict[str, Any]]:
                                    f'{{"name": ..., "arguments": ...}}}}')
         args = fn.get("arguments", "{}")
         if isinstance(args, str):
-            try:
-                args = json.loads(args or "{}")
-            except json.JSONDecodeError as e:
+            try:  # a client's JSON text: too deep, a huge integer or a lone surrogate is its error too
+                args = request_json.loads(args or "{}")
+            except request_json.RequestJSONError as e:
                 raise ChatMessageError(f"{where}.tool_calls[{j}].function.arguments is not valid JSON ({e})") from None
         if not isinstance(args, dict):
             raise ChatMessageError(f"{where}.tool_calls[{j}].function.arguments must be a JSON object")

@@ -162,7 +162,7 @@ class ToolCall:
 def _call(body: str) -> ToolCall | None:
     try:
         value = json.loads(body)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, or JSON Python cannot read (huge integers, deep nesting)
         return None
     if not isinstance(value, dict) or not isinstance(value.get("name"), str) or \
             not isinstance(value.get("arguments"), dict):

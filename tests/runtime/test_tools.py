@@ -197,6 +197,17 @@ def test_unicode_arguments_stay_unescaped():
     assert calls[0].arguments == '{"city": "北京 北京"}'
 
 
+@pytest.mark.parametrize("arguments", ["9" * 5000, "[" * 100000])
+def test_a_block_python_cannot_read_stays_text(arguments: str):
+    """A model can write JSON that json.loads refuses with something other than a JSONDecodeError
+    (an integer past Python's digit limit, nesting past the recursion limit): that block is not a
+    call, the same as invalid JSON, instead of an error that fails the request."""
+    text = '<tool_call>{"name": "f", "arguments": {"a": ' + arguments + "}}</tool_call>"
+    assert parse(text) == (text, [])
+    parser = ToolParser()
+    assert "".join(p for p in parser.push(text) + parser.finish() if isinstance(p, str)) == text
+
+
 def test_parallel_false_keeps_the_first_call():
     content, calls = parse("x\n" + BLOCK + "\n" + BLOCK.replace("Paris", "Rome") + "\ny", limit=1)
     assert content == "x\ny" and [json.loads(c.arguments)["city"] for c in calls] == ["Paris"]

@@ -169,6 +169,18 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None, str | None]] = [
      b'{"model": "tiny-moe", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, None, None),
     ("lone surrogate in prompt", "/v1/completions", b'{"model": "tiny-moe", "prompt": "a\\udfffb"}', 400, None, None),
     ("nested too deeply", "/v1/chat/completions", b"[" * 100000 + b"]" * 100000, 400, None, None),
+    ("tool call arguments nested too deeply", "/v1/chat/completions",
+     {**GOOD, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[" * 100000}}]}]}, 400, "messages",
+     None),
+    ("tool call arguments with an integer of 5000 digits", "/v1/chat/completions",
+     {**GOOD, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+         {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"a": ' + "9" * 5000 + "}"}}]}]},
+     400, "messages", None),
+    ("guided_json nested too deeply", "/v1/chat/completions", {**GOOD, "guided_json": "[" * 100000}, 400,
+     "guided_json", None),
+    ("guided_json with an integer of 5000 digits", "/v1/chat/completions",
+     {**GOOD, "guided_json": '{"maxLength": ' + "9" * 5000 + "}"}, 400, "guided_json", None),
     ("integer of 5000 digits", "/v1/completions",
      b'{"model": "tiny-moe", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", 400, None, None),
     ("stream not a bool", "/v1/chat/completions", {**GOOD, "stream": "yes"}, 400, "stream", None),

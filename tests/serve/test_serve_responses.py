@@ -110,12 +110,14 @@ def test_store_retrieve_delete_and_input_items(client, server) -> None:
     got = client.responses.retrieve(r.id)
     assert got.model_dump() == r.model_dump()
     desc = client.responses.input_items.list(r.id)  # newest first by default, as OpenAI lists them
-    assert [i.content for i in desc.data] == [f"line {i}" for i in reversed(range(5))]
+    assert [i.content[0].text for i in desc.data] == [f"line {i}" for i in reversed(range(5))]
     status, page = post(f"{server.url}/v1/responses/{r.id}/input_items?order=asc&limit=2", {}, method="GET")
-    assert status == 200 and page["has_more"] is True and [i["content"] for i in page["data"]] == ["line 0", "line 1"]
+    assert status == 200 and page["has_more"] is True
+    assert [i["content"][0]["text"] for i in page["data"]] == ["line 0", "line 1"]
     status, rest = post(f"{server.url}/v1/responses/{r.id}/input_items?order=asc&limit=10&after={page['last_id']}", {},
                         method="GET")
-    assert [i["content"] for i in rest["data"]] == ["line 2", "line 3", "line 4"] and rest["has_more"] is False
+    assert [i["content"][0]["text"] for i in rest["data"]] == ["line 2", "line 3", "line 4"]
+    assert rest["has_more"] is False
     status, out = post(f"{server.url}/v1/responses/{r.id}", {}, method="DELETE")
     assert (status, out) == (200, {"id": r.id, "object": "response", "deleted": True})
     with pytest.raises(openai.NotFoundError):
@@ -224,15 +226,36 @@ def test_logprobs_equal_the_chat_routes(client) -> None:
     ({"input": "hi", "truncation": "sometimes"}, 400, "truncation"),
     ({"input": "hi", "text": {"format": {"type": "yaml"}}}, 400, "text.format"),
     ({"input": "hi", "tool_choice": {"type": "allowed_tools"}}, 400, "tool_choice"),
-    ({"input": "hi", "max_output_tokens": 0}, 400, "max_completion_tokens"),
+    # errors name the Responses request's fields, not the chat request it becomes
+    ({"input": "hi", "max_output_tokens": 0}, 400, "max_output_tokens"),
+    ({"input": "hi", "max_output_tokens": "5"}, 400, "max_output_tokens"),
+    ({"input": "hi", "max_output_tokens": 10 ** 9}, 400, "max_output_tokens"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema"}}}, 400, "text.format"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "bogus"}}}}, 400,
+     "text.format"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "not json"}]}, 400, "input"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}]}, 400, "input"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "", "arguments": "{}"}]}, 400, "input"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[" * 100000}]}, 400, "input"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": '{"a": ' + "9" * 5000 + "}"}]},
+     400, "input"),
     ({"input": "hi", "temperature": -1}, 400, "temperature"),
     ({"input": "hi", "previous_response_id": "resp_nope"}, 404, "previous_response_id"),
+    ({"input": "hi", "store": "no"}, 400, "store"),
+    ({"input": "hi", "user": 5}, 400, "user"),
+    ({"input": "hi", "include": [1]}, 400, "include"),
+    ({"input": "hi", "stream_options": {"include_obfuscation": False}}, 400, "stream_options"),  # without stream
+    ({"input": "hi", "stream": True, "stream_options": {"include_obfuscation": True}}, 400, "stream_options"),
+    ({"input": "hi", "stream": True, "stream_options": "x"}, 400, "stream_options"),
     ({"input": "hi", "model": "gpt-4o"}, 404, "model"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, param) -> None:
     code, out = post(f"{server.url}/v1/responses", {"model": MODEL, **body} if "model" not in body else body)
     assert code == status, out
     assert out["error"]["param"] == param and "\n" not in out["error"]["message"]
+    message = out["error"]["message"]
+    assert not any(f in message for f in ("max_completion_tokens", "max_tokens", "response_format", "messages[")), \
+        message
 
 
 def test_truncation_auto_drops_the_oldest_items(client, server, embedded) -> None:
@@ -245,9 +268,56 @@ def test_truncation_auto_drops_the_oldest_items(client, server, embedded) -> Non
               {"role": "user", "content": "Short question?"}]
     code, out = post(f"{server.url}/v1/responses", {"model": MODEL, "input": inputs, "max_output_tokens": 4})
     assert code == 400 and out["error"]["code"] == "context_length_exceeded"
+    assert out["error"]["param"] == "max_output_tokens" and "max_output_tokens is 4" in out["error"]["message"]
+    code, out = post(f"{server.url}/v1/responses", {"model": MODEL, "input": inputs})  # no max_output_tokens
+    assert code == 400 and out["error"]["code"] == "context_length_exceeded", out
+    assert out["error"]["param"] == "max_output_tokens" and "max_tokens" not in out["error"]["message"]
     r = client.responses.create(model=MODEL, input=inputs, max_output_tokens=4, truncation="auto")
     kept = [{"role": "assistant", "content": long_text}, {"role": "user", "content": "Short question?"}]
     if len(embedded.tokenizer.encode_chat(kept)) + 4 > limit:
         kept = kept[1:]
     assert r.usage.input_tokens == len(embedded.tokenizer.encode_chat(kept))
     assert r.truncation == "auto"
+
+
+def test_input_item_ids_are_unique_strings(client, server) -> None:
+    """input_items pages by id (`after`): an id given twice would send the official client's
+    auto-pagination round in circles, so it is a 400 as on OpenAI ("Duplicate item found")."""
+    def body(ids):
+        return {"model": MODEL, "max_output_tokens": 2,
+                "input": [{"id": i, "type": "message", "role": "user", "content": "x"} for i in ids]}
+
+    for ids in (["msg_a", "msg_b", "msg_a", "msg_c"], [5], [""], [["msg_a"]]):
+        code, out = post(f"{server.url}/v1/responses", body(ids))
+        assert code == 400 and out["error"]["param"] == "input", (ids, out)
+    # ids given are kept, the rest get theirs; an id of null is no id; every page is reached once
+    code, r = post(f"{server.url}/v1/responses", body(["msg_a", None, "msg_b", None]))
+    assert code == 200, r
+    seen = [i.id for i in client.responses.input_items.list(r["id"], order="asc", limit=1)]
+    assert seen[0] == "msg_a" and seen[2] == "msg_b" and len(set(seen)) == 4 and all(seen)
+
+
+def test_input_items_have_openai_shape(client) -> None:
+    """Listed input items are what OpenAI lists: message content as parts (input_text, or
+    output_text for the assistant's), each item with a status."""
+    r = client.responses.create(model=MODEL, max_output_tokens=2, input=[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "developer", "content": [{"type": "input_text", "text": "be brief"}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "18C"}])
+    items = [i.model_dump(exclude_none=True) for i in client.responses.input_items.list(r.id, order="asc")]
+    assert [(i["type"], i.get("role")) for i in items] == [
+        ("message", "user"), ("message", "assistant"), ("message", "developer"), ("function_call", None),
+        ("function_call_output", None)]
+    assert items[0]["content"] == [{"type": "input_text", "text": "hi"}]
+    assert items[1]["content"] == [{"type": "output_text", "text": "hello", "annotations": []}]
+    assert items[2]["content"] == [{"type": "input_text", "text": "be brief"}]
+    assert all(i["status"] == "completed" and i["id"] for i in items)
+
+
+def test_stream_options_without_obfuscation(client) -> None:
+    """include_obfuscation false (what this server does anyway) is accepted, as OpenAI takes it."""
+    events = list(client.responses.create(model=MODEL, input="hi", max_output_tokens=2, stream=True,
+                                          stream_options={"include_obfuscation": False}))
+    assert events[-1].type == "response.incomplete"
+    assert all(getattr(e, "obfuscation", None) is None for e in events)
