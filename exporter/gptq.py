@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from .checkpoint import Checkpoint
 
 BITS = (4, 8)  # what MatMulNBits and QMoE both take
+UNPACK_COLUMNS = 4096  # output rows unpacked at once
 FORMATS = ("gptq", "gptq_v2")
 
 
@@ -93,11 +94,24 @@ class GptqConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> "GptqConfig | None":
+        """From config.json's quantization_config, or (older AutoGPTQ checkpoints, which keep it
+        there only) a quantize_config.json beside it."""
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None  # ModelConfig.from_file has already reported an unreadable config
-        return cls.from_hf_dict(d, str(path)) if isinstance(d, dict) else None
+        if not isinstance(d, dict):
+            return None
+        legacy = path.parent / "quantize_config.json"
+        if d.get("quantization_config") is None and legacy.is_file():
+            try:
+                q = json.loads(legacy.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                raise GptqError(f"{legacy}: not valid JSON") from None
+            if not isinstance(q, dict):
+                raise GptqError(f"{legacy}: expected a JSON object")
+            return cls.from_hf_dict({"quantization_config": {"quant_method": "gptq", **q}}, str(legacy))
+        return cls.from_hf_dict(d, str(path))
 
     def to_json(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym, "desc_act": self.desc_act,
@@ -183,7 +197,9 @@ def unpack(ckpt: "Checkpoint", base: str, g: GptqConfig, n: int, k: int) -> Unpa
         return (t.float() if t.is_floating_point() else t).numpy()
 
     qw = load("qweight")
-    q = np.ascontiguousarray(_unpack_words(qw.T, g.bits)[:, :k])  # [N, K]: words run along K
+    q = np.empty((n, k), np.uint8)  # [N, K]: words run along K; unpacked a column block at a time, so a
+    for c in range(0, n, UNPACK_COLUMNS):  # large head stays within tens of MB of temporaries
+        q[c:c + UNPACK_COLUMNS] = _unpack_words(np.ascontiguousarray(qw[:, c:c + UNPACK_COLUMNS].T), g.bits)[:, :k]
     groups = -(-k // g.group_size)
     zeros = _unpack_words(load("qzeros"), g.bits)[:, :n].T.astype(np.int32) + g.zero_offset  # [N, G]
     scales = np.ascontiguousarray(load("scales").T)  # [N, G]

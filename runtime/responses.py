@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import re
 import time
 import uuid
@@ -277,22 +278,27 @@ class Stored:
 
 
 class ResponseStore:
-    """The newest `limit` stored responses, by id (event-loop use only)."""
+    """The newest `limit` stored responses, by id (the event loop writes; request parsing in the
+    thread pool reads)."""
 
     def __init__(self, limit: int = STORE_LIMIT) -> None:
         self.limit = limit
         self._items: OrderedDict[str, Stored] = OrderedDict()
+        self._lock = threading.Lock()
 
     def put(self, resp_id: str, entry: Stored) -> None:
-        self._items[resp_id] = entry
-        while len(self._items) > self.limit:
-            self._items.popitem(last=False)
+        with self._lock:
+            self._items[resp_id] = entry
+            while len(self._items) > self.limit:
+                self._items.popitem(last=False)
 
     def get(self, resp_id: str) -> Stored | None:
-        return self._items.get(resp_id)
+        with self._lock:
+            return self._items.get(resp_id)
 
     def delete(self, resp_id: str) -> bool:
-        return self._items.pop(resp_id, None) is not None
+        with self._lock:
+            return self._items.pop(resp_id, None) is not None
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -559,7 +565,7 @@ class _Run:
         self.out.finish(status)
         response = _response(self.id, self.created, self.body, self.model, self.req, status, self.out.items,
                              _usage(len(self.req.prompt_ids), done.completion_tokens))
-        if response["store"]:
+        if response["store"] and done.finish_reason != "cancelled":  # a client that left gets nothing stored
             self.store.put(self.id, Stored(response, self.t.history + [self.out.conversation()], self.t.input_items))
         return response
 

@@ -403,3 +403,21 @@ def test_gptq_errors_do_not_advise_options_gptq_refuses(tmp_path):
     with pytest.raises(QmoeError, match="8-bit") as e:
         export(gq8, tmp_path / "b", quant_activations="float")
     assert "--quantize" not in str(e.value) and not (tmp_path / "b").exists()
+
+
+def test_older_autogptq_quantize_config_json(gptq_ck, tmp_path):
+    """Older AutoGPTQ checkpoints keep their settings only in quantize_config.json (no
+    quant_method): read from there, the artifact is the same."""
+    ck = tmp_path / "old"
+    shutil.copytree(gptq_ck, ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    q = cfg.pop("quantization_config")
+    q.pop("quant_method")
+    (ck / "config.json").write_text(json.dumps(cfg))
+    (ck / "quantize_config.json").write_text(json.dumps(q))
+    a, b = export(gptq_ck, tmp_path / "a"), export(ck, tmp_path / "b")
+    assert mf.read(b).quantization == mf.read(a).quantization
+    assert (a / "model.onnx.data").read_bytes() == (b / "model.onnx.data").read_bytes()
+    (ck / "quantize_config.json").write_text("{oops")
+    with pytest.raises(GptqError, match="quantize_config.json: not valid JSON"):
+        export(ck, tmp_path / "c")
