@@ -245,13 +245,14 @@ class Checkpoint:
                         if part.endswith(".g_idx"):
                             raise CheckpointError(f"{self.dir}: tensor {part} not found in the checkpoint; with "
                                                   "desc_act true (act-order) it holds the layer's groups")
-                        raise CheckpointError(f"{self.dir}: tensor {part} not found in the checkpoint (GPTQ layer "
-                                              f"{name[:-7]} has a qweight)")
+                        raise CheckpointError(f"{self.dir}: tensor {part} not found in the checkpoint "
+                                              f"({self.gptq.label} layer {name[:-7]} has a qweight)")
                     if info.shape != pshape or info.dtype != dtype and not (dtype == "float"
                                                                             and info.dtype in FLOAT_DTYPES):
                         raise CheckpointError(
                             f"{info.file}: tensor {part} is {info.dtype} {list(info.shape)}; {self.gptq.bits}-bit "
-                            f"GPTQ with group_size {self.gptq.group_size} and config.json imply {dtype} {list(pshape)}")
+                            f"{self.gptq.label} with group_size {self.gptq.group_size} and config.json imply {dtype} "
+                            f"{list(pshape)}")
                 continue
             info = self.tensors.get(name)
             if info is None:

@@ -136,17 +136,17 @@ def _gptq_quant_config(ckpt: Checkpoint, target: str, quantize: str | None, bloc
     g = ckpt.gptq
     assert g is not None
     if target != "onnxruntime":
-        raise ExportError(f"{ckpt.dir}: GPTQ checkpoints export for the onnxruntime target (ONNX Runtime's "
+        raise ExportError(f"{ckpt.dir}: {g.label} checkpoints export for the onnxruntime target (ONNX Runtime's "
                           f"MatMulNBits/QMoE); the {target} target's plugin runs float16/bfloat16 weights")
     if quantize is not None or block is not None:
-        raise ExportError(f"{ckpt.dir} is already GPTQ-quantized ({g.bits}-bit, group size {g.group_size}), and its "
+        raise ExportError(f"{ckpt.dir} is already {g.label}-quantized ({g.bits}-bit, group size {g.group_size}), and its "
                           "quantized layers go into the artifact as they are; drop --quantize/--quant-block-size")
     if g.bits == 8 and activations == "float":
         raise ExportError(f"{ckpt.dir} holds 8-bit GPTQ weights, which run with int8 activations (ONNX Runtime's "
                           "CPU kernels for 8-bit weights with float activations are ~30x slower than float32); "
                           "drop --quant-activations float")
     qc = QuantConfig.parse(f"int{g.bits}", g.group_size, activations)
-    return replace(qc, method="gptq", symmetric=g.sym)
+    return replace(qc, method=g.method, symmetric=g.sym)
 
 
 def example_inputs(c: ModelConfig, compute_dtype, B: int = 2, S: int = 5, C: int = 16, P: int = 64):

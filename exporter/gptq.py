@@ -16,6 +16,11 @@ row's K values packed along K (low nibble first for 4 bits), one scale per block
 inputs and, unless every zero point is 2^(b-1) (symmetric GPTQ), one packed zero point per block.
 Which layers are quantized is read from the tensors (`qweight` instead of `weight`): GPTQ leaves the
 embeddings, the head, the router and the shared-expert gate in float by default.
+
+AWQ checkpoints (AutoAWQ's GEMM format, quant_method "awq", 4-bit with zero points) carry the same
+numbers packed the other way: qweight int32 [K, N/8] and qzeros int32 [G, N/8] hold eight outputs
+per word in the order 0, 2, 4, 6, 1, 3, 5, 7 from the low bits up; zero points as they are; no
+g_idx. They take the same path from there.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ if TYPE_CHECKING:
 BITS = (4, 8)  # what MatMulNBits and QMoE both take
 UNPACK_COLUMNS = 4096  # output rows unpacked at once
 FORMATS = ("gptq", "gptq_v2")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output column of each nibble of an AWQ word, low bits first
+AWQ_UNORDER = tuple(AWQ_ORDER.index(i) for i in range(8))  # nibble holding output column i
 
 
 class GptqError(QmoeError, ValueError):
@@ -50,11 +57,16 @@ class GptqConfig:
     group_size: int
     sym: bool
     desc_act: bool
-    checkpoint_format: str  # "gptq" (v1: zero points stored minus one) | "gptq_v2"
+    checkpoint_format: str  # "gptq" (v1: zero points stored minus one) | "gptq_v2" | "awq"
+    method: str = "gptq"  # "gptq" | "awq"
 
     @property
     def zero_offset(self) -> int:
         return 1 if self.checkpoint_format == "gptq" else 0
+
+    @property
+    def label(self) -> str:
+        return self.method.upper()
 
     @classmethod
     def from_hf_dict(cls, d: dict, source: str) -> "GptqConfig | None":
@@ -66,9 +78,11 @@ class GptqConfig:
         if not isinstance(q, dict):
             raise GptqError(f"{source}: quantization_config must be an object")
         method = q.get("quant_method")
+        if method == "awq":
+            return cls._awq(q, source)
         if method != "gptq":
             raise GptqError(f"{source}: quantization_config.quant_method is {method!r}; qmoe reads float checkpoints "
-                            "and GPTQ ones ('gptq')")
+                            "and GPTQ ('gptq') or AWQ ('awq') ones")
         bits, group = q.get("bits"), q.get("group_size", 128)
         if type(bits) is not int or bits not in BITS:
             raise GptqError(f"{source}: GPTQ bits is {bits!r}; ONNX Runtime's quantized ops take "
@@ -91,6 +105,22 @@ class GptqConfig:
         if not isinstance(sym, bool) or not isinstance(desc_act, bool):
             raise GptqError(f"{source}: GPTQ sym and desc_act must be true or false")
         return cls(bits, group, sym, desc_act, fmt)
+
+    @classmethod
+    def _awq(cls, q: dict, source: str) -> "GptqConfig":
+        bits, group = q.get("bits", q.get("w_bit")), q.get("group_size", q.get("q_group_size", 128))
+        if type(bits) is not int or bits != 4:
+            raise GptqError(f"{source}: AWQ bits is {bits!r}; qmoe reads 4-bit AWQ checkpoints")
+        if type(group) is not int or group not in QUANT_BLOCK_SIZES:
+            raise GptqError(f"{source}: AWQ group_size {group!r} is not supported; ONNX Runtime's MatMulNBits needs "
+                            f"groups of {', '.join(map(str, QUANT_BLOCK_SIZES))}")
+        version = str(q.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise GptqError(f"{source}: AWQ version {q.get('version')!r} is not supported; qmoe reads AutoAWQ's GEMM "
+                            "packing (version 'gemm')")
+        if q.get("zero_point", True) is not True:
+            raise GptqError(f"{source}: AWQ without zero points (zero_point false) is not supported")
+        return cls(bits, group, False, False, "awq", "awq")
 
     @classmethod
     def from_file(cls, path: Path) -> "GptqConfig | None":
@@ -169,6 +199,9 @@ def expected_shapes(base: str, n: int, k: int, g: GptqConfig) -> dict[str, tuple
     dtype or "float": any of BF16/F16/F32)."""
     per = 32 // g.bits
     groups = -(-k // g.group_size)
+    if g.method == "awq":
+        return {f"{base}.qweight": ((k, -(-n // per)), "I32"), f"{base}.qzeros": ((groups, -(-n // per)), "I32"),
+                f"{base}.scales": ((groups, n), "float")}
     return {f"{base}.qweight": ((-(-k // per), n), "I32"), f"{base}.qzeros": ((groups, -(-n // per)), "I32"),
             f"{base}.scales": ((groups, n), "float"), f"{base}.g_idx": ((k,), "I32")}
 
@@ -180,6 +213,12 @@ def _unpack_words(words: np.ndarray, bits: int) -> np.ndarray:
     w = words.view(np.uint32)
     shifts = (np.arange(per, dtype=np.uint32) * bits)
     return ((w[..., None] >> shifts) & ((1 << bits) - 1)).astype(np.uint8).reshape(*w.shape[:-1], -1)
+
+
+def _unpack_awq(words: np.ndarray) -> np.ndarray:
+    """AWQ int32 [R, C] -> uint8 [R, 8C] in natural column order."""
+    vals = _unpack_words(np.ascontiguousarray(words), 4).reshape(words.shape[0], -1, 8)
+    return vals[:, :, list(AWQ_UNORDER)].reshape(words.shape[0], -1)
 
 
 @dataclass
@@ -197,11 +236,17 @@ def unpack(ckpt: "Checkpoint", base: str, g: GptqConfig, n: int, k: int) -> Unpa
         return (t.float() if t.is_floating_point() else t).numpy()
 
     qw = load("qweight")
-    q = np.empty((n, k), np.uint8)  # [N, K]: words run along K; unpacked a column block at a time, so a
-    for c in range(0, n, UNPACK_COLUMNS):  # large head stays within tens of MB of temporaries
-        q[c:c + UNPACK_COLUMNS] = _unpack_words(np.ascontiguousarray(qw[:, c:c + UNPACK_COLUMNS].T), g.bits)[:, :k]
+    q = np.empty((n, k), np.uint8)  # [N, K]; unpacked a column block at a time, so a large head stays
+    if g.method == "awq":  # words run along N, in AWQ's order
+        step = UNPACK_COLUMNS // 8
+        for c in range(0, qw.shape[1], step):
+            q[c * 8:(c + step) * 8] = _unpack_awq(qw[:, c:c + step])[:, :n - c * 8].T
+        zeros = _unpack_awq(load("qzeros"))[:, :n].T.astype(np.int32)
+    else:  # words run along K; within tens of MB of temporaries
+        for c in range(0, n, UNPACK_COLUMNS):
+            q[c:c + UNPACK_COLUMNS] = _unpack_words(np.ascontiguousarray(qw[:, c:c + UNPACK_COLUMNS].T), g.bits)[:, :k]
+        zeros = _unpack_words(load("qzeros"), g.bits)[:, :n].T.astype(np.int32) + g.zero_offset  # [N, G]
     groups = -(-k // g.group_size)
-    zeros = _unpack_words(load("qzeros"), g.bits)[:, :n].T.astype(np.int32) + g.zero_offset  # [N, G]
     scales = np.ascontiguousarray(load("scales").T)  # [N, G]
     g_idx = load("g_idx") if f"{base}.g_idx" in ckpt.tensors else None
     if g_idx is not None and not np.array_equal(g_idx, np.arange(k, dtype=np.int64) // g.group_size):

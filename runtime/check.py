@@ -308,20 +308,20 @@ def _same_quantization(artifact: Path, q: dict | None, reference: Path, gptq) ->
     checkpoint (quantized here as the artifact was): otherwise the reference would hold other
     weights and the comparison would measure the quantization, not the runtime."""
     method = None if q is None else q.get("method", "rtn")
-    if method == "gptq" and gptq is None:
-        raise CheckError(f"{artifact} holds GPTQ weights, but {reference} is not a GPTQ checkpoint; give the GPTQ "
-                         "checkpoint it was exported from as --reference")
+    if method in ("gptq", "awq") and (gptq is None or gptq.method != method):
+        raise CheckError(f"{artifact} holds {method.upper()} weights, but {reference} is not a {method.upper()} "
+                         "checkpoint; give the checkpoint it was exported from as --reference")
     if gptq is None:
         return
-    if method != "gptq":
+    if method != gptq.method:
         what = "float weights" if q is None else "weights quantized by qmoe export --quantize (round to nearest)"
-        raise CheckError(f"{reference} is a GPTQ checkpoint, but {artifact} holds {what}; give the checkpoint it "
-                         "was exported from as --reference")
+        raise CheckError(f"{reference} is a {gptq.label} checkpoint, but {artifact} holds {what}; give the checkpoint "
+                         "it was exported from as --reference")
     assert q is not None
     if (q["bits"], q["block_size"]) != (gptq.bits, gptq.group_size):
-        raise CheckError(f"{artifact} holds {q['bits']}-bit GPTQ weights in groups of {q['block_size']}, but "
-                         f"{reference} is {gptq.bits}-bit with group_size {gptq.group_size}; give the GPTQ "
-                         "checkpoint it was exported from as --reference")
+        raise CheckError(f"{artifact} holds {q['bits']}-bit {gptq.label} weights in groups of {q['block_size']}, but "
+                         f"{reference} is {gptq.bits}-bit with group_size {gptq.group_size}; give the checkpoint it "
+                         "was exported from as --reference")
 
 
 def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None, reference: str | Path | None = None,
@@ -362,7 +362,7 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
         refs: dict[str, Callable] = {}
         for run in runs:
             q = run.quantization
-            gptq = "GPTQ " if q is not None and q.get("method") == "gptq" else ""
+            gptq = f"{q['method'].upper()} " if q is not None and q.get("method") in ("gptq", "awq") else ""
             parts = [] if q is None else [f"{gptq}{q['scheme']} weights, block {q['block_size']}, {run.dtype} scales"]
             parts += [] if run.weight_dtype == "float32" else [f"{run.weight_dtype} float weights"]
             key = ", ".join(parts)

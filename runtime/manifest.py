@@ -92,7 +92,8 @@ TARGETS = ("onnxruntime", "tensorrt")
 QUANT_SCHEMES = {"int4": 4, "int8": 8}
 QUANT_BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two >= 16
 QUANT_ACTIVATIONS = ("float", "int8")
-QUANT_METHODS = ("rtn", "gptq")  # quantized by the exporter; carried over from a GPTQ checkpoint (exporter/gptq.py)
+QUANT_METHODS = ("rtn", "gptq", "awq")  # quantized by the exporter; carried over from a GPTQ / AWQ checkpoint
+# (exporter/gptq.py)
 
 
 def _check_types(m: Manifest) -> None:
@@ -114,10 +115,10 @@ def _check_types(m: Manifest) -> None:
                               and q.get("activations") in QUANT_ACTIVATIONS
                               and not (q["bits"] == 8 and q["activations"] == "float")
                               and q.get("method", "rtn") in QUANT_METHODS and type(q.get("symmetric", True)) is bool
-                              and (q.get("symmetric", True) or q.get("method") == "gptq")):
+                              and (q.get("symmetric", True) or q.get("method") in ("gptq", "awq"))):
         raise TypeError(f"quantization is {q!r}; expected scheme {'/'.join(QUANT_SCHEMES)} with its bits, block_size "
                         f"one of {QUANT_BLOCK_SIZES}, activations {'/'.join(QUANT_ACTIVATIONS)} (int8 for int8) and "
-                        f"method {'/'.join(QUANT_METHODS)} (symmetric false only for gptq)")
+                        f"method {'/'.join(QUANT_METHODS)} (symmetric false only for gptq and awq)")
     for name, known in (("target", TARGETS), ("weight_dtype", DTYPES), ("compute_dtype", DTYPES)):
         if getattr(m, name) not in known:
             raise TypeError(f"{name} is {getattr(m, name)!r}, not one of {', '.join(known)}")

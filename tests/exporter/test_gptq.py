@@ -77,12 +77,28 @@ def gptq_pack(q: np.ndarray, z: np.ndarray, s: np.ndarray, bits: int, group: int
             "scales": np.ascontiguousarray(s.T), "g_idx": (np.arange(K) // group).astype(np.int32)}
 
 
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's WQLinear_GEMM.pack: output column of each nibble
+
+
+def awq_pack(q: np.ndarray, z: np.ndarray, s: np.ndarray) -> dict:
+    """AutoAWQ's GEMM packing: eight outputs per word along N, in AWQ_ORDER, zero points as they are."""
+    N, K = q.shape
+    intweight, zeros = q.T.astype(np.uint32), z.T.astype(np.uint32)  # [K, N], [G, N]
+    qweight = np.zeros((K, N // 8), np.uint32)
+    qzeros = np.zeros((zeros.shape[0], N // 8), np.uint32)
+    for col in range(N // 8):
+        for i in range(8):
+            qweight[:, col] |= intweight[:, col * 8 + AWQ_ORDER[i]] << np.uint32(4 * i)
+            qzeros[:, col] |= zeros[:, col * 8 + AWQ_ORDER[i]] << np.uint32(4 * i)
+    return {"qweight": qweight.view(np.int32), "qzeros": qzeros.view(np.int32), "scales": np.ascontiguousarray(s.T)}
+
+
 QUANTIZED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "gate_proj", "up_proj",
              "down_proj")  # what AutoGPTQ quantizes in Qwen2-MoE layers (not the router or the shared-expert gate)
 
 
 def make_gptq(float_ck: Path, out: Path, ref: Path, *, bits: int = 4, group: int = 32, sym: bool = True,
-              v1: bool = True, extra: tuple[str, ...] = (), shards: int = 2) -> Path:
+              v1: bool = True, extra: tuple[str, ...] = (), shards: int = 2, awq: bool = False) -> Path:
     """`out`: a GPTQ checkpoint of float_ck; `ref`: the float checkpoint of its dequantized weights."""
     ck = Checkpoint(float_ck)
     cfg = json.loads((float_ck / "config.json").read_text())
@@ -96,7 +112,8 @@ def make_gptq(float_ck: Path, out: Path, ref: Path, *, bits: int = 4, group: int
             q, z, s = gptq_quantize(w, bits, group, sym)
             idx = np.arange(w.shape[1]) // group
             dequant[name] = ((q - z[:, idx]) * s[:, idx].astype(np.float32)).astype(np.float32)
-            for suffix, t in gptq_pack(q, z, s, bits, group, v1).items():
+            packed_layer = awq_pack(q, z, s) if awq else gptq_pack(q, z, s, bits, group, v1)
+            for suffix, t in packed_layer.items():
                 packed[f"{name[:-7]}.{suffix}"] = t
         else:
             packed[name] = ck.tensor(name).to(torch.float16).numpy()  # GPTQ checkpoints ship fp16
@@ -107,7 +124,10 @@ def make_gptq(float_ck: Path, out: Path, ref: Path, *, bits: int = 4, group: int
             if (float_ck / f).exists():
                 shutil.copy2(float_ck / f, folder / f)
         c = dict(cfg)
-        if quant:
+        if quant and awq:
+            c["quantization_config"] = {"quant_method": "awq", "bits": bits, "group_size": group, "zero_point": True,
+                                        "version": "GEMM", "modules_to_not_convert": ["gate"]}
+        elif quant:
             c["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym,
                                         "desc_act": False, "checkpoint_format": "gptq" if v1 else "gptq_v2"}
             c["torch_dtype"] = "float16"
@@ -130,6 +150,8 @@ CASES = {
                            4, 16, False, False, ("lm_head.weight", "model.layers.0.mlp.gate.weight"), "float32"),
     "int4-asym-v1-fp16": (dict(), 4, 32, False, True, (), "float16"),
     "int8-asym-v1": (dict(), 8, 32, False, True, (), "float32"),
+    "awq-int4": (dict(mlp_only_layers=[1], num_hidden_layers=3, intermediate_size=96), 4, 32, False, False, (),
+                 "float32"),
 }
 
 
@@ -138,7 +160,8 @@ def case(request, tmp_path_factory):
     kw, bits, group, sym, v1, extra, dtype = CASES[request.param]
     root = tmp_path_factory.mktemp("gptq")
     float_ck = write_checkpoint(root / "float", tiny_config(**kw), seed=11)
-    gq = make_gptq(float_ck, root / "gptq", root / "ref", bits=bits, group=group, sym=sym, v1=v1, extra=extra)
+    gq = make_gptq(float_ck, root / "gptq", root / "ref", bits=bits, group=group, sym=sym, v1=v1, extra=extra,
+                   awq=request.param.startswith("awq"))
     art = export(gq, root / "art", dtype=dtype)
     return gq, root / "ref", art, bits, extra
 
@@ -156,7 +179,7 @@ def test_graph_carries_the_gptq_layers(case):
     assert ops.count("Gather") == 1 and "GatherBlockQuantized" not in ops  # embeddings stay float
     q = mf.read(art).quantization
     g = Checkpoint(gq).gptq
-    assert q["method"] == "gptq" and q["bits"] == bits and q["block_size"] == g.group_size
+    assert q["method"] == g.method and q["bits"] == bits and q["block_size"] == g.group_size
     assert q["symmetric"] == g.sym
     zps = [n for n in m.graph.node if n.op_type in ("MatMulNBits", "QMoE")
            and any(i.endswith(".zero_points") for i in n.input)]
@@ -188,7 +211,7 @@ def test_check_command_uses_the_dequantized_gptq_reference(case):
     gq, ref, art, bits, extra = case
     report = chk.check([art], reference=gq, prompts=2, max_new_tokens=4)
     assert report.ok, report.table()
-    assert f"GPTQ int{bits} weights" in report.table()
+    assert f"{Checkpoint(gq).gptq.label} int{bits} weights" in report.table()
 
 
 def test_the_reference_is_not_the_float_model(case, tmp_path):
@@ -241,7 +264,12 @@ def _rewrite_tensor(ck: Path, name: str, fn) -> None:
     (dict(bits=3), "GPTQ bits is 3"),
     (dict(group_size=-1), "per-channel"),
     (dict(group_size=48), "group_size 48"),
-    (dict(quant_method="awq"), "quant_method is 'awq'"),
+    (dict(quant_method="bitsandbytes"), "quant_method is 'bitsandbytes'"),
+    (dict(quant_method="awq", version="gemv"), "AWQ version 'gemv' is not supported"),
+    (dict(quant_method="awq", zero_point=False), "AWQ without zero points"),
+    (dict(quant_method="awq", bits=8), "AWQ bits is 8"),
+    (dict(quant_method="awq"), r"q_proj.qweight is I32 \[8, 64\]; 4-bit AWQ with group_size 32 and config.json imply "
+                               r"I32 \[64, 8\]"),
     (dict(checkpoint_format="marlin"), "checkpoint_format 'marlin'"),
     (dict(pack_dtype="int8"), "pack_dtype 'int8'"),
     (dict(dynamic={r"-:.*down_proj": {}}), "'dynamic'"),

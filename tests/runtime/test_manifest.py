@@ -54,7 +54,8 @@ Q = {"scheme": "int4", "bits": 4, "block_size": 32, "activations": "float"}
     (Q, True),  # written before GPTQ: no method or symmetric, read as round-to-nearest, symmetric
     ({**Q, "method": "rtn", "symmetric": True}, True),
     ({**Q, "method": "gptq", "symmetric": False}, True),
-    ({**Q, "method": "awq"}, False),
+    ({**Q, "method": "awq", "symmetric": False}, True),
+    ({**Q, "method": "squeezellm"}, False),
     ({**Q, "method": "rtn", "symmetric": False}, False),  # qmoe's own quantizer has no zero points
     ({**Q, "method": "gptq", "symmetric": "no"}, False),
 ])
