@@ -80,6 +80,7 @@ class Generation:
     cancelled: threading.Event = field(default_factory=threading.Event)
     priority: int = 0  # scheduling policy "priority": lower runs first (vLLM's); equal ones in arrival order
     admitted_at: float | None = None  # time.monotonic() when it got a slot (metrics: queue and prefill time)
+    cached_tokens: int = 0  # prompt tokens whose K/V it found in the cache (prefix reuse), not computed again
     result: GenerationResult = field(init=False)
 
     def __post_init__(self) -> None:
@@ -266,6 +267,7 @@ class BatchScheduler:
             self._kept[b] = []
             self._admissions += 1
             gen.admitted_at = time.monotonic()
+            gen.cached_tokens = reuse
             self._slots[b] = _Slot(gen, sampler, TextStream(
                 self.engine.tokenizer, gen.params, gen.result), np.array(gen.prompt_ids, np.int64), cached=reuse,
                 admitted=self._admissions)

@@ -398,8 +398,8 @@ def _copy(x: Any) -> Any:
     return json.loads(json.dumps(x))
 
 
-def _usage(prompt: int, completion: int) -> dict[str, Any]:
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": completion,
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": completion,
             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + completion}
 
 
@@ -564,7 +564,7 @@ class _Run:
         status = "incomplete" if done.finish_reason == "length" else "completed"
         self.out.finish(status)
         response = _response(self.id, self.created, self.body, self.model, self.req, status, self.out.items,
-                             _usage(len(self.req.prompt_ids), done.completion_tokens))
+                             _usage(len(self.req.prompt_ids), done.completion_tokens, done.cached_tokens))
         if response["store"] and done.finish_reason != "cancelled":  # a client that left gets nothing stored
             self.store.put(self.id, Stored(response, self.t.history + [self.out.conversation()], self.t.input_items))
         return response

@@ -450,6 +450,7 @@ class Service:
 class Finished:
     finish_reason: str  # "stop" | "length" | "cancelled" (nobody reads that response any more)
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (usage's cached_tokens)
 
 
 @dataclass(eq=False)  # identity: the worker keeps running jobs in a set
@@ -650,7 +651,7 @@ class EngineWorker:
             self._done(job)
             if timer is not None:
                 timer.finished(result.finish_reason, gen[0].admitted_at if gen else None)
-            job.emit(Finished(result.finish_reason, len(result.tokens)))
+            job.emit(Finished(result.finish_reason, len(result.tokens), gen[0].cached_tokens if gen else 0))
 
         def failed(error: BaseException) -> None:  # counted by its response's status (Metrics.error)
             self._done(job)
@@ -740,9 +741,17 @@ def _choice(req: GenerationRequest, index: int, text: str | None, finish_reason:
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def _usage(reqs: list[GenerationRequest], completion_tokens: int) -> dict[str, int]:
+def _usage(reqs: list[GenerationRequest], completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage; cached_tokens: prompt tokens whose K/V came from the prefix cache (each
+    prompt's first choice's, as the prompt is counted once)."""
     n = sum(len(req.prompt_ids) for req in reqs)  # each prompt once, whatever its n
-    return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens}
+    return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def _first_choices(reqs: list[GenerationRequest]) -> set[int]:
+    """Each prompt's first choice index (k * n)."""
+    return {k * req.n for k, req in enumerate(reqs)}
 
 
 class _Envelope:
@@ -869,7 +878,9 @@ async def _whole(worker: EngineWorker, reqs: list[GenerationRequest], env: _Enve
         choices.append(_choice(req, i, text, done[i].finish_reason,
                                _Logprobs(req, tokenizer).render(logprobs[i]) if wanted else None,
                                calls=[c.openai() for c in calls]))
-    body = env.body(choices, _usage(reqs, sum(d.completion_tokens for d in done.values())))
+    firsts = _first_choices(reqs)
+    body = env.body(choices, _usage(reqs, sum(d.completion_tokens for d in done.values()),
+                                    sum(d.cached_tokens for i, d in done.items() if i in firsts)))
     if reqs[0].sampling.prompt_logprobs is not None:  # vLLM's places: each completion choice, chat's top level
         if env.req.kind == "chat":
             body["prompt_logprobs"] = prompt_logprobs[0]
@@ -928,7 +939,8 @@ async def _chunks(worker: EngineWorker, reqs: list[GenerationRequest], env: _Env
         if env.req.kind == "chat":
             for i, req in enumerate(owner):  # the role comes first, as OpenAI sends it
                 yield env.sse(_choice(req, i, None, None, first=True))
-        completion_tokens = 0
+        completion_tokens = cached_tokens = 0
+        firsts = _first_choices(reqs)
         parsers = [req.tool_parser() for req in owner]
         called = [0] * len(owner)  # tool calls sent, per choice
 
@@ -947,6 +959,7 @@ async def _chunks(worker: EngineWorker, reqs: list[GenerationRequest], env: _Env
                 pending[i].append(item)
             elif isinstance(item, Finished):
                 completion_tokens += item.completion_tokens
+                cached_tokens += item.cached_tokens if i in firsts else 0
                 if parser is not None:
                     for chunk in pieces(i, parser.finish()):
                         yield chunk
@@ -959,7 +972,7 @@ async def _chunks(worker: EngineWorker, reqs: list[GenerationRequest], env: _Env
             else:
                 yield env.sse(_choice(owner[i], i, item, None, flush(i)))
         if env.req.include_usage:
-            yield _sse({**env.head, "choices": [], "usage": _usage(reqs, completion_tokens)})
+            yield _sse({**env.head, "choices": [], "usage": _usage(reqs, completion_tokens, cached_tokens)})
     except Exception as e:  # noqa: BLE001  (headers are sent: report in-band, as OpenAI does)
         err = _server_error(e)
         if worker.metrics is not None:

@@ -1,5 +1,7 @@
-"""Quantized artifacts on the CPU: int8 and int4 (`qmoe export --quantize`) against the float32
-artifact of the same checkpoint, same run: artifact size, peak memory of a process that loads the
+"""Quantized artifacts on the CPU: int8 and int4 (`qmoe export --quantize`), and a GPTQ checkpoint
+of the same weights in Qwen2-57B-A14B-Instruct-GPTQ-Int4's layout (4-bit, groups of 128; here
+with zero points, written by the tests' GPTQ packer with round-to-nearest integers), against the
+float32 artifact of the same checkpoint, same run: artifact size, peak memory of a process that loads the
 artifact and generates, time to first token, decode speed, and the logits' distance from float32
 (random weights: the distance says how much the numbers move, not how much quality a real model
 loses).
@@ -72,10 +74,19 @@ def main() -> None:
         ck = write_checkpoint(work / "ck", tiny_config(**CONFIG), shard_bytes=1 << 30)
         ck_bytes = sum(f.stat().st_size for f in ck.glob("*.safetensors"))
         rows = []
+        from tests.exporter.test_gptq import make_gptq
+
+        gptq = make_gptq(ck, work / "gptq-ck", work / "gptq-ref", bits=4, group=128, sym=False, v1=False)
+        shutil.rmtree(work / "gptq-ref")
         for label, scheme, act in (("float32", None, None), ("int8 (int8 activations)", "int8", "int8"),
-                                   ("int4", "int4", "float"), ("int4 (int8 activations)", "int4", "int8")):
+                                   ("int4", "int4", "float"), ("int4 (int8 activations)", "int4", "int8"),
+                                   ("GPTQ int4, group 128 (float embeddings and head)", "gptq", "float"),
+                                   ("GPTQ int4, group 128 (int8 activations)", "gptq", "int8")):
             name = label.split()[0] + ("-a8" if act == "int8" else "")
-            art = export(ck, work / name, quantize=scheme, quant_activations=act)
+            if scheme == "gptq":
+                art = export(gptq, work / name, quant_activations=act)
+            else:
+                art = export(ck, work / name, quantize=scheme, quant_activations=act)
             size = artifact_bytes(art)
             logits_file = work / f"{name}.npy"
             out = subprocess.run([sys.executable, "-c", CHILD, str(art), str(args.threads), str(PROMPT), str(DECODE),

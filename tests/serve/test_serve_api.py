@@ -327,3 +327,25 @@ def test_a_request_whose_client_left_before_it_started_still_ends(embedded) -> N
 def test_an_empty_stop_string_means_no_stop(server) -> None:
     status, got = post(server.url + "/v1/chat/completions", {**GOOD, "stop": ""})
     assert status == 200 and got["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_usage_reports_prefix_cache_hits(client, embedded) -> None:
+    """usage.prompt_tokens_details.cached_tokens: prompt tokens whose K/V the scheduler reused
+    (a finished request's slot keeps its K/V). The same prompt again reuses all but its last token
+    (which runs for its logits); a follow-up turn reuses at least the previous turn's prompt."""
+    prompt = "Prefix caching test: the quick brown fox jumps over the lazy dog."
+    ids = embedded.tokenizer.encode(prompt)
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    assert again.usage.prompt_tokens_details.cached_tokens == len(ids) - 1
+    turn = [{"role": "user", "content": "Remember the word cobalt."}]
+    first = client.chat.completions.create(model=MODEL, messages=turn, max_tokens=3)
+    follow = turn + [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "Which word?"}]
+    second = client.chat.completions.create(model=MODEL, messages=follow, max_tokens=3, stream=True,
+                                            stream_options={"include_usage": True})
+    usage = list(second)[-1].usage
+    assert len(embedded.tokenizer.encode_chat(turn)) <= usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
+    r = client.responses.create(model=MODEL, input="Remember the word cobalt.", max_output_tokens=3)
+    r2 = client.responses.create(model=MODEL, input="Which word?", previous_response_id=r.id, max_output_tokens=3)
+    assert r.usage.input_tokens <= r2.usage.input_tokens_details.cached_tokens < r2.usage.input_tokens
