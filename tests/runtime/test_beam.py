@@ -113,3 +113,40 @@ def test_bad_prompts_and_context(engine):
         beam_search(engine, [], BeamSearchParams())
     with pytest.raises(ContextLengthError):
         beam_search(engine, PROMPT, BeamSearchParams(max_new_tokens=10**6))
+
+
+def first_tokens(engine, prompt, n: int) -> list[int]:
+    """The n most likely first tokens after the prompt, most likely first."""
+    return [b.tokens[0] for b in beam_search(engine, prompt, BeamSearchParams(
+        num_beams=n, max_new_tokens=1, num_return_sequences=n, ignore_eos=True))]
+
+
+def assert_equal_transformers(engine, hf, K, N, length_penalty, early_stopping, eos, **kw):
+    ours = beam_search(engine, PROMPT, BeamSearchParams(num_beams=K, max_new_tokens=N, length_penalty=length_penalty,
+                                                        early_stopping=early_stopping, num_return_sequences=K,
+                                                        stop_token_ids=kw.pop("stop_token_ids", eos), **kw))
+    seqs, scores = hf_beams(hf, PROMPT, K, N, length_penalty, early_stopping, eos)
+    assert [b.tokens for b in ours] == seqs
+    if scores is not None:
+        assert np.allclose([b.score for b in ours], scores, atol=1e-4, rtol=0)
+    return ours
+
+
+@pytest.mark.parametrize("K,n_stops,N,length_penalty", [(2, 3, 3, 2.0), (3, 5, 3, 1.0)])
+def test_more_stop_tokens_than_beams_among_the_best_candidates(engine, hf, K, n_stops, N, length_penalty):
+    """The n_stops most likely first tokens stop: more than K of the best 2K candidates finish, so
+    only the (1 + #eos) * K candidates transformers keeps leave K beams running (with 2K, the
+    last one would be a dead beam and the search would lose the candidate ranked 2K + 1)."""
+    stops = tuple(first_tokens(engine, PROMPT, n_stops))
+    assert_equal_transformers(engine, hf, K, N, length_penalty, "never", stops)
+
+
+@pytest.mark.parametrize("K,N,length_penalty", [(2, 4, 3.0), (3, 4, 1.5), (4, 5, 2.0)])
+def test_the_early_stop_heuristic_ends_the_search(engine, hf, K, N, length_penalty):
+    """The K most likely first tokens stop: all K hypotheses finish at the first step, the best
+    running beam cannot beat them at its current length, so transformers' heuristic
+    (early_stopping False) ends the search there, though longer beams would score better under a
+    length penalty > 1."""
+    stops = tuple(first_tokens(engine, PROMPT, K))
+    ours = assert_equal_transformers(engine, hf, K, N, length_penalty, False, stops)
+    assert all(len(b.tokens) == 1 and b.finish_reason == "stop" for b in ours)
