@@ -21,6 +21,7 @@ CPU provider only (the CUDA provider and TensorRT refuse beam search with a one-
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 MAX_BEAMS = 16
 NEG = -1.0e9  # transformers' "impossible" score
+MAX_PENALTY_LOG = 600.0  # |length_penalty| * ln(max_new_tokens) at most: length ** length_penalty in [1e-260, 1e260]
 
 
 class BeamSearchError(QmoeError, ValueError):
@@ -61,8 +63,18 @@ class BeamSearchParams:
         whole("max_new_tokens", 1)
         whole("num_return_sequences", 1, int(self.num_beams))
         lp = self.length_penalty
-        if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not np.isfinite(lp):
-            raise BeamSearchError(f"length_penalty must be a finite number, got {lp!r}")
+        try:  # (an integer beyond float's range: an OverflowError)
+            finite = not isinstance(lp, bool) and isinstance(lp, (int, float)) and math.isfinite(lp)
+        except OverflowError:
+            finite = False
+        if not finite:
+            raise BeamSearchError(f"length_penalty must be a finite number, got {lp!r}"[:200])
+        # scores are divided by length ** length_penalty, lengths up to max_new_tokens: keep that a
+        # float (Python's ** raises OverflowError past 1e308; transformers fails the same way)
+        if abs(lp) * math.log(self.max_new_tokens) > MAX_PENALTY_LOG:
+            raise BeamSearchError(f"length_penalty must be in [-{MAX_PENALTY_LOG / math.log(self.max_new_tokens):.4g}, "
+                                  f"{MAX_PENALTY_LOG / math.log(self.max_new_tokens):.4g}] for max_new_tokens "
+                                  f"{self.max_new_tokens} (length ** length_penalty must stay a float), got {lp!r}")
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise BeamSearchError(f"early_stopping must be true, false or \"never\", got {self.early_stopping!r}")
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(

@@ -150,3 +150,12 @@ def test_the_early_stop_heuristic_ends_the_search(engine, hf, K, N, length_penal
     stops = tuple(first_tokens(engine, PROMPT, K))
     ours = assert_equal_transformers(engine, hf, K, N, length_penalty, False, stops)
     assert all(len(b.tokens) == 1 and b.finish_reason == "stop" for b in ours)
+
+
+@pytest.mark.parametrize("kw", [dict(length_penalty=1e308, max_new_tokens=4), dict(length_penalty=-1e308),
+                                dict(length_penalty=400.0, max_new_tokens=10**4), dict(length_penalty=10**400)])
+def test_length_penalties_past_float_range_are_refused(engine, kw):
+    """length ** length_penalty must stay a float: Python's ** raised OverflowError mid-search."""
+    with pytest.raises(BeamSearchError, match="length_penalty must be"):
+        beam_search(engine, PROMPT, BeamSearchParams(num_beams=2, **kw))
+    BeamSearchParams(num_beams=2, max_new_tokens=4, length_penalty=400.0)  # 4 ** 400 is a float

@@ -49,6 +49,8 @@ def test_chat_beams_equal_the_embedded_engine(client, embedded) -> None:
     ({"use_beam_search": True, "n": 17}, "n"),
     ({"use_beam_search": True, "length_penalty": "long"}, "length_penalty"),
     ({"use_beam_search": True, "early_stopping": "sometimes"}, "early_stopping"),
+    ({"use_beam_search": True, "length_penalty": 1e308}, "length_penalty"),  # 2 ** 1e308: was a 500
+    ({"use_beam_search": True, "length_penalty": 10**400}, "length_penalty"),  # past float: was a 500
     ({"use_beam_search": True, "max_tokens": 10**6}, "max_tokens"),
     ({"use_beam_search": True, "logprobs": True}, "logprobs"),
     ({"use_beam_search": "yes"}, "use_beam_search"),
