@@ -146,6 +146,9 @@ class beam_steps:  # noqa: N801  (an iterator used like a function)
         engine, p, backend = self.engine, self.p, self.engine.backend
         K, L, N = p.num_beams, len(self.prompt), p.max_new_tokens
         keep = max(2, 1 + len(self.eos)) * K
+        # one beam: transformers' generate runs greedy search, which ends at the first eos whatever
+        # early_stopping and length_penalty say; a finished hypothesis fills the one slot, so stop then
+        early_stopping = True if K == 1 else p.early_stopping
         capacity = L + N + 1
         cache = backend.new_cache(K, capacity)
         engine.bind_rope(cache, self.plan, capacity)
@@ -183,7 +186,7 @@ class beam_steps:  # noqa: N801  (an iterator used like a function)
             # finished hypotheses: among the best K candidates, those that stopped
             finishing = hits & (np.arange(len(cand)) < K)
             penalised = cand_scores / float(t + 1) ** p.length_penalty
-            all_full = bool(done_filled.all()) and p.early_stopping is True
+            all_full = bool(done_filled.all()) and early_stopping is True
             penalised = penalised + (NEG if all_full else 0.0) + (0.0 if heuristic_open else NEG) + ~finishing * NEG
             merged_scores = np.concatenate([done_scores, penalised])
             order = _top(merged_scores, K)
@@ -201,11 +204,11 @@ class beam_steps:  # noqa: N801  (an iterator used like a function)
             running, run_scores = new_running, running_scores[nxt]
             beam_parents = parents[nxt]
             # transformers' stop conditions, after the step
-            best_len = (N if p.early_stopping == "never" and p.length_penalty > 0.0 else t + 1)
+            best_len = (N if early_stopping == "never" and p.length_penalty > 0.0 else t + 1)
             best_running = run_scores[0] / float(best_len) ** p.length_penalty
             worst_done = done_scores.min() if done_filled.any() else NEG
             heuristic_open = heuristic_open and bool(best_running > worst_done)
-            if not heuristic_open or (done_filled.all() and p.early_stopping is True) or hits.all():
+            if not heuristic_open or (done_filled.all() and early_stopping is True) or hits.all():
                 break
             # next step: reorder the K/V rows by parent beam, then feed each beam's new token
             backend.reorder_rows(cache, beam_parents, cur_len)

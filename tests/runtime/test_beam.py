@@ -159,3 +159,12 @@ def test_length_penalties_past_float_range_are_refused(engine, kw):
     with pytest.raises(BeamSearchError, match="length_penalty must be"):
         beam_search(engine, PROMPT, BeamSearchParams(num_beams=2, **kw))
     BeamSearchParams(num_beams=2, max_new_tokens=4, length_penalty=400.0)  # 4 ** 400 is a float
+
+
+@pytest.mark.parametrize("length_penalty,early_stopping", [(2.0, "never"), (1.0, "never"), (2.0, False)])
+def test_one_beam_stops_at_the_first_eos_as_greedy_search(engine, hf, length_penalty, early_stopping):
+    """num_beams=1 is greedy search in transformers: the first stop token ends it, whatever the
+    length penalty would make of a longer beam."""
+    greedy = beam_search(engine, PROMPT, BeamSearchParams(num_beams=1, max_new_tokens=8, ignore_eos=True))[0].tokens
+    (beam,) = assert_equal_transformers(engine, hf, 1, 8, length_penalty, early_stopping, (greedy[2],))
+    assert beam.tokens == greedy[:3] and beam.finish_reason == "stop"
