@@ -50,7 +50,7 @@ class BeamSearchParams:
     early_stopping: bool | str = False  # False | True | "never", as transformers
     num_return_sequences: int = 1
     stop_token_ids: tuple[int, ...] = ()  # empty: the model's eos ids
-    ignore_eos: bool = False  # no token ends a beam: every beam runs max_new_tokens
+    ignore_eos: bool = False  # the model's eos ids end no beam (other stop_token_ids still do, as in sampling)
 
     def __post_init__(self) -> None:
         def whole(name: str, lo: int, hi: int | None = None) -> None:
@@ -132,7 +132,9 @@ class beam_steps:  # noqa: N801  (an iterator used like a function)
         self.prompt = [int(t) for t in prompt]
         self.plan = check_context(engine.config, rope_mode or engine.rope_mode, len(self.prompt),
                                   params.max_new_tokens)
-        self.eos = () if params.ignore_eos else (params.stop_token_ids or tuple(engine.tokenizer.eos_token_ids))
+        # as SamplingParams.stop_ids: ignore_eos drops the model's eos ids, other stop ids still stop
+        model_eos = tuple(engine.tokenizer.eos_token_ids)
+        self.eos = tuple(t for t in (params.stop_token_ids or model_eos) if not (params.ignore_eos and t in model_eos))
         self.result: list[Beam] = []
         self._it = self._run()
 

@@ -168,3 +168,15 @@ def test_one_beam_stops_at_the_first_eos_as_greedy_search(engine, hf, length_pen
     greedy = beam_search(engine, PROMPT, BeamSearchParams(num_beams=1, max_new_tokens=8, ignore_eos=True))[0].tokens
     (beam,) = assert_equal_transformers(engine, hf, 1, 8, length_penalty, early_stopping, (greedy[2],))
     assert beam.tokens == greedy[:3] and beam.finish_reason == "stop"
+
+
+def test_ignore_eos_keeps_the_other_stop_ids(engine, hf):
+    """As in sampling (SamplingParams.stop_ids, vLLM): ignore_eos drops the model's eos ids only;
+    the other stop_token_ids still end beams."""
+    eos = tuple(engine.tokenizer.eos_token_ids)
+    extra = tuple(t for t in frequent_tokens(engine, 3, 8) if t not in eos)
+    ours = assert_equal_transformers(engine, hf, 3, 8, 1.0, False, extra, stop_token_ids=(*eos, *extra),
+                                     ignore_eos=True)
+    assert any(b.finish_reason == "stop" for b in ours)
+    assert all(len(b.tokens) == 8 for b in beam_search(engine, PROMPT, BeamSearchParams(
+        num_beams=3, max_new_tokens=8, num_return_sequences=3, stop_token_ids=eos, ignore_eos=True)))

@@ -79,3 +79,18 @@ def test_plain_requests_still_work_beside_beams(client, embedded) -> None:
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="x", max_tokens=2, stream=True,
                                   extra_body={"use_beam_search": True})
+
+
+def test_ignore_eos_keeps_the_request_stop_token_ids(client, embedded) -> None:
+    """As without use_beam_search: ignore_eos drops the model's eos ids, stop_token_ids still stop."""
+    ids = embedded.tokenizer.encode("The capital of France")
+    free = beam_search(embedded, ids, BeamSearchParams(num_beams=2, max_new_tokens=6, num_return_sequences=2,
+                                                       ignore_eos=True))
+    stop = free[0].tokens[2]
+    r = client.completions.create(model=MODEL, prompt="The capital of France", max_tokens=6, n=2,
+                                  extra_body={"use_beam_search": True, "ignore_eos": True, "stop_token_ids": [stop]})
+    want = beam_search(embedded, ids, BeamSearchParams(num_beams=2, max_new_tokens=6, num_return_sequences=2,
+                                                       stop_token_ids=(stop,)))
+    assert [c.text for c in r.choices] == [b.text for b in want]
+    assert [c.finish_reason for c in r.choices] == [b.finish_reason for b in want] and "stop" in \
+        [b.finish_reason for b in want]
