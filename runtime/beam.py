@@ -21,6 +21,7 @@ CPU provider only (the CUDA provider and TensorRT refuse beam search with a one-
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 MAX_BEAMS = 16
 NEG = -1.0e9  # transformers' "impossible" score
+MAX_PENALTY_LOG = 600.0  # |length_penalty| * ln(max_new_tokens) at most: length ** length_penalty in [1e-260, 1e260]
 
 
 class BeamSearchError(QmoeError, ValueError):
@@ -48,7 +50,7 @@ class BeamSearchParams:
     early_stopping: bool | str = False  # False | True | "never", as transformers
     num_return_sequences: int = 1
     stop_token_ids: tuple[int, ...] = ()  # empty: the model's eos ids
-    ignore_eos: bool = False  # no token ends a beam: every beam runs max_new_tokens
+    ignore_eos: bool = False  # the model's eos ids end no beam (other stop_token_ids still do, as in sampling)
 
     def __post_init__(self) -> None:
         def whole(name: str, lo: int, hi: int | None = None) -> None:
@@ -61,8 +63,18 @@ class BeamSearchParams:
         whole("max_new_tokens", 1)
         whole("num_return_sequences", 1, int(self.num_beams))
         lp = self.length_penalty
-        if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not np.isfinite(lp):
-            raise BeamSearchError(f"length_penalty must be a finite number, got {lp!r}")
+        try:  # (an integer beyond float's range: an OverflowError)
+            finite = not isinstance(lp, bool) and isinstance(lp, (int, float)) and math.isfinite(lp)
+        except OverflowError:
+            finite = False
+        if not finite:
+            raise BeamSearchError(f"length_penalty must be a finite number, got {lp!r}"[:200])
+        # scores are divided by length ** length_penalty, lengths up to max_new_tokens: keep that a
+        # float (Python's ** raises OverflowError past 1e308; transformers fails the same way)
+        if abs(lp) * math.log(self.max_new_tokens) > MAX_PENALTY_LOG:
+            raise BeamSearchError(f"length_penalty must be in [-{MAX_PENALTY_LOG / math.log(self.max_new_tokens):.4g}, "
+                                  f"{MAX_PENALTY_LOG / math.log(self.max_new_tokens):.4g}] for max_new_tokens "
+                                  f"{self.max_new_tokens} (length ** length_penalty must stay a float), got {lp!r}")
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise BeamSearchError(f"early_stopping must be true, false or \"never\", got {self.early_stopping!r}")
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
@@ -120,7 +132,9 @@ class beam_steps:  # noqa: N801  (an iterator used like a function)
         self.prompt = [int(t) for t in prompt]
         self.plan = check_context(engine.config, rope_mode or engine.rope_mode, len(self.prompt),
                                   params.max_new_tokens)
-        self.eos = () if params.ignore_eos else (params.stop_token_ids or tuple(engine.tokenizer.eos_token_ids))
+        # as SamplingParams.stop_ids: ignore_eos drops the model's eos ids, other stop ids still stop
+        model_eos = tuple(engine.tokenizer.eos_token_ids)
+        self.eos = tuple(t for t in (params.stop_token_ids or model_eos) if not (params.ignore_eos and t in model_eos))
         self.result: list[Beam] = []
         self._it = self._run()
 
@@ -134,6 +148,9 @@ class beam_steps:  # noqa: N801  (an iterator used like a function)
         engine, p, backend = self.engine, self.p, self.engine.backend
         K, L, N = p.num_beams, len(self.prompt), p.max_new_tokens
         keep = max(2, 1 + len(self.eos)) * K
+        # one beam: transformers' generate runs greedy search, which ends at the first eos whatever
+        # early_stopping and length_penalty say; a finished hypothesis fills the one slot, so stop then
+        early_stopping = True if K == 1 else p.early_stopping
         capacity = L + N + 1
         cache = backend.new_cache(K, capacity)
         engine.bind_rope(cache, self.plan, capacity)
@@ -171,7 +188,7 @@ class beam_steps:  # noqa: N801  (an iterator used like a function)
             # finished hypotheses: among the best K candidates, those that stopped
             finishing = hits & (np.arange(len(cand)) < K)
             penalised = cand_scores / float(t + 1) ** p.length_penalty
-            all_full = bool(done_filled.all()) and p.early_stopping is True
+            all_full = bool(done_filled.all()) and early_stopping is True
             penalised = penalised + (NEG if all_full else 0.0) + (0.0 if heuristic_open else NEG) + ~finishing * NEG
             merged_scores = np.concatenate([done_scores, penalised])
             order = _top(merged_scores, K)
@@ -189,11 +206,11 @@ class beam_steps:  # noqa: N801  (an iterator used like a function)
             running, run_scores = new_running, running_scores[nxt]
             beam_parents = parents[nxt]
             # transformers' stop conditions, after the step
-            best_len = (N if p.early_stopping == "never" and p.length_penalty > 0.0 else t + 1)
+            best_len = (N if early_stopping == "never" and p.length_penalty > 0.0 else t + 1)
             best_running = run_scores[0] / float(best_len) ** p.length_penalty
             worst_done = done_scores.min() if done_filled.any() else NEG
             heuristic_open = heuristic_open and bool(best_running > worst_done)
-            if not heuristic_open or (done_filled.all() and p.early_stopping is True) or hits.all():
+            if not heuristic_open or (done_filled.all() and early_stopping is True) or hits.all():
                 break
             # next step: reorder the K/V rows by parent beam, then feed each beam's new token
             backend.reorder_rows(cache, beam_parents, cur_len)

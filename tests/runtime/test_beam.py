@@ -113,3 +113,70 @@ def test_bad_prompts_and_context(engine):
         beam_search(engine, [], BeamSearchParams())
     with pytest.raises(ContextLengthError):
         beam_search(engine, PROMPT, BeamSearchParams(max_new_tokens=10**6))
+
+
+def first_tokens(engine, prompt, n: int) -> list[int]:
+    """The n most likely first tokens after the prompt, most likely first."""
+    return [b.tokens[0] for b in beam_search(engine, prompt, BeamSearchParams(
+        num_beams=n, max_new_tokens=1, num_return_sequences=n, ignore_eos=True))]
+
+
+def assert_equal_transformers(engine, hf, K, N, length_penalty, early_stopping, eos, **kw):
+    ours = beam_search(engine, PROMPT, BeamSearchParams(num_beams=K, max_new_tokens=N, length_penalty=length_penalty,
+                                                        early_stopping=early_stopping, num_return_sequences=K,
+                                                        stop_token_ids=kw.pop("stop_token_ids", eos), **kw))
+    seqs, scores = hf_beams(hf, PROMPT, K, N, length_penalty, early_stopping, eos)
+    assert [b.tokens for b in ours] == seqs
+    if scores is not None:
+        assert np.allclose([b.score for b in ours], scores, atol=1e-4, rtol=0)
+    return ours
+
+
+@pytest.mark.parametrize("K,n_stops,N,length_penalty", [(2, 3, 3, 2.0), (3, 5, 3, 1.0)])
+def test_more_stop_tokens_than_beams_among_the_best_candidates(engine, hf, K, n_stops, N, length_penalty):
+    """The n_stops most likely first tokens stop: more than K of the best 2K candidates finish, so
+    only the (1 + #eos) * K candidates transformers keeps leave K beams running (with 2K, the
+    last one would be a dead beam and the search would lose the candidate ranked 2K + 1)."""
+    stops = tuple(first_tokens(engine, PROMPT, n_stops))
+    assert_equal_transformers(engine, hf, K, N, length_penalty, "never", stops)
+
+
+@pytest.mark.parametrize("K,N,length_penalty", [(2, 4, 3.0), (3, 4, 1.5), (4, 5, 2.0)])
+def test_the_early_stop_heuristic_ends_the_search(engine, hf, K, N, length_penalty):
+    """The K most likely first tokens stop: all K hypotheses finish at the first step, the best
+    running beam cannot beat them at its current length, so transformers' heuristic
+    (early_stopping False) ends the search there, though longer beams would score better under a
+    length penalty > 1."""
+    stops = tuple(first_tokens(engine, PROMPT, K))
+    ours = assert_equal_transformers(engine, hf, K, N, length_penalty, False, stops)
+    assert all(len(b.tokens) == 1 and b.finish_reason == "stop" for b in ours)
+
+
+@pytest.mark.parametrize("kw", [dict(length_penalty=1e308, max_new_tokens=4), dict(length_penalty=-1e308),
+                                dict(length_penalty=400.0, max_new_tokens=10**4), dict(length_penalty=10**400)])
+def test_length_penalties_past_float_range_are_refused(engine, kw):
+    """length ** length_penalty must stay a float: Python's ** raised OverflowError mid-search."""
+    with pytest.raises(BeamSearchError, match="length_penalty must be"):
+        beam_search(engine, PROMPT, BeamSearchParams(num_beams=2, **kw))
+    BeamSearchParams(num_beams=2, max_new_tokens=4, length_penalty=400.0)  # 4 ** 400 is a float
+
+
+@pytest.mark.parametrize("length_penalty,early_stopping", [(2.0, "never"), (1.0, "never"), (2.0, False)])
+def test_one_beam_stops_at_the_first_eos_as_greedy_search(engine, hf, length_penalty, early_stopping):
+    """num_beams=1 is greedy search in transformers: the first stop token ends it, whatever the
+    length penalty would make of a longer beam."""
+    greedy = beam_search(engine, PROMPT, BeamSearchParams(num_beams=1, max_new_tokens=8, ignore_eos=True))[0].tokens
+    (beam,) = assert_equal_transformers(engine, hf, 1, 8, length_penalty, early_stopping, (greedy[2],))
+    assert beam.tokens == greedy[:3] and beam.finish_reason == "stop"
+
+
+def test_ignore_eos_keeps_the_other_stop_ids(engine, hf):
+    """As in sampling (SamplingParams.stop_ids, vLLM): ignore_eos drops the model's eos ids only;
+    the other stop_token_ids still end beams."""
+    eos = tuple(engine.tokenizer.eos_token_ids)
+    extra = tuple(t for t in frequent_tokens(engine, 3, 8) if t not in eos)
+    ours = assert_equal_transformers(engine, hf, 3, 8, 1.0, False, extra, stop_token_ids=(*eos, *extra),
+                                     ignore_eos=True)
+    assert any(b.finish_reason == "stop" for b in ours)
+    assert all(len(b.tokens) == 8 for b in beam_search(engine, PROMPT, BeamSearchParams(
+        num_beams=3, max_new_tokens=8, num_return_sequences=3, stop_token_ids=eos, ignore_eos=True)))

@@ -49,6 +49,8 @@ def test_chat_beams_equal_the_embedded_engine(client, embedded) -> None:
     ({"use_beam_search": True, "n": 17}, "n"),
     ({"use_beam_search": True, "length_penalty": "long"}, "length_penalty"),
     ({"use_beam_search": True, "early_stopping": "sometimes"}, "early_stopping"),
+    ({"use_beam_search": True, "length_penalty": 1e308}, "length_penalty"),  # 2 ** 1e308: was a 500
+    ({"use_beam_search": True, "length_penalty": 10**400}, "length_penalty"),  # past float: was a 500
     ({"use_beam_search": True, "max_tokens": 10**6}, "max_tokens"),
     ({"use_beam_search": True, "logprobs": True}, "logprobs"),
     ({"use_beam_search": "yes"}, "use_beam_search"),
@@ -77,3 +79,18 @@ def test_plain_requests_still_work_beside_beams(client, embedded) -> None:
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="x", max_tokens=2, stream=True,
                                   extra_body={"use_beam_search": True})
+
+
+def test_ignore_eos_keeps_the_request_stop_token_ids(client, embedded) -> None:
+    """As without use_beam_search: ignore_eos drops the model's eos ids, stop_token_ids still stop."""
+    ids = embedded.tokenizer.encode("The capital of France")
+    free = beam_search(embedded, ids, BeamSearchParams(num_beams=2, max_new_tokens=6, num_return_sequences=2,
+                                                       ignore_eos=True))
+    stop = free[0].tokens[2]
+    r = client.completions.create(model=MODEL, prompt="The capital of France", max_tokens=6, n=2,
+                                  extra_body={"use_beam_search": True, "ignore_eos": True, "stop_token_ids": [stop]})
+    want = beam_search(embedded, ids, BeamSearchParams(num_beams=2, max_new_tokens=6, num_return_sequences=2,
+                                                       stop_token_ids=(stop,)))
+    assert [c.text for c in r.choices] == [b.text for b in want]
+    assert [c.finish_reason for c in r.choices] == [b.finish_reason for b in want] and "stop" in \
+        [b.finish_reason for b in want]
