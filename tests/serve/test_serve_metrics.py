@@ -164,7 +164,10 @@ def test_time_to_first_token_counts_from_arrival(embedded) -> None:
         families = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
     ttft = {s.name: s.value for s in families["qmoe:time_to_first_token_seconds"].samples}
     assert ttft["qmoe:time_to_first_token_seconds_count"] == 1
-    assert 0.8 * took < ttft["qmoe:time_to_first_token_seconds_sum"] <= took
+    # alone, TTFT is ~97% of the request's time; counted from the scheduler's admission it would be
+    # about half. 0.6: after the first token the response renders 450 log-probability entries, which
+    # took 0.12 s of 0.53 s in a full-suite run on 2 busy cores
+    assert 0.6 * took < ttft["qmoe:time_to_first_token_seconds_sum"] <= took
 
 
 def test_a_requests_life_splits_into_queue_prefill_and_decode(embedded) -> None:
