@@ -313,12 +313,8 @@ def run(artifact: str, prompt: str, as_chat: bool, json_schema: str | None, rege
     engine = load(artifact, backend=backend, device=device, rope_mode=rope_mode)
     if speculation is not None:  # drafts are verified by the batching scheduler's steps
         from .batching import BatchScheduler, stream
-        from .engine import RequestError
 
-        tok = engine.tokenizer
-        ids = tok.encode_chat([{"role": "user", "content": prompt}]) if as_chat else tok.encode(prompt)
-        if not ids:
-            raise RequestError("the prompt is empty")
+        ids = _prompt_ids(engine, prompt, as_chat)
         scheduler = BatchScheduler(engine, max_slots=1, capacity=max(2, len(ids) + sampling.max_new_tokens),
                                    speculation=speculation)
         deltas = stream(scheduler, ids, sampling)
@@ -331,12 +327,23 @@ def run(artifact: str, prompt: str, as_chat: bool, json_schema: str | None, rege
     click.echo()
 
 
+def _prompt_ids(engine: Any, prompt: str, as_chat: bool) -> list[int]:
+    """qmoe run's prompt as token ids: in the chat template as one user turn, or raw."""
+    from .engine import RequestError
+
+    tok = engine.tokenizer
+    ids = tok.encode_chat([{"role": "user", "content": prompt}]) if as_chat else tok.encode(prompt)
+    if not ids:
+        raise RequestError("the prompt is empty")
+    return ids
+
+
 def _beam_run(artifact: str, prompt: str, as_chat: bool, sampling: Any, num_beams: int, length_penalty: float,
               early_stopping: str, num_return_sequences: int, structured: bool, speculation: Any, backend: str,
               device: str, rope_mode: str | None) -> None:
     """qmoe run --num-beams: the best beam's text (or the best n, each with its score)."""
     from .beam import BeamSearchError, BeamSearchParams, beam_search
-    from .engine import RequestError, load
+    from .engine import load
     from .sampling import SamplingParams
 
     default = SamplingParams()
@@ -352,11 +359,7 @@ def _beam_run(artifact: str, prompt: str, as_chat: bool, sampling: Any, num_beam
                               early_stopping={"false": False, "true": True}.get(early_stopping, early_stopping),
                               num_return_sequences=num_return_sequences)
     engine = load(artifact, backend=backend, device=device, rope_mode=rope_mode)
-    tok = engine.tokenizer
-    ids = tok.encode_chat([{"role": "user", "content": prompt}]) if as_chat else tok.encode(prompt)
-    if not ids:
-        raise RequestError("the prompt is empty")
-    beams = beam_search(engine, ids, params)
+    beams = beam_search(engine, _prompt_ids(engine, prompt, as_chat), params)
     if num_return_sequences == 1:
         click.echo(beams[0].text)
         return

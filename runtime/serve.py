@@ -295,16 +295,8 @@ class Service:
         if not 1 <= n <= MAX_BEAMS:
             raise APIError(f"n (the beam width with use_beam_search) must be in [1, {MAX_BEAMS}], got {n}", param="n")
         ids = self._prompt_ids(kind, body)
-        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _typed(body, name, (int,), "an integer")
-        if max_tokens is None:  # not the rest of the context: n beams of it would run for a very long time
-            raise APIError("use_beam_search needs max_tokens (or max_completion_tokens)", param="max_tokens")
-        if max_tokens < 1:
-            raise APIError(f"{name} must be at least 1, got {max_tokens}", param=name)
-        if len(ids) + max_tokens > self.context_limit:
-            raise APIError(f"this server's context is {self.context_limit} tokens; the prompt has {len(ids)} and "
-                           f"{name} is {max_tokens}; shorten the prompt or lower {name}",
-                           param=name, code="context_length_exceeded")
+        # required: not the rest of the context, which n beams would run for a very long time
+        name, max_tokens = self._max_tokens(body, len(ids), required="use_beam_search")
         extra = _typed(body, "stop_token_ids", (list,), "a list of token ids") or []
         try:
             params = BeamSearchParams(
@@ -392,14 +384,16 @@ class Service:
             raise APIError("the prompt is empty", param="prompt")
         return ids
 
-    def _sampling(self, body: Mapping[str, Any], prompt_len: int, logprobs: int | None,
-                  scoring_only: bool = False, forced: structured.StructuredOutput | None = None) -> SamplingParams:
-        """scoring_only: echo with max_tokens 0 (the prompt, checked by the caller, is all there is;
-        the parameters still get checked, with one token to be valid). forced: the grammar of a
-        tool_choice that forces calls."""
+    def _max_tokens(self, body: Mapping[str, Any], prompt_len: int, scoring_only: bool = False,
+                    required: str | None = None) -> tuple[str, int]:
+        """(the field's name, the tokens to generate) from max_completion_tokens or max_tokens,
+        checked against the context. Absent: OpenAI's default, whatever the context has left, or
+        with `required` (the feature that needs it) a 400. scoring_only: 1, never over the context."""
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         max_tokens = 1 if scoring_only else _typed(body, name, (int,), "an integer")
-        if max_tokens is None:  # OpenAI's default: whatever the context has left
+        if max_tokens is None:
+            if required is not None:
+                raise APIError(f"{required} needs max_tokens (or max_completion_tokens)", param="max_tokens")
             max_tokens = max(self.context_limit - prompt_len, 1)
         if max_tokens < 1:
             raise APIError(f"{name} must be at least 1, got {max_tokens}", param=name)
@@ -407,6 +401,14 @@ class Service:
             raise APIError(f"this server's context is {self.context_limit} tokens; the prompt has {prompt_len} and "
                            f"{name} is {max_tokens}; shorten the prompt or lower {name}",
                            param=name, code="context_length_exceeded")
+        return name, max_tokens
+
+    def _sampling(self, body: Mapping[str, Any], prompt_len: int, logprobs: int | None,
+                  scoring_only: bool = False, forced: structured.StructuredOutput | None = None) -> SamplingParams:
+        """scoring_only: echo with max_tokens 0 (the prompt, checked by the caller, is all there is;
+        the parameters still get checked, with one token to be valid). forced: the grammar of a
+        tool_choice that forces calls."""
+        name, max_tokens = self._max_tokens(body, prompt_len, scoring_only=scoring_only)
         _typed(body, "logit_bias", (dict,), "an object mapping token ids to biases")
         chosen = {k: body[k] for k in REQUEST_SAMPLING_FIELDS if body.get(k) is not None}
         try:

@@ -24,7 +24,7 @@ from exporter.tiny import tiny_config, write_checkpoint
 from runtime import check as chk
 from runtime import manifest as mf
 from runtime.sampling import SamplingParams
-from tests.helpers import hf_greedy, hf_model, prompt_logits
+from tests.helpers import check_quantized_parity, hf_model, prompt_logits
 
 PROMPTS = [[9707, 11, 1879, 0, 220, 108386], [151644, 872, 198], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]
 
@@ -142,23 +142,7 @@ def test_logits_match_transformers_with_the_same_quantized_weights(case):
     ck, art, qc, dtype = case
     engine = runtime.load(art)
     ref = _quantized_reference(ck, qc, engine.manifest.compute_dtype)
-    prompt = PROMPTS[2]
-    logits = prompt_logits(engine, prompt)
-    with torch.no_grad():
-        want = ref(torch.tensor([prompt])).logits[0].numpy()
-    assert (logits.argmax(-1) == want.argmax(-1)).mean() >= 0.9
-    if qc.activations == "int8":
-        # activations rounded to 8 bits per block on the fly: ~1% relative L2 per position, except where
-        # the rounding flips a near-tied expert choice (seen: 21% at one of 11 positions): the median
-        rel = np.linalg.norm(logits - want, axis=1) / np.linalg.norm(want, axis=1)
-        assert np.median(rel) <= 0.03, rel
-        return
-    atol = 5e-2 if engine.manifest.compute_dtype == "float16" else 1e-4
-    assert np.abs(logits - want).max() <= atol
-    if atol == 1e-4:  # fp32 compute: the greedy paths are the same
-        results = engine.generate(PROMPTS, SamplingParams(max_new_tokens=16, ignore_eos=True))
-        for p, r in zip(PROMPTS, results):
-            assert r.tokens == hf_greedy(ref, p, 16)
+    check_quantized_parity(engine, ref, PROMPTS, qc.activations == "int8")
 
 
 def test_quantization_error_against_the_float_model(case):
