@@ -109,6 +109,7 @@ class Checkpoint:
         self.config = config or ModelConfig.from_file(self.dir / "config.json")
         self.gptq = GptqConfig.from_file(self.dir / "config.json")  # None: a float checkpoint
         self.tensors: dict[str, TensorInfo] = {}
+        self._shapes: dict[str, tuple[int, ...]] | None = None
         for shard, names in self._shards().items():
             infos = _read_header(shard)
             for name in names if names is not None else infos:
@@ -182,7 +183,11 @@ class Checkpoint:
     # --- the Qwen2-MoE layout -------------------------------------------------------------
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        return self.expected_shapes_for(self.config, self.fused_experts)
+        """expected_shapes_for this checkpoint, computed once (the GPTQ rewrite asks per graph node;
+        config and layout are settled before validate() first asks). Read-only for callers."""
+        if self._shapes is None:
+            self._shapes = self.expected_shapes_for(self.config, self.fused_experts)
+        return self._shapes
 
     @staticmethod
     def expected_shapes_for(c: ModelConfig, fused: bool) -> dict[str, tuple[int, ...]]:
