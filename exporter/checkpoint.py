@@ -12,7 +12,7 @@ import json
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from runtime.config import ModelConfig
 from runtime.errors import QmoeError
@@ -100,7 +100,9 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
 class Checkpoint:
     """A Qwen2-MoE checkpoint folder: config.json plus one or more safetensors shards."""
 
-    def __init__(self, directory: str | Path, config: ModelConfig | None = None) -> None:
+    def __init__(self, directory: str | Path, config: ModelConfig | None = None,
+                 lora: "Sequence[str | Path]" = ()) -> None:
+        """`lora`: PEFT LoRA adapter folders whose deltas every read adds (exporter/lora.py)."""
         from .gptq import GptqConfig
 
         self.dir = Path(directory)
@@ -125,6 +127,17 @@ class Checkpoint:
             # when the two differ; when equal the result is the same), so this checkpoint is untied.
             self.config = replace(self.config, tie_word_embeddings=False)
         self.validate()
+        self.lora = None
+        if lora:
+            from .lora import Adapters, LoraError
+
+            self.lora = Adapters(lora, self.config, self.config.moe_intermediate_size,
+                                 self.expected_shapes_for(self.config, fused=False))
+            packed = sorted(n for n in self.lora.names if self.is_gptq(n))
+            if packed:
+                raise LoraError(f"{self.dir} is {self.gptq.label if self.gptq else 'GPTQ'}-quantized and the LoRA "
+                                f"adapts its packed layer {packed[0][:-7]}; merging would need requantizing (merge "
+                                "into the float checkpoint and quantize that instead)")
 
     def _shards(self) -> dict[Path, list[str] | None]:
         index = self.dir / INDEX_NAME
@@ -167,7 +180,8 @@ class Checkpoint:
 
         info = self.info(name)
         with safe_open(str(info.file), framework="pt") as f:
-            return f.get_tensor(name)
+            t = f.get_tensor(name)
+        return t if self.lora is None else self.lora.apply(name, t, 0)
 
     def rows(self, name: str, start: int, stop: int) -> "torch.Tensor":
         """Rows [start, stop) of a tensor (first dimension), reading only those bytes."""
@@ -175,7 +189,8 @@ class Checkpoint:
 
         info = self.info(name)
         with safe_open(str(info.file), framework="pt") as f:
-            return f.get_slice(name)[start:stop]
+            t = f.get_slice(name)[start:stop]
+        return t if self.lora is None else self.lora.apply(name, t, start)
 
     def close(self) -> None:
         """Nothing stays open between calls; kept for symmetry with other readers."""
@@ -275,8 +290,8 @@ class Checkpoint:
         p = f"model.layers.{layer}.mlp.experts."
         if self.fused_experts:
             I = self.config.moe_intermediate_size
-            gate_up = self.tensor(p + "gate_up_proj")[expert]
-            return gate_up[:I], gate_up[I:], self.tensor(p + "down_proj")[expert]
+            gate_up = self.rows(p + "gate_up_proj", expert, expert + 1)[0]  # this expert's bytes only
+            return gate_up[:I], gate_up[I:], self.rows(p + "down_proj", expert, expert + 1)[0]
         q = f"{p}{expert}."
         return (self.tensor(q + "gate_proj.weight"), self.tensor(q + "up_proj.weight"),
                 self.tensor(q + "down_proj.weight"))

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from runtime import manifest as mf
 from runtime.config import ModelConfig
@@ -69,11 +69,13 @@ def export(
     quantize: str | None = None,
     quant_block_size: int | None = None,
     quant_activations: str | None = None,
+    lora: Sequence[str | Path] = (),
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Exports a Qwen2-MoE checkpoint; returns the artifact folder. See module docstring.
     `dtype` None: float32 for onnxruntime, float16 for tensorrt. `quantize` "int4" / "int8":
-    weight-only quantization (onnxruntime target; exporter/quantize.py)."""
+    weight-only quantization (onnxruntime target; exporter/quantize.py). `lora`: PEFT LoRA adapter
+    folders merged into the weights (exporter/lora.py)."""
     import torch
 
     from .quantize import QuantConfig
@@ -87,7 +89,7 @@ def export(
             raise ExportError(f"--quantize is for the onnxruntime target (ONNX Runtime's MatMulNBits/QMoE); the "
                               f"{target} target's plugin runs float16/bfloat16 weights")
         qc = QuantConfig.parse(quantize, quant_block_size, quant_activations)
-    ckpt = Checkpoint(checkpoint_dir)
+    ckpt = Checkpoint(checkpoint_dir, lora=lora)
     if ckpt.gptq is not None:
         qc = _gptq_quant_config(ckpt, target, quantize, quant_block_size, quant_activations)
     elif quantize is None and (quant_block_size is not None or quant_activations is not None):
@@ -121,6 +123,7 @@ def export(
             config=ckpt.config, target=target, dtype=dtype, weight_dtype=weight_dtype, compute_dtype=compute_dtype,
             opset=OPSET, source=str(ckpt.dir.absolute()), export_seconds=round(time.perf_counter() - t0, 2),
             linked_weights=link_weights, quantization=None if qc is None else qc.to_json(),
+            lora=None if ckpt.lora is None else ckpt.lora.describe(),
         ))
     ckpt.close()
     return output_dir

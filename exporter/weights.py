@@ -29,6 +29,8 @@ def direct_source(ckpt: Checkpoint, name: str) -> TensorInfo | None:
     """The checkpoint tensor that is this parameter byte for byte (dtype aside), if any."""
     if EXPERTS_PARAM.match(name) or SHARED_PARAM.match(name):
         return None
+    if ckpt.lora is not None and ckpt.lora.touches(name):
+        return None  # a LoRA changes it
     return ckpt.info(name)
 
 

@@ -92,6 +92,7 @@ class Run:
     logits: list[np.ndarray]  # per prompt, [steps, V] float32
     quantization: dict | None = None  # the artifact's weight quantization (manifest)
     weight_dtype: str = "float32"  # float tensors as stored (bf16 weights computed in fp32 are still bf16)
+    lora: list | None = None  # LoRA adapters merged into the weights (manifest)
 
 
 @dataclass(frozen=True)
@@ -236,17 +237,19 @@ def generate(artifact: Path, backend: str, prompts: list[list[int]], max_new_tok
                               rope_mode=rope, output_logits=True)
     return Run(f"{backend} ({artifact.name})", engine.manifest.compute_dtype, [r.tokens for r in results],
                [np.stack(r.logits) if r.logits else np.zeros((0, engine.config.vocab_size), np.float32)
-                for r in results], engine.manifest.quantization, engine.manifest.weight_dtype)
+                for r in results], engine.manifest.quantization, engine.manifest.weight_dtype, engine.manifest.lora)
 
 
 def transformers_logits(checkpoint: Path, quantization: dict | None = None, scale_dtype: str = "float32",
-                        weight_dtype: str = "float32") -> Callable[[list[int], list[int]], np.ndarray]:
+                        weight_dtype: str = "float32",
+                        lora: Sequence[str | Path] = ()) -> Callable[[list[int], list[int]], np.ndarray]:
     """f(prompt, tokens) -> [len(tokens), V]: row t predicts tokens[t] from prompt + tokens[:t],
     from one full-sequence forward of transformers' model in fp32 (no cache involved). The model
     holds the values the artifact holds, so the check measures the runtime, not the storage:
     float weights rounded to `weight_dtype` (a bf16 artifact of an fp32 checkpoint, computed in
     fp32), and with `quantization` (the manifest's entry) the quantized weights as quantized, with
-    scales rounded to `scale_dtype`."""
+    scales rounded to `scale_dtype`. `lora`: adapter folders merged into the float weights first,
+    as the exporter merges them (exporter/lora.py)."""
     try:
         import torch
         import transformers
@@ -255,7 +258,7 @@ def transformers_logits(checkpoint: Path, quantization: dict | None = None, scal
                          "pip install 'qmoe[export,test]'") from None
     from exporter.checkpoint import Checkpoint
 
-    ckpt = Checkpoint(checkpoint)
+    ckpt = Checkpoint(checkpoint, lora=lora)
     if ckpt.gptq is not None:  # transformers reads GPTQ only through a GPU kernel package: dequantize here
         import tempfile
 
@@ -268,6 +271,10 @@ def transformers_logits(checkpoint: Path, quantization: dict | None = None, scal
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
                                                                   local_files_only=True).eval()
+    if ckpt.lora is not None:
+        from exporter.lora import merge_into
+
+        merge_into(model, ckpt.lora)
     qc = None
     if quantization is not None and ckpt.gptq is None:
         from exporter.quantize import QuantConfig, fake_quantize_hf, hf_block
@@ -324,6 +331,29 @@ def _same_quantization(artifact: Path, q: dict | None, reference: Path, gptq) ->
                          "was exported from as --reference")
 
 
+def lora_dirs(artifact: Path, lora: list | None) -> list[str]:
+    """The adapter folders an artifact's manifest records, each still holding the adapter it was
+    exported with (same sha256), so that the reference merges what the artifact merged."""
+    import hashlib
+
+    dirs = []
+    for a in lora or []:
+        f = Path(a["path"]) / a.get("file", "adapter_model.safetensors")
+        try:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(16 << 20), b""):  # noqa: B023 (read at once)
+                    h.update(chunk)
+        except OSError as e:
+            raise CheckError(f"{artifact} merged the LoRA adapter {a['path']}, which cannot be read now ({e.strerror}); "
+                             "--reference needs it") from None
+        if h.hexdigest() != a["sha256"]:
+            raise CheckError(f"{artifact} merged the LoRA adapter {a['path']}, whose {f.name} has changed since the "
+                             "export; re-export, or restore the adapter")
+        dirs.append(a["path"])
+    return dirs
+
+
 def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None, reference: str | Path | None = None,
           prompts: int = 4, max_new_tokens: int = 16, atol: float | None = None, device: str = "auto",
           progress: Callable[[str], None] | None = None) -> Report:
@@ -343,7 +373,11 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
     if reference is not None:  # before any run: the reference holds the artifacts' kind of weights
         for p, _ in plan:
             _same_quantization(p, mf.read(p).quantization, Path(reference), ref_gptq)
+            lora_dirs(p, mf.read(p).lora)
     if reference is None:  # before any run: the weights must be the same (activations may differ)
+        if len({tuple(a["sha256"] for a in mf.read(p).lora or []) for p, _ in plan}) > 1:
+            raise CheckError("the artifacts merged different LoRA adapters, so their weights differ; compare each "
+                             "with --reference CHECKPOINT_DIR instead")
         kinds = {None if q is None else (q["bits"], q["block_size"], q.get("method", "rtn")) for q in (mf.read(p).quantization for p, _ in plan)}
         if len(kinds) > 1:
             raise CheckError("the artifacts hold differently quantized weights, so their logits differ by the "
@@ -365,10 +399,12 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
             gptq = f"{q['method'].upper()} " if q is not None and q.get("method") in ("gptq", "awq") else ""
             parts = [] if q is None else [f"{gptq}{q['scheme']} weights, block {q['block_size']}, {run.dtype} scales"]
             parts += [] if run.weight_dtype == "float32" else [f"{run.weight_dtype} float weights"]
+            parts += [f"LoRA {Path(a['path']).name} {a['sha256'][:8]}" for a in run.lora or []]
             key = ", ".join(parts)
             if key not in refs:
                 say(f"running transformers on {reference}" + (f" ({key})" if key else ""))
-                refs[key] = transformers_logits(Path(reference), q, run.dtype, run.weight_dtype)
+                refs[key] = transformers_logits(Path(reference), q, run.dtype, run.weight_dtype,
+                                                lora_dirs(Path(run.label), run.lora))
             ref = refs[key]
             label = f"{REFERENCE} ({key})" if key else REFERENCE
             base = Run(label, "float32", [list(t) for t in run.tokens],

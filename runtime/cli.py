@@ -169,9 +169,12 @@ def tiny(out_dir: str, seed: int, dtype: str, force: bool) -> None:
 @click.option("--quant-activations", type=click.Choice(list(mf.QUANT_ACTIVATIONS)), default=None,
               help="int8: also quantize activations on the fly (faster on CPU); default: float for int4, int8 for "
                    "int8 (the only choice there).")
+@click.option("--lora", "lora", multiple=True, type=click.Path(),
+              help="PEFT LoRA adapter folder to merge into the weights (repeat to add several).")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 def export(checkpoint_dir: str, output_dir: str, target: str, dtype: str | None, link_weights: bool,
-           quantize: str | None, quant_block_size: str | None, quant_activations: str | None, force: bool) -> None:
+           quantize: str | None, quant_block_size: str | None, quant_activations: str | None, lora: tuple[str, ...],
+           force: bool) -> None:
     """Export a Hugging Face Qwen2-MoE checkpoint to an ONNX artifact.
 
     A GPTQ checkpoint (e.g. Qwen2-57B-A14B-Instruct-GPTQ-Int4) keeps its quantized layers as they are
@@ -193,7 +196,7 @@ def export(checkpoint_dir: str, output_dir: str, target: str, dtype: str | None,
             ex.export(checkpoint_dir, output_dir, target=target, dtype=dtype, force=force,
                       link_weights=link_weights, quantize=quantize,
                       quant_block_size=None if quant_block_size is None else int(quant_block_size),
-                      quant_activations=quant_activations,
+                      quant_activations=quant_activations, lora=lora,
                       progress=progress)
     finally:
         bar.close()

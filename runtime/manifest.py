@@ -61,6 +61,8 @@ class Manifest:
     linked_weights: bool = False
     # Weight-only quantization (exporter/quantize.py: QuantConfig.to_json()), None for float weights.
     quantization: dict[str, Any] | None = None
+    # LoRA adapters merged into the weights (exporter/lora.py: Adapter.describe()), None without.
+    lora: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -70,7 +72,8 @@ class Manifest:
     @classmethod
     def for_export(cls, *, config: ModelConfig, target: str, dtype: str, weight_dtype: str, compute_dtype: str,
                    opset: int, source: str, export_seconds: float, linked_weights: bool,
-                   quantization: dict[str, Any] | None = None) -> "Manifest":
+                   quantization: dict[str, Any] | None = None,
+                   lora: list[dict[str, Any]] | None = None) -> "Manifest":
         io = io_names(config.num_hidden_layers)
         rs = config.rope_scaling
         return cls(
@@ -82,7 +85,7 @@ class Manifest:
                   "max_position_embeddings": config.max_position_embeddings,
                   "scaling": None if rs is None else asdict(rs)},
             source_checkpoint=source, export_seconds=export_seconds, linked_weights=linked_weights,
-            quantization=quantization,
+            quantization=quantization, lora=lora,
         )
 
 
@@ -101,7 +104,7 @@ def _check_types(m: Manifest) -> None:
     that does not."""
     kinds: dict[str, Any] = {"opset": int, "export_seconds": (int, float), "linked_weights": bool,
                              "inputs": list, "outputs": list, "hf_config": dict, "rope": dict, "extra": dict,
-                             "quantization": (dict, type(None))}
+                             "quantization": (dict, type(None)), "lora": (list, type(None))}
     for name in Manifest.__dataclass_fields__:
         v, kind = getattr(m, name), kinds.get(name, str)
         if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool):
@@ -109,6 +112,9 @@ def _check_types(m: Manifest) -> None:
     for name in ("inputs", "outputs"):
         if not all(isinstance(x, str) for x in getattr(m, name)):
             raise TypeError(f"{name} must be a list of names")
+    if m.lora is not None and not all(isinstance(a, dict) and isinstance(a.get("path"), str)
+                                      and isinstance(a.get("sha256"), str) for a in m.lora):
+        raise TypeError(f"lora is {m.lora!r}; expected a list of adapters with their path and sha256")
     q = m.quantization
     if q is not None and not (type(q.get("bits")) is int and QUANT_SCHEMES.get(q.get("scheme")) == q["bits"]
                               and type(q.get("block_size")) is int and q["block_size"] in QUANT_BLOCK_SIZES
