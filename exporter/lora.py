@@ -211,7 +211,10 @@ class Adapter:
             weight = module + ".weight"
             if depth == 0 and weight in shapes:
                 out_f, in_f = shapes[weight]
-                r, scaling = self._rank_alpha(module)
+                # PEFT matches patterns against the module's name, or the parameter's when a
+                # target_parameters entry wrapped it (transformers 5's router, mlp.gate.weight)
+                by_param = any(weight == t or weight.endswith(f".{t}") for t in targets if isinstance(t, str))
+                r, scaling = self._rank_alpha(weight if by_param else module)
                 want_a, want_b, experts = (r, in_f), (out_f, r), 1
                 key = weight
             elif fused is not None and config.is_sparse_layer(int(fused.group(1))):

@@ -258,7 +258,8 @@ def transformers_logits(checkpoint: Path, quantization: dict | None = None, scal
                          "pip install 'qmoe[export,test]'") from None
     from exporter.checkpoint import Checkpoint
 
-    ckpt = Checkpoint(checkpoint, lora=lora)
+    ckpt = Checkpoint(checkpoint)
+    adapters = Checkpoint(checkpoint, lora=lora).lora if lora else None  # merged below, not into the GPTQ copy
     if ckpt.gptq is not None:  # transformers reads GPTQ only through a GPU kernel package: dequantize here
         import tempfile
 
@@ -271,10 +272,10 @@ def transformers_logits(checkpoint: Path, quantization: dict | None = None, scal
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
                                                                   local_files_only=True).eval()
-    if ckpt.lora is not None:
+    if adapters is not None:
         from exporter.lora import merge_into
 
-        merge_into(model, ckpt.lora)
+        merge_into(model, adapters)
     qc = None
     if quantization is not None and ckpt.gptq is None:
         from exporter.quantize import QuantConfig, fake_quantize_hf, hf_block

@@ -434,3 +434,32 @@ def test_older_autogptq_quantize_config_json(gptq_ck, tmp_path):
     (ck / "quantize_config.json").write_text("{oops")
     with pytest.raises(GptqError, match="quantize_config.json: not valid JSON"):
         export(ck, tmp_path / "c")
+
+
+def test_lora_on_gptq_layers_is_refused_and_on_float_ones_merged(gptq_ck, tmp_path):
+    """A LoRA cannot be merged into packed integers without requantizing: refused in one line. On
+    a layer the GPTQ checkpoint keeps float (the head) it merges, and `qmoe check` agrees."""
+    from safetensors.torch import save_file as save_torch
+
+    from exporter.lora import LoraError
+
+    def adapter(name: str, module: str, n_in: int, n_out: int) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        g = torch.Generator().manual_seed(0)
+        save_torch({f"base_model.model.{module}.lora_A.weight": torch.randn(4, n_in, generator=g),
+                    f"base_model.model.{module}.lora_B.weight": torch.randn(n_out, 4, generator=g)},
+                   str(d / "adapter_model.safetensors"))
+        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+        return d
+
+    with pytest.raises(LoraError, match="adapts its packed layer model.layers.0.self_attn.q_proj; merging would "
+                                        "need requantizing"):
+        export(gptq_ck, tmp_path / "out", lora=[adapter("q", "model.layers.0.self_attn.q_proj", 64, 64)])
+    assert not (tmp_path / "out").exists()
+    art = export(gptq_ck, tmp_path / "art", lora=[adapter("head", "lm_head", 64, 151936)])
+    report = chk.check([art], reference=gptq_ck, prompts=2, max_new_tokens=4)
+    assert report.ok, report.table()
+    plain = export(gptq_ck, tmp_path / "plain")
+    got, base = (prompt_logits(runtime.load(a), PROMPTS[0]) for a in (art, plain))
+    assert np.abs(got - base).max() > 0.1  # the head's adapter changed the logits
