@@ -315,6 +315,12 @@ class Adapters:
         self.items = [Adapter(d, config, shapes) for d in dirs]
         self.intermediate = intermediate  # I: gate rows, then up rows in a fused gate_up_proj
         self.names = set().union(*(a.touched() for a in self.items))
+        self.fused_names = set()  # transformers 5 / fused-checkpoint names of the experts touched
+        for n in self.names:
+            m = _EXPERT_LINEAR.fullmatch(n)
+            if m is not None:
+                self.fused_names.add(f"model.layers.{m.group(1)}.mlp.experts."
+                                     f"{'down_proj' if m.group(3) == 'down' else 'gate_up_proj'}")
         copied = [n for a in self.items for n in a.copies]
         if len(copied) != len(set(copied)):
             raise LoraError(f"two adapters each carry a whole copy of {max(copied, key=copied.count)}; merge at most one")
@@ -328,12 +334,7 @@ class Adapters:
 
     def touches(self, name: str) -> bool:
         """Whether checkpoint tensor `name` (either layout) changes."""
-        m = _FUSED.fullmatch(name)
-        if m is None:
-            return name in self.names
-        projs = ("gate", "up") if m.group(2) == "gate_up_proj" else ("down",)
-        pre = f"model.layers.{m.group(1)}.mlp.experts."
-        return any(n.startswith(pre) and n.endswith(tuple(f".{p}_proj.weight" for p in projs)) for n in self.names)
+        return name in self.names or name in self.fused_names
 
     def delta(self, name: str, start: int, stop: int, shape: tuple[int, ...]) -> "torch.Tensor | None":
         """The summed delta of rows [start, stop) of checkpoint (or transformers) tensor `name` of
