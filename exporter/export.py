@@ -131,7 +131,8 @@ def export(
 
 def _gptq_quant_config(ckpt: Checkpoint, target: str, quantize: str | None, block: int | None,
                        activations: str | None):
-    """A GPTQ checkpoint's layers go into the artifact as they are (exporter/gptq.py)."""
+    """A GPTQ checkpoint's layers go into the artifact as they are (exporter/gptq.py); with
+    `quantize`, the layers it keeps float (head, embeddings) are quantized round to nearest."""
     from dataclasses import replace
 
     from .quantize import QuantConfig
@@ -141,15 +142,17 @@ def _gptq_quant_config(ckpt: Checkpoint, target: str, quantize: str | None, bloc
     if target != "onnxruntime":
         raise ExportError(f"{ckpt.dir}: {g.label} checkpoints export for the onnxruntime target (ONNX Runtime's "
                           f"MatMulNBits/QMoE); the {target} target's plugin runs float16/bfloat16 weights")
-    if quantize is not None or block is not None:
+    if quantize is None and block is not None:
         raise ExportError(f"{ckpt.dir} is already {g.label}-quantized ({g.bits}-bit, group size {g.group_size}), and its "
-                          "quantized layers go into the artifact as they are; drop --quantize/--quant-block-size")
+                          "quantized layers go into the artifact as they are; --quant-block-size applies with "
+                          "--quantize, to the layers it keeps float (head, embeddings)")
     if g.bits == 8 and activations == "float":
         raise ExportError(f"{ckpt.dir} holds 8-bit GPTQ weights, which run with int8 activations (ONNX Runtime's "
                           "CPU kernels for 8-bit weights with float activations are ~30x slower than float32); "
                           "drop --quant-activations float")
     qc = QuantConfig.parse(f"int{g.bits}", g.group_size, activations)
-    return replace(qc, method=g.method, symmetric=g.sym)
+    rest = None if quantize is None else QuantConfig.parse(quantize, block, activations)
+    return replace(qc, method=g.method, symmetric=g.sym, rest=rest)
 
 
 def example_inputs(c: ModelConfig, compute_dtype, B: int = 2, S: int = 5, C: int = 16, P: int = 64):

@@ -61,6 +61,9 @@ class QuantConfig:
     activations: str = "float"  # "float" | "int8" (see module docstring)
     method: str = "rtn"  # "rtn": quantized here (round to nearest); "gptq": carried over from a GPTQ checkpoint
     symmetric: bool = True  # False: per-block zero points (asymmetric GPTQ)
+    # GPTQ/AWQ: how the layers the checkpoint keeps float (head, embeddings, any float linear but
+    # the router and shared-expert gate) are quantized here, round to nearest; None: left float
+    rest: "QuantConfig | None" = None
 
     @classmethod
     def parse(cls, scheme: str, block_size: int | None = None, activations: str | None = None) -> "QuantConfig":
@@ -89,11 +92,15 @@ class QuantConfig:
     def from_json(cls, d: dict) -> "QuantConfig":
         """From a manifest's `quantization` entry (validated by runtime.manifest)."""
         qc = cls.parse(d["scheme"], d["block_size"], d["activations"])
-        return replace(qc, method=d.get("method", "rtn"), symmetric=d.get("symmetric", True))
+        rest = cls.from_json(d["rest"]) if d.get("rest") is not None else None
+        return replace(qc, method=d.get("method", "rtn"), symmetric=d.get("symmetric", True), rest=rest)
 
     def to_json(self) -> dict:
-        return {"scheme": f"int{self.bits}", "bits": self.bits, "block_size": self.block_size,
-                "activations": self.activations, "symmetric": self.symmetric, "method": self.method}
+        d = {"scheme": f"int{self.bits}", "bits": self.bits, "block_size": self.block_size,
+             "activations": self.activations, "symmetric": self.symmetric, "method": self.method}
+        if self.rest is not None:
+            d["rest"] = self.rest.to_json()
+        return d
 
 
 @dataclass(frozen=True)
@@ -187,9 +194,11 @@ def hf_block(name: str, shape: tuple[int, ...], qc: QuantConfig) -> int | None:
     return None
 
 
-def fake_quantize_hf(model: torch.nn.Module, qc: QuantConfig, scale_dtype: torch.dtype) -> int:
+def fake_quantize_hf(model: torch.nn.Module, qc: QuantConfig, scale_dtype: torch.dtype,
+                     skip: Callable[[str], bool] = lambda _name: False) -> int:
     """Replaces a transformers Qwen2-MoE model's weights by their quantized values; returns how many.
-    A tied head follows the embeddings (the first name of a shared tensor decides)."""
+    A tied head follows the embeddings (the first name of a shared tensor decides). `skip`: names
+    left as they are (a GPTQ checkpoint's own quantized layers)."""
     n = 0
     decided: set[int] = set()
     with torch.no_grad():
@@ -197,6 +206,8 @@ def fake_quantize_hf(model: torch.nn.Module, qc: QuantConfig, scale_dtype: torch
             if id(p) in decided:
                 continue
             decided.add(id(p))
+            if skip(name):
+                continue
             block = hf_block(name, tuple(p.shape), qc)
             if block is not None:
                 p.copy_(fake_quantize(p, qc.bits, block, scale_dtype))
@@ -237,16 +248,15 @@ class _Rewriter:
         self.tensors: dict[str, QTensor] = {}
         self.replaced: list[ir.Node] = []
 
-    def _pair(self, source: ir.Value, role: str, qshape: tuple[int, ...], sshape: tuple[int, ...], k: int,
-              block: int, zshape: tuple[int, ...] | None = None,
+    def _pair(self, qc: QuantConfig, source: ir.Value, role: str, qshape: tuple[int, ...], sshape: tuple[int, ...],
+              k: int, block: int, zshape: tuple[int, ...] | None = None,
               gptq: "Sources | None" = None) -> tuple[ir.Value, ir.Value, ir.Value | None]:
         """The packed weights and scales (and with `zshape` zero points) standing for `source`."""
-        qname = f"{source.name}{role}{SUFFIX_Q}{self.qc.bits}"
+        qname = f"{source.name}{role}{SUFFIX_Q}{qc.bits}"
         sname = f"{source.name}{role}{SUFFIX_S}"
         zname = None if zshape is None else f"{source.name}{role}{SUFFIX_Z}"
         if qname not in self.tensors:
-            self.tensors[qname] = QTensor(source.name, qname, sname, k, block, self.qc.bits, self.scale_dtype,
-                                          zname, gptq)
+            self.tensors[qname] = QTensor(source.name, qname, sname, k, block, qc.bits, self.scale_dtype, zname, gptq)
             parts = [(qname, qshape, ir.DataType.UINT8), (sname, sshape, self.scale_ir)]
             if zname is not None and zshape is not None:
                 parts.append((zname, zshape, ir.DataType.UINT8))
@@ -288,14 +298,15 @@ class _Rewriter:
         w = _param_source(node.inputs[1])
         if w is None:
             return
-        src = None
+        src, qc = None, self.qc
         if self.gptq is not None:
             src = self.gptq(w.name)
-            if src is None:
+            if src is None and qc.rest is None:
                 return  # a float layer of the GPTQ checkpoint
-        elif not linear_is_quantized(w.name):
+            qc = qc if src is not None else qc.rest
+        if src is None and not linear_is_quantized(w.name):
             return
-        elif w.name == "model.embed_tokens.weight" and not embedding_is_quantized(_shape(w)[1], self.qc):
+        if src is None and w.name == "model.embed_tokens.weight" and not embedding_is_quantized(_shape(w)[1], qc):
             return  # a head tied to embeddings that stay float
         attrs = {k: a.value for k, a in node.attributes.items()}
         if attrs.get("transB") != 1 or attrs.get("transA", 0) != 0 or attrs.get("alpha", 1.0) != 1.0 \
@@ -304,25 +315,28 @@ class _Rewriter:
         N, K = _shape(w)
         if N * K == 0:
             return  # an empty weight (a shared expert of size 0) stays an empty Gemm
-        nbytes, nb = row_bytes(K, self.qc.bits, self.qc.block_size)
-        zshape = None if self.qc.symmetric else (N * zero_point_bytes(nb, self.qc.bits),)
-        q, s, z = self._pair(w, "", (N, nb, nbytes // nb), (N * nb,), K, self.qc.block_size, zshape, src)
+        nbytes, nb = row_bytes(K, qc.bits, qc.block_size)
+        zshape = None if qc.symmetric else (N * zero_point_bytes(nb, qc.bits),)
+        q, s, z = self._pair(qc, w, "", (N, nb, nbytes // nb), (N * nb,), K, qc.block_size, zshape, src)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         self._swap(node, [self._node(node, MS_DOMAIN, "MatMulNBits", [node.inputs[0], q, s, z, None, bias],
-                                     {"K": K, "N": N, "bits": self.qc.bits, "block_size": self.qc.block_size,
-                                      "accuracy_level": self.qc.accuracy_level})])
+                                     {"K": K, "N": N, "bits": qc.bits, "block_size": qc.block_size,
+                                      "accuracy_level": qc.accuracy_level})])
 
     def moe(self, node: ir.Node) -> None:
         fc1, fc2 = _param_source(node.inputs[2]), _param_source(node.inputs[4])
         if fc1 is None or fc2 is None:
             raise QuantizeError(f"internal error: {node.name}'s expert weights are not parameters")
         srcs = [None, None] if self.gptq is None else [self.gptq(fc1.name), self.gptq(fc2.name)]
+        qc = self.qc
         if self.gptq is not None and None in srcs:
             if srcs != [None, None]:
                 raise QuantizeError(f"{fc1.name if srcs[0] is None else fc2.name} is float and its layer's other "
                                     "expert weights are GPTQ; ONNX Runtime's QMoE takes both quantized")
-            return  # float experts in a GPTQ checkpoint: the float MoE stays
-        block = self.qc.block_size
+            if qc.rest is None:
+                return  # float experts in a GPTQ checkpoint: the float MoE stays
+            qc = qc.rest
+        block = qc.block_size
         pairs = []
         for w, src in zip((fc1, fc2), srcs):
             E, N, K = _shape(w)
@@ -332,13 +346,13 @@ class _Rewriter:
                                         f"group_size {block}; ONNX Runtime's QMoE takes whole groups only")
                 raise QuantizeError(f"{w.name}: {K} input features are not a multiple of the quantization block "
                                     f"size {block}; choose a --quant-block-size that divides it")
-            nbytes, nb = row_bytes(K, self.qc.bits, block)
-            zshape = None if self.qc.symmetric else (E, N, zero_point_bytes(nb, self.qc.bits))
-            pairs.append(self._pair(w, "", (E, N, nbytes), (E, N, nb), K, block, zshape, src))
+            nbytes, nb = row_bytes(K, qc.bits, block)
+            zshape = None if qc.symmetric else (E, N, zero_point_bytes(nb, qc.bits))
+            pairs.append(self._pair(qc, w, "", (E, N, nbytes), (E, N, nb), K, block, zshape, src))
         attrs = {k: a.value for k, a in node.attributes.items()}
-        attrs["expert_weight_bits"] = self.qc.bits
+        attrs["expert_weight_bits"] = qc.bits
         attrs["block_size"] = block
-        attrs["accuracy_level"] = self.qc.accuracy_level
+        attrs["accuracy_level"] = qc.accuracy_level
         # ONNX Runtime 1.32's CPU QMoE renormalises the top-k weights even with
         # normalize_routing_weights=0 (measured; its MoE does not). So it always renormalises here,
         # and without renormalisation (Qwen2-57B: norm_topk_prob false) the output is scaled back by
@@ -363,15 +377,16 @@ class _Rewriter:
 
     def gather(self, node: ir.Node) -> None:
         w = _param_source(node.inputs[0])
-        if w is None or w.name != "model.embed_tokens.weight" or self.gptq is not None:
-            return  # GPTQ leaves the embeddings float
-        V, H = _shape(w)
-        if not embedding_is_quantized(H, self.qc):
+        qc = self.qc if self.gptq is None else self.qc.rest  # GPTQ leaves the embeddings float
+        if w is None or w.name != "model.embed_tokens.weight" or qc is None:
             return
-        nbytes, nb = row_bytes(H, self.qc.bits, self.qc.block_size)
-        q, s, _ = self._pair(w, ".gather", (V, nbytes), (V, nb), H, self.qc.block_size)
+        V, H = _shape(w)
+        if not embedding_is_quantized(H, qc):
+            return
+        nbytes, nb = row_bytes(H, qc.bits, qc.block_size)
+        q, s, _ = self._pair(qc, w, ".gather", (V, nbytes), (V, nb), H, qc.block_size)
         self._swap(node, [self._node(node, MS_DOMAIN, "GatherBlockQuantized", [q, node.inputs[1], s],
-                                     {"bits": self.qc.bits, "block_size": self.qc.block_size, "gather_axis": 0,
+                                     {"bits": qc.bits, "block_size": qc.block_size, "gather_axis": 0,
                                       "quantize_axis": 1})], out_dtype=self.scale_ir)
 
     def run(self) -> dict[str, QTensor]:

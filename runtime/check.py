@@ -276,20 +276,24 @@ def transformers_logits(checkpoint: Path, quantization: dict | None = None, scal
         from exporter.lora import merge_into
 
         merge_into(model, adapters)
-    qc = None
-    if quantization is not None and ckpt.gptq is None:
-        from exporter.quantize import QuantConfig, fake_quantize_hf, hf_block
+    from exporter.quantize import QuantConfig, fake_quantize_hf, hf_block
 
+    qc = None  # quantized here, round to nearest: all of a float checkpoint, or what GPTQ kept float
+    if quantization is not None:
         qc = QuantConfig.from_json(quantization)
+        qc = qc.rest if ckpt.gptq is not None else qc
+
+    def is_gptq(name: str) -> bool:
+        return ckpt.gptq is not None and ckpt.is_gptq(_checkpoint_name(name))
+
     if weight_dtype != "float32":
         with torch.no_grad():
             for name, p in model.named_parameters():  # a tied tensor once, under its first name
-                quantized = ckpt.is_gptq(_checkpoint_name(name)) if ckpt.gptq is not None else \
-                    qc is not None and hf_block(name, tuple(p.shape), qc) is not None
+                quantized = is_gptq(name) or qc is not None and hf_block(name, tuple(p.shape), qc) is not None
                 if not quantized:  # quantized ones: as the checkpoint holds them
                     p.copy_(p.to(getattr(torch, weight_dtype)).float())
     if qc is not None:
-        fake_quantize_hf(model, qc, getattr(torch, scale_dtype))
+        fake_quantize_hf(model, qc, getattr(torch, scale_dtype), skip=is_gptq)
 
     def logits(prompt: list[int], tokens: list[int]) -> np.ndarray:
         if not tokens:
@@ -379,7 +383,9 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
         if len({tuple(a["sha256"] for a in mf.read(p).lora or []) for p, _ in plan}) > 1:
             raise CheckError("the artifacts merged different LoRA adapters, so their weights differ; compare each "
                              "with --reference CHECKPOINT_DIR instead")
-        kinds = {None if q is None else (q["bits"], q["block_size"], q.get("method", "rtn")) for q in (mf.read(p).quantization for p, _ in plan)}
+        kinds = {None if q is None else (q["bits"], q["block_size"], q.get("method", "rtn"),
+                                         None if q.get("rest") is None else (q["rest"]["bits"], q["rest"]["block_size"]))
+                 for q in (mf.read(p).quantization for p, _ in plan)}
         if len(kinds) > 1:
             raise CheckError("the artifacts hold differently quantized weights, so their logits differ by the "
                              "quantization error; compare each with --reference CHECKPOINT_DIR instead")
@@ -399,6 +405,8 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
             q = run.quantization
             gptq = f"{q['method'].upper()} " if q is not None and q.get("method") in ("gptq", "awq") else ""
             parts = [] if q is None else [f"{gptq}{q['scheme']} weights, block {q['block_size']}, {run.dtype} scales"]
+            rest = None if q is None else q.get("rest")
+            parts += [] if rest is None else [f"the rest {rest['scheme']}, block {rest['block_size']}"]
             parts += [] if run.weight_dtype == "float32" else [f"{run.weight_dtype} float weights"]
             parts += [f"LoRA {Path(a['path']).name} {a['sha256'][:8]}" for a in run.lora or []]
             key = ", ".join(parts)

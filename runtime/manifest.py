@@ -116,15 +116,22 @@ def _check_types(m: Manifest) -> None:
                                       and isinstance(a.get("sha256"), str) for a in m.lora):
         raise TypeError(f"lora is {m.lora!r}; expected a list of adapters with their path and sha256")
     q = m.quantization
-    if q is not None and not (type(q.get("bits")) is int and QUANT_SCHEMES.get(q.get("scheme")) == q["bits"]
-                              and type(q.get("block_size")) is int and q["block_size"] in QUANT_BLOCK_SIZES
-                              and q.get("activations") in QUANT_ACTIVATIONS
-                              and not (q["bits"] == 8 and q["activations"] == "float")
-                              and q.get("method", "rtn") in QUANT_METHODS and type(q.get("symmetric", True)) is bool
-                              and (q.get("symmetric", True) or q.get("method") in ("gptq", "awq"))):
+
+    def quant_ok(q: Any) -> bool:
+        return (isinstance(q, dict) and type(q.get("bits")) is int and QUANT_SCHEMES.get(q.get("scheme")) == q["bits"]
+                and type(q.get("block_size")) is int and q["block_size"] in QUANT_BLOCK_SIZES
+                and q.get("activations") in QUANT_ACTIVATIONS and not (q["bits"] == 8 and q["activations"] == "float")
+                and q.get("method", "rtn") in QUANT_METHODS and type(q.get("symmetric", True)) is bool
+                and (q.get("symmetric", True) or q.get("method") in ("gptq", "awq")))
+
+    rest = None if q is None else q.get("rest")  # GPTQ/AWQ: the float layers quantized round to nearest
+    if q is not None and not (quant_ok(q) and (rest is None or (q.get("method") in ("gptq", "awq") and quant_ok(rest)
+                                                                and rest.get("method", "rtn") == "rtn"
+                                                                and rest.get("rest") is None))):
         raise TypeError(f"quantization is {q!r}; expected scheme {'/'.join(QUANT_SCHEMES)} with its bits, block_size "
                         f"one of {QUANT_BLOCK_SIZES}, activations {'/'.join(QUANT_ACTIVATIONS)} (int8 for int8) and "
-                        f"method {'/'.join(QUANT_METHODS)} (symmetric false only for gptq and awq)")
+                        f"method {'/'.join(QUANT_METHODS)} (symmetric false only for gptq and awq; rest, rtn, only "
+                        "for them)")
     for name, known in (("target", TARGETS), ("weight_dtype", DTYPES), ("compute_dtype", DTYPES)):
         if getattr(m, name) not in known:
             raise TypeError(f"{name} is {getattr(m, name)!r}, not one of {', '.join(known)}")

@@ -81,10 +81,13 @@ def main() -> None:
         for label, scheme, act in (("float32", None, None), ("int8 (int8 activations)", "int8", "int8"),
                                    ("int4", "int4", "float"), ("int4 (int8 activations)", "int4", "int8"),
                                    ("GPTQ int4, group 128 (float embeddings and head)", "gptq", "float"),
-                                   ("GPTQ int4, group 128 (int8 activations)", "gptq", "int8")):
-            name = label.split()[0] + ("-a8" if act == "int8" else "")
-            if scheme == "gptq":
-                art = export(gptq, work / name, quant_activations=act)
+                                   ("GPTQ int4, group 128 (int8 activations)", "gptq", "int8"),
+                                   ("GPTQ int4, group 128 + --quantize int4 (embeddings and head int4)", "gptq+int4",
+                                    "float")):
+            name = label.split()[0] + ("-a8" if act == "int8" else "") + ("-q4" if scheme == "gptq+int4" else "")
+            if scheme.startswith("gptq"):
+                art = export(gptq, work / name, quant_activations=act,
+                             quantize="int4" if scheme == "gptq+int4" else None)
             else:
                 art = export(ck, work / name, quantize=scheme, quant_activations=act)
             size = artifact_bytes(art)

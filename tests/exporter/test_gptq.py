@@ -325,8 +325,8 @@ def test_mixed_expert_layers_are_refused(gptq_ck, tmp_path):
 
 
 def test_gptq_export_options(gptq_ck, tmp_path):
-    with pytest.raises(ExportError, match="already GPTQ-quantized"):
-        export(gptq_ck, tmp_path / "a", quantize="int4")
+    with pytest.raises(ExportError, match="already GPTQ-quantized.*--quant-block-size applies with --quantize"):
+        export(gptq_ck, tmp_path / "a", quant_block_size=64)
     with pytest.raises(ExportError, match="onnxruntime target"):
         export(gptq_ck, tmp_path / "b", target="tensorrt")
     # int8 activations on top of GPTQ int4 weights (ONNX Runtime's faster CPU path)
@@ -342,7 +342,7 @@ def test_cli_exports_runs_and_checks_a_gptq_checkpoint(gptq_ck, tmp_path):
     r = CliRunner().invoke(main, ["check", str(tmp_path / "art"), "--reference", str(gptq_ck), "--max-new-tokens",
                                   "4"])
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(main, ["export", str(gptq_ck), "-o", str(tmp_path / "bad"), "--quantize", "int4"])
+    r = CliRunner().invoke(main, ["export", str(gptq_ck), "-o", str(tmp_path / "bad"), "--quant-block-size", "64"])
     assert r.exit_code != 0 and "already GPTQ-quantized" in r.output and "Traceback" not in r.output
 
 
@@ -463,3 +463,30 @@ def test_lora_on_gptq_layers_is_refused_and_on_float_ones_merged(gptq_ck, tmp_pa
     plain = export(gptq_ck, tmp_path / "plain")
     got, base = (prompt_logits(runtime.load(a), PROMPTS[0]) for a in (art, plain))
     assert np.abs(got - base).max() > 0.1  # the head's adapter changed the logits
+
+
+def test_quantize_on_gptq_quantizes_the_layers_it_keeps_float(gptq_ck, tmp_path):
+    """--quantize on a GPTQ checkpoint: its layers as they are, the head and embeddings (float in
+    GPTQ) quantized round to nearest; the router and shared-expert gate stay float. Parity with
+    transformers holding the dequantized GPTQ weights and the head and embeddings quantized."""
+    from exporter.quantize import QuantConfig, fake_quantize_hf
+
+    art = export(gptq_ck, tmp_path / "art", quantize="int4", quant_block_size=16)
+    m = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in m.graph.node]
+    c = runtime.load(art).config
+    assert ops.count("GatherBlockQuantized") == 1 and "Gather" not in ops
+    assert ops.count("MatMulNBits") == 6 * c.num_hidden_layers + 1  # the head too
+    assert ops.count("Gemm") == 2 * c.num_hidden_layers  # router and shared-expert gate
+    q = mf.read(art).quantization
+    assert q["method"] == "gptq" and q["rest"] == QuantConfig.parse("int4", 16).to_json()
+    ckpt = Checkpoint(gptq_ck)
+    reference = hf_model(gptq_ck.parent / "ref")
+    n = fake_quantize_hf(reference, QuantConfig.parse("int4", 16), torch.float32,
+                         skip=lambda name: ckpt.is_gptq(chk._checkpoint_name(name)))
+    assert n == 2  # embeddings and head
+    check_quantized_parity(runtime.load(art), reference, PROMPTS, int8_activations=False)
+    report = chk.check([art], reference=gptq_ck, prompts=2, max_new_tokens=4)
+    assert report.ok and "the rest int4, block 16" in report.table(), report.table()
+    with pytest.raises(chk.CheckError, match="differently quantized"):
+        chk.check([art, export(gptq_ck, tmp_path / "plain")], prompts=1, max_new_tokens=1)
