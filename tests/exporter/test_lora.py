@@ -363,3 +363,25 @@ def test_manifest_rejects_a_malformed_lora_entry(ck, tmp_path):
     (art / mf.NAME).write_text(json.dumps(d))
     with pytest.raises(mf.ManifestError, match="lora is"):
         mf.read(art)
+
+
+def test_tensorrt_target_holds_the_merged_weights(ck, tmp_path):
+    """The merge happens before any target's graph: the tensorrt artifact's float16 q_proj is
+    W + alpha / r * B A, rounded to float16 once."""
+    from onnx import numpy_helper
+
+    from exporter.checkpoint import Checkpoint
+
+    g = torch.Generator().manual_seed(1)
+    t = {f"base_model.model.{Q}.lora_A.weight": torch.randn(4, 64, generator=g),
+         f"base_model.model.{Q}.lora_B.weight": torch.randn(64, 4, generator=g)}
+    a = _adapter(tmp_path, t, lora_alpha=6)
+    art = export(ck, tmp_path / "art", target="tensorrt", lora=[a])
+    m = onnx.load(str(art / "model.onnx"))
+    got = next(numpy_helper.to_array(i) for i in m.graph.initializer if i.name == f"{Q}.weight")
+    w = Checkpoint(ck).tensor(f"{Q}.weight")  # no adapter attached: the stored weight
+    want = (w.float() + 1.5 * t[f"base_model.model.{Q}.lora_B.weight"] @ t[f"base_model.model.{Q}.lora_A.weight"])
+    assert got.dtype == np.float16
+    # rounded once from float32 (summation order may move the float32 sum by an ulp: 1e-3 relative)
+    np.testing.assert_allclose(got.astype(np.float32), want.numpy(), rtol=1e-3, atol=1e-3)
+    assert np.abs(got.astype(np.float32) - w.float().numpy()).max() > 1
