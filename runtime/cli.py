@@ -90,13 +90,21 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 def sampling_options(f: Callable) -> Callable:
+    """Sampling flags; those a model's generation_config.json sets default to its values (see
+    --generation-config), the others to greedy decoding."""
     options = [
         click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True),
-        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
-        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
-        click.option("--top-p", type=float, default=1.0, show_default=True),
-        click.option("--min-p", type=float, default=0.0, show_default=True, help="0 = off."),
-        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
+        click.option("--temperature", type=float, default=None,
+                     help="0 = greedy. Default: generation_config.json's, else 0."),
+        click.option("--top-k", type=int, default=None, help="0 = off. Default: generation_config.json's, else 0."),
+        click.option("--top-p", type=float, default=None, help="Default: generation_config.json's, else 1."),
+        click.option("--min-p", type=float, default=None, help="0 = off. Default: generation_config.json's, else 0."),
+        click.option("--repetition-penalty", type=float, default=None,
+                     help="Default: generation_config.json's, else 1."),
+        click.option("--generation-config", "generation_config", type=click.Choice(["auto", "vllm"]), default="auto",
+                     show_default=True,
+                     help="auto: sampling defaults from the model's generation_config.json (as transformers and "
+                          "vLLM use them); vllm: ignore it (greedy unless flags say otherwise)."),
         click.option("--presence-penalty", type=float, default=0.0, show_default=True, help="OpenAI's, in [-2, 2]."),
         click.option("--frequency-penalty", type=float, default=0.0, show_default=True, help="OpenAI's, in [-2, 2]."),
         click.option("--seed", type=int, default=None),
@@ -127,15 +135,24 @@ def speculative_option(f: Callable) -> Callable:
                              '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}.')(f)
 
 
-def _sampling(kw: dict[str, Any]):
-    from .sampling import SamplingParams
+def _sampling(kw: dict[str, Any], artifact: str) -> tuple[Any, list[str]]:
+    """(SamplingParams from the flags, with the fields left out taken from the artifact's
+    generation_config.json under --generation-config auto; the sampling flags given explicitly)."""
+    from pathlib import Path
 
+    from .sampling import SAMPLING_FIELDS, SamplingParams, generation_defaults
+
+    given = {k: kw.pop(k) for k in SAMPLING_FIELDS}
+    use_file = kw.pop("generation_config") == "auto" and (Path(artifact) / "generation_config.json").is_file()
+    defaults = generation_defaults(artifact) if use_file else {}
+    chosen = {k: v for k, v in given.items() if v is not None}
+    explicit = list(chosen) + [k for k in ("presence_penalty", "frequency_penalty") if kw[k] != 0.0] + \
+        [k for k in ("seed", "stop") if kw[k] not in (None, ())]
+    params = {**defaults, **chosen}
     return SamplingParams(
-        temperature=kw.pop("temperature"), top_k=kw.pop("top_k"), top_p=kw.pop("top_p"), min_p=kw.pop("min_p"),
-        repetition_penalty=kw.pop("repetition_penalty"), presence_penalty=kw.pop("presence_penalty"),
-        frequency_penalty=kw.pop("frequency_penalty"), seed=kw.pop("seed"),
-        max_new_tokens=kw.pop("max_new_tokens"), stop=tuple(kw.pop("stop")),
-    )
+        **params, presence_penalty=kw.pop("presence_penalty"), frequency_penalty=kw.pop("frequency_penalty"),
+        seed=kw.pop("seed"), max_new_tokens=kw.pop("max_new_tokens"), stop=tuple(kw.pop("stop")),
+    ), explicit
 
 
 @main.command()
@@ -286,10 +303,10 @@ def run(artifact: str, prompt: str, as_chat: bool, json_schema: str | None, rege
     from .engine import load
     from .structured import StructuredOutput, StructuredOutputError
 
-    sampling = _sampling(kw)
+    sampling, explicit = _sampling(kw, artifact)
     if num_beams is not None:
-        _beam_run(artifact, prompt, as_chat, sampling, num_beams, length_penalty, early_stopping, num_return_sequences,
-                  bool(json_schema or regex or choice), speculation, backend, device, rope_mode)
+        _beam_run(artifact, prompt, as_chat, sampling, explicit, num_beams, length_penalty, early_stopping,
+                  num_return_sequences, bool(json_schema or regex or choice), speculation, backend, device, rope_mode)
         return
     if num_return_sequences != 1 or length_penalty != 1.0 or early_stopping != "false":
         raise click.UsageError("--length-penalty, --early-stopping and --num-return-sequences need --num-beams")
@@ -341,18 +358,15 @@ def _prompt_ids(engine: Any, prompt: str, as_chat: bool) -> list[int]:
     return ids
 
 
-def _beam_run(artifact: str, prompt: str, as_chat: bool, sampling: Any, num_beams: int, length_penalty: float,
-              early_stopping: str, num_return_sequences: int, structured: bool, speculation: Any, backend: str,
-              device: str, rope_mode: str | None) -> None:
-    """qmoe run --num-beams: the best beam's text (or the best n, each with its score)."""
+def _beam_run(artifact: str, prompt: str, as_chat: bool, sampling: Any, sampled: list[str], num_beams: int,
+              length_penalty: float, early_stopping: str, num_return_sequences: int, structured: bool,
+              speculation: Any, backend: str, device: str, rope_mode: str | None) -> None:
+    """qmoe run --num-beams: the best beam's text (or the best n, each with its score). `sampled`:
+    the sampling flags given (generation_config.json's sampling defaults do not apply to beams, as
+    in vLLM's beam search)."""
     from .beam import BeamSearchError, BeamSearchParams, beam_search
     from .engine import load
-    from .sampling import SamplingParams
 
-    default = SamplingParams()
-    sampled = [name for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                                 "frequency_penalty", "seed", "stop")
-               if getattr(sampling, name) != getattr(default, name)]
     if sampled or structured or speculation is not None:
         what = ", ".join(f"--{n.replace('_', '-')}" for n in sampled) or \
             ("--speculative-config" if speculation is not None else "structured output")
@@ -383,7 +397,7 @@ def chat(artifact: str, system: str | None, speculation: Any, backend: str, devi
     from .batching import BatchScheduler, stream
     from .engine import RequestError, load
 
-    sampling = _sampling(kw)
+    sampling, _ = _sampling(kw, artifact)
     engine = load(artifact, backend=backend, device=device, rope_mode=rope_mode)
     scheduler = BatchScheduler(engine, max_slots=1, speculation=speculation)
     if sampling.max_new_tokens >= scheduler.capacity:  # every turn would be refused: say so once, up front

@@ -27,8 +27,10 @@ sampled step, so a seeded request gives the same tokens whatever else shares its
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -631,3 +633,27 @@ def stop_holdback(text: str, stop: Sequence[str]) -> int:
                 longest = n
                 break
     return longest
+
+
+# Sampling fields a request (or generation_config.json) may set; top_k, min_p and repetition_penalty are vLLM's.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_defaults(artifact: str | Path) -> dict[str, Any]:
+    """Sampling values for fields a request leaves out: those generation_config.json sets (as vLLM
+    does), greedy if it says do_sample=false, else OpenAI's (temperature 1, top_p 1)."""
+    path = Path(artifact) / "generation_config.json"
+    try:
+        gen = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QmoeError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(gen, dict):
+        raise QmoeError(f"{path}: expected a JSON object")
+    if gen.get("do_sample") is False:
+        return {"temperature": 0.0}
+    defaults = {"temperature": 1.0, **{k: gen[k] for k in SAMPLING_FIELDS if gen.get(k) is not None}}
+    try:
+        SamplingParams(**defaults)
+    except SamplingError as e:
+        raise QmoeError(f"{path}: {e}") from None
+    return defaults

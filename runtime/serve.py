@@ -57,6 +57,7 @@ from starlette.routing import Route
 
 from . import request_json, structured, tools
 from .batching import BatchScheduler, Generation
+from .sampling import SAMPLING_FIELDS, generation_defaults  # noqa: F401 (generation_defaults: serve's API)
 from .engine import Engine, GenerationResult, RequestError
 from .errors import QmoeError
 from .metrics import Metrics
@@ -76,8 +77,7 @@ UNSUPPORTED_FIELDS: Mapping[str, tuple[Any, ...]] = {
     "spaces_between_special_tokens": (True,), "logits_processors": ([],),
     "guided_whitespace_pattern": (), "structural_tag": (),
 }
-# Sampling fields a request (or generation_config.json) may set; top_k, min_p and repetition_penalty are vLLM's.
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# Sampling fields a request may set (generation_config.json: SAMPLING_FIELDS)
 REQUEST_SAMPLING_FIELDS = SAMPLING_FIELDS + ("presence_penalty", "frequency_penalty", "logit_bias")
 SCORING_AT_ONCE = 2  # echo requests scoring their prompts at once (each holds a prompt-sized cache)
 MAX_N = 128  # choices per prompt (each is a scheduler request; more than max_batch of them queue)
@@ -1123,26 +1123,6 @@ class RequireAPIKey:
         err = APIError("a valid API key is required: send the header 'Authorization: Bearer <key>'", status=401,
                        code="invalid_api_key")
         await JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
-
-
-def generation_defaults(artifact: str | Path) -> dict[str, Any]:
-    """Sampling values for fields a request leaves out: those generation_config.json sets (as vLLM
-    does), greedy if it says do_sample=false, else OpenAI's (temperature 1, top_p 1)."""
-    path = Path(artifact) / "generation_config.json"
-    try:
-        gen = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise QmoeError(f"{path}: cannot read JSON ({e})") from None
-    if not isinstance(gen, dict):
-        raise QmoeError(f"{path}: expected a JSON object")
-    if gen.get("do_sample") is False:
-        return {"temperature": 0.0}
-    defaults = {"temperature": 1.0, **{k: gen[k] for k in SAMPLING_FIELDS if gen.get(k) is not None}}
-    try:
-        SamplingParams(**defaults)
-    except SamplingError as e:
-        raise QmoeError(f"{path}: {e}") from None
-    return defaults
 
 
 def read_chat_template(value: str) -> str:

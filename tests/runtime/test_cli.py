@@ -40,6 +40,38 @@ def test_run_matches_the_embedded_api(tiny_artifact):
     assert r.stdout == expected + "\n"
 
 
+def test_run_takes_sampling_defaults_from_generation_config(tiny_artifact, tmp_path):
+    """As transformers' generate and vLLM do: the fields generation_config.json sets are the
+    defaults (Qwen2-Instruct's: T 0.7, top-p 0.8, top-k 20, repetition 1.05), flags win, and
+    --generation-config vllm ignores the file; beam search takes none of them."""
+    import json
+    import shutil
+
+    import runtime
+    from runtime.sampling import SamplingParams
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art, copy_function=os.link)
+    (art / "generation_config.json").unlink()  # a new file, not the shared artifact's inode
+    (art / "generation_config.json").write_text(json.dumps({
+        "do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,
+        "eos_token_id": [151645, 151643]}))
+    engine = runtime.load(art)
+    msgs = [{"role": "user", "content": "你好"}]
+    qwen = dict(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+    sampled = engine.chat(msgs, SamplingParams(max_new_tokens=12, seed=3, **qwen))
+    greedy = engine.chat(msgs, SamplingParams(max_new_tokens=12))
+    assert sampled != greedy
+    run = ("run", art, "--prompt", "你好", "-n", "12")
+    assert qmoe(*run, "--seed", "3").stdout == sampled + "\n"
+    assert qmoe(*run, "--seed", "3", "--generation-config", "vllm").stdout == greedy + "\n"
+    flags = qmoe(*run, "--temperature", "0", "--repetition-penalty", "1.3")
+    assert flags.stdout == engine.chat(msgs, SamplingParams(max_new_tokens=12, **{
+        **qwen, "temperature": 0.0, "repetition_penalty": 1.3})) + "\n"
+    beams = qmoe(*run, "--num-beams", "2")
+    assert beams.returncode == 0, beams.stderr
+
+
 def test_run_with_speculation_gives_the_same_text(tiny_artifact):
     quote = "experts route every token to eight experts"
     base = ("run", tiny_artifact, "--prompt", f"Repeat: {quote}", "-n", "24", "--choice", quote)
