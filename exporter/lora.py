@@ -80,7 +80,7 @@ class _Pair:
     b: str
     r: int
     scaling: float
-    experts: int = 1  # > 1: fused factors, [r*E, in] and [out, r*E]
+    experts: int = 1  # fused factors: E, with A [r*E, in] and B [out, r*E]
 
 
 def _pattern_key(patterns: Sequence[str], key: str) -> str | None:
@@ -215,7 +215,7 @@ class Adapter:
                 # target_parameters entry wrapped it (transformers 5's router, mlp.gate.weight)
                 by_param = any(weight == t or weight.endswith(f".{t}") for t in targets if isinstance(t, str))
                 r, scaling = self._rank_alpha(weight if by_param else module)
-                want_a, want_b, experts = (r, in_f), (out_f, r), 1
+                want_a, want_b, experts, fused_key = (r, in_f), (out_f, r), 1, None
                 key = weight
             elif fused is not None and config.is_sparse_layer(int(fused.group(1))):
                 layer = int(fused.group(1))
@@ -228,7 +228,7 @@ class Adapter:
                 E, I, H = config.num_experts, config.moe_intermediate_size, config.hidden_size
                 r, scaling = self._rank_alpha(f"{module}.{param}")
                 in_f, out_f = (H, 2 * I) if param == "gate_up_proj" else (I, H)
-                want_a, want_b, experts = (r * E, in_f), (out_f, r * E), E
+                want_a, want_b, experts, fused_key = (r * E, in_f), (out_f, r * E), E, (layer, param)
                 key = f"{module}.{param}"
             else:
                 tied = module == "lm_head" and config.tie_word_embeddings
@@ -240,8 +240,8 @@ class Adapter:
                 raise LoraError(f"{where}: {key} has lora_A {list(a_shape)} and lora_B {list(b_shape)}; with r={r} "
                                 f"(adapter_config.json) the checkpoint implies {list(want_a)} and {list(want_b)}")
             pair = _Pair(ab["A"], ab["B"], r, scaling, experts)
-            if experts > 1:
-                self.fused[(layer, param)] = pair
+            if fused_key is not None:  # not `experts > 1`: a one-expert model's factors are fused ones too
+                self.fused[fused_key] = pair
             else:
                 self.linear[key] = pair
 

@@ -363,3 +363,25 @@ def test_manifest_rejects_a_malformed_lora_entry(ck, tmp_path):
     (art / mf.NAME).write_text(json.dumps(d))
     with pytest.raises(mf.ManifestError, match="lora is"):
         mf.read(art)
+
+
+def test_fused_adapter_on_a_one_expert_model(tmp_path):
+    """num_experts 1: PEFT's fused factors are then [r, in] and [out, r], Linear-shaped, but still
+    the experts' (the delta was dropped: both the export's reads and the check's reference)."""
+    from exporter.checkpoint import Checkpoint
+    from exporter.lora import merge_into
+
+    one = write_checkpoint(tmp_path / "one", tiny_config(num_experts=1, num_experts_per_tok=1), seed=2)
+    a = peft_adapter(one, tmp_path / "a", seed=12, r=4, lora_alpha=8, target_modules=["q_proj"],
+                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    want = dict(peft_reference(one, a).merge_and_unload().named_parameters())
+    c = Checkpoint(one, lora=[a])
+    for L in range(2):
+        gate, up, down = c.expert(L, 0)
+        p = f"model.layers.{L}.mlp.experts."
+        assert torch.allclose(torch.cat([gate, up]), want[p + "gate_up_proj"][0], atol=1e-5)
+        assert torch.allclose(down, want[p + "down_proj"][0], atol=1e-5)
+    model = hf_model(one)
+    merge_into(model, c.lora)
+    got = dict(model.named_parameters())
+    assert all(torch.allclose(got[n], want[n], atol=1e-5) for n in want)
