@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import runtime
-from exporter.export import export
+from exporter.export import ExportError, export
 from exporter.lora import LoraError
 from exporter.quantize import QuantConfig, fake_quantize_hf
 from exporter.tiny import tiny_config, write_checkpoint
@@ -385,3 +385,15 @@ def test_fused_adapter_on_a_one_expert_model(tmp_path):
     merge_into(model, c.lora)
     got = dict(model.named_parameters())
     assert all(torch.allclose(got[n], want[n], atol=1e-5) for n in want)
+
+
+def test_output_folder_must_not_hold_the_adapter(ck, tmp_path):
+    """--force replaces the output folder: one holding (or being) an adapter folder would delete the
+    adapter, as the checkpoint is guarded against."""
+    (tmp_path / "work").mkdir()
+    a = _adapter(tmp_path / "work", _pair(Q, 64, 64), name="adapter")
+    for out in (tmp_path / "work", a):
+        with pytest.raises(ExportError, match="must not be the checkpoint folder or contain it or its shards, or a "
+                                            "LoRA adapter"):
+            export(ck, out, lora=[a], force=True)
+        assert (a / "adapter_model.safetensors").is_file() and (a / "adapter_config.json").is_file()
