@@ -117,6 +117,17 @@ class Adapter:
         self.r, self.alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
         self.rank_pattern, self.alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
         self.rslora = cfg.get("use_rslora", False)
+        for name, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not isinstance(patterns, dict):
+                raise LoraError(f"{cfg_path}: {name} is {patterns!r}; expected an object of module name patterns")
+            for k in patterns:
+                try:
+                    re.compile(k)
+                except re.error as e:
+                    raise LoraError(f"{cfg_path}: {name} key {k!r} is not a regular expression ({e})") from None
+        targets = cfg.get("target_parameters") or []
+        if not isinstance(targets, list):
+            raise LoraError(f"{cfg_path}: target_parameters is {targets!r}; expected a list of parameter names")
         for name, v in (("r", self.r), ("lora_alpha", self.alpha), *((f"rank_pattern[{k!r}]", x)
                                                                      for k, x in self.rank_pattern.items()),
                         *((f"alpha_pattern[{k!r}]", x) for k, x in self.alpha_pattern.items())):
@@ -134,7 +145,7 @@ class Adapter:
         self.linear: dict[str, _Pair] = {}  # checkpoint weight name (per-expert layout) -> its factors
         self.fused: dict[tuple[int, str], _Pair] = {}  # (layer, gate_up_proj|down_proj) -> fused factors
         self.copies: dict[str, str] = {}  # checkpoint weight -> the adapter's whole copy of it (lm_head)
-        self._parse(config, shapes, cfg.get("target_parameters") or [])
+        self._parse(config, shapes, targets)
 
     # -- reading ----------------------------------------------------------------------------------
 

@@ -309,6 +309,12 @@ Q = "model.layers.0.self_attn.q_proj"
     (lambda t: _adapter(t, _pair(Q, 64, 64), alora_invocation_tokens=[1, 2]), "activated LoRA"),
     (lambda t: _adapter(t, _pair(Q, 64, 64), r=0), "r is 0; expected a positive integer"),
     (lambda t: _adapter(t, _pair(Q, 64, 64), lora_alpha="8"), "lora_alpha is '8'; expected a finite number"),
+    (lambda t: _adapter(t, _pair(Q, 64, 64), rank_pattern=["q_proj"]), "rank_pattern is \\['q_proj'\\]; expected an "
+                                                                        "object"),
+    (lambda t: _adapter(t, _pair(Q, 64, 64), alpha_pattern={"q_proj(": 4}), "alpha_pattern key 'q_proj\\(' is not a "
+                                                                            "regular expression"),
+    (lambda t: _adapter(t, _pair(Q, 64, 64), target_parameters="mlp.experts.down_proj"), "target_parameters is "
+                                                                                         "'mlp.experts.down_proj'"),
     (lambda t: _adapter(t, _pair(Q, 32, 64)), "q_proj.weight has lora_A \\[4, 32\\]"),
     (lambda t: _adapter(t, _pair(Q, 64, 64, r=8)), "with r=4"),
     (lambda t: _adapter(t, _pair("model.layers.7.self_attn.q_proj", 64, 64)), "not a Linear of this Qwen2-MoE"),
