@@ -230,7 +230,7 @@ def test_pickled_adapter_reads_like_safetensors(ck, tmp_path):
     from safetensors.torch import load_file
 
     torch.save(load_file(str(a / "adapter_model.safetensors")), b / "adapter_model.bin")
-    art_a, art_b = export(ck, tmp_path / "art_a", lora=[a]), export(ck, tmp_path / "art_b", lora=[b])
+    art_a, art_b = export(ck, tmp_path / "art_a", lora=[a]), export(ck, tmp_path / "art_b", lora=b)  # one folder
     ea, eb = runtime.load(art_a), runtime.load(art_b)
     assert np.array_equal(prompt_logits(ea, PROMPTS[0]), prompt_logits(eb, PROMPTS[0]))
 
