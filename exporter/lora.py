@@ -220,7 +220,7 @@ class Adapter:
             a_shape, b_shape = self.tensors[ab["A"]][0], self.tensors[ab["B"]][0]
             fused = _EXPERTS.fullmatch(module)
             weight = module + ".weight"
-            if depth == 0 and weight in shapes:
+            if depth == 0 and len(shapes.get(weight, ())) == 2:  # not a norm's vector
                 out_f, in_f = shapes[weight]
                 # PEFT matches patterns against the module's name, or the parameter's when a
                 # target_parameters entry wrapped it (transformers 5's router, mlp.gate.weight)

@@ -318,6 +318,7 @@ Q = "model.layers.0.self_attn.q_proj"
     (lambda t: _adapter(t, _pair(Q, 32, 64)), "q_proj.weight has lora_A \\[4, 32\\]"),
     (lambda t: _adapter(t, _pair(Q, 64, 64, r=8)), "with r=4"),
     (lambda t: _adapter(t, _pair("model.layers.7.self_attn.q_proj", 64, 64)), "not a Linear of this Qwen2-MoE"),
+    (lambda t: _adapter(t, _pair("model.norm", 64, 64)), "adapts model.norm, which is not a Linear"),
     (lambda t: _adapter(t, {f"base_model.model.{Q}.lora_A.weight": torch.zeros(4, 64)}), "has no lora_B partner"),
     (lambda t: _adapter(t, {"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 151936)}),
      "an embedding LoRA"),
