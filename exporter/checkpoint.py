@@ -128,6 +128,8 @@ class Checkpoint:
             self.config = replace(self.config, tie_word_embeddings=False)
         self.validate()
         self.lora = None
+        if isinstance(lora, (str, Path)):  # one folder, not a sequence of one-letter names
+            lora = [lora]
         if lora:
             from .lora import Adapters, LoraError
 

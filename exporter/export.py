@@ -100,9 +100,10 @@ def export(
     output_dir = Path(output_dir)
     out = output_path(output_dir).resolve()
     sources = {ckpt.dir.resolve(), *(t.file.resolve() for t in ckpt.tensors.values())}  # shards may live elsewhere
+    sources.update(p for a in (ckpt.lora.items if ckpt.lora else ()) for p in (a.dir.resolve(), a.file.resolve()))
     if any(out == src or out in src.parents for src in sources):  # replacing it would delete the checkpoint
         raise ExportError(f"{output_dir}: the artifact folder must not be the checkpoint folder or contain it "
-                          "or its shards")
+                          "or its shards, or a LoRA adapter")
     interleaved = target == "onnxruntime"
     t0 = time.perf_counter()
     model_ir = trace(ckpt.config, target, getattr(torch, weight_dtype), getattr(torch, compute_dtype), interleaved)

@@ -80,7 +80,7 @@ class _Pair:
     b: str
     r: int
     scaling: float
-    experts: int = 1  # > 1: fused factors, [r*E, in] and [out, r*E]
+    experts: int = 1  # fused factors: E, with A [r*E, in] and B [out, r*E]
 
 
 def _pattern_key(patterns: Sequence[str], key: str) -> str | None:
@@ -117,6 +117,17 @@ class Adapter:
         self.r, self.alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
         self.rank_pattern, self.alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
         self.rslora = cfg.get("use_rslora", False)
+        for name, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not isinstance(patterns, dict):
+                raise LoraError(f"{cfg_path}: {name} is {patterns!r}; expected an object of module name patterns")
+            for k in patterns:
+                try:
+                    re.compile(k)
+                except re.error as e:
+                    raise LoraError(f"{cfg_path}: {name} key {k!r} is not a regular expression ({e})") from None
+        targets = cfg.get("target_parameters") or []
+        if not isinstance(targets, list):
+            raise LoraError(f"{cfg_path}: target_parameters is {targets!r}; expected a list of parameter names")
         for name, v in (("r", self.r), ("lora_alpha", self.alpha), *((f"rank_pattern[{k!r}]", x)
                                                                      for k, x in self.rank_pattern.items()),
                         *((f"alpha_pattern[{k!r}]", x) for k, x in self.alpha_pattern.items())):
@@ -134,7 +145,7 @@ class Adapter:
         self.linear: dict[str, _Pair] = {}  # checkpoint weight name (per-expert layout) -> its factors
         self.fused: dict[tuple[int, str], _Pair] = {}  # (layer, gate_up_proj|down_proj) -> fused factors
         self.copies: dict[str, str] = {}  # checkpoint weight -> the adapter's whole copy of it (lm_head)
-        self._parse(config, shapes, cfg.get("target_parameters") or [])
+        self._parse(config, shapes, targets)
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -209,13 +220,13 @@ class Adapter:
             a_shape, b_shape = self.tensors[ab["A"]][0], self.tensors[ab["B"]][0]
             fused = _EXPERTS.fullmatch(module)
             weight = module + ".weight"
-            if depth == 0 and weight in shapes:
+            if depth == 0 and len(shapes.get(weight, ())) == 2:  # not a norm's vector
                 out_f, in_f = shapes[weight]
                 # PEFT matches patterns against the module's name, or the parameter's when a
                 # target_parameters entry wrapped it (transformers 5's router, mlp.gate.weight)
                 by_param = any(weight == t or weight.endswith(f".{t}") for t in targets if isinstance(t, str))
                 r, scaling = self._rank_alpha(weight if by_param else module)
-                want_a, want_b, experts = (r, in_f), (out_f, r), 1
+                want_a, want_b, experts, fused_key = (r, in_f), (out_f, r), 1, None
                 key = weight
             elif fused is not None and config.is_sparse_layer(int(fused.group(1))):
                 layer = int(fused.group(1))
@@ -228,7 +239,7 @@ class Adapter:
                 E, I, H = config.num_experts, config.moe_intermediate_size, config.hidden_size
                 r, scaling = self._rank_alpha(f"{module}.{param}")
                 in_f, out_f = (H, 2 * I) if param == "gate_up_proj" else (I, H)
-                want_a, want_b, experts = (r * E, in_f), (out_f, r * E), E
+                want_a, want_b, experts, fused_key = (r * E, in_f), (out_f, r * E), E, (layer, param)
                 key = f"{module}.{param}"
             else:
                 tied = module == "lm_head" and config.tie_word_embeddings
@@ -240,8 +251,8 @@ class Adapter:
                 raise LoraError(f"{where}: {key} has lora_A {list(a_shape)} and lora_B {list(b_shape)}; with r={r} "
                                 f"(adapter_config.json) the checkpoint implies {list(want_a)} and {list(want_b)}")
             pair = _Pair(ab["A"], ab["B"], r, scaling, experts)
-            if experts > 1:
-                self.fused[(layer, param)] = pair
+            if fused_key is not None:  # not `experts > 1`: a one-expert model's factors are fused ones too
+                self.fused[fused_key] = pair
             else:
                 self.linear[key] = pair
 

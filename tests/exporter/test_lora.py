@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import runtime
-from exporter.export import export
+from exporter.export import ExportError, export
 from exporter.lora import LoraError
 from exporter.quantize import QuantConfig, fake_quantize_hf
 from exporter.tiny import tiny_config, write_checkpoint
@@ -230,7 +230,7 @@ def test_pickled_adapter_reads_like_safetensors(ck, tmp_path):
     from safetensors.torch import load_file
 
     torch.save(load_file(str(a / "adapter_model.safetensors")), b / "adapter_model.bin")
-    art_a, art_b = export(ck, tmp_path / "art_a", lora=[a]), export(ck, tmp_path / "art_b", lora=[b])
+    art_a, art_b = export(ck, tmp_path / "art_a", lora=[a]), export(ck, tmp_path / "art_b", lora=b)  # one folder
     ea, eb = runtime.load(art_a), runtime.load(art_b)
     assert np.array_equal(prompt_logits(ea, PROMPTS[0]), prompt_logits(eb, PROMPTS[0]))
 
@@ -309,9 +309,16 @@ Q = "model.layers.0.self_attn.q_proj"
     (lambda t: _adapter(t, _pair(Q, 64, 64), alora_invocation_tokens=[1, 2]), "activated LoRA"),
     (lambda t: _adapter(t, _pair(Q, 64, 64), r=0), "r is 0; expected a positive integer"),
     (lambda t: _adapter(t, _pair(Q, 64, 64), lora_alpha="8"), "lora_alpha is '8'; expected a finite number"),
+    (lambda t: _adapter(t, _pair(Q, 64, 64), rank_pattern=["q_proj"]), "rank_pattern is \\['q_proj'\\]; expected an "
+                                                                        "object"),
+    (lambda t: _adapter(t, _pair(Q, 64, 64), alpha_pattern={"q_proj(": 4}), "alpha_pattern key 'q_proj\\(' is not a "
+                                                                            "regular expression"),
+    (lambda t: _adapter(t, _pair(Q, 64, 64), target_parameters="mlp.experts.down_proj"), "target_parameters is "
+                                                                                         "'mlp.experts.down_proj'"),
     (lambda t: _adapter(t, _pair(Q, 32, 64)), "q_proj.weight has lora_A \\[4, 32\\]"),
     (lambda t: _adapter(t, _pair(Q, 64, 64, r=8)), "with r=4"),
     (lambda t: _adapter(t, _pair("model.layers.7.self_attn.q_proj", 64, 64)), "not a Linear of this Qwen2-MoE"),
+    (lambda t: _adapter(t, _pair("model.norm", 64, 64)), "adapts model.norm, which is not a Linear"),
     (lambda t: _adapter(t, {f"base_model.model.{Q}.lora_A.weight": torch.zeros(4, 64)}), "has no lora_B partner"),
     (lambda t: _adapter(t, {"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 151936)}),
      "an embedding LoRA"),
@@ -385,3 +392,37 @@ def test_tensorrt_target_holds_the_merged_weights(ck, tmp_path):
     # rounded once from float32 (summation order may move the float32 sum by an ulp: 1e-3 relative)
     np.testing.assert_allclose(got.astype(np.float32), want.numpy(), rtol=1e-3, atol=1e-3)
     assert np.abs(got.astype(np.float32) - w.float().numpy()).max() > 1
+
+
+def test_fused_adapter_on_a_one_expert_model(tmp_path):
+    """num_experts 1: PEFT's fused factors are then [r, in] and [out, r], Linear-shaped, but still
+    the experts' (the delta was dropped: both the export's reads and the check's reference)."""
+    from exporter.checkpoint import Checkpoint
+    from exporter.lora import merge_into
+
+    one = write_checkpoint(tmp_path / "one", tiny_config(num_experts=1, num_experts_per_tok=1), seed=2)
+    a = peft_adapter(one, tmp_path / "a", seed=12, r=4, lora_alpha=8, target_modules=["q_proj"],
+                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    want = dict(peft_reference(one, a).merge_and_unload().named_parameters())
+    c = Checkpoint(one, lora=[a])
+    for L in range(2):
+        gate, up, down = c.expert(L, 0)
+        p = f"model.layers.{L}.mlp.experts."
+        assert torch.allclose(torch.cat([gate, up]), want[p + "gate_up_proj"][0], atol=1e-5)
+        assert torch.allclose(down, want[p + "down_proj"][0], atol=1e-5)
+    model = hf_model(one)
+    merge_into(model, c.lora)
+    got = dict(model.named_parameters())
+    assert all(torch.allclose(got[n], want[n], atol=1e-5) for n in want)
+
+
+def test_output_folder_must_not_hold_the_adapter(ck, tmp_path):
+    """--force replaces the output folder: one holding (or being) an adapter folder would delete the
+    adapter, as the checkpoint is guarded against."""
+    (tmp_path / "work").mkdir()
+    a = _adapter(tmp_path / "work", _pair(Q, 64, 64), name="adapter")
+    for out in (tmp_path / "work", a):
+        with pytest.raises(ExportError, match="must not be the checkpoint folder or contain it or its shards, or a "
+                                            "LoRA adapter"):
+            export(ck, out, lora=[a], force=True)
+        assert (a / "adapter_model.safetensors").is_file() and (a / "adapter_config.json").is_file()
