@@ -62,7 +62,9 @@ REFUSED = {
     "use_bdlora": "block-diagonal LoRA",
     "monteclora_config": "MonteCLoRA",
 }
-_COPY = re.compile(r"(?P<module>lm_head|model\.embed_tokens)\.base_layer\.weight")  # PEFT's saved embedding layers
+# PEFT's saved embedding layers (save_embedding_layers): whole copies of a targeted (.base_layer) or
+# untargeted head or embeddings
+_COPY = re.compile(r"(?P<module>lm_head|model\.embed_tokens)(?:\.base_layer)?\.weight")
 _KEY = re.compile(r"(?P<module>.+?)\.(?P<nest>(?:base_layer\.)*)lora_(?P<ab>[AB])\.weight")
 _EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts")
 _EXPERT_LINEAR = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
@@ -95,7 +97,11 @@ class Adapter:
     """One LoRA adapter folder, validated against a checkpoint's tensors and shapes."""
 
     def __init__(self, directory: str | Path, config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
-        self.dir = Path(directory)
+        """`directory`: the adapter folder, or its weights file (qmoe check names the file it hashed)."""
+        weights = Path(directory) if Path(directory).is_file() else None
+        if weights is not None and weights.suffix not in (".safetensors", ".bin"):
+            raise LoraError(f"{weights}: give the adapter folder (or its .safetensors / .bin weights file)")
+        self.dir = Path(directory) if weights is None else weights.parent
         if not self.dir.is_dir():
             raise LoraError(f"{self.dir}: no such LoRA adapter folder")
         cfg_path = self.dir / CONFIG_NAME
@@ -137,10 +143,12 @@ class Adapter:
                                 ("positive integer" if name.startswith(("r", "rank")) else "finite number"))
         if not isinstance(self.rslora, bool):
             raise LoraError(f"{cfg_path}: use_rslora is {self.rslora!r}; expected true or false")
-        self.file = next((self.dir / n for n in WEIGHT_NAMES if (self.dir / n).is_file()), None)
+        self.file = weights or next((self.dir / n for n in WEIGHT_NAMES if (self.dir / n).is_file()), None)
         if self.file is None:
             raise LoraError(f"{self.dir}: no {' or '.join(WEIGHT_NAMES)}")
         self._bin: dict | None = None
+        # per adapter, so nothing outlives the export: a layer's few fused factors are read once
+        self._load = functools.lru_cache(maxsize=8)(self._read_tensor)
         self.tensors = self._read_shapes()
         self.linear: dict[str, _Pair] = {}  # checkpoint weight name (per-expert layout) -> its factors
         self.fused: dict[tuple[int, str], _Pair] = {}  # (layer, gate_up_proj|down_proj) -> fused factors
@@ -174,8 +182,7 @@ class Adapter:
         self._bin = d
         return {k: (tuple(v.shape), str(v.dtype)) for k, v in d.items()}
 
-    @functools.lru_cache(maxsize=8)  # noqa: B019 (one Adapter per export; holds a layer's fused factors)
-    def _load(self, name: str) -> "torch.Tensor":
+    def _read_tensor(self, name: str) -> "torch.Tensor":
         if self._bin is not None:
             return self._bin[name].float()
         from safetensors import safe_open

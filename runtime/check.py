@@ -337,8 +337,9 @@ def _same_quantization(artifact: Path, q: dict | None, reference: Path, gptq) ->
 
 
 def lora_dirs(artifact: Path, lora: list | None) -> list[str]:
-    """The adapter folders an artifact's manifest records, each still holding the adapter it was
-    exported with (same sha256), so that the reference merges what the artifact merged."""
+    """The adapter files an artifact's manifest records, each still holding the adapter it was
+    exported with (same sha256), so that the reference merges what the artifact merged (that file,
+    not whichever weights file its folder now holds first)."""
     import hashlib
 
     dirs = []
@@ -355,7 +356,7 @@ def lora_dirs(artifact: Path, lora: list | None) -> list[str]:
         if h.hexdigest() != a["sha256"]:
             raise CheckError(f"{artifact} merged the LoRA adapter {a['path']}, whose {f.name} has changed since the "
                              "export; re-export, or restore the adapter")
-        dirs.append(a["path"])
+        dirs.append(str(f))
     return dirs
 
 
@@ -380,7 +381,7 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
             _same_quantization(p, mf.read(p).quantization, Path(reference), ref_gptq)
             lora_dirs(p, mf.read(p).lora)
     if reference is None:  # before any run: the weights must be the same (activations may differ)
-        if len({tuple(a["sha256"] for a in mf.read(p).lora or []) for p, _ in plan}) > 1:
+        if len({tuple(sorted(a["sha256"] for a in mf.read(p).lora or [])) for p, _ in plan}) > 1:  # deltas add up
             raise CheckError("the artifacts merged different LoRA adapters, so their weights differ; compare each "
                              "with --reference CHECKPOINT_DIR instead")
         kinds = {None if q is None else (q["bits"], q["block_size"], q.get("method", "rtn"),

@@ -426,3 +426,46 @@ def test_output_folder_must_not_hold_the_adapter(ck, tmp_path):
                                             "LoRA adapter"):
             export(ck, out, lora=[a], force=True)
         assert (a / "adapter_model.safetensors").is_file() and (a / "adapter_config.json").is_file()
+
+
+def test_untargeted_embedding_copies_replace_the_checkpoints(ck, tmp_path):
+    """save_embedding_layers=True stores the embeddings and head whole even when untargeted; PEFT
+    loads those copies into the model, and so does the export (a changed copy shows it)."""
+    from safetensors.torch import load_file
+
+    a = peft_adapter(ck, tmp_path / "a", seed=13, r=4, lora_alpha=8, target_modules=["q_proj"])
+    model = peft.get_peft_model(hf_model(ck), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    model.load_adapter(str(a), adapter_name="default")
+    model.save_pretrained(str(tmp_path / "b"), save_embedding_layers=True)
+    t = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert "base_model.model.model.embed_tokens.weight" in t and "base_model.model.lm_head.weight" in t
+    t["base_model.model.model.embed_tokens.weight"] += 0.5
+    t["base_model.model.lm_head.weight"] *= 1.5
+    save_file(t, str(tmp_path / "b" / "adapter_model.safetensors"))
+    art = export(ck, tmp_path / "art", lora=[tmp_path / "b"])
+    assert_parity(art, peft_reference(ck, tmp_path / "b"), steps=4)
+    plain = export(ck, tmp_path / "plain", lora=[a])  # the same factors, no copies: other logits
+    got, base = (prompt_logits(runtime.load(x), PROMPTS[0]) for x in (art, plain))
+    assert np.abs(got - base).max() > 0.1
+
+
+def test_check_merges_the_file_it_hashed_and_adapters_commute(ck, tmp_path):
+    """A .bin adapter stays the reference's after a .safetensors appears beside it (the folder would
+    offer that one first); the same adapters in another order hold the same weights."""
+    a = peft_adapter(ck, tmp_path / "a", seed=14, r=4, lora_alpha=8, target_modules=ATTN)
+    b = peft_adapter(ck, tmp_path / "b", seed=15, r=2, lora_alpha=2, target_modules=["o_proj"],
+                     target_parameters=["mlp.experts.down_proj"])
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(a / "adapter_config.json", pickled)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(a / "adapter_model.safetensors")), pickled / "adapter_model.bin")
+    ab = export(ck, tmp_path / "ab", lora=[pickled, b])
+    shutil.copy(b / "adapter_model.safetensors", pickled / "adapter_model.safetensors")  # another adapter's weights
+    report = chk.check([ab], reference=ck, prompts=1, max_new_tokens=2)
+    assert report.ok, report.table()
+    (pickled / "adapter_model.safetensors").unlink()
+    ba = export(ck, tmp_path / "ba", lora=[b, pickled])
+    report = chk.check([ab, ba], prompts=1, max_new_tokens=4)
+    assert report.ok, report.table()
