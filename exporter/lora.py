@@ -165,9 +165,10 @@ class Adapter:
         assert self.file is not None
         if self.file.suffix == ".safetensors":
             try:
-                return {n: (t.shape, t.dtype) for n, t in _read_header(self.file).items()}
+                self._infos = _read_header(self.file)
             except CheckpointError as e:
                 raise LoraError(str(e)) from None
+            return {n: (t.shape, t.dtype) for n, t in self._infos.items()}
         import torch
 
         try:
@@ -182,13 +183,28 @@ class Adapter:
         self._bin = d
         return {k: (tuple(v.shape), str(v.dtype)) for k, v in d.items()}
 
-    def _read_tensor(self, name: str) -> "torch.Tensor":
+    def _read_rows(self, name: str, start: int = 0, stop: int | None = None) -> "torch.Tensor":
+        """Rows [start, stop) of a tensor, read at its offset (the header parsed once: an adapter
+        with a LoRA per expert holds ~10k tensors, and safe_open parses its whole header per call)."""
         if self._bin is not None:
-            return self._bin[name].float()
-        from safetensors import safe_open
+            return self._bin[name][start:stop]
+        import torch
 
-        with safe_open(str(self.file), framework="pt") as f:
-            return f.get_tensor(name).float()
+        info = self._infos[name]
+        rows = info.shape[0] if info.shape else 1
+        stop = rows if stop is None else max(start, min(stop, rows))
+        row_bytes = info.nbytes // max(rows, 1)
+        with open(info.file, "rb") as f:
+            f.seek(info.offset + start * row_bytes)
+            raw = bytearray(f.read((stop - start) * row_bytes))
+        if len(raw) != (stop - start) * row_bytes:
+            raise LoraError(f"{info.file}: truncated while reading {name}")
+        dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I32": torch.int32}[info.dtype]
+        return torch.frombuffer(raw, dtype=dtype).reshape(stop - start, *info.shape[1:]) if raw else \
+            torch.empty((0, *info.shape[1:]), dtype=dtype)
+
+    def _read_tensor(self, name: str) -> "torch.Tensor":
+        return self._read_rows(name).float()
 
     # -- which weights --------------------------------------------------------------------------
 
@@ -282,12 +298,7 @@ class Adapter:
         key = self.copies.get(name)
         if key is None:
             return None
-        if self._bin is not None:
-            return self._bin[key][start:stop]
-        from safetensors import safe_open
-
-        with safe_open(str(self.file), framework="pt") as f:
-            return f.get_slice(key)[start:stop]
+        return self._read_rows(key, start, stop)
 
     def delta(self, name: str, start: int, stop: int) -> "torch.Tensor | None":
         """scaling * B @ A for rows [start, stop) of checkpoint weight `name` (per-expert layout),
