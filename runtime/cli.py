@@ -195,7 +195,8 @@ def export(checkpoint_dir: str, output_dir: str, target: str, dtype: str | None,
     """Export a Hugging Face Qwen2-MoE checkpoint to an ONNX artifact.
 
     A GPTQ checkpoint (e.g. Qwen2-57B-A14B-Instruct-GPTQ-Int4) keeps its quantized layers as they are
-    (onnxruntime target; --quant-activations applies, --quantize does not)."""
+    (onnxruntime target; --quant-activations applies; --quantize [--quant-block-size] quantizes the
+    layers it keeps float: embeddings, head)."""
     from tqdm import tqdm
 
     try:
