@@ -72,9 +72,11 @@ _PRECISION = ("float32", "float16", "bfloat16", "int8-activations")  # increasin
 
 
 def _precisions(run: "Run") -> tuple[str, ...]:
-    """The run's compute dtype, and int8-activations where its activations are quantized on the fly."""
-    q = run.quantization
-    return (run.dtype, "int8-activations") if q is not None and q.get("activations") == "int8" else (run.dtype,)
+    """The run's compute dtype, and int8-activations where its activations are quantized on the fly
+    (anywhere: a GPTQ checkpoint's int4 layers may run float ones, its rest quantized int8 not)."""
+    q = run.quantization or {}
+    int8 = "int8" in (q.get("activations"), (q.get("rest") or {}).get("activations"))
+    return (run.dtype, "int8-activations") if int8 else (run.dtype,)
 
 
 def tolerance_for(*dtypes: str, atol: float | None = None) -> Tolerance:

@@ -137,22 +137,22 @@ def speculative_option(f: Callable) -> Callable:
 
 def _sampling(kw: dict[str, Any], artifact: str) -> tuple[Any, list[str]]:
     """(SamplingParams from the flags, with the fields left out taken from the artifact's
-    generation_config.json under --generation-config auto; the sampling flags given explicitly)."""
+    generation_config.json under --generation-config auto; the sampling flags given that change
+    decoding, which beam search refuses: not --temperature 0 or --top-p 1)."""
     from pathlib import Path
 
     from .sampling import SAMPLING_FIELDS, SamplingParams, generation_defaults
 
     given = {k: kw.pop(k) for k in SAMPLING_FIELDS}
     use_file = kw.pop("generation_config") == "auto" and (Path(artifact) / "generation_config.json").is_file()
-    defaults = generation_defaults(artifact) if use_file else {}
+    # a file that does not ask for sampling leaves qmoe run greedy (transformers' do_sample default)
+    defaults = generation_defaults(artifact, temperature=0.0) if use_file else {}
     chosen = {k: v for k, v in given.items() if v is not None}
-    explicit = list(chosen) + [k for k in ("presence_penalty", "frequency_penalty") if kw[k] != 0.0] + \
-        [k for k in ("seed", "stop") if kw[k] not in (None, ())]
-    params = {**defaults, **chosen}
-    return SamplingParams(
-        **params, presence_penalty=kw.pop("presence_penalty"), frequency_penalty=kw.pop("frequency_penalty"),
-        seed=kw.pop("seed"), max_new_tokens=kw.pop("max_new_tokens"), stop=tuple(kw.pop("stop")),
-    ), explicit
+    others = dict(presence_penalty=kw.pop("presence_penalty"), frequency_penalty=kw.pop("frequency_penalty"),
+                  seed=kw.pop("seed"), stop=tuple(kw.pop("stop")))
+    flags, neutral = SamplingParams(**chosen, **others), SamplingParams()
+    sampled = [k for k in (*SAMPLING_FIELDS, *others) if getattr(flags, k) != getattr(neutral, k)]
+    return SamplingParams(**{**defaults, **chosen}, **others, max_new_tokens=kw.pop("max_new_tokens")), sampled
 
 
 @main.command()
@@ -195,7 +195,8 @@ def export(checkpoint_dir: str, output_dir: str, target: str, dtype: str | None,
     """Export a Hugging Face Qwen2-MoE checkpoint to an ONNX artifact.
 
     A GPTQ checkpoint (e.g. Qwen2-57B-A14B-Instruct-GPTQ-Int4) keeps its quantized layers as they are
-    (onnxruntime target; --quant-activations applies, --quantize does not)."""
+    (onnxruntime target; --quant-activations applies; --quantize [--quant-block-size] quantizes the
+    layers it keeps float: embeddings, head)."""
     from tqdm import tqdm
 
     try:
@@ -303,9 +304,9 @@ def run(artifact: str, prompt: str, as_chat: bool, json_schema: str | None, rege
     from .engine import load
     from .structured import StructuredOutput, StructuredOutputError
 
-    sampling, explicit = _sampling(kw, artifact)
+    sampling, sampled = _sampling(kw, artifact)
     if num_beams is not None:
-        _beam_run(artifact, prompt, as_chat, sampling, explicit, num_beams, length_penalty, early_stopping,
+        _beam_run(artifact, prompt, as_chat, sampling, sampled, num_beams, length_penalty, early_stopping,
                   num_return_sequences, bool(json_schema or regex or choice), speculation, backend, device, rope_mode)
         return
     if num_return_sequences != 1 or length_penalty != 1.0 or early_stopping != "false":
@@ -362,8 +363,8 @@ def _beam_run(artifact: str, prompt: str, as_chat: bool, sampling: Any, sampled:
               length_penalty: float, early_stopping: str, num_return_sequences: int, structured: bool,
               speculation: Any, backend: str, device: str, rope_mode: str | None) -> None:
     """qmoe run --num-beams: the best beam's text (or the best n, each with its score). `sampled`:
-    the sampling flags given (generation_config.json's sampling defaults do not apply to beams, as
-    in vLLM's beam search)."""
+    the sampling flags given that change decoding (generation_config.json's sampling defaults do not
+    apply to beams, as in vLLM's beam search)."""
     from .beam import BeamSearchError, BeamSearchParams, beam_search
     from .engine import load
 

@@ -639,9 +639,10 @@ def stop_holdback(text: str, stop: Sequence[str]) -> int:
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
-def generation_defaults(artifact: str | Path) -> dict[str, Any]:
+def generation_defaults(artifact: str | Path, temperature: float = 1.0) -> dict[str, Any]:
     """Sampling values for fields a request leaves out: those generation_config.json sets (as vLLM
-    does), greedy if it says do_sample=false, else OpenAI's (temperature 1, top_p 1)."""
+    does), greedy if it says do_sample=false; a temperature it leaves out is 1 with do_sample=true,
+    else `temperature` (serve: OpenAI's 1; qmoe run: greedy)."""
     path = Path(artifact) / "generation_config.json"
     try:
         gen = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -651,7 +652,8 @@ def generation_defaults(artifact: str | Path) -> dict[str, Any]:
         raise QmoeError(f"{path}: expected a JSON object")
     if gen.get("do_sample") is False:
         return {"temperature": 0.0}
-    defaults = {"temperature": 1.0, **{k: gen[k] for k in SAMPLING_FIELDS if gen.get(k) is not None}}
+    unset = 1.0 if gen.get("do_sample") is True else temperature
+    defaults = {"temperature": unset, **{k: gen[k] for k in SAMPLING_FIELDS if gen.get(k) is not None}}
     try:
         SamplingParams(**defaults)
     except SamplingError as e:

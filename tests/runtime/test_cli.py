@@ -72,6 +72,41 @@ def test_run_takes_sampling_defaults_from_generation_config(tiny_artifact, tmp_p
     assert beams.returncode == 0, beams.stderr
 
 
+def test_run_stays_greedy_unless_generation_config_asks_to_sample(tiny_artifact, tmp_path):
+    """A generation_config.json without do_sample or temperature (eos ids only, as many base
+    models ship) leaves qmoe run greedy, as its --temperature help says ("else 0") and as
+    transformers' generate does; do_sample=true without a temperature samples at 1."""
+    import json
+    import shutil
+
+    import runtime
+    from runtime.sampling import SamplingParams, generation_defaults
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art, copy_function=os.link)
+    (art / "generation_config.json").unlink()
+    (art / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643], "top_p": 0.8}))
+    greedy = runtime.load(art).chat([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=8))
+    assert qmoe("run", art, "--prompt", "hi", "-n", "8").stdout == greedy + "\n"
+    assert generation_defaults(art) == {"temperature": 1.0, "top_p": 0.8}  # serve: OpenAI's temperature
+    (art / "generation_config.json").write_text(json.dumps({"do_sample": True}))
+    assert generation_defaults(art, temperature=0.0) == {"temperature": 1.0}
+
+
+def test_beam_search_takes_neutral_sampling_flags(tiny_artifact):
+    """Flags at their no-op values (--temperature 0, --top-p 1, ...) do not sample: beam search
+    takes them, as before generation_config.json defaults; a flag that samples is refused."""
+    run = ("run", tiny_artifact, "--prompt", "hi", "-n", "4", "--num-beams", "2")
+    want = qmoe(*run)
+    assert want.returncode == 0, want.stderr
+    neutral = qmoe(*run, "--temperature", "0", "--top-p", "1", "--top-k", "0", "--min-p", "0",
+                   "--repetition-penalty", "1", "--presence-penalty", "0")
+    assert neutral.returncode == 0 and neutral.stdout == want.stdout, neutral.stderr
+    r = qmoe(*run, "--temperature", "0", "--top-p", "0.9")
+    assert r.returncode == 1 and r.stderr == "error: beam search is deterministic and unconstrained: it does not " \
+        "take --top-p\n"
+
+
 def test_run_with_speculation_gives_the_same_text(tiny_artifact):
     quote = "experts route every token to eight experts"
     base = ("run", tiny_artifact, "--prompt", f"Repeat: {quote}", "-n", "24", "--choice", quote)
