@@ -289,15 +289,24 @@ class Checkpoint:
 
     def expert(self, layer: int, expert: int) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
         """(gate [I, H], up [I, H], down [H, I]) of one routed expert, in either on-disk layout."""
-        p = f"model.layers.{layer}.mlp.experts."
-        if self.fused_experts:
-            I = self.config.moe_intermediate_size
-            gate_up = self.rows(p + "gate_up_proj", expert, expert + 1)[0]  # this expert's bytes only
-            return gate_up[:I], gate_up[I:], self.rows(p + "down_proj", expert, expert + 1)[0]
-        q = f"{p}{expert}."
-        return (self.tensor(q + "gate_proj.weight"), self.tensor(q + "up_proj.weight"),
-                self.tensor(q + "down_proj.weight"))
+        return (*self.expert_gate_up(layer, expert), self.expert_down(layer, expert))
 
     def experts(self, layer: int) -> Iterator[tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]]:
         for e in range(self.config.num_experts):
             yield self.expert(layer, e)
+
+    def expert_gate_up(self, layer: int, expert: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """(gate, up) of one routed expert, reading nothing else."""
+        p = f"model.layers.{layer}.mlp.experts."
+        if self.fused_experts:
+            I = self.config.moe_intermediate_size
+            gate_up = self.rows(p + "gate_up_proj", expert, expert + 1)[0]
+            return gate_up[:I], gate_up[I:]
+        return self.tensor(f"{p}{expert}.gate_proj.weight"), self.tensor(f"{p}{expert}.up_proj.weight")
+
+    def expert_down(self, layer: int, expert: int) -> "torch.Tensor":
+        """down [H, I] of one routed expert, reading nothing else."""
+        p = f"model.layers.{layer}.mlp.experts."
+        if self.fused_experts:
+            return self.rows(p + "down_proj", expert, expert + 1)[0]
+        return self.tensor(f"{p}{expert}.down_proj.weight")

@@ -47,10 +47,12 @@ def pieces(ckpt: Checkpoint, name: str, interleaved: bool) -> Iterator[torch.Ten
     m = EXPERTS_PARAM.match(name)
     if m:
         layer, which = int(m.group(1)), m.group(2)
-        for gate, up, down in ckpt.experts(layer):
+        for e in range(ckpt.config.num_experts):  # each parameter reads only its own tensors
             if which == "down":
-                yield down
-            elif interleaved:
+                yield ckpt.expert_down(layer, e)
+                continue
+            gate, up = ckpt.expert_gate_up(layer, e)
+            if interleaved:
                 yield torch.stack((gate, up), dim=1).reshape(-1, gate.shape[-1])  # g0,u0,g1,u1,...
             else:
                 yield torch.cat((gate, up), dim=0)

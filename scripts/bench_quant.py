@@ -85,7 +85,7 @@ def main() -> None:
                                    ("GPTQ int4, group 128 + --quantize int4 (embeddings and head int4)", "gptq+int4",
                                     "float")):
             name = label.split()[0] + ("-a8" if act == "int8" else "") + ("-q4" if scheme == "gptq+int4" else "")
-            if scheme.startswith("gptq"):
+            if scheme is not None and scheme.startswith("gptq"):
                 art = export(gptq, work / name, quant_activations=act,
                              quantize="int4" if scheme == "gptq+int4" else None)
             else:
