@@ -200,8 +200,9 @@ class Adapter:
         if len(raw) != (stop - start) * row_bytes:
             raise LoraError(f"{info.file}: truncated while reading {name}")
         dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I32": torch.int32}[info.dtype]
+        # no bytes is not no rows: a factor of a shared expert of size 0 is [r, 0]
         return torch.frombuffer(raw, dtype=dtype).reshape(stop - start, *info.shape[1:]) if raw else \
-            torch.empty((0, *info.shape[1:]), dtype=dtype)
+            torch.empty((stop - start, *info.shape[1:]), dtype=dtype)
 
     def _read_tensor(self, name: str) -> "torch.Tensor":
         return self._read_rows(name).float()

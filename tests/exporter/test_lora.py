@@ -16,6 +16,7 @@ import dataclasses
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -468,4 +469,18 @@ def test_check_merges_the_file_it_hashed_and_adapters_commute(ck, tmp_path):
     (pickled / "adapter_model.safetensors").unlink()
     ba = export(ck, tmp_path / "ba", lora=[b, pickled])
     report = chk.check([ab, ba], prompts=1, max_new_tokens=4)
+    assert report.ok, report.table()
+
+
+def test_adapter_on_a_shared_expert_of_size_0(tmp_path):
+    """shared_expert_intermediate_size 0: PEFT still wraps the empty Linears, and saves factors
+    with no bytes ([r, 0] for down_proj's lora_A); those are still r rows (read as none, the merge
+    failed with a matmul shape error)."""
+    ck = write_checkpoint(tmp_path / "ck", tiny_config(num_hidden_layers=1, shared_expert_intermediate_size=0), seed=6)
+    with warnings.catch_warnings():  # PEFT and torch on the zero-element factors
+        warnings.simplefilter("ignore")
+        a = peft_adapter(ck, tmp_path / "a", seed=17, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    art = export(ck, tmp_path / "art", lora=[a])
+    assert_parity(art, peft_reference(ck, a), steps=4)
+    report = chk.check([art], reference=ck, prompts=2, max_new_tokens=4)
     assert report.ok, report.table()
