@@ -218,11 +218,16 @@ class Adapter:
     def _parse(self, config: ModelConfig, shapes: dict[str, tuple[int, ...]], targets: list) -> None:
         where = self.file
         pairs: dict[tuple[str, int], dict[str, str]] = {}
+        tied_head = None
         for name in self.tensors:
             short = name[len(PREFIX):] if name.startswith(PREFIX) else name
             copy = _COPY.fullmatch(short)
             if copy is not None:  # PEFT saves a targeted head whole (save_embedding_layers): it replaces ours
                 weight = copy["module"] + ".weight"
+                if short == "lm_head.weight" and config.tie_word_embeddings:
+                    # a tied model's embeddings saved again under the head's name; PEFT loads that
+                    # copy after the embeddings' into the one tensor, so it wins
+                    weight, tied_head = "model.embed_tokens.weight", name
                 if self.tensors[name][0] != shapes.get(weight):
                     raise LoraError(f"{where}: {name} is {list(self.tensors[name][0])}; the checkpoint's {weight} is "
                                     f"{list(shapes[weight]) if weight in shapes else 'tied to the embeddings'}")
@@ -235,6 +240,8 @@ class Adapter:
                 raise LoraError(f"{where}: tensor {name} is {what}; qmoe merges lora_A/lora_B pairs of Linear "
                                 "layers and experts")
             pairs.setdefault((m["module"], m["nest"].count("base_layer.")), {})[m["ab"]] = name
+        if tied_head is not None:
+            self.copies["model.embed_tokens.weight"] = tied_head
         if not pairs and not self.copies:
             raise LoraError(f"{where}: no LoRA tensors")
         for (module, depth), ab in sorted(pairs.items()):

@@ -484,3 +484,30 @@ def test_adapter_on_a_shared_expert_of_size_0(tmp_path):
     assert_parity(art, peft_reference(ck, a), steps=4)
     report = chk.check([art], reference=ck, prompts=2, max_new_tokens=4)
     assert report.ok, report.table()
+
+
+def test_embedding_copies_of_a_tied_model(tmp_path):
+    """PEFT's save_embedding_layers on a tied model stores the one tensor twice, as the embeddings
+    and as the head; loading writes the head's copy last, so it is the embeddings PEFT runs (the
+    head's copy was refused as a head the checkpoint does not have)."""
+    from safetensors.torch import load_file
+
+    tied = write_checkpoint(tmp_path / "tied", tiny_config(num_hidden_layers=1, tie_word_embeddings=True), seed=5)
+    a = peft_adapter(tied, tmp_path / "a", seed=16, r=4, lora_alpha=8, target_modules=["q_proj"])
+    model = peft.get_peft_model(hf_model(tied), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    model.load_adapter(str(a), adapter_name="default")
+    model.save_pretrained(str(tmp_path / "b"), save_embedding_layers=True)
+    f = tmp_path / "b" / "adapter_model.safetensors"
+    t = load_file(str(f))
+    embed, head = "base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"
+    assert torch.equal(t[embed], t[head])
+    t[embed] += 0.5
+    t[head] = t[embed] * 1.5  # they differ: the head's copy is the one PEFT keeps
+    save_file(t, str(f))
+    art = export(tied, tmp_path / "art", lora=[tmp_path / "b"], quantize="int4")
+    reference = peft_reference(tied, tmp_path / "b").merge_and_unload()
+    assert torch.equal(reference.model.embed_tokens.weight, t[head])
+    fake_quantize_hf(reference, QuantConfig.parse("int4"), torch.float32)
+    check_quantized_parity(runtime.load(art), reference, PROMPTS, int8_activations=False)
+    report = chk.check([art], reference=tied, prompts=2, max_new_tokens=4)
+    assert report.ok, report.table()
