@@ -112,9 +112,15 @@ def _check_types(m: Manifest) -> None:
     for name in ("inputs", "outputs"):
         if not all(isinstance(x, str) for x in getattr(m, name)):
             raise TypeError(f"{name} must be a list of names")
-    if m.lora is not None and not all(isinstance(a, dict) and isinstance(a.get("path"), str)
-                                      and isinstance(a.get("sha256"), str) for a in m.lora):
-        raise TypeError(f"lora is {m.lora!r}; expected a list of adapters with their path and sha256")
+
+    def adapter_ok(a: Any) -> bool:  # file: the name of its weights file in the folder at path
+        f = a.get("file", "-") if isinstance(a, dict) else None
+        return isinstance(a, dict) and isinstance(a.get("path"), str) and isinstance(a.get("sha256"), str) \
+            and isinstance(f, str) and f not in ("", "..") and f == Path(f).name
+
+    if m.lora is not None and not all(adapter_ok(a) for a in m.lora):
+        raise TypeError(f"lora is {m.lora!r}; expected a list of adapters with their path, sha256 and weights file "
+                        "name")
     q = m.quantization
 
     def quant_ok(q: Any) -> bool:

@@ -367,10 +367,13 @@ def test_manifest_rejects_a_malformed_lora_entry(ck, tmp_path):
     a = _adapter(tmp_path, _pair(Q, 64, 64))
     art = export(ck, tmp_path / "art", lora=[a])
     d = json.loads((art / mf.NAME).read_text())
-    d["lora"] = [{"path": 3}]
-    (art / mf.NAME).write_text(json.dumps(d))
-    with pytest.raises(mf.ManifestError, match="lora is"):
-        mf.read(art)
+    good = d["lora"][0]
+    # file: the weights file's name in the adapter folder (was a TypeError in qmoe check --reference)
+    for bad in ([{"path": 3}], [{**good, "file": 3}], [{**good, "file": "../other/adapter_model.bin"}]):
+        d["lora"] = bad
+        (art / mf.NAME).write_text(json.dumps(d))
+        with pytest.raises(mf.ManifestError, match="lora is"):
+            mf.read(art)
 
 
 def test_tensorrt_target_holds_the_merged_weights(ck, tmp_path):
