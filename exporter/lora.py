@@ -117,6 +117,9 @@ class Adapter:
         kind = cfg.get("peft_type", "LORA")
         if kind != "LORA":
             raise LoraError(f"{cfg_path}: peft_type {kind!r} is not supported; qmoe merges LoRA adapters only")
+        if cfg.get("bias", "none") not in ("none", None):  # PEFT saves the biases it trained
+            raise LoraError(f"{cfg_path}: bias {cfg['bias']!r} (trained biases) is not supported; qmoe merges plain "
+                            "LoRA (W + alpha/r * B A)")
         for field, what in REFUSED.items():
             if cfg.get(field):
                 raise LoraError(f"{cfg_path}: {what} is not supported; qmoe merges plain LoRA (W + alpha/r * B A)")

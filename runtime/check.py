@@ -404,7 +404,7 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
     report = Report([len(x) for x in ids], max_new_tokens, skipped=skipped)
     if reference is not None:
         refs: dict[str, Callable] = {}
-        for run in runs:
+        for (path, _), run in zip(plan, runs):
             q = run.quantization
             gptq = f"{q['method'].upper()} " if q is not None and q.get("method") in ("gptq", "awq") else ""
             parts = [] if q is None else [f"{gptq}{q['scheme']} weights, block {q['block_size']}, {run.dtype} scales"]
@@ -416,7 +416,7 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
             if key not in refs:
                 say(f"running transformers on {reference}" + (f" ({key})" if key else ""))
                 refs[key] = transformers_logits(Path(reference), q, run.dtype, run.weight_dtype,
-                                                lora_dirs(Path(run.label), run.lora))
+                                                lora_dirs(path, run.lora))
             ref = refs[key]
             label = f"{REFERENCE} ({key})" if key else REFERENCE
             base = Run(label, "float32", [list(t) for t in run.tokens],

@@ -306,6 +306,7 @@ Q = "model.layers.0.self_attn.q_proj"
     (lambda t: (t / "empty").mkdir() or t / "empty", "no adapter_config.json"),
     (lambda t: _adapter(t, _pair(Q, 64, 64), peft_type="IA3"), "peft_type 'IA3' is not supported"),
     (lambda t: _adapter(t, _pair(Q, 64, 64), use_dora=True), "DoRA"),
+    (lambda t: _adapter(t, _pair(Q, 64, 64), bias="lora_only"), "bias 'lora_only' \\(trained biases\\)"),
     (lambda t: _adapter(t, _pair(Q, 64, 64), modules_to_save=["lm_head"]), "modules_to_save"),
     (lambda t: _adapter(t, _pair(Q, 64, 64), alora_invocation_tokens=[1, 2]), "activated LoRA"),
     (lambda t: _adapter(t, _pair(Q, 64, 64), r=0), "r is 0; expected a positive integer"),
