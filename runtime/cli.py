@@ -218,6 +218,9 @@ def export(checkpoint_dir: str, output_dir: str, target: str, dtype: str | None,
                       progress=progress)
     finally:
         bar.close()
+    for a in mf.read(output_dir).lora or []:  # what went into the weights, as the manifest records it
+        click.echo(f"merged LoRA {a['path']} ({a['file']}, r={a['r']}, lora_alpha={a['lora_alpha']}, "
+                   f"{a['layers']} adapted weights or expert groups, sha256 {a['sha256'][:12]})")
     click.echo(f"wrote {output_dir}")
 
 

@@ -515,3 +515,14 @@ def test_embedding_copies_of_a_tied_model(tmp_path):
     check_quantized_parity(runtime.load(art), reference, PROMPTS, int8_activations=False)
     report = chk.check([art], reference=tied, prompts=2, max_new_tokens=4)
     assert report.ok, report.table()
+
+
+def test_cli_says_which_adapters_went_in(ck, tmp_path):
+    a = _adapter(tmp_path, {**_pair(Q, 64, 64), **_pair("model.layers.1.self_attn.o_proj", 64, 64)}, lora_alpha=16)
+    b = _adapter(tmp_path, _pair(Q, 64, 64, r=2), name="b", r=2)
+    r = CliRunner().invoke(main, ["export", str(ck), "-o", str(tmp_path / "art"), "--lora", str(a), "--lora", str(b)])
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("merged LoRA")]
+    assert len(lines) == 2
+    assert str(a.absolute()) in lines[0] and "r=4, lora_alpha=16, 2 adapted" in lines[0]
+    assert str(b.absolute()) in lines[1] and "r=2, lora_alpha=8, 1 adapted" in lines[1]
