@@ -20,6 +20,8 @@ from runtime.errors import QmoeError
 if TYPE_CHECKING:
     import torch
 
+    from .lora import Adapters
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "I32": 4}  # I32: GPTQ's packed weights (exporter/gptq.py)
@@ -127,19 +129,25 @@ class Checkpoint:
             # when the two differ; when equal the result is the same), so this checkpoint is untied.
             self.config = replace(self.config, tie_word_embeddings=False)
         self.validate()
-        self.lora = None
+        self.lora = self.lora_adapters(lora)
+
+    def lora_adapters(self, lora: "Sequence[str | Path] | str | Path") -> "Adapters | None":
+        """The adapters in `lora`, validated against this checkpoint (None: none given); reads add
+        them only when they are this checkpoint's own (`Checkpoint(..., lora=...)`)."""
         if isinstance(lora, (str, Path)):  # one folder, not a sequence of one-letter names
             lora = [lora]
-        if lora:
-            from .lora import Adapters, LoraError
+        if not lora:
+            return None
+        from .lora import Adapters, LoraError
 
-            self.lora = Adapters(lora, self.config, self.config.moe_intermediate_size,
-                                 self.expected_shapes_for(self.config, fused=False))
-            packed = sorted(n for n in self.lora.names if self.is_gptq(n))
-            if packed:
-                raise LoraError(f"{self.dir} is {self.gptq.label if self.gptq else 'GPTQ'}-quantized and the LoRA "
-                                f"adapts its packed layer {packed[0][:-7]}; merging would need requantizing (merge "
-                                "into the float checkpoint and quantize that instead)")
+        adapters = Adapters(lora, self.config, self.expected_shapes_for(self.config, fused=False))
+        packed = sorted(n for n in adapters.names if self.is_gptq(n))
+        if packed:
+            assert self.gptq is not None  # is_gptq holds only for a GPTQ checkpoint's packed layers
+            raise LoraError(f"{self.dir} is {self.gptq.label}-quantized and the LoRA adapts its packed layer "
+                            f"{packed[0][:-7]}; merging would need requantizing (merge into the float checkpoint "
+                            "and quantize that instead)")
+        return adapters
 
     def _shards(self) -> dict[Path, list[str] | None]:
         index = self.dir / INDEX_NAME

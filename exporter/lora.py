@@ -29,14 +29,14 @@ embedding LoRA, activated LoRA and the other LoRA variants whose forward is not 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
+from runtime import manifest as mf
 from runtime.config import ModelConfig
 from runtime.errors import QmoeError
 
@@ -293,14 +293,11 @@ class Adapter:
     def touched(self) -> set[str]:
         """Checkpoint weights this adapter changes, named in the per-expert layout."""
         names = set(self.linear) | set(self.copies)
-        for layer, param in self.fused:
+        for (layer, param), pair in self.fused.items():
             projs = ("gate", "up") if param == "gate_up_proj" else ("down",)
             names.update(f"model.layers.{layer}.mlp.experts.{e}.{p}_proj.weight"
-                         for e in range(self._experts(layer, param)) for p in projs)
+                         for e in range(pair.experts) for p in projs)
         return names
-
-    def _experts(self, layer: int, param: str) -> int:
-        return self.fused[(layer, param)].experts
 
     # -- deltas -----------------------------------------------------------------------------------
 
@@ -337,12 +334,8 @@ class Adapter:
 
     def describe(self) -> dict:
         """The manifest's record of this adapter."""
-        h = hashlib.sha256()
         assert self.file is not None
-        with open(self.file, "rb") as f:
-            for chunk in iter(lambda: f.read(16 << 20), b""):
-                h.update(chunk)
-        return {"path": str(self.dir.absolute()), "file": self.file.name, "sha256": h.hexdigest(),
+        return {"path": str(self.dir.absolute()), "file": self.file.name, "sha256": mf.sha256(self.file),
                 "r": self.r, "lora_alpha": self.alpha, "use_rslora": self.rslora,
                 "layers": len(self.linear) + len(self.fused)}
 
@@ -350,10 +343,9 @@ class Adapter:
 class Adapters:
     """The adapters of one export, summed; deltas named in either expert layout."""
 
-    def __init__(self, dirs: Sequence[str | Path], config: ModelConfig, intermediate: int,
-                 shapes: dict[str, tuple[int, ...]]) -> None:
+    def __init__(self, dirs: Sequence[str | Path], config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
         self.items = [Adapter(d, config, shapes) for d in dirs]
-        self.intermediate = intermediate  # I: gate rows, then up rows in a fused gate_up_proj
+        self.intermediate = config.moe_intermediate_size  # I: gate rows, then up rows in a fused gate_up_proj
         self.names = set().union(*(a.touched() for a in self.items))
         self.fused_names = set()  # transformers 5 / fused-checkpoint names of the experts touched
         for n in self.names:
@@ -387,9 +379,9 @@ class Adapters:
         if m is None:
             return self._linear(name, start, stop)
         pre, I = f"model.layers.{m.group(1)}.mlp.experts.", self.intermediate
+        projs = (("gate", 0), ("up", I)) if m.group(2) == "gate_up_proj" else (("down", 0),)
         out = torch.zeros((max(0, min(stop, shape[0]) - start), *shape[1:]), dtype=torch.float32)
         for i, e in enumerate(range(start, min(stop, shape[0]))):
-            projs = (("gate", 0), ("up", I)) if m.group(2) == "gate_up_proj" else (("down", 0),)
             for proj, row in projs:
                 d = self._linear(f"{pre}{e}.{proj}_proj.weight", 0, shape[1] if proj == "down" else I)
                 if d is not None:
@@ -407,16 +399,16 @@ class Adapters:
         return [a.describe() for a in self.items]
 
 
-def merge_into(model: "torch.nn.Module", adapters: Adapters,
-               name_of: Callable[[str], str] = lambda n: n) -> int:
+def merge_into(model: "torch.nn.Module", adapters: Adapters) -> int:
     """Adds the deltas to a transformers Qwen2-MoE model's parameters in place (qmoe check's
-    reference); returns how many changed."""
+    reference; its parameter names are checkpoint names in either expert layout); returns how many
+    changed."""
     import torch
 
     n = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if adapters.touches(name_of(name)):
-                p.copy_(adapters.apply(name_of(name), p.detach(), 0))
+            if adapters.touches(name):
+                p.copy_(adapters.apply(name, p.detach(), 0))
                 n += 1
     return n

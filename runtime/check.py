@@ -261,7 +261,7 @@ def transformers_logits(checkpoint: Path, quantization: dict | None = None, scal
     from exporter.checkpoint import Checkpoint
 
     ckpt = Checkpoint(checkpoint)
-    adapters = Checkpoint(checkpoint, lora=lora).lora if lora else None  # merged below, not into the GPTQ copy
+    adapters = ckpt.lora_adapters(lora)  # merged below, not into the GPTQ copy
     if ckpt.gptq is not None:  # transformers reads GPTQ only through a GPU kernel package: dequantize here
         import tempfile
 
@@ -342,20 +342,15 @@ def lora_dirs(artifact: Path, lora: list | None) -> list[str]:
     """The adapter files an artifact's manifest records, each still holding the adapter it was
     exported with (same sha256), so that the reference merges what the artifact merged (that file,
     not whichever weights file its folder now holds first)."""
-    import hashlib
-
     dirs = []
     for a in lora or []:
         f = Path(a["path"]) / a.get("file", "adapter_model.safetensors")
         try:
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(16 << 20), b""):  # noqa: B023 (read at once)
-                    h.update(chunk)
+            digest = mf.sha256(f)
         except OSError as e:
             raise CheckError(f"{artifact} merged the LoRA adapter {a['path']}, which cannot be read now ({e.strerror}); "
                              "--reference needs it") from None
-        if h.hexdigest() != a["sha256"]:
+        if digest != a["sha256"]:
             raise CheckError(f"{artifact} merged the LoRA adapter {a['path']}, whose {f.name} has changed since the "
                              "export; re-export, or restore the adapter")
         dirs.append(str(f))
@@ -378,24 +373,26 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
         ref_gptq = ref_ckpt.gptq
         ref_ckpt.close()
     plan, skipped = plan_runs([Path(a) for a in artifacts], backends)
+    manifests = {p: mf.read(p) for p, _ in plan}
+    adapters: dict[Path, list[str]] = {}  # artifact -> the adapter files its reference merges (hashed once)
     if reference is not None:  # before any run: the reference holds the artifacts' kind of weights
-        for p, _ in plan:
-            _same_quantization(p, mf.read(p).quantization, Path(reference), ref_gptq)
-            lora_dirs(p, mf.read(p).lora)
+        for p, m in manifests.items():
+            _same_quantization(p, m.quantization, Path(reference), ref_gptq)
+            adapters[p] = lora_dirs(p, m.lora)
     if reference is None:  # before any run: the weights must be the same (activations may differ)
-        if len({tuple(sorted(a["sha256"] for a in mf.read(p).lora or [])) for p, _ in plan}) > 1:  # deltas add up
+        if len({tuple(sorted(a["sha256"] for a in m.lora or [])) for m in manifests.values()}) > 1:  # deltas add up
             raise CheckError("the artifacts merged different LoRA adapters, so their weights differ; compare each "
                              "with --reference CHECKPOINT_DIR instead")
         kinds = {None if q is None else (q["bits"], q["block_size"], q.get("method", "rtn"),
                                          None if q.get("rest") is None else (q["rest"]["bits"], q["rest"]["block_size"]))
-                 for q in (mf.read(p).quantization for p, _ in plan)}
+                 for q in (m.quantization for m in manifests.values())}
         if len(kinds) > 1:
             raise CheckError("the artifacts hold differently quantized weights, so their logits differ by the "
                              "quantization error; compare each with --reference CHECKPOINT_DIR instead")
     if len(plan) + (reference is not None) < 2:
         what = "; ".join(skipped) if skipped else "one run and no --reference"
         raise CheckError(f"nothing to compare ({what}); give --reference CHECKPOINT_DIR or another artifact")
-    first = mf.read(plan[0][0]) if plan else mf.read(artifacts[0])
+    first = manifests[plan[0][0]] if plan else mf.read(artifacts[0])
     ids = prompt_ids(plan[0][0] if plan else Path(artifacts[0]), prompts, first.config.vocab_size)
     runs = []
     for path, b in plan:
@@ -415,8 +412,7 @@ def check(artifacts: Sequence[str | Path], backends: Sequence[str] | None = None
             key = ", ".join(parts)
             if key not in refs:
                 say(f"running transformers on {reference}" + (f" ({key})" if key else ""))
-                refs[key] = transformers_logits(Path(reference), q, run.dtype, run.weight_dtype,
-                                                lora_dirs(path, run.lora))
+                refs[key] = transformers_logits(Path(reference), q, run.dtype, run.weight_dtype, adapters[path])
             ref = refs[key]
             label = f"{REFERENCE} ({key})" if key else REFERENCE
             base = Run(label, "float32", [list(t) for t in run.tokens],

@@ -5,6 +5,7 @@ Versioned: the runtime refuses a manifest whose major format version it does not
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -141,6 +142,15 @@ def _check_types(m: Manifest) -> None:
     for name, known in (("target", TARGETS), ("weight_dtype", DTYPES), ("compute_dtype", DTYPES)):
         if getattr(m, name) not in known:
             raise TypeError(f"{name} is {getattr(m, name)!r}, not one of {', '.join(known)}")
+
+
+def sha256(path: str | Path) -> str:
+    """A file's hash as manifests record it (TensorRT plugin libraries, LoRA adapters)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write(folder: Path, m: Manifest) -> None:

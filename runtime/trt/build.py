@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import os
 import shutil
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from .. import manifest as mf
+from ..manifest import sha256  # noqa: F401 (the plugin library's hash; re-exported for the backend)
 from ..config import ModelConfig
 from ..contract import PLUGINS
 from . import ENGINE_FILE, PLUGIN_FILE, RECORD_KEY, TensorRTError, import_tensorrt
@@ -159,14 +159,6 @@ def record(*, trt_version: str, compute_capability: str, device_name: str, profs
 
 def with_record(m: mf.Manifest, rec: dict[str, Any]) -> mf.Manifest:
     return dataclasses.replace(m, extra={**m.extra, RECORD_KEY: rec})
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_plugin_lib(path: str | Path | None) -> Path:
