@@ -244,6 +244,8 @@ class _Rewriter:
                  gptq: "Callable[[str], Sources | None] | None" = None) -> None:
         self.graph, self.qc, self.scale_dtype = model_ir.graph, qc, scale_dtype
         self.gptq = gptq  # a GPTQ checkpoint: export parameter -> its packed linears (None: float)
+        # how layers without packed linears are quantized here (None: a GPTQ checkpoint's stay float)
+        self.float_qc = qc if gptq is None else qc.rest
         self.scale_ir = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16}[scale_dtype]
         self.tensors: dict[str, QTensor] = {}
         self.replaced: list[ir.Node] = []
@@ -298,12 +300,10 @@ class _Rewriter:
         w = _param_source(node.inputs[1])
         if w is None:
             return
-        src, qc = None, self.qc
-        if self.gptq is not None:
-            src = self.gptq(w.name)
-            if src is None and qc.rest is None:
-                return  # a float layer of the GPTQ checkpoint
-            qc = qc if src is not None else qc.rest
+        src = None if self.gptq is None else self.gptq(w.name)
+        qc = self.qc if src is not None else self.float_qc
+        if qc is None:
+            return  # a float layer of the GPTQ checkpoint
         if src is None and not linear_is_quantized(w.name):
             return
         if src is None and w.name == "model.embed_tokens.weight" and not embedding_is_quantized(_shape(w)[1], qc):
@@ -328,14 +328,12 @@ class _Rewriter:
         if fc1 is None or fc2 is None:
             raise QuantizeError(f"internal error: {node.name}'s expert weights are not parameters")
         srcs = [None, None] if self.gptq is None else [self.gptq(fc1.name), self.gptq(fc2.name)]
-        qc = self.qc
-        if self.gptq is not None and None in srcs:
-            if srcs != [None, None]:
-                raise QuantizeError(f"{fc1.name if srcs[0] is None else fc2.name} is float and its layer's other "
-                                    "expert weights are GPTQ; ONNX Runtime's QMoE takes both quantized")
-            if qc.rest is None:
-                return  # float experts in a GPTQ checkpoint: the float MoE stays
-            qc = qc.rest
+        if self.gptq is not None and srcs.count(None) == 1:
+            raise QuantizeError(f"{fc1.name if srcs[0] is None else fc2.name} is float and its layer's other "
+                                "expert weights are GPTQ; ONNX Runtime's QMoE takes both quantized")
+        qc = self.qc if srcs[0] is not None else self.float_qc
+        if qc is None:
+            return  # float experts in a GPTQ checkpoint: the float MoE stays
         block = qc.block_size
         pairs = []
         for w, src in zip((fc1, fc2), srcs):
@@ -377,7 +375,7 @@ class _Rewriter:
 
     def gather(self, node: ir.Node) -> None:
         w = _param_source(node.inputs[0])
-        qc = self.qc if self.gptq is None else self.qc.rest  # GPTQ leaves the embeddings float
+        qc = self.float_qc  # GPTQ packs no embeddings
         if w is None or w.name != "model.embed_tokens.weight" or qc is None:
             return
         V, H = _shape(w)

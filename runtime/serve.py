@@ -57,7 +57,7 @@ from starlette.routing import Route
 
 from . import request_json, structured, tools
 from .batching import BatchScheduler, Generation
-from .sampling import SAMPLING_FIELDS, generation_defaults  # noqa: F401 (generation_defaults: serve's API)
+from .sampling import SAMPLING_FIELDS, generation_defaults
 from .engine import Engine, GenerationResult, RequestError
 from .errors import QmoeError
 from .metrics import Metrics

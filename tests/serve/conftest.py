@@ -36,7 +36,8 @@ def server(tiny_artifact: Path) -> Iterator[LiveServer]:
     import uvicorn
 
     import runtime
-    from runtime.serve import create_app, generation_defaults
+    from runtime.sampling import generation_defaults
+    from runtime.serve import create_app
 
     app = create_app(runtime.load(tiny_artifact), MODEL, generation_defaults(tiny_artifact))
     # Bind first and hand uvicorn the socket: the port is ours, no race with other processes.
