@@ -22,9 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PEAK_BF16_FLOPS = 790e12  # dense bf16 tensor-core rate used for the compute roofline (FACTS.md)
-# vLLM 0.26 fused_experts, routed experts only, CUDA graph, same GPU model, from FACTS.md (another
-# run: vLLM is not installed here). Adding this run's shared expert as torch ops gives the pair the
-# issue's target compares against.
+# vLLM 0.26 fused_experts, routed experts only, CUDA graph, on an H100, from FACTS.md (another run:
+# vLLM is not installed here). Adding this run's shared expert as torch ops gives the pair the issue's
+# target compares against; on other GPUs (an H200 streams ~1.4x faster) the pair is not printed.
 VLLM_ROUTED_MS = {1: (0.169, 0.169), 8: (0.760, 0.760), 64: (1.202, 1.202), 512: (1.37, 1.45), 4096: (3.99, 4.40)}
 
 
@@ -245,7 +245,7 @@ def main() -> int:
         row["hf_over_roofline"] = None if row["hf_ms"] is None else row["hf_ms"] / roof
         row["hf_over_ours"] = None if row["hf_ms"] is None else row["hf_ms"] / row["ours_ms"]
         rows.append(row)
-        if tokens in VLLM_ROUTED_MS:
+        if tokens in VLLM_ROUTED_MS and "H100" in device:  # FACTS.md's figures are an H100's
             lo, hi = (v + row["shared_torch_ms"] for v in VLLM_ROUTED_MS[tokens])
             row["vllm_pair_ms"] = [lo, hi]
             row["ours_over_vllm_pair"] = [row["ours_ms"] / hi, row["ours_ms"] / lo]

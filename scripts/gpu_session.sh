@@ -23,6 +23,10 @@
 # stage's exit code), compare.md (scripts/compare_bench.py), results.tgz (all logs and JSON).
 # Exit code: 0 when every stage passed.
 set -uo pipefail
+# The C locale for the whole script: source_id's glob must list plugins/kernels in the same order here
+# and on the device (a shell's glob sorts by its own LC_COLLATE, not by the LC_ALL given to a command:
+# in stop 20 the two machines hashed the same files in different orders).
+export LC_ALL=C
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 carry=$root/build/carry
@@ -43,8 +47,8 @@ mode=${1:-}
 # What the carried libraries are built from (no git needed on the device): kernel sources, build
 # files and the variants' flags. check/tune refuse libraries built from other sources.
 source_id() {
-    { LC_ALL=C cat plugins/kernels/* plugins/CMakeLists.txt scripts/build_plugins.sh; printf '%s\n' "${TILE_VARIANTS[@]}"; } \
-        | sha256sum | cut -c1-16  # LC_ALL=C: the glob's order must not depend on the locale
+    { cat plugins/kernels/* plugins/CMakeLists.txt scripts/build_plugins.sh; printf '%s\n' "${TILE_VARIANTS[@]}"; } \
+        | sha256sum | cut -c1-16
 }
 
 if [ "$mode" = prepare ]; then

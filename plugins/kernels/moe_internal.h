@@ -35,26 +35,29 @@ constexpr bool kHasSm90Gemm = true;
 constexpr bool kHasSm90Gemm = false;
 #endif
 
-// Experimental schedule switches, read once per process from the environment (TensorRT-LLM does the
-// same with TRTLLM_ENABLE_PDL). They choose kernels, never the workspace size: an engine built under
-// one setting runs under any other.
-//   QMOE_PDL=1           programmatic dependent launch between the layer's kernels (pdl_enabled();
-//                        rules in common.cuh)
-//   QMOE_ROUTER_TC=1     router logits on tensor cores (split-K WMMA) instead of CUDA cores
+// Schedule switches, read once per process from the environment (TensorRT-LLM does the same with
+// TRTLLM_ENABLE_PDL). They choose kernels, never the workspace size: an engine built under one
+// setting runs under any other. Defaults: what the H200 lease of stop 20 measured to win
+// (plugins/results/NOTES.md, h200-run5); each can be set back ("0" or a number).
+//   QMOE_PDL             programmatic dependent launch between the layer's kernels (pdl_enabled();
+//                        rules in common.cuh). Default on; 0 = off
+//   QMOE_ROUTER_TC       router logits on tensor cores (split-K WMMA) instead of CUDA cores.
+//                        Default on; 0 = off
 //   QMOE_PERMUTE_CTAS=n  the permutation on up to n CTAs (count + place kernels) above
-//                        kPermuteSlotsPerCta routed slots; 1 = one CTA for every size
-//   QMOE_DECODE_SPLIT=1  GEMV decode: the shared expert's down projection in shared_splits_for()
-//                        K-slices, so its work units are as long as a routed expert's
+//                        kPermuteSlotsPerCta routed slots; 1 = one CTA for every size. Default 64
+//   QMOE_DECODE_SPLIT    GEMV decode: the shared expert's down projection in shared_splits_for()
+//                        K-slices, so its work units are as long as a routed expert's. Default on
 //   QMOE_SHARED_STREAM=n Hopper prefill path: the shared expert's GEMM 1 runs on a side stream on
-//                        all SMs but n, beside the router, permutation and gather (0 = off)
+//                        all SMs but n, beside the router, permutation and gather (0 = off, default)
 //   QMOE_DECODE_MMA=n    decode path with tensor-core inner products (moe_gemv.cu, MMA), taken by
 //                        AUTO up to n tokens (unless the call sets decode_max_tokens); its shared
-//                        expert's down projection in shared_splits_for() K-slices (0 = off)
+//                        expert's down projection in shared_splits_for() K-slices (0 = off, default)
 //   QMOE_SHARED_INTERLEAVE=n Hopper prefill path: the shared expert's work spread evenly among the
 //                        routed experts' in both grouped GEMMs (sched_entry), GEMM 1's in up to n
-//                        column slices (shared_gemm1_parts), instead of first and whole (0 = off)
-// Defaults: all off (the schedule measured on the H100, plugins/results/NOTES.md) until the
-// switches are measured too (scripts/gpu_session.sh).
+//                        column slices (shared_gemm1_parts), instead of first and whole; 0 = off at
+//                        every size. Unset: interleave_parts() (spread between kAutoInterleaveMinRows
+//                        and kAutoInterleaveMaxRows mean routed rows per expert)
+//   QMOE_TILE_ROWS=n     Hopper GEMMs: 128-row tiles from n mean rows per group (default 48)
 struct Tuning
 {
     bool pdl;
@@ -63,14 +66,25 @@ struct Tuning
     bool decode_split;
     int shared_stream_sms; // SMs left to the routing chain while the side stream's GEMM runs; 0 = off
     int decode_mma_tokens; // AUTO's decode threshold with the MMA decode path; 0 = off (FMA decode)
-    int shared_interleave; // most GEMM 1 column slices of the spread shared expert; 0 = off (shared first)
+    int shared_interleave; // most GEMM 1 column slices of the spread shared expert; 0 = off (shared first),
+                           // kInterleaveAuto: interleave_parts() decides per call
     int tile_rows;         // Hopper GEMMs: 64-row tiles for groups of fewer mean rows, 128-row tiles from here
 };
 Tuning const& tuning();
 constexpr int kMaxSharedStreamSms = 64;
 constexpr int kMaxDecodeMmaTokens = 512;
 constexpr int kMaxSharedParts = 64; // QMOE_SHARED_INTERLEAVE's most GEMM 1 slices
-constexpr int kDefaultTileRows = 96; // QMOE_TILE_ROWS when unset
+constexpr int kDefaultTileRows = 48; // QMOE_TILE_ROWS when unset (until stop 20: 96)
+constexpr int kDefaultPermuteCtas = 64; // QMOE_PERMUTE_CTAS when unset
+constexpr int kInterleaveAuto = -1;  // QMOE_SHARED_INTERLEAVE unset
+// QMOE_SHARED_INTERLEAVE unset: the shared expert is spread in kAutoInterleaveParts slices while the
+// routed experts average kAutoInterleaveMinRows..kAutoInterleaveMaxRows rows (57B: 384-1024 tokens).
+// Measured on the H200 (stop 20, 57B dims, spread vs shared first): 1.5% slower at 8 rows (64
+// tokens), 2% at 16 (128), 1.5% at 32 (256); 6% faster at 64 (512 tokens, with 128-row tiles from
+// 48 rows), 1% at 128 (1024); 2-3% slower at 256 and 512 (2048, 4096 tokens).
+constexpr int kAutoInterleaveParts = 32;
+constexpr int64_t kAutoInterleaveMinRows = 48;
+constexpr int64_t kAutoInterleaveMaxRows = 128;
 constexpr int kMaxTileRows = 1 << 20;
 
 // QMOE_SHARED_STREAM: where the shared expert's GEMM 1 was launched, the event [Experts] waits on
@@ -140,6 +154,19 @@ inline int shared_gemm1_parts(int64_t Is, int n)
         cols = (2 * Is) % (8 * p) == 0 ? p : cols;
     }
     return tiles > 1 ? tiles : cols;
+}
+
+// GEMM 1 column slices of the shared expert for a layer call (0: shared first and whole): the
+// QMOE_SHARED_INTERLEAVE setting, or where it is unset, kAutoInterleaveParts within the measured range
+// of mean routed rows per expert (T*k/E) and 0 elsewhere or without a shared expert.
+inline int interleave_parts(int setting, int64_t T, int k, int E, int64_t Is)
+{
+    if (setting != kInterleaveAuto)
+    {
+        return setting;
+    }
+    int64_t const rows = T * k;
+    return Is > 0 && rows >= kAutoInterleaveMinRows * E && rows <= kAutoInterleaveMaxRows * E ? kAutoInterleaveParts : 0;
 }
 
 // Entry i (0 <= i < routed + parts) of a Hopper grouped GEMM whose shared expert is in `parts` pieces:

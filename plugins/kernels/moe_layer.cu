@@ -297,10 +297,11 @@ cudaError_t launch_shared_gemm1(MoeArgs const& a, int dtype, SideLaunch const& s
 #endif
 }
 
-bool env_flag(char const* name)
+// A boolean switch: unset or empty -> fallback, "0" -> off, anything else -> on.
+bool env_flag(char const* name, bool fallback)
 {
     char const* const v = std::getenv(name);
-    return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+    return v == nullptr || *v == '\0' ? fallback : std::strcmp(v, "0") != 0;
 }
 
 int env_int(char const* name, int fallback, int lo, int hi)
@@ -352,10 +353,10 @@ bool pdl_enabled()
 
 Tuning const& tuning()
 {
-    static Tuning const t{env_flag("QMOE_PDL"), env_flag("QMOE_ROUTER_TC"),
-        env_int("QMOE_PERMUTE_CTAS", 1, 1, kMaxPermuteCtas), env_flag("QMOE_DECODE_SPLIT"),
+    static Tuning const t{env_flag("QMOE_PDL", true), env_flag("QMOE_ROUTER_TC", true),
+        env_int("QMOE_PERMUTE_CTAS", kDefaultPermuteCtas, 1, kMaxPermuteCtas), env_flag("QMOE_DECODE_SPLIT", true),
         env_int("QMOE_SHARED_STREAM", 0, 0, kMaxSharedStreamSms), env_int("QMOE_DECODE_MMA", 0, 0, kMaxDecodeMmaTokens),
-        env_int("QMOE_SHARED_INTERLEAVE", 0, 0, kMaxSharedParts),
+        env_int("QMOE_SHARED_INTERLEAVE", kInterleaveAuto, 0, kMaxSharedParts),
         env_int("QMOE_TILE_ROWS", kDefaultTileRows, 1, kMaxTileRows)};
     return t;
 }
@@ -403,9 +404,10 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
     {
         a.shared_splits = shared_splits_for(a.T, a.Is);
     }
-    if (!decode && sm90 && tuning().shared_interleave > 0)
+    int const interleave = interleave_parts(tuning().shared_interleave, a.T, a.k, a.E, a.Is);
+    if (!decode && sm90 && interleave > 0)
     {
-        a.shared_parts = shared_gemm1_parts(a.Is, tuning().shared_interleave);
+        a.shared_parts = shared_gemm1_parts(a.Is, interleave);
         a.interleave = 1;
     }
 
@@ -514,7 +516,7 @@ extern "C" int32_t qmoe_kernels_features(void)
         | (t.router_tc ? QMOE_FEATURE_ROUTER_TC : 0) | (t.permute_ctas > 1 ? QMOE_FEATURE_PERMUTE_MULTI : 0)
         | (t.shared_stream_sms > 0 ? QMOE_FEATURE_SHARED_STREAM : 0) | (t.decode_split ? QMOE_FEATURE_DECODE_SPLIT : 0)
         | (t.decode_mma_tokens > 0 ? QMOE_FEATURE_DECODE_MMA : 0)
-        | (t.shared_interleave > 0 ? QMOE_FEATURE_SHARED_INTERLEAVE : 0)
+        | (t.shared_interleave != 0 ? QMOE_FEATURE_SHARED_INTERLEAVE : 0)
         | (t.tile_rows != kDefaultTileRows ? QMOE_FEATURE_TILE_ROWS : 0);
 }
 

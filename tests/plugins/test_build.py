@@ -122,11 +122,20 @@ def test_kernels_report_the_cutlass_path(kernels_lib: Path) -> None:
     assert bool(K.Kernels(kernels_lib).features() & K.FEATURE_SM90_GEMM) == have_headers
 
 
+# Every switch at its non-default value (scripts/gpu_session.sh's second pass of `check`).
 EXPERIMENTAL = {"QMOE_PDL": "1", "QMOE_ROUTER_TC": "1", "QMOE_PERMUTE_CTAS": "64", "QMOE_SHARED_STREAM": "8",
                 "QMOE_DECODE_SPLIT": "1", "QMOE_DECODE_MMA": "64", "QMOE_SHARED_INTERLEAVE": "32",
-                "QMOE_TILE_ROWS": "48"}
+                "QMOE_TILE_ROWS": "96"}
 SWITCH_BITS = (K.FEATURE_PDL | K.FEATURE_ROUTER_TC | K.FEATURE_PERMUTE_MULTI | K.FEATURE_SHARED_STREAM
                | K.FEATURE_DECODE_SPLIT | K.FEATURE_DECODE_MMA | K.FEATURE_SHARED_INTERLEAVE | K.FEATURE_TILE_ROWS)
+# On by default since the H200 lease of stop 20 (plugins/results/NOTES.md); QMOE_SHARED_INTERLEAVE
+# unset is "auto" (spread at 32-128 mean routed rows per expert), which features() reports as on.
+DEFAULT_BITS = (K.FEATURE_PDL | K.FEATURE_ROUTER_TC | K.FEATURE_PERMUTE_MULTI | K.FEATURE_DECODE_SPLIT
+                | K.FEATURE_SHARED_INTERLEAVE)
+# The schedule before stop 20: every switch off, 128-row tiles from 96 mean rows.
+SWITCHES_OFF = {"QMOE_PDL": "0", "QMOE_ROUTER_TC": "0", "QMOE_PERMUTE_CTAS": "1", "QMOE_SHARED_STREAM": "0",
+                "QMOE_DECODE_SPLIT": "0", "QMOE_DECODE_MMA": "0", "QMOE_SHARED_INTERLEAVE": "0",
+                "QMOE_TILE_ROWS": "96"}
 
 
 def _probe(lib: Path, env: dict[str, str]) -> tuple[int, list[int]]:
@@ -145,28 +154,33 @@ def _probe(lib: Path, env: dict[str, str]) -> tuple[int, list[int]]:
     return features, sizes
 
 
-def test_experimental_switches_follow_the_environment_not_the_workspace(kernels_lib: Path) -> None:
-    """The QMOE_* switches (off by default: see plugins/README.md) are read
-    from the environment and never change the workspace size, so a TensorRT engine built under one
-    setting (getWorkspaceSize) runs under another (enqueue)."""
-    off_features, off_sizes = _probe(kernels_lib, {})
+def test_schedule_switches_follow_the_environment_not_the_workspace(kernels_lib: Path) -> None:
+    """The QMOE_* switches (defaults: plugins/README.md) are read from the environment and never
+    change the workspace size, so a TensorRT engine built under one setting (getWorkspaceSize) runs
+    under another (enqueue)."""
+    default_features, default_sizes = _probe(kernels_lib, {})
+    assert default_features & SWITCH_BITS == DEFAULT_BITS
     on_features, on_sizes = _probe(kernels_lib, EXPERIMENTAL)
-    assert off_features & SWITCH_BITS == 0
     assert on_features & SWITCH_BITS == SWITCH_BITS
-    assert on_sizes == off_sizes
-    # "0", junk and a single CTA all mean off.
-    junk_features, _ = _probe(kernels_lib, {"QMOE_PDL": "0", "QMOE_ROUTER_TC": "", "QMOE_PERMUTE_CTAS": "lots",
-                                            "QMOE_SHARED_STREAM": "0", "QMOE_DECODE_SPLIT": "0",
+    off_features, off_sizes = _probe(kernels_lib, SWITCHES_OFF)
+    assert off_features & SWITCH_BITS == K.FEATURE_TILE_ROWS  # 96 is not the default threshold
+    assert on_sizes == off_sizes == default_sizes
+    # Empty values and junk mean the default; "0" and a single CTA mean off.
+    junk_features, _ = _probe(kernels_lib, {"QMOE_PDL": "", "QMOE_ROUTER_TC": "", "QMOE_PERMUTE_CTAS": "lots",
+                                            "QMOE_SHARED_STREAM": "", "QMOE_DECODE_SPLIT": "",
                                             "QMOE_DECODE_MMA": "none", "QMOE_SHARED_INTERLEAVE": "x",
                                             "QMOE_TILE_ROWS": "96 rows"})
-    assert junk_features & SWITCH_BITS == 0
+    assert junk_features & SWITCH_BITS == DEFAULT_BITS
+    for name, bit in (("QMOE_PDL", K.FEATURE_PDL), ("QMOE_ROUTER_TC", K.FEATURE_ROUTER_TC),
+                      ("QMOE_DECODE_SPLIT", K.FEATURE_DECODE_SPLIT), ("QMOE_SHARED_INTERLEAVE", K.FEATURE_SHARED_INTERLEAVE)):
+        assert _probe(kernels_lib, {name: "0"})[0] & SWITCH_BITS == DEFAULT_BITS & ~bit, name
     assert _probe(kernels_lib, {"QMOE_PERMUTE_CTAS": "1"})[0] & K.FEATURE_PERMUTE_MULTI == 0
-    # The tile threshold is a number of rows: its default (96) is off, anything else (clamped to
+    # The tile threshold is a number of rows: its default (48) is off, anything else (clamped to
     # 1..2^20) is on, and it changes the workspace no more than the others.
-    assert _probe(kernels_lib, {"QMOE_TILE_ROWS": "96"})[0] & K.FEATURE_TILE_ROWS == 0
+    assert _probe(kernels_lib, {"QMOE_TILE_ROWS": "48"})[0] & K.FEATURE_TILE_ROWS == 0
     for rows in ("0", "1", "99999999"):
         features, sizes = _probe(kernels_lib, {"QMOE_TILE_ROWS": rows})
-        assert features & K.FEATURE_TILE_ROWS and sizes == off_sizes, rows
+        assert features & K.FEATURE_TILE_ROWS and sizes == default_sizes, rows
 
 
 SCHED_PROGRAM = r"""
@@ -183,6 +197,10 @@ int main() {
     long const inter[] = {0, 8, 40, 88, 128, 512, 768, 2560, 20480, 65536};
     int const most[] = {0, 1, 2, 3, 32, 64, 1000};
     for (long Is : inter) for (int n : most) std::printf("parts %ld %d %d\n", Is, n, qmoe::shared_gemm1_parts(Is, n));
+    long const tokens[] = {1, 64, 256, 383, 384, 512, 1024, 1025, 4096};
+    int const settings[] = {qmoe::kInterleaveAuto, 0, 8};
+    for (long T : tokens) for (int set : settings) for (long Is : {0L, 20480L})
+        std::printf("auto %ld %d %ld %d\n", T, set, Is, qmoe::interleave_parts(set, T, 8, 64, Is));
     return 0;
 }
 """
@@ -200,7 +218,7 @@ def test_grouped_gemm_schedule_orders() -> None:
     subprocess.run(["g++", "-std=c++17", "-Wall", "-Werror", f"-I{K.KERNELS_DIR}", f"-I{CUDA_INCLUDE}", str(src),
                     "-o", str(exe)], check=True, capture_output=True)
     lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
-    orders = [list(map(int, line.split())) for line in lines if not line.startswith("parts")]
+    orders = [list(map(int, line.split())) for line in lines if not line.startswith(("parts", "auto"))]
     assert len(orders) == 6 * 6 * 2
     from tests.plugins.test_model_schedule import M as model  # scripts/model_schedule.py
 
@@ -232,6 +250,16 @@ def test_grouped_gemm_schedule_orders() -> None:
     assert got[(88, 32)] == 2 and got[(40, 32)] == 2  # no whole tiles: multiples of 8 columns (88, 40)
     assert got[(768, 32)] == 2  # 1536 = 6 tiles: 2 slices of 3
     assert got[(20480, 3)] == 2 and got[(20480, 0)] == 1 and got[(20480, 1)] == 1 and got[(0, 32)] == 1
+    # interleave_parts at the 57B routing (top-8 of 64): a setting wins; unset (-1), 32 slices from 48
+    # to 128 mean routed rows per expert (384-1024 tokens) and with a shared expert only.
+    auto = {(int(t), int(st), int(is_)): int(p) for _, t, st, is_, p in
+            (line.split() for line in lines if line.startswith("auto"))}
+    for (tokens, setting, inter), p in auto.items():
+        if setting >= 0:
+            expected = setting
+        else:
+            expected = 32 if inter > 0 and 384 <= tokens <= 1024 else 0
+        assert p == expected, (tokens, setting, inter, p)
 
 
 def test_launchers_validate_before_touching_the_gpu(kernels_lib: Path) -> None:
