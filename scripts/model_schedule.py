@@ -19,8 +19,9 @@ QMOE_TILE_ROWS=48 (cooperative 128-row tiles from 48 mean rows per expert).
 
 usage: scripts/model_schedule.py [--tokens 64 512 ...] [--parts 8 16 32] [--tflops 600] [--tbps 2.8]
                                  [--slots 264] [--tile-m 64] [--seed 0]
-Prints the modelled GEMM 1 + GEMM 2 time per token count with the shared expert first (the default
-schedule) and spread with QMOE_SHARED_INTERLEAVE=parts. Calibration (tests/plugins/test_model_schedule.py):
+Prints the modelled GEMM 1 + GEMM 2 time per token count with the shared expert first (run 4's
+schedule; since stop 20 the default spreads it at 384-1024 tokens) and spread with
+QMOE_SHARED_INTERLEAVE=parts. Calibration (tests/plugins/test_model_schedule.py):
 run 4 measured 1.411 / 1.652 ms of grouped GEMMs at 64 / 512 tokens and 1.348 ms for the routed
 experts alone at 512 (plugins/results/h100-run4/bench.log); the model gives 1.416 / 1.683 / 1.327.
 At 8 tokens it is 10% slow (1.00 for 0.911 ms).

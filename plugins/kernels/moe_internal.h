@@ -58,6 +58,10 @@ constexpr bool kHasSm90Gemm = false;
 //                        every size. Unset: interleave_parts() (spread between kAutoInterleaveMinRows
 //                        and kAutoInterleaveMaxRows mean routed rows per expert)
 //   QMOE_TILE_ROWS=n     Hopper GEMMs: 128-row tiles from n mean rows per group (default 48)
+//   QMOE_DECODE_MAX_TOKENS=n AUTO takes the decode path up to n tokens (a call's decode_max_tokens
+//                        still wins); unset or 0: 4 on Hopper with CUTLASS, 8 elsewhere, or
+//                        QMOE_DECODE_MMA's n. On the H200 the Hopper GEMMs beat the decode path at
+//                        4 tokens by 17%, on the H100 of run 4 they tied there
 struct Tuning
 {
     bool pdl;
@@ -69,6 +73,7 @@ struct Tuning
     int shared_interleave; // most GEMM 1 column slices of the spread shared expert; 0 = off (shared first),
                            // kInterleaveAuto: interleave_parts() decides per call
     int tile_rows;         // Hopper GEMMs: 64-row tiles for groups of fewer mean rows, 128-row tiles from here
+    int decode_max_tokens; // AUTO's decode threshold; 0 = the default for the GPU and path
 };
 Tuning const& tuning();
 constexpr int kMaxSharedStreamSms = 64;

@@ -6,6 +6,8 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <strings.h> // strcasecmp
 #include <atomic>
 #include <map>
 #include <memory>
@@ -297,11 +299,36 @@ cudaError_t launch_shared_gemm1(MoeArgs const& a, int dtype, SideLaunch const& s
 #endif
 }
 
-// A boolean switch: unset or empty -> fallback, "0" -> off, anything else -> on.
+// A boolean switch: a number (0 = off, else on), on/off, true/false or yes/no in any case; unset,
+// empty or anything else -> fallback (as env_int: junk means the default).
 bool env_flag(char const* name, bool fallback)
 {
     char const* const v = std::getenv(name);
-    return v == nullptr || *v == '\0' ? fallback : std::strcmp(v, "0") != 0;
+    if (v == nullptr || *v == '\0')
+    {
+        return fallback;
+    }
+    char* end = nullptr;
+    long const n = std::strtol(v, &end, 10);
+    if (*end == '\0')
+    {
+        return n != 0;
+    }
+    for (char const* on : {"1", "on", "true", "yes"})
+    {
+        if (strcasecmp(v, on) == 0)
+        {
+            return true;
+        }
+    }
+    for (char const* off : {"0", "off", "false", "no"})
+    {
+        if (strcasecmp(v, off) == 0)
+        {
+            return false;
+        }
+    }
+    return fallback;
 }
 
 int env_int(char const* name, int fallback, int lo, int hi)
@@ -357,7 +384,7 @@ Tuning const& tuning()
         env_int("QMOE_PERMUTE_CTAS", kDefaultPermuteCtas, 1, kMaxPermuteCtas), env_flag("QMOE_DECODE_SPLIT", true),
         env_int("QMOE_SHARED_STREAM", 0, 0, kMaxSharedStreamSms), env_int("QMOE_DECODE_MMA", 0, 0, kMaxDecodeMmaTokens),
         env_int("QMOE_SHARED_INTERLEAVE", kInterleaveAuto, 0, kMaxSharedParts),
-        env_int("QMOE_TILE_ROWS", kDefaultTileRows, 1, kMaxTileRows)};
+        env_int("QMOE_TILE_ROWS", kDefaultTileRows, 1, kMaxTileRows), env_int("QMOE_DECODE_MAX_TOKENS", 0, 0, kMaxTokens)};
     return t;
 }
 
@@ -397,6 +424,7 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
     // QMOE_DECODE_MMA=n: the tensor-core decode path, taken up to n tokens.
     bool const mma = tuning().decode_mma_tokens > 0 && device_capability() >= 80;
     int const threshold = p->decode_max_tokens > 0 ? p->decode_max_tokens
+        : tuning().decode_max_tokens > 0           ? tuning().decode_max_tokens
         : mma                                      ? tuning().decode_mma_tokens
                                                    : (sm90 ? kDefaultDecodeMaxTokensSm90 : kDefaultDecodeMaxTokens);
     bool const decode = p->path == QMOE_PATH_DECODE || (p->path == QMOE_PATH_AUTO && a.T <= threshold);
@@ -517,7 +545,8 @@ extern "C" int32_t qmoe_kernels_features(void)
         | (t.shared_stream_sms > 0 ? QMOE_FEATURE_SHARED_STREAM : 0) | (t.decode_split ? QMOE_FEATURE_DECODE_SPLIT : 0)
         | (t.decode_mma_tokens > 0 ? QMOE_FEATURE_DECODE_MMA : 0)
         | (t.shared_interleave != 0 ? QMOE_FEATURE_SHARED_INTERLEAVE : 0)
-        | (t.tile_rows != kDefaultTileRows ? QMOE_FEATURE_TILE_ROWS : 0);
+        | (t.tile_rows != kDefaultTileRows ? QMOE_FEATURE_TILE_ROWS : 0)
+        | (t.decode_max_tokens > 0 ? QMOE_FEATURE_DECODE_MAX_TOKENS : 0);
 }
 
 extern "C" int32_t qmoe_kernels_abi_version(void)

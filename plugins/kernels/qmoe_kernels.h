@@ -70,7 +70,7 @@ typedef struct qmoe_moe_params {
     int32_t shared_intermediate_size; /* Is; 0: no shared expert (shared_* pointers ignored) */
     int32_t dtype;                    /* qmoe_dtype: FP16 or BF16 */
     int32_t path;                     /* qmoe_moe_path */
-    int32_t decode_max_tokens;        /* AUTO threshold; <= 0: default (8) */
+    int32_t decode_max_tokens;        /* AUTO threshold; <= 0: QMOE_DECODE_MAX_TOKENS, else QMOE_DECODE_MMA's n, else 4 on Hopper with CUTLASS, 8 elsewhere */
 
     const void* hidden;                    /* [T, H] */
     const void* router_weight;             /* [E, H]        mlp.gate.weight */
@@ -148,8 +148,9 @@ const char* qmoe_status_string(int32_t status);
 #define QMOE_FEATURE_SHARED_STREAM 16 /* Hopper: shared expert's GEMM 1 on a side stream beside the routing */
 #define QMOE_FEATURE_DECODE_SPLIT 32  /* GEMV decode: shared expert's down projection split along K */
 #define QMOE_FEATURE_DECODE_MMA 64    /* decode path on tensor cores (mma.sync), AUTO up to n tokens (8.0+) */
-#define QMOE_FEATURE_SHARED_INTERLEAVE 128 /* Hopper: shared expert's GEMM tiles spread among the routed experts' */
-#define QMOE_FEATURE_TILE_ROWS 256    /* Hopper: QMOE_TILE_ROWS moves the 64-row / 128-row tile threshold from 96 */
+#define QMOE_FEATURE_SHARED_INTERLEAVE 128 /* Hopper: shared expert's GEMM tiles spread among the routed experts' (not forced off: also "auto") */
+#define QMOE_FEATURE_TILE_ROWS 256    /* Hopper: QMOE_TILE_ROWS moves the 64-row / 128-row tile threshold from 48 */
+#define QMOE_FEATURE_DECODE_MAX_TOKENS 512 /* QMOE_DECODE_MAX_TOKENS sets AUTO's decode threshold */
 
 /* QMOE_FEATURE_* bits: what this library was built with and the switches in effect. */
 int32_t qmoe_kernels_features(void);

@@ -49,10 +49,12 @@ FEATURE_DECODE_SPLIT = 32
 FEATURE_DECODE_MMA = 64
 FEATURE_SHARED_INTERLEAVE = 128
 FEATURE_TILE_ROWS = 256
+FEATURE_DECODE_MAX_TOKENS = 512
 FEATURE_NAMES = {FEATURE_SM90_GEMM: "sm90_gemm", FEATURE_PDL: "pdl", FEATURE_ROUTER_TC: "router_tc",
                  FEATURE_PERMUTE_MULTI: "permute_multi", FEATURE_SHARED_STREAM: "shared_stream",
                  FEATURE_DECODE_SPLIT: "decode_split", FEATURE_DECODE_MMA: "decode_mma",
-                 FEATURE_SHARED_INTERLEAVE: "shared_interleave", FEATURE_TILE_ROWS: "tile_rows"}
+                 FEATURE_SHARED_INTERLEAVE: "shared_interleave", FEATURE_TILE_ROWS: "tile_rows",
+                 FEATURE_DECODE_MAX_TOKENS: "decode_max_tokens"}
 
 
 class MoeParams(ctypes.Structure):

@@ -122,20 +122,21 @@ def test_kernels_report_the_cutlass_path(kernels_lib: Path) -> None:
     assert bool(K.Kernels(kernels_lib).features() & K.FEATURE_SM90_GEMM) == have_headers
 
 
-# Every switch at its non-default value (scripts/gpu_session.sh's second pass of `check`).
+# Every switch on, QMOE_TILE_ROWS away from its default.
 EXPERIMENTAL = {"QMOE_PDL": "1", "QMOE_ROUTER_TC": "1", "QMOE_PERMUTE_CTAS": "64", "QMOE_SHARED_STREAM": "8",
                 "QMOE_DECODE_SPLIT": "1", "QMOE_DECODE_MMA": "64", "QMOE_SHARED_INTERLEAVE": "32",
-                "QMOE_TILE_ROWS": "96"}
+                "QMOE_TILE_ROWS": "96", "QMOE_DECODE_MAX_TOKENS": "2"}
 SWITCH_BITS = (K.FEATURE_PDL | K.FEATURE_ROUTER_TC | K.FEATURE_PERMUTE_MULTI | K.FEATURE_SHARED_STREAM
-               | K.FEATURE_DECODE_SPLIT | K.FEATURE_DECODE_MMA | K.FEATURE_SHARED_INTERLEAVE | K.FEATURE_TILE_ROWS)
+               | K.FEATURE_DECODE_SPLIT | K.FEATURE_DECODE_MMA | K.FEATURE_SHARED_INTERLEAVE | K.FEATURE_TILE_ROWS
+               | K.FEATURE_DECODE_MAX_TOKENS)
 # On by default since the H200 lease of stop 20 (plugins/results/NOTES.md); QMOE_SHARED_INTERLEAVE
-# unset is "auto" (spread at 32-128 mean routed rows per expert), which features() reports as on.
+# unset is "auto" (spread at 48-128 mean routed rows per expert), which features() reports as on.
 DEFAULT_BITS = (K.FEATURE_PDL | K.FEATURE_ROUTER_TC | K.FEATURE_PERMUTE_MULTI | K.FEATURE_DECODE_SPLIT
                 | K.FEATURE_SHARED_INTERLEAVE)
 # The schedule before stop 20: every switch off, 128-row tiles from 96 mean rows.
 SWITCHES_OFF = {"QMOE_PDL": "0", "QMOE_ROUTER_TC": "0", "QMOE_PERMUTE_CTAS": "1", "QMOE_SHARED_STREAM": "0",
                 "QMOE_DECODE_SPLIT": "0", "QMOE_DECODE_MMA": "0", "QMOE_SHARED_INTERLEAVE": "0",
-                "QMOE_TILE_ROWS": "96"}
+                "QMOE_TILE_ROWS": "96", "QMOE_DECODE_MAX_TOKENS": "0"}
 
 
 def _probe(lib: Path, env: dict[str, str]) -> tuple[int, list[int]]:
@@ -169,12 +170,16 @@ def test_schedule_switches_follow_the_environment_not_the_workspace(kernels_lib:
     junk_features, _ = _probe(kernels_lib, {"QMOE_PDL": "", "QMOE_ROUTER_TC": "", "QMOE_PERMUTE_CTAS": "lots",
                                             "QMOE_SHARED_STREAM": "", "QMOE_DECODE_SPLIT": "",
                                             "QMOE_DECODE_MMA": "none", "QMOE_SHARED_INTERLEAVE": "x",
-                                            "QMOE_TILE_ROWS": "96 rows"})
+                                            "QMOE_TILE_ROWS": "96 rows", "QMOE_DECODE_MAX_TOKENS": "two"})
     assert junk_features & SWITCH_BITS == DEFAULT_BITS
     for name, bit in (("QMOE_PDL", K.FEATURE_PDL), ("QMOE_ROUTER_TC", K.FEATURE_ROUTER_TC),
                       ("QMOE_DECODE_SPLIT", K.FEATURE_DECODE_SPLIT), ("QMOE_SHARED_INTERLEAVE", K.FEATURE_SHARED_INTERLEAVE)):
         assert _probe(kernels_lib, {name: "0"})[0] & SWITCH_BITS == DEFAULT_BITS & ~bit, name
     assert _probe(kernels_lib, {"QMOE_PERMUTE_CTAS": "1"})[0] & K.FEATURE_PERMUTE_MULTI == 0
+    # Boolean switches: numbers, on/off, true/false, yes/no in any case; anything else is the default.
+    for value, on in (("off", False), ("FALSE", False), ("00", False), ("no", False), ("-0", False),
+                      ("yes", True), ("ON", True), ("2", True), ("maybe", True)):
+        assert bool(_probe(kernels_lib, {"QMOE_PDL": value})[0] & K.FEATURE_PDL) == on, value
     # The tile threshold is a number of rows: its default (48) is off, anything else (clamped to
     # 1..2^20) is on, and it changes the workspace no more than the others.
     assert _probe(kernels_lib, {"QMOE_TILE_ROWS": "48"})[0] & K.FEATURE_TILE_ROWS == 0

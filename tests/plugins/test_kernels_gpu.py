@@ -124,6 +124,8 @@ def _check_forward(lib: K.Kernels, shape: ref.MoeShape, tokens: int, dtype: torc
 
 def _auto_decode_max_tokens(lib: K.Kernels) -> int:
     """Where AUTO switches from the decode path to the prefill path (for these token counts)."""
+    if lib.features() & K.FEATURE_DECODE_MAX_TOKENS:  # QMOE_DECODE_MAX_TOKENS=n
+        return int(os.environ["QMOE_DECODE_MAX_TOKENS"])
     if lib.features() & K.FEATURE_DECODE_MMA:  # QMOE_DECODE_MMA=n: decode up to n tokens
         return min(512, int(os.environ["QMOE_DECODE_MMA"]))
     return 8  # 4 on Hopper: the same for 1, 64 and 257 tokens
@@ -278,7 +280,7 @@ def mma_decode_cases() -> None:
 def _run_with_switch(lib: K.Kernels, switches: dict[str, str], cases: str) -> None:
     """Runs cases() of this module in a fresh process with these QMOE_* switches (they are read once
     per process), beside the other switches of this process (scripts/gpu_session.sh's second pass
-    sets them all)."""
+    sets the opt-in ones)."""
     env = {**os.environ, **switches}
     if "QMOE_KERNELS_LIB" not in env:
         env["QMOE_KERNELS_LIB"] = str(lib.path)
@@ -290,8 +292,8 @@ def _run_with_switch(lib: K.Kernels, switches: dict[str, str], cases: str) -> No
 
 
 def test_decode_mma_switch(lib: K.Kernels) -> None:
-    """QMOE_DECODE_MMA=64 (plugins/README.md, experimental switches)."""
-    _run_with_switch(lib, {"QMOE_DECODE_MMA": "64"}, "mma_decode_cases")
+    """QMOE_DECODE_MMA=64 (plugins/README.md, schedule switches); QMOE_DECODE_MAX_TOKENS would win."""
+    _run_with_switch(lib, {"QMOE_DECODE_MMA": "64", "QMOE_DECODE_MAX_TOKENS": "0"}, "mma_decode_cases")
 
 
 # QMOE_SHARED_INTERLEAVE=32: shapes whose shared GEMM 1 splits into whole 256-column tiles (slices32:
@@ -305,8 +307,9 @@ INTERLEAVE_TOKENS = [3, 64, 257, 513, 4096]
 
 
 def _interleave_cases(shapes: dict[str, ref.MoeShape], tokens_list: list[int]) -> None:
-    features = K.load(build_if_needed=False).features()
-    assert features & K.FEATURE_SHARED_INTERLEAVE, "QMOE_SHARED_INTERLEAVE is not in effect"
+    # The feature bit is on under "auto" too (unset): only the variable says the spread is forced.
+    assert os.environ.get("QMOE_SHARED_INTERLEAVE") == "32", "QMOE_SHARED_INTERLEAVE=32 is not set"
+    assert K.load(build_if_needed=False).features() & K.FEATURE_SHARED_INTERLEAVE
     for _ in _checked_cases(shapes, tokens_list, K.PATH_PREFILL, "spread shared expert",
                             routings=((False, False), (True, True))):
         pass
@@ -328,7 +331,7 @@ def interleave_stream_cases() -> None:
 
 
 def test_shared_interleave_switch(lib: K.Kernels) -> None:
-    """QMOE_SHARED_INTERLEAVE=32 (plugins/README.md, experimental switches), alone and with
+    """QMOE_SHARED_INTERLEAVE=32 (plugins/README.md, schedule switches), alone and with
     QMOE_SHARED_STREAM=8. Not checked here: that the pieces really are spread (only the host test of
     sched_entry sees the order; the output is the same either way)."""
     if torch.cuda.get_device_capability() != (9, 0) or not lib.features() & K.FEATURE_SM90_GEMM:
@@ -341,17 +344,40 @@ def test_shared_interleave_switch(lib: K.Kernels) -> None:
 # changed, this stays a setting a user can choose.
 SWITCHES_OFF = {"QMOE_PDL": "0", "QMOE_ROUTER_TC": "0", "QMOE_PERMUTE_CTAS": "1", "QMOE_SHARED_STREAM": "0",
                 "QMOE_DECODE_SPLIT": "0", "QMOE_DECODE_MMA": "0", "QMOE_SHARED_INTERLEAVE": "0",
-                "QMOE_TILE_ROWS": "96"}
+                "QMOE_TILE_ROWS": "96", "QMOE_DECODE_MAX_TOKENS": "0"}
 
 
 def switches_off_cases() -> None:
     """Run in a process with SWITCHES_OFF: both paths against the reference."""
     off = (K.FEATURE_PDL | K.FEATURE_ROUTER_TC | K.FEATURE_PERMUTE_MULTI | K.FEATURE_DECODE_SPLIT
-           | K.FEATURE_SHARED_INTERLEAVE | K.FEATURE_SHARED_STREAM | K.FEATURE_DECODE_MMA)
+           | K.FEATURE_SHARED_INTERLEAVE | K.FEATURE_SHARED_STREAM | K.FEATURE_DECODE_MMA
+           | K.FEATURE_DECODE_MAX_TOKENS)
     assert K.load(build_if_needed=False).features() & off == 0, "a switch is still on"
     for path, label in ((K.PATH_DECODE, "decode, switches off"), (K.PATH_PREFILL, "prefill, switches off")):
         for _ in _checked_cases(SHAPES, [1, 64, 257, 4096], path, label, routings=((False, False), (True, True))):
             pass
+
+
+def decode_threshold_cases() -> None:
+    """Run in a process with QMOE_DECODE_MAX_TOKENS=2: AUTO decodes 1-2 tokens and takes the prefill
+    path from 3, unless the call's decode_max_tokens says otherwise."""
+    lib = K.load(build_if_needed=False)
+    assert lib.features() & K.FEATURE_DECODE_MAX_TOKENS, "QMOE_DECODE_MAX_TOKENS is not in effect"
+    shape, dtype = ref.E64_TOP8, torch.bfloat16
+    for tokens in (1, 2, 3, 4):
+        w, x = _case(shape, tokens, dtype, skew=False)
+        auto = lib.moe_forward(x, w, shape.top_k, False)
+        decode = lib.moe_forward(x, w, shape.top_k, False, path=K.PATH_DECODE)
+        prefill = lib.moe_forward(x, w, shape.top_k, False, path=K.PATH_PREFILL)
+        assert not torch.equal(decode, prefill), f"T={tokens}: the paths' outputs cannot tell them apart"
+        assert torch.equal(auto, decode if tokens <= 2 else prefill), f"T={tokens}: AUTO took the other path"
+        by_call = lib.moe_forward(x, w, shape.top_k, False, decode_max_tokens=4)
+        assert torch.equal(by_call, decode), f"T={tokens}: the call's decode_max_tokens did not win"
+
+
+def test_decode_threshold_switch(lib: K.Kernels) -> None:
+    """QMOE_DECODE_MAX_TOKENS (plugins/README.md, schedule switches)."""
+    _run_with_switch(lib, {"QMOE_DECODE_MAX_TOKENS": "2"}, "decode_threshold_cases")
 
 
 def test_switches_off(lib: K.Kernels) -> None:
@@ -375,7 +401,7 @@ def tile_rows_cases() -> None:
 
 
 def test_tile_rows_switch(lib: K.Kernels) -> None:
-    """QMOE_TILE_ROWS (plugins/README.md, experimental switches): all 128-row tiles, with
+    """QMOE_TILE_ROWS (plugins/README.md, schedule switches): all 128-row tiles, with
     QMOE_SHARED_STREAM=8 so that the side stream's one group (T rows, 3 at the least) follows the
     threshold too; then all 64-row tiles (the shared expert in the main stream's GEMMs)."""
     if torch.cuda.get_device_capability() != (9, 0) or not lib.features() & K.FEATURE_SM90_GEMM:
