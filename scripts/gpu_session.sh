@@ -35,9 +35,7 @@ py=${PYTHON:-python3}
 switches=(QMOE_SHARED_STREAM=8 QMOE_DECODE_MMA=64 QMOE_SHARED_INTERLEAVE=32)
 # tune: each default-on switch set back alone, then each opt-in switch alone (bench-PDL_0.json, ...).
 back=(QMOE_PDL=0 QMOE_ROUTER_TC=0 QMOE_PERMUTE_CTAS=1 QMOE_DECODE_SPLIT=0 QMOE_SHARED_INTERLEAVE=0 QMOE_TILE_ROWS=96)
-opt_in=("${switches[@]}")
-every=(QMOE_PDL QMOE_ROUTER_TC QMOE_PERMUTE_CTAS QMOE_DECODE_SPLIT QMOE_SHARED_STREAM QMOE_DECODE_MMA
-    QMOE_SHARED_INTERLEAVE QMOE_TILE_ROWS QMOE_DECODE_MAX_TOKENS)
+every=("${back[@]%%=*}" "${switches[@]%%=*}" QMOE_DECODE_MAX_TOKENS)  # unset for the default schedule
 # Hopper tile shapes (compile time), "NAME:NVCC FLAGS". None at present: the H200 lease of stop 20
 # measured k128 (small tiles with 256-byte weight-row segments: 30% slower at 512 tokens) and pp128
 # (128x128 ping-pong tiles at 4096 tokens: 12% slower), and run 4 the 2x1/1x2 clusters and 64x128
@@ -136,7 +134,7 @@ else
         publish
     }
     bench default "$lib"
-    for s in "${back[@]}" "${opt_in[@]}"; do
+    for s in "${back[@]}" "${switches[@]}"; do
         n=${s%%=*}
         bench "${n#QMOE_}_${s#*=}" "$lib" "$s"  # e.g. PDL_0, SHARED_STREAM_8
     done

@@ -392,8 +392,8 @@ cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_byt
 // T*k/E (57B: 48 rows at 384 tokens), for the side stream's shared group T. A group pads its rows to
 // whole tiles: at 512 tokens of the 57B model (64 rows on average) half the experts need two 64-row
 // tiles, each streaming the expert's weights (so the default is 48: one 128-row tile, twice the
-// padded math; QMOE_TILE_ROWS=96 was the default until stop 20); at 4096 tokens (512 rows) 128-row tiles pad ~12% of the routed math, 64-row tiles ~6%
-// (QMOE_TILE_ROWS=1048576 tests them there).
+// padded math; QMOE_TILE_ROWS=96 was the default until stop 20); at 4096 tokens (512 rows) 128-row
+// tiles pad ~12% of the routed math, 64-row tiles ~6% (QMOE_TILE_ROWS=1048576 tests them there).
 inline bool use_small_tiles(int64_t mean_rows)
 {
     return mean_rows < tuning().tile_rows;

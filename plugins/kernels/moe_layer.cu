@@ -314,14 +314,14 @@ bool env_flag(char const* name, bool fallback)
     {
         return n != 0;
     }
-    for (char const* on : {"1", "on", "true", "yes"})
+    for (char const* on : {"on", "true", "yes"}) // numbers were taken above
     {
         if (strcasecmp(v, on) == 0)
         {
             return true;
         }
     }
-    for (char const* off : {"0", "off", "false", "no"})
+    for (char const* off : {"off", "false", "no"})
     {
         if (strcasecmp(v, off) == 0)
         {

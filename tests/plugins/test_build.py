@@ -126,17 +126,11 @@ def test_kernels_report_the_cutlass_path(kernels_lib: Path) -> None:
 EXPERIMENTAL = {"QMOE_PDL": "1", "QMOE_ROUTER_TC": "1", "QMOE_PERMUTE_CTAS": "64", "QMOE_SHARED_STREAM": "8",
                 "QMOE_DECODE_SPLIT": "1", "QMOE_DECODE_MMA": "64", "QMOE_SHARED_INTERLEAVE": "32",
                 "QMOE_TILE_ROWS": "96", "QMOE_DECODE_MAX_TOKENS": "2"}
-SWITCH_BITS = (K.FEATURE_PDL | K.FEATURE_ROUTER_TC | K.FEATURE_PERMUTE_MULTI | K.FEATURE_SHARED_STREAM
-               | K.FEATURE_DECODE_SPLIT | K.FEATURE_DECODE_MMA | K.FEATURE_SHARED_INTERLEAVE | K.FEATURE_TILE_ROWS
-               | K.FEATURE_DECODE_MAX_TOKENS)
+SWITCH_BITS = K.SWITCH_BITS
 # On by default since the H200 lease of stop 20 (plugins/results/NOTES.md); QMOE_SHARED_INTERLEAVE
 # unset is "auto" (spread at 48-128 mean routed rows per expert), which features() reports as on.
 DEFAULT_BITS = (K.FEATURE_PDL | K.FEATURE_ROUTER_TC | K.FEATURE_PERMUTE_MULTI | K.FEATURE_DECODE_SPLIT
                 | K.FEATURE_SHARED_INTERLEAVE)
-# The schedule before stop 20: every switch off, 128-row tiles from 96 mean rows.
-SWITCHES_OFF = {"QMOE_PDL": "0", "QMOE_ROUTER_TC": "0", "QMOE_PERMUTE_CTAS": "1", "QMOE_SHARED_STREAM": "0",
-                "QMOE_DECODE_SPLIT": "0", "QMOE_DECODE_MMA": "0", "QMOE_SHARED_INTERLEAVE": "0",
-                "QMOE_TILE_ROWS": "96", "QMOE_DECODE_MAX_TOKENS": "0"}
 
 
 def _probe(lib: Path, env: dict[str, str]) -> tuple[int, list[int]]:
@@ -163,7 +157,7 @@ def test_schedule_switches_follow_the_environment_not_the_workspace(kernels_lib:
     assert default_features & SWITCH_BITS == DEFAULT_BITS
     on_features, on_sizes = _probe(kernels_lib, EXPERIMENTAL)
     assert on_features & SWITCH_BITS == SWITCH_BITS
-    off_features, off_sizes = _probe(kernels_lib, SWITCHES_OFF)
+    off_features, off_sizes = _probe(kernels_lib, K.SWITCHES_OFF)
     assert off_features & SWITCH_BITS == K.FEATURE_TILE_ROWS  # 96 is not the default threshold
     assert on_sizes == off_sizes == default_sizes
     # Empty values and junk mean the default; "0" and a single CTA mean off.

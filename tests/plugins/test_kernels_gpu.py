@@ -340,18 +340,9 @@ def test_shared_interleave_switch(lib: K.Kernels) -> None:
     _run_with_switch(lib, {"QMOE_SHARED_INTERLEAVE": "32", "QMOE_SHARED_STREAM": "8"}, "interleave_stream_cases")
 
 
-# The schedule before stop 20 (every switch off; 128-row tiles from 96 mean rows): the defaults
-# changed, this stays a setting a user can choose.
-SWITCHES_OFF = {"QMOE_PDL": "0", "QMOE_ROUTER_TC": "0", "QMOE_PERMUTE_CTAS": "1", "QMOE_SHARED_STREAM": "0",
-                "QMOE_DECODE_SPLIT": "0", "QMOE_DECODE_MMA": "0", "QMOE_SHARED_INTERLEAVE": "0",
-                "QMOE_TILE_ROWS": "96", "QMOE_DECODE_MAX_TOKENS": "0"}
-
-
 def switches_off_cases() -> None:
-    """Run in a process with SWITCHES_OFF: both paths against the reference."""
-    off = (K.FEATURE_PDL | K.FEATURE_ROUTER_TC | K.FEATURE_PERMUTE_MULTI | K.FEATURE_DECODE_SPLIT
-           | K.FEATURE_SHARED_INTERLEAVE | K.FEATURE_SHARED_STREAM | K.FEATURE_DECODE_MMA
-           | K.FEATURE_DECODE_MAX_TOKENS)
+    """Run in a process with K.SWITCHES_OFF: both paths against the reference."""
+    off = K.SWITCH_BITS & ~K.FEATURE_TILE_ROWS  # QMOE_TILE_ROWS=96 is on: not the default threshold
     assert K.load(build_if_needed=False).features() & off == 0, "a switch is still on"
     for path, label in ((K.PATH_DECODE, "decode, switches off"), (K.PATH_PREFILL, "prefill, switches off")):
         for _ in _checked_cases(SHAPES, [1, 64, 257, 4096], path, label, routings=((False, False), (True, True))):
@@ -382,7 +373,7 @@ def test_decode_threshold_switch(lib: K.Kernels) -> None:
 
 def test_switches_off(lib: K.Kernels) -> None:
     """Every QMOE_* switch off (the schedule measured on the H100 before stop 20)."""
-    _run_with_switch(lib, SWITCHES_OFF, "switches_off_cases")
+    _run_with_switch(lib, K.SWITCHES_OFF, "switches_off_cases")
 
 
 # QMOE_TILE_ROWS: 1 gives every Hopper grouped GEMM 128-row cooperative tiles (also a 3-token layer,
