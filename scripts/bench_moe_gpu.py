@@ -78,7 +78,10 @@ def short_kernel_name(key: str) -> str:
     """'void qmoe::(anonymous namespace)::combine_kernel<__half>(qmoe::MoeArgs)' -> 'combine_kernel<__half>'."""
     name = key.replace("void ", "").replace("(anonymous namespace)::", "")
     if "cutlass" in name:
-        return "cutlass_grouped_gemm"
+        from tests.plugins.kernels import cutlass_tile
+
+        tile = cutlass_tile(name)  # 64x256x64, 128x256x64, swapped 128x32x64 / 128x96x64
+        return "cutlass_grouped_gemm" + (f"_{tile}" if tile else "")
     depth, cut = 0, len(name)
     for i, ch in enumerate(name):  # drop the argument list: the first '(' outside template brackets
         depth += ch == "<"

@@ -13,10 +13,10 @@
 #          default schedule, then again under the opt-in switches (`switches`). ~5 min (H200, stop 20).
 #   tune   benchmark only (no transformers) at 1/2/3/4/8/64/512/4096 tokens (the default also at 128,
 #          256, 384, 1024 and 2048): the default schedule, each default-on switch set back alone, each opt-in
-#          switch alone, the schedule before stop 20 (every switch off) and each tile variant (~20 s
-#          each); then Nsight Compute (if present) on one call at 512 tokens, the routed experts at
-#          4096 and 64 tokens (scripts/profile_moe_gpu.py; each only while GPU_SESSION_BUDGET_S
-#          allows). ~4-5 min.
+#          switch alone, the combinations (`combos`), the schedule before stop 20 (every switch off)
+#          and each tile variant (~20 s each); then Nsight Compute (if present) on one call each
+#          (`ncu` specs below; scripts/profile_moe_gpu.py; each only while GPU_SESSION_BUDGET_S
+#          allows). ~5 min.
 # Each command leaves three files in $OUT (the device tool returns at most 8): summary.txt (every
 # stage's exit code), compare.md (scripts/compare_bench.py), results.tgz (all logs and JSON).
 # Exit code: 0 when every stage passed.
@@ -32,10 +32,13 @@ lib=$carry/libqmoe_kernels.so
 py=${PYTHON:-python3}
 # check's second pass: the opt-in switches (off by default) together. The default-on ones set back
 # are test_switches_off's (tests/plugins/test_kernels_gpu.py) and tune's.
-switches=(QMOE_SHARED_STREAM=8 QMOE_DECODE_MMA=64 QMOE_SHARED_INTERLEAVE=32)
+switches=(QMOE_SHARED_STREAM=8 QMOE_DECODE_MMA=64 QMOE_SHARED_INTERLEAVE=32 QMOE_SWAP_AB=128)
 # tune: each default-on switch set back alone, then each opt-in switch alone (bench-PDL_0.json, ...).
 back=(QMOE_PDL=0 QMOE_ROUTER_TC=0 QMOE_PERMUTE_CTAS=1 QMOE_DECODE_SPLIT=0 QMOE_SHARED_INTERLEAVE=0 QMOE_TILE_ROWS=96)
 every=("${back[@]%%=*}" "${switches[@]%%=*}" QMOE_DECODE_MAX_TOKENS)  # unset for the default schedule
+# tune: combinations after the single switches, "NAME:VAR=VALUE ...". Swapped tiles with the side
+# stream (which alone saved ~20 us at 8-64 tokens on the H200 and lost at 512 and 4096).
+combos=("SWAP_AB_128+SHARED_STREAM_8:QMOE_SWAP_AB=128 QMOE_SHARED_STREAM=8")
 # Hopper tile shapes (compile time), "NAME:NVCC FLAGS". None at present: the H200 lease of stop 20
 # measured k128 (small tiles with 256-byte weight-row segments: 30% slower at 512 tokens) and pp128
 # (128x128 ping-pong tiles at 4096 tokens: 12% slower), and run 4 the 2x1/1x2 clusters and 64x128
@@ -138,16 +141,20 @@ else
         n=${s%%=*}
         bench "${n#QMOE_}_${s#*=}" "$lib" "$s"  # e.g. PDL_0, SHARED_STREAM_8
     done
+    for c in "${combos[@]}"; do
+        # shellcheck disable=SC2086  # the VAR=VALUE list splits into words
+        bench "${c%%:*}" "$lib" ${c#*:}
+    done
     bench switches_off "$lib" "${back[@]}"
     for v in "${TILE_VARIANTS[@]+"${TILE_VARIANTS[@]}"}"; do
         [ -f "$carry/${v%%:*}.so" ] && bench "${v%%:*}" "$carry/${v%%:*}.so"
     done
     # Nsight Compute on one layer call each, as NAME:TOKENS:FLAG:ENV, the most telling first (the
-    # budget may cut the list): 512 tokens (DRAM throughput of the spread GEMMs), the routed experts
-    # at 4096 (tensor pipes), 64 tokens (why the grouped GEMMs stream below the copy rate there).
+    # budget may cut the list): swapped tiles at 512 and 64 tokens (DRAM throughput against the
+    # default's), the default at 512 (the spread GEMMs), the routed experts at 4096 (tensor pipes).
     ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
     if [ -n "$ncu" ]; then
-        for spec in "512:512::" "4096:4096:--routed-only:" "64:64::"; do
+        for spec in "512swap:512::QMOE_SWAP_AB=128" "64swap:64::QMOE_SWAP_AB=128" "512:512::" "4096:4096:--routed-only:"; do
             IFS=: read -r name t flag envs <<<"$spec"
             left=$((budget_s - SECONDS))
             if [ "$left" -lt 45 ]; then

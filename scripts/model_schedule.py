@@ -64,29 +64,33 @@ def entry_order(routed: int, parts: int, spread: bool) -> list[int]:
     return order
 
 
-def _entry_tiles(rows: int, cols: int, k: int, elem: int, tile_m: int) -> list[tuple[float, float]]:
-    """(FLOPs, HBM bytes) of each tile of a rows x cols x k problem, along M first (none if empty)."""
+def _entry_tiles(rows: int, cols: int, k: int, elem: int, tile_m: int,
+                  tile_n: int = TILE_N) -> list[tuple[float, float]]:
+    """(FLOPs, HBM bytes) of each tile of a rows x cols x k problem, along M first (none if empty).
+    Swapped tiles (QMOE_SWAP_AB: the weight is CUTLASS's M, the rows N, raster along N) are the same
+    list with tile_m = the row tile (32 or 96) and tile_n = the weight tile (128)."""
     m_tiles = math.ceil(rows / tile_m) if k > 0 else 0
     tiles = []
-    for n0 in range(0, cols, TILE_N):
-        width = min(TILE_N, cols - n0)
+    for n0 in range(0, cols, tile_n):
+        width = min(tile_n, cols - n0)
         for m in range(m_tiles):
             tiles.append((2.0 * tile_m * width * k, float(width * k * elem) if m == 0 else 0.0))
     return tiles
 
 
 def gemm_tiles(gemm: int, counts: list[int], tokens: int, parts: int, spread: bool, d: Dims = Dims(),
-               tile_m: int = TILE_M) -> list[tuple[float, float]]:
+               tile_m: int = TILE_M, tile_n: int = TILE_N) -> list[tuple[float, float]]:
     """The tile list of GEMM 1 (gate/up; the shared expert in `parts` column slices) or GEMM 2 (down;
     the shared expert in its K-slices) in the scheduler's order."""
     if gemm == 1:
-        routed = [_entry_tiles(r, 2 * d.inter, d.hidden, d.elem_bytes, tile_m) for r in counts]
+        routed = [_entry_tiles(r, 2 * d.inter, d.hidden, d.elem_bytes, tile_m, tile_n) for r in counts]
         width = 2 * d.shared_inter // parts
-        pieces = [_entry_tiles(tokens, width, d.hidden, d.elem_bytes, tile_m) for _ in range(parts)]
+        pieces = [_entry_tiles(tokens, width, d.hidden, d.elem_bytes, tile_m, tile_n) for _ in range(parts)]
     else:
-        routed = [_entry_tiles(r, d.hidden, d.inter, d.elem_bytes, tile_m) for r in counts]
+        routed = [_entry_tiles(r, d.hidden, d.inter, d.elem_bytes, tile_m, tile_n) for r in counts]
         parts = 8 if tokens <= SHARED_SPLIT_MAX_TOKENS and d.shared_inter else 1
-        pieces = [_entry_tiles(tokens, d.hidden, d.shared_inter // parts, d.elem_bytes, tile_m) for _ in range(parts)]
+        pieces = [_entry_tiles(tokens, d.hidden, d.shared_inter // parts, d.elem_bytes, tile_m, tile_n)
+                  for _ in range(parts)]
     tiles: list[tuple[float, float]] = []
     for s in entry_order(len(routed), len(pieces), spread):
         tiles += pieces[s] if s >= 0 else routed[-1 - s]
@@ -139,11 +143,11 @@ def routed_counts(tokens: int, d: Dims, seed: int) -> list[int]:
 
 
 def grouped_gemms_ms(tokens: int, parts: int, spread: bool, tflops: float, tbps: float, seed: int = 0,
-                     d: Dims = Dims(), slots: int = SLOTS, tile_m: int = TILE_M) -> float:
+                     d: Dims = Dims(), slots: int = SLOTS, tile_m: int = TILE_M, tile_n: int = TILE_N) -> float:
     counts = routed_counts(tokens, d, seed)
     per_slot = tflops * 1e12 / slots
-    return 1e3 * sum(simulate(gemm_tiles(g, counts, tokens, parts, spread, d, tile_m), slots, per_slot, tbps * 1e12)
-                     for g in (1, 2))
+    return 1e3 * sum(simulate(gemm_tiles(g, counts, tokens, parts, spread, d, tile_m, tile_n), slots, per_slot,
+                              tbps * 1e12) for g in (1, 2))
 
 
 def main() -> None:
@@ -153,20 +157,24 @@ def main() -> None:
     ap.add_argument("--tflops", type=float, default=600.0, help="bf16 rate of the 64x256 tiles, compute-bound")
     ap.add_argument("--tbps", type=float, default=2.8, help="HBM rate the tiles stream at, memory-bound")
     ap.add_argument("--slots", type=int, default=SLOTS, help="tiles in flight (CTAs x consumer warp groups)")
-    ap.add_argument("--tile-m", type=int, choices=(64, 128), default=TILE_M, help="rows per tile")
+    ap.add_argument("--tile-m", type=int, choices=(32, 64, 96, 128), default=TILE_M,
+                    help="rows per tile (swapped tiles: 32 or 96)")
+    ap.add_argument("--tile-n", type=int, choices=(128, 256), default=TILE_N,
+                    help="weight rows per tile (swapped tiles: 128)")
     ap.add_argument("--seed", type=int, default=0, help="of the random routing")
     args = ap.parse_args()
-    if any(t < 1 or t * Dims().top_k // Dims().experts >= 96 for t in args.tokens):
-        ap.error("--tokens: 1..767 (the 64-row tiles' range at 57B dims)")
+    if any(t < 1 or t * Dims().top_k // Dims().experts >= 128 for t in args.tokens):
+        ap.error("--tokens: 1..1023 (below the compute-bound range at 57B dims)")
     if any(p < 1 or p & (p - 1) or (2 * Dims().shared_inter) % (TILE_N * p) for p in args.parts):
         ap.error("--parts: as QMOE_SHARED_INTERLEAVE slices the 57B shared expert: 1, 2, 4, 8, 16 or 32")
     if args.slots < 1 or args.tflops <= 0 or args.tbps <= 0:
         ap.error("--slots, --tflops and --tbps must be positive")
     print(f"grouped GEMMs, ms (model: {args.tflops:g} TFLOP/s, {args.tbps:g} TB/s, {args.slots} tile slots of"
-          f" {args.tile_m} rows)")
+          f" {args.tile_m} rows x {args.tile_n} weight rows)")
     print("tokens  shared first  " + "  ".join(f"spread {p:>2}" for p in args.parts))
     for t in args.tokens:
-        model = dict(tflops=args.tflops, tbps=args.tbps, seed=args.seed, slots=args.slots, tile_m=args.tile_m)
+        model = dict(tflops=args.tflops, tbps=args.tbps, seed=args.seed, slots=args.slots, tile_m=args.tile_m,
+                     tile_n=args.tile_n)
         first = grouped_gemms_ms(t, 1, False, **model)
         spread = [grouped_gemms_ms(t, p, True, **model) for p in args.parts]
         print(f"{t:>6}  {first:>12.3f}  " + "  ".join(f"{s:>9.3f}" for s in spread))

@@ -68,6 +68,7 @@ using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>; // 
 
 struct SmallTiles
 {
+    static constexpr bool kSwap = false;
     using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
     using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
     using Tile = Shape<_64, Int<QMOE_SM90_SMALL_TILE_N>, Int<QMOE_SM90_SMALL_TILE_K>>;
@@ -82,6 +83,7 @@ struct SmallTiles
 
 struct LargeTiles
 {
+    static constexpr bool kSwap = false;
 #if QMOE_SM90_LARGE_PINGPONG
     using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
     using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
@@ -92,6 +94,34 @@ struct LargeTiles
     using Tile = Shape<Int<QMOE_SM90_LARGE_TILE_M>, Int<QMOE_SM90_LARGE_TILE_N>, Int<QMOE_SM90_LARGE_TILE_K>>;
     using Cluster = Shape<Int<QMOE_SM90_LARGE_CLUSTER_M>, Int<QMOE_SM90_LARGE_CLUSTER_N>, _1>;
 };
+
+// QMOE_SWAP_AB: swapped operands for few rows per group (TensorRT-LLM's and vLLM's CUTLASS MoE GEMMs
+// do the same for small batches). The weights are the M operand, in 128-row cooperative tiles; the
+// group's rows are N, in tiles of N rows: D^T[w, r] = W[w] . A[r], written column-major, which is
+// D[r, w] row-major (the same output buffers and pitches). wgmma's N may be any multiple of 8 up to
+// 256, so a tile pads a group's rows to a multiple of N instead of 64 or 128 rows, and each tile
+// streams a 128-row weight slice (0.9 MB at K = 3584) instead of 256 rows. Two widths: narrow for
+// decode-like sizes (57B: up to 96 tokens; the shared group's T rows take ceil(T / N) tiles, which
+// the AlongN raster order runs one after another so that its weight tile is read from HBM once),
+// wide up to QMOE_SWAP_AB's mean rows (57B 512 tokens: 64 mean routed rows, rarely above 96).
+#ifndef QMOE_SM90_SWAP_NARROW_N
+#define QMOE_SM90_SWAP_NARROW_N 32
+#endif
+#ifndef QMOE_SM90_SWAP_WIDE_N
+#define QMOE_SM90_SWAP_WIDE_N 96
+#endif
+
+template <int N>
+struct SwapTiles
+{
+    static constexpr bool kSwap = true;
+    using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+    using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+    using Tile = Shape<_128, Int<N>, _64>;
+    using Cluster = Shape<_1, _1, _1>;
+};
+using SwapNarrowTiles = SwapTiles<QMOE_SM90_SWAP_NARROW_N>;
+using SwapWideTiles = SwapTiles<QMOE_SM90_SWAP_WIDE_N>;
 
 template <typename T>
 struct CutlassType;
@@ -108,6 +138,7 @@ struct CutlassType<__half>
 
 // D[M, N] (row-major) = A[M, K] (row-major) . B where B is the weight W[N, K] (row-major), i.e. B
 // column-major: every operand is K-contiguous or N-contiguous with one leading-dimension stride.
+// Swapped (Config::kSwap): A is the weight, B the rows, D column-major (M contiguous).
 template <typename T, typename Config>
 struct GroupedGemm
 {
@@ -115,7 +146,7 @@ struct GroupedGemm
     static constexpr int kAlign = 8; // 16 bytes
     using LayoutA = cutlass::layout::RowMajor;
     using LayoutB = cutlass::layout::ColumnMajor;
-    using LayoutD = cutlass::layout::RowMajor;
+    using LayoutD = std::conditional_t<Config::kSwap, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
 
     using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<cutlass::arch::Sm90,
         cutlass::arch::OpClassTensorOp, typename Config::Tile, typename Config::Cluster,
@@ -143,13 +174,19 @@ struct GemmArrays
     using E = typename CutlassType<T>::type;
     using Shape3 = typename ProblemShape::UnderlyingProblemShape;
     using Stride = cute::Stride<int64_t, cute::Int<1>, cute::Int<0>>; // (leading dim, 1, batch 0)
+    using StrideCol = cute::Stride<cute::Int<1>, int64_t, cute::Int<0>>; // a swapped GEMM's D (column-major)
+    static_assert(sizeof(Stride) == sizeof(StrideCol), "sd holds either stride");
     Shape3* shapes;
     E const** a;
     E const** b;
     E** d;
     Stride* sa;
     Stride* sb;
-    Stride* sd;
+    Stride* sd; // StrideCol in a swapped GEMM (col_strides)
+    __host__ __device__ StrideCol* col_strides() const
+    {
+        return reinterpret_cast<StrideCol*>(sd);
+    }
 };
 
 template <typename T>
@@ -186,27 +223,47 @@ __device__ __forceinline__ cute::Stride<int64_t, cute::Int<1>, cute::Int<0>> lea
     return cute::make_stride(static_cast<int64_t>(ld), cute::Int<1>{}, cute::Int<0>{});
 }
 
+// Entry i: out[r, 0:n] = act[r, 0:K] . w[0:n, 0:K]^T for r < rows (pitches lda, ldw, ldo), as the
+// CUTLASS problem (rows, n, K), or swapped (n, rows, K) with the weight as A and out column-major.
+template <typename T>
+__device__ void set_entry(GemmArrays<T> const& g, int i, bool swap, int rows, int n, int K, T const* act, int lda,
+    T const* w, int ldw, T* out, int ldo)
+{
+    using E = typename CutlassType<T>::type;
+    E const* const pa = reinterpret_cast<E const*>(act);
+    E const* const pw = reinterpret_cast<E const*>(w);
+    g.shapes[i] = swap ? cute::make_shape(n, rows, K) : cute::make_shape(rows, n, K);
+    g.a[i] = swap ? pw : pa;
+    g.b[i] = swap ? pa : pw;
+    g.sa[i] = lead(swap ? ldw : lda);
+    g.sb[i] = lead(swap ? lda : ldw);
+    g.d[i] = reinterpret_cast<E*>(out);
+    if (swap)
+    {
+        g.col_strides()[i] = cute::make_stride(cute::Int<1>{}, static_cast<int64_t>(ldo), cute::Int<0>{});
+    }
+    else
+    {
+        g.sd[i] = lead(ldo);
+    }
+}
+
 // GEMM 1 entry i. Routed expert e < a.E: its gate/up over its gathered rows of xg (from its
 // permuted row offset). Shared expert (e == a.E): columns [piece * w, (piece + 1) * w) of its 2*Is,
 // w = 2*Is / parts, over x itself; its act rows start at T*k. Output pitch 2N (N = I or Is).
 template <typename T>
 __device__ void set_gemm1_entry(MoeArgs const& a, T const* xg, GemmArrays<T> const& g1, int i, int e, int piece,
-    int parts)
+    int parts, bool swap)
 {
-    using E = typename CutlassType<T>::type;
     bool const routed = e < a.E;
     int const pitch = routed ? 2 * a.I : 2 * a.Is;
     int const w = pitch / parts; // a multiple of 8 (shared_gemm1_parts)
     int64_t const row0 = routed ? a.group_offset[e] : static_cast<int64_t>(a.T) * a.k;
     T const* const b = routed ? static_cast<T const*>(a.gate_up_w) + static_cast<int64_t>(e) * 2 * a.I * a.H
                               : static_cast<T const*>(a.shared_gate_up_w);
-    g1.shapes[i] = cute::make_shape(routed ? a.group_count[e] : a.T, w, a.H);
-    g1.a[i] = reinterpret_cast<E const*>(routed ? xg + row0 * a.H : static_cast<T const*>(a.x));
-    g1.b[i] = reinterpret_cast<E const*>(b + static_cast<int64_t>(piece) * w * a.H);
-    g1.d[i] = reinterpret_cast<E*>(static_cast<T*>(a.act) + row0 * 2 * a.I + static_cast<int64_t>(piece) * w);
-    g1.sa[i] = lead(a.H);
-    g1.sb[i] = lead(a.H);
-    g1.sd[i] = lead(pitch);
+    set_entry<T>(g1, i, swap, routed ? a.group_count[e] : a.T, w, a.H,
+        routed ? xg + row0 * a.H : static_cast<T const*>(a.x), a.H, b + static_cast<int64_t>(piece) * w * a.H, a.H,
+        static_cast<T*>(a.act) + row0 * 2 * a.I + static_cast<int64_t>(piece) * w, pitch);
 }
 
 // Problem shapes, operand pointers and strides of both GEMMs, one thread per entry, in the tile
@@ -216,9 +273,8 @@ __device__ void set_gemm1_entry(MoeArgs const& a, T const* xg, GemmArrays<T> con
 // the shared expert's down projection as S = a.shared_splits K-slices (slice s writes y rows
 // [T*k + s*T, T*k + (s+1)*T), summed by [Combine]).
 template <typename T>
-__global__ void setup_kernel(MoeArgs a, T const* xg, int parts1, GemmArrays<T> g1, GemmArrays<T> g2)
+__global__ void setup_kernel(MoeArgs a, T const* xg, int parts1, bool swap, GemmArrays<T> g1, GemmArrays<T> g2)
 {
-    using E = typename CutlassType<T>::type;
     int const S = a.has_shared ? a.shared_splits : 0;
     int const G1 = a.E + parts1;
     int const G2 = a.E + S;
@@ -231,7 +287,7 @@ __global__ void setup_kernel(MoeArgs a, T const* xg, int parts1, GemmArrays<T> g
         if (i < G1)
         {
             int const s = sched_entry(i, a.E, parts1, spread);
-            set_gemm1_entry(a, xg, g1, i, s >= 0 ? a.E : -1 - s, s >= 0 ? s : 0, s >= 0 ? parts1 : 1);
+            set_gemm1_entry(a, xg, g1, i, s >= 0 ? a.E : -1 - s, s >= 0 ? s : 0, s >= 0 ? parts1 : 1, swap);
         }
         if (i < G2)
         {
@@ -239,25 +295,18 @@ __global__ void setup_kernel(MoeArgs a, T const* xg, int parts1, GemmArrays<T> g
             if (s >= 0)
             {
                 int const part = a.Is / S; // a multiple of 8 (shared_splits_for)
-                g2.shapes[i] = cute::make_shape(a.T, a.H, part);
-                g2.a[i] = reinterpret_cast<E const*>(gu_shared + static_cast<int64_t>(s) * part);
-                g2.b[i] = reinterpret_cast<E const*>(static_cast<T const*>(a.shared_down_w) + static_cast<int64_t>(s) * part);
-                g2.d[i] = reinterpret_cast<E*>(static_cast<T*>(a.y) + (shared_row0 + static_cast<int64_t>(s) * a.T) * a.H);
-                g2.sa[i] = lead(2 * a.Is);
-                g2.sb[i] = lead(a.Is);
+                set_entry<T>(g2, i, swap, a.T, a.H, part, gu_shared + static_cast<int64_t>(s) * part, 2 * a.Is,
+                    static_cast<T const*>(a.shared_down_w) + static_cast<int64_t>(s) * part, a.Is,
+                    static_cast<T*>(a.y) + (shared_row0 + static_cast<int64_t>(s) * a.T) * a.H, a.H);
             }
             else
             {
                 int const e = -1 - s;
                 int64_t const row0 = a.group_offset[e];
-                g2.shapes[i] = cute::make_shape(a.group_count[e], a.H, a.I);
-                g2.a[i] = reinterpret_cast<E const*>(static_cast<T*>(a.act) + row0 * 2 * a.I);
-                g2.b[i] = reinterpret_cast<E const*>(static_cast<T const*>(a.down_w) + static_cast<int64_t>(e) * a.H * a.I);
-                g2.d[i] = reinterpret_cast<E*>(static_cast<T*>(a.y) + row0 * a.H);
-                g2.sa[i] = lead(2 * a.I);
-                g2.sb[i] = lead(a.I);
+                set_entry<T>(g2, i, swap, a.group_count[e], a.H, a.I, static_cast<T*>(a.act) + row0 * 2 * a.I, 2 * a.I,
+                    static_cast<T const*>(a.down_w) + static_cast<int64_t>(e) * a.H * a.I, a.I,
+                    static_cast<T*>(a.y) + row0 * a.H, a.H);
             }
-            g2.sd[i] = lead(a.H);
         }
     }
 }
@@ -265,12 +314,12 @@ __global__ void setup_kernel(MoeArgs a, T const* xg, int parts1, GemmArrays<T> g
 // QMOE_SHARED_STREAM: the one entry of the side stream's GEMM 1 (the shared expert's gate/up, whole),
 // from sizes alone: it needs nothing from the routing, so it runs beside it.
 template <typename T>
-__global__ void setup_shared_kernel(MoeArgs a, GemmArrays<T> gs)
+__global__ void setup_shared_kernel(MoeArgs a, bool swap, GemmArrays<T> gs)
 {
     pdl_enter();
     if (blockIdx.x == 0 && threadIdx.x == 0)
     {
-        set_gemm1_entry<T>(a, nullptr, gs, 0, a.E, 0, 1);
+        set_gemm1_entry<T>(a, nullptr, gs, 0, a.E, 0, 1, swap);
     }
 }
 
@@ -358,7 +407,8 @@ cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_byt
     using GG = GroupedGemm<T, Config>;
     static_assert(std::is_same_v<typename GG::StrideA, typename GemmArrays<T>::Stride>, "stride type");
     static_assert(std::is_same_v<typename GG::StrideB, typename GemmArrays<T>::Stride>, "stride type");
-    static_assert(std::is_same_v<typename GG::StrideD, typename GemmArrays<T>::Stride>, "stride type");
+    using StrideD = std::conditional_t<Config::kSwap, typename GemmArrays<T>::StrideCol, typename GemmArrays<T>::Stride>;
+    static_assert(std::is_same_v<typename GG::StrideD, StrideD>, "stride type");
     typename GG::Gemm gemm;
     cutlass::KernelHardwareInfo hw;
     cudaError_t const err = current_device_sms(&hw.device_id, &hw.sm_count);
@@ -367,8 +417,13 @@ cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_byt
         return err;
     }
     hw.sm_count = std::max(1, hw.sm_count - reserve_sms); // persistent CTAs: one per SM it may use
+    StrideD* const sd = reinterpret_cast<StrideD*>(arr.sd); // the type setup_kernel wrote (set_entry)
     typename GG::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGrouped, {G, arr.shapes, nullptr},
-        {arr.a, arr.sa, arr.b, arr.sb}, {{}, const_cast<typename GG::E const**>(arr.d), arr.sd, arr.d, arr.sd}, hw};
+        {arr.a, arr.sa, arr.b, arr.sb}, {{}, const_cast<typename GG::E const**>(arr.d), sd, arr.d, sd}, hw};
+    // Tiles in entry order; inside an entry along M (the row tiles of one weight tile one after
+    // another, so the later ones find it in L2), swapped along N (the weight is M there).
+    using Raster = decltype(args.scheduler.raster_order);
+    args.scheduler.raster_order = Config::kSwap ? Raster::AlongN : Raster::AlongM;
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f; // C is never read
     if (GG::Gemm::get_workspace_size(args) > ws_bytes)
@@ -394,17 +449,43 @@ cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_byt
 // tiles, each streaming the expert's weights (so the default is 48: one 128-row tile, twice the
 // padded math; QMOE_TILE_ROWS=96 was the default until stop 20); at 4096 tokens (512 rows) 128-row
 // tiles pad ~12% of the routed math, 64-row tiles ~6% (QMOE_TILE_ROWS=1048576 tests them there).
-inline bool use_small_tiles(int64_t mean_rows)
+// QMOE_SWAP_AB=n: swapped tiles (SwapTiles) up to n mean rows per group instead, narrow ones up to
+// kSwapNarrowMaxRows.
+enum class Tiles
 {
-    return mean_rows < tuning().tile_rows;
+    kSmall,
+    kLarge,
+    kSwapNarrow,
+    kSwapWide
+};
+
+inline Tiles tiles_for(int64_t mean_rows)
+{
+    int const swap = tuning().swap_ab_rows;
+    if (swap > 0 && mean_rows <= swap)
+    {
+        return mean_rows <= kSwapNarrowMaxRows ? Tiles::kSwapNarrow : Tiles::kSwapWide;
+    }
+    return mean_rows < tuning().tile_rows ? Tiles::kSmall : Tiles::kLarge;
+}
+
+inline bool swapped(Tiles t)
+{
+    return t == Tiles::kSwapNarrow || t == Tiles::kSwapWide;
 }
 
 template <typename T>
-cudaError_t run_grouped_for(bool small, int groups, GemmArrays<T> const& arr, void* ws, size_t ws_bytes,
+cudaError_t run_grouped_for(Tiles tiles, int groups, GemmArrays<T> const& arr, void* ws, size_t ws_bytes,
     cudaStream_t stream, int reserve_sms = 0)
 {
-    return small ? run_grouped<T, SmallTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms)
-                 : run_grouped<T, LargeTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms);
+    switch (tiles)
+    {
+    case Tiles::kSmall: return run_grouped<T, SmallTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms);
+    case Tiles::kLarge: return run_grouped<T, LargeTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms);
+    case Tiles::kSwapNarrow: return run_grouped<T, SwapNarrowTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms);
+    case Tiles::kSwapWide: return run_grouped<T, SwapWideTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms);
+    }
+    return cudaErrorInvalidValue;
 }
 
 // QMOE_SHARED_STREAM: the shared expert's GEMM 1 on side.stream (which already waits for the layer's
@@ -413,10 +494,10 @@ template <typename T>
 cudaError_t launch_shared_gemm1_t(MoeArgs const& a, SideLaunch const& side)
 {
     Sm90Scratch<T> const s = carve_scratch<T>(a);
-    cudaError_t const err = launch_kernel(setup_shared_kernel<T>, dim3(1), dim3(32), 0, side.stream, false, a, s.gs);
-    // Its one group has T rows (the routed groups' rule is their mean rows).
-    return err != cudaSuccess ? err
-                              : run_grouped_for<T>(use_small_tiles(a.T), 1, s.gs, s.ws[1], s.ws_bytes, side.stream, side.reserve_sms);
+    Tiles const tiles = tiles_for(a.T); // its one group has T rows (the routed groups' rule is their mean rows)
+    cudaError_t const err
+        = launch_kernel(setup_shared_kernel<T>, dim3(1), dim3(32), 0, side.stream, false, a, swapped(tiles), s.gs);
+    return err != cudaSuccess ? err : run_grouped_for<T>(tiles, 1, s.gs, s.ws[1], s.ws_bytes, side.stream, side.reserve_sms);
 }
 
 template <typename T>
@@ -431,17 +512,17 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream, SideLaunch cons
     // Our kernels may start early (pdl_wait, common.cuh); the CUTLASS GEMMs wait for full completion
     // of the kernel before them (no PDL attribute: their kernels have no griddepcontrol.wait).
     bool const pdl = a.pdl != 0;
-    bool const small = use_small_tiles(static_cast<int64_t>(a.T) * a.k / a.E);
+    Tiles const tiles = tiles_for(static_cast<int64_t>(a.T) * a.k / a.E);
     int64_t const gather_total = static_cast<int64_t>(a.T) * a.k * (a.H / 8);
     dim3 const gather_grid(static_cast<unsigned>(std::min<int64_t>((gather_total + 255) / 256, 8192)));
     cudaError_t err = launch_kernel(gather_kernel<T>, gather_grid, dim3(256), 0, stream, pdl, a, xg);
     if (err == cudaSuccess)
     {
-        err = launch_kernel(setup_kernel<T>, dim3(1), dim3(256), 0, stream, pdl, a, xg, parts1, s.g1, s.g2);
+        err = launch_kernel(setup_kernel<T>, dim3(1), dim3(256), 0, stream, pdl, a, xg, parts1, swapped(tiles), s.g1, s.g2);
     }
     if (err == cudaSuccess)
     {
-        err = run_grouped_for<T>(small, a.E + parts1, s.g1, s.ws[0], s.ws_bytes, stream);
+        err = run_grouped_for<T>(tiles, a.E + parts1, s.g1, s.ws[0], s.ws_bytes, stream);
         if (err == cudaSuccess && side != nullptr)
         {
             err = cudaStreamWaitEvent(stream, side->join, 0);
@@ -455,7 +536,7 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream, SideLaunch cons
     }
     if (err == cudaSuccess)
     {
-        err = run_grouped_for<T>(small, G2, s.g2, s.ws[0], s.ws_bytes, stream);
+        err = run_grouped_for<T>(tiles, G2, s.g2, s.ws[0], s.ws_bytes, stream);
     }
     return err;
 }

@@ -58,6 +58,9 @@ constexpr bool kHasSm90Gemm = false;
 //                        every size. Unset: interleave_parts() (spread between kAutoInterleaveMinRows
 //                        and kAutoInterleaveMaxRows mean routed rows per expert)
 //   QMOE_TILE_ROWS=n     Hopper GEMMs: 128-row tiles from n mean rows per group (default 48)
+//   QMOE_SWAP_AB=n       Hopper GEMMs: swapped operands (the weights as M in 128-row tiles, a group's
+//                        rows as N in tiles of 32 or 96) up to n mean rows per group, before
+//                        QMOE_TILE_ROWS's choice (moe_gemm_sm90.cuh, SwapTiles; 0 = off, default)
 //   QMOE_DECODE_MAX_TOKENS=n AUTO takes the decode path up to n tokens (a call's decode_max_tokens
 //                        still wins); unset or 0: 4 on Hopper with CUTLASS, 8 elsewhere, or
 //                        QMOE_DECODE_MMA's n. On the H200 the Hopper GEMMs beat the decode path at
@@ -74,6 +77,7 @@ struct Tuning
                            // kInterleaveAuto: interleave_parts() decides per call
     int tile_rows;         // Hopper GEMMs: 64-row tiles for groups of fewer mean rows, 128-row tiles from here
     int decode_max_tokens; // AUTO's decode threshold; 0 = the default for the GPU and path
+    int swap_ab_rows;      // Hopper GEMMs: swapped operands up to this many mean rows per group; 0 = off
 };
 Tuning const& tuning();
 constexpr int kMaxSharedStreamSms = 64;
@@ -91,6 +95,9 @@ constexpr int kAutoInterleaveParts = 32;
 constexpr int64_t kAutoInterleaveMinRows = 48;
 constexpr int64_t kAutoInterleaveMaxRows = 128;
 constexpr int kMaxTileRows = 1 << 20;
+// QMOE_SWAP_AB: narrow swapped tiles (QMOE_SM90_SWAP_NARROW_N rows, 32) up to this many mean rows
+// per group (57B routed: 96 tokens; max rows about twice the mean there), wide ones above.
+constexpr int64_t kSwapNarrowMaxRows = 12;
 
 // QMOE_SHARED_STREAM: where the shared expert's GEMM 1 was launched, the event [Experts] waits on
 // before SwiGLU, and how many SMs that GEMM leaves free.

@@ -384,7 +384,8 @@ Tuning const& tuning()
         env_int("QMOE_PERMUTE_CTAS", kDefaultPermuteCtas, 1, kMaxPermuteCtas), env_flag("QMOE_DECODE_SPLIT", true),
         env_int("QMOE_SHARED_STREAM", 0, 0, kMaxSharedStreamSms), env_int("QMOE_DECODE_MMA", 0, 0, kMaxDecodeMmaTokens),
         env_int("QMOE_SHARED_INTERLEAVE", kInterleaveAuto, 0, kMaxSharedParts),
-        env_int("QMOE_TILE_ROWS", kDefaultTileRows, 1, kMaxTileRows), env_int("QMOE_DECODE_MAX_TOKENS", 0, 0, kMaxTokens)};
+        env_int("QMOE_TILE_ROWS", kDefaultTileRows, 1, kMaxTileRows), env_int("QMOE_DECODE_MAX_TOKENS", 0, 0, kMaxTokens),
+        env_int("QMOE_SWAP_AB", 0, 0, kMaxTileRows)};
     return t;
 }
 
@@ -546,7 +547,7 @@ extern "C" int32_t qmoe_kernels_features(void)
         | (t.decode_mma_tokens > 0 ? QMOE_FEATURE_DECODE_MMA : 0)
         | (t.shared_interleave != 0 ? QMOE_FEATURE_SHARED_INTERLEAVE : 0)
         | (t.tile_rows != kDefaultTileRows ? QMOE_FEATURE_TILE_ROWS : 0)
-        | (t.decode_max_tokens > 0 ? QMOE_FEATURE_DECODE_MAX_TOKENS : 0);
+        | (t.decode_max_tokens > 0 ? QMOE_FEATURE_DECODE_MAX_TOKENS : 0) | (t.swap_ab_rows > 0 ? QMOE_FEATURE_SWAP_AB : 0);
 }
 
 extern "C" int32_t qmoe_kernels_abi_version(void)

@@ -11,7 +11,8 @@
  *              the shared expert is one more group holding every token, weighted by its gate
  *   [Experts]  gate/up GEMM with fused SwiGLU -> act; down GEMM scaled by the row weight -> y.
  *              decode path (few tokens): bandwidth-bound warp dot products, weights read once;
- *              prefill path: tensor-core (WMMA bf16/fp16, fp32 accumulation) grouped GEMM.
+ *              prefill path: tensor-core grouped GEMMs (Hopper: CUTLASS wgmma, SwiGLU in its own
+ *              pass; elsewhere WMMA bf16/fp16 with SwiGLU fused), fp32 accumulation.
  *              Groups without tokens get no work at all.
  *   [Combine]  out[t] = sum_j y[row(t, j)] + y[shared row(t)], fp32 sum in a fixed order
  *
@@ -136,11 +137,11 @@ int32_t qmoe_rotary_forward(const qmoe_rotary_params* p, cudaStream_t stream);
 /* Human-readable name of a qmoe_status value (static string). */
 const char* qmoe_status_string(int32_t status);
 
-/* Bits of qmoe_kernels_features(). All but the first are experimental switches read once per
-   process from the environment (QMOE_PDL=1, QMOE_ROUTER_TC=1, QMOE_PERMUTE_CTAS=n > 1,
-   QMOE_SHARED_STREAM=n > 0, QMOE_DECODE_SPLIT=1, QMOE_DECODE_MMA=n > 0, QMOE_SHARED_INTERLEAVE=n > 0,
-   QMOE_TILE_ROWS=n != 96);
-   they never change qmoe_moe_workspace_size(). */
+/* Bits of qmoe_kernels_features(). All but the first are schedule switches read once per process
+   from the environment; a bit is set while its switch is in effect (QMOE_PDL, QMOE_ROUTER_TC and
+   QMOE_DECODE_SPLIT on by default, QMOE_PERMUTE_CTAS=n > 1 (default 64), QMOE_SHARED_STREAM=n > 0,
+   QMOE_DECODE_MMA=n > 0, QMOE_SHARED_INTERLEAVE unset ("auto") or n > 0, QMOE_TILE_ROWS=n != 48,
+   QMOE_DECODE_MAX_TOKENS=n > 0, QMOE_SWAP_AB=n > 0); they never change qmoe_moe_workspace_size(). */
 #define QMOE_FEATURE_SM90_GEMM 1     /* CUTLASS wgmma grouped GEMMs built in (used on compute capability 9.0) */
 #define QMOE_FEATURE_PDL 2           /* programmatic dependent launch between the layer's kernels (9.0+) */
 #define QMOE_FEATURE_ROUTER_TC 4     /* router logits on tensor cores (split-K WMMA) */
@@ -151,6 +152,7 @@ const char* qmoe_status_string(int32_t status);
 #define QMOE_FEATURE_SHARED_INTERLEAVE 128 /* Hopper: shared expert's GEMM tiles spread among the routed experts' (not forced off: also "auto") */
 #define QMOE_FEATURE_TILE_ROWS 256    /* Hopper: QMOE_TILE_ROWS moves the 64-row / 128-row tile threshold from 48 */
 #define QMOE_FEATURE_DECODE_MAX_TOKENS 512 /* QMOE_DECODE_MAX_TOKENS sets AUTO's decode threshold */
+#define QMOE_FEATURE_SWAP_AB 1024     /* Hopper: swapped-operand GEMM tiles for few rows per expert (QMOE_SWAP_AB=n) */
 
 /* QMOE_FEATURE_* bits: what this library was built with and the switches in effect. */
 int32_t qmoe_kernels_features(void);

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 from functools import lru_cache
@@ -50,20 +51,37 @@ FEATURE_DECODE_MMA = 64
 FEATURE_SHARED_INTERLEAVE = 128
 FEATURE_TILE_ROWS = 256
 FEATURE_DECODE_MAX_TOKENS = 512
+FEATURE_SWAP_AB = 1024
 FEATURE_NAMES = {FEATURE_SM90_GEMM: "sm90_gemm", FEATURE_PDL: "pdl", FEATURE_ROUTER_TC: "router_tc",
                  FEATURE_PERMUTE_MULTI: "permute_multi", FEATURE_SHARED_STREAM: "shared_stream",
                  FEATURE_DECODE_SPLIT: "decode_split", FEATURE_DECODE_MMA: "decode_mma",
                  FEATURE_SHARED_INTERLEAVE: "shared_interleave", FEATURE_TILE_ROWS: "tile_rows",
-                 FEATURE_DECODE_MAX_TOKENS: "decode_max_tokens"}
+                 FEATURE_DECODE_MAX_TOKENS: "decode_max_tokens", FEATURE_SWAP_AB: "swap_ab"}
 # The bits of the QMOE_* schedule switches (all but what the library was built with).
 SWITCH_BITS = (FEATURE_PDL | FEATURE_ROUTER_TC | FEATURE_PERMUTE_MULTI | FEATURE_SHARED_STREAM | FEATURE_DECODE_SPLIT
-               | FEATURE_DECODE_MMA | FEATURE_SHARED_INTERLEAVE | FEATURE_TILE_ROWS | FEATURE_DECODE_MAX_TOKENS)
+               | FEATURE_DECODE_MMA | FEATURE_SHARED_INTERLEAVE | FEATURE_TILE_ROWS | FEATURE_DECODE_MAX_TOKENS
+               | FEATURE_SWAP_AB)
 # The schedule before stop 20 (H100 run 4): every switch off, 128-row tiles from 96 mean rows. The
 # defaults changed; this stays a setting a user can choose. features() reports only FEATURE_TILE_ROWS
 # (96 is not the default threshold).
 SWITCHES_OFF = {"QMOE_PDL": "0", "QMOE_ROUTER_TC": "0", "QMOE_PERMUTE_CTAS": "1", "QMOE_SHARED_STREAM": "0",
                 "QMOE_DECODE_SPLIT": "0", "QMOE_DECODE_MMA": "0", "QMOE_SHARED_INTERLEAVE": "0",
-                "QMOE_TILE_ROWS": "96", "QMOE_DECODE_MAX_TOKENS": "0"}
+                "QMOE_TILE_ROWS": "96", "QMOE_DECODE_MAX_TOKENS": "0", "QMOE_SWAP_AB": "0"}
+
+
+_CUTE_TRIPLE = re.compile(r"tuple<(?:cute::)?C<(\d+)>, ?(?:cute::)?C<(\d+)>, ?(?:cute::)?C<(\d+)> ?>")
+
+
+def cutlass_tile(kernel_name: str) -> str | None:
+    """The tile shape "MxNxK" of a CUTLASS grouped-GEMM kernel from its demangled name (profiler or
+    Nsight Compute), None for other kernels. The first compile-time triple in the name is the
+    cluster shape (1x1x1 here), the next one the tile: 64x256x64 small, 128x256x64 large,
+    128x32x64 / 128x96x64 swapped (QMOE_SWAP_AB)."""
+    if "cutlass" not in kernel_name:
+        return None
+    triples = ["x".join(m) for m in _CUTE_TRIPLE.findall(kernel_name)]
+    tiles = [t for t in triples if t != "1x1x1"]
+    return tiles[0] if tiles else None
 
 
 class MoeParams(ctypes.Structure):

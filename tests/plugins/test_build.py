@@ -125,7 +125,7 @@ def test_kernels_report_the_cutlass_path(kernels_lib: Path) -> None:
 # Every switch on, QMOE_TILE_ROWS away from its default.
 EXPERIMENTAL = {"QMOE_PDL": "1", "QMOE_ROUTER_TC": "1", "QMOE_PERMUTE_CTAS": "64", "QMOE_SHARED_STREAM": "8",
                 "QMOE_DECODE_SPLIT": "1", "QMOE_DECODE_MMA": "64", "QMOE_SHARED_INTERLEAVE": "32",
-                "QMOE_TILE_ROWS": "96", "QMOE_DECODE_MAX_TOKENS": "2"}
+                "QMOE_TILE_ROWS": "96", "QMOE_DECODE_MAX_TOKENS": "2", "QMOE_SWAP_AB": "128"}
 SWITCH_BITS = K.SWITCH_BITS
 # On by default since the H200 lease of stop 20 (plugins/results/NOTES.md); QMOE_SHARED_INTERLEAVE
 # unset is "auto" (spread at 48-128 mean routed rows per expert), which features() reports as on.
@@ -164,7 +164,8 @@ def test_schedule_switches_follow_the_environment_not_the_workspace(kernels_lib:
     junk_features, _ = _probe(kernels_lib, {"QMOE_PDL": "", "QMOE_ROUTER_TC": "", "QMOE_PERMUTE_CTAS": "lots",
                                             "QMOE_SHARED_STREAM": "", "QMOE_DECODE_SPLIT": "",
                                             "QMOE_DECODE_MMA": "none", "QMOE_SHARED_INTERLEAVE": "x",
-                                            "QMOE_TILE_ROWS": "96 rows", "QMOE_DECODE_MAX_TOKENS": "two"})
+                                            "QMOE_TILE_ROWS": "96 rows", "QMOE_DECODE_MAX_TOKENS": "two",
+                                            "QMOE_SWAP_AB": "all"})
     assert junk_features & SWITCH_BITS == DEFAULT_BITS
     for name, bit in (("QMOE_PDL", K.FEATURE_PDL), ("QMOE_ROUTER_TC", K.FEATURE_ROUTER_TC),
                       ("QMOE_DECODE_SPLIT", K.FEATURE_DECODE_SPLIT), ("QMOE_SHARED_INTERLEAVE", K.FEATURE_SHARED_INTERLEAVE)):
@@ -180,6 +181,10 @@ def test_schedule_switches_follow_the_environment_not_the_workspace(kernels_lib:
     for rows in ("0", "1", "99999999"):
         features, sizes = _probe(kernels_lib, {"QMOE_TILE_ROWS": rows})
         assert features & K.FEATURE_TILE_ROWS and sizes == default_sizes, rows
+    # QMOE_SWAP_AB is a number of rows too: 0 (the default) is off, 1..2^20 on.
+    for rows, on in (("0", False), ("-3", False), ("1", True), ("99999999", True)):
+        features, sizes = _probe(kernels_lib, {"QMOE_SWAP_AB": rows})
+        assert bool(features & K.FEATURE_SWAP_AB) == on and sizes == default_sizes, rows
 
 
 SCHED_PROGRAM = r"""

@@ -401,6 +401,49 @@ def test_tile_rows_switch(lib: K.Kernels) -> None:
     _run_with_switch(lib, {"QMOE_TILE_ROWS": "1048576", "QMOE_SHARED_STREAM": "0"}, "tile_rows_cases")
 
 
+# QMOE_SWAP_AB=1048576: swapped tiles at every size, narrow (32 rows) up to 12 mean rows per group,
+# wide (96) above: 3 tokens (narrow; the shared group's 3 rows too), 64 (e64_top8: 8 mean rows,
+# narrow; the shared group's 64 rows in two tiles), 257 (32 mean rows: wide) and 4096 (512: wide, a
+# weight tile in several row tiles).
+SWAP_TOKENS = [3, 64, 257, 4096]
+
+
+def _gemm_tiles(lib: K.Kernels, shape: ref.MoeShape, tokens: int) -> set[str]:
+    """The CUTLASS tile shapes of one prefill-path layer call (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    w, x = _case(shape, tokens, torch.bfloat16, skew=False)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        lib.moe_forward(x, w, shape.top_k, False, path=K.PATH_PREFILL)
+        torch.cuda.synchronize()
+    return {t for t in (K.cutlass_tile(ev.key) for ev in prof.key_averages()) if t is not None}
+
+
+def swap_ab_cases() -> None:
+    """Run in a process with QMOE_SWAP_AB=1048576: the Hopper grouped GEMMs with swapped operands
+    against the reference, and the tiles they ran."""
+    lib = K.load(build_if_needed=False)
+    assert lib.features() & K.FEATURE_SWAP_AB, "QMOE_SWAP_AB is not in effect"
+    for _ in _checked_cases(TILE_ROWS_SHAPES, SWAP_TOKENS, K.PATH_PREFILL, "swapped tiles",
+                            routings=((False, False), (True, True))):
+        pass
+    assert _gemm_tiles(lib, ref.E64_TOP8, 3) == {"128x32x64"}
+    assert _gemm_tiles(lib, ref.E64_TOP8, 257) == {"128x96x64"}
+
+
+def test_swap_ab_switch(lib: K.Kernels) -> None:
+    """QMOE_SWAP_AB (plugins/README.md, schedule switches): alone, then with the side stream (its one
+    group of T rows picks its tiles by T) and the spread shared expert (pieces of swapped entries)."""
+    if torch.cuda.get_device_capability() != (9, 0) or not lib.features() & K.FEATURE_SM90_GEMM:
+        pytest.skip("the switch picks the Hopper (sm_90a, CUTLASS) grouped GEMMs' tiles only")
+    if not lib.features() & (K.FEATURE_SWAP_AB | K.FEATURE_TILE_ROWS):  # this process: the default tiles
+        assert _gemm_tiles(lib, ref.E64_TOP8, 3) == {"64x256x64"}  # 64-row ping-pong below 48 mean rows
+    _run_with_switch(lib, {"QMOE_SWAP_AB": "1048576", "QMOE_SHARED_STREAM": "0", "QMOE_SHARED_INTERLEAVE": "0"},
+                     "swap_ab_cases")
+    _run_with_switch(lib, {"QMOE_SWAP_AB": "1048576", "QMOE_SHARED_STREAM": "8", "QMOE_SHARED_INTERLEAVE": "32"},
+                     "swap_ab_cases")
+
+
 def test_bad_arguments_raise(lib: K.Kernels) -> None:
     shape = ref.ODD_SMALL
     w, x = _case(shape, 4, torch.bfloat16, skew=False)

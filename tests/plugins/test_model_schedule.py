@@ -59,6 +59,12 @@ def test_tiles_cover_the_gemms() -> None:
     # 128-row tiles (QMOE_TILE_ROWS=48): one row tile, twice the math.
     big = M.gemm_tiles(2, [65] + [0] * 63, 512, 1, spread=False, d=M.Dims(shared_inter=0), tile_m=128)
     assert len(big) == 14 and big[0][0] == 2 * two[0][0]
+    # Swapped tiles (QMOE_SWAP_AB): 128 weight rows by 32 rows; the shared group's 64 rows at 64
+    # tokens take two row tiles per weight tile, the second from L2.
+    swapped = M.gemm_tiles(1, counts, 64, 1, spread=False, tile_m=32, tile_n=128)
+    assert len(swapped) == 64 * 40 + 2 * 320
+    assert sum(b for _, b in swapped) == pytest.approx((64 * 2 * d.inter + 2 * d.shared_inter) * d.hidden * 2)
+    assert swapped[0][0] == 2.0 * 32 * 128 * d.hidden
 
 
 def test_entry_order_is_the_headers() -> None:
