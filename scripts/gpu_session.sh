@@ -30,11 +30,13 @@ cd "$root"
 carry=$root/build/carry
 lib=$carry/libqmoe_kernels.so
 py=${PYTHON:-python3}
-# check's second pass: the opt-in switches (off by default) together. The default-on ones set back
-# are test_switches_off's (tests/plugins/test_kernels_gpu.py) and tune's.
+# check's second pass: the opt-in switches (off by default) together, and the "auto" ones forced at
+# every size. The default-on ones set back are test_switches_off's (tests/plugins/test_kernels_gpu.py)
+# and tune's.
 switches=(QMOE_SHARED_STREAM=8 QMOE_DECODE_MMA=64 QMOE_SHARED_INTERLEAVE=32 QMOE_SWAP_AB=128)
 # tune: each default-on switch set back alone, then each opt-in switch alone (bench-PDL_0.json, ...).
-back=(QMOE_PDL=0 QMOE_ROUTER_TC=0 QMOE_PERMUTE_CTAS=1 QMOE_DECODE_SPLIT=0 QMOE_SHARED_INTERLEAVE=0 QMOE_TILE_ROWS=96)
+back=(QMOE_PDL=0 QMOE_ROUTER_TC=0 QMOE_PERMUTE_CTAS=1 QMOE_DECODE_SPLIT=0 QMOE_SHARED_INTERLEAVE=0 QMOE_TILE_ROWS=96
+      QMOE_SHARED_STREAM=0)
 every=("${back[@]%%=*}" "${switches[@]%%=*}" QMOE_DECODE_MAX_TOKENS)  # unset for the default schedule
 # tune: combinations after the single switches, "NAME:VAR=VALUE ...". Swapped tiles with the side
 # stream (which alone saved ~20 us at 8-64 tokens on the H200 and lost at 512 and 4096).

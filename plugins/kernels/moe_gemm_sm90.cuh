@@ -102,7 +102,8 @@ struct LargeTiles
 // 256, so a tile pads a group's rows to a multiple of N instead of 64 or 128 rows, and each tile
 // streams a 128-row weight slice (0.9 MB at K = 3584) instead of 256 rows. Two widths: narrow for
 // decode-like sizes (57B: up to 96 tokens; the shared group's T rows take ceil(T / N) tiles, which
-// the AlongN raster order runs one after another so that its weight tile is read from HBM once),
+// the AlongN raster order hands to neighbouring CTAs at the same time, so its weight tile comes
+// from HBM once and from L2 for the others),
 // wide up to QMOE_SWAP_AB's mean rows (57B 512 tokens: 64 mean routed rows, rarely above 96).
 #ifndef QMOE_SM90_SWAP_NARROW_N
 #define QMOE_SM90_SWAP_NARROW_N 32
@@ -420,8 +421,8 @@ cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_byt
     StrideD* const sd = reinterpret_cast<StrideD*>(arr.sd); // the type setup_kernel wrote (set_entry)
     typename GG::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGrouped, {G, arr.shapes, nullptr},
         {arr.a, arr.sa, arr.b, arr.sb}, {{}, const_cast<typename GG::E const**>(arr.d), sd, arr.d, sd}, hw};
-    // Tiles in entry order; inside an entry along M (the row tiles of one weight tile one after
-    // another, so the later ones find it in L2), swapped along N (the weight is M there).
+    // Tiles in entry order; inside an entry along M (the row tiles of one weight tile go to
+    // neighbouring CTAs together, so all but one find it in L2), swapped along N (the weight is M there).
     using Raster = decltype(args.scheduler.raster_order);
     args.scheduler.raster_order = Config::kSwap ? Raster::AlongN : Raster::AlongM;
     args.epilogue.thread.alpha = 1.0f;

@@ -48,7 +48,9 @@ constexpr bool kHasSm90Gemm = false;
 //   QMOE_DECODE_SPLIT    GEMV decode: the shared expert's down projection in shared_splits_for()
 //                        K-slices, so its work units are as long as a routed expert's. Default on
 //   QMOE_SHARED_STREAM=n Hopper prefill path: the shared expert's GEMM 1 runs on a side stream on
-//                        all SMs but n, beside the router, permutation and gather (0 = off, default)
+//                        all SMs but n, beside the router, permutation and gather; 0 = off at every
+//                        size. Unset: shared_stream_sms_for() (kAutoStreamSms up to
+//                        kAutoStreamMaxRows mean routed rows per expert, off above)
 //   QMOE_DECODE_MMA=n    decode path with tensor-core inner products (moe_gemv.cu, MMA), taken by
 //                        AUTO up to n tokens (unless the call sets decode_max_tokens); its shared
 //                        expert's down projection in shared_splits_for() K-slices (0 = off, default)
@@ -71,7 +73,8 @@ struct Tuning
     bool router_tc;
     int permute_ctas;
     bool decode_split;
-    int shared_stream_sms; // SMs left to the routing chain while the side stream's GEMM runs; 0 = off
+    int shared_stream_sms; // SMs left to the routing chain while the side stream's GEMM runs; 0 = off,
+                           // kSharedStreamAuto: shared_stream_sms_for() decides per call
     int decode_mma_tokens; // AUTO's decode threshold with the MMA decode path; 0 = off (FMA decode)
     int shared_interleave; // most GEMM 1 column slices of the spread shared expert; 0 = off (shared first),
                            // kInterleaveAuto: interleave_parts() decides per call
@@ -86,6 +89,15 @@ constexpr int kMaxSharedParts = 64; // QMOE_SHARED_INTERLEAVE's most GEMM 1 slic
 constexpr int kDefaultTileRows = 48; // QMOE_TILE_ROWS when unset (until stop 20: 96)
 constexpr int kDefaultPermuteCtas = 64; // QMOE_PERMUTE_CTAS when unset
 constexpr int kInterleaveAuto = -1;  // QMOE_SHARED_INTERLEAVE unset
+constexpr int kSharedStreamAuto = -1; // QMOE_SHARED_STREAM unset
+// QMOE_SHARED_STREAM unset: the side stream with kAutoStreamSms SMs left to the routing chain while
+// the routed experts average at most kAutoStreamMaxRows rows (57B: up to 64 tokens), where its
+// gather is small. Measured on the H200 (stop 20, 57B dims, each alone against the old schedule in
+// one call): 8 tokens -3.1%, 64 tokens -2.0%; with PDL, the tensor-core router and the rest of
+// today's default (combination B vs A): -1.7% and -0.6%. At 512 tokens +1.6% and at 4096 +3.9% (the
+// gather on 8 SMs took 124 us instead of 10), hence the range.
+constexpr int kAutoStreamSms = 8;
+constexpr int64_t kAutoStreamMaxRows = 8;
 // QMOE_SHARED_INTERLEAVE unset: the shared expert is spread in kAutoInterleaveParts slices while the
 // routed experts average kAutoInterleaveMinRows..kAutoInterleaveMaxRows rows (57B: 384-1024 tokens).
 // Measured on the H200 (stop 20, 57B dims, spread vs shared first): 1.5% slower at 8 rows (64
@@ -179,6 +191,18 @@ inline int interleave_parts(int setting, int64_t T, int k, int E, int64_t Is)
     }
     int64_t const rows = T * k;
     return Is > 0 && rows >= kAutoInterleaveMinRows * E && rows <= kAutoInterleaveMaxRows * E ? kAutoInterleaveParts : 0;
+}
+
+// SMs the side stream's shared GEMM 1 leaves to the routing chain for a layer call (0: no side
+// stream): the QMOE_SHARED_STREAM setting, or where it is unset kAutoStreamSms up to
+// kAutoStreamMaxRows mean routed rows per expert (T*k/E) and 0 above.
+inline int shared_stream_sms_for(int setting, int64_t T, int k, int E)
+{
+    if (setting != kSharedStreamAuto)
+    {
+        return setting;
+    }
+    return T * k <= kAutoStreamMaxRows * E ? kAutoStreamSms : 0;
 }
 
 // Entry i (0 <= i < routed + parts) of a Hopper grouped GEMM whose shared expert is in `parts` pieces:

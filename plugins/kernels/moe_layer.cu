@@ -382,7 +382,7 @@ Tuning const& tuning()
 {
     static Tuning const t{env_flag("QMOE_PDL", true), env_flag("QMOE_ROUTER_TC", true),
         env_int("QMOE_PERMUTE_CTAS", kDefaultPermuteCtas, 1, kMaxPermuteCtas), env_flag("QMOE_DECODE_SPLIT", true),
-        env_int("QMOE_SHARED_STREAM", 0, 0, kMaxSharedStreamSms), env_int("QMOE_DECODE_MMA", 0, 0, kMaxDecodeMmaTokens),
+        env_int("QMOE_SHARED_STREAM", kSharedStreamAuto, 0, kMaxSharedStreamSms), env_int("QMOE_DECODE_MMA", 0, 0, kMaxDecodeMmaTokens),
         env_int("QMOE_SHARED_INTERLEAVE", kInterleaveAuto, 0, kMaxSharedParts),
         env_int("QMOE_TILE_ROWS", kDefaultTileRows, 1, kMaxTileRows), env_int("QMOE_DECODE_MAX_TOKENS", 0, 0, kMaxTokens),
         env_int("QMOE_SWAP_AB", 0, 0, kMaxTileRows)};
@@ -444,8 +444,8 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
     // before the router; [Experts] joins it before SwiGLU. Once forked, the join is recorded and
     // waited on whatever fails, so a capture never ends with an unjoined branch and no side work
     // outlives the call unordered.
-    SideStream* const ss
-        = !decode && sm90 && a.has_shared && tuning().shared_stream_sms > 0 ? side_stream(stream) : nullptr;
+    int const stream_sms = shared_stream_sms_for(tuning().shared_stream_sms, a.T, a.k, a.E);
+    SideStream* const ss = !decode && sm90 && a.has_shared && stream_sms > 0 ? side_stream(stream) : nullptr;
     std::unique_lock<std::mutex> side_lock;
     SideLaunch side{};
     bool forked = false;
@@ -454,7 +454,7 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
     if (ss != nullptr)
     {
         side_lock = std::unique_lock<std::mutex>(ss->mutex);
-        side = SideLaunch{ss->stream, ss->join, tuning().shared_stream_sms};
+        side = SideLaunch{ss->stream, ss->join, stream_sms};
         err = cudaEventRecord(ss->fork, stream);
         if (err == cudaSuccess)
         {
@@ -543,7 +543,7 @@ extern "C" int32_t qmoe_kernels_features(void)
     Tuning const& t = tuning();
     return (kHasSm90Gemm ? QMOE_FEATURE_SM90_GEMM : 0) | (t.pdl ? QMOE_FEATURE_PDL : 0)
         | (t.router_tc ? QMOE_FEATURE_ROUTER_TC : 0) | (t.permute_ctas > 1 ? QMOE_FEATURE_PERMUTE_MULTI : 0)
-        | (t.shared_stream_sms > 0 ? QMOE_FEATURE_SHARED_STREAM : 0) | (t.decode_split ? QMOE_FEATURE_DECODE_SPLIT : 0)
+        | (t.shared_stream_sms != 0 ? QMOE_FEATURE_SHARED_STREAM : 0) | (t.decode_split ? QMOE_FEATURE_DECODE_SPLIT : 0)
         | (t.decode_mma_tokens > 0 ? QMOE_FEATURE_DECODE_MMA : 0)
         | (t.shared_interleave != 0 ? QMOE_FEATURE_SHARED_INTERLEAVE : 0)
         | (t.tile_rows != kDefaultTileRows ? QMOE_FEATURE_TILE_ROWS : 0)

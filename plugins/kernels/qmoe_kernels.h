@@ -139,14 +139,15 @@ const char* qmoe_status_string(int32_t status);
 
 /* Bits of qmoe_kernels_features(). All but the first are schedule switches read once per process
    from the environment; a bit is set while its switch is in effect (QMOE_PDL, QMOE_ROUTER_TC and
-   QMOE_DECODE_SPLIT on by default, QMOE_PERMUTE_CTAS=n > 1 (default 64), QMOE_SHARED_STREAM=n > 0,
+   QMOE_DECODE_SPLIT on by default, QMOE_PERMUTE_CTAS=n > 1 (default 64), QMOE_SHARED_STREAM unset
+   ("auto") or n > 0,
    QMOE_DECODE_MMA=n > 0, QMOE_SHARED_INTERLEAVE unset ("auto") or n > 0, QMOE_TILE_ROWS=n != 48,
    QMOE_DECODE_MAX_TOKENS=n > 0, QMOE_SWAP_AB=n > 0); they never change qmoe_moe_workspace_size(). */
 #define QMOE_FEATURE_SM90_GEMM 1     /* CUTLASS wgmma grouped GEMMs built in (used on compute capability 9.0) */
 #define QMOE_FEATURE_PDL 2           /* programmatic dependent launch between the layer's kernels (9.0+) */
 #define QMOE_FEATURE_ROUTER_TC 4     /* router logits on tensor cores (split-K WMMA) */
 #define QMOE_FEATURE_PERMUTE_MULTI 8 /* token permutation on several CTAs for large batches */
-#define QMOE_FEATURE_SHARED_STREAM 16 /* Hopper: shared expert's GEMM 1 on a side stream beside the routing */
+#define QMOE_FEATURE_SHARED_STREAM 16 /* Hopper: shared expert's GEMM 1 on a side stream beside the routing (not forced off: also "auto") */
 #define QMOE_FEATURE_DECODE_SPLIT 32  /* GEMV decode: shared expert's down projection split along K */
 #define QMOE_FEATURE_DECODE_MMA 64    /* decode path on tensor cores (mma.sync), AUTO up to n tokens (8.0+) */
 #define QMOE_FEATURE_SHARED_INTERLEAVE 128 /* Hopper: shared expert's GEMM tiles spread among the routed experts' (not forced off: also "auto") */

@@ -128,9 +128,10 @@ EXPERIMENTAL = {"QMOE_PDL": "1", "QMOE_ROUTER_TC": "1", "QMOE_PERMUTE_CTAS": "64
                 "QMOE_TILE_ROWS": "96", "QMOE_DECODE_MAX_TOKENS": "2", "QMOE_SWAP_AB": "128"}
 SWITCH_BITS = K.SWITCH_BITS
 # On by default since the H200 lease of stop 20 (plugins/results/NOTES.md); QMOE_SHARED_INTERLEAVE
-# unset is "auto" (spread at 48-128 mean routed rows per expert), which features() reports as on.
+# unset is "auto" (spread at 48-128 mean routed rows per expert), and since stop 21 QMOE_SHARED_STREAM
+# unset too (side stream up to 8 mean routed rows), which features() reports as on.
 DEFAULT_BITS = (K.FEATURE_PDL | K.FEATURE_ROUTER_TC | K.FEATURE_PERMUTE_MULTI | K.FEATURE_DECODE_SPLIT
-                | K.FEATURE_SHARED_INTERLEAVE)
+                | K.FEATURE_SHARED_INTERLEAVE | K.FEATURE_SHARED_STREAM)
 
 
 def _probe(lib: Path, env: dict[str, str]) -> tuple[int, list[int]]:
@@ -168,7 +169,8 @@ def test_schedule_switches_follow_the_environment_not_the_workspace(kernels_lib:
                                             "QMOE_SWAP_AB": "all"})
     assert junk_features & SWITCH_BITS == DEFAULT_BITS
     for name, bit in (("QMOE_PDL", K.FEATURE_PDL), ("QMOE_ROUTER_TC", K.FEATURE_ROUTER_TC),
-                      ("QMOE_DECODE_SPLIT", K.FEATURE_DECODE_SPLIT), ("QMOE_SHARED_INTERLEAVE", K.FEATURE_SHARED_INTERLEAVE)):
+                      ("QMOE_DECODE_SPLIT", K.FEATURE_DECODE_SPLIT), ("QMOE_SHARED_INTERLEAVE", K.FEATURE_SHARED_INTERLEAVE),
+                      ("QMOE_SHARED_STREAM", K.FEATURE_SHARED_STREAM)):
         assert _probe(kernels_lib, {name: "0"})[0] & SWITCH_BITS == DEFAULT_BITS & ~bit, name
     assert _probe(kernels_lib, {"QMOE_PERMUTE_CTAS": "1"})[0] & K.FEATURE_PERMUTE_MULTI == 0
     # Boolean switches: numbers, on/off, true/false, yes/no in any case; anything else is the default.
@@ -205,6 +207,9 @@ int main() {
     int const settings[] = {qmoe::kInterleaveAuto, 0, 8};
     for (long T : tokens) for (int set : settings) for (long Is : {0L, 20480L})
         std::printf("auto %ld %d %ld %d\n", T, set, Is, qmoe::interleave_parts(set, T, 8, 64, Is));
+    long const few[] = {1, 5, 8, 63, 64, 65, 128, 4096};
+    for (long T : few) for (int set : {qmoe::kSharedStreamAuto, 0, 4})
+        std::printf("stream %ld %d %d\n", T, set, qmoe::shared_stream_sms_for(set, T, 8, 64));
     return 0;
 }
 """
@@ -222,7 +227,7 @@ def test_grouped_gemm_schedule_orders() -> None:
     subprocess.run(["g++", "-std=c++17", "-Wall", "-Werror", f"-I{K.KERNELS_DIR}", f"-I{CUDA_INCLUDE}", str(src),
                     "-o", str(exe)], check=True, capture_output=True)
     lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
-    orders = [list(map(int, line.split())) for line in lines if not line.startswith(("parts", "auto"))]
+    orders = [list(map(int, line.split())) for line in lines if not line.startswith(("parts", "auto", "stream"))]
     assert len(orders) == 6 * 6 * 2
     from tests.plugins.test_model_schedule import M as model  # scripts/model_schedule.py
 
@@ -264,6 +269,13 @@ def test_grouped_gemm_schedule_orders() -> None:
         else:
             expected = 32 if inter > 0 and 384 <= tokens <= 1024 else 0
         assert p == expected, (tokens, setting, inter, p)
+    # shared_stream_sms_for at the 57B routing: a setting wins; unset, 8 SMs for the routing chain up
+    # to 8 mean routed rows per expert (64 tokens), no side stream above.
+    stream = {(int(t), int(st)): int(n) for _, t, st, n in (line.split() for line in lines if line.startswith("stream"))}
+    assert len(stream) == 8 * 3
+    for (tokens, setting), sms in stream.items():
+        expected = setting if setting >= 0 else (8 if tokens <= 64 else 0)
+        assert sms == expected, (tokens, setting, sms)
 
 
 def test_launchers_validate_before_touching_the_gpu(kernels_lib: Path) -> None:
