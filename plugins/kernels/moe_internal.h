@@ -24,7 +24,12 @@ constexpr int kMaxTopK = 32;
 constexpr int kMaxTokens = 1 << 24;
 constexpr int kMaxHidden = 16384; // the router stages 4 token rows of H in shared memory (16 if H <= 5120)
 constexpr int kDefaultDecodeMaxTokens = 8;
-constexpr int kDefaultDecodeMaxTokensSm90 = 4;
+// Hopper with CUTLASS: decode up to 3 tokens (until stop 21: 4). At 4 tokens the grouped GEMMs beat
+// the GEMV decode path by 17% on the H200 (stop 20: 0.530 vs 0.637 ms) and tied on the H100 of run 4
+// (0.751 vs 0.749 ms, before PDL and the split shared down projection, which on the H200 made the
+// decode path slower at 4 tokens, 0.619 -> 0.637, and the GEMMs barely, 0.522 -> 0.530). At 1 token
+// the decode path wins (H200 0.257 vs 0.270, H100 0.335 vs 0.367); 2-3 tokens were not timed.
+constexpr int kDefaultDecodeMaxTokensSm90 = 3;
 
 // Hopper grouped GEMMs (moe_gemm_sm90.cuh, CUTLASS) are compiled in when CMake found CUTLASS. They
 // keep gate and up side by side (act rows of 2*I) and need a small scratch area for their per-group
@@ -64,9 +69,8 @@ constexpr bool kHasSm90Gemm = false;
 //                        rows as N in tiles of 32 or 96) up to n mean rows per group, before
 //                        QMOE_TILE_ROWS's choice (moe_gemm_sm90.cuh, SwapTiles; 0 = off, default)
 //   QMOE_DECODE_MAX_TOKENS=n AUTO takes the decode path up to n tokens (a call's decode_max_tokens
-//                        still wins); unset or 0: 4 on Hopper with CUTLASS, 8 elsewhere, or
-//                        QMOE_DECODE_MMA's n. On the H200 the Hopper GEMMs beat the decode path at
-//                        4 tokens by 17%, on the H100 of run 4 they tied there
+//                        still wins); unset or 0: 3 on Hopper with CUTLASS (kDefaultDecodeMaxTokensSm90),
+//                        8 elsewhere, or QMOE_DECODE_MMA's n
 struct Tuning
 {
     bool pdl;

@@ -71,7 +71,7 @@ typedef struct qmoe_moe_params {
     int32_t shared_intermediate_size; /* Is; 0: no shared expert (shared_* pointers ignored) */
     int32_t dtype;                    /* qmoe_dtype: FP16 or BF16 */
     int32_t path;                     /* qmoe_moe_path */
-    int32_t decode_max_tokens;        /* AUTO threshold; <= 0: QMOE_DECODE_MAX_TOKENS, else QMOE_DECODE_MMA's n, else 4 on Hopper with CUTLASS, 8 elsewhere */
+    int32_t decode_max_tokens;        /* AUTO threshold; <= 0: QMOE_DECODE_MAX_TOKENS, else QMOE_DECODE_MMA's n, else 3 on Hopper with CUTLASS, 8 elsewhere */
 
     const void* hidden;                    /* [T, H] */
     const void* router_weight;             /* [E, H]        mlp.gate.weight */
