@@ -12,11 +12,10 @@
 #   check  scripts/gpu_check.sh (GPU tests, benchmark with transformers, compute-sanitizer) on the
 #          default schedule, then again under the opt-in switches (`switches`). ~5 min (H200, stop 20).
 #   tune   benchmark only (no transformers) at 1/2/3/4/8/64/512/4096 tokens (the default also at 128,
-#          256, 384, 1024 and 2048): the default schedule, each default-on switch set back alone, each opt-in
-#          switch alone, the combinations (`combos`), the schedule before stop 20 (every switch off)
-#          and each tile variant (~20 s each); then Nsight Compute (if present) on one call each
-#          (`ncu` specs below; scripts/profile_moe_gpu.py; each only while GPU_SESSION_BUDGET_S
-#          allows). ~5 min.
+#          256, 384, 1024 and 2048): the default schedule, the settings in `tune_sets`, the schedule
+#          before stop 20 (every switch off) and each tile variant (~20 s each); then Nsight Compute
+#          (if present) on one call each (`ncu` specs below; scripts/profile_moe_gpu.py; each only
+#          while GPU_SESSION_BUDGET_S allows). ~4-5 min.
 # Each command leaves three files in $OUT (the device tool returns at most 8): summary.txt (every
 # stage's exit code), compare.md (scripts/compare_bench.py), results.tgz (all logs and JSON).
 # Exit code: 0 when every stage passed.
@@ -34,13 +33,19 @@ py=${PYTHON:-python3}
 # every size. The default-on ones set back are test_switches_off's (tests/plugins/test_kernels_gpu.py)
 # and tune's.
 switches=(QMOE_SHARED_STREAM=8 QMOE_DECODE_MMA=64 QMOE_SHARED_INTERLEAVE=32 QMOE_SWAP_AB=128)
-# tune: each default-on switch set back alone, then each opt-in switch alone (bench-PDL_0.json, ...).
+# Each default-on switch set back (test_switches_off's set, and tune's switches_off).
 back=(QMOE_PDL=0 QMOE_ROUTER_TC=0 QMOE_PERMUTE_CTAS=1 QMOE_DECODE_SPLIT=0 QMOE_SHARED_INTERLEAVE=0 QMOE_TILE_ROWS=96
       QMOE_SHARED_STREAM=0)
 every=("${back[@]%%=*}" "${switches[@]%%=*}" QMOE_DECODE_MAX_TOKENS)  # unset for the default schedule
-# tune: combinations after the single switches, "NAME:VAR=VALUE ...". Swapped tiles with the side
-# stream (which alone saved ~20 us at 8-64 tokens on the H200 and lost at 512 and 4096).
-combos=("SWAP_AB_128+SHARED_STREAM_8:QMOE_SWAP_AB=128 QMOE_SHARED_STREAM=8")
+# tune: the settings timed against the default, "NAME:VAR=VALUE ..." (bench-NAME.json). What stop 21
+# changed without a GPU: the side stream's auto range (set back, forced at every size), swapped
+# tiles alone and with the side stream, the tile threshold and the spread shared expert set back.
+# Not again: PDL, the tensor-core router, the multi-CTA permutation and the split shared down
+# projection (each won alone in run 5; switches_off sets them back together), QMOE_DECODE_MMA (lost
+# by 6-35%).
+tune_sets=("SHARED_STREAM_0:QMOE_SHARED_STREAM=0" "SHARED_STREAM_8:QMOE_SHARED_STREAM=8" "SWAP_AB_128:QMOE_SWAP_AB=128"
+           "SWAP_AB_128+SHARED_STREAM_0:QMOE_SWAP_AB=128 QMOE_SHARED_STREAM=0"
+           "TILE_ROWS_96:QMOE_TILE_ROWS=96" "SHARED_INTERLEAVE_0:QMOE_SHARED_INTERLEAVE=0")
 # Hopper tile shapes (compile time), "NAME:NVCC FLAGS". None at present: the H200 lease of stop 20
 # measured k128 (small tiles with 256-byte weight-row segments: 30% slower at 512 tokens) and pp128
 # (128x128 ping-pong tiles at 4096 tokens: 12% slower), and run 4 the 2x1/1x2 clusters and 64x128
@@ -139,11 +144,7 @@ else
         publish
     }
     bench default "$lib"
-    for s in "${back[@]}" "${switches[@]}"; do
-        n=${s%%=*}
-        bench "${n#QMOE_}_${s#*=}" "$lib" "$s"  # e.g. PDL_0, SHARED_STREAM_8
-    done
-    for c in "${combos[@]}"; do
+    for c in "${tune_sets[@]}"; do
         # shellcheck disable=SC2086  # the VAR=VALUE list splits into words
         bench "${c%%:*}" "$lib" ${c#*:}
     done

@@ -126,14 +126,19 @@ struct SideLaunch
 
 constexpr int kMaxRouterSplits = 16;
 constexpr int64_t kRouterSplitRows = 4096;
+// K splits the workspace always has room for (since stop 21; before, 1 from 4096 tokens). The H200
+// lease of stop 20 timed the tensor-core router at 72 us for 4096 tokens with one split: 128 CTAs of
+// 5 warps, one per SM, a two-stage pipeline each, latency-bound (29 MB of x); 3-4 splits give
+// 384-512 CTAs, ~3 per SM. Costs T * 4 * (E + 1) * 4 bytes (57B, 4096 tokens: 4.3 MB).
+constexpr int64_t kRouterLargeSplits = 4;
 constexpr int kMaxPermuteCtas = 128;
 constexpr int kPermuteSlotsPerCta = 1024;
 
 // Rows of fp32 partial router logits the workspace holds for T tokens: 16 splits up to 256 tokens,
-// then 4096 rows, then T. Non-decreasing in T (see workspace_layout).
+// then 4096 rows, then 4 splits (from 1024 tokens). Non-decreasing in T (see workspace_layout).
 inline int64_t router_partial_rows(int64_t T)
 {
-    return std::max<int64_t>(T, std::min<int64_t>(kMaxRouterSplits * T, kRouterSplitRows));
+    return std::max<int64_t>(kRouterLargeSplits * T, std::min<int64_t>(kMaxRouterSplits * T, kRouterSplitRows));
 }
 
 // Most K splits of the tensor-core router for T tokens: splits * T <= router_partial_rows(T).
