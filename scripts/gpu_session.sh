@@ -32,7 +32,7 @@ py=${PYTHON:-python3}
 # check's second pass: the opt-in switches (off by default) together, and the "auto" ones forced at
 # every size. The default-on ones set back are test_switches_off's (tests/plugins/test_kernels_gpu.py)
 # and tune's.
-switches=(QMOE_SHARED_STREAM=8 QMOE_DECODE_MMA=64 QMOE_SHARED_INTERLEAVE=32 QMOE_SWAP_AB=128)
+switches=(QMOE_SHARED_STREAM=8 QMOE_DECODE_MMA=64 QMOE_SHARED_INTERLEAVE=32 QMOE_SWAP_AB=128 QMOE_GEMM_PDL=1)
 # Each default-on switch set back (test_switches_off's set, and tune's switches_off).
 back=(QMOE_PDL=0 QMOE_ROUTER_TC=0 QMOE_PERMUTE_CTAS=1 QMOE_DECODE_SPLIT=0 QMOE_SHARED_INTERLEAVE=0 QMOE_TILE_ROWS=96
       QMOE_SHARED_STREAM=0)
@@ -45,6 +45,7 @@ every=("${back[@]%%=*}" "${switches[@]%%=*}" QMOE_DECODE_MAX_TOKENS)  # unset fo
 # by 6-35%).
 tune_sets=("SHARED_STREAM_0:QMOE_SHARED_STREAM=0" "SHARED_STREAM_8:QMOE_SHARED_STREAM=8" "SWAP_AB_128:QMOE_SWAP_AB=128"
            "SWAP_AB_128+SHARED_STREAM_0:QMOE_SWAP_AB=128 QMOE_SHARED_STREAM=0"
+           "GEMM_PDL_1:QMOE_GEMM_PDL=1" "GEMM_PDL_1+SWAP_AB_128:QMOE_GEMM_PDL=1 QMOE_SWAP_AB=128"
            "TILE_ROWS_96:QMOE_TILE_ROWS=96" "SHARED_INTERLEAVE_0:QMOE_SHARED_INTERLEAVE=0")
 # Hopper tile shapes (compile time), "NAME:NVCC FLAGS". None at present: the H200 lease of stop 20
 # measured k128 (small tiles with 256-byte weight-row segments: 30% slower at 512 tokens) and pp128

@@ -401,9 +401,28 @@ Sm90Scratch<T> carve_scratch(MoeArgs const& a)
     return s;
 }
 
+// QMOE_GEMM_PDL: a CUTLASS kernel body behind griddepcontrol.wait, launched with the PDL attribute.
+// CUTLASS 4.2's pointer-array sm90 kernels have no griddepcontrol calls of their own (IsGdcEnabled is
+// false), so CUTLASS never launches them that way. Waiting before the body touches memory keeps them
+// exactly ordered after the kernel before them (setup or SwiGLU), which completes and flushes first;
+// what is gained is the launch: the GEMM's CTAs are resident, waiting, as that kernel drains.
+// Triggering at once lets the kernel after it (SwiGLU or [Combine], which wait too) launch early
+// as well: its CTAs can only become resident where a GEMM CTA has left (one holds a whole SM's
+// registers), and the trigger fires only once every GEMM CTA is running, so nothing it needs is held.
+template <typename Kernel>
+__global__ void __launch_bounds__(Kernel::MaxThreadsPerBlock, Kernel::MinBlocksPerMultiprocessor)
+    pdl_gemm_kernel(CUTLASS_GRID_CONSTANT typename Kernel::Params const params)
+{
+    extern __shared__ char smem[];
+    pdl_wait();
+    pdl_trigger();
+    Kernel op;
+    op(params, smem);
+}
+
 template <typename T, typename Config>
 cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_bytes, cudaStream_t stream,
-    int reserve_sms = 0)
+    int reserve_sms = 0, bool pdl = false)
 {
     using GG = GroupedGemm<T, Config>;
     static_assert(std::is_same_v<typename GG::StrideA, typename GemmArrays<T>::Stride>, "stride type");
@@ -434,6 +453,16 @@ cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_byt
     if (gemm.initialize(args, ws, stream) != cutlass::Status::kSuccess)
     {
         return cudaErrorInvalidValue;
+    }
+    if (pdl)
+    {
+        using Kernel = typename GG::Kernel;
+        int const smem = Kernel::SharedStorageSize;
+        cudaError_t const err = cudaFuncSetAttribute(
+            pdl_gemm_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        return err != cudaSuccess ? err
+                                  : launch_kernel(pdl_gemm_kernel<Kernel>, GG::Gemm::get_grid_shape(gemm.params()),
+                                      Kernel::get_block_shape(), smem, stream, true, gemm.params());
     }
     if (gemm.run(stream) != cutlass::Status::kSuccess)
     {
@@ -477,14 +506,15 @@ inline bool swapped(Tiles t)
 
 template <typename T>
 cudaError_t run_grouped_for(Tiles tiles, int groups, GemmArrays<T> const& arr, void* ws, size_t ws_bytes,
-    cudaStream_t stream, int reserve_sms = 0)
+    cudaStream_t stream, int reserve_sms = 0, bool pdl = false)
 {
     switch (tiles)
     {
-    case Tiles::kSmall: return run_grouped<T, SmallTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms);
-    case Tiles::kLarge: return run_grouped<T, LargeTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms);
-    case Tiles::kSwapNarrow: return run_grouped<T, SwapNarrowTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms);
-    case Tiles::kSwapWide: return run_grouped<T, SwapWideTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms);
+    case Tiles::kSmall: return run_grouped<T, SmallTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms, pdl);
+    case Tiles::kLarge: return run_grouped<T, LargeTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms, pdl);
+    case Tiles::kSwapNarrow:
+        return run_grouped<T, SwapNarrowTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms, pdl);
+    case Tiles::kSwapWide: return run_grouped<T, SwapWideTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms, pdl);
     }
     return cudaErrorInvalidValue;
 }
@@ -511,8 +541,10 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream, SideLaunch cons
     T* const xg = static_cast<T*>(a.y);
 
     // Our kernels may start early (pdl_wait, common.cuh); the CUTLASS GEMMs wait for full completion
-    // of the kernel before them (no PDL attribute: their kernels have no griddepcontrol.wait).
+    // of the kernel before them: launched plainly, or with QMOE_GEMM_PDL behind a griddepcontrol.wait
+    // (pdl_gemm_kernel). The side stream's GEMM is always launched plainly (it follows an event).
     bool const pdl = a.pdl != 0;
+    bool const gemm_pdl = pdl && tuning().gemm_pdl;
     Tiles const tiles = tiles_for(static_cast<int64_t>(a.T) * a.k / a.E);
     int64_t const gather_total = static_cast<int64_t>(a.T) * a.k * (a.H / 8);
     dim3 const gather_grid(static_cast<unsigned>(std::min<int64_t>((gather_total + 255) / 256, 8192)));
@@ -523,7 +555,7 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream, SideLaunch cons
     }
     if (err == cudaSuccess)
     {
-        err = run_grouped_for<T>(tiles, a.E + parts1, s.g1, s.ws[0], s.ws_bytes, stream);
+        err = run_grouped_for<T>(tiles, a.E + parts1, s.g1, s.ws[0], s.ws_bytes, stream, 0, gemm_pdl);
         if (err == cudaSuccess && side != nullptr)
         {
             err = cudaStreamWaitEvent(stream, side->join, 0);
@@ -537,7 +569,7 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream, SideLaunch cons
     }
     if (err == cudaSuccess)
     {
-        err = run_grouped_for<T>(tiles, G2, s.g2, s.ws[0], s.ws_bytes, stream);
+        err = run_grouped_for<T>(tiles, G2, s.g2, s.ws[0], s.ws_bytes, stream, 0, gemm_pdl);
     }
     return err;
 }

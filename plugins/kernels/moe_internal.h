@@ -68,6 +68,9 @@ constexpr bool kHasSm90Gemm = false;
 //   QMOE_SWAP_AB=n       Hopper GEMMs: swapped operands (the weights as M in 128-row tiles, a group's
 //                        rows as N in tiles of 32 or 96) up to n mean rows per group, before
 //                        QMOE_TILE_ROWS's choice (moe_gemm_sm90.cuh, SwapTiles; 0 = off, default)
+//   QMOE_GEMM_PDL        Hopper GEMMs on the main stream launched with programmatic dependent launch
+//                        too, their body behind griddepcontrol.wait (pdl_gemm_kernel); only with
+//                        QMOE_PDL in effect. Default off
 //   QMOE_DECODE_MAX_TOKENS=n AUTO takes the decode path up to n tokens (a call's decode_max_tokens
 //                        still wins); unset or 0: 3 on Hopper with CUTLASS (kDefaultDecodeMaxTokensSm90),
 //                        8 elsewhere, or QMOE_DECODE_MMA's n
@@ -85,6 +88,7 @@ struct Tuning
     int tile_rows;         // Hopper GEMMs: 64-row tiles for groups of fewer mean rows, 128-row tiles from here
     int decode_max_tokens; // AUTO's decode threshold; 0 = the default for the GPU and path
     int swap_ab_rows;      // Hopper GEMMs: swapped operands up to this many mean rows per group; 0 = off
+    bool gemm_pdl;         // Hopper GEMMs launched with PDL behind a griddepcontrol.wait (needs pdl)
 };
 Tuning const& tuning();
 constexpr int kMaxSharedStreamSms = 64;

@@ -444,6 +444,34 @@ def test_swap_ab_switch(lib: K.Kernels) -> None:
                      "swap_ab_cases")
 
 
+def gemm_pdl_cases() -> None:
+    """Run in a process with QMOE_GEMM_PDL=1: the Hopper grouped GEMMs launched with programmatic
+    dependent launch behind griddepcontrol.wait, against the reference (with and without the side
+    stream, small and large tiles), and the wrapper kernel is what ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lib = K.load(build_if_needed=False)
+    assert lib.features() & K.FEATURE_GEMM_PDL and lib.features() & K.FEATURE_PDL, "QMOE_GEMM_PDL is not in effect"
+    for _ in _checked_cases(TILE_ROWS_SHAPES, [3, 64, 257, 4096], K.PATH_PREFILL, "gemm pdl",
+                            routings=((False, False), (True, True))):
+        pass
+    shape = ref.E64_TOP8
+    w, x = _case(shape, 257, torch.bfloat16, skew=False)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        lib.moe_forward(x, w, shape.top_k, False, path=K.PATH_PREFILL)
+        torch.cuda.synchronize()
+    gemms = [ev.key for ev in prof.key_averages() if "cutlass" in ev.key]
+    assert gemms and all("pdl_gemm_kernel" in n for n in gemms), gemms
+
+
+def test_gemm_pdl_switch(lib: K.Kernels) -> None:
+    """QMOE_GEMM_PDL (plugins/README.md, schedule switches): with the side stream forced on, then off."""
+    if torch.cuda.get_device_capability() != (9, 0) or not lib.features() & K.FEATURE_SM90_GEMM:
+        pytest.skip("the switch launches the Hopper (sm_90a, CUTLASS) grouped GEMMs only")
+    for stream in ("8", "0"):
+        _run_with_switch(lib, {"QMOE_GEMM_PDL": "1", "QMOE_PDL": "1", "QMOE_SHARED_STREAM": stream}, "gemm_pdl_cases")
+
+
 def test_bad_arguments_raise(lib: K.Kernels) -> None:
     shape = ref.ODD_SMALL
     w, x = _case(shape, 4, torch.bfloat16, skew=False)
