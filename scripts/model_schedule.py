@@ -68,7 +68,7 @@ def _entry_tiles(rows: int, cols: int, k: int, elem: int, tile_m: int,
                   tile_n: int = TILE_N) -> list[tuple[float, float]]:
     """(FLOPs, HBM bytes) of each tile of a rows x cols x k problem, along M first (none if empty).
     Swapped tiles (QMOE_SWAP_AB: the weight is CUTLASS's M, the rows N, raster along N) are the same
-    list with tile_m = the row tile (32 or 96) and tile_n = the weight tile (128)."""
+    list with tile_m = the row tile (32 or 80) and tile_n = the weight tile (128)."""
     m_tiles = math.ceil(rows / tile_m) if k > 0 else 0
     tiles = []
     for n0 in range(0, cols, tile_n):
@@ -157,8 +157,8 @@ def main() -> None:
     ap.add_argument("--tflops", type=float, default=600.0, help="bf16 rate of the 64x256 tiles, compute-bound")
     ap.add_argument("--tbps", type=float, default=2.8, help="HBM rate the tiles stream at, memory-bound")
     ap.add_argument("--slots", type=int, default=SLOTS, help="tiles in flight (CTAs x consumer warp groups)")
-    ap.add_argument("--tile-m", type=int, choices=(32, 64, 96, 128), default=TILE_M,
-                    help="rows per tile (swapped tiles: 32 or 96)")
+    ap.add_argument("--tile-m", type=int, choices=(32, 64, 80, 128), default=TILE_M,
+                    help="rows per tile (swapped tiles: 32 or 80)")
     ap.add_argument("--tile-n", type=int, choices=(128, 256), default=TILE_N,
                     help="weight rows per tile (swapped tiles: 128)")
     ap.add_argument("--seed", type=int, default=0, help="of the random routing")

@@ -66,7 +66,7 @@ constexpr bool kHasSm90Gemm = false;
 //                        and kAutoInterleaveMaxRows mean routed rows per expert)
 //   QMOE_TILE_ROWS=n     Hopper GEMMs: 128-row tiles from n mean rows per group (default 48)
 //   QMOE_SWAP_AB=n       Hopper GEMMs: swapped operands (the weights as M in 128-row tiles, a group's
-//                        rows as N in tiles of 32 or 96) up to n mean rows per group, before
+//                        rows as N in tiles of 32 or 80) up to n mean rows per group, before
 //                        QMOE_TILE_ROWS's choice (moe_gemm_sm90.cuh, SwapTiles; 0 = off, default)
 //   QMOE_GEMM_PDL        Hopper GEMMs on the main stream launched with programmatic dependent launch
 //                        too, their body behind griddepcontrol.wait (pdl_gemm_kernel); only with

@@ -12,6 +12,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <thread>
+#include <tuple>
 #include <utility>
 
 namespace qmoe
@@ -233,7 +235,8 @@ cudaError_t launch_prefill(MoeArgs const& a, bool sm90, int dtype, cudaStream_t 
 // on the first layer enqueued on that stream outside a stream capture and kept for the process (like
 // a cuBLAS handle). Per main stream: a capture of one stream never pulls in another stream's side
 // work, and layers enqueued concurrently on different streams do not wait on each other. The mutex
-// keeps one layer's fork ... join whole when several host threads share a main stream.
+// keeps one layer's fork ... join whole when several host threads share a main stream. The handle
+// cudaStreamPerThread names a different stream in each host thread, so it is keyed by thread too.
 struct SideStream
 {
     std::mutex mutex;
@@ -245,21 +248,27 @@ struct SideStream
 SideStream* side_stream(cudaStream_t main)
 {
     static std::mutex create;
-    static std::map<std::pair<int, cudaStream_t>, std::unique_ptr<SideStream>> streams;
+    static std::map<std::tuple<int, cudaStream_t, std::thread::id>, std::unique_ptr<SideStream>> streams;
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess)
     {
         return nullptr;
     }
     std::lock_guard<std::mutex> const lock(create);
-    auto const key = std::make_pair(dev, main);
+    auto const key
+        = std::make_tuple(dev, main, main == cudaStreamPerThread ? std::this_thread::get_id() : std::thread::id{});
     auto const it = streams.find(key);
     if (it != streams.end())
     {
         return it->second.get(); // nullptr: creating it failed before
     }
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    if (cudaStreamIsCapturing(main, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone)
+    if (cudaStreamIsCapturing(main, &capture) != cudaSuccess)
+    {
+        (void) cudaGetLastError(); // not a later launch's error: this layer runs on one stream
+        return nullptr;
+    }
+    if (capture != cudaStreamCaptureStatusNone)
     {
         return nullptr; // not created inside a capture: this layer runs on one stream
     }
@@ -501,7 +510,11 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
         }
         else if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture == cudaStreamCaptureStatusNone)
         {
+            // Relaxed: allowed while another host thread captures in global mode.
+            cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+            (void) cudaThreadExchangeStreamCaptureMode(&mode);
             (void) cudaStreamSynchronize(ss->stream);
+            (void) cudaThreadExchangeStreamCaptureMode(&mode);
         }
     }
     return status_of(err);

@@ -79,7 +79,7 @@ def cutlass_tile(kernel_name: str) -> str | None:
     """The tile shape "MxNxK" of a CUTLASS grouped-GEMM kernel from its demangled name (profiler or
     Nsight Compute), None for other kernels. The first compile-time triple in the name is the
     cluster shape (1x1x1 here), the next one the tile: 64x256x64 small, 128x256x64 large,
-    128x32x64 / 128x96x64 swapped (QMOE_SWAP_AB)."""
+    128x32x64 / 128x80x64 swapped (QMOE_SWAP_AB)."""
     if "cutlass" not in kernel_name:
         return None
     triples = ["x".join(m) for m in _CUTE_TRIPLE.findall(kernel_name)]

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 from tests.plugins import kernels as K
 
-# The start of the swapped wide kernel's name (c++filt of the sm_90a object's symbol); the tile
+# The start of a swapped kernel's name (c++filt of an sm_90a object's symbol, tile 128x80x64); the tile
 # follows the mainloop's cluster shape (1x1x1), and a later triple (2x1x1) is the warp-group layout.
 SWAPPED = ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cutlass::gemm::GroupProblemShape<"
            "cute::tuple<int, int, int> >, cutlass::gemm::collective::CollectiveMma<cutlass::gemm::"
            "MainloopSm90ArrayTmaGmmaWarpSpecialized<7, cute::tuple<cute::C<1>, cute::C<1>, cute::C<1> >, "
-           "cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>, cute::tuple<cute::C<128>, cute::C<96>, "
+           "cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>, cute::tuple<cute::C<128>, cute::C<80>, "
            "cute::C<64> >, cutlass::bfloat16_t, cute::tuple<long, cute::C<1>, cute::C<0> >*, cutlass::bfloat16_t, "
            "cute::tuple<long, cute::C<1>, cute::C<0> >*, cute::TiledMMA<cute::MMA_Atom<cute::SM90::GMMA::"
-           "MMA_64x96x16_F32BF16BF16_SS<>>, cute::Layout<cute::tuple<cute::C<2>, cute::C<1>, cute::C<1> > > >")
+           "MMA_64x80x16_F32BF16BF16_SS<>>, cute::Layout<cute::tuple<cute::C<2>, cute::C<1>, cute::C<1> > > >")
 
 
 def test_tile_of_a_cutlass_kernel() -> None:
-    assert K.cutlass_tile(SWAPPED) == "128x96x64"
+    assert K.cutlass_tile(SWAPPED) == "128x80x64"
     # Without the space between closing brackets (other demanglers) and for the small tiles.
-    small = SWAPPED.replace("C<128>, cute::C<96>", "C<64>, cute::C<256>").replace(" >", ">")
+    small = SWAPPED.replace("C<128>, cute::C<80>", "C<64>, cute::C<256>").replace(" >", ">")
     assert K.cutlass_tile(small) == "64x256x64"
 
 
