@@ -9,10 +9,13 @@
 //
 // The routing weight is folded into the activation (down_proj is linear), so [Combine] only sums.
 // Per-group problem shapes, pointers and strides are written on the device by setup_kernel from the
-// permutation's group counts: groups without rows are M = 0 problems and get no tiles. The shared
-// expert is scheduled first (or, with QMOE_SHARED_INTERLEAVE, in pieces spread among the routed
-// experts), and for T <= 512 its down projection is split along K (see setup_kernel). Host code never
-// reads a device value, so the whole layer stays asynchronous and CUDA-graph capturable.
+// permutation's group counts: groups without rows are M = 0 problems (N = 0 swapped) and get no
+// tiles. The shared expert is scheduled first (or, with QMOE_SHARED_INTERLEAVE, in pieces spread
+// among the routed experts), and for T <= 512 its down projection is split along K (see
+// setup_kernel). With QMOE_SWAP_AB the weights are the GEMMs' M operand for few rows per group
+// (SwapTiles), with QMOE_GEMM_PDL they launch early behind griddepcontrol.wait (pdl_gemm_kernel).
+// Host code never reads a device value, so the whole layer stays asynchronous and CUDA-graph
+// capturable.
 //
 // Built only when CMake finds CUTLASS (QMOE_CUTLASS_INCLUDE_DIR, from the nvidia-cutlass package);
 // moe_gemm_tc.cu (WMMA) is the prefill path everywhere else (A100, or no CUTLASS). Included once
@@ -103,9 +106,9 @@ struct LargeTiles
 // streams a 128-row weight slice (0.9 MB at K = 3584) instead of 256 rows. Two widths: narrow for
 // decode-like sizes (57B: up to 96 tokens; the shared group's T rows take ceil(T / N) tiles, which
 // the AlongN raster order hands to neighbouring CTAs at the same time, so its weight tile comes
-// from HBM once and from L2 for the others),
-// wide up to QMOE_SWAP_AB's mean rows (57B 512 tokens: 64 mean routed rows, standard deviation 8,
-// so one 80-row tile for all but ~2% of the experts: 1.25x the rows in tile math instead of 2x).
+// from HBM once and from L2 for the others), wide up to QMOE_SWAP_AB's mean rows (57B 512 tokens: 64
+// mean routed rows, standard deviation 8, so one 80-row tile for all but ~2% of the experts: 1.25x
+// the rows in tile math instead of 2x).
 #ifndef QMOE_SM90_SWAP_NARROW_N
 #define QMOE_SM90_SWAP_NARROW_N 32
 #endif
