@@ -408,15 +408,20 @@ def test_tile_rows_switch(lib: K.Kernels) -> None:
 SWAP_TOKENS = [3, 64, 257, 4096]
 
 
-def _gemm_tiles(lib: K.Kernels, shape: ref.MoeShape, tokens: int) -> set[str]:
-    """The CUTLASS tile shapes of one prefill-path layer call (torch profiler)."""
+def _kernel_names(lib: K.Kernels, shape: ref.MoeShape, tokens: int, path: int = K.PATH_PREFILL) -> set[str]:
+    """The kernels of one layer call (bf16, uniform routing), as the torch profiler names them."""
     from torch.profiler import ProfilerActivity, profile
 
     w, x = _case(shape, tokens, torch.bfloat16, skew=False)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        lib.moe_forward(x, w, shape.top_k, False, path=K.PATH_PREFILL)
+        lib.moe_forward(x, w, shape.top_k, False, path=path)
         torch.cuda.synchronize()
-    return {t for t in (K.cutlass_tile(ev.key) for ev in prof.key_averages()) if t is not None}
+    return {ev.key for ev in prof.key_averages()}
+
+
+def _gemm_tiles(lib: K.Kernels, shape: ref.MoeShape, tokens: int) -> set[str]:
+    """The CUTLASS tile shapes of one prefill-path layer call."""
+    return {t for t in map(K.cutlass_tile, _kernel_names(lib, shape, tokens)) if t is not None}
 
 
 def swap_ab_cases() -> None:
@@ -448,19 +453,12 @@ def gemm_pdl_cases() -> None:
     """Run in a process with QMOE_GEMM_PDL=1: the Hopper grouped GEMMs launched with programmatic
     dependent launch behind griddepcontrol.wait, against the reference (with and without the side
     stream, small and large tiles), and the wrapper kernel is what ran."""
-    from torch.profiler import ProfilerActivity, profile
-
     lib = K.load(build_if_needed=False)
     assert lib.features() & K.FEATURE_GEMM_PDL and lib.features() & K.FEATURE_PDL, "QMOE_GEMM_PDL is not in effect"
     for _ in _checked_cases(TILE_ROWS_SHAPES, [3, 64, 257, 4096], K.PATH_PREFILL, "gemm pdl",
                             routings=((False, False), (True, True))):
         pass
-    shape = ref.E64_TOP8
-    w, x = _case(shape, 257, torch.bfloat16, skew=False)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        lib.moe_forward(x, w, shape.top_k, False, path=K.PATH_PREFILL)
-        torch.cuda.synchronize()
-    gemms = [ev.key for ev in prof.key_averages() if "cutlass" in ev.key]
+    gemms = [n for n in _kernel_names(lib, ref.E64_TOP8, 257) if "cutlass" in n]
     assert gemms and all("pdl_gemm_kernel" in n for n in gemms), gemms
 
 
@@ -539,15 +537,6 @@ def test_hopper_prefill_runs_the_cutlass_grouped_gemm(lib: K.Kernels) -> None:
         pytest.skip("the CUTLASS path is Hopper (sm_90a) code")
     if not lib.features() & K.FEATURE_SM90_GEMM:
         pytest.skip("built without CUTLASS (scripts/get_cutlass.sh fetches its headers)")
-    from torch.profiler import ProfilerActivity, profile
-
-    shape, dtype = ref.E64_TOP8, torch.bfloat16
-    w, x = _case(shape, 257, dtype, skew=False)
-    names: dict[int, set[str]] = {}
-    for path in (K.PATH_PREFILL, K.PATH_PREFILL_WMMA):
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            lib.moe_forward(x, w, shape.top_k, False, path=path)
-            torch.cuda.synchronize()
-        names[path] = {ev.key for ev in prof.key_averages()}
+    names = {path: _kernel_names(lib, ref.E64_TOP8, 257, path) for path in (K.PATH_PREFILL, K.PATH_PREFILL_WMMA)}
     assert any("cutlass" in n for n in names[K.PATH_PREFILL]), sorted(names[K.PATH_PREFILL])
     assert not any("cutlass" in n for n in names[K.PATH_PREFILL_WMMA]), sorted(names[K.PATH_PREFILL_WMMA])
