@@ -35,7 +35,17 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    add_gate_up_block_arg(ap)
     return ap.parse_args()
+
+
+def add_gate_up_block_arg(ap: argparse.ArgumentParser) -> None:
+    """--gate-up-block (shared with profile_moe_gpu.py); its default comes from the environment so that
+    scripts/gpu_session.sh's tune sets, which are environments, can choose it."""
+    ap.add_argument("--gate-up-block", type=int, default=int(os.environ.get("QMOE_BENCH_GATE_UP_BLOCK", "0") or 0),
+                    help="gate/up weight rows in alternating blocks of this many rows (qmoe_moe_params."
+                         "gate_up_block; 128: SwiGLU in the Hopper GEMM 1's epilogue); 0: gate rows then up "
+                         "rows. Default: $QMOE_BENCH_GATE_UP_BLOCK or 0")
 
 
 def time_ms(fn, iters: int, warmup: int) -> float:
@@ -145,7 +155,7 @@ def write_json(args: argparse.Namespace, device: str, torch_version: str, shape:
     result = {
         "device": device, "torch": torch_version, "dtype": "bfloat16", "kernel_features": features,
         "shape": shape, "copy_bandwidth_Bps": bw, "peak_bf16_flops": PEAK_BF16_FLOPS,
-        "iters": args.iters, "warmup": args.warmup, "rows": rows,
+        "iters": args.iters, "warmup": args.warmup, "gate_up_block": args.gate_up_block, "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as tmp:
@@ -184,6 +194,10 @@ def main() -> int:
         return 2
     torch, K, ref, lib, w, features = loaded
     shape = ref.QWEN2_57B
+    # The kernels' weights: w (what the references use) in the --gate-up-block layout.
+    wk = K.interleave_gate_up(w, args.gate_up_block) if args.gate_up_block else w
+    if args.gate_up_block:
+        print(f"gate/up weights in blocks of {args.gate_up_block} rows")
     block = None
     if not args.no_transformers:
         try:
@@ -204,8 +218,9 @@ def main() -> int:
         x = ref.make_hidden(tokens, shape.hidden, torch.bfloat16, "cuda", seed=tokens)
         ids, _, _ = lib.moe_route(x, w, shape.top_k, False)
         row = {"tokens": tokens, **roofline(tokens, int(torch.unique(ids).numel()), shape, bw)}
-        def forward(weights=w, path=K.PATH_AUTO, x=x):
-            return lib.moe_forward(x, weights, shape.top_k, False, path=path, workspace=ws)
+        def forward(weights=wk, path=K.PATH_AUTO, x=x):
+            return lib.moe_forward(x, weights, shape.top_k, False, path=path, workspace=ws,
+                                   gate_up_block=args.gate_up_block)
 
         ours = forward()
         row["ours_ms"] = time_ms(forward, args.iters, args.warmup)
@@ -214,7 +229,7 @@ def main() -> int:
         for name, path in paths:
             row[f"ours_{name}_ms"] = time_ms(lambda: forward(path=path), args.iters, args.warmup)
         if tokens >= 512:  # routed experts alone (what vLLM's fused_experts computes): their TFLOP/s
-            routed = {k: v for k, v in w.items() if not k.startswith("shared")}
+            routed = {k: v for k, v in wk.items() if not k.startswith("shared")}
             row["routed_only_ms"] = time_ms(lambda: forward(routed), args.iters, args.warmup)
             routed_flops = 2 * tokens * shape.top_k * 3 * shape.inter * shape.hidden
             row["routed_only_tflops"] = routed_flops / (row["routed_only_ms"] * 1e-3) / 1e12

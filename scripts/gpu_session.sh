@@ -43,7 +43,10 @@ every=("${back[@]%%=*}" "${switches[@]%%=*}" QMOE_DECODE_MAX_TOKENS)  # unset fo
 # Not again: PDL, the tensor-core router, the multi-CTA permutation and the split shared down
 # projection (each won alone in run 5; switches_off sets them back together), QMOE_DECODE_MMA (lost
 # by 6-35%).
-tune_sets=("SHARED_STREAM_0:QMOE_SHARED_STREAM=0" "SHARED_STREAM_8:QMOE_SHARED_STREAM=8" "SWAP_AB_128:QMOE_SWAP_AB=128"
+# FUSED_128: the weights in 128-row gate/up blocks (stop 22), so that Hopper's GEMM 1 does SwiGLU in
+# its epilogue (bench_moe_gpu.py --gate-up-block from the environment), alone and with GEMM PDL.
+tune_sets=("FUSED_128:QMOE_BENCH_GATE_UP_BLOCK=128" "FUSED_128+GEMM_PDL_1:QMOE_BENCH_GATE_UP_BLOCK=128 QMOE_GEMM_PDL=1"
+           "SHARED_STREAM_0:QMOE_SHARED_STREAM=0" "SHARED_STREAM_8:QMOE_SHARED_STREAM=8" "SWAP_AB_128:QMOE_SWAP_AB=128"
            "SWAP_AB_128+SHARED_STREAM_0:QMOE_SWAP_AB=128 QMOE_SHARED_STREAM=0"
            "GEMM_PDL_1:QMOE_GEMM_PDL=1" "GEMM_PDL_1+SWAP_AB_128:QMOE_GEMM_PDL=1 QMOE_SWAP_AB=128"
            "TILE_ROWS_96:QMOE_TILE_ROWS=96" "SHARED_INTERLEAVE_0:QMOE_SHARED_INTERLEAVE=0")
@@ -154,11 +157,13 @@ else
         [ -f "$carry/${v%%:*}.so" ] && bench "${v%%:*}" "$carry/${v%%:*}.so"
     done
     # Nsight Compute on one layer call each, as NAME:TOKENS:FLAG:ENV, the most telling first (the
-    # budget may cut the list): swapped tiles at 512 and 64 tokens (DRAM throughput against the
-    # default's), the default at 512 (the spread GEMMs), the routed experts at 4096 (tensor pipes).
+    # budget may cut the list): the routed experts at 4096 with SwiGLU in GEMM 1's epilogue (its
+    # stores from registers) and without (tensor pipes), swapped tiles at 512 and 64 tokens (DRAM
+    # throughput against the default's), the default at 512 (the spread GEMMs).
     ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
     if [ -n "$ncu" ]; then
-        for spec in "512swap:512::QMOE_SWAP_AB=128" "64swap:64::QMOE_SWAP_AB=128" "512:512::" "4096:4096:--routed-only:"; do
+        for spec in "4096fused:4096:--routed-only:QMOE_BENCH_GATE_UP_BLOCK=128" "4096:4096:--routed-only:" \
+            "512swap:512::QMOE_SWAP_AB=128" "64swap:64::QMOE_SWAP_AB=128" "512:512::"; do
             IFS=: read -r name t flag envs <<<"$spec"
             left=$((budget_s - SECONDS))
             if [ "$left" -lt 45 ]; then

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench_moe_gpu import load_layer  # this folder is on sys.path when the script runs
+from bench_moe_gpu import add_gate_up_block_arg, load_layer  # this folder is on sys.path when the script runs
 
 
 def main() -> int:
@@ -21,21 +21,24 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--warm", type=int, default=3, help="unprofiled calls first")
     ap.add_argument("--routed-only", action="store_true", help="drop the shared expert")
+    add_gate_up_block_arg(ap)
     args = ap.parse_args()
     loaded = load_layer("profile_moe_gpu")
     if loaded is None:
         return 2
-    torch, _, ref, lib, w, _ = loaded
+    torch, K, ref, lib, w, _ = loaded
     shape = ref.QWEN2_57B
+    if args.gate_up_block:
+        w = K.interleave_gate_up(w, args.gate_up_block)
     if args.routed_only:
         w = {k: v for k, v in w.items() if not k.startswith("shared")}
     x = ref.make_hidden(args.tokens, shape.hidden, torch.bfloat16, "cuda", seed=args.tokens)
     ws = torch.empty(lib.workspace_size(x, w, shape.top_k), dtype=torch.uint8, device="cuda")
     for _ in range(args.warm):
-        lib.moe_forward(x, w, shape.top_k, False, workspace=ws)
+        lib.moe_forward(x, w, shape.top_k, False, workspace=ws, gate_up_block=args.gate_up_block)
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
-    lib.moe_forward(x, w, shape.top_k, False, workspace=ws)
+    lib.moe_forward(x, w, shape.top_k, False, workspace=ws, gate_up_block=args.gate_up_block)
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
     print(f"profiled one layer call: {args.tokens} tokens, features {lib.features()}")

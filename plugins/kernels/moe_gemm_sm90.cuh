@@ -72,6 +72,7 @@ using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>; // 
 struct SmallTiles
 {
     static constexpr bool kSwap = false;
+    static constexpr bool kSwiglu = false;
     using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
     using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
     using Tile = Shape<_64, Int<QMOE_SM90_SMALL_TILE_N>, Int<QMOE_SM90_SMALL_TILE_K>>;
@@ -87,6 +88,7 @@ struct SmallTiles
 struct LargeTiles
 {
     static constexpr bool kSwap = false;
+    static constexpr bool kSwiglu = false;
 #if QMOE_SM90_LARGE_PINGPONG
     using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
     using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
@@ -120,6 +122,7 @@ template <int N>
 struct SwapTiles
 {
     static constexpr bool kSwap = true;
+    static constexpr bool kSwiglu = false;
     using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
     using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
     using Tile = Shape<_128, Int<N>, _64>;
@@ -127,6 +130,17 @@ struct SwapTiles
 };
 using SwapNarrowTiles = SwapTiles<QMOE_SM90_SWAP_NARROW_N>;
 using SwapWideTiles = SwapTiles<QMOE_SM90_SWAP_WIDE_N>;
+
+// Weights in QMOE_GATE_UP_FUSED_BLOCK blocks (qmoe_moe_params.gate_up_block): GEMM 1 with SwiGLU in
+// its epilogue (SwigluEpilogue), in Base's tiles and kernel but always 256 columns wide, so that a
+// tile holds gate and up of the same 128 intermediate columns. GEMM 2 is unchanged (Base).
+template <typename Base>
+struct Fused : Base
+{
+    static constexpr bool kSwiglu = true;
+    using Tile = Shape<decltype(size<0>(typename Base::Tile{})), Int<2 * QMOE_GATE_UP_FUSED_BLOCK>,
+        decltype(size<2>(typename Base::Tile{}))>;
+};
 
 template <typename T>
 struct CutlassType;
@@ -141,6 +155,165 @@ struct CutlassType<__half>
     using type = cutlass::half_t;
 };
 
+// GEMM 1's epilogue for weights in QMOE_GATE_UP_FUSED_BLOCK blocks: instead of the tile's 256
+// gate/up columns it writes h[r, j] = s(r) * silu(gate[r, j]) * up[r, j] for its 128 intermediate
+// columns j, straight from the fp32 accumulators (no bf16 rounding of gate and up in between), with
+// s(r) the row's routing weight (shared rows: the shared expert's gate, or 1 when the side stream
+// runs its GEMM 1 before the router: then [Combine] applies the gate), into row r of D from
+// column 0: the separate SwiGLU pass and its 3 x 2 bytes per element of traffic go away, and GEMM 1
+// writes half the bytes. A CUTLASS collective epilogue without shared memory, in the shape of
+// CUTLASS's DefaultEpilogueArray (the kernels run it through Sm90TmaWarpSpecializedAdapter, as
+// CUTLASS's builder does for PtrArrayNoSmemWarpSpecialized), so each thread stores from registers:
+// wgmma's accumulator fragment of an M x 256 tile holds, per thread, values
+// ((2 adjacent columns, rows r and r + 8, 32 column groups of 8), M / 64 row blocks, 1): gate column
+// c (group c / 8 < 16) and up column c (group c / 8 + 16) sit in the same thread.
+template <typename T>
+class SwigluEpilogue
+{
+public:
+    using E = typename CutlassType<T>::type;
+    using EpilogueSchedule = cutlass::epilogue::PtrArrayNoSmemWarpSpecialized;
+    using DispatchPolicy = EpilogueSchedule;
+    // Names the element types for GemmUniversalAdapter; never called.
+    using ThreadEpilogueOp = cutlass::epilogue::thread::LinearCombination<E, 1, float, float>;
+    using ElementOutput = E;
+    using ElementAccumulator = float;
+    using ElementCompute = float;
+    using ElementScalar = float;
+    using ElementC = E; // C is never read
+    using ElementD = E;
+    using InternalStrideC = cute::Stride<int64_t, cute::Int<1>, cute::Int<0>>;
+    using InternalStrideD = InternalStrideC;
+    using StrideC = InternalStrideC*;
+    using StrideD = InternalStrideD*;
+    using GmemTiledCopyC = void;
+    using GmemTiledCopyD = void;
+    static constexpr int kBlock = QMOE_GATE_UP_FUSED_BLOCK;
+
+    struct SharedStorage
+    {
+    };
+    using TensorMapStorage = SharedStorage;
+
+    struct Arguments
+    {
+        E** ptr_D = nullptr;                   // per group: h row 0, column 0
+        InternalStrideD const* dD = nullptr;   // per group: h's row pitch
+        float const* const* scale = nullptr;   // per group: s of its rows
+    };
+    using Params = Arguments;
+
+    template <class ProblemShape>
+    static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*)
+    {
+        return args;
+    }
+
+    template <class ProblemShape>
+    static size_t get_workspace_size(ProblemShape const&, Arguments const&, int)
+    {
+        return 0;
+    }
+
+    template <class ProblemShape>
+    static cutlass::Status initialize_workspace(
+        ProblemShape const&, Arguments const&, void*, cudaStream_t, cutlass::CudaHostAdapter* = nullptr)
+    {
+        return cutlass::Status::kSuccess;
+    }
+
+    template <class ProblemShape>
+    static bool can_implement(ProblemShape const&, Arguments const& args)
+    {
+        return args.ptr_D != nullptr && args.dD != nullptr && args.scale != nullptr;
+    }
+
+    CUTLASS_HOST_DEVICE SwigluEpilogue(Params const& params)
+        : params_(params)
+    {
+    }
+
+    CUTLASS_DEVICE bool is_source_needed()
+    {
+        return false;
+    }
+
+    // The problem's N counts the stored gate/up rows of the entry (2x its intermediate columns);
+    // block coordinate n covers intermediate columns [n * 128, n * 128 + 128).
+    template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine, class FrgLayout,
+        class TiledMma, class ResidueMNK>
+    CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_mnk,
+        BlockCoordMNKL blk_coord_mnkl, cute::Tensor<FrgEngine, FrgLayout> const& acc, TiledMma tiled_mma, ResidueMNK,
+        int thread_idx, char*)
+    {
+        using namespace cute;
+        constexpr int kTileM = size<0>(BlockShapeMNK{});
+        constexpr int kTileN = size<1>(BlockShapeMNK{});
+        static_assert(kTileN == 2 * kBlock, "a tile holds one gate block and its up block");
+        static_assert(rank(FrgLayout{}) == 3 && rank<0>(FrgLayout{}) == 3, "wgmma accumulator fragment");
+        static_assert(size<0, 0>(FrgLayout{}) == 2 && size<0, 1>(FrgLayout{}) == 2
+                && size<0, 2>(FrgLayout{}) * 8 == kTileN && size<2>(FrgLayout{}) == 1,
+            "one wgmma atom spans the tile's 256 columns: (2 columns, 2 rows, 32 groups of 8 columns)");
+        constexpr int kGroups = size<0, 2>(FrgLayout{});
+        int const M = get<0>(problem_shape_mnkl);
+        int const out_n = get<1>(problem_shape_mnkl) / 2;
+        int const m_coord = static_cast<int>(get<0>(blk_coord_mnkl));
+        int const n_coord = static_cast<int>(get<1>(blk_coord_mnkl));
+        int const l = static_cast<int>(get<3>(blk_coord_mnkl));
+        int64_t const ld = get<0>(params_.dD[l]);
+        T* const d = reinterpret_cast<T*>(params_.ptr_D[l]);
+        float const* const scale = params_.scale[l]; // nullptr: s = 1 (a.shared_unscaled)
+        // Tile-local (row, column) of each accumulator value of this thread.
+        Tensor const coords = tiled_mma.get_thread_slice(thread_idx)
+                                  .partition_C(make_identity_tensor(make_shape(Int<kTileM>{}, Int<kTileN>{})));
+        int const row0 = m_coord * kTileM;
+        int const col0 = n_coord * kBlock;
+        CUTLASS_PRAGMA_UNROLL
+        for (int mi = 0; mi < size<1>(FrgLayout{}); ++mi)
+        {
+            CUTLASS_PRAGMA_UNROLL
+            for (int r = 0; r < 2; ++r)
+            {
+                int const m = row0 + get<0>(coords(make_coord(make_coord(0, r, 0), mi, 0)));
+                if (m >= M)
+                {
+                    continue;
+                }
+                float const s = scale != nullptr ? scale[m] : 1.0f;
+                T* const d_row = d + m * ld;
+                CUTLASS_PRAGMA_UNROLL
+                for (int grp = 0; grp < kGroups / 2; ++grp)
+                {
+                    int const j = col0 + get<1>(coords(make_coord(make_coord(0, r, grp), mi, 0))); // even
+                    if (j < out_n) // out_n is a multiple of 8, so j + 1 < out_n too
+                    {
+                        float const g0 = acc(make_coord(make_coord(0, r, grp), mi, 0));
+                        float const g1 = acc(make_coord(make_coord(1, r, grp), mi, 0));
+                        float const u0 = acc(make_coord(make_coord(0, r, grp + kGroups / 2), mi, 0));
+                        float const u1 = acc(make_coord(make_coord(1, r, grp + kGroups / 2), mi, 0));
+                        store2(d_row + j, s * silu(g0) * u0, s * silu(g1) * u1);
+                    }
+                }
+            }
+        }
+    }
+
+private:
+    static CUTLASS_DEVICE void store2(T* p, float a, float b)
+    {
+        if constexpr (std::is_same_v<T, __nv_bfloat16>)
+        {
+            *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+        }
+        else
+        {
+            *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
+        }
+    }
+
+    Params params_;
+};
+
 // D[M, N] (row-major) = A[M, K] (row-major) . B where B is the weight W[N, K] (row-major), i.e. B
 // column-major: every operand is K-contiguous or N-contiguous with one leading-dimension stride.
 // Swapped (Config::kSwap): A is the weight, B the rows, D column-major (M contiguous).
@@ -153,10 +326,12 @@ struct GroupedGemm
     using LayoutB = cutlass::layout::ColumnMajor;
     using LayoutD = std::conditional_t<Config::kSwap, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
 
-    using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<cutlass::arch::Sm90,
-        cutlass::arch::OpClassTensorOp, typename Config::Tile, typename Config::Cluster,
-        cutlass::epilogue::collective::EpilogueTileAuto, float, float, E, LayoutD*, kAlign, E, LayoutD*, kAlign,
-        typename Config::Epilogue, cutlass::epilogue::fusion::LinearCombination<E, float>>::CollectiveOp;
+    using CollectiveEpilogue = std::conditional_t<Config::kSwiglu,
+        cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<SwigluEpilogue<T>>,
+        typename cutlass::epilogue::collective::CollectiveBuilder<cutlass::arch::Sm90,
+            cutlass::arch::OpClassTensorOp, typename Config::Tile, typename Config::Cluster,
+            cutlass::epilogue::collective::EpilogueTileAuto, float, float, E, LayoutD*, kAlign, E, LayoutD*, kAlign,
+            typename Config::Epilogue, cutlass::epilogue::fusion::LinearCombination<E, float>>::CollectiveOp>;
 
     using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<cutlass::arch::Sm90,
         cutlass::arch::OpClassTensorOp, E, LayoutA*, kAlign, E, LayoutB*, kAlign, float, typename Config::Tile,
@@ -188,6 +363,7 @@ struct GemmArrays
     Stride* sa;
     Stride* sb;
     Stride* sd; // StrideCol in a swapped GEMM (col_strides)
+    float const** scale; // GEMM 1 with SwiGLU in its epilogue: each entry's row weights (SwigluEpilogue)
     __host__ __device__ StrideCol* col_strides() const
     {
         return reinterpret_cast<StrideCol*>(sd);
@@ -198,7 +374,7 @@ template <typename T>
 size_t gemm_arrays_bytes(int G)
 {
     using A = GemmArrays<T>;
-    return align_up(G * sizeof(typename A::Shape3), 16) + 3 * align_up(G * sizeof(void*), 16)
+    return align_up(G * sizeof(typename A::Shape3), 16) + 4 * align_up(G * sizeof(void*), 16)
         + 3 * align_up(G * sizeof(typename A::Stride), 16);
 }
 
@@ -220,6 +396,7 @@ GemmArrays<T> carve_gemm_arrays(char* base, int G)
     arr.sa = reinterpret_cast<typename A::Stride*>(take(G * sizeof(typename A::Stride)));
     arr.sb = reinterpret_cast<typename A::Stride*>(take(G * sizeof(typename A::Stride)));
     arr.sd = reinterpret_cast<typename A::Stride*>(take(G * sizeof(typename A::Stride)));
+    arr.scale = reinterpret_cast<float const**>(take(G * sizeof(void*)));
     return arr;
 }
 
@@ -254,11 +431,13 @@ __device__ void set_entry(GemmArrays<T> const& g, int i, bool swap, int rows, in
 }
 
 // GEMM 1 entry i. Routed expert e < a.E: its gate/up over its gathered rows of xg (from its
-// permuted row offset). Shared expert (e == a.E): columns [piece * w, (piece + 1) * w) of its 2*Is,
-// w = 2*Is / parts, over x itself; its act rows start at T*k. Output pitch 2N (N = I or Is).
+// permuted row offset). Shared expert (e == a.E): weight rows [piece * w, (piece + 1) * w) of its
+// 2*Is, w = 2*Is / parts, over x itself; its act rows start at T*k. Output pitch 2N (N = I or Is):
+// the piece's gate/up columns at the same offsets, or with SwiGLU in the epilogue (fused) its w / 2
+// intermediate columns from column piece * w / 2 (w a multiple of 256: shared_gemm1_parts).
 template <typename T>
 __device__ void set_gemm1_entry(MoeArgs const& a, T const* xg, GemmArrays<T> const& g1, int i, int e, int piece,
-    int parts, bool swap)
+    int parts, bool swap, bool fused)
 {
     bool const routed = e < a.E;
     int const pitch = routed ? 2 * a.I : 2 * a.Is;
@@ -268,7 +447,8 @@ __device__ void set_gemm1_entry(MoeArgs const& a, T const* xg, GemmArrays<T> con
                               : static_cast<T const*>(a.shared_gate_up_w);
     set_entry<T>(g1, i, swap, routed ? a.group_count[e] : a.T, w, a.H,
         routed ? xg + row0 * a.H : static_cast<T const*>(a.x), a.H, b + static_cast<int64_t>(piece) * w * a.H, a.H,
-        static_cast<T*>(a.act) + row0 * 2 * a.I + static_cast<int64_t>(piece) * w, pitch);
+        static_cast<T*>(a.act) + row0 * pitch + static_cast<int64_t>(piece) * (fused ? w / 2 : w), pitch);
+    g1.scale[i] = !routed && a.shared_unscaled ? nullptr : a.row_weight + row0; // nullptr: [Combine] applies it
 }
 
 // Problem shapes, operand pointers and strides of both GEMMs, one thread per entry, in the tile
@@ -278,7 +458,8 @@ __device__ void set_gemm1_entry(MoeArgs const& a, T const* xg, GemmArrays<T> con
 // the shared expert's down projection as S = a.shared_splits K-slices (slice s writes y rows
 // [T*k + s*T, T*k + (s+1)*T), summed by [Combine]).
 template <typename T>
-__global__ void setup_kernel(MoeArgs a, T const* xg, int parts1, bool swap, GemmArrays<T> g1, GemmArrays<T> g2)
+__global__ void setup_kernel(
+    MoeArgs a, T const* xg, int parts1, bool swap, bool fused, GemmArrays<T> g1, GemmArrays<T> g2)
 {
     int const S = a.has_shared ? a.shared_splits : 0;
     int const G1 = a.E + parts1;
@@ -292,7 +473,7 @@ __global__ void setup_kernel(MoeArgs a, T const* xg, int parts1, bool swap, Gemm
         if (i < G1)
         {
             int const s = sched_entry(i, a.E, parts1, spread);
-            set_gemm1_entry(a, xg, g1, i, s >= 0 ? a.E : -1 - s, s >= 0 ? s : 0, s >= 0 ? parts1 : 1, swap);
+            set_gemm1_entry(a, xg, g1, i, s >= 0 ? a.E : -1 - s, s >= 0 ? s : 0, s >= 0 ? parts1 : 1, swap, fused);
         }
         if (i < G2)
         {
@@ -319,12 +500,12 @@ __global__ void setup_kernel(MoeArgs a, T const* xg, int parts1, bool swap, Gemm
 // QMOE_SHARED_STREAM: the one entry of the side stream's GEMM 1 (the shared expert's gate/up, whole),
 // from sizes alone: it needs nothing from the routing, so it runs beside it.
 template <typename T>
-__global__ void setup_shared_kernel(MoeArgs a, bool swap, GemmArrays<T> gs)
+__global__ void setup_shared_kernel(MoeArgs a, bool swap, bool fused, GemmArrays<T> gs)
 {
     pdl_enter();
     if (blockIdx.x == 0 && threadIdx.x == 0)
     {
-        set_gemm1_entry<T>(a, nullptr, gs, 0, a.E, 0, 1, swap);
+        set_gemm1_entry<T>(a, nullptr, gs, 0, a.E, 0, 1, swap, fused);
     }
 }
 
@@ -442,14 +623,25 @@ cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_byt
     }
     hw.sm_count = std::max(1, hw.sm_count - reserve_sms); // persistent CTAs: one per SM it may use
     StrideD* const sd = reinterpret_cast<StrideD*>(arr.sd); // the type setup_kernel wrote (set_entry)
-    typename GG::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGrouped, {G, arr.shapes, nullptr},
-        {arr.a, arr.sa, arr.b, arr.sb}, {{}, const_cast<typename GG::E const**>(arr.d), sd, arr.d, sd}, hw};
+    typename GG::Gemm::Arguments args{};
+    args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
+    args.problem_shape = {G, arr.shapes, nullptr};
+    args.mainloop = {arr.a, arr.sa, arr.b, arr.sb};
+    args.hw_info = hw;
+    if constexpr (Config::kSwiglu)
+    {
+        args.epilogue = {arr.d, sd, arr.scale};
+    }
+    else
+    {
+        args.epilogue = {{}, const_cast<typename GG::E const**>(arr.d), sd, arr.d, sd};
+        args.epilogue.thread.alpha = 1.0f;
+        args.epilogue.thread.beta = 0.0f; // C is never read
+    }
     // Tiles in entry order; inside an entry along M (the row tiles of one weight tile go to
     // neighbouring CTAs together, so all but one find it in L2), swapped along N (the weight is M there).
     using Raster = decltype(args.scheduler.raster_order);
     args.scheduler.raster_order = Config::kSwap ? Raster::AlongN : Raster::AlongM;
-    args.epilogue.thread.alpha = 1.0f;
-    args.epilogue.thread.beta = 0.0f; // C is never read
     if (GG::Gemm::get_workspace_size(args) > ws_bytes)
     {
         return cudaErrorInvalidValue;
@@ -486,7 +678,8 @@ cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_byt
 // padded math; QMOE_TILE_ROWS=96 was the default until stop 20); at 4096 tokens (512 rows) 128-row
 // tiles pad ~12% of the routed math, 64-row tiles ~6% (QMOE_TILE_ROWS=1048576 tests them there).
 // QMOE_SWAP_AB=n: swapped tiles (SwapTiles) up to n mean rows per group instead, narrow ones up to
-// kSwapNarrowMaxRows.
+// kSwapNarrowMaxRows; not for GEMM 1 with SwiGLU in its epilogue (fused: weights in
+// QMOE_GATE_UP_FUSED_BLOCK blocks), whose tiles must be 256 weight rows wide.
 enum class Tiles
 {
     kSmall,
@@ -495,10 +688,10 @@ enum class Tiles
     kSwapWide
 };
 
-inline Tiles tiles_for(int64_t mean_rows)
+inline Tiles tiles_for(int64_t mean_rows, bool fused)
 {
     int const swap = tuning().swap_ab_rows;
-    if (swap > 0 && mean_rows <= swap)
+    if (swap > 0 && mean_rows <= swap && !fused)
     {
         return mean_rows <= kSwapNarrowMaxRows ? Tiles::kSwapNarrow : Tiles::kSwapWide;
     }
@@ -510,10 +703,17 @@ inline bool swapped(Tiles t)
     return t == Tiles::kSwapNarrow || t == Tiles::kSwapWide;
 }
 
+// swiglu: GEMM 1 with SwiGLU in its epilogue (Fused tiles; small or large only).
 template <typename T>
 cudaError_t run_grouped_for(Tiles tiles, int groups, GemmArrays<T> const& arr, void* ws, size_t ws_bytes,
-    cudaStream_t stream, int reserve_sms = 0, bool pdl = false)
+    cudaStream_t stream, int reserve_sms = 0, bool pdl = false, bool swiglu = false)
 {
+    if (swiglu)
+    {
+        return tiles == Tiles::kSmall
+            ? run_grouped<T, Fused<SmallTiles>>(groups, arr, ws, ws_bytes, stream, reserve_sms, pdl)
+            : run_grouped<T, Fused<LargeTiles>>(groups, arr, ws, ws_bytes, stream, reserve_sms, pdl);
+    }
     switch (tiles)
     {
     case Tiles::kSmall: return run_grouped<T, SmallTiles>(groups, arr, ws, ws_bytes, stream, reserve_sms, pdl);
@@ -531,10 +731,13 @@ template <typename T>
 cudaError_t launch_shared_gemm1_t(MoeArgs const& a, SideLaunch const& side)
 {
     Sm90Scratch<T> const s = carve_scratch<T>(a);
-    Tiles const tiles = tiles_for(a.T); // its one group has T rows (the routed groups' rule is their mean rows)
-    cudaError_t const err
-        = launch_kernel(setup_shared_kernel<T>, dim3(1), dim3(32), 0, side.stream, false, a, swapped(tiles), s.gs);
-    return err != cudaSuccess ? err : run_grouped_for<T>(tiles, 1, s.gs, s.ws[1], s.ws_bytes, side.stream, side.reserve_sms);
+    bool const fused = a.gate_up_block == QMOE_GATE_UP_FUSED_BLOCK;
+    Tiles const tiles = tiles_for(a.T, fused); // its one group has T rows (the routed groups' rule is their mean rows)
+    cudaError_t const err = launch_kernel(
+        setup_shared_kernel<T>, dim3(1), dim3(32), 0, side.stream, false, a, swapped(tiles), fused, s.gs);
+    return err != cudaSuccess
+        ? err
+        : run_grouped_for<T>(tiles, 1, s.gs, s.ws[1], s.ws_bytes, side.stream, side.reserve_sms, false, fused);
 }
 
 template <typename T>
@@ -551,23 +754,26 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream, SideLaunch cons
     // (pdl_gemm_kernel). The side stream's GEMM is always launched plainly (it follows an event).
     bool const pdl = a.pdl != 0;
     bool const gemm_pdl = pdl && tuning().gemm_pdl;
-    Tiles const tiles = tiles_for(static_cast<int64_t>(a.T) * a.k / a.E);
+    // Weights in QMOE_GATE_UP_FUSED_BLOCK blocks: SwiGLU in GEMM 1's epilogue, no SwiGLU pass.
+    bool const fused = a.gate_up_block == QMOE_GATE_UP_FUSED_BLOCK;
+    Tiles const tiles = tiles_for(static_cast<int64_t>(a.T) * a.k / a.E, fused);
     int64_t const gather_total = static_cast<int64_t>(a.T) * a.k * (a.H / 8);
     dim3 const gather_grid(static_cast<unsigned>(std::min<int64_t>((gather_total + 255) / 256, 8192)));
     cudaError_t err = launch_kernel(gather_kernel<T>, gather_grid, dim3(256), 0, stream, pdl, a, xg);
     if (err == cudaSuccess)
     {
-        err = launch_kernel(setup_kernel<T>, dim3(1), dim3(256), 0, stream, pdl, a, xg, parts1, swapped(tiles), s.g1, s.g2);
+        err = launch_kernel(
+            setup_kernel<T>, dim3(1), dim3(256), 0, stream, pdl, a, xg, parts1, swapped(tiles), fused, s.g1, s.g2);
     }
     if (err == cudaSuccess)
     {
-        err = run_grouped_for<T>(tiles, a.E + parts1, s.g1, s.ws[0], s.ws_bytes, stream, 0, gemm_pdl);
+        err = run_grouped_for<T>(tiles, a.E + parts1, s.g1, s.ws[0], s.ws_bytes, stream, 0, gemm_pdl, fused);
         if (err == cudaSuccess && side != nullptr)
         {
             err = cudaStreamWaitEvent(stream, side->join, 0);
         }
     }
-    if (err == cudaSuccess)
+    if (err == cudaSuccess && !fused)
     {
         int64_t const total = static_cast<int64_t>(a.T) * (static_cast<int64_t>(a.k) * a.I + a.has_shared * a.Is) / 8;
         dim3 const grid(static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 8192)));

@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(MoeArgs a)
                 int const j = n_tile * (kBN / 2) + n % (kBN / 2);
                 int const half = n / (kBN / 2); // 0: gate rows, 1: up rows
                 b_ok[i] = j < inter;
-                b_src[i] = w + static_cast<int64_t>(half * inter + j) * a.H;
+                b_src[i] = w + gate_up_row(j, half, inter, a.gate_up_block) * a.H;
             }
             else
             {

@@ -104,7 +104,7 @@ __device__ __forceinline__ T const* weight_row(MoeArgs const& a, int g, int c0, 
                             : static_cast<T const*>(a.shared_gate_up_w);
         int const j = c0 + r % S::kCols;
         *ok = j < inter;
-        return w + static_cast<int64_t>((r / S::kCols) * inter + j) * a.H;
+        return w + gate_up_row(j, r / S::kCols, inter, a.gate_up_block) * a.H;
     }
     T const* w = routed ? static_cast<T const*>(a.down_w) + static_cast<int64_t>(g) * a.H * a.I
                         : static_cast<T const*>(a.shared_down_w);

@@ -179,8 +179,10 @@ inline int shared_splits_for(int64_t T, int64_t Is)
 // QMOE_SHARED_INTERLEAVE=n: the shared expert's GEMM 1 (T rows x 2*Is columns) in this many column
 // slices, at most n (a power of two): whole 256-column output tiles per slice where possible (256: a
 // multiple of every tile width moe_gemm_sm90.cuh is built with, 128 or 256), else multiples of 8
-// columns (16-byte aligned operands). 57B: 2*Is = 40960 -> 32 slices of 1280.
-inline int shared_gemm1_parts(int64_t Is, int n)
+// columns (16-byte aligned operands). 57B: 2*Is = 40960 -> 32 slices of 1280. whole_tiles (SwiGLU in
+// GEMM 1's epilogue, whose 256-column tiles must each hold whole gate/up block pairs): only the former,
+// else one slice.
+inline int shared_gemm1_parts(int64_t Is, int n, bool whole_tiles = false)
 {
     int const most = std::min(n, kMaxSharedParts);
     int tiles = 1; // slices of whole 256-column tiles
@@ -190,7 +192,7 @@ inline int shared_gemm1_parts(int64_t Is, int n)
         tiles = (2 * Is) % (256 * p) == 0 ? p : tiles;
         cols = (2 * Is) % (8 * p) == 0 ? p : cols;
     }
-    return tiles > 1 ? tiles : cols;
+    return tiles > 1 || whole_tiles ? tiles : cols;
 }
 
 // GEMM 1 column slices of the shared expert for a layer call (0: shared first and whole): the
@@ -247,10 +249,13 @@ struct MoeArgs
     int interleave;    // Hopper grouped GEMMs: shared pieces spread among the routed experts (sched_entry)
     int router_splits; // K-split partial sums in logits (<= router_split_cap(T)); the top-k kernel adds them
     int pdl;           // launch with programmatic dependent launch (QMOE_PDL=1 and a Hopper+ device)
+    int gate_up_block; // qmoe_moe_params.gate_up_block: 0 = gate rows then up rows, else alternating blocks
+    int shared_unscaled; // the shared expert's y rows lack its gate, which [Combine] applies: SwiGLU in
+                         // the side stream's GEMM 1 epilogue runs before the router has computed the gate
 
     void const* x;         // [T, H]
     void const* router_w;  // [E, H]
-    void const* gate_up_w; // [E, 2I, H]
+    void const* gate_up_w; // [E, 2I, H], rows as gate_up_row()
     void const* down_w;    // [E, H, I]
     void const* shared_gate_up_w;
     void const* shared_down_w;
@@ -271,6 +276,16 @@ struct MoeArgs
     void* y;               // [R, H] weighted expert outputs; shared rows: shared_splits blocks of T rows
     void* sm90_scratch;    // kSm90ScratchBytes when kHasSm90Gemm, else nullptr
 };
+
+// Row of a gate/up weight matrix (one routed expert's [2*inter, H], or the shared expert's) holding
+// intermediate column j of gate (up = 0) or up (up = 1), for qmoe_moe_params.gate_up_block `block`:
+// 0 = gate rows 0..inter-1 then up rows (one block of inter rows), else blocks of `block` rows
+// alternating gate, up.
+__host__ __device__ inline int64_t gate_up_row(int j, int up, int inter, int block)
+{
+    int const b = block > 0 ? block : inter;
+    return static_cast<int64_t>(j / b) * 2 * b + static_cast<int64_t>(up) * b + j % b;
+}
 
 struct WorkspaceLayout
 {

@@ -23,7 +23,8 @@ namespace
 
 constexpr int kCombineThreads = 256;
 
-// out[t] = sum_j y[slot_row[t*k + j]] + y[T*k + t] (shared), fp32 in choice order: deterministic.
+// out[t] = sum_j y[slot_row[t*k + j]] + y[T*k + t] (shared; times its gate when a.shared_unscaled),
+// fp32 in choice order: deterministic.
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(MoeArgs a)
 {
@@ -38,22 +39,23 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(MoeArgs a)
         int const t = static_cast<int>(i / chunks);
         int const h = static_cast<int>(i % chunks) * 8;
         float acc[8] = {};
-        auto add_row = [&](int64_t row) {
+        auto add_row = [&](int64_t row, float scale) {
             float f[8];
             unpack8<T>(load_cached16(y + row * a.H + h), f);
 #pragma unroll
             for (int q = 0; q < 8; ++q)
             {
-                acc[q] += f[q];
+                acc[q] += scale * f[q];
             }
         };
         for (int j = 0; j < a.k; ++j)
         {
-            add_row(a.slot_row[static_cast<int64_t>(t) * a.k + j]);
+            add_row(a.slot_row[static_cast<int64_t>(t) * a.k + j], 1.0f);
         }
+        float const shared_scale = a.shared_unscaled ? a.shared_gate[t] : 1.0f;
         for (int s = 0; s < a.has_shared * a.shared_splits; ++s)
         {
-            add_row(static_cast<int64_t>(a.T) * a.k + static_cast<int64_t>(s) * a.T + t);
+            add_row(static_cast<int64_t>(a.T) * a.k + static_cast<int64_t>(s) * a.T + t, shared_scale);
         }
         *reinterpret_cast<uint4*>(out + static_cast<int64_t>(t) * a.H + h) = pack8<T>(acc);
     }
@@ -103,7 +105,11 @@ int32_t check(qmoe_moe_params const* p, Need need)
         && p->hidden_size <= kMaxHidden && p->hidden_size % 8 == 0 && p->num_experts >= 1
         && p->num_experts <= kMaxExperts && p->top_k >= 1 && p->top_k <= kMaxTopK && p->top_k <= p->num_experts
         && p->moe_intermediate_size > 0 && p->moe_intermediate_size % 8 == 0 && p->shared_intermediate_size >= 0
-        && p->shared_intermediate_size % 8 == 0 && p->path >= QMOE_PATH_AUTO && p->path <= QMOE_PATH_PREFILL_WMMA;
+        && p->shared_intermediate_size % 8 == 0 && p->path >= QMOE_PATH_AUTO && p->path <= QMOE_PATH_PREFILL_WMMA
+        && p->gate_up_block >= 0
+        && (p->gate_up_block == 0
+            || (p->gate_up_block % 8 == 0 && p->moe_intermediate_size % p->gate_up_block == 0
+                && p->shared_intermediate_size % p->gate_up_block == 0));
     if (!sizes_ok)
     {
         return QMOE_ERR_BAD_SHAPE;
@@ -177,6 +183,7 @@ MoeArgs make_args(qmoe_moe_params const* p)
     a.interleave = 0;
     a.router_splits = 1;
     a.pdl = pdl_enabled() ? 1 : 0;
+    a.gate_up_block = p->gate_up_block;
     a.x = p->hidden;
     a.router_w = p->router_weight;
     a.gate_up_w = p->gate_up_weight;
@@ -207,12 +214,16 @@ MoeArgs make_args(qmoe_moe_params const* p)
 }
 
 // Prefill: CUTLASS wgmma grouped GEMMs on Hopper when built with them, else the portable WMMA path.
-bool use_sm90(int path)
+// They take weights in the concatenated layout (SwiGLU in its own pass) or in
+// QMOE_GATE_UP_FUSED_BLOCK blocks (SwiGLU in GEMM 1's epilogue); other blocks take the WMMA path.
+bool use_sm90(int path, int gate_up_block)
 {
 #ifdef QMOE_HAS_SM90_GEMM
-    return path != QMOE_PATH_PREFILL_WMMA && device_capability() == 90; // sm_90a code runs on 9.0 only
+    return path != QMOE_PATH_PREFILL_WMMA && (gate_up_block == 0 || gate_up_block == QMOE_GATE_UP_FUSED_BLOCK)
+        && device_capability() == 90; // sm_90a code runs on 9.0 only
 #else
     (void) path;
+    (void) gate_up_block;
     return false;
 #endif
 }
@@ -428,7 +439,7 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
         return status;
     }
     MoeArgs a = make_args(p);
-    bool const sm90 = use_sm90(p->path);
+    bool const sm90 = use_sm90(p->path, p->gate_up_block);
     // Decode (GEMV) up to a few tokens; above, the grouped GEMMs. Hopper's wgmma path already beats
     // the GEMV at 8 tokens (H100, 57B dims: 1.01 vs 1.11 ms), the portable WMMA path does not.
     // QMOE_DECODE_MMA=n: the tensor-core decode path, taken up to n tokens.
@@ -445,7 +456,7 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
     int const interleave = interleave_parts(tuning().shared_interleave, a.T, a.k, a.E, a.Is);
     if (!decode && sm90 && interleave > 0)
     {
-        a.shared_parts = shared_gemm1_parts(a.Is, interleave);
+        a.shared_parts = shared_gemm1_parts(a.Is, interleave, a.gate_up_block == QMOE_GATE_UP_FUSED_BLOCK);
         a.interleave = 1;
     }
 
@@ -462,6 +473,8 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
     cudaError_t err = cudaSuccess;
     if (ss != nullptr)
     {
+        // SwiGLU in the side stream's GEMM 1 epilogue cannot apply the shared gate (not computed yet).
+        a.shared_unscaled = a.gate_up_block == QMOE_GATE_UP_FUSED_BLOCK ? 1 : 0;
         side_lock = std::unique_lock<std::mutex>(ss->mutex);
         side = SideLaunch{ss->stream, ss->join, stream_sms};
         err = cudaEventRecord(ss->fork, stream);

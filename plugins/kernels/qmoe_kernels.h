@@ -12,7 +12,8 @@
  *   [Experts]  gate/up GEMM with fused SwiGLU -> act; down GEMM scaled by the row weight -> y.
  *              decode path (few tokens): bandwidth-bound warp dot products, weights read once;
  *              prefill path: tensor-core grouped GEMMs (Hopper: CUTLASS wgmma, SwiGLU in its own
- *              pass; elsewhere WMMA bf16/fp16 with SwiGLU fused), fp32 accumulation.
+ *              pass, or in GEMM 1's epilogue for weights in QMOE_GATE_UP_FUSED_BLOCK blocks;
+ *              elsewhere WMMA bf16/fp16 with SwiGLU fused), fp32 accumulation.
  *              Groups without tokens get no work at all.
  *   [Combine]  out[t] = sum_j y[row(t, j)] + y[shared row(t)], fp32 sum in a fixed order
  *
@@ -30,7 +31,7 @@
 extern "C" {
 #endif
 
-#define QMOE_KERNELS_ABI_VERSION 1
+#define QMOE_KERNELS_ABI_VERSION 2 /* 2: qmoe_moe_params.gate_up_block */
 
 typedef enum qmoe_status {
     QMOE_OK = 0,
@@ -47,6 +48,10 @@ typedef enum qmoe_dtype {
     QMOE_DTYPE_BF16 = 1,
     QMOE_DTYPE_FP32 = 2            /* rotary only */
 } qmoe_dtype;
+
+/* qmoe_moe_params.gate_up_block for which Hopper's grouped GEMMs compute SwiGLU in GEMM 1's epilogue:
+ * a 256-row tile of the weights then holds gate and up of the same 128 intermediate columns. */
+#define QMOE_GATE_UP_FUSED_BLOCK 128
 
 typedef enum qmoe_moe_path {
     QMOE_PATH_AUTO = 0,            /* decode if num_tokens <= decode_max_tokens, else prefill */
@@ -72,12 +77,17 @@ typedef struct qmoe_moe_params {
     int32_t dtype;                    /* qmoe_dtype: FP16 or BF16 */
     int32_t path;                     /* qmoe_moe_path */
     int32_t decode_max_tokens;        /* AUTO threshold; <= 0: QMOE_DECODE_MAX_TOKENS, else QMOE_DECODE_MMA's n, else 3 on Hopper with CUTLASS, 8 elsewhere */
+    int32_t gate_up_block;            /* row layout of gate_up_weight and shared_gate_up_weight: 0 = gate rows then
+                                         up rows (as below); b > 0 = blocks of b gate rows and b up rows
+                                         alternate (gate 0..b-1, up 0..b-1, gate b..2b-1, ...; b a multiple of 8
+                                         dividing I and Is). QMOE_GATE_UP_FUSED_BLOCK (128) lets Hopper's GEMMs do
+                                         SwiGLU in GEMM 1's epilogue; any other b > 0 takes the portable paths */
 
     const void* hidden;                    /* [T, H] */
     const void* router_weight;             /* [E, H]        mlp.gate.weight */
-    const void* gate_up_weight;            /* [E, 2*I, H]   rows 0..I-1 gate_proj, I..2I-1 up_proj */
+    const void* gate_up_weight;            /* [E, 2*I, H]   rows 0..I-1 gate_proj, I..2I-1 up_proj (gate_up_block 0) */
     const void* down_weight;               /* [E, H, I]     down_proj */
-    const void* shared_gate_up_weight;     /* [2*Is, H]     shared gate_proj then up_proj */
+    const void* shared_gate_up_weight;     /* [2*Is, H]     shared gate_proj then up_proj (gate_up_block 0) */
     const void* shared_down_weight;        /* [H, Is] */
     const void* shared_expert_gate_weight; /* [1, H] */
     void* output;                          /* [T, H]; must not alias any input */

@@ -22,7 +22,7 @@ BUILD_DIR = ROOT / "build" / "plugins"
 LIB_PATH = BUILD_DIR / "lib" / "libqmoe_kernels.so"
 # QMOE_KERNELS_LIB: use this prebuilt library instead (benchmarking a variant build); never rebuilt.
 OVERRIDE_LIB = os.environ.get("QMOE_KERNELS_LIB")
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 OK = 0
 ERR_NULL_POINTER = 1
@@ -40,6 +40,9 @@ PATH_AUTO = 0
 PATH_DECODE = 1
 PATH_PREFILL = 2  # Hopper: CUTLASS wgmma grouped GEMMs when built in, else WMMA
 PATH_PREFILL_WMMA = 3
+
+# qmoe_moe_params.gate_up_block for which Hopper's GEMMs compute SwiGLU in GEMM 1's epilogue.
+GATE_UP_FUSED_BLOCK = 128
 
 FEATURE_SM90_GEMM = 1
 FEATURE_PDL = 2
@@ -99,6 +102,7 @@ class MoeParams(ctypes.Structure):
         ("dtype", ctypes.c_int32),
         ("path", ctypes.c_int32),
         ("decode_max_tokens", ctypes.c_int32),
+        ("gate_up_block", ctypes.c_int32),
         ("hidden", ctypes.c_void_p),
         ("router_weight", ctypes.c_void_p),
         ("gate_up_weight", ctypes.c_void_p),
@@ -200,7 +204,8 @@ class Kernels:
     # --- torch-facing helpers (torch imported lazily: the build tests run without it) ---------
 
     def moe_params(self, x: Any, weights: dict[str, Any], top_k: int, norm_topk_prob: bool, **kw: Any) -> MoeParams:
-        """Params for hidden x [T, H] and the weights of one block (keys as in the contract)."""
+        """Params for hidden x [T, H] and the weights of one block (keys as in the contract; gate/up
+        rows in the layout of kw ``gate_up_block``, see ``interleave_gate_up``)."""
         gate_up = weights["gate_up_weight"]
         shared = weights.get("shared_gate_up_weight")
         p = MoeParams()
@@ -214,6 +219,7 @@ class Kernels:
         p.dtype = torch_dtype_code(x.dtype)
         p.path = kw.get("path", PATH_AUTO)
         p.decode_max_tokens = kw.get("decode_max_tokens", 0)
+        p.gate_up_block = kw.get("gate_up_block", 0)
         p.hidden = x.data_ptr()
         for name in ("router_weight", "gate_up_weight", "down_weight", "shared_gate_up_weight",
                      "shared_down_weight", "shared_expert_gate_weight"):
@@ -266,6 +272,27 @@ class Kernels:
                          position_ids.data_ptr(), q_out.data_ptr(), k_out.data_ptr())
         self._raise("qmoe_rotary_forward", self.lib.qmoe_rotary_forward(ctypes.byref(p), _stream(q)))
         return q_out, k_out
+
+
+def interleave_gate_up(weights: dict[str, Any], block: int) -> dict[str, Any]:
+    """The weights with gate_up_weight [E, 2I, H] and shared_gate_up_weight [2Is, H] rearranged from
+    gate rows then up rows into blocks of ``block`` rows alternating gate, up (qmoe_moe_params'
+    gate_up_block): stored row (j // b) * 2b + u * b + j % b holds gate (u = 0) or up (u = 1) of
+    column j. Other entries are passed through."""
+
+    def rows(w: Any) -> Any:
+        *lead, two_n, h = w.shape
+        n = two_n // 2
+        if n % block:
+            raise ValueError(f"gate_up_block {block} does not divide the intermediate size {n}")
+        v = w.reshape(*lead, 2, n // block, block, h)
+        return v.transpose(-4, -3).reshape(w.shape).contiguous()
+
+    out = dict(weights)
+    for name in ("gate_up_weight", "shared_gate_up_weight"):
+        if out.get(name) is not None:
+            out[name] = rows(out[name])
+    return out
 
 
 def torch_dtype_code(dtype: Any) -> int:

@@ -203,6 +203,11 @@ int main() {
     long const inter[] = {0, 8, 40, 88, 128, 512, 768, 2560, 20480, 65536};
     int const most[] = {0, 1, 2, 3, 32, 64, 1000};
     for (long Is : inter) for (int n : most) std::printf("parts %ld %d %d\n", Is, n, qmoe::shared_gemm1_parts(Is, n));
+    for (long Is : inter) for (int n : most)
+        std::printf("wparts %ld %d %d\n", Is, n, qmoe::shared_gemm1_parts(Is, n, true));
+    for (int n : {8, 24, 256, 2560}) for (int b : {0, 8, 128}) if (b == 0 || n % b == 0)
+        for (int j = 0; j < n; ++j) for (int up = 0; up < 2; ++up)
+            std::printf("row %d %d %d %d %ld\n", n, b, j, up, static_cast<long>(qmoe::gate_up_row(j, up, n, b)));
     long const tokens[] = {1, 64, 256, 383, 384, 512, 1024, 1025, 4096};
     int const settings[] = {qmoe::kInterleaveAuto, 0, 8};
     for (long T : tokens) for (int set : settings) for (long Is : {0L, 20480L})
@@ -227,7 +232,8 @@ def test_grouped_gemm_schedule_orders() -> None:
     subprocess.run(["g++", "-std=c++17", "-Wall", "-Werror", f"-I{K.KERNELS_DIR}", f"-I{CUDA_INCLUDE}", str(src),
                     "-o", str(exe)], check=True, capture_output=True)
     lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
-    orders = [list(map(int, line.split())) for line in lines if not line.startswith(("parts", "auto", "stream"))]
+    orders = [list(map(int, line.split())) for line in lines
+              if not line.startswith(("parts", "wparts", "auto", "stream", "row"))]
     assert len(orders) == 6 * 6 * 2
     from tests.plugins.test_model_schedule import M as model  # scripts/model_schedule.py
 
@@ -259,6 +265,26 @@ def test_grouped_gemm_schedule_orders() -> None:
     assert got[(88, 32)] == 2 and got[(40, 32)] == 2  # no whole tiles: multiples of 8 columns (88, 40)
     assert got[(768, 32)] == 2  # 1536 = 6 tiles: 2 slices of 3
     assert got[(20480, 3)] == 2 and got[(20480, 0)] == 1 and got[(20480, 1)] == 1 and got[(0, 32)] == 1
+    # With SwiGLU in GEMM 1's epilogue (whole_tiles): only slices of whole 256-column tiles, else one.
+    whole = {(int(is_), int(n)): int(p) for _, is_, n, p in
+             (line.split() for line in lines if line.startswith("wparts"))}
+    for (inter, most), p in whole.items():
+        assert p == 1 or (2 * inter) % (256 * p) == 0, (inter, most, p)
+        assert p == got[(inter, most)] or (p == 1 and (2 * inter) % 512 != 0), (inter, most, p)
+    assert whole[(20480, 32)] == 32 and whole[(88, 32)] == 1 and whole[(768, 32)] == 2
+    # gate_up_row (the kernels' row of gate/up column j) is where interleave_gate_up (the tests' and
+    # benchmark's weight layout) puts it, and block 0 is gate rows then up rows.
+    rows: dict[tuple[int, int], dict[tuple[int, int], int]] = {}
+    for _, n, b, j, up, row in (line.split() for line in lines if line.startswith("row")):
+        rows.setdefault((int(n), int(b)), {})[(int(j), int(up))] = int(row)
+    assert set(rows) == {(8, 0), (8, 8), (24, 0), (24, 8), (256, 0), (256, 8), (256, 128), (2560, 0), (2560, 8),
+                         (2560, 128)}
+    torch = pytest.importorskip("torch")
+    for (n, b), mapping in rows.items():
+        ids = torch.arange(2 * n).reshape(1, 2 * n, 1)  # row r holds gate (r < n) or up (r >= n) of r % n
+        stored = ids if b == 0 else K.interleave_gate_up({"gate_up_weight": ids}, b)["gate_up_weight"]
+        where = {int(v): r for r, v in enumerate(stored.flatten().tolist())}
+        assert mapping == {(j, up): where[up * n + j] for j in range(n) for up in (0, 1)}, (n, b)
     # interleave_parts at the 57B routing (top-8 of 64): a setting wins; unset (-1), 32 slices from 48
     # to 128 mean routed rows per expert (384-1024 tokens) and with a shared expert only.
     auto = {(int(t), int(st), int(is_)): int(p) for _, t, st, is_, p in
@@ -301,6 +327,12 @@ def test_launchers_validate_before_touching_the_gpu(kernels_lib: Path) -> None:
     assert status(down_weight=0x10008) == K.ERR_MISALIGNED
     assert status(workspace=0x20080) == K.ERR_MISALIGNED  # workspace needs 256 bytes
     assert status(workspace_size=100) == K.ERR_WORKSPACE
+    # gate_up_block: a multiple of 8 dividing I (32) and Is (48), or 0; the shared expert's size only
+    # counts when there is one.
+    for block, expected in ((0, K.OK), (8, K.OK), (16, K.OK), (32, K.ERR_BAD_SHAPE), (12, K.ERR_BAD_SHAPE),
+                            (-8, K.ERR_BAD_SHAPE), (K.GATE_UP_FUSED_BLOCK, K.ERR_BAD_SHAPE)):
+        assert status(gate_up_block=block) == expected, block
+    assert status(gate_up_block=32, shared_intermediate_size=0) == K.OK
     # No shared expert: its pointers are not needed.
     assert status(shared_intermediate_size=0, shared_gate_up_weight=0, shared_down_weight=0,
                   shared_expert_gate_weight=0) == K.OK

@@ -408,13 +408,16 @@ def test_tile_rows_switch(lib: K.Kernels) -> None:
 SWAP_TOKENS = [3, 64, 257, 4096]
 
 
-def _kernel_names(lib: K.Kernels, shape: ref.MoeShape, tokens: int, path: int = K.PATH_PREFILL) -> set[str]:
+def _kernel_names(lib: K.Kernels, shape: ref.MoeShape, tokens: int, path: int = K.PATH_PREFILL,
+                  gate_up_block: int = 0) -> set[str]:
     """The kernels of one layer call (bf16, uniform routing), as the torch profiler names them."""
     from torch.profiler import ProfilerActivity, profile
 
     w, x = _case(shape, tokens, torch.bfloat16, skew=False)
+    if gate_up_block:
+        w = K.interleave_gate_up(w, gate_up_block)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        lib.moe_forward(x, w, shape.top_k, False, path=path)
+        lib.moe_forward(x, w, shape.top_k, False, path=path, gate_up_block=gate_up_block)
         torch.cuda.synchronize()
     return {ev.key for ev in prof.key_averages()}
 
@@ -468,6 +471,91 @@ def test_gemm_pdl_switch(lib: K.Kernels) -> None:
         pytest.skip("the switch launches the Hopper (sm_90a, CUTLASS) grouped GEMMs only")
     for stream in ("8", "0"):
         _run_with_switch(lib, {"QMOE_GEMM_PDL": "1", "QMOE_PDL": "1", "QMOE_SHARED_STREAM": stream}, "gemm_pdl_cases")
+
+
+# qmoe_moe_params.gate_up_block: gate/up rows in alternating blocks. 128 (K.GATE_UP_FUSED_BLOCK) is
+# the layout whose SwiGLU Hopper's GEMM 1 computes in its epilogue: e64_top8 (I = 128: one 256-row
+# tile per expert, Is = 512), wide (I = 384 and Is = 1280: several tiles, a shared expert of 10 blocks)
+# and slices32 (QMOE_SHARED_INTERLEAVE's 32 pieces of 256 rows). Other blocks (8, 64) take the
+# portable paths everywhere; odd_small (I = 40, Is = 88) allows only 8.
+BLOCK_SHAPES = {"e64_top8": ref.E64_TOP8, "odd_small": ref.ODD_SMALL,
+                "wide": ref.MoeShape(hidden=192, experts=16, top_k=4, inter=384, shared_inter=1280),
+                "slices32": INTERLEAVE_SHAPES["slices32"]}
+BLOCK_TOKENS = {K.PATH_DECODE: [1, 3, 64], K.PATH_PREFILL: [3, 64, 257, 4096], K.PATH_PREFILL_WMMA: [3, 257]}
+
+
+def _blocks(shape: ref.MoeShape) -> list[int]:
+    return [b for b in (8, 64, K.GATE_UP_FUSED_BLOCK)
+            if shape.inter % b == 0 and shape.shared_inter % b == 0]
+
+
+def gate_up_block_cases(paths: tuple[int, ...] = tuple(BLOCK_TOKENS)) -> None:
+    """Every path with the gate/up rows in alternating blocks, against the reference computed from
+    the usual layout (gate rows, then up rows), both dtypes, uniform and skewed routing."""
+    lib = K.load(build_if_needed=False)
+    for name, shape in BLOCK_SHAPES.items():
+        for path in paths:
+            tokens_list = BLOCK_TOKENS[path]
+            for tokens in tokens_list:
+                for dtype in DTYPES.values():
+                    for skew, norm in ((False, False), (True, True)):
+                        w, x = _case(shape, tokens, dtype, skew)
+                        ids, weights, shared_gate = lib.moe_route(x, w, shape.top_k, norm)
+                        expected = ref.experts(x, w, ids, weights, shared_gate)
+                        for block in _blocks(shape):
+                            what = f"{name} path={path} T={tokens} {dtype} skew={skew} block={block}"
+                            wb = K.interleave_gate_up(w, block)
+                            out = lib.moe_forward(x, wb, shape.top_k, norm, path=path, gate_up_block=block)
+                            _assert_close(out, expected, dtype, what)
+                            again = lib.moe_forward(x, wb, shape.top_k, norm, path=path, gate_up_block=block)
+                            assert torch.equal(out, again), f"{what}: not deterministic"
+
+
+def test_gate_up_block(lib: K.Kernels) -> None:
+    """qmoe_moe_params.gate_up_block on every path; on Hopper with CUTLASS, block 128 runs SwiGLU in
+    GEMM 1's epilogue (no SwiGLU pass) and the other blocks the WMMA path, under the default switches
+    and with the shared expert's pieces spread (its own process)."""
+    gate_up_block_cases()
+    if torch.cuda.get_device_capability() != (9, 0) or not lib.features() & K.FEATURE_SM90_GEMM:
+        return
+    for block, fused, cutlass in ((0, False, True), (K.GATE_UP_FUSED_BLOCK, True, True), (64, False, False)):
+        names = _kernel_names(lib, ref.E64_TOP8, 257, gate_up_block=block)
+        assert any("SwigluEpilogue" in n for n in names) == fused, (block, sorted(names))
+        assert any("swiglu_kernel" in n for n in names) == (cutlass and not fused), (block, sorted(names))
+        assert any("cutlass" in n for n in names) == cutlass, (block, sorted(names))
+    _run_with_switch(lib, {"QMOE_SHARED_INTERLEAVE": "32", "QMOE_SHARED_STREAM": "0"}, "gate_up_block_prefill_cases")
+
+
+def gate_up_block_prefill_cases() -> None:
+    gate_up_block_cases((K.PATH_PREFILL,))
+
+
+def fused_switch_cases() -> None:
+    """Block 128 on the Hopper prefill path under the switches of this process."""
+    lib = K.load(build_if_needed=False)
+    shapes = {name: BLOCK_SHAPES[name] for name in ("e64_top8", "wide", "slices32")}
+    for shape in shapes.values():
+        for tokens in (3, 64, 257, 4096):
+            for dtype in DTYPES.values():
+                w, x = _case(shape, tokens, dtype, skew=False)
+                ids, weights, shared_gate = lib.moe_route(x, w, shape.top_k, False)
+                wb = K.interleave_gate_up(w, K.GATE_UP_FUSED_BLOCK)
+                out = lib.moe_forward(x, wb, shape.top_k, False, path=K.PATH_PREFILL,
+                                      gate_up_block=K.GATE_UP_FUSED_BLOCK)
+                _assert_close(out, ref.experts(x, w, ids, weights, shared_gate), dtype,
+                              f"fused {shape} T={tokens} {dtype}")
+
+
+def test_fused_swiglu_under_switches(lib: K.Kernels) -> None:
+    """Block 128 with the tiles and launches the switches choose: 128-row tiles at every size with the
+    side stream at every size; 64-row tiles everywhere; swapped tiles asked for (GEMM 1 keeps its
+    256-column tiles, GEMM 2 swaps); the GEMMs launched with PDL."""
+    if torch.cuda.get_device_capability() != (9, 0) or not lib.features() & K.FEATURE_SM90_GEMM:
+        pytest.skip("SwiGLU in GEMM 1's epilogue is the Hopper (sm_90a, CUTLASS) GEMMs' only")
+    for switches in ({"QMOE_TILE_ROWS": "1", "QMOE_SHARED_STREAM": "8"},
+                     {"QMOE_TILE_ROWS": "1048576", "QMOE_SHARED_STREAM": "0"},
+                     {"QMOE_SWAP_AB": "1048576"}, {"QMOE_GEMM_PDL": "1", "QMOE_PDL": "1"}):
+        _run_with_switch(lib, switches, "fused_switch_cases")
 
 
 def test_bad_arguments_raise(lib: K.Kernels) -> None:
