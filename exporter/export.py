@@ -58,6 +58,29 @@ def dtypes_for(target: str, dtype: str) -> tuple[str, str]:
     return dtype, dtype
 
 
+# The tensorrt target's gate/up row layout (the QmoeRoutedExperts plugin's gate_up_block field):
+# blocks of 128 gate rows and the 128 matching up rows, with which the Hopper grouped GEMM does SwiGLU
+# in its epilogue instead of in a pass of its own (plugins/README.md), where both intermediate sizes
+# allow (Qwen2-57B-A14B: 2560 and 20480); gate rows then up rows (0) otherwise. Every kernel path reads
+# either layout.
+TRT_GATE_UP_BLOCK = 128
+
+
+def gate_up_block_for(c: ModelConfig, target: str, requested: int | None) -> int:
+    """The gate/up row layout to export: `requested`, checked, or the target's default."""
+    inter, shared = c.moe_intermediate_size, c.shared_expert_intermediate_size
+    if target != "tensorrt":
+        if requested:
+            raise ExportError("gate_up_block is a layout of the tensorrt target's QmoeRoutedExperts plugin")
+        return 0
+    if requested is None:
+        return TRT_GATE_UP_BLOCK if inter % TRT_GATE_UP_BLOCK == 0 and shared % TRT_GATE_UP_BLOCK == 0 else 0
+    if requested < 0 or requested % 8 or (requested and (inter % requested or shared % requested)):
+        raise ExportError(f"gate_up_block {requested}: need 0 or a multiple of 8 that divides moe_intermediate_size "
+                          f"{inter} and shared_expert_intermediate_size {shared}")
+    return requested
+
+
 def export(
     checkpoint_dir: str | Path,
     output_dir: str | Path,
@@ -71,11 +94,13 @@ def export(
     quant_activations: str | None = None,
     lora: Sequence[str | Path] = (),
     progress: Callable[[int, int], None] | None = None,
+    gate_up_block: int | None = None,
 ) -> Path:
     """Exports a Qwen2-MoE checkpoint; returns the artifact folder. See module docstring.
     `dtype` None: float32 for onnxruntime, float16 for tensorrt. `quantize` "int4" / "int8":
     weight-only quantization (onnxruntime target; exporter/quantize.py). `lora`: PEFT LoRA adapter
-    folders merged into the weights (exporter/lora.py)."""
+    folders merged into the weights (exporter/lora.py). `gate_up_block` (tensorrt target): the
+    QmoeRoutedExperts plugin's gate/up row layout; None: gate_up_block_for's choice."""
     import torch
 
     from .quantize import QuantConfig
@@ -105,8 +130,10 @@ def export(
         raise ExportError(f"{output_dir}: the artifact folder must not be the checkpoint folder or contain it "
                           "or its shards, or a LoRA adapter")
     interleaved = target == "onnxruntime"
+    block = gate_up_block_for(ckpt.config, target, gate_up_block)
     t0 = time.perf_counter()
-    model_ir = trace(ckpt.config, target, getattr(torch, weight_dtype), getattr(torch, compute_dtype), interleaved)
+    model_ir = trace(ckpt.config, target, getattr(torch, weight_dtype), getattr(torch, compute_dtype), interleaved,
+                     block)
     quantized = {}
     if qc is not None:
         from .quantize import rewrite
@@ -115,7 +142,7 @@ def export(
                             interleaved)
     with atomic_dir(output_dir, force=force) as tmp:
         write_weights(model_ir, ckpt, tmp, getattr(torch, weight_dtype), interleaved, link_weights, progress,
-                      quantized)
+                      quantized, block)
         save_model(model_ir, tmp / "model.onnx")
         for name in TOKENIZER_FILES:
             if (ckpt.dir / name).is_file():
@@ -168,7 +195,7 @@ def example_inputs(c: ModelConfig, compute_dtype, B: int = 2, S: int = 5, C: int
                 torch.zeros(P, c.head_dim // 2, dtype=compute_dtype), torch.zeros(B, 1, dtype=i64), *past)
 
 
-def trace(c: ModelConfig, target: str, weight_dtype, compute_dtype, interleaved: bool):
+def trace(c: ModelConfig, target: str, weight_dtype, compute_dtype, interleaved: bool, gate_up_block: int = 0):
     """The export model traced on the meta device: an onnx_ir Model whose initializers have no data."""
     import torch
     from torch.export import Dim
@@ -177,7 +204,8 @@ def trace(c: ModelConfig, target: str, weight_dtype, compute_dtype, interleaved:
     from .model import Qwen2MoeForExport
 
     with torch.device("meta"):
-        model = Qwen2MoeForExport(c, weight_dtype, compute_dtype, interleaved_experts=interleaved)
+        model = Qwen2MoeForExport(c, weight_dtype, compute_dtype, interleaved_experts=interleaved,
+                                  gate_up_block=gate_up_block)
     io = mf.io_names(c.num_hidden_layers)
     batch, seq, cap, pos, rows = Dim("batch"), Dim("sequence"), Dim("cache"), Dim("positions"), Dim("logit_rows")
     dynamic = ({0: batch, 1: seq}, {0: batch}, {0: batch}, None, {0: pos}, {0: pos}, {0: batch, 1: rows},
@@ -217,10 +245,12 @@ def _name_nodes(model_ir) -> None:
 
 
 def write_weights(model_ir, ckpt: Checkpoint, folder: Path, weight_dtype, interleaved: bool, link: bool,
-                  progress: Callable[[int, int], None] | None, quantized: dict | None = None) -> None:
+                  progress: Callable[[int, int], None] | None, quantized: dict | None = None,
+                  gate_up_block: int = 0) -> None:
     """Points every parameter initializer at its bytes in `folder` (written here, or in a
     hard-linked checkpoint shard when `link` and nothing needs converting). `quantized`
-    (quantize.rewrite's result): packed weights and scales, quantized piece by piece."""
+    (quantize.rewrite's result): packed weights and scales, quantized piece by piece. Gate/up rows
+    as weights.pieces() writes them for `interleaved` and `gate_up_block`."""
     import onnx_ir as ir
     import torch
 
@@ -242,7 +272,8 @@ def write_weights(model_ir, ckpt: Checkpoint, folder: Path, weight_dtype, interl
                 value.const_value = ir.ExternalTensor(location, src.offset, src.nbytes, _ir_dtype(weight_dtype),
                                                       shape=ir.Shape(shape), name=name, base_dir=folder)
             else:
-                offset, length = _append(out, (_raw_bytes(p.to(weight_dtype)) for p in pieces(ckpt, name, interleaved)))
+                offset, length = _append(out, (_raw_bytes(p.to(weight_dtype))
+                                               for p in pieces(ckpt, name, interleaved, gate_up_block)))
                 value.const_value = ir.ExternalTensor(DATA_FILE, offset, length, _ir_dtype(weight_dtype),
                                                       shape=ir.Shape(shape), name=name, base_dir=folder)
                 expected = _numel(shape) * torch.tensor([], dtype=weight_dtype).element_size()

@@ -100,9 +100,10 @@ class SharedExpert(nn.Module):
 
 
 class SparseMoe(nn.Module):
-    def __init__(self, c: ModelConfig, dtype: torch.dtype, interleaved: bool) -> None:
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, interleaved: bool, gate_up_block: int = 0) -> None:
         super().__init__()
         self.top_k, self.norm_topk_prob, self.interleaved = c.num_experts_per_tok, c.norm_topk_prob, interleaved
+        self.gate_up_block = gate_up_block
         self.gate = Linear(c.hidden_size, c.num_experts, False, dtype)  # router
         self.experts = Experts(c, dtype)
         self.shared_expert = SharedExpert(c, dtype)
@@ -115,18 +116,20 @@ class SparseMoe(nn.Module):
             x.reshape(B * S, H), self.gate.weight.to(t), self.experts.gate_up.to(t), self.experts.down.to(t),
             self.shared_expert.gate_up.to(t), self.shared_expert.down_proj.weight.to(t),
             self.shared_expert_gate.weight.to(t), self.top_k, self.norm_topk_prob, self.interleaved,
+            self.gate_up_block,
         )  # [B*S, H]
         return y.reshape(B, S, H)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig, layer: int, dtype: torch.dtype, interleaved: bool) -> None:
+    def __init__(self, c: ModelConfig, layer: int, dtype: torch.dtype, interleaved: bool,
+                 gate_up_block: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.self_attn = Attention(c, dtype)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.mlp: nn.Module = (
-            SparseMoe(c, dtype, interleaved) if c.is_sparse_layer(layer)
+            SparseMoe(c, dtype, interleaved, gate_up_block) if c.is_sparse_layer(layer)
             else DenseMLP(c.hidden_size, c.intermediate_size, dtype)
         )
 
@@ -137,11 +140,12 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, c: ModelConfig, dtype: torch.dtype, interleaved: bool) -> None:
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, interleaved: bool, gate_up_block: int = 0) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(c, i, dtype, interleaved) for i in range(c.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(c, i, dtype, interleaved, gate_up_block)
+                                    for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
 
 
@@ -150,10 +154,10 @@ class Qwen2MoeForExport(nn.Module):
     (bf16 weights with fp32 compute for ONNX Runtime's CPU provider, which lacks bf16 kernels)."""
 
     def __init__(self, c: ModelConfig, weight_dtype: torch.dtype, compute_dtype: torch.dtype,
-                 interleaved_experts: bool) -> None:
+                 interleaved_experts: bool, gate_up_block: int = 0) -> None:
         super().__init__()
         self.config, self.compute_dtype = c, compute_dtype
-        self.model = Backbone(c, weight_dtype, interleaved_experts)
+        self.model = Backbone(c, weight_dtype, interleaved_experts, gate_up_block)
         if not c.tie_word_embeddings:
             self.lm_head = Linear(c.hidden_size, c.vocab_size, False, weight_dtype)
 

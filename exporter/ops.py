@@ -76,18 +76,21 @@ def _(query, key, value, past_key, past_value, *args, **kwargs):
 def moe_block(
     hidden: torch.Tensor,  # [T, H]
     router_weight: torch.Tensor,  # [E, H]
-    gate_up_weight: torch.Tensor,  # [E, 2I, H]: gate rows then up rows, or interleaved g0,u0,g1,u1...
+    gate_up_weight: torch.Tensor,  # [E, 2I, H]: gate rows then up rows, interleaved g0,u0,g1,u1..., or blocks
     down_weight: torch.Tensor,  # [E, H, I]
-    shared_gate_up_weight: torch.Tensor,  # [2Is, H]: gate rows then up rows
+    shared_gate_up_weight: torch.Tensor,  # [2Is, H]: gate rows then up rows, or blocks
     shared_down_weight: torch.Tensor,  # [H, Is]
     shared_expert_gate_weight: torch.Tensor,  # [1, H]
     top_k: int,
     norm_topk_prob: bool,
     interleaved: bool,
+    gate_up_block: int,
 ) -> torch.Tensor:
     """Qwen2-MoE sparse block, as transformers' Qwen2MoeSparseMoeBlock computes it:
     fp32 softmax over all experts, top-k, optional renormalisation, SwiGLU experts, weighted sum,
-    plus sigmoid(shared_expert_gate(x)) * shared_expert(x)."""
+    plus sigmoid(shared_expert_gate(x)) * shared_expert(x). Gate/up rows: `interleaved` (routed
+    experts, ONNX Runtime's MoE) alternates single rows; `gate_up_block` b > 0 (routed and shared
+    expert, the QmoeRoutedExperts plugin's field) alternates blocks of b rows; else gate rows then up."""
     probs = torch.softmax(F.linear(hidden, router_weight).float(), dim=-1)  # [T, E]
     weights, experts = torch.topk(probs, top_k, dim=-1)  # [T, k]
     if norm_topk_prob:
@@ -97,12 +100,22 @@ def moe_block(
     for e in experts.unique().tolist():
         rows, slot = torch.where(experts == e)
         gu = F.linear(hidden[rows], gate_up_weight[e])  # [n, 2I]
-        gate, up = (gu[:, 0::2], gu[:, 1::2]) if interleaved else gu.chunk(2, dim=-1)
+        gate, up = (gu[:, 0::2], gu[:, 1::2]) if interleaved else split_gate_up(gu, gate_up_block)
         y = F.linear(F.silu(gate) * up, down_weight[e])
         out.index_add_(0, rows, y * weights[rows, slot, None])
-    sg, su = F.linear(hidden, shared_gate_up_weight).chunk(2, dim=-1)
+    sg, su = split_gate_up(F.linear(hidden, shared_gate_up_weight), gate_up_block)
     shared = F.linear(F.silu(sg) * su, shared_down_weight)
     return out + torch.sigmoid(F.linear(hidden, shared_expert_gate_weight)) * shared
+
+
+def split_gate_up(gu: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) columns of a gate/up product [n, 2N] whose weight rows are gate then up (block 0)
+    or alternate in blocks of `block` rows."""
+    if block == 0:
+        g, u = gu.chunk(2, dim=-1)
+        return g, u
+    v = gu.unflatten(-1, (-1, 2, block))  # [n, N / b, gate|up, b]
+    return v[..., 0, :].flatten(-2), v[..., 1, :].flatten(-2)
 
 
 @moe_block.register_fake

@@ -39,8 +39,10 @@ def _gemm_t(x, w):
 
 
 def ort_moe_block(hidden, router_weight, gate_up_weight, down_weight, shared_gate_up_weight, shared_down_weight,
-                  shared_expert_gate_weight, top_k: int, norm_topk_prob: bool, interleaved: bool):
+                  shared_expert_gate_weight, top_k: int, norm_topk_prob: bool, interleaved: bool,
+                  gate_up_block: int = 0):
     assert interleaved, "com.microsoft::MoE on CPU needs interleaved SwiGLU weights"
+    assert gate_up_block == 0, "the shared expert's Split takes gate rows then up rows"
     router_logits = _gemm_t(hidden, router_weight)  # [T, E]; MoE applies the softmax itself
     routed = msft.MoE(
         hidden, router_logits, gate_up_weight, None, down_weight,
@@ -55,14 +57,15 @@ def ort_moe_block(hidden, router_weight, gate_up_weight, down_weight, shared_gat
 
 
 def trt_moe_block(hidden, router_weight, gate_up_weight, down_weight, shared_gate_up_weight, shared_down_weight,
-                  shared_expert_gate_weight, top_k: int, norm_topk_prob: bool, interleaved: bool):
-    assert not interleaved, "the QmoeRoutedExperts plugin takes gate rows then up rows"
+                  shared_expert_gate_weight, top_k: int, norm_topk_prob: bool, interleaved: bool,
+                  gate_up_block: int = 0):
+    assert not interleaved, "the QmoeRoutedExperts plugin takes gate/up rows in blocks (gate_up_block), not pairs"
     spec = contract.ROUTED_EXPERTS
     E = _static_dim(router_weight, 0)
     I = _static_dim(down_weight, 2)
     Is = _static_dim(shared_down_weight, 1)
     fields = dict(num_experts=E, top_k=top_k, norm_topk_prob=int(norm_topk_prob), moe_intermediate_size=I,
-                  shared_intermediate_size=Is)
+                  shared_intermediate_size=Is, gate_up_block=gate_up_block)
     assert tuple(fields) == tuple(f.name for f in spec.fields)
     return getattr(trt, spec.name)(
         hidden, router_weight, gate_up_weight, down_weight, shared_gate_up_weight, shared_down_weight,

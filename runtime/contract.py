@@ -50,22 +50,26 @@ class PluginSpec:
 _FLOAT = ("float16", "bfloat16", "float32")
 _HALF = ("float16", "bfloat16")  # the routed-experts kernels are tensor-core bf16/fp16 only
 
+# Version 2 (stop 22): gate_up_block.
 ROUTED_EXPERTS = PluginSpec(
     name="QmoeRoutedExperts",
-    version="1",
+    version="2",
     fields=(
         Field("num_experts", "int32", "E, routed experts"),
         Field("top_k", "int32", "experts per token"),
         Field("norm_topk_prob", "int32", "1: renormalise the top-k softmax weights to sum to 1"),
         Field("moe_intermediate_size", "int32", "I, intermediate size of one routed expert"),
         Field("shared_intermediate_size", "int32", "Is, intermediate size of the shared expert (0: none)"),
+        Field("gate_up_block", "int32", "row layout of both gate/up weights: 0 = gate rows then up rows; b > 0 = "
+              "blocks of b gate rows and the b matching up rows alternate (b a multiple of 8 dividing I and Is; "
+              "128: SwiGLU in the Hopper GEMM 1's epilogue)"),
     ),
     inputs=(
         Tensor("hidden", _HALF, "[T, H]", "normed hidden states, tokens flattened"),
         Tensor("router_weight", _HALF, "[E, H]", "router (mlp.gate.weight); softmax runs in fp32"),
-        Tensor("gate_up_weight", _HALF, "[E, 2*I, H]", "rows 0..I-1 gate_proj, I..2I-1 up_proj"),
+        Tensor("gate_up_weight", _HALF, "[E, 2*I, H]", "gate_proj and up_proj rows, as gate_up_block says"),
         Tensor("down_weight", _HALF, "[E, H, I]", "down_proj"),
-        Tensor("shared_gate_up_weight", _HALF, "[2*Is, H]", "shared expert gate_proj then up_proj"),
+        Tensor("shared_gate_up_weight", _HALF, "[2*Is, H]", "shared expert gate_proj and up_proj rows, as gate_up_block says"),
         Tensor("shared_down_weight", _HALF, "[H, Is]", "shared expert down_proj"),
         Tensor("shared_expert_gate_weight", _HALF, "[1, H]", "sigmoid gate of the shared expert"),
     ),

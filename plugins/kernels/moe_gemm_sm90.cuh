@@ -447,7 +447,8 @@ __device__ void set_gemm1_entry(MoeArgs const& a, T const* xg, GemmArrays<T> con
                               : static_cast<T const*>(a.shared_gate_up_w);
     set_entry<T>(g1, i, swap, routed ? a.group_count[e] : a.T, w, a.H,
         routed ? xg + row0 * a.H : static_cast<T const*>(a.x), a.H, b + static_cast<int64_t>(piece) * w * a.H, a.H,
-        static_cast<T*>(a.act) + row0 * pitch + static_cast<int64_t>(piece) * (fused ? w / 2 : w), pitch);
+        static_cast<T*>(a.act) + sm90_act_row(row0, a.T, a.k, a.I, a.Is) + static_cast<int64_t>(piece) * (fused ? w / 2 : w),
+        pitch);
     g1.scale[i] = !routed && a.shared_unscaled ? nullptr : a.row_weight + row0; // nullptr: [Combine] applies it
 }
 
@@ -459,21 +460,21 @@ __device__ void set_gemm1_entry(MoeArgs const& a, T const* xg, GemmArrays<T> con
 // [T*k + s*T, T*k + (s+1)*T), summed by [Combine]).
 template <typename T>
 __global__ void setup_kernel(
-    MoeArgs a, T const* xg, int parts1, bool swap, bool fused, GemmArrays<T> g1, GemmArrays<T> g2)
+    MoeArgs a, T const* xg, int parts1, bool swap1, bool swap2, bool fused, GemmArrays<T> g1, GemmArrays<T> g2)
 {
     int const S = a.has_shared ? a.shared_splits : 0;
     int const G1 = a.E + parts1;
     int const G2 = a.E + S;
     bool const spread = a.interleave != 0;
     int64_t const shared_row0 = static_cast<int64_t>(a.T) * a.k;
-    T* const gu_shared = static_cast<T*>(a.act) + shared_row0 * 2 * a.I;
+    T* const gu_shared = static_cast<T*>(a.act) + sm90_act_row(shared_row0, a.T, a.k, a.I, a.Is);
     pdl_enter();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < max(G1, G2); i += gridDim.x * blockDim.x)
     {
         if (i < G1)
         {
             int const s = sched_entry(i, a.E, parts1, spread);
-            set_gemm1_entry(a, xg, g1, i, s >= 0 ? a.E : -1 - s, s >= 0 ? s : 0, s >= 0 ? parts1 : 1, swap, fused);
+            set_gemm1_entry(a, xg, g1, i, s >= 0 ? a.E : -1 - s, s >= 0 ? s : 0, s >= 0 ? parts1 : 1, swap1, fused);
         }
         if (i < G2)
         {
@@ -481,7 +482,7 @@ __global__ void setup_kernel(
             if (s >= 0)
             {
                 int const part = a.Is / S; // a multiple of 8 (shared_splits_for)
-                set_entry<T>(g2, i, swap, a.T, a.H, part, gu_shared + static_cast<int64_t>(s) * part, 2 * a.Is,
+                set_entry<T>(g2, i, swap2, a.T, a.H, part, gu_shared + static_cast<int64_t>(s) * part, 2 * a.Is,
                     static_cast<T const*>(a.shared_down_w) + static_cast<int64_t>(s) * part, a.Is,
                     static_cast<T*>(a.y) + (shared_row0 + static_cast<int64_t>(s) * a.T) * a.H, a.H);
             }
@@ -489,7 +490,8 @@ __global__ void setup_kernel(
             {
                 int const e = -1 - s;
                 int64_t const row0 = a.group_offset[e];
-                set_entry<T>(g2, i, swap, a.group_count[e], a.H, a.I, static_cast<T*>(a.act) + row0 * 2 * a.I, 2 * a.I,
+                set_entry<T>(g2, i, swap2, a.group_count[e], a.H, a.I,
+                    static_cast<T*>(a.act) + sm90_act_row(row0, a.T, a.k, a.I, a.Is), 2 * a.I,
                     static_cast<T const*>(a.down_w) + static_cast<int64_t>(e) * a.H * a.I, a.I,
                     static_cast<T*>(a.y) + row0 * a.H, a.H);
             }
@@ -534,7 +536,7 @@ __global__ void __launch_bounds__(256) swiglu_kernel(MoeArgs a)
     int64_t const routed_chunks = static_cast<int64_t>(a.T) * a.k * (a.I / 8);
     int64_t const total = routed_chunks + static_cast<int64_t>(a.has_shared) * a.T * (a.Is / 8);
     T* const gu = static_cast<T*>(a.act);
-    T* const gu_shared = gu + static_cast<int64_t>(a.T) * a.k * 2 * a.I;
+    T* const gu_shared = gu + sm90_act_row(static_cast<int64_t>(a.T) * a.k, a.T, a.k, a.I, a.Is);
     pdl_enter();
     for (int64_t i = blockIdx.x * 256LL + threadIdx.x; i < total; i += static_cast<int64_t>(gridDim.x) * 256)
     {
@@ -591,7 +593,7 @@ Sm90Scratch<T> carve_scratch(MoeArgs const& a)
 // false), so CUTLASS never launches them that way. Waiting before the body touches memory keeps them
 // exactly ordered after the kernel before them (setup or SwiGLU), which completes and flushes first;
 // what is gained is the launch: the GEMM's CTAs are resident, waiting, as that kernel drains.
-// Triggering at once lets the kernel after it (SwiGLU or [Combine], which wait too) launch early
+// Triggering at once lets the kernel after it (SwiGLU, GEMM 2 or [Combine], which wait too) launch early
 // as well: its CTAs can only become resident where a GEMM CTA has left (one holds a whole SM's
 // registers), and the trigger fires only once every GEMM CTA is running, so nothing it needs is held.
 template <typename Kernel>
@@ -679,7 +681,7 @@ cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_byt
 // tiles pad ~12% of the routed math, 64-row tiles ~6% (QMOE_TILE_ROWS=1048576 tests them there).
 // QMOE_SWAP_AB=n: swapped tiles (SwapTiles) up to n mean rows per group instead, narrow ones up to
 // kSwapNarrowMaxRows; not for GEMM 1 with SwiGLU in its epilogue (fused: weights in
-// QMOE_GATE_UP_FUSED_BLOCK blocks), whose tiles must be 256 weight rows wide.
+// QMOE_GATE_UP_FUSED_BLOCK blocks), whose tiles must be 256 weight rows wide (its GEMM 2 may swap).
 enum class Tiles
 {
     kSmall,
@@ -756,14 +758,17 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream, SideLaunch cons
     bool const gemm_pdl = pdl && tuning().gemm_pdl;
     // Weights in QMOE_GATE_UP_FUSED_BLOCK blocks: SwiGLU in GEMM 1's epilogue, no SwiGLU pass.
     bool const fused = a.gate_up_block == QMOE_GATE_UP_FUSED_BLOCK;
-    Tiles const tiles = tiles_for(static_cast<int64_t>(a.T) * a.k / a.E, fused);
+    int64_t const mean_rows = static_cast<int64_t>(a.T) * a.k / a.E;
+    Tiles const tiles = tiles_for(mean_rows, fused); // GEMM 1
+    Tiles const tiles2 = tiles_for(mean_rows, false); // GEMM 2 (may swap when GEMM 1 is fused)
     int64_t const gather_total = static_cast<int64_t>(a.T) * a.k * (a.H / 8);
     dim3 const gather_grid(static_cast<unsigned>(std::min<int64_t>((gather_total + 255) / 256, 8192)));
     cudaError_t err = launch_kernel(gather_kernel<T>, gather_grid, dim3(256), 0, stream, pdl, a, xg);
     if (err == cudaSuccess)
     {
         err = launch_kernel(
-            setup_kernel<T>, dim3(1), dim3(256), 0, stream, pdl, a, xg, parts1, swapped(tiles), fused, s.g1, s.g2);
+            setup_kernel<T>, dim3(1), dim3(256), 0, stream, pdl, a, xg, parts1, swapped(tiles), swapped(tiles2), fused,
+            s.g1, s.g2);
     }
     if (err == cudaSuccess)
     {
@@ -781,7 +786,7 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream, SideLaunch cons
     }
     if (err == cudaSuccess)
     {
-        err = run_grouped_for<T>(tiles, G2, s.g2, s.ws[0], s.ws_bytes, stream, 0, gemm_pdl);
+        err = run_grouped_for<T>(tiles2, G2, s.g2, s.ws[0], s.ws_bytes, stream, 0, gemm_pdl);
     }
     return err;
 }

@@ -120,7 +120,8 @@ constexpr int kMaxTileRows = 1 << 20;
 constexpr int64_t kSwapNarrowMaxRows = 12;
 
 // QMOE_SHARED_STREAM: where the shared expert's GEMM 1 was launched, the event [Experts] waits on
-// before SwiGLU, and how many SMs that GEMM leaves free.
+// after its GEMM 1 (before SwiGLU or, with SwiGLU in GEMM 1's epilogue, GEMM 2), and how many SMs
+// that GEMM leaves free.
 struct SideLaunch
 {
     cudaStream_t stream;
@@ -285,6 +286,15 @@ __host__ __device__ inline int64_t gate_up_row(int j, int up, int inter, int blo
 {
     int const b = block > 0 ? block : inter;
     return static_cast<int64_t>(j / b) * 2 * b + static_cast<int64_t>(up) * b + j % b;
+}
+
+// Element offset of permuted row `row` in the Hopper path's act buffer, which keeps gate and up side
+// by side: the T*k routed rows of 2*I elements, then the T shared rows of 2*Is (so a shared row's
+// offset is not row * 2*Is). GEMM 1 writes there, SwiGLU and GEMM 2 read there.
+__host__ __device__ inline int64_t sm90_act_row(int64_t row, int64_t T, int64_t k, int64_t I, int64_t Is)
+{
+    int64_t const routed = T * k;
+    return row < routed ? row * 2 * I : routed * 2 * I + (row - routed) * 2 * Is;
 }
 
 struct WorkspaceLayout

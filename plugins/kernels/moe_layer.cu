@@ -461,7 +461,8 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
     }
 
     // QMOE_SHARED_STREAM: fork the shared expert's GEMM 1 (it needs no routing) onto the side stream
-    // before the router; [Experts] joins it before SwiGLU. Once forked, the join is recorded and
+    // before the router; [Experts] joins it after its GEMM 1 (before SwiGLU, or GEMM 2 when SwiGLU is in
+    // GEMM 1's epilogue). Once forked, the join is recorded and
     // waited on whatever fails, so a capture never ends with an unjoined branch and no side work
     // outlives the call unordered.
     int const stream_sms = shared_stream_sms_for(tuning().shared_stream_sms, a.T, a.k, a.E);
@@ -512,7 +513,7 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
         err = p->dtype == QMOE_DTYPE_BF16 ? launch_combine_t<__nv_bfloat16>(a, stream)
                                           : launch_combine_t<__half>(a, stream);
     }
-    // On success [Experts] waited on the join before SwiGLU. On an error path: join here, or, if the
+    // On success [Experts] waited on the join after its GEMM 1. On an error path: join here, or, if the
     // join could not even be recorded, wait for the side stream from the host (outside a capture).
     if (forked && err != cudaSuccess)
     {

@@ -8,14 +8,14 @@ constexpr char const* kPluginNamespace = "qmoe";
 struct QmoeRoutedExperts
 {
     static constexpr char const* kName = "QmoeRoutedExperts";
-    static constexpr char const* kVersion = "1";
-    static constexpr int kNumFields = 5;
-    static constexpr char const* kFieldNames[] = {"num_experts", "top_k", "norm_topk_prob", "moe_intermediate_size", "shared_intermediate_size"};
+    static constexpr char const* kVersion = "2";
+    static constexpr int kNumFields = 6;
+    static constexpr char const* kFieldNames[] = {"num_experts", "top_k", "norm_topk_prob", "moe_intermediate_size", "shared_intermediate_size", "gate_up_block"};
     static constexpr int kInput_hidden = 0; // [T, H] normed hidden states, tokens flattened
     static constexpr int kInput_router_weight = 1; // [E, H] router (mlp.gate.weight); softmax runs in fp32
-    static constexpr int kInput_gate_up_weight = 2; // [E, 2*I, H] rows 0..I-1 gate_proj, I..2I-1 up_proj
+    static constexpr int kInput_gate_up_weight = 2; // [E, 2*I, H] gate_proj and up_proj rows, as gate_up_block says
     static constexpr int kInput_down_weight = 3; // [E, H, I] down_proj
-    static constexpr int kInput_shared_gate_up_weight = 4; // [2*Is, H] shared expert gate_proj then up_proj
+    static constexpr int kInput_shared_gate_up_weight = 4; // [2*Is, H] shared expert gate_proj and up_proj rows, as gate_up_block says
     static constexpr int kInput_shared_down_weight = 5; // [H, Is] shared expert down_proj
     static constexpr int kInput_shared_expert_gate_weight = 6; // [1, H] sigmoid gate of the shared expert
     static constexpr int kNumInputs = 7;

@@ -19,7 +19,8 @@ constexpr int kTopK = fieldIndex(moe_contract::kFieldNames, "top_k");
 constexpr int kNormTopk = fieldIndex(moe_contract::kFieldNames, "norm_topk_prob");
 constexpr int kInter = fieldIndex(moe_contract::kFieldNames, "moe_intermediate_size");
 constexpr int kSharedInter = fieldIndex(moe_contract::kFieldNames, "shared_intermediate_size");
-static_assert(kNumExperts >= 0 && kTopK >= 0 && kNormTopk >= 0 && kInter >= 0 && kSharedInter >= 0,
+constexpr int kGateUpBlock = fieldIndex(moe_contract::kFieldNames, "gate_up_block");
+static_assert(kNumExperts >= 0 && kTopK >= 0 && kNormTopk >= 0 && kInter >= 0 && kSharedInter >= 0 && kGateUpBlock >= 0,
     "runtime/contract.py renamed a QmoeRoutedExperts field: update this plugin");
 static_assert(moe_contract::kNumInputs == 7 && moe_contract::kNumOutputs == 1,
     "runtime/contract.py changed the QmoeRoutedExperts inputs: update this plugin");
@@ -34,13 +35,16 @@ bool RoutedExpertsPlugin::validFields(Fields const& f)
 {
     int32_t const e = f[kNumExperts];
     int32_t const k = f[kTopK];
+    int32_t const b = f[kGateUpBlock];
     bool const ok = e >= 1 && e <= 256 && k >= 1 && k <= 32 && k <= e && (f[kNormTopk] == 0 || f[kNormTopk] == 1)
-        && f[kInter] > 0 && f[kInter] % 8 == 0 && f[kSharedInter] >= 0 && f[kSharedInter] % 8 == 0;
+        && f[kInter] > 0 && f[kInter] % 8 == 0 && f[kSharedInter] >= 0 && f[kSharedInter] % 8 == 0
+        && (b == 0 || (b > 0 && b % 8 == 0 && f[kInter] % b == 0 && f[kSharedInter] % b == 0));
     if (!ok)
     {
         logPluginError(kName,
             "fields out of range: need 1 <= num_experts <= 256, 1 <= top_k <= min(num_experts, 32), norm_topk_prob in "
-            "{0, 1}, moe_intermediate_size > 0 and shared_intermediate_size >= 0, both multiples of 8");
+            "{0, 1}, moe_intermediate_size > 0 and shared_intermediate_size >= 0, both multiples of 8, gate_up_block "
+            "0 or a multiple of 8 dividing both");
     }
     return ok;
 }
@@ -150,6 +154,7 @@ int32_t RoutedExpertsPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
     p.norm_topk_prob = mFields[kNormTopk];
     p.moe_intermediate_size = mFields[kInter];
     p.shared_intermediate_size = mFields[kSharedInter];
+    p.gate_up_block = mFields[kGateUpBlock];
     p.dtype = dtype;
     p.path = QMOE_PATH_AUTO;
     p.hidden = inputs[moe_contract::kInput_hidden];

@@ -23,6 +23,13 @@ def trt_artifact(tiny_checkpoint, tmp_path_factory):
     return export(tiny_checkpoint, tmp_path_factory.mktemp("trt") / "art", target="tensorrt", dtype="float16")
 
 
+@pytest.fixture(scope="module")
+def trt_blocked_artifact(tiny_checkpoint, tmp_path_factory):
+    """Gate/up rows in blocks of 16 (the tiny model's I = 32 and Is = 64 do not take the default 128)."""
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("trt16") / "art", target="tensorrt", dtype="float16",
+                  gate_up_block=16)
+
+
 def _plugin_nodes(model):
     return [n for n in model.graph.node if n.domain == contract.PLUGIN_DOMAIN]
 
@@ -48,7 +55,7 @@ def test_checker_allow_list_and_contract(trt_artifact):
         assert len(n.input) == len(spec.inputs) and len(n.output) == len(spec.outputs)
         if n.op_type == "QmoeRoutedExperts":
             assert attrs == dict(num_experts=8, top_k=2, norm_topk_prob=0, moe_intermediate_size=32,
-                                 shared_intermediate_size=64)
+                                 shared_intermediate_size=64, gate_up_block=0)  # 128 does not divide 32
             inits = {i.name: tuple(i.dims) for i in m.graph.initializer}
             assert inits[n.input[2]] == (8, 64, 64) and inits[n.input[3]] == (8, 64, 32)  # [E, 2I, H], [E, H, I]
         else:
@@ -77,9 +84,18 @@ class QmoeRoutedExperts(OpRun):
     op_domain = contract.PLUGIN_DOMAIN
 
     def _run(self, x, router, gate_up, down, s_gate_up, s_down, s_gate, num_experts=None, top_k=None,
-             norm_topk_prob=None, moe_intermediate_size=None, shared_intermediate_size=None, plugin_version=None,
-             plugin_namespace=None):
+             norm_topk_prob=None, moe_intermediate_size=None, shared_intermediate_size=None, gate_up_block=None,
+             plugin_version=None, plugin_namespace=None):
         silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+
+        def concatenated(w):  # [..., 2N, H] from gate_up_block's layout to gate rows then up rows
+            if not gate_up_block:
+                return w
+            *lead, two_n, h = w.shape
+            blocks = w.reshape(*lead, two_n // (2 * gate_up_block), 2, gate_up_block, h)
+            return np.swapaxes(blocks, -4, -3).reshape(w.shape)
+
+        gate_up, s_gate_up = concatenated(gate_up), concatenated(s_gate_up)
         logits = (x @ router.T).astype(np.float64)
         p = np.exp(logits - logits.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
@@ -107,9 +123,41 @@ def test_float32_is_refused(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_reference_evaluation_matches_transformers(trt_artifact, tiny_checkpoint):
+def test_gate_up_block_choice(tiny_checkpoint, tmp_path):
+    """128-row gate/up blocks (SwiGLU in the Hopper GEMM 1's epilogue) where both intermediate sizes
+    allow, as for Qwen2-57B-A14B; a requested layout is checked; ONNX Runtime's graph has its own."""
+    from dataclasses import replace
+
+    from exporter.checkpoint import Checkpoint
+    from exporter.export import ExportError, gate_up_block_for
+
+    c = Checkpoint(tiny_checkpoint).config
+    big = replace(c, moe_intermediate_size=2560, shared_expert_intermediate_size=20480)
+    assert gate_up_block_for(big, "tensorrt", None) == 128
+    assert gate_up_block_for(replace(big, shared_expert_intermediate_size=20480 + 64), "tensorrt", None) == 0
+    assert gate_up_block_for(c, "tensorrt", None) == 0 and gate_up_block_for(c, "tensorrt", 32) == 32
+    assert gate_up_block_for(c, "onnxruntime", None) == 0
+    for bad in (12, 48, -8):
+        with pytest.raises(ExportError, match=f"gate_up_block {bad}: need 0 or a multiple of 8"):
+            gate_up_block_for(c, "tensorrt", bad)
+    with pytest.raises(ExportError, match="gate_up_block 64: need"):
+        export(tiny_checkpoint, tmp_path / "x", target="tensorrt", dtype="float16", gate_up_block=64)
+    with pytest.raises(ExportError, match="tensorrt target"):
+        export(tiny_checkpoint, tmp_path / "y", gate_up_block=16)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("artifact", ["trt_artifact", "trt_blocked_artifact"])
+def test_reference_evaluation_matches_transformers(artifact, tiny_checkpoint, request):
     """Prefill of a ragged batch of 2, then one decode step, through the fp16 tensorrt graph vs
-    transformers in fp32: logits |delta| <= 5e-2 (fp16 compute, unit-scale logits), same argmax."""
+    transformers in fp32: logits |delta| <= 5e-2 (fp16 compute, unit-scale logits), same argmax.
+    Both gate/up layouts: the numpy plugin reads the rows as the node's gate_up_block says."""
+    trt_artifact = request.getfixturevalue(artifact)
+    if artifact == "trt_blocked_artifact":
+        m = onnx.load(str(trt_artifact / "model.onnx"), load_external_data=False)
+        blocks = [onnx.helper.get_attribute_value(a) for n in _plugin_nodes(m) for a in n.attribute
+                  if a.name == "gate_up_block"]
+        assert blocks == [16, 16]
     sess = ReferenceEvaluator(str(trt_artifact / "model.onnx"), new_ops=[QmoeRotary, QmoeRoutedExperts])
     hf = hf_model(tiny_checkpoint)
     prompts = [[9707, 11, 1879, 0, 220], [151644, 872, 198]]
@@ -135,3 +183,21 @@ def test_reference_evaluation_matches_transformers(trt_artifact, tiny_checkpoint
         for i, p in enumerate(prompts):
             ref = hf(torch.tensor([p + [int(nxt[i])]])).logits[0, -1].numpy()
             assert np.abs(out2[0][i, 0] - ref).max() <= 5e-2 and out2[0][i, 0].argmax() == ref.argmax()
+
+
+def test_blocked_shared_expert_is_written_in_bounded_pieces(tiny_checkpoint, monkeypatch):
+    """The shared expert's gate/up rows in blocks come from the checkpoint a row range at a time (a
+    whole number of blocks, about PIECE_BYTES) and add up to the blocked layout of the whole tensors."""
+    from exporter import weights
+    from exporter.checkpoint import Checkpoint
+
+    ck = Checkpoint(tiny_checkpoint)
+    prefix = "model.layers.0.mlp.shared_expert"
+    gate, up = ck.rows(f"{prefix}.gate_proj.weight", 0, 64), ck.rows(f"{prefix}.up_proj.weight", 0, 64)
+    row_bytes = gate[0].numel() * gate.element_size()
+    monkeypatch.setattr(weights, "PIECE_BYTES", 2 * 24 * row_bytes)  # 24 rows of each: 16-row blocks -> 16
+    got = list(weights.pieces(ck, f"{prefix}.gate_up", False, 16))
+    assert [p.shape[0] for p in got] == [32] * 4  # 16 gate + 16 up rows each
+    assert torch.equal(torch.cat(got), weights.blocked(gate, up, 16))
+    whole = weights.blocked(gate, up, 16).reshape(4, 2, 16, -1)
+    assert torch.equal(whole[:, 0].reshape(64, -1), gate) and torch.equal(whole[:, 1].reshape(64, -1), up)

@@ -15,12 +15,16 @@ from runtime.manifest import io_names
 from tests.helpers import hf_model, rope_cache
 
 
-@pytest.mark.parametrize("interleaved", [True, False])
-def test_reference_ops_match_transformers_and_onnxruntime(tiny_checkpoint, tiny_artifact, interleaved):
+@pytest.mark.parametrize("interleaved, gate_up_block", [(True, 0), (False, 0), (False, 8), (False, 32)],
+                         ids=["pairs", "concatenated", "blocks8", "blocks32"])
+def test_reference_ops_match_transformers_and_onnxruntime(tiny_checkpoint, tiny_artifact, interleaved, gate_up_block):
+    """Every gate/up row layout the exporter writes (ONNX Runtime's pairs, the plugin's blocks; 32 is
+    the tiny model's whole routed intermediate size, so the shared expert's 64 rows alternate twice)."""
     ck = Checkpoint(tiny_checkpoint)
     c = ck.config
-    model = Qwen2MoeForExport(c, torch.float32, torch.float32, interleaved_experts=interleaved)
-    load_into(model, ck, interleaved)
+    model = Qwen2MoeForExport(c, torch.float32, torch.float32, interleaved_experts=interleaved,
+                              gate_up_block=gate_up_block)
+    load_into(model, ck, interleaved, gate_up_block)
     prompts = [[9707, 11, 1879, 0, 220], [151644, 872, 198]]
     B, S, C = 2, 5, 8
     lengths = torch.tensor([5, 3], dtype=torch.int32)

@@ -205,9 +205,6 @@ int main() {
     for (long Is : inter) for (int n : most) std::printf("parts %ld %d %d\n", Is, n, qmoe::shared_gemm1_parts(Is, n));
     for (long Is : inter) for (int n : most)
         std::printf("wparts %ld %d %d\n", Is, n, qmoe::shared_gemm1_parts(Is, n, true));
-    for (int n : {8, 24, 256, 2560}) for (int b : {0, 8, 128}) if (b == 0 || n % b == 0)
-        for (int j = 0; j < n; ++j) for (int up = 0; up < 2; ++up)
-            std::printf("row %d %d %d %d %ld\n", n, b, j, up, static_cast<long>(qmoe::gate_up_row(j, up, n, b)));
     long const tokens[] = {1, 64, 256, 383, 384, 512, 1024, 1025, 4096};
     int const settings[] = {qmoe::kInterleaveAuto, 0, 8};
     for (long T : tokens) for (int set : settings) for (long Is : {0L, 20480L})
@@ -233,7 +230,7 @@ def test_grouped_gemm_schedule_orders() -> None:
                     "-o", str(exe)], check=True, capture_output=True)
     lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
     orders = [list(map(int, line.split())) for line in lines
-              if not line.startswith(("parts", "wparts", "auto", "stream", "row"))]
+              if not line.startswith(("parts", "wparts", "auto", "stream"))]
     assert len(orders) == 6 * 6 * 2
     from tests.plugins.test_model_schedule import M as model  # scripts/model_schedule.py
 
@@ -272,19 +269,6 @@ def test_grouped_gemm_schedule_orders() -> None:
         assert p == 1 or (2 * inter) % (256 * p) == 0, (inter, most, p)
         assert p == got[(inter, most)] or (p == 1 and (2 * inter) % 512 != 0), (inter, most, p)
     assert whole[(20480, 32)] == 32 and whole[(88, 32)] == 1 and whole[(768, 32)] == 2
-    # gate_up_row (the kernels' row of gate/up column j) is where interleave_gate_up (the tests' and
-    # benchmark's weight layout) puts it, and block 0 is gate rows then up rows.
-    rows: dict[tuple[int, int], dict[tuple[int, int], int]] = {}
-    for _, n, b, j, up, row in (line.split() for line in lines if line.startswith("row")):
-        rows.setdefault((int(n), int(b)), {})[(int(j), int(up))] = int(row)
-    assert set(rows) == {(8, 0), (8, 8), (24, 0), (24, 8), (256, 0), (256, 8), (256, 128), (2560, 0), (2560, 8),
-                         (2560, 128)}
-    torch = pytest.importorskip("torch")
-    for (n, b), mapping in rows.items():
-        ids = torch.arange(2 * n).reshape(1, 2 * n, 1)  # row r holds gate (r < n) or up (r >= n) of r % n
-        stored = ids if b == 0 else K.interleave_gate_up({"gate_up_weight": ids}, b)["gate_up_weight"]
-        where = {int(v): r for r, v in enumerate(stored.flatten().tolist())}
-        assert mapping == {(j, up): where[up * n + j] for j in range(n) for up in (0, 1)}, (n, b)
     # interleave_parts at the 57B routing (top-8 of 64): a setting wins; unset (-1), 32 slices from 48
     # to 128 mean routed rows per expert (384-1024 tokens) and with a shared expert only.
     auto = {(int(t), int(st), int(is_)): int(p) for _, t, st, is_, p in
@@ -302,6 +286,62 @@ def test_grouped_gemm_schedule_orders() -> None:
     for (tokens, setting), sms in stream.items():
         expected = setting if setting >= 0 else (8 if tokens <= 64 else 0)
         assert sms == expected, (tokens, setting, sms)
+
+
+LAYOUT_PROGRAM = r"""
+#include "moe_internal.h"
+#include <cstdio>
+int main() {
+    for (int n : {8, 24, 256, 2560}) for (int b : {0, 8, 128}) if (b == 0 || n % b == 0)
+        for (int j = 0; j < n; ++j) for (int up = 0; up < 2; ++up)
+            std::printf("row %d %d %d %d %ld\n", n, b, j, up, static_cast<long>(qmoe::gate_up_row(j, up, n, b)));
+    long const shapes[][4] = {{1, 8, 2560, 20480}, {4096, 8, 2560, 20480}, {257, 8, 128, 512}, {3, 2, 40, 88},
+                              {64, 4, 384, 1280}, {5, 2, 32, 0}};
+    for (auto const& s : shapes) {
+        long const T = s[0], k = s[1], I = s[2], Is = s[3];
+        qmoe::WorkspaceLayout const l = qmoe::workspace_layout(T, 64, 8, k, I, Is, 2);
+        std::printf("act %ld %ld %ld %ld %ld %ld %ld %ld\n", T, k, I, Is, static_cast<long>(l.y - l.act),
+                    static_cast<long>(qmoe::sm90_act_row(T * k, T, k, I, Is)),
+                    static_cast<long>(qmoe::sm90_act_row(T * k + 1, T, k, I, Is)),
+                    static_cast<long>(qmoe::sm90_act_row(T * k + T, T, k, I, Is)));
+    }
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(not (shutil.which("g++") and (CUDA_INCLUDE / "cuda_runtime.h").exists()),
+                    reason="needs g++ and the CUDA headers")
+def test_gate_up_rows_and_hopper_act_layout() -> None:
+    """moe_internal.h's gate_up_row (the kernels' row of gate/up column j for a gate_up_block) is where
+    kernels.interleave_gate_up (the tests' and benchmark's weight layout) puts it, block 0 being gate
+    rows then up rows; and sm90_act_row (where the Hopper GEMM 1 writes a permuted row) keeps the T
+    shared rows of 2*Is after the T*k routed rows of 2*I, inside the workspace's act region."""
+    torch = pytest.importorskip("torch")
+    exe = ROOT / "build" / "plugins-test" / "layout"
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    src = exe.with_suffix(".cpp")
+    src.write_text(LAYOUT_PROGRAM)
+    subprocess.run(["g++", "-std=c++17", "-Wall", "-Werror", "-DQMOE_HAS_SM90_GEMM", f"-I{K.KERNELS_DIR}",
+                    f"-I{CUDA_INCLUDE}", str(src), "-o", str(exe)], check=True, capture_output=True)
+    lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
+    rows: dict[tuple[int, int], dict[tuple[int, int], int]] = {}
+    for _, n, b, j, up, row in (line.split() for line in lines if line.startswith("row")):
+        rows.setdefault((int(n), int(b)), {})[(int(j), int(up))] = int(row)
+    assert set(rows) == {(8, 0), (8, 8), (24, 0), (24, 8), (256, 0), (256, 8), (256, 128), (2560, 0), (2560, 8),
+                         (2560, 128)}
+    for (n, b), mapping in rows.items():
+        ids = torch.arange(2 * n).reshape(1, 2 * n, 1)  # row r holds gate (r < n) or up (r >= n) of r % n
+        stored = ids if b == 0 else K.interleave_gate_up({"gate_up_weight": ids}, b)["gate_up_weight"]
+        where = {int(v): r for r, v in enumerate(stored.flatten().tolist())}
+        assert mapping == {(j, up): where[up * n + j] for j in range(n) for up in (0, 1)}, (n, b)
+    acts = [list(map(int, line.split()[1:])) for line in lines if line.startswith("act")]
+    assert len(acts) == 6
+    for T, k, inter, shared, region_bytes, first_shared, second_shared, end in acts:
+        assert first_shared == T * k * 2 * inter  # after the routed rows
+        assert second_shared == first_shared + 2 * shared  # shared rows are 2*Is apart
+        assert end == T * k * 2 * inter + T * 2 * shared
+        assert 2 * end <= region_bytes  # bf16/fp16 elements inside the act region
 
 
 def test_launchers_validate_before_touching_the_gpu(kernels_lib: Path) -> None:

@@ -23,6 +23,15 @@ def test_tile_of_a_cutlass_kernel() -> None:
     assert K.cutlass_tile(small) == "64x256x64"
 
 
+def test_tile_of_the_fused_swiglu_gemm() -> None:
+    """GEMM 1 with SwiGLU in its epilogue (gate_up_block 128): the same mainloop, the epilogue adapter
+    named at the end (what the GPU tests look for)."""
+    fused = (SWAPPED.replace("C<128>, cute::C<80>", "C<128>, cute::C<256>")
+             + ", cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<qmoe::(anonymous namespace)::"
+               "SwigluEpilogue<__nv_bfloat16> >, void, void> >")
+    assert K.cutlass_tile(fused) == "128x256x64"
+
+
 def test_no_tile_for_other_or_truncated_names() -> None:
     assert K.cutlass_tile("void qmoe::(anonymous namespace)::combine_kernel<__nv_bfloat16>(qmoe::MoeArgs)") is None
     # Nsight Compute cuts long names before the tile.

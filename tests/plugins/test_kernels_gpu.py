@@ -543,12 +543,20 @@ def fused_switch_cases() -> None:
                                       gate_up_block=K.GATE_UP_FUSED_BLOCK)
                 _assert_close(out, ref.experts(x, w, ids, weights, shared_gate), dtype,
                               f"fused {shape} T={tokens} {dtype} skew={skew}")
+    if lib.features() & K.FEATURE_SWAP_AB:
+        # 257 tokens (32 mean rows): the fused GEMM 1 (and the side stream's, if on) in 256-column
+        # tiles, GEMM 2 in wide swapped tiles.
+        names = [n for n in _kernel_names(lib, ref.E64_TOP8, 257, gate_up_block=K.GATE_UP_FUSED_BLOCK) if "cutlass" in n]
+        fused = {K.cutlass_tile(n) for n in names if "SwigluEpilogue" in n}
+        plain = {K.cutlass_tile(n) for n in names if "SwigluEpilogue" not in n}
+        assert fused and all(t is not None and t.split("x")[1] == "256" for t in fused), fused
+        assert plain == {"128x80x64"}, plain
 
 
 def test_fused_swiglu_under_switches(lib: K.Kernels) -> None:
     """Block 128 with the tiles and launches the switches choose: 128-row tiles at every size with the
     side stream at every size; 64-row tiles everywhere; swapped tiles asked for (GEMM 1 keeps its
-    256-column tiles, GEMM 2 swaps); the GEMMs launched with PDL."""
+    256-column tiles, GEMM 2 swaps: checked from the kernels that ran); the GEMMs launched with PDL."""
     if torch.cuda.get_device_capability() != (9, 0) or not lib.features() & K.FEATURE_SM90_GEMM:
         pytest.skip("SwiGLU in GEMM 1's epilogue is the Hopper (sm_90a, CUTLASS) GEMMs' only")
     for switches in ({"QMOE_TILE_ROWS": "1", "QMOE_SHARED_STREAM": "8"},

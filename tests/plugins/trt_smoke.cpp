@@ -201,13 +201,23 @@ int main(int argc, char** argv)
         IPluginV3* p = nullptr;
         if (name == "QmoeRoutedExperts")
         {
-            // E=4, k=2, norm=1, I=16, Is=32, H=24, T=5 (fields in contract order)
+            // E=4, k=2, norm=1, I=16, Is=32, gate_up_block=8, H=24, T=5 (fields in contract order)
             DataType const t = DataType::kBF16;
             std::vector<DynamicPluginTensorDesc> in{desc({5, 24}, t), desc({4, 24}, t), desc({4, 32, 24}, t),
                 desc({4, 24, 16}, t), desc({64, 24}, t), desc({24, 32}, t), desc({1, 24}, t)};
             std::vector<DynamicPluginTensorDesc> bad(in);
             bad[3] = desc({4, 16, 24}, t); // down transposed
-            p = exercise(c, {4, 2, 1, 16, 32}, in, {desc({5, 24}, t)}, bad);
+            p = exercise(c, {4, 2, 1, 16, 32, 8}, in, {desc({5, 24}, t)}, bad);
+            // A gate/up block that is not a multiple of 8 dividing I and Is is refused.
+            for (int32_t block : {12, 32, -8})
+            {
+                std::vector<int32_t> values{4, 2, 1, 16, 32, block};
+                std::vector<PluginField> storage;
+                PluginFieldCollection fc = fieldsFor(c, storage, values);
+                IPluginV3* refused = c->createPlugin("smoke", &fc, TensorRTPhase::kBUILD);
+                expect(refused == nullptr, "createPlugin refuses gate_up_block 12, 32 (does not divide I) and -8");
+                delete refused;
+            }
             if (p != nullptr)
             {
                 auto* build = static_cast<IPluginV3OneBuild*>(p->getCapabilityInterface(PluginCapabilityType::kBUILD));
