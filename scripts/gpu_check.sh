@@ -58,8 +58,8 @@ fi
 : >"$out/pytest_gpu.log"
 # The Hopper switch tests (a fresh process per setting) get a group of their own.
 for group in "routing or rotary or bad_arguments" "decode" "wmma" "prefill" "interleave_switch or tile_rows_switch" \
-    "swap_ab_switch or gemm_pdl_switch" \
-    "not (routing or rotary or bad_arguments or decode or wmma or prefill or interleave_switch or tile_rows_switch or swap_ab_switch or gemm_pdl_switch)"; do
+    "swap_ab_switch or gemm_pdl_switch" "gate_up_block or fused_swiglu" \
+    "not (routing or rotary or bad_arguments or decode or wmma or prefill or interleave_switch or tile_rows_switch or swap_ab_switch or gemm_pdl_switch or gate_up_block or fused_swiglu)"; do
     echo "=== -k '$group'" >>"$out/pytest_gpu.log"
     stage "gpu_tests[$group]" "$out/pytest_gpu.part" 120 "$py" -m pytest -q -p no:cacheprovider -m gpu -rfE \
         -k "$group" tests/plugins/test_kernels_gpu.py
@@ -82,6 +82,8 @@ cases=(
     "$t::test_forward[e64_top8-4096-fp16-raw-uniform-prefill]"
     "$t::test_forward[e64_top8-3-bf16-raw-skewed-prefill]"
     "$t::test_without_shared_expert[3-prefill]"
+    "$t::test_gate_up_block_one_call[3]"
+    "$t::test_gate_up_block_one_call[4096]"
     "$t::test_routing[odd_small-257-bf16-norm-uniform]"
     "$t::test_routing[e64_top8-3-fp16-raw-skewed]"
     "$t::test_rotary[2-37-odd_head-bf16-out]"
@@ -95,7 +97,7 @@ elif command -v compute-sanitizer >/dev/null; then
             "$py" -m pytest -q -p no:cacheprovider -m gpu "${cases[@]}"
         rc_mem=$?
         timeout 80 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 9 \
-            "$py" -m pytest -q -p no:cacheprovider -m gpu "${cases[3]}" "${cases[4]}" "${cases[9]}" "${cases[10]}"
+            "$py" -m pytest -q -p no:cacheprovider -m gpu "${cases[3]}" "${cases[4]}" "${cases[11]}" "${cases[12]}"
         rc_race=$?
         echo "memcheck rc=$rc_mem racecheck rc=$rc_race"
         [ "$rc_mem" -eq 0 ] && [ "$rc_race" -eq 0 ]

@@ -530,6 +530,19 @@ def gate_up_block_prefill_cases() -> None:
     gate_up_block_cases((K.PATH_PREFILL,))
 
 
+@pytest.mark.parametrize("tokens", [3, 257, 4096])
+def test_gate_up_block_one_call(lib: K.Kernels, tokens: int) -> None:
+    """One forced prefill-path call with 128-row gate/up blocks (SwiGLU in the Hopper GEMM 1's
+    epilogue; 3 tokens: the side stream and the shared gate in [Combine]; 4096: 128-row tiles):
+    scripts/gpu_check.sh runs it under compute-sanitizer."""
+    shape = ref.E64_TOP8
+    w, x = _case(shape, tokens, torch.bfloat16, skew=False)
+    ids, weights, shared_gate = lib.moe_route(x, w, shape.top_k, False)
+    out = lib.moe_forward(x, K.interleave_gate_up(w, K.GATE_UP_FUSED_BLOCK), shape.top_k, False,
+                          path=K.PATH_PREFILL, gate_up_block=K.GATE_UP_FUSED_BLOCK)
+    _assert_close(out, ref.experts(x, w, ids, weights, shared_gate), torch.bfloat16, f"block 128 T={tokens}")
+
+
 def fused_switch_cases() -> None:
     """Block 128 on the Hopper prefill path under the switches of this process."""
     lib = K.load(build_if_needed=False)
