@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from runtime import contract
 from runtime import manifest as mf
 from runtime.config import ModelConfig
 from runtime.errors import QmoeError
@@ -58,23 +59,26 @@ def dtypes_for(target: str, dtype: str) -> tuple[str, str]:
     return dtype, dtype
 
 
-# The tensorrt target's gate/up row layout (the QmoeRoutedExperts plugin's gate_up_block field):
-# blocks of 128 gate rows and the 128 matching up rows, with which the Hopper grouped GEMM does SwiGLU
-# in its epilogue instead of in a pass of its own (plugins/README.md), where both intermediate sizes
-# allow (Qwen2-57B-A14B: 2560 and 20480); gate rows then up rows (0) otherwise. Every kernel path reads
-# either layout.
-TRT_GATE_UP_BLOCK = 128
+# The tensorrt target's default gate/up row layout (the QmoeRoutedExperts plugin's gate_up_block
+# field), where both intermediate sizes allow it; else 0 (gate rows then up rows). Every kernel path
+# reads any layout; with 128 the Hopper grouped GEMM does SwiGLU in its epilogue instead of in a pass
+# of its own (plugins/README.md). 0 until that path has run on a GPU (plugins/results/NOTES.md,
+# "Predictions written before run 6, stop 22"); `qmoe export --gate-up-block 128` asks for it.
+TRT_GATE_UP_BLOCK = 0
 
 
 def gate_up_block_for(c: ModelConfig, target: str, requested: int | None) -> int:
     """The gate/up row layout to export: `requested`, checked, or the target's default."""
     inter, shared = c.moe_intermediate_size, c.shared_expert_intermediate_size
+    if requested is not None and (type(requested) is not int):
+        raise ExportError(f"gate_up_block must be an integer, got {requested!r}")
     if target != "tensorrt":
         if requested:
             raise ExportError("gate_up_block is a layout of the tensorrt target's QmoeRoutedExperts plugin")
         return 0
     if requested is None:
-        return TRT_GATE_UP_BLOCK if inter % TRT_GATE_UP_BLOCK == 0 and shared % TRT_GATE_UP_BLOCK == 0 else 0
+        b = TRT_GATE_UP_BLOCK
+        return b if b and inter % b == 0 and shared % b == 0 else 0
     if requested < 0 or requested % 8 or (requested and (inter % requested or shared % requested)):
         raise ExportError(f"gate_up_block {requested}: need 0 or a multiple of 8 that divides moe_intermediate_size "
                           f"{inter} and shared_expert_intermediate_size {shared}")
@@ -152,6 +156,7 @@ def export(
             opset=OPSET, source=str(ckpt.dir.absolute()), export_seconds=round(time.perf_counter() - t0, 2),
             linked_weights=link_weights, quantization=None if qc is None else qc.to_json(),
             lora=None if ckpt.lora is None else ckpt.lora.describe(),
+            plugins={s.name: s.version for s in contract.PLUGINS} if target == "tensorrt" else None,
         ))
     ckpt.close()
     return output_dir

@@ -188,10 +188,14 @@ def tiny(out_dir: str, seed: int, dtype: str, force: bool) -> None:
                    "int8 (the only choice there).")
 @click.option("--lora", "lora", multiple=True, type=click.Path(),
               help="PEFT LoRA adapter folder to merge into the weights (repeat to add several).")
+@click.option("--gate-up-block", type=click.IntRange(min=0), default=None,
+              help="tensorrt target: gate/up weight rows in alternating blocks of this many rows (0: gate rows "
+                   "then up rows, the default). 128 lets the Hopper kernels do SwiGLU inside their first GEMM "
+                   "(not yet run on a GPU).")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 def export(checkpoint_dir: str, output_dir: str, target: str, dtype: str | None, link_weights: bool,
            quantize: str | None, quant_block_size: str | None, quant_activations: str | None, lora: tuple[str, ...],
-           force: bool) -> None:
+           gate_up_block: int | None, force: bool) -> None:
     """Export a Hugging Face Qwen2-MoE checkpoint to an ONNX artifact.
 
     A GPTQ checkpoint (e.g. Qwen2-57B-A14B-Instruct-GPTQ-Int4) keeps its quantized layers as they are
@@ -215,7 +219,7 @@ def export(checkpoint_dir: str, output_dir: str, target: str, dtype: str | None,
                       link_weights=link_weights, quantize=quantize,
                       quant_block_size=None if quant_block_size is None else int(quant_block_size),
                       quant_activations=quant_activations, lora=lora,
-                      progress=progress)
+                      progress=progress, gate_up_block=gate_up_block)
     finally:
         bar.close()
     for a in mf.read(output_dir).lora or []:  # what went into the weights, as the manifest records it

@@ -64,6 +64,10 @@ class Manifest:
     quantization: dict[str, Any] | None = None
     # LoRA adapters merged into the weights (exporter/lora.py: Adapter.describe()), None without.
     lora: list[dict[str, Any]] | None = None
+    # tensorrt target: the version of each qmoe plugin its graph's nodes name (runtime/contract.py), so
+    # that `qmoe build` can say "re-export" instead of relaying TensorRT's parse error. None: an
+    # onnxruntime artifact, or one exported before they were recorded.
+    plugins: dict[str, str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -74,7 +78,8 @@ class Manifest:
     def for_export(cls, *, config: ModelConfig, target: str, dtype: str, weight_dtype: str, compute_dtype: str,
                    opset: int, source: str, export_seconds: float, linked_weights: bool,
                    quantization: dict[str, Any] | None = None,
-                   lora: list[dict[str, Any]] | None = None) -> "Manifest":
+                   lora: list[dict[str, Any]] | None = None,
+                   plugins: dict[str, str] | None = None) -> "Manifest":
         io = io_names(config.num_hidden_layers)
         rs = config.rope_scaling
         return cls(
@@ -86,7 +91,7 @@ class Manifest:
                   "max_position_embeddings": config.max_position_embeddings,
                   "scaling": None if rs is None else asdict(rs)},
             source_checkpoint=source, export_seconds=export_seconds, linked_weights=linked_weights,
-            quantization=quantization, lora=lora,
+            quantization=quantization, lora=lora, plugins=plugins,
         )
 
 
@@ -105,7 +110,8 @@ def _check_types(m: Manifest) -> None:
     that does not."""
     kinds: dict[str, Any] = {"opset": int, "export_seconds": (int, float), "linked_weights": bool,
                              "inputs": list, "outputs": list, "hf_config": dict, "rope": dict, "extra": dict,
-                             "quantization": (dict, type(None)), "lora": (list, type(None))}
+                             "quantization": (dict, type(None)), "lora": (list, type(None)),
+                             "plugins": (dict, type(None))}
     for name in Manifest.__dataclass_fields__:
         v, kind = getattr(m, name), kinds.get(name, str)
         if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool):
@@ -113,6 +119,8 @@ def _check_types(m: Manifest) -> None:
     for name in ("inputs", "outputs"):
         if not all(isinstance(x, str) for x in getattr(m, name)):
             raise TypeError(f"{name} must be a list of names")
+    if m.plugins is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in m.plugins.items()):
+        raise TypeError(f"plugins is {m.plugins!r}; expected plugin names and their versions")
 
     def adapter_ok(a: Any) -> bool:  # file: the name of its weights file in the folder at path
         f = a.get("file", "-") if isinstance(a, dict) else None

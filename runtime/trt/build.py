@@ -178,6 +178,11 @@ def check_target(artifact: Path, m: mf.Manifest) -> None:
     if m.target != "tensorrt":
         raise BuildError(f"{artifact}: exported for {m.target!r}; TensorRT engines need an artifact made with "
                          f"`qmoe export CHECKPOINT -o OUT --target tensorrt`")
+    want = {s.name: s.version for s in PLUGINS}
+    if m.plugins != want:
+        had = "unrecorded (before QmoeRoutedExperts version 2)" if m.plugins is None else m.plugins
+        raise BuildError(f"{artifact}: its graph names plugin versions {had}, this qmoe builds {want}; re-export "
+                         "it with `qmoe export CHECKPOINT -o OUT --target tensorrt`")
 
 
 # --- the TensorRT build ----------------------------------------------------------------------

@@ -123,18 +123,28 @@ def test_float32_is_refused(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_gate_up_block_choice(tiny_checkpoint, tmp_path):
-    """128-row gate/up blocks (SwiGLU in the Hopper GEMM 1's epilogue) where both intermediate sizes
-    allow, as for Qwen2-57B-A14B; a requested layout is checked; ONNX Runtime's graph has its own."""
+def test_gate_up_block_choice(tiny_checkpoint, tmp_path, monkeypatch):
+    """Gate rows then up rows by default (TRT_GATE_UP_BLOCK 0 until 128-row blocks, SwiGLU in the
+    Hopper GEMM 1's epilogue, have run on a GPU); a default block applies where both intermediate
+    sizes allow it; a requested layout is checked; ONNX Runtime's graph has its own."""
     from dataclasses import replace
 
+    from exporter import export as ex
     from exporter.checkpoint import Checkpoint
     from exporter.export import ExportError, gate_up_block_for
 
     c = Checkpoint(tiny_checkpoint).config
     big = replace(c, moe_intermediate_size=2560, shared_expert_intermediate_size=20480)
+    assert ex.TRT_GATE_UP_BLOCK == 0 and gate_up_block_for(big, "tensorrt", None) == 0
+    assert gate_up_block_for(big, "tensorrt", 128) == 128  # qmoe export --gate-up-block 128
+    monkeypatch.setattr(ex, "TRT_GATE_UP_BLOCK", 128)
     assert gate_up_block_for(big, "tensorrt", None) == 128
     assert gate_up_block_for(replace(big, shared_expert_intermediate_size=20480 + 64), "tensorrt", None) == 0
+    assert gate_up_block_for(c, "tensorrt", None) == 0  # I = 32
+    monkeypatch.undo()
+    for odd in (128.0, "16", True):
+        with pytest.raises(ExportError, match="gate_up_block must be an integer"):
+            gate_up_block_for(big, "tensorrt", odd)
     assert gate_up_block_for(c, "tensorrt", None) == 0 and gate_up_block_for(c, "tensorrt", 32) == 32
     assert gate_up_block_for(c, "onnxruntime", None) == 0
     for bad in (12, 48, -8):
@@ -145,6 +155,14 @@ def test_gate_up_block_choice(tiny_checkpoint, tmp_path):
     with pytest.raises(ExportError, match="tensorrt target"):
         export(tiny_checkpoint, tmp_path / "y", gate_up_block=16)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    from click.testing import CliRunner
+
+    from runtime.cli import main
+
+    result = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(tmp_path / "z"), "--target",
+                                       "tensorrt", "--gate-up-block", "24"])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "gate_up_block 24: need" in result.stderr
+    assert not (tmp_path / "z").exists()
 
 
 @pytest.mark.parametrize("artifact", ["trt_artifact", "trt_blocked_artifact"])
@@ -199,5 +217,9 @@ def test_blocked_shared_expert_is_written_in_bounded_pieces(tiny_checkpoint, mon
     got = list(weights.pieces(ck, f"{prefix}.gate_up", False, 16))
     assert [p.shape[0] for p in got] == [32] * 4  # 16 gate + 16 up rows each
     assert torch.equal(torch.cat(got), weights.blocked(gate, up, 16))
+    monkeypatch.setattr(weights, "PIECE_BYTES", 2 * 48 * row_bytes)  # 48 rows of each, then the last 16
+    got = list(weights.pieces(ck, f"{prefix}.gate_up", False, 8))
+    assert [p.shape[0] for p in got] == [96, 32]
+    assert torch.equal(torch.cat(got), weights.blocked(gate, up, 8))
     whole = weights.blocked(gate, up, 16).reshape(4, 2, 16, -1)
     assert torch.equal(whole[:, 0].reshape(64, -1), gate) and torch.equal(whole[:, 1].reshape(64, -1), up)

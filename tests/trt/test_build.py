@@ -126,6 +126,23 @@ def test_build_refuses_an_onnxruntime_artifact(tiny_artifact):
     assert not (tiny_artifact / ENGINE_FILE).exists()
 
 
+@pytest.mark.parametrize("plugins", [None, {"QmoeRoutedExperts": "1", "QmoeRotary": "1"}], ids=["unrecorded", "v1"])
+def test_build_refuses_an_artifact_for_other_plugin_versions(tiny_trt_artifact, tmp_path, plugins):
+    """An artifact whose graph names other plugin versions (or exported before they were recorded:
+    QmoeRoutedExperts version 1) is refused in one line that says to re-export, before TensorRT."""
+    import dataclasses
+    import shutil
+
+    art = tmp_path / "old"
+    shutil.copytree(tiny_trt_artifact, art)
+    assert mf.read(art).plugins == {"QmoeRoutedExperts": "2", "QmoeRotary": "1"}  # what export records
+    write_manifest(art, dataclasses.replace(mf.read(art), plugins=plugins))
+    result = CliRunner().invoke(main, ["build", str(art)])
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "re-export it" in result.stderr, result.stderr
+    assert not (art / ENGINE_FILE).exists()
+
+
 def test_build_without_tensorrt_is_one_line(tiny_trt_artifact, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` fails, as without TensorRT
     lib = tmp_path / "lib.so"
