@@ -476,19 +476,19 @@ def test_gemm_pdl_switch(lib: K.Kernels) -> None:
 # qmoe_moe_params.gate_up_block: gate/up rows in alternating blocks. 128 (K.GATE_UP_FUSED_BLOCK) is
 # the layout whose SwiGLU Hopper's GEMM 1 computes in its epilogue: e64_top8 (I = 128: one 256-row
 # tile per expert, Is = 512), wide (I = 384 and Is = 1280: several tiles, a shared expert of 10 blocks)
-# and slices32 (QMOE_SHARED_INTERLEAVE's 32 pieces of 256 rows). Other blocks (8, 64) take the
+# and slices32 (QMOE_SHARED_INTERLEAVE's 32 pieces of 256 rows). Other blocks (8 here) take the
 # portable paths everywhere; odd_small (I = 40, Is = 88) allows only 8.
 BLOCK_SHAPES = {"e64_top8": ref.E64_TOP8, "odd_small": ref.ODD_SMALL,
                 "wide": ref.MoeShape(hidden=192, experts=16, top_k=4, inter=384, shared_inter=1280),
                 "slices32": INTERLEAVE_SHAPES["slices32"]}
-BLOCK_TOKENS = {K.PATH_DECODE: [1, 3, 64], K.PATH_PREFILL: [3, 64, 257, 4096], K.PATH_PREFILL_WMMA: [3, 257]}
+BLOCK_TOKENS = {K.PATH_DECODE: [1, 64], K.PATH_PREFILL: [3, 64, 257, 4096], K.PATH_PREFILL_WMMA: [257]}
 # One routing per dtype (the GPU lease's time): bf16 uniform, fp16 skewed (most groups empty) and renormalised.
 BLOCK_ROUTINGS = {torch.bfloat16: (False, False), torch.float16: (True, True)}
 
 
 def _blocks(shape: ref.MoeShape) -> list[int]:
-    return [b for b in (8, 64, K.GATE_UP_FUSED_BLOCK)
-            if shape.inter % b == 0 and shape.shared_inter % b == 0]
+    """8 (every path reads it through gate_up_row; on Hopper the WMMA path) and 128 where it divides."""
+    return [b for b in (8, K.GATE_UP_FUSED_BLOCK) if shape.inter % b == 0 and shape.shared_inter % b == 0]
 
 
 def gate_up_block_cases(paths: tuple[int, ...] = tuple(BLOCK_TOKENS)) -> None:
