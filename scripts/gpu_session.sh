@@ -5,12 +5,14 @@
 #
 #   here:    scripts/gpu_session.sh prepare        -> build/carry/libqmoe_kernels.so (sm_90a + CUTLASS)
 #                                                     (+ build/carry/<tile variant>.so for TILE_VARIANTS)
-#   device:  OUT=$OUT scripts/gpu_session.sh check  (device tool: carry ["build/carry"], timeout_s 420)
+#   device:  OUT=$OUT scripts/gpu_session.sh check  (device tool: carry ["build/carry"], timeout_s 500: stop 22
+#                                                     added the gate/up block tests, ~1 min over both passes)
 #            OUT=$OUT scripts/gpu_session.sh tune   (same machine while warm; timeout_s 420, or what the
 #                                                     lease has left: then GPU_SESSION_BUDGET_S=timeout-20)
 #
 #   check  scripts/gpu_check.sh (GPU tests, benchmark with transformers, compute-sanitizer) on the
-#          default schedule, then again under the opt-in switches (`switches`). ~5 min (H200, stop 20).
+#          default schedule, then again under the opt-in switches (`switches`). ~5 min (H200, stop 20),
+#          ~6-7 min with stop 21's and 22's tests (estimate).
 #   tune   benchmark only (no transformers) at 1/2/3/4/8/64/512/4096 tokens (the default also at 128,
 #          256, 384, 1024 and 2048): the default schedule, the settings in `tune_sets`, the schedule
 #          before stop 20 (every switch off) and each tile variant (~20 s each); then Nsight Compute
