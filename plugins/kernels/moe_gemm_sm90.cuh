@@ -433,12 +433,13 @@ __device__ void set_entry(GemmArrays<T> const& g, int i, bool swap, int rows, in
 // GEMM 1 entry i. Routed expert e < a.E: its gate/up over its gathered rows of xg (from its
 // permuted row offset). Shared expert (e == a.E): weight rows [piece * w, (piece + 1) * w) of its
 // 2*Is, w = 2*Is / parts, over x itself; its act rows start at T*k. Output pitch 2N (N = I or Is):
-// the piece's gate/up columns at the same offsets, or with SwiGLU in the epilogue (fused) its w / 2
-// intermediate columns from column piece * w / 2 (w a multiple of 256: shared_gemm1_parts).
+// the piece's gate/up columns at the same offsets, or with SwiGLU in the epilogue (swiglu_in_gemm1)
+// its w / 2 intermediate columns from column piece * w / 2 (w a multiple of 256: shared_gemm1_parts).
 template <typename T>
 __device__ void set_gemm1_entry(MoeArgs const& a, T const* xg, GemmArrays<T> const& g1, int i, int e, int piece,
-    int parts, bool swap, bool fused)
+    int parts, bool swap)
 {
+    bool const fused = swiglu_in_gemm1(a);
     bool const routed = e < a.E;
     int const pitch = routed ? 2 * a.I : 2 * a.Is;
     int const w = pitch / parts; // a multiple of 8 (shared_gemm1_parts)
@@ -460,7 +461,7 @@ __device__ void set_gemm1_entry(MoeArgs const& a, T const* xg, GemmArrays<T> con
 // [T*k + s*T, T*k + (s+1)*T), summed by [Combine]).
 template <typename T>
 __global__ void setup_kernel(
-    MoeArgs a, T const* xg, int parts1, bool swap1, bool swap2, bool fused, GemmArrays<T> g1, GemmArrays<T> g2)
+    MoeArgs a, T const* xg, int parts1, bool swap1, bool swap2, GemmArrays<T> g1, GemmArrays<T> g2)
 {
     int const S = a.has_shared ? a.shared_splits : 0;
     int const G1 = a.E + parts1;
@@ -474,7 +475,7 @@ __global__ void setup_kernel(
         if (i < G1)
         {
             int const s = sched_entry(i, a.E, parts1, spread);
-            set_gemm1_entry(a, xg, g1, i, s >= 0 ? a.E : -1 - s, s >= 0 ? s : 0, s >= 0 ? parts1 : 1, swap1, fused);
+            set_gemm1_entry(a, xg, g1, i, s >= 0 ? a.E : -1 - s, s >= 0 ? s : 0, s >= 0 ? parts1 : 1, swap1);
         }
         if (i < G2)
         {
@@ -502,12 +503,12 @@ __global__ void setup_kernel(
 // QMOE_SHARED_STREAM: the one entry of the side stream's GEMM 1 (the shared expert's gate/up, whole),
 // from sizes alone: it needs nothing from the routing, so it runs beside it.
 template <typename T>
-__global__ void setup_shared_kernel(MoeArgs a, bool swap, bool fused, GemmArrays<T> gs)
+__global__ void setup_shared_kernel(MoeArgs a, bool swap, GemmArrays<T> gs)
 {
     pdl_enter();
     if (blockIdx.x == 0 && threadIdx.x == 0)
     {
-        set_gemm1_entry<T>(a, nullptr, gs, 0, a.E, 0, 1, swap, fused);
+        set_gemm1_entry<T>(a, nullptr, gs, 0, a.E, 0, 1, swap);
     }
 }
 
@@ -733,10 +734,10 @@ template <typename T>
 cudaError_t launch_shared_gemm1_t(MoeArgs const& a, SideLaunch const& side)
 {
     Sm90Scratch<T> const s = carve_scratch<T>(a);
-    bool const fused = a.gate_up_block == QMOE_GATE_UP_FUSED_BLOCK;
+    bool const fused = swiglu_in_gemm1(a);
     Tiles const tiles = tiles_for(a.T, fused); // its one group has T rows (the routed groups' rule is their mean rows)
-    cudaError_t const err = launch_kernel(
-        setup_shared_kernel<T>, dim3(1), dim3(32), 0, side.stream, false, a, swapped(tiles), fused, s.gs);
+    cudaError_t const err
+        = launch_kernel(setup_shared_kernel<T>, dim3(1), dim3(32), 0, side.stream, false, a, swapped(tiles), s.gs);
     return err != cudaSuccess
         ? err
         : run_grouped_for<T>(tiles, 1, s.gs, s.ws[1], s.ws_bytes, side.stream, side.reserve_sms, false, fused);
@@ -757,7 +758,7 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream, SideLaunch cons
     bool const pdl = a.pdl != 0;
     bool const gemm_pdl = pdl && tuning().gemm_pdl;
     // Weights in QMOE_GATE_UP_FUSED_BLOCK blocks: SwiGLU in GEMM 1's epilogue, no SwiGLU pass.
-    bool const fused = a.gate_up_block == QMOE_GATE_UP_FUSED_BLOCK;
+    bool const fused = swiglu_in_gemm1(a);
     int64_t const mean_rows = static_cast<int64_t>(a.T) * a.k / a.E;
     Tiles const tiles = tiles_for(mean_rows, fused); // GEMM 1
     Tiles const tiles2 = tiles_for(mean_rows, false); // GEMM 2 (may swap when GEMM 1 is fused)
@@ -767,8 +768,8 @@ cudaError_t launch_sm90_t(MoeArgs const& a, cudaStream_t stream, SideLaunch cons
     if (err == cudaSuccess)
     {
         err = launch_kernel(
-            setup_kernel<T>, dim3(1), dim3(256), 0, stream, pdl, a, xg, parts1, swapped(tiles), swapped(tiles2), fused,
-            s.g1, s.g2);
+            setup_kernel<T>, dim3(1), dim3(256), 0, stream, pdl, a, xg, parts1, swapped(tiles), swapped(tiles2), s.g1,
+            s.g2);
     }
     if (err == cudaSuccess)
     {

@@ -288,6 +288,14 @@ __host__ __device__ inline int64_t gate_up_row(int j, int up, int inter, int blo
     return static_cast<int64_t>(j / b) * 2 * b + static_cast<int64_t>(up) * b + j % b;
 }
 
+// Whether the Hopper path's GEMM 1 computes SwiGLU in its epilogue (moe_gemm_sm90.cuh, SwigluEpilogue):
+// the gate/up weights are in QMOE_GATE_UP_FUSED_BLOCK blocks. Asked wherever the choice matters
+// (the shared expert's slices, its gate on the side stream, the GEMM setup and launches).
+__host__ __device__ inline bool swiglu_in_gemm1(MoeArgs const& a)
+{
+    return a.gate_up_block == QMOE_GATE_UP_FUSED_BLOCK;
+}
+
 // Element offset of permuted row `row` in the Hopper path's act buffer, which keeps gate and up side
 // by side: the T*k routed rows of 2*I elements, then the T shared rows of 2*Is (so a shared row's
 // offset is not row * 2*Is). GEMM 1 writes there, SwiGLU and GEMM 2 read there.

@@ -456,7 +456,7 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
     int const interleave = interleave_parts(tuning().shared_interleave, a.T, a.k, a.E, a.Is);
     if (!decode && sm90 && interleave > 0)
     {
-        a.shared_parts = shared_gemm1_parts(a.Is, interleave, a.gate_up_block == QMOE_GATE_UP_FUSED_BLOCK);
+        a.shared_parts = shared_gemm1_parts(a.Is, interleave, swiglu_in_gemm1(a));
         a.interleave = 1;
     }
 
@@ -475,7 +475,7 @@ extern "C" int32_t qmoe_moe_forward(qmoe_moe_params const* p, cudaStream_t strea
     if (ss != nullptr)
     {
         // SwiGLU in the side stream's GEMM 1 epilogue cannot apply the shared gate (not computed yet).
-        a.shared_unscaled = a.gate_up_block == QMOE_GATE_UP_FUSED_BLOCK ? 1 : 0;
+        a.shared_unscaled = swiglu_in_gemm1(a) ? 1 : 0;
         side_lock = std::unique_lock<std::mutex>(ss->mutex);
         side = SideLaunch{ss->stream, ss->join, stream_sms};
         err = cudaEventRecord(ss->fork, stream);
