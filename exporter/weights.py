@@ -36,12 +36,19 @@ def direct_source(ckpt: Checkpoint, name: str) -> TensorInfo | None:
     return ckpt.info(name)
 
 
-def _row_blocks(ckpt: Checkpoint, name: str) -> Iterator[torch.Tensor]:
+def _row_ranges(ckpt: Checkpoint, name: str, tensors: int = 1, multiple: int = 1) -> Iterator[tuple[int, int]]:
+    """Row ranges [start, stop) of tensor `name` of about PIECE_BYTES over `tensors` tensors of its
+    shape read side by side, each a whole number of `multiple` rows (the last may be shorter)."""
     info = ckpt.info(name)
     row_bytes = max(1, info.nbytes // max(1, info.shape[0]))
-    step = max(1, PIECE_BYTES // row_bytes)
+    step = max(1, PIECE_BYTES // (tensors * row_bytes) // multiple) * multiple
     for r in range(0, info.shape[0], step):
-        yield ckpt.rows(name, r, r + step)
+        yield r, r + step
+
+
+def _row_blocks(ckpt: Checkpoint, name: str) -> Iterator[torch.Tensor]:
+    for start, stop in _row_ranges(ckpt, name):
+        yield ckpt.rows(name, start, stop)
 
 
 def blocked(gate: torch.Tensor, up: torch.Tensor, block: int) -> torch.Tensor:
@@ -72,11 +79,8 @@ def pieces(ckpt: Checkpoint, name: str, interleaved: bool, gate_up_block: int = 
     if m:
         gate, up = m.group(1) + ".gate_proj.weight", m.group(1) + ".up_proj.weight"
         if gate_up_block:  # the same row range of both, ~64 MB in all, a whole number of blocks
-            info = ckpt.info(gate)
-            row_bytes = max(1, info.nbytes // max(1, info.shape[0]))
-            step = max(1, PIECE_BYTES // (2 * row_bytes) // gate_up_block) * gate_up_block
-            for r in range(0, info.shape[0], step):
-                yield blocked(ckpt.rows(gate, r, r + step), ckpt.rows(up, r, r + step), gate_up_block)
+            for start, stop in _row_ranges(ckpt, gate, tensors=2, multiple=gate_up_block):
+                yield blocked(ckpt.rows(gate, start, stop), ckpt.rows(up, start, stop), gate_up_block)
             return
         yield from _row_blocks(ckpt, gate)
         yield from _row_blocks(ckpt, up)
