@@ -217,18 +217,26 @@ int main() {
 """
 
 
-@pytest.mark.skipif(not (shutil.which("g++") and (CUDA_INCLUDE / "cuda_runtime.h").exists()),
-                    reason="needs g++ and the CUDA headers")
+needs_host_compiler = pytest.mark.skipif(not (shutil.which("g++") and (CUDA_INCLUDE / "cuda_runtime.h").exists()),
+                                         reason="needs g++ and the CUDA headers")
+
+
+def _host_program_lines(name: str, source: str, *flags: str) -> list[str]:
+    """Output lines of a C++ program built with g++ against the kernels' headers and run on the host."""
+    exe = ROOT / "build" / "plugins-test" / name
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    src = exe.with_suffix(".cpp")
+    src.write_text(source)
+    subprocess.run(["g++", "-std=c++17", "-Wall", "-Werror", *flags, f"-I{K.KERNELS_DIR}", f"-I{CUDA_INCLUDE}",
+                    str(src), "-o", str(exe)], check=True, capture_output=True)
+    return subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+@needs_host_compiler
 def test_grouped_gemm_schedule_orders() -> None:
     """moe_internal.h's sched_entry (the Hopper grouped GEMMs' entry order) and shared_gemm1_parts
     (QMOE_SHARED_INTERLEAVE's column slices), compiled from the header and run on the host."""
-    exe = ROOT / "build" / "plugins-test" / "sched_entry"
-    exe.parent.mkdir(parents=True, exist_ok=True)
-    src = exe.with_suffix(".cpp")
-    src.write_text(SCHED_PROGRAM)
-    subprocess.run(["g++", "-std=c++17", "-Wall", "-Werror", f"-I{K.KERNELS_DIR}", f"-I{CUDA_INCLUDE}", str(src),
-                    "-o", str(exe)], check=True, capture_output=True)
-    lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
+    lines = _host_program_lines("sched_entry", SCHED_PROGRAM)
     orders = [list(map(int, line.split())) for line in lines
               if not line.startswith(("parts", "wparts", "auto", "stream"))]
     assert len(orders) == 6 * 6 * 2
@@ -310,21 +318,14 @@ int main() {
 """
 
 
-@pytest.mark.skipif(not (shutil.which("g++") and (CUDA_INCLUDE / "cuda_runtime.h").exists()),
-                    reason="needs g++ and the CUDA headers")
+@needs_host_compiler
 def test_gate_up_rows_and_hopper_act_layout() -> None:
     """moe_internal.h's gate_up_row (the kernels' row of gate/up column j for a gate_up_block) is where
     kernels.interleave_gate_up (the tests' and benchmark's weight layout) puts it, block 0 being gate
     rows then up rows; and sm90_act_row (where the Hopper GEMM 1 writes a permuted row) keeps the T
     shared rows of 2*Is after the T*k routed rows of 2*I, inside the workspace's act region."""
     torch = pytest.importorskip("torch")
-    exe = ROOT / "build" / "plugins-test" / "layout"
-    exe.parent.mkdir(parents=True, exist_ok=True)
-    src = exe.with_suffix(".cpp")
-    src.write_text(LAYOUT_PROGRAM)
-    subprocess.run(["g++", "-std=c++17", "-Wall", "-Werror", "-DQMOE_HAS_SM90_GEMM", f"-I{K.KERNELS_DIR}",
-                    f"-I{CUDA_INCLUDE}", str(src), "-o", str(exe)], check=True, capture_output=True)
-    lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
+    lines = _host_program_lines("layout", LAYOUT_PROGRAM, "-DQMOE_HAS_SM90_GEMM")
     rows: dict[tuple[int, int], dict[tuple[int, int], int]] = {}
     for _, n, b, j, up, row in (line.split() for line in lines if line.startswith("row")):
         rows.setdefault((int(n), int(b)), {})[(int(j), int(up))] = int(row)

@@ -491,6 +491,24 @@ def _blocks(shape: ref.MoeShape) -> list[int]:
     return [b for b in (8, K.GATE_UP_FUSED_BLOCK) if shape.inter % b == 0 and shape.shared_inter % b == 0]
 
 
+def _check_blocks(lib: K.Kernels, shape: ref.MoeShape, tokens: int, dtype: torch.dtype, skew: bool, norm: bool,
+                  path: int, blocks: list[int], what: str, repeat: bool = False) -> None:
+    """The layer with its weights in each gate/up block layout against the reference computed from
+    the usual layout (gate rows, then up rows), with the kernels' own routing; repeat: run twice
+    and require identical outputs."""
+    w, x = _case(shape, tokens, dtype, skew)
+    ids, weights, shared_gate = lib.moe_route(x, w, shape.top_k, norm)
+    expected = ref.experts(x, w, ids, weights, shared_gate)
+    for block in blocks:
+        case = f"{what} {shape} path={path} T={tokens} {dtype} skew={skew} block={block}"
+        wb = K.interleave_gate_up(w, block)
+        out = lib.moe_forward(x, wb, shape.top_k, norm, path=path, gate_up_block=block)
+        _assert_close(out, expected, dtype, case)
+        if repeat:
+            again = lib.moe_forward(x, wb, shape.top_k, norm, path=path, gate_up_block=block)
+            assert torch.equal(out, again), f"{case}: not deterministic"
+
+
 def gate_up_block_cases(paths: tuple[int, ...] = tuple(BLOCK_TOKENS)) -> None:
     """Every path with the gate/up rows in alternating blocks, against the reference computed from
     the usual layout (gate rows, then up rows); bf16 with uniform routing, fp16 with skewed."""
@@ -499,16 +517,7 @@ def gate_up_block_cases(paths: tuple[int, ...] = tuple(BLOCK_TOKENS)) -> None:
         for path in paths:
             for tokens in BLOCK_TOKENS[path]:
                 for dtype, (skew, norm) in BLOCK_ROUTINGS.items():
-                    w, x = _case(shape, tokens, dtype, skew)
-                    ids, weights, shared_gate = lib.moe_route(x, w, shape.top_k, norm)
-                    expected = ref.experts(x, w, ids, weights, shared_gate)
-                    for block in _blocks(shape):
-                        what = f"{name} path={path} T={tokens} {dtype} skew={skew} block={block}"
-                        wb = K.interleave_gate_up(w, block)
-                        out = lib.moe_forward(x, wb, shape.top_k, norm, path=path, gate_up_block=block)
-                        _assert_close(out, expected, dtype, what)
-                        again = lib.moe_forward(x, wb, shape.top_k, norm, path=path, gate_up_block=block)
-                        assert torch.equal(out, again), f"{what}: not deterministic"
+                    _check_blocks(lib, shape, tokens, dtype, skew, norm, path, _blocks(shape), name, repeat=True)
 
 
 def test_gate_up_block(lib: K.Kernels) -> None:
@@ -535,12 +544,8 @@ def test_gate_up_block_one_call(lib: K.Kernels, tokens: int) -> None:
     """One forced prefill-path call with 128-row gate/up blocks (SwiGLU in the Hopper GEMM 1's
     epilogue; 3 tokens: the side stream and the shared gate in [Combine]; 4096: 128-row tiles):
     scripts/gpu_check.sh runs it under compute-sanitizer."""
-    shape = ref.E64_TOP8
-    w, x = _case(shape, tokens, torch.bfloat16, skew=False)
-    ids, weights, shared_gate = lib.moe_route(x, w, shape.top_k, False)
-    out = lib.moe_forward(x, K.interleave_gate_up(w, K.GATE_UP_FUSED_BLOCK), shape.top_k, False,
-                          path=K.PATH_PREFILL, gate_up_block=K.GATE_UP_FUSED_BLOCK)
-    _assert_close(out, ref.experts(x, w, ids, weights, shared_gate), torch.bfloat16, f"block 128 T={tokens}")
+    _check_blocks(lib, ref.E64_TOP8, tokens, torch.bfloat16, False, False, K.PATH_PREFILL, [K.GATE_UP_FUSED_BLOCK],
+                  "one call")
 
 
 def fused_switch_cases() -> None:
@@ -549,13 +554,7 @@ def fused_switch_cases() -> None:
     for shape in (BLOCK_SHAPES["e64_top8"], BLOCK_SHAPES["wide"]):
         for tokens in (3, 64, 257, 4096):
             for dtype, (skew, norm) in BLOCK_ROUTINGS.items():
-                w, x = _case(shape, tokens, dtype, skew)
-                ids, weights, shared_gate = lib.moe_route(x, w, shape.top_k, norm)
-                wb = K.interleave_gate_up(w, K.GATE_UP_FUSED_BLOCK)
-                out = lib.moe_forward(x, wb, shape.top_k, norm, path=K.PATH_PREFILL,
-                                      gate_up_block=K.GATE_UP_FUSED_BLOCK)
-                _assert_close(out, ref.experts(x, w, ids, weights, shared_gate), dtype,
-                              f"fused {shape} T={tokens} {dtype} skew={skew}")
+                _check_blocks(lib, shape, tokens, dtype, skew, norm, K.PATH_PREFILL, [K.GATE_UP_FUSED_BLOCK], "fused")
     if lib.features() & K.FEATURE_SWAP_AB:
         # 257 tokens (32 mean rows): the fused GEMM 1 (and the side stream's, if on) in 256-column
         # tiles, GEMM 2 in wide swapped tiles.

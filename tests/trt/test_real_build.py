@@ -62,18 +62,24 @@ def test_check_engine_against_onnxruntime_and_transformers(built: Path, tiny_art
     assert all(r[-3:] == ["100.0%", "4/4", "ok"] for r in rows)
 
 
-def test_engine_matches_onnxruntime_step_by_step(built: Path, tiny_artifact: Path):
-    """Ragged batch with a single-token prompt, through the engine's prefill and decode profiles."""
+def _assert_engine_matches_onnxruntime(engine_artifact: Path, tiny_artifact: Path, prompts: list[list[int]],
+                                       new_tokens: int) -> None:
+    """Greedy generation through the engine and through ONNX Runtime: same tokens, logits within 1e-3."""
     import runtime
     from runtime.sampling import SamplingParams
 
-    prompts = [[9707, 11, 1879, 0, 220], [151644], [40, 1079, 264, 5562, 8806, 13, 576]]
-    p = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    p = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     ref = runtime.load(tiny_artifact, backend="onnxruntime").generate(prompts, p, output_logits=True)
-    got = runtime.load(built, backend="tensorrt").generate(prompts, p, output_logits=True)
+    got = runtime.load(engine_artifact, backend="tensorrt").generate(prompts, p, output_logits=True)
     for r, g in zip(ref, got):
         assert g.tokens == r.tokens
         np.testing.assert_allclose(np.stack(g.logits), np.stack(r.logits), atol=1e-3, rtol=0)
+
+
+def test_engine_matches_onnxruntime_step_by_step(built: Path, tiny_artifact: Path):
+    """Ragged batch with a single-token prompt, through the engine's prefill and decode profiles."""
+    prompts = [[9707, 11, 1879, 0, 220], [151644], [40, 1079, 264, 5562, 8806, 13, 576]]
+    _assert_engine_matches_onnxruntime(built, tiny_artifact, prompts, 12)
 
 
 def test_mismatched_tensorrt_version_is_refused(built: Path, tmp_path: Path):
@@ -114,19 +120,11 @@ def test_gate_up_blocks_engine_matches_onnxruntime(tiny_checkpoint: Path, tiny_a
                                                    tmp_path: Path):
     """An artifact exported with gate/up rows in 16-row blocks (the plugin's gate_up_block field; the
     tiny model's sizes do not allow 128): built and stepped like the default one."""
-    import runtime
     from exporter.export import export
     from runtime.cli import main
-    from runtime.sampling import SamplingParams
 
     art = export(tiny_checkpoint, tmp_path / "art", target="tensorrt", gate_up_block=16)
     result = CliRunner().invoke(main, ["build", str(art), "--plugin-lib", str(plugin_lib), "--max-batch", "2",
                                        "--max-context", "64"])
     assert result.exit_code == 0, result.output
-    prompts = [[9707, 11, 1879, 0, 220], [151644]]
-    p = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    ref = runtime.load(tiny_artifact, backend="onnxruntime").generate(prompts, p, output_logits=True)
-    got = runtime.load(art, backend="tensorrt").generate(prompts, p, output_logits=True)
-    for r, g in zip(ref, got):
-        assert g.tokens == r.tokens
-        np.testing.assert_allclose(np.stack(g.logits), np.stack(r.logits), atol=1e-3, rtol=0)
+    _assert_engine_matches_onnxruntime(art, tiny_artifact, [[9707, 11, 1879, 0, 220], [151644]], 8)
