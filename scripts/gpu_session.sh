@@ -34,7 +34,8 @@ py=${PYTHON:-python3}
 # check's second pass: the opt-in switches (off by default) together, and the "auto" ones forced at
 # every size. The default-on ones set back are test_switches_off's (tests/plugins/test_kernels_gpu.py)
 # and tune's.
-switches=(QMOE_SHARED_STREAM=8 QMOE_DECODE_MMA=64 QMOE_SHARED_INTERLEAVE=32 QMOE_SWAP_AB=128 QMOE_GEMM_PDL=1)
+switches=(QMOE_SHARED_STREAM=8 QMOE_DECODE_MMA=64 QMOE_SHARED_INTERLEAVE=32 QMOE_SWAP_AB=128 QMOE_GEMM_PDL=1
+          QMOE_SKIP_PAD=1)
 # Each default-on switch set back (test_switches_off's set, and tune's switches_off).
 back=(QMOE_PDL=0 QMOE_ROUTER_TC=0 QMOE_PERMUTE_CTAS=1 QMOE_DECODE_SPLIT=0 QMOE_SHARED_INTERLEAVE=0 QMOE_TILE_ROWS=96
       QMOE_SHARED_STREAM=0)
@@ -47,11 +48,14 @@ every=("${back[@]%%=*}" "${switches[@]%%=*}" QMOE_DECODE_MAX_TOKENS)  # unset fo
 # by 6-35%).
 # FUSED_128: the weights in 128-row gate/up blocks (stop 22), so that Hopper's GEMM 1 does SwiGLU in
 # its epilogue (bench_moe_gpu.py --gate-up-block from the environment), alone and with GEMM PDL.
-tune_sets=("FUSED_128:QMOE_BENCH_GATE_UP_BLOCK=128" "FUSED_128+GEMM_PDL_1:QMOE_BENCH_GATE_UP_BLOCK=128 QMOE_GEMM_PDL=1"
+# SKIP_PAD_1 (stop 23): no math for a 128-row tile's warp group of padding rows, alone, with the
+# fused GEMM 1, and with 128-row tiles at every size (TILE_ROWS_1: where groups have <= 64 rows the
+# cooperative tiles then work like 64-row ones, reading each weight tile once per 128 rows).
+tune_sets=("FUSED_128:QMOE_BENCH_GATE_UP_BLOCK=128" "FUSED_128+SKIP_PAD_1:QMOE_BENCH_GATE_UP_BLOCK=128 QMOE_SKIP_PAD=1"
+           "SKIP_PAD_1:QMOE_SKIP_PAD=1" "SKIP_PAD_1+TILE_ROWS_1:QMOE_SKIP_PAD=1 QMOE_TILE_ROWS=1"
+           "FUSED_128+GEMM_PDL_1:QMOE_BENCH_GATE_UP_BLOCK=128 QMOE_GEMM_PDL=1"
            "SHARED_STREAM_0:QMOE_SHARED_STREAM=0" "SHARED_STREAM_8:QMOE_SHARED_STREAM=8" "SWAP_AB_128:QMOE_SWAP_AB=128"
-           "SWAP_AB_128+SHARED_STREAM_0:QMOE_SWAP_AB=128 QMOE_SHARED_STREAM=0"
-           "GEMM_PDL_1:QMOE_GEMM_PDL=1" "GEMM_PDL_1+SWAP_AB_128:QMOE_GEMM_PDL=1 QMOE_SWAP_AB=128"
-           "TILE_ROWS_96:QMOE_TILE_ROWS=96" "SHARED_INTERLEAVE_0:QMOE_SHARED_INTERLEAVE=0")
+           "GEMM_PDL_1:QMOE_GEMM_PDL=1" "TILE_ROWS_96:QMOE_TILE_ROWS=96" "SHARED_INTERLEAVE_0:QMOE_SHARED_INTERLEAVE=0")
 # Hopper tile shapes (compile time), "NAME:NVCC FLAGS". None at present: the H200 lease of stop 20
 # measured k128 (small tiles with 256-byte weight-row segments: 30% slower at 512 tokens) and pp128
 # (128x128 ping-pong tiles at 4096 tokens: 12% slower), and run 4 the 2x1/1x2 clusters and 64x128
@@ -160,11 +164,13 @@ else
     done
     # Nsight Compute on one layer call each, as NAME:TOKENS:FLAG:ENV, the most telling first (the
     # budget may cut the list): the routed experts at 4096 with SwiGLU in GEMM 1's epilogue (its
-    # stores from registers) and without (tensor pipes), swapped tiles at 512 and 64 tokens (DRAM
-    # throughput against the default's), the default at 512 (the spread GEMMs).
+    # stores from registers), with the padding warp groups' math skipped (tensor pipe and duration
+    # against the default's) and as they are, swapped tiles at 512 and 64 tokens (DRAM throughput
+    # against the default's), the default at 512 (the spread GEMMs).
     ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
     if [ -n "$ncu" ]; then
-        for spec in "4096fused:4096:--routed-only:QMOE_BENCH_GATE_UP_BLOCK=128" "4096:4096:--routed-only:" \
+        for spec in "4096fused:4096:--routed-only:QMOE_BENCH_GATE_UP_BLOCK=128" "4096skip:4096:--routed-only:QMOE_SKIP_PAD=1" \
+            "4096:4096:--routed-only:" \
             "512swap:512::QMOE_SWAP_AB=128" "64swap:64::QMOE_SWAP_AB=128" "512:512::"; do
             IFS=: read -r name t flag envs <<<"$spec"
             left=$((budget_s - SECONDS))

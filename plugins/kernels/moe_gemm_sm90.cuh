@@ -314,6 +314,134 @@ private:
     Params params_;
 };
 
+// QMOE_SKIP_PAD: the cooperative kernels' mainloop without the math of a tile's padding rows. A
+// 128-row tile is two consumer warp groups of 64 rows each; where a group's rows end inside a tile
+// (every group's last row tile: 57B, 4096 tokens: ~13% of the routed math is padding rows, 1024
+// tokens ~50%), the warp group whose 64 rows all lie past the end has nothing to compute, yet
+// CUTLASS's mainloop runs its wgmma on the zeros TMA filled in. Here that warp group only waits for
+// and releases each stage (the other keeps the tensor cores to itself, as a ping-pong warp group
+// does), and its accumulators, which the epilogue never stores (rows >= M), stay unset.
+// How the warp groups learn where the tile's rows end: the producer (the mainloop warp's lane 0,
+// the pipeline's leader, which arrives on each stage's full barrier with release semantics) writes
+// M - m0 for the tile into tile_rows[stage of its first k-tile] before acquiring that stage; the
+// consumers read it after their wait on that stage (acquire), before they release it. The slot is
+// not written again before both warp groups have read it: the next tile to use it starts at a
+// k-tile g more than Stages after this one's first (this tile has more k-tiles than stages), and
+// the producer writes it only after acquiring k-tile g - 1, which needs k-tile g - 1 - Stages (at
+// or after this tile's first) released by both. Hence only tiles with more k-tiles than stages use
+// the slots (checked on both sides: shorter K runs unchanged). Cluster 1x1 only: there every
+// consumer thread arrives on the empty barriers, so each one's read is ordered before its release.
+// M comes from the problem shape the kernel hands tensors_perform_update at each group change.
+// Everything else (TMA, pipeline, epilogue, tile scheduler) is CUTLASS's, unchanged.
+template <class Base>
+struct PadSkippingMainloop : Base
+{
+    using typename Base::MainloopPipeline;
+    using typename Base::PipelineState;
+    using typename Base::TiledMma;
+    static constexpr int kStages = Base::DispatchPolicy::Stages;
+    static constexpr int kWarpGroups = cute::size(TiledMma{}) / cutlass::NumThreadsPerWarpGroup;
+    static constexpr int kTileM = cute::size<0>(typename Base::TileShape{});
+    static_assert(kWarpGroups == 2 && cute::size<1>(typename TiledMma::ThrLayoutVMNK{}) == kWarpGroups
+            && kTileM == cute::tile_size<0>(TiledMma{}),
+        "two consumer warp groups, one above the other along M, each one contiguous half of the tile");
+    static constexpr int kWarpGroupRows = kTileM / kWarpGroups;
+
+    struct TensorStorage : Base::TensorStorage
+    {
+        int tile_rows[kStages];
+    };
+    struct Arguments : Base::Arguments
+    {
+        int skip_pad; // 0: CUTLASS's mainloop as is
+    };
+    struct Params : Base::Params
+    {
+        int skip_pad;
+    };
+
+    template <class ProblemShape>
+    static constexpr Params to_underlying_arguments(ProblemShape problem_shapes, Arguments const& args, void* workspace)
+    {
+        return Params{Base::to_underlying_arguments(problem_shapes, args, workspace), args.skip_pad};
+    }
+
+    // Producer: the M of the group it loads next.
+    template <class InputTensors, class ProblemShape_MNKL>
+    CUTLASS_DEVICE InputTensors tensors_perform_update(
+        InputTensors const& input_tensors, Params const& params, ProblemShape_MNKL problem_shape_mnkl, int32_t next_batch)
+    {
+        group_rows_ = static_cast<int>(cute::get<0>(problem_shape_mnkl));
+        return Base::tensors_perform_update(input_tensors, params, problem_shape_mnkl, next_batch);
+    }
+
+    template <class LoadInputs, class TensorMaps, class BlockCoord, class KTileIterator>
+    CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
+        LoadInputs const& load_inputs, TensorMaps const& input_tensormaps, BlockCoord const& blk_coord,
+        KTileIterator k_tile_iter, int k_tile_count, int thread_idx, uint32_t block_rank_in_cluster,
+        TensorStorage& shared_tensors)
+    {
+        if (params.skip_pad && k_tile_count > kStages)
+        {
+            // lane 0 of the mainloop warp: warp group thread 0, the pipeline's leader (is_leader), which
+            // is the lane Base::load's elect_one_sync picks to arrive (CUTLASS requires the same)
+            if (thread_idx == 0)
+            {
+                shared_tensors.tile_rows[smem_pipe_write.index()]
+                    = group_rows_ - static_cast<int>(cute::get<0>(blk_coord)) * kTileM;
+            }
+            __syncwarp(); // and a compiler fence: the write stays before the arrive in Base::load
+        }
+        Base::load(params, pipeline, smem_pipe_write, load_inputs, input_tensormaps, blk_coord, k_tile_iter,
+            k_tile_count, thread_idx, block_rank_in_cluster, shared_tensors);
+    }
+
+    // Consumer (thread_idx: 0..255 over both warp groups).
+    template <class FrgTensorC>
+    CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum, int k_tile_count,
+        int thread_idx, TensorStorage& shared_tensors, Params const& params)
+    {
+        skipped_ = false;
+        if (params.skip_pad && k_tile_count > kStages)
+        {
+            pipeline.consumer_wait(smem_pipe_read, pipeline.consumer_try_wait(smem_pipe_read));
+            asm volatile("" ::: "memory"); // CUTLASS's wait has no memory clobber: keep the read after it
+            int const rows = shared_tensors.tile_rows[smem_pipe_read.index()];
+            int const warp_group = __shfl_sync(0xFFFFFFFF, thread_idx / cutlass::NumThreadsPerWarpGroup, 0);
+            if (warp_group * kWarpGroupRows >= rows)
+            {
+                skipped_ = true;
+                for (int k = 0; k < k_tile_count; ++k, ++smem_pipe_read)
+                {
+                    pipeline.consumer_wait(smem_pipe_read, pipeline.consumer_try_wait(smem_pipe_read));
+                    pipeline.consumer_release(smem_pipe_read);
+                }
+                return;
+            }
+        }
+        Base::mma(pipeline, smem_pipe_read, accum, k_tile_count, thread_idx, shared_tensors, params);
+    }
+
+    // A warp group that skipped released every stage in mma().
+    CUTLASS_DEVICE void mma_tail(MainloopPipeline pipeline, PipelineState smem_pipe_release, int k_tile_count)
+    {
+        if (!skipped_)
+        {
+            Base::mma_tail(pipeline, smem_pipe_release, k_tile_count);
+        }
+    }
+
+private:
+    int group_rows_ = 0;
+    bool skipped_ = false;
+};
+
+// Two consumer warp groups per tile, one 64-row half each (not QMOE_SM90_LARGE_TILE_M=256, where the
+// warp-group layout repeats down the tile).
+template <class Mainloop>
+constexpr bool kCooperative = cute::size(typename Mainloop::TiledMma{}) == 2 * cutlass::NumThreadsPerWarpGroup
+    && cute::size<0>(typename Mainloop::TileShape{}) == cute::tile_size<0>(typename Mainloop::TiledMma{});
+
 // D[M, N] (row-major) = A[M, K] (row-major) . B where B is the weight W[N, K] (row-major), i.e. B
 // column-major: every operand is K-contiguous or N-contiguous with one leading-dimension stride.
 // Swapped (Config::kSwap): A is the weight, B the rows, D column-major (M contiguous).
@@ -333,15 +461,24 @@ struct GroupedGemm
             cutlass::epilogue::collective::EpilogueTileAuto, float, float, E, LayoutD*, kAlign, E, LayoutD*, kAlign,
             typename Config::Epilogue, cutlass::epilogue::fusion::LinearCombination<E, float>>::CollectiveOp>;
 
-    using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<cutlass::arch::Sm90,
+    using BuiltMainloop = typename cutlass::gemm::collective::CollectiveBuilder<cutlass::arch::Sm90,
         cutlass::arch::OpClassTensorOp, E, LayoutA*, kAlign, E, LayoutB*, kAlign, float, typename Config::Tile,
         typename Config::Cluster,
         cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
             sizeof(typename CollectiveEpilogue::SharedStorage))>,
         typename Config::Kernel>::CollectiveOp;
+    // Cooperative tiles (two warp groups per tile) skip the math of whole padding warp groups with
+    // QMOE_SKIP_PAD; ping-pong tiles (one warp group per 64-row tile) have none to skip. Swapped tiles
+    // neither: their M is weight rows (whole tiles at the 57B dims), and the wide ones' stages fill
+    // shared memory to the last 128 bytes, which the stage slots would need. Nor clusters (the
+    // QMOE_SM90_LARGE_CLUSTER_* knobs): see PadSkippingMainloop.
+    static constexpr bool kSkipPad
+        = kCooperative<BuiltMainloop> && !Config::kSwap && cute::size(typename Config::Cluster{}) == 1;
+    using CollectiveMainloop = std::conditional_t<kSkipPad, PadSkippingMainloop<BuiltMainloop>, BuiltMainloop>;
 
     using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
     using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+    static_assert(Kernel::SharedStorageSize <= 227 * 1024, "fits Hopper's 227 KB of shared memory per CTA");
     using StrideA = typename Kernel::InternalStrideA;
     using StrideB = typename Kernel::InternalStrideB;
     using StrideD = typename Kernel::InternalStrideD;
@@ -629,7 +766,14 @@ cudaError_t run_grouped(int G, GemmArrays<T> const& arr, void* ws, size_t ws_byt
     typename GG::Gemm::Arguments args{};
     args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
     args.problem_shape = {G, arr.shapes, nullptr};
-    args.mainloop = {arr.a, arr.sa, arr.b, arr.sb};
+    if constexpr (GG::kSkipPad)
+    {
+        args.mainloop = {{arr.a, arr.sa, arr.b, arr.sb}, tuning().skip_pad ? 1 : 0};
+    }
+    else
+    {
+        args.mainloop = {arr.a, arr.sa, arr.b, arr.sb};
+    }
     args.hw_info = hw;
     if constexpr (Config::kSwiglu)
     {

@@ -71,6 +71,9 @@ constexpr bool kHasSm90Gemm = false;
 //   QMOE_GEMM_PDL        Hopper GEMMs on the main stream launched with programmatic dependent launch
 //                        too, their body behind griddepcontrol.wait (pdl_gemm_kernel); only with
 //                        QMOE_PDL in effect. Default off
+//   QMOE_SKIP_PAD        Hopper GEMMs in 128-row cooperative tiles: the warp group whose 64 rows all
+//                        lie past its group's last row skips its math (moe_gemm_sm90.cuh,
+//                        PadSkippingMainloop). Default off
 //   QMOE_DECODE_MAX_TOKENS=n AUTO takes the decode path up to n tokens (a call's decode_max_tokens
 //                        still wins); unset or 0: 3 on Hopper with CUTLASS (kDefaultDecodeMaxTokensSm90),
 //                        8 elsewhere, or QMOE_DECODE_MMA's n
@@ -89,6 +92,7 @@ struct Tuning
     int decode_max_tokens; // AUTO's decode threshold; 0 = the default for the GPU and path
     int swap_ab_rows;      // Hopper GEMMs: swapped operands up to this many mean rows per group; 0 = off
     bool gemm_pdl;         // Hopper GEMMs launched with PDL behind a griddepcontrol.wait (needs pdl)
+    bool skip_pad;         // Hopper cooperative GEMM tiles: no math for a warp group of padding rows
 };
 Tuning const& tuning();
 constexpr int kMaxSharedStreamSms = 64;

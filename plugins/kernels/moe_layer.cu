@@ -405,7 +405,8 @@ Tuning const& tuning()
         env_int("QMOE_SHARED_STREAM", kSharedStreamAuto, 0, kMaxSharedStreamSms), env_int("QMOE_DECODE_MMA", 0, 0, kMaxDecodeMmaTokens),
         env_int("QMOE_SHARED_INTERLEAVE", kInterleaveAuto, 0, kMaxSharedParts),
         env_int("QMOE_TILE_ROWS", kDefaultTileRows, 1, kMaxTileRows), env_int("QMOE_DECODE_MAX_TOKENS", 0, 0, kMaxTokens),
-        env_int("QMOE_SWAP_AB", 0, 0, kMaxTileRows), env_flag("QMOE_GEMM_PDL", false)};
+        env_int("QMOE_SWAP_AB", 0, 0, kMaxTileRows), env_flag("QMOE_GEMM_PDL", false),
+        env_flag("QMOE_SKIP_PAD", false)};
     return t;
 }
 
@@ -575,7 +576,7 @@ extern "C" int32_t qmoe_kernels_features(void)
         | (t.shared_interleave != 0 ? QMOE_FEATURE_SHARED_INTERLEAVE : 0)
         | (t.tile_rows != kDefaultTileRows ? QMOE_FEATURE_TILE_ROWS : 0)
         | (t.decode_max_tokens > 0 ? QMOE_FEATURE_DECODE_MAX_TOKENS : 0) | (t.swap_ab_rows > 0 ? QMOE_FEATURE_SWAP_AB : 0)
-        | (t.gemm_pdl ? QMOE_FEATURE_GEMM_PDL : 0);
+        | (t.gemm_pdl ? QMOE_FEATURE_GEMM_PDL : 0) | (t.skip_pad ? QMOE_FEATURE_SKIP_PAD : 0);
 }
 
 extern "C" int32_t qmoe_kernels_abi_version(void)

@@ -152,7 +152,7 @@ const char* qmoe_status_string(int32_t status);
    QMOE_DECODE_SPLIT on by default, QMOE_PERMUTE_CTAS=n > 1 (default 64), QMOE_SHARED_STREAM unset
    ("auto") or n > 0,
    QMOE_DECODE_MMA=n > 0, QMOE_SHARED_INTERLEAVE unset ("auto") or n > 0, QMOE_TILE_ROWS=n != 48,
-   QMOE_DECODE_MAX_TOKENS=n > 0, QMOE_SWAP_AB=n > 0, QMOE_GEMM_PDL on); they never change
+   QMOE_DECODE_MAX_TOKENS=n > 0, QMOE_SWAP_AB=n > 0, QMOE_GEMM_PDL on, QMOE_SKIP_PAD on); they never change
    qmoe_moe_workspace_size(). */
 #define QMOE_FEATURE_SM90_GEMM 1     /* CUTLASS wgmma grouped GEMMs built in (used on compute capability 9.0) */
 #define QMOE_FEATURE_PDL 2           /* programmatic dependent launch between the layer's kernels (9.0+) */
@@ -166,6 +166,7 @@ const char* qmoe_status_string(int32_t status);
 #define QMOE_FEATURE_DECODE_MAX_TOKENS 512 /* QMOE_DECODE_MAX_TOKENS sets AUTO's decode threshold */
 #define QMOE_FEATURE_SWAP_AB 1024     /* Hopper: swapped-operand GEMM tiles for few rows per expert (QMOE_SWAP_AB=n) */
 #define QMOE_FEATURE_GEMM_PDL 2048    /* Hopper: the grouped GEMMs join programmatic dependent launch (QMOE_GEMM_PDL=1) */
+#define QMOE_FEATURE_SKIP_PAD 4096    /* Hopper: 128-row GEMM tiles skip the math of a warp group of padding rows (QMOE_SKIP_PAD=1) */
 
 /* QMOE_FEATURE_* bits: what this library was built with and the switches in effect. */
 int32_t qmoe_kernels_features(void);

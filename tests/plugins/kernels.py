@@ -56,23 +56,24 @@ FEATURE_TILE_ROWS = 256
 FEATURE_DECODE_MAX_TOKENS = 512
 FEATURE_SWAP_AB = 1024
 FEATURE_GEMM_PDL = 2048
+FEATURE_SKIP_PAD = 4096
 FEATURE_NAMES = {FEATURE_SM90_GEMM: "sm90_gemm", FEATURE_PDL: "pdl", FEATURE_ROUTER_TC: "router_tc",
                  FEATURE_PERMUTE_MULTI: "permute_multi", FEATURE_SHARED_STREAM: "shared_stream",
                  FEATURE_DECODE_SPLIT: "decode_split", FEATURE_DECODE_MMA: "decode_mma",
                  FEATURE_SHARED_INTERLEAVE: "shared_interleave", FEATURE_TILE_ROWS: "tile_rows",
                  FEATURE_DECODE_MAX_TOKENS: "decode_max_tokens", FEATURE_SWAP_AB: "swap_ab",
-                 FEATURE_GEMM_PDL: "gemm_pdl"}
+                 FEATURE_GEMM_PDL: "gemm_pdl", FEATURE_SKIP_PAD: "skip_pad"}
 # The bits of the QMOE_* schedule switches (all but what the library was built with).
 SWITCH_BITS = (FEATURE_PDL | FEATURE_ROUTER_TC | FEATURE_PERMUTE_MULTI | FEATURE_SHARED_STREAM | FEATURE_DECODE_SPLIT
                | FEATURE_DECODE_MMA | FEATURE_SHARED_INTERLEAVE | FEATURE_TILE_ROWS | FEATURE_DECODE_MAX_TOKENS
-               | FEATURE_SWAP_AB | FEATURE_GEMM_PDL)
+               | FEATURE_SWAP_AB | FEATURE_GEMM_PDL | FEATURE_SKIP_PAD)
 # The schedule before stop 20 (H100 run 4): every switch off, 128-row tiles from 96 mean rows. The
 # defaults changed; this stays a setting a user can choose. features() reports only FEATURE_TILE_ROWS
 # (96 is not the default threshold).
 SWITCHES_OFF = {"QMOE_PDL": "0", "QMOE_ROUTER_TC": "0", "QMOE_PERMUTE_CTAS": "1", "QMOE_SHARED_STREAM": "0",
                 "QMOE_DECODE_SPLIT": "0", "QMOE_DECODE_MMA": "0", "QMOE_SHARED_INTERLEAVE": "0",
                 "QMOE_TILE_ROWS": "96", "QMOE_DECODE_MAX_TOKENS": "0", "QMOE_SWAP_AB": "0",
-                "QMOE_GEMM_PDL": "0"}
+                "QMOE_GEMM_PDL": "0", "QMOE_SKIP_PAD": "0"}
 
 
 _CUTE_TRIPLE = re.compile(r"tuple<(?:cute::)?C<(\d+)>, ?(?:cute::)?C<(\d+)>, ?(?:cute::)?C<(\d+)> ?>")

@@ -125,7 +125,8 @@ def test_kernels_report_the_cutlass_path(kernels_lib: Path) -> None:
 # Every switch on, QMOE_TILE_ROWS away from its default.
 EXPERIMENTAL = {"QMOE_PDL": "1", "QMOE_ROUTER_TC": "1", "QMOE_PERMUTE_CTAS": "64", "QMOE_SHARED_STREAM": "8",
                 "QMOE_DECODE_SPLIT": "1", "QMOE_DECODE_MMA": "64", "QMOE_SHARED_INTERLEAVE": "32",
-                "QMOE_TILE_ROWS": "96", "QMOE_DECODE_MAX_TOKENS": "2", "QMOE_SWAP_AB": "128", "QMOE_GEMM_PDL": "1"}
+                "QMOE_TILE_ROWS": "96", "QMOE_DECODE_MAX_TOKENS": "2", "QMOE_SWAP_AB": "128", "QMOE_GEMM_PDL": "1",
+                "QMOE_SKIP_PAD": "1"}
 SWITCH_BITS = K.SWITCH_BITS
 # On by default since the H200 lease of stop 20 (plugins/results/NOTES.md); QMOE_SHARED_INTERLEAVE
 # unset is "auto" (spread at 48-128 mean routed rows per expert), and since stop 21 QMOE_SHARED_STREAM
@@ -166,7 +167,8 @@ def test_schedule_switches_follow_the_environment_not_the_workspace(kernels_lib:
                                             "QMOE_SHARED_STREAM": "", "QMOE_DECODE_SPLIT": "",
                                             "QMOE_DECODE_MMA": "none", "QMOE_SHARED_INTERLEAVE": "x",
                                             "QMOE_TILE_ROWS": "96 rows", "QMOE_DECODE_MAX_TOKENS": "two",
-                                            "QMOE_SWAP_AB": "all", "QMOE_GEMM_PDL": "sometimes"})
+                                            "QMOE_SWAP_AB": "all", "QMOE_GEMM_PDL": "sometimes",
+                                            "QMOE_SKIP_PAD": "perhaps"})
     assert junk_features & SWITCH_BITS == DEFAULT_BITS
     for name, bit in (("QMOE_PDL", K.FEATURE_PDL), ("QMOE_ROUTER_TC", K.FEATURE_ROUTER_TC),
                       ("QMOE_DECODE_SPLIT", K.FEATURE_DECODE_SPLIT), ("QMOE_SHARED_INTERLEAVE", K.FEATURE_SHARED_INTERLEAVE),

@@ -32,6 +32,16 @@ def test_tile_of_the_fused_swiglu_gemm() -> None:
     assert K.cutlass_tile(fused) == "128x256x64"
 
 
+def test_tile_of_a_gemm_that_skips_padding_math() -> None:
+    """Cooperative GEMMs (QMOE_SKIP_PAD): CUTLASS's mainloop wrapped in PadSkippingMainloop, which
+    adds no compile-time triple before the tile."""
+    wrapped = SWAPPED.replace("C<128>, cute::C<80>", "C<128>, cute::C<256>").replace(
+        "cutlass::gemm::collective::CollectiveMma<",
+        "qmoe::(anonymous namespace)::PadSkippingMainloop<cutlass::gemm::collective::CollectiveMma<")
+    assert "PadSkippingMainloop" in wrapped
+    assert K.cutlass_tile(wrapped) == "128x256x64"
+
+
 def test_no_tile_for_other_or_truncated_names() -> None:
     assert K.cutlass_tile("void qmoe::(anonymous namespace)::combine_kernel<__nv_bfloat16>(qmoe::MoeArgs)") is None
     # Nsight Compute cuts long names before the tile.

@@ -492,13 +492,14 @@ def _blocks(shape: ref.MoeShape) -> list[int]:
 
 
 def _check_blocks(lib: K.Kernels, shape: ref.MoeShape, tokens: int, dtype: torch.dtype, skew: bool, norm: bool,
-                  path: int, blocks: list[int], what: str, repeat: bool = False) -> None:
+                  path: int, blocks: list[int], what: str, repeat: bool = False) -> dict[int, torch.Tensor]:
     """The layer with its weights in each gate/up block layout against the reference computed from
     the usual layout (gate rows, then up rows), with the kernels' own routing; repeat: run twice
-    and require identical outputs."""
+    and require identical outputs. Returns the output of each block."""
     w, x = _case(shape, tokens, dtype, skew)
     ids, weights, shared_gate = lib.moe_route(x, w, shape.top_k, norm)
     expected = ref.experts(x, w, ids, weights, shared_gate)
+    outputs = {}
     for block in blocks:
         case = f"{what} {shape} path={path} T={tokens} {dtype} skew={skew} block={block}"
         wb = K.interleave_gate_up(w, block)
@@ -507,6 +508,8 @@ def _check_blocks(lib: K.Kernels, shape: ref.MoeShape, tokens: int, dtype: torch
         if repeat:
             again = lib.moe_forward(x, wb, shape.top_k, norm, path=path, gate_up_block=block)
             assert torch.equal(out, again), f"{case}: not deterministic"
+        outputs[block] = out
+    return outputs
 
 
 def gate_up_block_cases(paths: tuple[int, ...] = tuple(BLOCK_TOKENS)) -> None:
@@ -575,6 +578,49 @@ def test_fused_swiglu_under_switches(lib: K.Kernels) -> None:
                      {"QMOE_TILE_ROWS": "1048576", "QMOE_SHARED_STREAM": "0"},
                      {"QMOE_SWAP_AB": "1048576"}, {"QMOE_GEMM_PDL": "1", "QMOE_PDL": "1"}):
         _run_with_switch(lib, switches, "fused_switch_cases")
+
+
+# QMOE_SKIP_PAD (moe_gemm_sm90.cuh, PadSkippingMainloop): K spans more 64-wide k-tiles than the
+# cooperative kernels have stages (12 in GEMM 1, 10 in GEMM 2; the skip needs more), both gate/up
+# layouts (block 128: the fused GEMM 1), and 128-row tiles at every size (QMOE_TILE_ROWS=1). Mean
+# routed rows per group 0.75 / 16 / 64 / 1024: at 3 and 64 tokens every group ends in a tile's first
+# 64 rows (the second warp group skips), at 257 and 4096 in either half; the shared group's 257
+# rows leave one row in its last tile, its 4096 fill whole tiles.
+SKIP_PAD_SHAPE = ref.MoeShape(hidden=768, experts=16, top_k=4, inter=640, shared_inter=1280)
+SKIP_PAD_TOKENS = [3, 64, 257, 4096]
+
+
+def skip_pad_cases() -> None:
+    """Run in a process with QMOE_TILE_ROWS=1 and QMOE_SKIP_PAD set to 0 or 1: the Hopper prefill path
+    against the reference (bf16 uniform, fp16 skewed: most groups empty); every output saved to
+    $QMOE_TEST_OUT for test_skip_pad_switch's comparison of the two settings."""
+    lib = K.load(build_if_needed=False)
+    skip = os.environ["QMOE_SKIP_PAD"] == "1"
+    assert bool(lib.features() & K.FEATURE_SKIP_PAD) == skip, "QMOE_SKIP_PAD is not as set"
+    outputs = {}
+    for tokens in SKIP_PAD_TOKENS:
+        for dtype, (skew, norm) in BLOCK_ROUTINGS.items():
+            got = _check_blocks(lib, SKIP_PAD_SHAPE, tokens, dtype, skew, norm, K.PATH_PREFILL,
+                                [0, K.GATE_UP_FUSED_BLOCK], f"skip_pad={int(skip)}", repeat=True)
+            outputs.update({f"T={tokens} {dtype} block={block}": out.cpu() for block, out in got.items()})
+    torch.save(outputs, os.environ["QMOE_TEST_OUT"])
+
+
+def test_skip_pad_switch(lib: K.Kernels, tmp_path: Path) -> None:
+    """QMOE_SKIP_PAD: the same tiles with and without the math of the warp groups whose rows are all
+    padding. Every stored row is the same math in the same order either way, so the outputs must be
+    bit-identical; both settings also match the reference."""
+    if torch.cuda.get_device_capability() != (9, 0) or not lib.features() & K.FEATURE_SM90_GEMM:
+        pytest.skip("QMOE_SKIP_PAD is the Hopper (sm_90a, CUTLASS) GEMMs' only")
+    outputs = {}
+    for skip in ("0", "1"):
+        path = tmp_path / f"skip_pad_{skip}.pt"
+        _run_with_switch(lib, {"QMOE_TILE_ROWS": "1", "QMOE_SKIP_PAD": skip, "QMOE_TEST_OUT": str(path)},
+                         "skip_pad_cases")
+        outputs[skip] = torch.load(path)
+    assert outputs["0"].keys() == outputs["1"].keys() and len(outputs["0"]) == 2 * len(SKIP_PAD_TOKENS) * 2
+    for case, plain in outputs["0"].items():
+        assert torch.equal(plain, outputs["1"][case]), f"{case}: QMOE_SKIP_PAD changed the output"
 
 
 def test_bad_arguments_raise(lib: K.Kernels) -> None:
