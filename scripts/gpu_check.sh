@@ -58,8 +58,8 @@ fi
 : >"$out/pytest_gpu.log"
 # The Hopper switch tests (a fresh process per setting) get a group of their own.
 for group in "routing or rotary or bad_arguments" "decode" "wmma" "prefill" "interleave_switch or tile_rows_switch" \
-    "swap_ab_switch or gemm_pdl_switch" "gate_up_block or fused_swiglu" \
-    "not (routing or rotary or bad_arguments or decode or wmma or prefill or interleave_switch or tile_rows_switch or swap_ab_switch or gemm_pdl_switch or gate_up_block or fused_swiglu)"; do
+    "swap_ab_switch or gemm_pdl_switch" "gate_up_block or fused_swiglu" "skip_pad" \
+    "not (routing or rotary or bad_arguments or decode or wmma or prefill or interleave_switch or tile_rows_switch or swap_ab_switch or gemm_pdl_switch or gate_up_block or fused_swiglu or skip_pad)"; do
     echo "=== -k '$group'" >>"$out/pytest_gpu.log"
     stage "gpu_tests[$group]" "$out/pytest_gpu.part" 120 "$py" -m pytest -q -p no:cacheprovider -m gpu -rfE \
         -k "$group" tests/plugins/test_kernels_gpu.py

@@ -6,7 +6,8 @@
 #   here:    scripts/gpu_session.sh prepare        -> build/carry/libqmoe_kernels.so (sm_90a + CUTLASS)
 #                                                     (+ build/carry/<tile variant>.so for TILE_VARIANTS)
 #   device:  OUT=$OUT scripts/gpu_session.sh check  (device tool: carry ["build/carry"], timeout_s 500: stop 22
-#                                                     added the gate/up block tests, ~1 min over both passes)
+#                                                     added the gate/up block tests, ~1 min over both passes,
+#                                                     stop 23 test_skip_pad_switch, ~30 s per pass)
 #            OUT=$OUT scripts/gpu_session.sh tune   (same machine while warm; timeout_s 420, or what the
 #                                                     lease has left: then GPU_SESSION_BUDGET_S=timeout-20)
 #
