@@ -502,7 +502,7 @@ def _check_blocks(lib: K.Kernels, shape: ref.MoeShape, tokens: int, dtype: torch
     outputs = {}
     for block in blocks:
         case = f"{what} {shape} path={path} T={tokens} {dtype} skew={skew} block={block}"
-        wb = K.interleave_gate_up(w, block)
+        wb = K.interleave_gate_up(w, block) if block else w  # 0: gate rows, then up rows
         out = lib.moe_forward(x, wb, shape.top_k, norm, path=path, gate_up_block=block)
         _assert_close(out, expected, dtype, case)
         if repeat:
