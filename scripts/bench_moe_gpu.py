@@ -150,6 +150,20 @@ def roofline(tokens: int, hit: int, shape, bw: float) -> dict[str, float]:
             "roofline_ms": max(mem_ms, compute_ms)}
 
 
+def routed_tile_math(counts: list[int]) -> dict[str, float]:
+    """The routed GEMMs' tile math over their useful math, from the rows each expert got: every
+    group pads its rows to whole tiles of 64 or 128 rows; with QMOE_SKIP_PAD a 128-row tile's warp
+    group of padding rows does no math, which pads to 64-row halves (the same as 64-row tiles)."""
+    useful = sum(counts)
+    if useful == 0:
+        raise ValueError("no routed rows")
+
+    def padded(tile: int) -> int:
+        return sum(-(-c // tile) * tile for c in counts)
+
+    return {"tiles64": padded(64) / useful, "tiles128": padded(128) / useful, "tiles128_skip_pad": padded(64) / useful}
+
+
 def write_json(args: argparse.Namespace, device: str, torch_version: str, shape: dict, bw: float, rows: list,
                features: list[str]) -> None:
     result = {
@@ -218,6 +232,9 @@ def main() -> int:
         x = ref.make_hidden(tokens, shape.hidden, torch.bfloat16, "cuda", seed=tokens)
         ids, _, _ = lib.moe_route(x, w, shape.top_k, False)
         row = {"tokens": tokens, **roofline(tokens, int(torch.unique(ids).numel()), shape, bw)}
+        counts = torch.bincount(ids.flatten().long(), minlength=shape.experts).tolist()
+        row["routed_rows_min_max"] = [min(counts), max(counts)]
+        row["routed_tile_math"] = routed_tile_math(counts)
         def forward(weights=wk, path=K.PATH_AUTO, x=x):
             return lib.moe_forward(x, weights, shape.top_k, False, path=path, workspace=ws,
                                    gate_up_block=args.gate_up_block)
@@ -286,6 +303,11 @@ def main() -> int:
         if "routed_only_ms" in row:
             print(f"{'':>6} routed experts only: {row['routed_only_tflops']:.0f} TFLOP/s"
                   + "".join(f", {k}={v:.0f}us" for k, v in row["routed_only_kernels_us"].items()))
+        if tokens >= 64:
+            pad = row["routed_tile_math"]
+            print(f"{'':>6} routed rows per expert {row['routed_rows_min_max'][0]}-{row['routed_rows_min_max'][1]}; "
+                  f"tile math / useful math: 128-row tiles {pad['tiles128']:.3f}, with QMOE_SKIP_PAD "
+                  f"{pad['tiles128_skip_pad']:.3f}, 64-row tiles {pad['tiles64']:.3f}")
 
     print(f"wrote {args.out}")
     return 0

@@ -48,3 +48,29 @@ def test_no_tile_for_other_or_truncated_names() -> None:
     assert K.cutlass_tile("cutlass::device_kernel<cutlass::GemmUniversal<cutlass::GroupProblemShape<cute::tuple<int, "
                           "int, int>>, cutlass::CollectiveMma<cutlass::MainloopSm90ArrayTm") is None
     assert K.cutlass_tile(SWAPPED.split("cutlass::gemm::KernelPtrArray")[0]) is None  # the cluster shape only
+
+
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_moe_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_moe_gpu", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_routed_tile_math_of_the_benchmark() -> None:
+    """scripts/bench_moe_gpu.py prints how much of the routed GEMMs' tile math is padding (what
+    QMOE_SKIP_PAD takes away): rows 1, 64, 65, 129 and 0 pad to 64+64+128+192 = 448 (64-row
+    granularity) or 128+128+128+256 = 640 of 259 useful rows."""
+    import pytest
+
+    tile_math = _bench_module().routed_tile_math
+    got = tile_math([1, 64, 65, 129, 0])
+    assert got == {"tiles64": 448 / 259, "tiles128": 640 / 259, "tiles128_skip_pad": 448 / 259}
+    assert tile_math([128, 256]) == {"tiles64": 1.0, "tiles128": 1.0, "tiles128_skip_pad": 1.0}
+    with pytest.raises(ValueError):
+        tile_math([0, 0])
