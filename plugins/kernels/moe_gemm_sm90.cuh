@@ -13,7 +13,8 @@
 // tiles. The shared expert is scheduled first (or, with QMOE_SHARED_INTERLEAVE, in pieces spread
 // among the routed experts), and for T <= 512 its down projection is split along K (see
 // setup_kernel). With QMOE_SWAP_AB the weights are the GEMMs' M operand for few rows per group
-// (SwapTiles), with QMOE_GEMM_PDL they launch early behind griddepcontrol.wait (pdl_gemm_kernel).
+// (SwapTiles), with QMOE_GEMM_PDL they launch early behind griddepcontrol.wait (pdl_gemm_kernel),
+// with QMOE_SKIP_PAD a 128-row tile's warp group of padding rows does no math (PadSkippingMainloop).
 // Host code never reads a device value, so the whole layer stays asynchronous and CUDA-graph
 // capturable.
 //
