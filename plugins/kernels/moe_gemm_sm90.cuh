@@ -315,6 +315,13 @@ private:
     Params params_;
 };
 
+// Two consumer warp groups per tile, one above the other along M, each one contiguous 64-row half
+// (not QMOE_SM90_LARGE_TILE_M=256, where the warp-group layout repeats down the tile).
+template <class Mainloop>
+constexpr bool kCooperative = cute::size(typename Mainloop::TiledMma{}) == 2 * cutlass::NumThreadsPerWarpGroup
+    && cute::size<1>(typename Mainloop::TiledMma::ThrLayoutVMNK{}) == 2
+    && cute::size<0>(typename Mainloop::TileShape{}) == cute::tile_size<0>(typename Mainloop::TiledMma{});
+
 // QMOE_SKIP_PAD: the cooperative kernels' mainloop without the math of a tile's padding rows. A
 // 128-row tile is two consumer warp groups of 64 rows each; where a group's rows end inside a tile
 // (every group's last row tile: 57B, 4096 tokens: ~13% of the routed math is padding rows, 1024
@@ -340,13 +347,10 @@ struct PadSkippingMainloop : Base
     using typename Base::MainloopPipeline;
     using typename Base::PipelineState;
     using typename Base::TiledMma;
+    static_assert(kCooperative<Base>, "two consumer warp groups, each one contiguous half of the tile");
     static constexpr int kStages = Base::DispatchPolicy::Stages;
-    static constexpr int kWarpGroups = cute::size(TiledMma{}) / cutlass::NumThreadsPerWarpGroup;
     static constexpr int kTileM = cute::size<0>(typename Base::TileShape{});
-    static_assert(kWarpGroups == 2 && cute::size<1>(typename TiledMma::ThrLayoutVMNK{}) == kWarpGroups
-            && kTileM == cute::tile_size<0>(TiledMma{}),
-        "two consumer warp groups, one above the other along M, each one contiguous half of the tile");
-    static constexpr int kWarpGroupRows = kTileM / kWarpGroups;
+    static constexpr int kWarpGroupRows = kTileM / 2;
 
     struct TensorStorage : Base::TensorStorage
     {
@@ -436,12 +440,6 @@ private:
     int group_rows_ = 0;
     bool skipped_ = false;
 };
-
-// Two consumer warp groups per tile, one 64-row half each (not QMOE_SM90_LARGE_TILE_M=256, where the
-// warp-group layout repeats down the tile).
-template <class Mainloop>
-constexpr bool kCooperative = cute::size(typename Mainloop::TiledMma{}) == 2 * cutlass::NumThreadsPerWarpGroup
-    && cute::size<0>(typename Mainloop::TileShape{}) == cute::tile_size<0>(typename Mainloop::TiledMma{});
 
 // D[M, N] (row-major) = A[M, K] (row-major) . B where B is the weight W[N, K] (row-major), i.e. B
 // column-major: every operand is K-contiguous or N-contiguous with one leading-dimension stride.
