@@ -3,6 +3,7 @@ parameter would make that step test nothing. Checked here by collecting the GPU 
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -55,7 +56,6 @@ def test_every_gpu_test_is_in_one_group() -> None:
     assert block, "gpu_check.sh has no 'for group in ...; do' loop"
     groups = re.findall(r'"([^"]+)"', block.group(1))
     assert len(groups) >= 5 and groups[-1].startswith("not (")
-    import json
     proc = subprocess.run([sys.executable, "-c", _GROUPS_PROBE, "tests/plugins/test_kernels_gpu.py", json.dumps(groups)],
                           cwd=ROOT, capture_output=True, text=True, check=False)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("GROUPS ")), None)

@@ -3,6 +3,11 @@ GPU tests (QMOE_SWAP_AB) and scripts/bench_moe_gpu.py read it from the torch pro
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
+import pytest
+
 from tests.plugins import kernels as K
 
 # The start of a swapped kernel's name (c++filt of an sm_90a object's symbol, tile 128x80x64); the tile
@@ -51,9 +56,6 @@ def test_no_tile_for_other_or_truncated_names() -> None:
 
 
 def _bench_module():
-    import importlib.util
-    from pathlib import Path
-
     path = Path(__file__).resolve().parents[2] / "scripts" / "bench_moe_gpu.py"
     spec = importlib.util.spec_from_file_location("bench_moe_gpu", path)
     assert spec and spec.loader
@@ -66,8 +68,6 @@ def test_routed_tile_math_of_the_benchmark() -> None:
     """scripts/bench_moe_gpu.py prints how much of the routed GEMMs' tile math is padding (what
     QMOE_SKIP_PAD takes away): rows 1, 64, 65, 129 and 0 pad to 64+64+128+192 = 448 (64-row
     granularity) or 128+128+128+256 = 640 of 259 useful rows."""
-    import pytest
-
     tile_math = _bench_module().routed_tile_math
     got = tile_math([1, 64, 65, 129, 0])
     assert got == {"tiles64": 448 / 259, "tiles128": 640 / 259, "tiles128_skip_pad": 448 / 259}
